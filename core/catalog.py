@@ -1,0 +1,139 @@
+"""The model registry and data sets: resolving what a job names, registering what a training
+job made, and the built-in entries every tenant sees (owned by the system tenant)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import func, or_, select
+from sqlalchemy.orm import Session
+
+from core.errors import NotFoundError
+from core.ids import new_id
+from core.keys import ensure_system_tenant
+from core.tables import SYSTEM_TENANT_ID, Dataset, Model
+
+# name -> (family, kind) of what `ensure_builtins` creates.
+BUILTIN_MODELS = {"echo": "echo"}
+BUILTIN_DATASETS = {"digits": "images"}
+
+
+def _visible(tenant_id: str | None, column: Any) -> Any:
+    """A tenant sees its own rows and the system tenant's; tenant_id None (admin) sees all."""
+    if tenant_id is None:
+        return True
+    return or_(column == tenant_id, column == SYSTEM_TENANT_ID)
+
+
+def parse_model_ref(ref: str) -> tuple[str, int | None]:
+    """`name` or `name:version` -> (name, version or None for the latest)."""
+    name, sep, version = ref.partition(":")
+    if not name:
+        raise NotFoundError(f"no model {ref!r}")
+    if not sep:
+        return name, None
+    if not version.isdigit():
+        raise NotFoundError(f"no model {ref!r}: a version is a positive number")
+    return name, int(version)
+
+
+def resolve_model(session: Session, tenant_id: str | None, ref: str) -> Model:
+    """The model version `ref` names that the tenant may use; the tenant's own model wins over
+    a built-in one of the same name."""
+    name, version = parse_model_ref(ref)
+    stmt = select(Model).where(Model.name == name, _visible(tenant_id, Model.tenant_id))
+    if version is not None:
+        stmt = stmt.where(Model.version == version)
+    own_first = (Model.tenant_id == SYSTEM_TENANT_ID).asc()
+    model = session.scalar(stmt.order_by(own_first, Model.version.desc()).limit(1))
+    if model is None:
+        raise NotFoundError(f"no model {ref!r}")
+    return model
+
+
+def list_models(session: Session, tenant_id: str | None, name: str | None = None) -> list[Model]:
+    stmt = select(Model).where(_visible(tenant_id, Model.tenant_id))
+    if name is not None:
+        stmt = stmt.where(Model.name == name)
+    return list(session.scalars(stmt.order_by(Model.name, Model.version)).all())
+
+
+def register_model(
+    session: Session,
+    *,
+    tenant_id: str,
+    name: str,
+    family: str,
+    path: str | None,
+    config: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+    dataset_id: str | None = None,
+    parent_id: str | None = None,
+    job_id: str | None = None,
+) -> Model:
+    """Register the next version of `name` for the tenant."""
+    latest = session.scalar(
+        select(func.max(Model.version)).where(Model.tenant_id == tenant_id, Model.name == name)
+    )
+    model = Model(
+        id=new_id(),
+        tenant_id=tenant_id,
+        name=name,
+        version=(latest or 0) + 1,
+        family=family,
+        path=path,
+        config=config or {},
+        metrics=metrics or {},
+        dataset_id=dataset_id,
+        parent_id=parent_id,
+        job_id=job_id,
+    )
+    session.add(model)
+    session.flush()
+    return model
+
+
+def resolve_dataset(session: Session, tenant_id: str | None, ref: str) -> Dataset:
+    """A data set by id or by name; the tenant's own wins over a built-in of the same name."""
+    stmt = select(Dataset).where(
+        or_(Dataset.id == ref, Dataset.name == ref), _visible(tenant_id, Dataset.tenant_id)
+    )
+    dataset = session.scalar(
+        stmt.order_by((Dataset.tenant_id == SYSTEM_TENANT_ID).asc()).limit(1)
+    )
+    if dataset is None:
+        raise NotFoundError(f"no data set {ref!r}")
+    return dataset
+
+
+def list_datasets(session: Session, tenant_id: str | None) -> list[Dataset]:
+    stmt = select(Dataset).where(_visible(tenant_id, Dataset.tenant_id))
+    return list(session.scalars(stmt.order_by(Dataset.name)).all())
+
+
+def ensure_builtins(session: Session) -> None:
+    """Create the system tenant, the built-in models and the built-in data sets if missing."""
+    ensure_system_tenant(session)
+    for name, family in BUILTIN_MODELS.items():
+        exists = session.scalar(
+            select(Model.id).where(Model.tenant_id == SYSTEM_TENANT_ID, Model.name == name)
+        )
+        if exists is None:
+            session.add(
+                Model(
+                    id=new_id(), tenant_id=SYSTEM_TENANT_ID, name=name, version=1,
+                    family=family, path=None,
+                )
+            )
+    for name, kind in BUILTIN_DATASETS.items():
+        exists = session.scalar(
+            select(Dataset.id).where(Dataset.tenant_id == SYSTEM_TENANT_ID, Dataset.name == name)
+        )
+        if exists is None:
+            session.add(
+                Dataset(
+                    id=new_id(), tenant_id=SYSTEM_TENANT_ID, name=name, kind=kind, path=None,
+                    meta={"builtin": True},
+                )
+            )
+    session.flush()

@@ -1,0 +1,71 @@
+"""The typed events a worker yields while it runs a job.
+
+Workers never touch SQL or Redis: they yield these, the scheduler records them. They cross the
+Ray boundary by pickling, so they are plain frozen dataclasses of plain values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Progress:
+    step: int
+    total: int
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class Log:
+    message: str
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class Metric:
+    """Named values at a step, e.g. {"loss": 0.12, "samples_per_s": 310.0}."""
+
+    step: int
+    values: dict[str, float]
+
+
+@dataclass(frozen=True)
+class Output:
+    """A file the job produced. `name` is unique within the job (image-0.png, sample-0100.png)."""
+
+    name: str
+    kind: str  # image | text | grid | file
+    content_type: str
+    data: bytes
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelSaved:
+    """A training job saved its model: `path` is a folder relative to the artifact root."""
+
+    path: str
+    config: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+Event = Progress | Log | Metric | Output | ModelSaved
+
+
+def event_type(event: Event) -> str:
+    return {
+        Progress: "progress",
+        Log: "log",
+        Metric: "metric",
+        Output: "output",
+        ModelSaved: "model",
+    }[type(event)]
+
+
+def event_data(event: Event) -> dict[str, Any]:
+    """The JSON-safe part of an event, as stored in job_event (an output's bytes are not)."""
+    data = asdict(event)
+    data.pop("data", None)
+    return data

@@ -1,0 +1,388 @@
+"""Job services: create, claim, heartbeat, record events and outputs, finish, cancel, retry,
+and the periodic reaping and republishing. Each takes a session and does not commit: the caller
+owns the transaction (and publishes to the broker only after it commits).
+
+Claiming is one conditional UPDATE that only one caller can win. Every later write about a
+running job is fenced by its lease token: the row is locked, and a caller whose token is no
+longer the job's gets LeaseLostError and changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from core.artifacts import StoredFile
+from core.errors import LeaseLostError, NotFoundError
+from core.events import Event, Output, Progress, event_data, event_type
+from core.ids import new_id
+from core.states import ACTIVE, JobKind, JobState, check_transition
+from core.tables import Artifact, Job, JobEvent, utcnow
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Proof that the holder claimed a job; every write about the running job presents it."""
+
+    job_id: str
+    token: str
+    attempt: int
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """What a validated submission carries into `create_job`."""
+
+    tenant_id: str
+    kind: JobKind
+    family: str
+    queue: str
+    params: dict[str, Any]
+    model_id: str | None = None
+    dataset_id: str | None = None
+    target_name: str | None = None
+    priority: int = 5
+    idempotency_key: str | None = None
+    request_hash: str | None = None
+    webhook: str | None = None
+    webhook_events: list[str] | None = None
+    deadline: datetime | None = None
+    run_at: datetime | None = None
+    max_attempts: int = 3
+
+
+def _add_event(session: Session, job_id: str, type_: str, data: dict[str, Any]) -> None:
+    session.add(JobEvent(job_id=job_id, type=type_, data=data, created_at=utcnow()))
+
+
+def _set_state(session: Session, job: Job, new: JobState, **data: Any) -> None:
+    check_transition(job.state, new)
+    old = job.state
+    job.state = new
+    job.updated_at = utcnow()
+    _add_event(session, job.id, "state", {"from": old, "to": str(new), **data})
+
+
+def find_by_idempotency_key(session: Session, tenant_id: str, key: str) -> Job | None:
+    return session.scalar(
+        select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key)
+    )
+
+
+def create_job(session: Session, new: NewJob) -> tuple[Job, bool]:
+    """Insert the job row; returns (job, created). With an idempotency key that was already
+    used by this tenant, returns the earlier job and False."""
+    if new.idempotency_key:
+        existing = find_by_idempotency_key(session, new.tenant_id, new.idempotency_key)
+        if existing is not None:
+            return existing, False
+    now = utcnow()
+    is_delayed = new.run_at is not None and new.run_at > now
+    job = Job(
+        id=new_id(),
+        tenant_id=new.tenant_id,
+        kind=str(new.kind),
+        state=str(JobState.SCHEDULED if is_delayed else JobState.QUEUED),
+        queue=new.queue,
+        family=new.family,
+        model_id=new.model_id,
+        dataset_id=new.dataset_id,
+        target_name=new.target_name,
+        params=new.params,
+        priority=new.priority,
+        idempotency_key=new.idempotency_key,
+        request_hash=new.request_hash,
+        webhook=new.webhook,
+        webhook_events=new.webhook_events,
+        deadline=new.deadline,
+        run_at=new.run_at,
+        max_attempts=new.max_attempts,
+        created_at=now,
+        updated_at=now,
+    )
+    try:
+        with session.begin_nested():
+            session.add(job)
+            session.flush()
+    except IntegrityError:
+        # A concurrent request with the same idempotency key won the insert.
+        if new.idempotency_key:
+            existing = find_by_idempotency_key(session, new.tenant_id, new.idempotency_key)
+            if existing is not None:
+                return existing, False
+        raise
+    _add_event(session, job.id, "state", {"from": None, "to": job.state})
+    return job, True
+
+
+def get_job(session: Session, job_id: str, *, lock: bool = False) -> Job:
+    stmt = select(Job).where(Job.id == job_id)
+    if lock:
+        stmt = stmt.with_for_update()
+    job = session.scalar(stmt)
+    if job is None:
+        raise NotFoundError(f"no job {job_id}")
+    return job
+
+
+def claim_job(session: Session, job_id: str, *, lease_ttl_s: float) -> Lease | None:
+    """Move a queued job to running for the caller, or return None when another caller (or an
+    earlier delivery) already has it, it is no longer queued, or its deadline has passed."""
+    now = utcnow()
+    expired = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == JobState.QUEUED, Job.deadline <= now)
+        .values(
+            state=JobState.FAILED,
+            error_type="deadline",
+            error_detail="the job's deadline passed before it could start",
+            finished_at=now,
+            updated_at=now,
+        )
+    )
+    if expired.rowcount:
+        _add_event(session, job_id, "state", {"from": "queued", "to": "failed", "reason": "deadline"})
+        return None
+    token = new_id()
+    claimed = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == JobState.QUEUED, Job.attempt < Job.max_attempts)
+        .values(
+            state=JobState.RUNNING,
+            attempt=Job.attempt + 1,
+            lease_token=token,
+            lease_expires_at=now + timedelta(seconds=lease_ttl_s),
+            started_at=now,
+            updated_at=now,
+            error_type=None,
+            error_detail=None,
+        )
+    )
+    if claimed.rowcount != 1:
+        return None
+    attempt = session.scalar(select(Job.attempt).where(Job.id == job_id))
+    assert attempt is not None
+    _add_event(session, job_id, "state", {"from": "queued", "to": "running", "attempt": attempt})
+    return Lease(job_id, token, attempt)
+
+
+def _fenced(session: Session, lease: Lease) -> Job:
+    """The job row, locked, if `lease` still holds it; otherwise LeaseLostError."""
+    job = session.scalar(select(Job).where(Job.id == lease.job_id).with_for_update())
+    if job is None or job.lease_token != lease.token or job.state not in ACTIVE:
+        raise LeaseLostError(f"job {lease.job_id}: lease {lease.token} is no longer held")
+    return job
+
+
+def heartbeat(session: Session, lease: Lease, *, lease_ttl_s: float) -> JobState:
+    """Renew the lease; returns the job's state, so the holder learns of a cancel request."""
+    job = _fenced(session, lease)
+    job.lease_expires_at = utcnow() + timedelta(seconds=lease_ttl_s)
+    return JobState(job.state)
+
+
+def record_events(session: Session, lease: Lease, events: Sequence[Event]) -> None:
+    """Store a batch of non-output events; the last progress event also updates the row."""
+    job = _fenced(session, lease)
+    for event in events:
+        if isinstance(event, Output):
+            raise TypeError("outputs go through record_output")
+        if isinstance(event, Progress):
+            job.progress_step, job.progress_total = event.step, event.total
+            job.progress_message = event.message
+        _add_event(session, job.id, event_type(event), event_data(event))
+
+
+def set_progress(session: Session, lease: Lease, progress: Progress) -> None:
+    """Update the row's progress without adding history (throttled progress in between)."""
+    job = _fenced(session, lease)
+    job.progress_step, job.progress_total = progress.step, progress.total
+    job.progress_message = progress.message
+
+
+def record_output(
+    session: Session, lease: Lease, output: Output, stored: StoredFile
+) -> Artifact:
+    """Record one output file once: a second record of the same name returns the first."""
+    job = _fenced(session, lease)
+    existing = session.scalar(
+        select(Artifact).where(Artifact.job_id == job.id, Artifact.name == output.name)
+    )
+    if existing is not None:
+        return existing
+    artifact = Artifact(
+        id=new_id(),
+        job_id=job.id,
+        tenant_id=job.tenant_id,
+        name=output.name,
+        kind=output.kind,
+        path=stored.path,
+        content_type=output.content_type,
+        size_bytes=stored.size_bytes,
+        sha256=stored.sha256,
+        meta=output.meta,
+    )
+    session.add(artifact)
+    session.flush()
+    _add_event(
+        session,
+        job.id,
+        "output",
+        {"artifact_id": artifact.id, **event_data(output)},
+    )
+    return artifact
+
+
+def finish_job(
+    session: Session,
+    lease: Lease,
+    state: JobState,
+    *,
+    error_type: str | None = None,
+    error_detail: str | None = None,
+    metrics: dict[str, Any] | None = None,
+    result_model_id: str | None = None,
+) -> JobState:
+    """End the attempt held by `lease`. A job whose cancel was requested ends canceled
+    whatever the attempt's outcome. Returns the state written."""
+    job = _fenced(session, lease)
+    if job.state == JobState.CANCELING:
+        state = JobState.CANCELED
+    _set_state(session, job, state, attempt=job.attempt, error_type=error_type)
+    now = utcnow()
+    job.finished_at = now
+    job.lease_token = None
+    job.lease_expires_at = None
+    if state != JobState.CANCELED:
+        job.error_type, job.error_detail = error_type, error_detail
+    if metrics:
+        job.metrics = {**(job.metrics or {}), **metrics}
+    if result_model_id:
+        job.result_model_id = result_model_id
+    return state
+
+
+def release_job(session: Session, lease: Lease, *, reason: str) -> JobState:
+    """Give a running job back to the queue (a transient failure) while attempts remain; a
+    job whose cancel was requested ends canceled instead. Returns the state written."""
+    job = _fenced(session, lease)
+    if job.state == JobState.CANCELING:
+        return finish_job(session, lease, JobState.CANCELED)
+    if job.attempt >= job.max_attempts:
+        return finish_job(
+            session, lease, JobState.FAILED, error_type="transient", error_detail=reason
+        )
+    _set_state(session, job, JobState.QUEUED, reason=reason)
+    job.lease_token = None
+    job.lease_expires_at = None
+    job.published_at = None
+    return JobState.QUEUED
+
+
+def cancel_job(session: Session, job: Job) -> JobState:
+    """Queued and scheduled jobs are canceled at once; a running job becomes canceling and its
+    runner stops it at the next heartbeat. Canceling again is a no-op."""
+    if job.state == JobState.CANCELING:
+        return JobState.CANCELING
+    if job.state in (JobState.QUEUED, JobState.SCHEDULED):
+        _set_state(session, job, JobState.CANCELED, reason="canceled by request")
+        job.finished_at = utcnow()
+        return JobState.CANCELED
+    _set_state(session, job, JobState.CANCELING, reason="canceled by request")
+    return JobState.CANCELING
+
+
+def retry_job(session: Session, job: Job, *, extra_attempts: int) -> None:
+    """Queue a failed or canceled job again, with `extra_attempts` more attempts."""
+    _set_state(session, job, JobState.QUEUED, reason="retry requested")
+    job.max_attempts = job.attempt + extra_attempts
+    job.error_type = job.error_detail = None
+    job.finished_at = None
+    job.published_at = None
+    job.progress_step = job.progress_total = 0
+    job.progress_message = ""
+
+
+@dataclass(frozen=True)
+class Reaped:
+    job_id: str
+    state: JobState
+
+
+def reap_expired(session: Session, *, limit: int = 100) -> list[Reaped]:
+    """Handle jobs whose lease expired (their worker died or lost contact): requeue them while
+    attempts remain, fail them as `lost` when not, and finish canceling ones as canceled."""
+    now = utcnow()
+    jobs = session.scalars(
+        select(Job)
+        .where(Job.state.in_([JobState.RUNNING, JobState.CANCELING]), Job.lease_expires_at < now)
+        .order_by(Job.lease_expires_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    ).all()
+    reaped = []
+    for job in jobs:
+        if job.state == JobState.CANCELING:
+            _set_state(session, job, JobState.CANCELED, reason="lease expired while canceling")
+            job.finished_at = now
+        elif job.attempt >= job.max_attempts:
+            _set_state(session, job, JobState.FAILED, reason="lease expired")
+            job.error_type = "lost"
+            job.error_detail = (
+                f"the worker stopped answering during attempt {job.attempt} of "
+                f"{job.max_attempts}"
+            )
+            job.finished_at = now
+        else:
+            _set_state(session, job, JobState.QUEUED, reason="lease expired")
+            job.published_at = None
+        job.lease_token = None
+        job.lease_expires_at = None
+        reaped.append(Reaped(job.id, JobState(job.state)))
+        log.warning("reaped job", extra={"job_id": job.id, "state": job.state})
+    return reaped
+
+
+def promote_due(session: Session, *, limit: int = 500) -> list[str]:
+    """Move scheduled jobs whose run_at has come to queued; returns their ids to publish."""
+    now = utcnow()
+    jobs = session.scalars(
+        select(Job)
+        .where(Job.state == JobState.SCHEDULED, Job.run_at <= now)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    ).all()
+    for job in jobs:
+        _set_state(session, job, JobState.QUEUED, reason="run_at reached")
+    return [job.id for job in jobs]
+
+
+def unpublished_jobs(session: Session, *, older_than_s: float, limit: int = 1000) -> list[str]:
+    """Queued jobs never published, or last published more than `older_than_s` ago."""
+    cutoff = utcnow() - timedelta(seconds=older_than_s)
+    return list(
+        session.scalars(
+            select(Job.id)
+            .where(
+                Job.state == JobState.QUEUED,
+                or_(Job.published_at.is_(None), Job.published_at < cutoff),
+            )
+            .order_by(Job.id)
+            .limit(limit)
+        ).all()
+    )
+
+
+def mark_published(session: Session, job_ids: Iterable[str]) -> None:
+    ids = list(job_ids)
+    if ids:
+        session.execute(update(Job).where(Job.id.in_(ids)).values(published_at=utcnow()))

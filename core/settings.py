@@ -1,0 +1,110 @@
+"""The one reader of the environment: every genq setting, with its default and its bounds.
+
+Entry points build a `Settings` (from `GENQ_*` variables and an optional `.env` file) and pass
+it down; nothing in genq reads configuration at import time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="GENQ_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    # Where local state lives: the SQLite file, the embedded Redis, generated secrets, logs.
+    var_dir: Path = Path("var")
+    # SQLAlchemy URL. Unset: a SQLite file under var_dir.
+    database_url: str | None = None
+    # Redis URL for the Celery broker. Unset: `genq up` starts an embedded redis-server.
+    redis_url: str | None = None
+    # Ray cluster address. Unset: `genq up` starts a local Ray head.
+    ray_address: str | None = None
+    # Root folder of job outputs, checkpoints, trained models and uploaded data sets.
+    artifact_root: Path | None = None
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    # Signs dashboard sessions. Unset: generated once and kept in var_dir/secret_key.
+    secret_key: str | None = None
+    # When set, this admin key is created at first start (for automation).
+    admin_key: str | None = None
+
+    # Leases: a running job's claim expires unless renewed by heartbeats.
+    lease_ttl_s: float = Field(60.0, gt=0, le=3600)
+    heartbeat_interval_s: float = Field(10.0, gt=0, le=600)
+    max_attempts: int = Field(3, ge=1, le=100)
+    # The broker re-delivers an unacknowledged message after this long.
+    visibility_timeout_s: int = Field(3600, ge=60)
+    # Periodic work.
+    reconcile_interval_s: float = Field(15.0, gt=0)
+    reap_interval_s: float = Field(10.0, gt=0)
+    # A queued job is re-published when its message is missing for this long.
+    republish_after_s: float = Field(30.0, ge=0)
+    # At most one progress write per job per this many seconds.
+    progress_interval_s: float = Field(0.5, ge=0)
+
+    # Celery worker: thread-pool size (tasks only wait on Ray).
+    worker_concurrency: int = Field(8, ge=1, le=512)
+    # Local Ray head started by `genq up`.
+    ray_num_cpus: int | None = Field(None, ge=1)
+    ray_num_gpus: int | None = Field(None, ge=0)
+    ray_dashboard: bool = False
+
+    # Limits on what clients may send.
+    max_request_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    page_size_max: int = Field(200, ge=1, le=10_000)
+    # Log level of every genq process.
+    log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _derive_paths(self) -> Settings:
+        if self.database_url is None:
+            self.database_url = f"sqlite:///{(self.var_dir / 'genq.db').resolve()}"
+        if self.artifact_root is None:
+            self.artifact_root = self.var_dir / "artifacts"
+        self.artifact_root = self.artifact_root.resolve()
+        if self.heartbeat_interval_s >= self.lease_ttl_s:
+            raise ValueError("heartbeat_interval_s must be shorter than lease_ttl_s")
+        return self
+
+    @property
+    def db_url(self) -> str:
+        assert self.database_url is not None
+        return self.database_url
+
+    @property
+    def artifacts(self) -> Path:
+        assert self.artifact_root is not None
+        return self.artifact_root
+
+    @property
+    def embedded_redis_socket(self) -> Path:
+        return (self.var_dir / "redis.sock").resolve()
+
+    @property
+    def broker_url(self) -> str:
+        """The URL Celery and the enqueue path use: the configured Redis or the embedded one."""
+        if self.redis_url:
+            return self.redis_url
+        return f"redis+socket://{self.embedded_redis_socket}"
+
+    def read_secret_key(self) -> str:
+        """The configured secret key, or one generated once and kept under var_dir."""
+        if self.secret_key:
+            return self.secret_key
+        import secrets
+
+        path = self.var_dir / "secret_key"
+        if path.exists():
+            return path.read_text().strip()
+        self.var_dir.mkdir(parents=True, exist_ok=True)
+        key = secrets.token_urlsafe(48)
+        path.write_text(key)
+        path.chmod(0o600)
+        return key

@@ -1,0 +1,49 @@
+"""The `ddpm` family: a class-conditional denoising diffusion model (a diffusers UNet2DModel
+with a DDPM noise schedule) trained on labelled images such as the built-in `digits`."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from workers.families.base import Family, Resources
+
+SEED_MAX = 2**32 - 1
+
+
+class DdpmTrainParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    preset: Literal["tiny", "default"] = Field(
+        "default", description="Network size: `tiny` trains in seconds (for tests)."
+    )
+    steps: int = Field(3000, ge=1, le=1_000_000, description="Optimizer steps.")
+    batch_size: int = Field(64, ge=1, le=1024)
+    learning_rate: float = Field(1e-3, gt=0, le=1.0)
+    seed: int = Field(0, ge=0, le=SEED_MAX)
+    checkpoint_every: int = Field(
+        200, ge=1, le=1_000_000, description="Steps between checkpoints (resume points)."
+    )
+
+
+class DdpmGenerateParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    label: int = Field(0, ge=0, le=999, description="Class to generate (a digit for `digits`).")
+    num_images: int = Field(4, ge=1, le=64)
+    steps: int = Field(50, ge=1, le=1000, description="Denoising steps.")
+    seed: int | None = Field(
+        None, ge=0, le=SEED_MAX, description="Same seed, same images. Unset: a random seed."
+    )
+
+
+FAMILY = Family(
+    name="ddpm",
+    description="Class-conditional denoising diffusion (DDPM) on small labelled images.",
+    implementation="workers.families.ddpm",
+    generate_params=DdpmGenerateParams,
+    train_params=DdpmTrainParams,
+    dataset_kinds=("images",),
+    resources=Resources(num_gpus=0.25, num_cpus=1.0, gpu_memory_gb=2.0),
+)

@@ -1,0 +1,16 @@
+"""The one explicit list of model families. Adding a family is one line here."""
+
+from __future__ import annotations
+
+from core.errors import NotFoundError
+from workers.families import ddpm_spec, echo_spec
+from workers.families.base import Family
+
+FAMILIES: dict[str, Family] = {f.name: f for f in (echo_spec.FAMILY, ddpm_spec.FAMILY)}
+
+
+def get_family(name: str) -> Family:
+    family = FAMILIES.get(name)
+    if family is None:
+        raise NotFoundError(f"no model family {name!r}")
+    return family
