@@ -98,9 +98,7 @@ def resolve_dataset(session: Session, tenant_id: str | None, ref: str) -> Datase
     stmt = select(Dataset).where(
         or_(Dataset.id == ref, Dataset.name == ref), _visible(tenant_id, Dataset.tenant_id)
     )
-    dataset = session.scalar(
-        stmt.order_by((Dataset.tenant_id == SYSTEM_TENANT_ID).asc()).limit(1)
-    )
+    dataset = session.scalar(stmt.order_by((Dataset.tenant_id == SYSTEM_TENANT_ID).asc()).limit(1))
     if dataset is None:
         raise NotFoundError(f"no data set {ref!r}")
     return dataset
@@ -121,8 +119,12 @@ def ensure_builtins(session: Session) -> None:
         if exists is None:
             session.add(
                 Model(
-                    id=new_id(), tenant_id=SYSTEM_TENANT_ID, name=name, version=1,
-                    family=family, path=None,
+                    id=new_id(),
+                    tenant_id=SYSTEM_TENANT_ID,
+                    name=name,
+                    version=1,
+                    family=family,
+                    path=None,
                 )
             )
     for name, kind in BUILTIN_DATASETS.items():
@@ -132,7 +134,11 @@ def ensure_builtins(session: Session) -> None:
         if exists is None:
             session.add(
                 Dataset(
-                    id=new_id(), tenant_id=SYSTEM_TENANT_ID, name=name, kind=kind, path=None,
+                    id=new_id(),
+                    tenant_id=SYSTEM_TENANT_ID,
+                    name=name,
+                    kind=kind,
+                    path=None,
                     meta={"builtin": True},
                 )
             )

@@ -33,6 +33,11 @@ class GenqError(Exception):
         self.detail = detail or self.title
         self.extra = extra
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuild without calling __init__ (subclasses take other arguments), so an error
+        # raised inside a Ray worker arrives at the caller intact.
+        return (self.__class__.__new__, (self.__class__, *self.args), self.__dict__)
+
     def problem(self) -> dict[str, Any]:
         body: dict[str, Any] = {
             "type": self.type,

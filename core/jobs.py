@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import nulls_first, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -73,9 +73,7 @@ def _set_state(session: Session, job: Job, new: JobState, **data: Any) -> None:
 
 
 def find_by_idempotency_key(session: Session, tenant_id: str, key: str) -> Job | None:
-    return session.scalar(
-        select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key)
-    )
+    return session.scalar(select(Job).where(Job.tenant_id == tenant_id, Job.idempotency_key == key))
 
 
 def create_job(session: Session, new: NewJob) -> tuple[Job, bool]:
@@ -150,7 +148,9 @@ def claim_job(session: Session, job_id: str, *, lease_ttl_s: float) -> Lease | N
         )
     )
     if expired.rowcount:
-        _add_event(session, job_id, "state", {"from": "queued", "to": "failed", "reason": "deadline"})
+        _add_event(
+            session, job_id, "state", {"from": "queued", "to": "failed", "reason": "deadline"}
+        )
         return None
     token = new_id()
     claimed = session.execute(
@@ -209,9 +209,7 @@ def set_progress(session: Session, lease: Lease, progress: Progress) -> None:
     job.progress_message = progress.message
 
 
-def record_output(
-    session: Session, lease: Lease, output: Output, stored: StoredFile
-) -> Artifact:
+def record_output(session: Session, lease: Lease, output: Output, stored: StoredFile) -> Artifact:
     """Record one output file once: a second record of the same name returns the first."""
     job = _fenced(session, lease)
     existing = session.scalar(
@@ -338,8 +336,7 @@ def reap_expired(session: Session, *, limit: int = 100) -> list[Reaped]:
             _set_state(session, job, JobState.FAILED, reason="lease expired")
             job.error_type = "lost"
             job.error_detail = (
-                f"the worker stopped answering during attempt {job.attempt} of "
-                f"{job.max_attempts}"
+                f"the worker stopped answering during attempt {job.attempt} of {job.max_attempts}"
             )
             job.finished_at = now
         else:
@@ -367,7 +364,8 @@ def promote_due(session: Session, *, limit: int = 500) -> list[str]:
 
 
 def unpublished_jobs(session: Session, *, older_than_s: float, limit: int = 1000) -> list[str]:
-    """Queued jobs never published, or last published more than `older_than_s` ago."""
+    """Queued jobs never published, or whose message was last sent or confirmed more than
+    `older_than_s` ago, oldest check first (so that repeated rounds scan the whole queue)."""
     cutoff = utcnow() - timedelta(seconds=older_than_s)
     return list(
         session.scalars(
@@ -376,7 +374,7 @@ def unpublished_jobs(session: Session, *, older_than_s: float, limit: int = 1000
                 Job.state == JobState.QUEUED,
                 or_(Job.published_at.is_(None), Job.published_at < cutoff),
             )
-            .order_by(Job.id)
+            .order_by(nulls_first(Job.published_at.asc()), Job.id)
             .limit(limit)
         ).all()
     )

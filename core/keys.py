@@ -87,6 +87,9 @@ def ensure_system_tenant(session: Session) -> Tenant:
 
 
 def has_admin_key(session: Session) -> bool:
-    return session.scalar(
-        select(ApiKey.id).where(ApiKey.is_admin.is_(True), ApiKey.revoked_at.is_(None)).limit(1)
-    ) is not None
+    return (
+        session.scalar(
+            select(ApiKey.id).where(ApiKey.is_admin.is_(True), ApiKey.revoked_at.is_(None)).limit(1)
+        )
+        is not None
+    )

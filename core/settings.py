@@ -48,9 +48,15 @@ class Settings(BaseSettings):
     republish_after_s: float = Field(30.0, ge=0)
     # At most one progress write per job per this many seconds.
     progress_interval_s: float = Field(0.5, ge=0)
+    # A trainer asked to cancel is killed if it has not stopped after this long.
+    cancel_grace_s: float = Field(10.0, gt=0)
 
     # Celery worker: thread-pool size (tasks only wait on Ray).
     worker_concurrency: int = Field(8, ge=1, le=512)
+    # The API server (gunicorn): processes and threads per process (each open event stream
+    # holds a thread).
+    api_workers: int = Field(2, ge=1, le=64)
+    api_threads: int = Field(16, ge=1, le=1024)
     # Local Ray head started by `genq up`.
     ray_num_cpus: int | None = Field(None, ge=1)
     ray_num_gpus: int | None = Field(None, ge=0)

@@ -1,10 +1,10 @@
 """The job state machine: its states and the one table of legal changes.
 
-    scheduled ──▶ queued ──▶ running ──▶ succeeded
-                     ▲          │  ├───▶ failed
-                     └──────────┘  └───▶ canceling ──▶ canceled
-    (lease lost or transient error: back to queued with attempt+1; queued ──▶ canceled directly;
-     a failed or canceled job may be retried: back to queued)
+scheduled ──▶ queued ──▶ running ──▶ succeeded
+                 ▲          │  ├───▶ failed
+                 └──────────┘  └───▶ canceling ──▶ canceled
+(lease lost or transient error: back to queued with attempt+1; queued ──▶ canceled directly;
+ a failed or canceled job may be retried: back to queued)
 """
 
 from __future__ import annotations

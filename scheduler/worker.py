@@ -1,0 +1,70 @@
+"""The Celery worker: the `run_job` task and the `genq worker` entry point.
+
+The task body is `Runner.run`; the worker runs a thread pool because tasks only wait on Ray.
+Before it consumes anything the worker checks that the broker's visibility timeout and the
+lease settings agree and that Ray answers.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery import Celery
+
+from core.db import Database
+from core.settings import Settings
+from scheduler.broker import QUEUES, RUN_JOB_TASK, make_celery
+from scheduler.enqueue import Publisher
+from scheduler.runner import Runner
+
+log = logging.getLogger(__name__)
+
+
+class InconsistentSettingsError(ValueError):
+    pass
+
+
+def check_settings(settings: Settings) -> None:
+    """A message is re-delivered after the visibility timeout; the lease must expire (and the
+    reaper act) well before that, or a crashed job would wait for the broker instead."""
+    if settings.visibility_timeout_s <= 2 * settings.lease_ttl_s:
+        raise InconsistentSettingsError(
+            f"GENQ_VISIBILITY_TIMEOUT_S ({settings.visibility_timeout_s}) must be more than twice "
+            f"GENQ_LEASE_TTL_S ({settings.lease_ttl_s})"
+        )
+    if settings.heartbeat_interval_s * 2 > settings.lease_ttl_s:
+        raise InconsistentSettingsError(
+            "GENQ_HEARTBEAT_INTERVAL_S must be at most half of GENQ_LEASE_TTL_S, so that one "
+            "missed heartbeat does not lose the lease"
+        )
+
+
+def create_worker(settings: Settings) -> tuple[Celery, Runner]:
+    app = make_celery(settings)
+    database = Database(settings)
+    runner = Runner(settings, database, Publisher(settings, app))
+
+    @app.task(name=RUN_JOB_TASK, acks_late=True, ignore_result=True)
+    def run_job(job_id: str) -> str:
+        return runner.run(job_id)
+
+    return app, runner
+
+
+def main(settings: Settings, queues: tuple[str, ...] = QUEUES, hostname: str = "") -> None:
+    check_settings(settings)
+    app, runner = create_worker(settings)
+    runner.connect_ray()
+    argv = [
+        "worker",
+        f"--queues={','.join(queues)}",
+        "--pool=threads",
+        f"--concurrency={settings.worker_concurrency}",
+        f"--loglevel={settings.log_level}",
+        "--without-gossip",
+        "--without-mingle",
+    ]
+    if hostname:
+        argv.append(f"--hostname={hostname}")
+    log.info("starting the Celery worker on queues %s", ",".join(queues))
+    app.worker_main(argv)
