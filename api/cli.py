@@ -64,6 +64,30 @@ def worker(queues: str, hostname: str) -> None:
 
 
 @main.command()
+def api() -> None:
+    """Serve the HTTP API with gunicorn (GENQ_HOST, GENQ_PORT, GENQ_API_WORKERS/THREADS)."""
+    settings = _settings()
+    gunicorn = os.path.join(os.path.dirname(sys.executable), "gunicorn")
+    argv = [
+        gunicorn,
+        "--bind",
+        f"{settings.host}:{settings.port}",
+        "--workers",
+        str(settings.api_workers),
+        "--worker-class",
+        "gthread",
+        "--threads",
+        str(settings.api_threads),
+        "--graceful-timeout",
+        "5",
+        "--access-logfile",
+        "-",
+        "api.wsgi:create()",
+    ]
+    os.execv(gunicorn, argv)
+
+
+@main.command()
 def scheduler() -> None:
     """Run the periodic scheduler (reaper, reconciler, delayed jobs)."""
     from scheduler.periodic import main as periodic_main

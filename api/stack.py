@@ -187,26 +187,7 @@ class Stack:
             self.start_ray()
         self._spawn("worker", self._genq("worker"))
         self._spawn("scheduler", self._genq("scheduler"))
-        bind = f"{self.settings.host}:{self.settings.port}"
-        self._spawn(
-            "api",
-            [
-                str(self.bin_dir / "gunicorn"),
-                "--bind",
-                bind,
-                "--workers",
-                str(self.settings.api_workers),
-                "--worker-class",
-                "gthread",
-                "--threads",
-                str(self.settings.api_threads),
-                "--graceful-timeout",
-                "5",
-                "--access-logfile",
-                "-",
-                "api.wsgi:create()",
-            ],
-        )
+        self._spawn("api", self._genq("api"))
         _wait_for(lambda: self._api_healthy(), 60, "the API")
         return new_key
 

@@ -1,0 +1,77 @@
+"""Shared fixtures: real SQLite files and fresh PostgreSQL databases, real Redis, settings.
+
+PostgreSQL comes from GENQ_TEST_DATABASE_URL (a server where we may CREATE DATABASE); each test
+that asks for it gets a database of its own, dropped afterwards. Without a reachable server the
+PostgreSQL cases are skipped, except under CI, where they fail.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+PG_URL = os.environ.get("GENQ_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("GENQ_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+
+
+def _pg_engine(url: str):  # type: ignore[no-untyped-def]
+    return create_engine(
+        url.replace("postgresql://", "postgresql+psycopg://", 1), isolation_level="AUTOCOMMIT"
+    )
+
+
+@pytest.fixture(scope="session")
+def pg_server_url() -> str:
+    try:
+        engine = _pg_engine(PG_URL)
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+        engine.dispose()
+    except Exception as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"PostgreSQL at {PG_URL} is required under CI: {exc}")
+        pytest.skip(f"PostgreSQL unreachable: {exc}")
+    return PG_URL
+
+
+@pytest.fixture
+def fresh_pg_url(pg_server_url: str) -> Iterator[str]:
+    """A new, empty PostgreSQL database for this test."""
+    name = f"genq_t_{uuid.uuid4().hex[:12]}"
+    admin = _pg_engine(pg_server_url)
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    url = make_url(pg_server_url).set(database=name).render_as_string(hide_password=False)
+    try:
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each test that takes this runs twice: on a SQLite file and on PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'genq.db'}"
+    return str(request.getfixturevalue("fresh_pg_url"))
+
+
+@pytest.fixture(scope="session")
+def redis_server_url() -> str:
+    import redis
+
+    try:
+        redis.Redis.from_url(REDIS_URL).ping()
+    except Exception as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"Redis at {REDIS_URL} is required under CI: {exc}")
+        pytest.skip(f"Redis unreachable: {exc}")
+    return REDIS_URL

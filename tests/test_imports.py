@@ -1,0 +1,30 @@
+"""The API process stays small: importing it loads neither torch nor ray (DESIGN.md)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.mark.parametrize(
+    "module", ["api", "api.app", "api.wsgi", "api.cli", "workers.registry", "scheduler.enqueue"]
+)
+def test_module_loads_neither_torch_nor_ray(module: str) -> None:
+    code = (
+        f"import sys, {module}\n"
+        "heavy = sorted(m for m in ('torch', 'ray', 'diffusers') if m in sys.modules)\n"
+        "print(','.join(heavy))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert out == "", f"import {module} loaded {out}"
+
+
+def test_torch_is_really_detected() -> None:
+    """The check above could pass by accident if sys.modules never showed torch."""
+    code = "import sys, workers.families.ddpm\nprint('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
