@@ -1,0 +1,68 @@
+"""Authentication and tenant scoping. Every `/v1` view needs `Authorization: Bearer <key>`
+unless it is marked `@public`; the key's tenant decides what the caller sees.
+
+A tenant sees its own jobs, artifacts, models and data sets (plus the system tenant's built-in
+models and data sets); another tenant's id answers 404, as if it did not exist. Admin keys see
+everything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from flask import Flask, current_app, g, request
+
+from api.app import genq
+from core.errors import NotFoundError, UnauthorizedError
+from core.keys import Principal, authenticate
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def public(view: F) -> F:
+    """Mark a view that needs no API key (health, the OpenAPI document)."""
+    view.genq_public = True  # type: ignore[attr-defined]
+    return view
+
+
+def _bearer_key() -> str:
+    header = request.headers.get("Authorization", "")
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() != "bearer" or not key.strip():
+        raise UnauthorizedError("send an API key as `Authorization: Bearer <key>`")
+    return key.strip()
+
+
+def _authenticate() -> None:
+    if request.endpoint is None:  # no route: let the 404 or 405 through
+        return
+    view = current_app.view_functions.get(request.endpoint)
+    if view is None or getattr(view, "genq_public", False):
+        return
+    key = _bearer_key()
+    with genq().database.transaction() as session:
+        g.principal = authenticate(session, key)
+
+
+def install(app: Flask) -> None:
+    app.before_request(_authenticate)
+
+
+def principal() -> Principal:
+    """Who is calling (set by the before-request check)."""
+    found: Principal = g.principal
+    return found
+
+
+def tenant_scope() -> str | None:
+    """The tenant whose objects the caller sees, or None for an admin (sees all)."""
+    who = principal()
+    return None if who.is_admin else who.tenant_id
+
+
+def check_visible(tenant_id: str, what: str, object_id: str) -> None:
+    """404 unless the caller may see an object owned by `tenant_id`."""
+    scope = tenant_scope()
+    if scope is not None and tenant_id != scope:
+        raise NotFoundError(f"no {what} {object_id}")

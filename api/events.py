@@ -1,0 +1,118 @@
+"""`GET /v1/jobs/{id}/events`: a job's history as Server-Sent Events, then its live events
+until it reaches a terminal state.
+
+The stream polls the job_event table, each poll in its own short transaction, so no
+transaction stays open while the client listens. Each event is sent as `id: <job_event.id>`,
+`event: <type>`, `data: <json>`; a client that reconnects with `Last-Event-ID` (or
+`?last_event_id=`) gets only what it missed. A comment line is sent as a keep-alive when
+nothing else has been sent for a while, so proxies do not close an idle stream.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+
+from flask import Blueprint, Response, request
+from sqlalchemy import select
+
+from api.app import genq
+from api.jobs import find_job
+from api.payloads import event_payload
+from core.db import Database
+from core.errors import InvalidInputError
+from core.states import is_terminal
+from core.tables import Job, JobEvent
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("events", __name__, url_prefix="/v1/jobs")
+
+BATCH = 500
+
+
+def _last_event_id() -> int:
+    raw = request.headers.get("Last-Event-ID")
+    field = "Last-Event-ID"
+    if raw is None:
+        raw, field = request.args.get("last_event_id"), "last_event_id"
+    if raw is None or raw == "":
+        return 0
+    if not raw.isdigit():
+        raise InvalidInputError.one(field, "must be an event id (a non-negative integer)")
+    return int(raw)
+
+
+def format_event(event: JobEvent) -> str:
+    data = json.dumps(event_payload(event), separators=(",", ":"))
+    return f"id: {event.id}\nevent: {event.type}\ndata: {data}\n\n"
+
+
+def stream_events(
+    database: Database, job_id: str, after_id: int, *, poll_s: float, keepalive_s: float
+) -> Iterator[str]:
+    """Events of `job_id` with ids above `after_id`, until the job is terminal and drained."""
+    last_id = after_id
+    last_sent = time.monotonic()
+    yield "retry: 2000\n\n"
+    while True:
+        try:
+            state, events = _poll(database, job_id, last_id)
+        except Exception:  # the response has started: end the stream, the client resumes
+            log.exception("event stream failed", extra={"job_id": job_id})
+            return
+        for event in events:
+            yield format_event(event)
+            last_id = event.id
+        if events:
+            last_sent = time.monotonic()
+            if len(events) == BATCH:
+                continue
+        if state is None or is_terminal(state):
+            return
+        if time.monotonic() - last_sent >= keepalive_s:
+            yield ": keep-alive\n\n"
+            last_sent = time.monotonic()
+        time.sleep(poll_s)
+
+
+def _poll(database: Database, job_id: str, after_id: int) -> tuple[str | None, list[JobEvent]]:
+    """The job's state and its events after `after_id`, in one short transaction.
+
+    The state is read before the events: a job seen terminal here has all its events
+    committed, so the query after it drains them. Every writer of a job's events holds the
+    job's row lock, so a job's event ids are committed in order and `id > after_id` misses
+    none.
+    """
+    with database.transaction() as session:
+        state = session.scalar(select(Job.state).where(Job.id == job_id))
+        events = list(
+            session.scalars(
+                select(JobEvent)
+                .where(JobEvent.job_id == job_id, JobEvent.id > after_id)
+                .order_by(JobEvent.id)
+                .limit(BATCH)
+            )
+        )
+    return state, events
+
+
+@bp.get("/<job_id>/events")
+def events(job_id: str) -> Response:
+    after_id = _last_event_id()
+    state = genq()
+    with state.database.transaction() as session:
+        job_id = find_job(session, job_id).id
+    stream = stream_events(
+        state.database,
+        job_id,
+        after_id,
+        poll_s=state.stream_poll_s,
+        keepalive_s=state.stream_keepalive_s,
+    )
+    response = Response(stream, mimetype="text/event-stream")
+    response.headers["Cache-Control"] = "no-cache"
+    response.headers["X-Accel-Buffering"] = "no"  # nginx: do not buffer the stream
+    return response

@@ -1,0 +1,247 @@
+"""`/v1/jobs`: submit, read, list, cancel and retry jobs, and read a job's logs.
+
+A submission is written in one transaction and published to the broker only after it commits
+(and only when it is `queued`: a scheduled job is published by the periodic scheduler when its
+`run_at` comes). A failed publish does not fail the request; the reconciler republishes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import uuid
+from typing import Any
+
+from flask import Blueprint, Response, jsonify, request
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+from werkzeug.exceptions import UnsupportedMediaType
+
+from api.app import genq
+from api.auth import principal, tenant_scope
+from api.payloads import event_payload, render_job, render_jobs
+from api.submissions import (
+    build_new_job,
+    check_idempotency_key,
+    parse_submission,
+    request_hash,
+)
+from core.errors import (
+    BadRequestError,
+    ConflictError,
+    IllegalTransitionError,
+    InvalidInputError,
+    NotFoundError,
+)
+from core.jobs import cancel_job, create_job, find_by_idempotency_key, retry_job
+from core.states import JobKind, JobState
+from core.tables import SYSTEM_TENANT_ID, Job, JobEvent, Model
+from scheduler.enqueue import Publication
+
+log = logging.getLogger(__name__)
+
+bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
+
+
+def read_json_body() -> Any:
+    """The request body parsed as JSON: 415 unless it is sent as JSON, 400 if it does not
+    parse (413 comes from MAX_CONTENT_LENGTH while reading)."""
+    if not request.is_json:
+        raise UnsupportedMediaType("send the body as JSON with Content-Type: application/json")
+    raw = request.get_data(cache=True)
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequestError(f"the body is not valid JSON: {exc}") from None
+
+
+def find_job(session: Session, job_id: str, *, lock: bool = False) -> Job:
+    """The job with `job_id` if the caller may see it; 404 otherwise."""
+    stmt = select(Job).where(Job.id == job_id)
+    scope = tenant_scope()
+    if scope is not None:
+        stmt = stmt.where(Job.tenant_id == scope)
+    if lock:
+        stmt = stmt.with_for_update()
+    job = session.scalar(stmt)
+    if job is None:
+        raise NotFoundError(f"no job {job_id}")
+    return job
+
+
+def publish(job_id: str, queue: str, priority: int) -> None:
+    """Hand a committed, queued job to the broker; never fails the request."""
+    state = genq()
+    try:
+        state.publisher.publish(state.database, [Publication(job_id, queue, priority)])
+    except Exception:  # the reconciler republishes queued jobs that have no message
+        log.exception("publish failed after commit", extra={"job_id": job_id})
+
+
+def _job_response(body: dict[str, Any], status: int) -> Response:
+    response = jsonify(body)
+    response.status_code = status
+    response.headers["Location"] = f"/v1/jobs/{body['id']}"
+    return response
+
+
+@bp.post("")
+def submit() -> Response:
+    """Submit a job: 202 with the job and its Location.
+
+    With an `Idempotency-Key` header, a repeat of the same request (same tenant, same key,
+    same body) returns the job the first request created, as it is now, with status 200 and
+    `Idempotency-Replayed: true`; the same key with a different body is a 409.
+    """
+    body = read_json_body()
+    key = check_idempotency_key(request.headers.get("Idempotency-Key"))
+    submission = parse_submission(body)
+    digest = request_hash(body)
+    tenant_id = principal().tenant_id
+    state = genq()
+    with state.database.transaction() as session:
+        existing = find_by_idempotency_key(session, tenant_id, key) if key else None
+        if existing is None:
+            new = build_new_job(
+                session,
+                submission,
+                tenant_id=tenant_id,
+                max_attempts=state.settings.max_attempts,
+                idempotency_key=key,
+                request_digest=digest,
+            )
+            job, created = create_job(session, new)
+        else:
+            job, created = existing, False
+        if not created and job.request_hash != digest:
+            raise ConflictError(
+                "this Idempotency-Key was used with a different request body",
+                field="Idempotency-Key",
+            )
+        payload = render_job(session, job)
+        to_publish = created and job.state == JobState.QUEUED
+        queue, priority = job.queue, job.priority
+    if to_publish:
+        publish(payload["id"], queue, priority)
+    response = _job_response(payload, 202 if created else 200)
+    if not created:
+        response.headers["Idempotency-Replayed"] = "true"
+    return response
+
+
+@bp.get("/<job_id>")
+def get(job_id: str) -> Response:
+    with genq().database.transaction() as session:
+        return jsonify(render_job(session, find_job(session, job_id)))
+
+
+def _list_param(name: str) -> str | None:
+    value = request.args.get(name)
+    if value is not None and not value.strip():
+        raise InvalidInputError.one(name, "must not be empty")
+    return value
+
+
+def _parse_states(value: str) -> list[str]:
+    states = [s.strip() for s in value.split(",")]
+    bad = [s for s in states if s not in JobState.__members__.values()]
+    if bad:
+        allowed = ", ".join(JobState)
+        raise InvalidInputError.one("state", f"unknown state {bad[0]!r} (one of: {allowed})")
+    return states
+
+
+def _parse_limit(value: str | None, maximum: int) -> int:
+    if value is None:
+        return min(50, maximum)
+    if not value.isdigit() or not 1 <= int(value) <= maximum:
+        raise InvalidInputError.one("limit", f"must be an integer from 1 to {maximum}")
+    return int(value)
+
+
+def encode_cursor(job_id: str) -> str:
+    return base64.urlsafe_b64encode(job_id.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> str:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        return str(uuid.UUID(raw))
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise InvalidInputError.one("cursor", "is not a cursor this API returned") from None
+
+
+@bp.get("")
+def list_jobs() -> Response:
+    """Newest first. `next_cursor` is null on the last page."""
+    settings = genq().settings
+    limit = _parse_limit(request.args.get("limit"), settings.page_size_max)
+    stmt = select(Job)
+    scope = tenant_scope()
+    if scope is not None:
+        stmt = stmt.where(Job.tenant_id == scope)
+    if (states := _list_param("state")) is not None:
+        stmt = stmt.where(Job.state.in_(_parse_states(states)))
+    if (kind := _list_param("kind")) is not None:
+        if kind not in JobKind.__members__.values():
+            allowed = ", ".join(JobKind)
+            raise InvalidInputError.one("kind", f"unknown kind {kind!r} (one of: {allowed})")
+        stmt = stmt.where(Job.kind == kind)
+    if (cursor := _list_param("cursor")) is not None:
+        stmt = stmt.where(Job.id < decode_cursor(cursor))
+    model_name = _list_param("model")
+    with genq().database.transaction() as session:
+        if model_name is not None:
+            models = select(Model.id).where(Model.name == model_name)
+            if scope is not None:
+                models = models.where(Model.tenant_id.in_([scope, SYSTEM_TENANT_ID]))
+            stmt = stmt.where(Job.model_id.in_(models))
+        jobs = list(session.scalars(stmt.order_by(Job.id.desc()).limit(limit + 1)))
+        page = jobs[:limit]
+        items = render_jobs(session, page)
+    next_cursor = encode_cursor(page[-1].id) if len(jobs) > limit else None
+    return jsonify({"items": items, "next_cursor": next_cursor})
+
+
+@bp.post("/<job_id>/cancel")
+def cancel(job_id: str) -> tuple[Response, int]:
+    """Queued and scheduled jobs become canceled at once, running ones canceling (their
+    worker stops at its next heartbeat). A finished job is a 409."""
+    with genq().database.transaction() as session:
+        job = find_job(session, job_id, lock=True)
+        cancel_job(session, job)
+        payload = render_job(session, job)
+    return jsonify(payload), 202
+
+
+@bp.post("/<job_id>/retry")
+def retry(job_id: str) -> tuple[Response, int]:
+    """Queue a failed or canceled job again, with settings.max_attempts more attempts."""
+    state = genq()
+    with state.database.transaction() as session:
+        job = find_job(session, job_id, lock=True)
+        if job.state not in (JobState.FAILED, JobState.CANCELED):
+            raise IllegalTransitionError(
+                f"only a failed or canceled job can be retried; this one is {job.state}"
+            )
+        retry_job(session, job, extra_attempts=state.settings.max_attempts)
+        payload = render_job(session, job)
+        queue, priority = job.queue, job.priority
+    publish(job_id, queue, priority)
+    return jsonify(payload), 202
+
+
+@bp.get("/<job_id>/logs")
+def logs(job_id: str) -> Response:
+    """The job's log lines, oldest first."""
+    with genq().database.transaction() as session:
+        job = find_job(session, job_id)
+        events = session.scalars(
+            select(JobEvent)
+            .where(JobEvent.job_id == job.id, JobEvent.type == "log")
+            .order_by(JobEvent.id)
+        )
+        items = [event_payload(e) for e in events]
+    return jsonify({"items": items})

@@ -1,0 +1,440 @@
+"""`GET /v1/openapi.json`: the OpenAPI 3.1 document of the `/v1` API.
+
+The request body of `POST /v1/jobs` is generated from `JobSubmission`, and each family's
+parameter classes are listed under `components.schemas` as `<Family><Kind>Params`, so the
+document stays in step with the code. Response shapes are written out here, next to the
+serializers they describe (`api.payloads`).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from flask import Blueprint, Response, jsonify
+from pydantic import BaseModel
+
+from api.auth import public
+from api.submissions import JobSubmission
+from core.states import JobKind, JobState
+from workers.registry import FAMILIES
+
+bp = Blueprint("openapi", __name__, url_prefix="/v1")
+
+REF = "#/components/schemas/{model}"
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _nullable(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [schema, {"type": "null"}]}
+
+
+STRING = {"type": "string"}
+INT = {"type": "integer"}
+TIME = {"type": "string", "format": "date-time"}
+OBJECT = {"type": "object", "additionalProperties": True}
+
+
+def _object(properties: dict[str, Any], required: list[str] | None = None) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "properties": properties,
+        "required": required if required is not None else list(properties),
+    }
+
+
+def _page(item: str, cursor: bool = False) -> dict[str, Any]:
+    properties: dict[str, Any] = {"items": {"type": "array", "items": _ref(item)}}
+    if cursor:
+        properties["next_cursor"] = _nullable(STRING)
+    return _object(properties)
+
+
+RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
+    "Problem": {
+        "type": "object",
+        "description": "RFC 9457 problem details.",
+        "properties": {
+            "type": STRING,
+            "title": STRING,
+            "status": INT,
+            "detail": STRING,
+            "errors": {
+                "type": "array",
+                "items": _object({"field": STRING, "message": STRING}),
+            },
+        },
+        "required": ["type", "title", "status", "detail"],
+    },
+    "Output": _object(
+        {
+            "id": STRING,
+            "name": STRING,
+            "kind": {"type": "string", "enum": ["image", "text", "grid", "file"]},
+            "url": STRING,
+            "content_type": STRING,
+            "bytes": INT,
+            "meta": OBJECT,
+        }
+    ),
+    "Job": _object(
+        {
+            "id": STRING,
+            "kind": {"type": "string", "enum": [str(k) for k in JobKind]},
+            "state": {"type": "string", "enum": [str(s) for s in JobState]},
+            "model": _nullable(STRING),
+            "family": STRING,
+            "dataset": _nullable(STRING),
+            "name": _nullable(STRING),
+            "params": OBJECT,
+            "priority": {"type": "integer", "minimum": 0, "maximum": 9},
+            "progress": _object({"step": INT, "total": INT, "message": STRING}),
+            "queue_position": _nullable(INT),
+            "eta_s": _nullable({"type": "number"}),
+            "attempt": INT,
+            "max_attempts": INT,
+            "outputs": {"type": "array", "items": _ref("Output")},
+            "error": _nullable(_object({"type": STRING, "detail": STRING})),
+            "created_at": TIME,
+            "started_at": _nullable(TIME),
+            "finished_at": _nullable(TIME),
+            "metrics": OBJECT,
+            "result_model": _nullable(STRING),
+            "webhook": _nullable(STRING),
+            "webhook_events": _nullable({"type": "array", "items": STRING}),
+            "deadline": _nullable(TIME),
+            "run_at": _nullable(TIME),
+        }
+    ),
+    "JobPage": _page("Job", cursor=True),
+    "Event": {
+        "type": "object",
+        "description": "One history entry; the event's own fields follow id, type, created_at.",
+        "properties": {"id": INT, "type": STRING, "created_at": TIME},
+        "required": ["id", "type", "created_at"],
+        "additionalProperties": True,
+    },
+    "EventList": _page("Event"),
+    "Model": _object(
+        {
+            "name": STRING,
+            "version": INT,
+            "ref": STRING,
+            "family": STRING,
+            "created_at": TIME,
+            "metrics": OBJECT,
+            "lineage": _object(
+                {
+                    "dataset": _nullable(STRING),
+                    "parent": _nullable(STRING),
+                    "job": _nullable(STRING),
+                }
+            ),
+        }
+    ),
+    "ModelList": _page("Model"),
+    "Dataset": _object(
+        {
+            "id": STRING,
+            "name": STRING,
+            "kind": STRING,
+            "num_items": INT,
+            "size_bytes": INT,
+            "meta": OBJECT,
+            "created_at": TIME,
+        }
+    ),
+    "DatasetList": _page("Dataset"),
+    "Family": _object(
+        {
+            "name": STRING,
+            "description": STRING,
+            "kinds": {"type": "array", "items": STRING},
+            "dataset_kinds": {"type": "array", "items": STRING},
+            "resources": OBJECT,
+            "params": {
+                "type": "object",
+                "description": "JSON schema of the params of each kind the family supports.",
+                "additionalProperties": OBJECT,
+            },
+        }
+    ),
+    "FamilyList": _page("Family"),
+    "Health": _object({"status": STRING, "checks": {"type": "object"}}),
+}
+
+
+def _add_model(schemas: dict[str, Any], model: type[BaseModel], name: str) -> None:
+    """Add `model`'s JSON schema as `name`, lifting its nested definitions next to it."""
+    schema = model.model_json_schema(ref_template=REF)
+    for def_name, definition in schema.pop("$defs", {}).items():
+        if schemas.setdefault(def_name, definition) != definition:
+            raise ValueError(f"two different schemas are named {def_name}")
+    schemas[name] = schema
+
+
+def _problem(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/problem+json": {"schema": _ref("Problem")}},
+    }
+
+
+def _json(description: str, schema: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
+    response: dict[str, Any] = {
+        "description": description,
+        "content": {"application/json": {"schema": _ref(schema)}},
+    }
+    if headers:
+        response["headers"] = headers
+    return response
+
+
+UNAUTHORIZED = _problem("Missing, unknown or revoked API key.")
+NOT_FOUND = _problem("No such object, or it belongs to another tenant.")
+INVALID = _problem("Invalid input; `errors` names each bad field.")
+CONFLICT = _problem("The job's state does not allow this.")
+LOCATION = {"Location": {"schema": STRING, "description": "The job's URL."}}
+
+
+def _path_id(name: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": STRING}
+
+
+def _query(name: str, description: str, schema: dict[str, Any] = STRING) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": "query",
+        "required": False,
+        "schema": schema,
+        "description": description,
+    }
+
+
+def _job_action(summary: str, operation_id: str) -> dict[str, Any]:
+    return {
+        "post": {
+            "summary": summary,
+            "operationId": operation_id,
+            "parameters": [_path_id("job_id")],
+            "responses": {
+                "202": _json("The job after the change.", "Job"),
+                "401": UNAUTHORIZED,
+                "404": NOT_FOUND,
+                "409": CONFLICT,
+            },
+        }
+    }
+
+
+def _list(summary: str, operation_id: str, schema: str) -> dict[str, Any]:
+    return {
+        "get": {
+            "summary": summary,
+            "operationId": operation_id,
+            "responses": {"200": _json(summary, schema), "401": UNAUTHORIZED},
+        }
+    }
+
+
+def _paths() -> dict[str, Any]:
+    return {
+        "/v1/jobs": {
+            "post": {
+                "summary": "Submit a job",
+                "operationId": "submitJob",
+                "parameters": [
+                    {
+                        "name": "Idempotency-Key",
+                        "in": "header",
+                        "required": False,
+                        "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+                        "description": "A repeat with the same key and body returns the job "
+                        "the first request created (200); a different body is a 409.",
+                    }
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("JobSubmission")}},
+                },
+                "responses": {
+                    "202": _json("The job was accepted.", "Job", LOCATION),
+                    "200": _json(
+                        "A repeat of an earlier request (Idempotency-Key).", "Job", LOCATION
+                    ),
+                    "400": _problem("The body is not valid JSON."),
+                    "401": UNAUTHORIZED,
+                    "404": _problem("The model or data set named does not exist."),
+                    "409": _problem("The Idempotency-Key was used with another body."),
+                    "413": _problem("The body is too large."),
+                    "415": _problem("The body is not sent as application/json."),
+                    "422": INVALID,
+                },
+            },
+            "get": {
+                "summary": "List jobs, newest first",
+                "operationId": "listJobs",
+                "parameters": [
+                    _query("state", "One state or a comma-separated list."),
+                    _query("kind", "generate, train or finetune."),
+                    _query("model", "A model name."),
+                    _query("limit", "Page size.", {"type": "integer", "minimum": 1}),
+                    _query("cursor", "`next_cursor` of the previous page."),
+                ],
+                "responses": {
+                    "200": _json("A page of jobs.", "JobPage"),
+                    "401": UNAUTHORIZED,
+                    "422": INVALID,
+                },
+            },
+        },
+        "/v1/jobs/{job_id}": {
+            "get": {
+                "summary": "Get a job",
+                "operationId": "getJob",
+                "parameters": [_path_id("job_id")],
+                "responses": {
+                    "200": _json("The job.", "Job"),
+                    "401": UNAUTHORIZED,
+                    "404": NOT_FOUND,
+                },
+            }
+        },
+        "/v1/jobs/{job_id}/cancel": _job_action("Cancel a job", "cancelJob"),
+        "/v1/jobs/{job_id}/retry": _job_action("Retry a failed or canceled job", "retryJob"),
+        "/v1/jobs/{job_id}/events": {
+            "get": {
+                "summary": "Stream a job's events (Server-Sent Events)",
+                "operationId": "streamJobEvents",
+                "parameters": [
+                    _path_id("job_id"),
+                    {
+                        "name": "Last-Event-ID",
+                        "in": "header",
+                        "required": False,
+                        "schema": STRING,
+                        "description": "Resume after this event id.",
+                    },
+                    _query(
+                        "last_event_id",
+                        "Resume after this event id (for clients that cannot set headers).",
+                    ),
+                ],
+                "responses": {
+                    "200": {
+                        "description": "`id: <event id>`, `event: <type>`, `data: <Event>` "
+                        "until the job is finished.",
+                        "content": {"text/event-stream": {"schema": STRING}},
+                    },
+                    "401": UNAUTHORIZED,
+                    "404": NOT_FOUND,
+                    "422": INVALID,
+                },
+            }
+        },
+        "/v1/jobs/{job_id}/logs": {
+            "get": {
+                "summary": "A job's log lines",
+                "operationId": "getJobLogs",
+                "parameters": [_path_id("job_id")],
+                "responses": {
+                    "200": _json("Log events, oldest first.", "EventList"),
+                    "401": UNAUTHORIZED,
+                    "404": NOT_FOUND,
+                },
+            }
+        },
+        "/v1/artifacts/{artifact_id}": {
+            "get": {
+                "summary": "Download an output file",
+                "operationId": "getArtifact",
+                "parameters": [_path_id("artifact_id")],
+                "responses": {
+                    "200": {
+                        "description": "The file, with its content type and an ETag.",
+                        "content": {
+                            "*/*": {"schema": {"type": "string", "contentEncoding": "binary"}}
+                        },
+                    },
+                    "304": {"description": "Not modified (If-None-Match)."},
+                    "401": UNAUTHORIZED,
+                    "404": NOT_FOUND,
+                },
+            }
+        },
+        "/v1/models": _list("Visible models", "listModels", "ModelList"),
+        "/v1/models/{name}": {
+            "get": {
+                "summary": "Every version of a model",
+                "operationId": "getModelVersions",
+                "parameters": [_path_id("name")],
+                "responses": {
+                    "200": _json("Versions, oldest first.", "ModelList"),
+                    "401": UNAUTHORIZED,
+                    "404": NOT_FOUND,
+                },
+            }
+        },
+        "/v1/datasets": _list("Visible data sets", "listDatasets", "DatasetList"),
+        "/v1/families": _list("Model families and their parameters", "listFamilies", "FamilyList"),
+        "/v1/health": {
+            "get": {
+                "summary": "Database and broker reachability",
+                "operationId": "health",
+                "security": [],
+                "responses": {
+                    "200": _json("Everything answers.", "Health"),
+                    "503": _problem("Something does not answer; `checks` says what."),
+                },
+            }
+        },
+        "/v1/openapi.json": {
+            "get": {
+                "summary": "This document",
+                "operationId": "openapi",
+                "security": [],
+                "responses": {
+                    "200": {
+                        "description": "OpenAPI 3.1",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    }
+                },
+            }
+        },
+    }
+
+
+@functools.cache
+def document() -> dict[str, Any]:
+    schemas: dict[str, Any] = dict(RESPONSE_SCHEMAS)
+    _add_model(schemas, JobSubmission, "JobSubmission")
+    for family in FAMILIES.values():
+        for kind in JobKind:
+            spec = family.params_for(kind)
+            if spec is not None:
+                name = f"{family.name.title()}{str(kind).title()}Params"
+                _add_model(schemas, spec, name)
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "genq",
+            "version": "1",
+            "description": "A self-hosted job queue for generative AI.",
+        },
+        "servers": [{"url": "/"}],
+        "security": [{"bearer": []}],
+        "paths": _paths(),
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+@bp.get("/openapi.json")
+@public
+def openapi() -> Response:
+    return jsonify(document())

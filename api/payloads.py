@@ -1,0 +1,205 @@
+"""The JSON the API returns for jobs, events, models and data sets. `job_payload` is the one
+serializer of a job; `render_jobs` loads what it needs for a page of jobs in a few queries
+(models, data sets, outputs, queue positions) and calls it for each.
+
+Timestamps are ISO-8601 in UTC with a `Z`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select
+from sqlalchemy.orm import Session
+
+from core.states import JobState
+from core.tables import Artifact, Dataset, Job, JobEvent, Model
+
+
+def iso(value: datetime | None) -> str | None:
+    if value is None:
+        return None
+    return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def artifact_url(artifact_id: str) -> str:
+    return f"/v1/artifacts/{artifact_id}"
+
+
+@dataclass
+class JobContext:
+    """What the job serializer needs beyond the row, loaded once for a page of jobs."""
+
+    models: dict[str, Model] = field(default_factory=dict)
+    datasets: dict[str, Dataset] = field(default_factory=dict)
+    outputs: dict[str, list[Artifact]] = field(default_factory=lambda: defaultdict(list))
+    queue_positions: dict[str, int] = field(default_factory=dict)
+
+
+def queue_position(session: Session, job: Job) -> int:
+    """How many queued jobs of the same queue run before this one (higher priority first,
+    then older first): a range scan of the (state, queue, priority, id) index."""
+    ahead = session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(
+            Job.state == JobState.QUEUED,
+            Job.queue == job.queue,
+            or_(
+                Job.priority > job.priority,
+                and_(Job.priority == job.priority, Job.id < job.id),
+            ),
+        )
+    )
+    return int(ahead or 0)
+
+
+def load_context(session: Session, jobs: Sequence[Job]) -> JobContext:
+    ctx = JobContext()
+    model_ids = {i for j in jobs for i in (j.model_id, j.result_model_id) if i}
+    if model_ids:
+        for model in session.scalars(select(Model).where(Model.id.in_(model_ids))):
+            ctx.models[model.id] = model
+    dataset_ids = {j.dataset_id for j in jobs if j.dataset_id}
+    if dataset_ids:
+        for dataset in session.scalars(select(Dataset).where(Dataset.id.in_(dataset_ids))):
+            ctx.datasets[dataset.id] = dataset
+    job_ids = [j.id for j in jobs]
+    if job_ids:
+        artifacts = session.scalars(
+            select(Artifact).where(Artifact.job_id.in_(job_ids)).order_by(Artifact.created_at)
+        )
+        for artifact in artifacts:
+            ctx.outputs[artifact.job_id].append(artifact)
+    for job in jobs:
+        if job.state == JobState.QUEUED:
+            ctx.queue_positions[job.id] = queue_position(session, job)
+    return ctx
+
+
+def output_payload(artifact: Artifact) -> dict[str, Any]:
+    return {
+        "id": artifact.id,
+        "name": artifact.name,
+        "kind": artifact.kind,
+        "url": artifact_url(artifact.id),
+        "content_type": artifact.content_type,
+        "bytes": artifact.size_bytes,
+        "meta": artifact.meta or {},
+    }
+
+
+def job_payload(job: Job, ctx: JobContext) -> dict[str, Any]:
+    """The job as every endpoint returns it."""
+    model = ctx.models.get(job.model_id) if job.model_id else None
+    result = ctx.models.get(job.result_model_id) if job.result_model_id else None
+    dataset = ctx.datasets.get(job.dataset_id) if job.dataset_id else None
+    error = None
+    if job.error_type is not None:
+        error = {"type": job.error_type, "detail": job.error_detail or ""}
+    return {
+        "id": job.id,
+        "kind": job.kind,
+        "state": job.state,
+        "model": model.ref if model else None,
+        "family": job.family,
+        "dataset": dataset.name if dataset else None,
+        "name": job.target_name,
+        "params": job.params or {},
+        "priority": job.priority,
+        "progress": {
+            "step": job.progress_step,
+            "total": job.progress_total,
+            "message": job.progress_message or "",
+        },
+        "queue_position": ctx.queue_positions.get(job.id),
+        # No honest estimate yet: left null rather than guessed.
+        "eta_s": None,
+        "attempt": job.attempt,
+        "max_attempts": job.max_attempts,
+        "outputs": [output_payload(a) for a in ctx.outputs.get(job.id, [])],
+        "error": error,
+        "created_at": iso(job.created_at),
+        "started_at": iso(job.started_at),
+        "finished_at": iso(job.finished_at),
+        "metrics": job.metrics or {},
+        "result_model": result.ref if result else None,
+        "webhook": job.webhook,
+        "webhook_events": job.webhook_events,
+        "deadline": iso(job.deadline),
+        "run_at": iso(job.run_at),
+    }
+
+
+def render_jobs(session: Session, jobs: Sequence[Job]) -> list[dict[str, Any]]:
+    ctx = load_context(session, jobs)
+    return [job_payload(job, ctx) for job in jobs]
+
+
+def render_job(session: Session, job: Job) -> dict[str, Any]:
+    return render_jobs(session, [job])[0]
+
+
+def event_payload(event: JobEvent) -> dict[str, Any]:
+    """One history entry: its id, type and time, then the event's own fields."""
+    body: dict[str, Any] = {
+        "id": event.id,
+        "type": event.type,
+        "created_at": iso(event.created_at),
+        **(event.data or {}),
+    }
+    if event.type == "output" and "artifact_id" in body:
+        body["url"] = artifact_url(body["artifact_id"])
+    return body
+
+
+def model_payload(
+    model: Model, datasets: dict[str, Dataset], parents: dict[str, Model]
+) -> dict[str, Any]:
+    dataset = datasets.get(model.dataset_id) if model.dataset_id else None
+    parent = parents.get(model.parent_id) if model.parent_id else None
+    return {
+        "name": model.name,
+        "version": model.version,
+        "ref": model.ref,
+        "family": model.family,
+        "created_at": iso(model.created_at),
+        "metrics": model.metrics or {},
+        "lineage": {
+            "dataset": dataset.name if dataset else None,
+            "parent": parent.ref if parent else None,
+            "job": model.job_id,
+        },
+    }
+
+
+def render_models(session: Session, models: Sequence[Model]) -> list[dict[str, Any]]:
+    dataset_ids = {m.dataset_id for m in models if m.dataset_id}
+    parent_ids = {m.parent_id for m in models if m.parent_id}
+    datasets = (
+        {d.id: d for d in session.scalars(select(Dataset).where(Dataset.id.in_(dataset_ids)))}
+        if dataset_ids
+        else {}
+    )
+    parents = (
+        {p.id: p for p in session.scalars(select(Model).where(Model.id.in_(parent_ids)))}
+        if parent_ids
+        else {}
+    )
+    return [model_payload(m, datasets, parents) for m in models]
+
+
+def dataset_payload(dataset: Dataset) -> dict[str, Any]:
+    return {
+        "id": dataset.id,
+        "name": dataset.name,
+        "kind": dataset.kind,
+        "num_items": dataset.num_items,
+        "size_bytes": dataset.size_bytes,
+        "meta": dataset.meta or {},
+        "created_at": iso(dataset.created_at),
+    }

@@ -1,0 +1,142 @@
+"""Problem responses (RFC 9457): the one place where every failure becomes
+`application/problem+json` with `type`, `title`, `status` and `detail`.
+
+genq's own errors (`core.errors.GenqError`) render their own problem; werkzeug's HTTP errors
+(unknown route, wrong method, body too large, wrong media type) keep their status and headers;
+anything else is logged with the request id and answered with a bare 500.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import uuid
+from typing import Any
+
+from flask import Flask, Response, g, request
+from werkzeug.exceptions import HTTPException
+
+from core.errors import GenqError
+
+log = logging.getLogger(__name__)
+
+PROBLEM_JSON = "application/problem+json"
+REQUEST_ID_HEADER = "X-Request-ID"
+# A client may pass its own request id if it is short and plain; otherwise one is made.
+_CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+# Slugs for werkzeug's errors that have no GenqError of their own.
+_HTTP_TYPES = {
+    400: "bad-request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not-found",
+    405: "method-not-allowed",
+    406: "not-acceptable",
+    409: "conflict",
+    411: "length-required",
+    413: "too-large",
+    414: "uri-too-long",
+    415: "unsupported-media-type",
+    429: "too-many-requests",
+    431: "headers-too-large",
+    501: "not-implemented",
+}
+
+
+def problem_response(
+    status: int,
+    type_: str,
+    title: str,
+    detail: str,
+    *,
+    extra: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
+) -> Response:
+    body: dict[str, Any] = {"type": type_, "title": title, "status": status, "detail": detail}
+    if extra:
+        body.update(extra)
+    response = Response(json.dumps(body), status=status, mimetype=PROBLEM_JSON)
+    for name, value in (headers or {}).items():
+        response.headers[name] = value
+    return response
+
+
+def request_id() -> str:
+    """The current request's id (made on first use)."""
+    rid = g.get("request_id")
+    if rid is None:
+        incoming = request.headers.get(REQUEST_ID_HEADER, "")
+        rid = incoming if _CLIENT_REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        g.request_id = rid
+    return str(rid)
+
+
+def _render_genq(error: GenqError) -> Response:
+    if error.status >= 500:
+        log.error(
+            "request failed: %s: %s",
+            error.type,
+            error.detail,
+            extra={"request_id": request_id()},
+        )
+    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+    body = error.problem()
+    return problem_response(
+        error.status,
+        body.pop("type"),
+        body.pop("title"),
+        body.pop("detail"),
+        extra={k: v for k, v in body.items() if k != "status"},
+        headers=headers,
+    )
+
+
+def _render_http(error: HTTPException) -> Response:
+    status = error.code or 500
+    # Keep headers such as Allow (405) and WWW-Authenticate, drop werkzeug's content type.
+    headers = {
+        name: value
+        for name, value in error.get_headers()
+        if name.lower() not in ("content-type", "content-length")
+    }
+    return problem_response(
+        status,
+        _HTTP_TYPES.get(status, "http-error"),
+        error.name,
+        error.description or error.name,
+        headers=headers,
+    )
+
+
+def _render_unexpected(error: Exception) -> Response:
+    if isinstance(error, HTTPException):  # Flask hands some of these to the generic handler
+        return _render_http(error)
+    if isinstance(error, GenqError):
+        return _render_genq(error)
+    rid = request_id()
+    log.exception(
+        "unhandled error in %s %s", request.method, request.path, extra={"request_id": rid}
+    )
+    return problem_response(
+        500, "internal", "Internal error", f"an unexpected error occurred (request {rid})"
+    )
+
+
+def _start_request() -> None:
+    request_id()  # a before-request function that returns a value would be the response
+
+
+def _add_request_id(response: Response) -> Response:
+    response.headers[REQUEST_ID_HEADER] = request_id()
+    return response
+
+
+def install(app: Flask) -> None:
+    """Render every failure of `app` as a problem and stamp every response with its id."""
+    app.before_request(_start_request)
+    app.after_request(_add_request_id)
+    app.register_error_handler(GenqError, _render_genq)
+    app.register_error_handler(HTTPException, _render_http)
+    app.register_error_handler(Exception, _render_unexpected)

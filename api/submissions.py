@@ -1,0 +1,256 @@
+"""What `POST /v1/jobs` accepts: the request body (a pydantic model, also the OpenAPI request
+schema), the checks that depend on the job kind, and the turning of a valid request into a
+`core.jobs.NewJob`.
+
+Input is never fixed up: a wrong type, an unknown field, a naive timestamp or a missing field
+is a 422 that names the field (`priority`, `model`, `params.steps`). Parameters are validated in
+strict mode against the family's own pydantic class, and stored with their defaults filled in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from datetime import UTC, datetime
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    field_validator,
+)
+from sqlalchemy.orm import Session
+
+from core.catalog import resolve_dataset, resolve_model
+from core.errors import InvalidInputError
+from core.jobs import NewJob
+from core.states import JobKind
+from core.tables import Dataset, Model, utcnow
+from scheduler.broker import queue_for_kind
+from workers.families.base import Family
+from workers.registry import FAMILIES
+
+WebhookEvent = Literal["start", "progress", "output", "completed"]
+IDEMPOTENCY_KEY_MAX = 255
+
+
+class JobSubmission(BaseModel):
+    """The body of `POST /v1/jobs`."""
+
+    model_config = ConfigDict(extra="forbid", title="JobSubmission")
+
+    kind: JobKind = Field(description="generate, train or finetune.")
+    model: str | None = Field(
+        None,
+        min_length=1,
+        max_length=140,
+        description="A registered model, `name` or `name:version` (generate, finetune).",
+    )
+    family: str | None = Field(
+        None, min_length=1, max_length=64, description="The model family to train (train)."
+    )
+    dataset: str | None = Field(
+        None,
+        min_length=1,
+        max_length=128,
+        description="A data set by name or id (train, finetune).",
+    )
+    name: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9._-]{1,128}$",
+        description="The model name the result is registered under (train, finetune).",
+    )
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Checked against the family's schema for this kind (GET /v1/families).",
+    )
+    priority: StrictInt = Field(5, ge=0, le=9, description="0-9; higher runs sooner.")
+    webhook: str | None = Field(
+        None, max_length=2048, description="An http(s) URL told about the job's progress."
+    )
+    webhook_events: list[WebhookEvent] | None = Field(
+        None, max_length=4, description="Which events the webhook receives (default: all)."
+    )
+    deadline: AwareDatetime | None = Field(
+        None, description="Fail the job if it has not started by then (ISO-8601 with zone)."
+    )
+    run_at: AwareDatetime | None = Field(
+        None, description="Do not start before then (ISO-8601 with zone)."
+    )
+
+    @field_validator("webhook")
+    @classmethod
+    def _check_webhook(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http or https URL")
+        return value
+
+    @field_validator("webhook_events")
+    @classmethod
+    def _check_events(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("lists an event twice")
+        return value
+
+
+def _field(loc: tuple[int | str, ...], prefix: str = "") -> str:
+    path = ".".join(str(part) for part in loc)
+    if prefix:
+        return f"{prefix}.{path}" if path else prefix
+    return path or "body"
+
+
+def errors_from(exc: ValidationError, prefix: str = "") -> list[dict[str, str]]:
+    """One {field, message} per pydantic error; `prefix` puts nested ones under e.g. params."""
+    return [{"field": _field(e["loc"], prefix), "message": e["msg"]} for e in exc.errors()]
+
+
+def parse_submission(body: Any) -> JobSubmission:
+    try:
+        submission = JobSubmission.model_validate(body)
+    except ValidationError as exc:
+        raise InvalidInputError(errors_from(exc)) from None
+    _check_kind_fields(submission)
+    return submission
+
+
+# Which of model, family, dataset and name each kind needs; the others must be absent.
+_NEEDS: dict[JobKind, frozenset[str]] = {
+    JobKind.GENERATE: frozenset({"model"}),
+    JobKind.TRAIN: frozenset({"family", "dataset", "name"}),
+    JobKind.FINETUNE: frozenset({"model", "dataset", "name"}),
+}
+
+
+def _check_kind_fields(sub: JobSubmission) -> None:
+    errors = []
+    for field in ("model", "family", "dataset", "name"):
+        given = getattr(sub, field) is not None
+        needed = field in _NEEDS[sub.kind]
+        if needed and not given:
+            errors.append({"field": field, "message": f"is required for a {sub.kind} job"})
+        elif given and not needed:
+            errors.append({"field": field, "message": f"is not allowed for a {sub.kind} job"})
+    now = utcnow()
+    if sub.deadline is not None and sub.deadline <= now:
+        errors.append({"field": "deadline", "message": "must be in the future"})
+    elif sub.deadline is not None and sub.run_at is not None and sub.deadline <= sub.run_at:
+        errors.append({"field": "deadline", "message": "must be later than run_at"})
+    if errors:
+        raise InvalidInputError(errors)
+
+
+def request_hash(body: Any) -> str:
+    """SHA-256 of the request body as canonical JSON (sorted keys, no spaces)."""
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def check_idempotency_key(key: str | None) -> str | None:
+    if key is None:
+        return None
+    if not key or len(key) > IDEMPOTENCY_KEY_MAX:
+        raise InvalidInputError.one(
+            "Idempotency-Key", f"must be 1-{IDEMPOTENCY_KEY_MAX} characters"
+        )
+    return key
+
+
+def _family_for_model(model: Model, kind: JobKind) -> Family:
+    family = FAMILIES.get(model.family)
+    if family is None:
+        raise InvalidInputError.one(
+            "model", f"model {model.ref} needs family {model.family!r}, which is not installed"
+        )
+    if family.params_for(kind) is None:
+        raise InvalidInputError.one(
+            "model", f"model {model.ref} (family {family.name}) does not support {kind} jobs"
+        )
+    return family
+
+
+def _family_by_name(name: str, kind: JobKind) -> Family:
+    family = FAMILIES.get(name)
+    if family is None:
+        known = ", ".join(sorted(FAMILIES))
+        raise InvalidInputError.one("family", f"unknown family {name!r} (known: {known})")
+    if family.params_for(kind) is None:
+        raise InvalidInputError.one("family", f"family {name} does not support {kind} jobs")
+    return family
+
+
+def _check_dataset(dataset: Dataset, family: Family) -> None:
+    if dataset.kind not in family.dataset_kinds:
+        accepted = ", ".join(family.dataset_kinds) or "none"
+        raise InvalidInputError.one(
+            "dataset",
+            f"data set {dataset.name} holds {dataset.kind}; family {family.name} trains on "
+            f"{accepted}",
+        )
+
+
+def validate_params(family: Family, kind: JobKind, params: dict[str, Any]) -> dict[str, Any]:
+    """The params checked (strictly, as JSON) against the family's class for `kind`, with
+    defaults filled in."""
+    spec = family.params_for(kind)
+    assert spec is not None  # the family was checked to support the kind
+    try:
+        validated = spec.model_validate_json(json.dumps(params), strict=True)
+    except ValidationError as exc:
+        raise InvalidInputError(errors_from(exc, "params")) from None
+    return validated.model_dump(mode="json")
+
+
+def build_new_job(
+    session: Session,
+    sub: JobSubmission,
+    *,
+    tenant_id: str,
+    max_attempts: int,
+    idempotency_key: str | None,
+    request_digest: str,
+) -> NewJob:
+    """Resolve what the submission names (404 for an unknown model or data set) and check it
+    fits together; returns the row to create."""
+    model: Model | None = None
+    if sub.model is not None:
+        model = resolve_model(session, tenant_id, sub.model)
+        family = _family_for_model(model, sub.kind)
+    else:
+        assert sub.family is not None  # required for train
+        family = _family_by_name(sub.family, sub.kind)
+    dataset: Dataset | None = None
+    if sub.dataset is not None:
+        dataset = resolve_dataset(session, tenant_id, sub.dataset)
+        _check_dataset(dataset, family)
+    params = validate_params(family, sub.kind, sub.params)
+    return NewJob(
+        tenant_id=tenant_id,
+        kind=sub.kind,
+        family=family.name,
+        queue=queue_for_kind(sub.kind),
+        params=params,
+        model_id=model.id if model else None,
+        dataset_id=dataset.id if dataset else None,
+        target_name=sub.name,
+        priority=sub.priority,
+        idempotency_key=idempotency_key,
+        request_hash=request_digest,
+        webhook=sub.webhook,
+        webhook_events=list(sub.webhook_events) if sub.webhook_events is not None else None,
+        deadline=_utc(sub.deadline),
+        run_at=_utc(sub.run_at),
+        max_attempts=max_attempts,
+    )
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    return value.astimezone(UTC) if value is not None else None

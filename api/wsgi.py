@@ -1,0 +1,25 @@
+"""The WSGI entry point: builds `Settings` from the environment and the app from them.
+
+    gunicorn --worker-class gthread --threads 8 'api.wsgi:create()'
+
+Event streams (`/v1/jobs/{id}/events`) hold a worker thread for as long as the client listens,
+so run gunicorn with threads (gthread) rather than only sync workers.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask
+
+from api.app import create_app
+from core.settings import Settings
+
+
+def create() -> Flask:
+    settings = Settings()
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    return create_app(settings)
