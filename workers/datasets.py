@@ -1,0 +1,129 @@
+"""Image data sets a training job reads: the built-in `digits` and uploaded image folders.
+
+Both come out as one `ImageDataset`: every image in memory as a float32 tensor (N, C, H, W)
+scaled to [-1, 1] (what a diffusion model trains on), integer labels (N,) and the class names
+the labels index. The data sets genq trains on are small, so holding them in memory keeps the
+training loop a plain tensor index.
+
+`digits` is scikit-learn's copy of the UCI hand-written digits (1797 images, 8x8, values
+0-16); it ships inside the package, so nothing is downloaded. An uploaded data set is a folder
+with one sub-folder per class (`cats/1.png`, `dogs/7.jpg`); its images are cropped to a centred
+square and resized. Pillow's decompression-bomb limit applies to every file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from core.errors import InvalidInputError
+from workers.families.base import DatasetRef
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+MAX_IMAGES = 100_000
+MAX_CLASSES = 1000
+
+
+@dataclass(frozen=True)
+class ImageDataset:
+    images: torch.Tensor  # (N, C, H, W) float32 in [-1, 1]
+    labels: torch.Tensor  # (N,) int64, indexes class_names
+    class_names: list[str]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def channels(self) -> int:
+        return int(self.images.shape[1])
+
+
+def load_digits(size: int = 16) -> ImageDataset:
+    """scikit-learn's 8x8 digits, upscaled (bilinear) to size x size, in [-1, 1]."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    bunch = sklearn_digits()
+    x = torch.from_numpy(bunch.images.astype(np.float32)).unsqueeze(1)  # (N, 1, 8, 8), 0..16
+    if size != x.shape[-1]:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    images = (x / 16.0 * 2.0 - 1.0).clamp(-1.0, 1.0).contiguous()  # (N, 1, size, size)
+    labels = torch.from_numpy(bunch.target.astype(np.int64))  # (N,)
+    return ImageDataset(images, labels, [str(d) for d in range(10)])
+
+
+def _square(image: Image.Image) -> Image.Image:
+    """The centred square crop: resizing a non-square image would squash it."""
+    w, h = image.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    return image.crop((left, top, left + side, top + side))
+
+
+def load_image_folder(path: Path, size: int = 16, channels: int | None = None) -> ImageDataset:
+    """A folder of class sub-folders of images. `channels` 1 (grayscale) or 3 (RGB); None:
+    grayscale when every image is, RGB otherwise."""
+    if channels not in (None, 1, 3):
+        raise InvalidInputError.one("dataset", "channels must be 1 or 3")
+    if not path.is_dir():
+        raise InvalidInputError.one("dataset", "the data set folder is missing")
+    class_dirs = sorted(
+        (d for d in path.iterdir() if d.is_dir() and not d.name.startswith(".")),
+        key=lambda d: d.name,
+    )
+    files: list[tuple[Path, int]] = []
+    for label, class_dir in enumerate(class_dirs):
+        for f in sorted(class_dir.rglob("*")):
+            if f.is_file() and not f.is_symlink() and f.suffix.lower() in IMAGE_SUFFIXES:
+                files.append((f, label))
+    if not files:
+        raise InvalidInputError.one("dataset", "no images in class sub-folders")
+    if len(class_dirs) > MAX_CLASSES:
+        raise InvalidInputError.one("dataset", f"more than {MAX_CLASSES} classes")
+    if len(files) > MAX_IMAGES:
+        raise InvalidInputError.one("dataset", f"more than {MAX_IMAGES} images")
+
+    decoded: list[Image.Image] = []
+    for f, _ in files:
+        try:
+            with Image.open(f) as image:
+                image.load()
+                decoded.append(image.copy())
+        except (OSError, Image.DecompressionBombError) as exc:
+            raise InvalidInputError.one("dataset", f"{f.relative_to(path)}: {exc}") from exc
+    if channels is None:
+        is_gray = all(im.mode in ("1", "L", "LA", "I", "I;16", "F") for im in decoded)
+        channels = 1 if is_gray else 3
+    mode = "L" if channels == 1 else "RGB"
+
+    arrays = []
+    for image in decoded:
+        if image.mode in ("RGBA", "LA", "P"):
+            # Transparent pixels become white, not whatever colour hides under alpha 0.
+            rgba = image.convert("RGBA")
+            image = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            image.alpha_composite(rgba)
+        square = _square(image.convert(mode)).resize((size, size), Image.Resampling.BILINEAR)
+        arrays.append(np.asarray(square, dtype=np.uint8).reshape(size, size, channels))
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (N, C, size, size) uint8
+    images = (x.float() / 127.5 - 1.0).contiguous()
+    labels = torch.tensor([label for _, label in files], dtype=torch.int64)
+    return ImageDataset(images, labels, [d.name for d in class_dirs])
+
+
+def load_dataset(ref: DatasetRef | None, size: int, channels: int | None = None) -> ImageDataset:
+    """The data set a training job names; None or a built-in name without a path is built in."""
+    if ref is None or (ref.path is None and ref.name == "digits"):
+        if channels not in (None, 1):
+            raise InvalidInputError.one("dataset", "digits is grayscale (1 channel)")
+        return load_digits(size)
+    if ref.kind != "images":
+        raise InvalidInputError.one("dataset", f"expected an images data set, got {ref.kind}")
+    if ref.path is None:
+        raise InvalidInputError.one("dataset", f"no built-in data set {ref.name!r}")
+    return load_image_folder(Path(ref.path), size, channels)

@@ -1,0 +1,426 @@
+"""The `ddpm` family: class-conditional denoising diffusion on small labelled images.
+
+Denoising Diffusion Probabilistic Models, Ho, Jain & Abbeel 2020 (arXiv:2006.11239). Training
+(their Algorithm 1): take a clean image x0, a random timestep t and Gaussian noise eps; make
+x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps; train the network to predict eps from (x_t, t)
+with a mean squared error. Sampling (Algorithm 2): start from pure noise x_T and step
+backwards, each step removing the predicted noise and adding a little fresh noise. The class
+label enters the network as an embedding added to the timestep embedding, so one network
+draws any class. The network is diffusers' `UNet2DModel`; the noise schedule and the reverse
+step are diffusers' `DDPMScheduler` with the cosine schedule (Nichol & Dhariwal 2021), which
+behaves for any number of training timesteps, and "trailing" timestep spacing, so that few
+sampling steps still start from pure noise.
+
+Checkpoints are one safetensors file holding the network weights, the AdamW state and (in its
+metadata) the step: a restarted job continues where the last one stopped, and because each
+step's randomness is derived from (seed, step) a resumed run takes exactly the steps the
+uninterrupted run would have taken. Nothing here is ever pickled.
+
+Shapes: B batch, C image channels, H = W = image_size, K classes.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import secrets
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, UNet2DModel
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+from safetensors import safe_open
+from safetensors.torch import load_file, save
+
+from core.artifacts import write_atomic
+from core.errors import InvalidInputError, ModelError
+from core.events import Event, Log, Metric, ModelSaved, Output, Progress
+from workers.datasets import ImageDataset, load_dataset
+from workers.families.base import CanceledError, RunContext, TrainContext
+from workers.families.ddpm_spec import SEED_MAX, DdpmGenerateParams, DdpmTrainParams
+
+CHECKPOINT_NAME = "checkpoint.safetensors"
+CHECKPOINT_FORMAT = "genq-ddpm-checkpoint/1"
+METRIC_EVERY = 20  # steps between Metric events
+GRID_STEPS = 50  # denoising steps of the end-of-training sample grid
+GRID_CELL_PX = 32  # grid cells are upscaled (nearest) to at least this many pixels
+
+# Network presets. `tiny` trains in seconds on a CPU (tests); `default` draws recognisable
+# digits after a few thousand steps. Both are attention-free: at 16x16 attention buys little
+# and costs most of the time on a CPU.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "image_size": 16,
+        "num_train_timesteps": 200,
+        "unet": {
+            "block_out_channels": [16, 32],
+            "layers_per_block": 1,
+            "down_block_types": ["DownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "UpBlock2D"],
+            "norm_num_groups": 8,
+        },
+    },
+    "default": {
+        "image_size": 16,
+        "num_train_timesteps": 1000,
+        "unet": {
+            "block_out_channels": [32, 64, 64],
+            "layers_per_block": 1,
+            "down_block_types": ["DownBlock2D", "DownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "UpBlock2D", "UpBlock2D"],
+            "norm_num_groups": 8,
+        },
+    },
+}
+SCHEDULE = {"beta_schedule": "squaredcos_cap_v2", "timestep_spacing": "trailing"}
+
+
+# -- building ---------------------------------------------------------------------------------
+
+
+def model_config(preset: str, dataset: ImageDataset) -> dict[str, Any]:
+    """Everything `load` needs to rebuild the model; stored with the registered model."""
+    spec = PRESETS[preset]
+    size = spec["image_size"]
+    unet = {
+        "sample_size": size,
+        "in_channels": dataset.channels,
+        "out_channels": dataset.channels,
+        "num_class_embeds": dataset.num_classes,
+        **spec["unet"],
+    }
+    return {
+        "family": "ddpm",
+        "preset": preset,
+        "image_size": size,
+        "channels": dataset.channels,
+        "num_classes": dataset.num_classes,
+        "class_names": list(dataset.class_names),
+        "num_train_timesteps": spec["num_train_timesteps"],
+        "scheduler": dict(SCHEDULE),
+        "unet": unet,
+    }
+
+
+def build_scheduler(config: dict[str, Any]) -> DDPMScheduler:
+    # A fresh one per job: set_timesteps mutates it.
+    return DDPMScheduler(
+        num_train_timesteps=config["num_train_timesteps"], **config.get("scheduler", SCHEDULE)
+    )
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The randomness of one training step, from (seed, step) alone, so a resumed run draws
+    what the uninterrupted one would have. step < 2**20 (the spec's bound), seed < 2**32."""
+    return torch.Generator().manual_seed(seed * 2**20 + step)
+
+
+# -- checkpoints ------------------------------------------------------------------------------
+
+
+def save_checkpoint(
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    config: dict,
+    loss: float,
+) -> None:
+    """Weights and AdamW state in one safetensors file, written atomically."""
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    state = optimizer.state_dict()
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            tensors[f"optim.{index}.{name}"] = torch.as_tensor(value).cpu().contiguous()
+    metadata = {
+        "format": CHECKPOINT_FORMAT,
+        "step": str(step),
+        "param_groups": json.dumps(state["param_groups"]),
+        "config": json.dumps(config, sort_keys=True),
+        "loss": repr(loss),
+    }
+    write_atomic(path, save(tensors, metadata=metadata))
+
+
+def read_checkpoint_meta(path: Path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def load_checkpoint(
+    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict
+) -> int:
+    """Restore weights and optimizer state; returns the step the checkpoint was taken at."""
+    meta = read_checkpoint_meta(path)
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise ModelError(f"{path.name} is not a genq ddpm checkpoint")
+    if json.loads(meta["config"]) != json.loads(json.dumps(config, sort_keys=True)):
+        raise ModelError("the checkpoint was made for a different model configuration")
+    tensors = load_file(str(path))
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+    return int(meta["step"])
+
+
+# -- sampling ---------------------------------------------------------------------------------
+
+
+def denoise(
+    unet: UNet2DModel,
+    scheduler: DDPMScheduler,
+    labels: torch.Tensor,
+    seeds: list[int],
+    steps: int,
+    ctx: RunContext,
+) -> Iterator[Event | torch.Tensor]:
+    """Algorithm 2, one image per (label, seed): yields Progress per step, then the images
+    (B, C, H, W) in [-1, 1] on the CPU as the last item."""
+    cfg = unet.config
+    device = unet.device
+    # One CPU generator per image: an image depends on its own seed only, not on the batch.
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    shape = (1, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    x = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(device)  # (B,C,H,W)
+    y = labels.to(device)  # (B,)
+    scheduler.set_timesteps(steps)
+    total = len(scheduler.timesteps)
+    for i, t in enumerate(scheduler.timesteps):
+        if ctx.is_canceled():
+            raise CanceledError(f"job {ctx.job_id} was canceled")
+        with torch.no_grad():
+            eps = unet(x, t.to(device), class_labels=y).sample  # (B, C, H, W)
+        x = scheduler.step(eps, t, x, generator=generators).prev_sample  # (B, C, H, W)
+        yield Progress(i + 1, total, "denoising")
+    yield x.clamp(-1, 1).float().cpu()
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) in [-1, 1] -> (B, H, W, C) uint8."""
+    return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def to_pil(pixels: torch.Tensor) -> Image.Image:
+    """(H, W, C) uint8 -> a grayscale or RGB image."""
+    array = pixels.numpy()
+    return Image.fromarray(array[:, :, 0], "L") if array.shape[2] == 1 else Image.fromarray(array)
+
+
+def png_bytes(image: Image.Image, text: dict[str, str] | None = None) -> bytes:
+    info = PngInfo()
+    for key, value in (text or {}).items():
+        info.add_text(key, value)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=info)
+    return buf.getvalue()
+
+
+def grid_png(images: torch.Tensor, columns: int) -> bytes:
+    """(B, C, H, W) in [-1, 1] -> one PNG, `columns` images a row, small images upscaled."""
+    B, C, H, W = images.shape
+    rows = -(-B // columns)
+    scale = max(1, -(-GRID_CELL_PX // H))
+    pixels = to_uint8(images)  # (B, H, W, C)
+    canvas = torch.zeros((rows * H, columns * W, C), dtype=torch.uint8)
+    for i in range(B):
+        r, c = divmod(i, columns)
+        canvas[r * H : (r + 1) * H, c * W : (c + 1) * W] = pixels[i]
+    grid = to_pil(canvas)
+    return png_bytes(
+        grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST)
+    )
+
+
+# -- training ---------------------------------------------------------------------------------
+
+
+def _build_for_training(
+    params: DdpmTrainParams, ctx: TrainContext
+) -> tuple[UNet2DModel, dict[str, Any], ImageDataset]:
+    """A fresh seeded network for `train`, or the parent's weights for a fine-tune."""
+    if ctx.parent_model_dir is not None:
+        config = dict(ctx.parent_config)
+        dataset = load_dataset(ctx.dataset, config["image_size"], config["channels"])
+        if dataset.num_classes != config["num_classes"]:
+            raise InvalidInputError.one(
+                "dataset",
+                f"has {dataset.num_classes} classes, the model has {config['num_classes']}",
+            )
+        config["class_names"] = list(dataset.class_names)
+        unet = UNet2DModel.from_pretrained(
+            ctx.parent_model_dir, use_safetensors=True, low_cpu_mem_usage=False
+        )
+        return unet, config, dataset
+    dataset = load_dataset(ctx.dataset, PRESETS[params.preset]["image_size"])
+    config = model_config(params.preset, dataset)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(params.seed)
+        unet = UNet2DModel(**config["unet"])
+    return unet, config, dataset
+
+
+def _save_model(unet: UNet2DModel, config: dict[str, Any], model_dir: Path) -> None:
+    """save_pretrained into a temporary sibling folder, then swap it into place."""
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=model_dir.parent, prefix=f".{model_dir.name}."))
+    try:
+        unet.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "genq.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        if model_dir.exists():
+            shutil.rmtree(model_dir)
+        tmp.rename(model_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def train(params: dict[str, Any], ctx: TrainContext) -> Iterator[Event]:
+    p = DdpmTrainParams.model_validate(params)
+    device = torch.device(ctx.device)
+    unet, config, dataset = _build_for_training(p, ctx)
+    unet.to(device).train()
+    scheduler = build_scheduler(config)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=p.learning_rate)
+    x_all = dataset.images.to(device)  # (N, C, H, W)
+    y_all = dataset.labels.to(device)  # (N,)
+    N, T = len(x_all), config["num_train_timesteps"]
+    n_params = sum(q.numel() for q in unet.parameters())
+    yield Log(
+        f"ddpm {config['preset']}: {N} images, {dataset.num_classes} classes, "
+        f"{config['image_size']}px, {n_params} parameters, on {device}"
+    )
+
+    checkpoint = ctx.checkpoint_dir / CHECKPOINT_NAME
+    start, final_loss = 0, float("nan")
+    if checkpoint.exists():
+        start = min(load_checkpoint(checkpoint, unet, optimizer, config), p.steps)
+        final_loss = float(read_checkpoint_meta(checkpoint).get("loss", "nan"))
+        yield Log(f"resumed from step {start}")
+
+    window_losses: list[float] = []
+    window_start = time.perf_counter()
+    for step in range(start + 1, p.steps + 1):
+        if ctx.is_canceled():
+            raise CanceledError(f"job {ctx.job_id} was canceled")
+        g = step_generator(p.seed, step)
+        idx = torch.randint(0, N, (p.batch_size,), generator=g)  # (B,)
+        t = torch.randint(0, T, (p.batch_size,), generator=g)  # (B,)
+        x0, y = x_all[idx.to(device)], y_all[idx.to(device)]  # (B, C, H, W), (B,)
+        eps = torch.randn(x0.shape, generator=g).to(device)  # (B, C, H, W)
+        t = t.to(device)
+        xt = scheduler.add_noise(x0, eps, t)  # sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
+        loss = F.mse_loss(unet(xt, t, class_labels=y).sample, eps)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        window_losses.append(loss.item())
+        if not torch.isfinite(loss):
+            raise ModelError(f"the loss diverged at step {step}; try a lower learning_rate")
+        yield Progress(step, p.steps, "training")
+
+        if step % METRIC_EVERY == 0 or step == p.steps:
+            elapsed = time.perf_counter() - window_start
+            final_loss = sum(window_losses) / len(window_losses)
+            rate = len(window_losses) * p.batch_size / max(elapsed, 1e-9)
+            yield Metric(step, {"loss": final_loss, "samples_per_s": rate})
+            window_losses, window_start = [], time.perf_counter()
+        if step % p.checkpoint_every == 0 or step == p.steps:
+            save_checkpoint(checkpoint, unet, optimizer, step, config, final_loss)
+            yield Log(f"checkpoint at step {step}", level="debug")
+
+    unet.eval()
+    yield Log("drawing one sample per class")
+    K = dataset.num_classes
+    labels = torch.arange(K)
+    images = None
+    steps = min(GRID_STEPS, T)
+    for item in denoise(unet, build_scheduler(config), labels, [p.seed] * K, steps, ctx):
+        if isinstance(item, torch.Tensor):
+            images = item
+    assert images is not None
+    yield Output(
+        name="samples.png",
+        kind="grid",
+        content_type="image/png",
+        data=grid_png(images, columns=min(K, 10)),
+        meta={"labels": labels.tolist(), "steps": steps, "seed": p.seed},
+    )
+    _save_model(unet.cpu(), config, ctx.model_dir)
+    yield Log(f"saved the model to {ctx.model_dir_rel}")
+    yield ModelSaved(
+        path=ctx.model_dir_rel,
+        config={**config, "seed": p.seed, "steps": p.steps},
+        metrics={"final_loss": final_loss},
+    )
+
+
+# -- generation -------------------------------------------------------------------------------
+
+
+class Ddpm:
+    """A loaded model; `generate` draws `num_images` images of one class."""
+
+    def __init__(self, unet: UNet2DModel, config: dict[str, Any], device: str) -> None:
+        self.unet = unet
+        self.config = config
+        self.device = device
+
+    def generate(self, params: dict[str, Any], ctx: RunContext) -> Iterator[Event]:
+        p = DdpmGenerateParams.model_validate(params)
+        K, T = self.config["num_classes"], self.config["num_train_timesteps"]
+        if p.label >= K:
+            raise InvalidInputError.one("params.label", f"this model knows labels 0 to {K - 1}")
+        if p.steps > T:
+            raise InvalidInputError.one("params.steps", f"this model allows at most {T} steps")
+        seed = p.seed if p.seed is not None else secrets.randbelow(SEED_MAX + 1)
+        # Image i uses seed + i: generating it alone with that seed gives the same image.
+        seeds = [(seed + i) % (SEED_MAX + 1) for i in range(p.num_images)]
+        labels = torch.full((p.num_images,), p.label, dtype=torch.int64)
+        images = None
+        for item in denoise(self.unet, build_scheduler(self.config), labels, seeds, p.steps, ctx):
+            if isinstance(item, torch.Tensor):
+                images = item
+            else:
+                yield item
+        assert images is not None
+        recorded = json.dumps({**p.model_dump(), "seed": seed}, sort_keys=True)
+        size = self.config["image_size"]
+        names = self.config.get("class_names") or []
+        class_name = names[p.label] if p.label < len(names) else str(p.label)
+        for i, pixels in enumerate(to_uint8(images)):
+            text = {"genq:params": recorded, "genq:seed": str(seeds[i])}
+            yield Output(
+                name=f"image-{i}.png",
+                kind="image",
+                content_type="image/png",
+                data=png_bytes(to_pil(pixels), text),
+                meta={
+                    "seed": seeds[i],
+                    "label": p.label,
+                    "class_name": class_name,
+                    "index": i,
+                    "width": size,
+                    "height": size,
+                },
+            )
+
+
+def load(model_dir: Path | None, config: dict[str, Any], device: str) -> Ddpm:
+    if model_dir is None:
+        raise ModelError("a ddpm model needs its folder")
+    unet = UNet2DModel.from_pretrained(model_dir, use_safetensors=True, low_cpu_mem_usage=False)
+    unet.to(device).eval()
+    if not config:  # a model registered without its config: read the copy saved beside it
+        config = json.loads((Path(model_dir) / "genq.json").read_text())
+    return Ddpm(unet, config, device)
