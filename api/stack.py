@@ -143,6 +143,8 @@ class Stack:
         # Token auth: other local users cannot join or drive this Ray cluster.
         self.env["RAY_AUTH_MODE"] = "token"
         self.env["RAY_AUTH_TOKEN"] = token_file.read_text().strip()
+        # The worker is stopped before Ray, so there is nothing to drain: stop at once.
+        self.env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
         argv = [
             str(self.bin_dir / "ray"),
             "start",
