@@ -52,7 +52,7 @@ def test_every_genq_variable_is_a_setting() -> None:
     fields = {f"GENQ_{name.upper()}" for name in Settings.model_fields}
     seen = set()
     for service in services.values():
-        for var in (service.get("environment") or {}):
+        for var in service.get("environment") or {}:
             if var.startswith("GENQ_"):
                 assert var in fields, f"{var} is not a genq setting"
                 seen.add(var)

@@ -52,8 +52,12 @@ def db(database_url: str, tmp_path: Path):  # type: ignore[no-untyped-def]
 
 def _new(db, **kw) -> str:  # type: ignore[no-untyped-def]
     fields = dict(
-        tenant_id=db.tenant_id, kind=JobKind.GENERATE, family="echo", queue="generate",
-        params={"message": "hi"}, model_id=db.echo_id,
+        tenant_id=db.tenant_id,
+        kind=JobKind.GENERATE,
+        family="echo",
+        queue="generate",
+        params={"message": "hi"},
+        model_id=db.echo_id,
     )
     fields.update(kw)
     with db.transaction() as session:
@@ -79,8 +83,13 @@ def test_idempotency_key_returns_the_first_job(db) -> None:  # type: ignore[no-u
         job, created = create_job(
             session,
             NewJob(
-                tenant_id=db.tenant_id, kind=JobKind.GENERATE, family="echo",
-                queue="generate", params={}, model_id=db.echo_id, idempotency_key="k1",
+                tenant_id=db.tenant_id,
+                kind=JobKind.GENERATE,
+                family="echo",
+                queue="generate",
+                params={},
+                model_id=db.echo_id,
+                idempotency_key="k1",
             ),
         )
         assert not created and job.id == first
