@@ -24,9 +24,9 @@ from core.jobs import (
     finish_job,
     get_job,
     heartbeat,
+    reap_expired,
     record_events,
     record_output,
-    reap_expired,
     release_job,
     unpublished_jobs,
 )
