@@ -13,9 +13,10 @@ import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import nulls_first, or_, select, update
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -58,6 +59,11 @@ class NewJob:
     deadline: datetime | None = None
     run_at: datetime | None = None
     max_attempts: int = 3
+
+
+def _execute(session: Session, statement: Any) -> CursorResult[Any]:
+    """Run an UPDATE and return its cursor result (for rowcount)."""
+    return cast(CursorResult[Any], session.execute(statement))
 
 
 def _add_event(session: Session, job_id: str, type_: str, data: dict[str, Any]) -> None:
@@ -136,7 +142,8 @@ def claim_job(session: Session, job_id: str, *, lease_ttl_s: float) -> Lease | N
     """Move a queued job to running for the caller, or return None when another caller (or an
     earlier delivery) already has it, it is no longer queued, or its deadline has passed."""
     now = utcnow()
-    expired = session.execute(
+    expired = _execute(
+        session,
         update(Job)
         .where(Job.id == job_id, Job.state == JobState.QUEUED, Job.deadline <= now)
         .values(
@@ -145,7 +152,7 @@ def claim_job(session: Session, job_id: str, *, lease_ttl_s: float) -> Lease | N
             error_detail="the job's deadline passed before it could start",
             finished_at=now,
             updated_at=now,
-        )
+        ),
     )
     if expired.rowcount:
         _add_event(
@@ -153,7 +160,8 @@ def claim_job(session: Session, job_id: str, *, lease_ttl_s: float) -> Lease | N
         )
         return None
     token = new_id()
-    claimed = session.execute(
+    claimed = _execute(
+        session,
         update(Job)
         .where(Job.id == job_id, Job.state == JobState.QUEUED, Job.attempt < Job.max_attempts)
         .values(
@@ -165,7 +173,7 @@ def claim_job(session: Session, job_id: str, *, lease_ttl_s: float) -> Lease | N
             updated_at=now,
             error_type=None,
             error_detail=None,
-        )
+        ),
     )
     if claimed.rowcount != 1:
         return None

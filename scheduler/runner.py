@@ -202,6 +202,7 @@ class Runner:
         family = get_family(job.family)
         recorder = EventRecorder(self, job, lease)
         trainer = None
+        stream: Any  # a Ray ObjectRefGenerator of events
         try:
             self.connect_ray()
             if job.kind == JobKind.GENERATE:
