@@ -11,6 +11,7 @@ import threading
 import time
 from typing import Any
 
+from flask import Flask
 from flask.testing import FlaskClient
 
 from core.db import Database
@@ -151,3 +152,23 @@ def test_an_artifact_whose_file_is_gone_is_404(
     for path in settings.artifacts.rglob("a.txt"):
         path.unlink()
     assert_problem(client.get(body["outputs"][0]["url"], headers=bearer(keys.acme)), 404)
+
+
+def test_an_idle_stream_sends_keep_alives_and_holds_no_transaction(
+    app: Flask, client: FlaskClient, keys: Keys
+) -> None:
+    app.extensions["genq"].stream_keepalive_s = 0.1
+    job = submit(client, keys.acme, echo()).get_json()
+    response = client.get(f"/v1/jobs/{job['id']}/events", headers=bearer(keys.acme), buffered=False)
+    chunks = iter(response.response)
+    received = ""
+    while ": keep-alive" not in received:
+        received += next(chunks).decode()
+    # The stream is paused between polls: a write now must not wait for it (on SQLite every
+    # transaction takes the write lock, so a transaction held by the stream would block this).
+    canceled = client.post(f"/v1/jobs/{job['id']}/cancel", headers=bearer(keys.acme))
+    assert canceled.status_code == 202
+    received += "".join(chunk.decode() for chunk in chunks)  # ends once the job is terminal
+    response.close()
+    events = parse_sse(received)
+    assert [e["data"]["to"] for e in events] == ["queued", "canceled"]

@@ -29,10 +29,11 @@ from core.jobs import claim_job, finish_job, record_events, record_output
 from core.keys import create_key, get_or_create_tenant, revoke_key
 from core.settings import Settings
 from core.states import JobState
-from core.tables import ApiKey, Base, Job
+from core.tables import Base, Job
 from scheduler.enqueue import Publisher
 
-REDIS_URL = "redis://127.0.0.1:6379/13"
+# A Redis DB number of the API tests' own, flushed around each test.
+REDIS_URL = os.environ.get("GENQ_TEST_REDIS_URL", "redis://127.0.0.1:6379").rstrip("/") + "/11"
 PG_URL = os.environ.get("GENQ_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 PROBLEM_JSON = "application/problem+json"
 
@@ -211,25 +212,3 @@ def run_job(
 def count_rows(database: Database, model: type[Base]) -> int:
     with database.transaction() as session:
         return int(session.scalar(sa.select(sa.func.count()).select_from(model)) or 0)
-
-
-__all__ = [
-    "ApiKey",
-    "Keys",
-    "PROBLEM_JSON",
-    "app",
-    "assert_problem",
-    "bearer",
-    "broker",
-    "client",
-    "count_rows",
-    "database",
-    "echo",
-    "keys",
-    "pg_schema",
-    "publisher",
-    "queue_depth",
-    "run_job",
-    "settings",
-    "submit",
-]
