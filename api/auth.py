@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 from flask import Flask, current_app, g, request
 
 from api.app import genq
-from core.errors import NotFoundError, UnauthorizedError
+from core.errors import UnauthorizedError
 from core.keys import Principal, authenticate
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -59,10 +59,3 @@ def tenant_scope() -> str | None:
     """The tenant whose objects the caller sees, or None for an admin (sees all)."""
     who = principal()
     return None if who.is_admin else who.tenant_id
-
-
-def check_visible(tenant_id: str, what: str, object_id: str) -> None:
-    """404 unless the caller may see an object owned by `tenant_id`."""
-    scope = tenant_scope()
-    if scope is not None and tenant_id != scope:
-        raise NotFoundError(f"no {what} {object_id}")

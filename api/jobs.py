@@ -46,15 +46,22 @@ bp = Blueprint("jobs", __name__, url_prefix="/v1/jobs")
 
 
 def read_json_body() -> Any:
-    """The request body parsed as JSON: 415 unless it is sent as JSON, 400 if it does not
-    parse (413 comes from MAX_CONTENT_LENGTH while reading)."""
+    """The request body parsed as JSON: 415 unless it is sent as JSON, 400 if it is not
+    strict JSON (413 comes from MAX_CONTENT_LENGTH while reading)."""
     if not request.is_json:
         raise UnsupportedMediaType("send the body as JSON with Content-Type: application/json")
     raw = request.get_data(cache=True)
     try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+        return json.loads(raw, parse_constant=_reject_constant)
+    except RecursionError:
+        raise BadRequestError("the body is nested too deeply") from None
+    except ValueError as exc:  # includes UnicodeDecodeError
         raise BadRequestError(f"the body is not valid JSON: {exc}") from None
+
+
+def _reject_constant(name: str) -> Any:
+    # Python's json accepts NaN and Infinity, which are not JSON and which no column stores.
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def find_job(session: Session, job_id: str, *, lock: bool = False) -> Job:

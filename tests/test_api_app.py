@@ -141,6 +141,13 @@ def test_bad_json_body_is_400(client: FlaskClient, keys: Keys) -> None:
         headers={**bearer(keys.acme), "Content-Type": "application/json"},
     )
     assert assert_problem(response, 400)["type"] == "bad-request"
+    for raw in [b'{"kind": "generate", "priority": NaN}', b"[" * 30_000 + b"]" * 30_000]:
+        response = client.post(
+            "/v1/jobs",
+            data=raw,
+            headers={**bearer(keys.acme), "Content-Type": "application/json"},
+        )
+        assert_problem(response, 400)
     response = client.post("/v1/jobs", data=b"kind=generate", headers={**bearer(keys.acme)})
     assert assert_problem(response, 415)["type"] == "unsupported-media-type"
 
