@@ -65,9 +65,11 @@ def make_celery(settings: Settings) -> Celery:
 def redis_client(settings: Settings) -> redis.Redis:
     """A plain Redis client for the broker's Redis (markers, queue depth)."""
     url = settings.broker_url
+    # A Redis that stops answering must not hang a health check or a publish.
+    timeouts = {"socket_timeout": 5.0, "socket_connect_timeout": 5.0}
     if url.startswith("redis+socket://"):
-        return redis.Redis(unix_socket_path=url[len("redis+socket://") :])
+        return redis.Redis(unix_socket_path=url[len("redis+socket://") :], **timeouts)
     parts = urlsplit(url)
     if parts.scheme == "redis+socket":
-        return redis.Redis(unix_socket_path=parts.path)
-    return redis.Redis.from_url(url)
+        return redis.Redis(unix_socket_path=parts.path, **timeouts)
+    return redis.Redis.from_url(url, **timeouts)
