@@ -314,11 +314,10 @@ def train(params: dict[str, Any], ctx: TrainContext) -> Iterator[Event]:
         if ctx.is_canceled():
             raise CanceledError(f"job {ctx.job_id} was canceled")
         g = step_generator(p.seed, step)
-        idx = torch.randint(0, N, (p.batch_size,), generator=g)  # (B,)
-        t = torch.randint(0, T, (p.batch_size,), generator=g)  # (B,)
-        x0, y = x_all[idx.to(device)], y_all[idx.to(device)]  # (B, C, H, W), (B,)
+        idx = torch.randint(0, N, (p.batch_size,), generator=g).to(device)  # (B,)
+        t = torch.randint(0, T, (p.batch_size,), generator=g).to(device)  # (B,)
+        x0, y = x_all[idx], y_all[idx]  # (B, C, H, W), (B,)
         eps = torch.randn(x0.shape, generator=g).to(device)  # (B, C, H, W)
-        t = t.to(device)
         xt = scheduler.add_noise(x0, eps, t)  # sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
         loss = F.mse_loss(unet(xt, t, class_labels=y).sample, eps)
         optimizer.zero_grad(set_to_none=True)
