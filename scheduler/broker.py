@@ -6,8 +6,6 @@ to consume); nothing here reads configuration at import time.
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
-
 import redis
 from celery import Celery
 
@@ -66,10 +64,11 @@ def redis_client(settings: Settings) -> redis.Redis:
     """A plain Redis client for the broker's Redis (markers, queue depth)."""
     url = settings.broker_url
     # A Redis that stops answering must not hang a health check or a publish.
-    timeouts = {"socket_timeout": 5.0, "socket_connect_timeout": 5.0}
+    timeout_s = 5.0
     if url.startswith("redis+socket://"):
-        return redis.Redis(unix_socket_path=url[len("redis+socket://") :], **timeouts)
-    parts = urlsplit(url)
-    if parts.scheme == "redis+socket":
-        return redis.Redis(unix_socket_path=parts.path, **timeouts)
-    return redis.Redis.from_url(url, **timeouts)
+        return redis.Redis(
+            unix_socket_path=url[len("redis+socket://") :],
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+        )
+    return redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
