@@ -136,6 +136,9 @@ class Job(Base):
         Index("ix_job_state_queue", "state", "queue", "priority", "id"),
         Index("ix_job_tenant_id", "tenant_id", "id"),
         Index("ix_job_lease", "state", "lease_expires_at"),
+        # The dashboard: a state filter read newest first, and the last hour's finished jobs.
+        Index("ix_job_state_id", "state", "id"),
+        Index("ix_job_finished_at", "finished_at"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
@@ -210,4 +213,22 @@ class Artifact(Base):
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))
     meta: Mapped[dict[str, Any]] = mapped_column(JsonType, default=dict)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class AuditEntry(Base):
+    """One admin action (cancel, retry, priority, key created or revoked, login): who did it
+    (the key's id and prefix and its tenant), what, to which object, and when."""
+
+    __tablename__ = "audit_entry"
+    __table_args__ = (Index("ix_audit_entry_target", "target_type", "target_id"),)
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    key_id: Mapped[str | None] = mapped_column(String(36))
+    key_prefix: Mapped[str] = mapped_column(String(16))
+    tenant_id: Mapped[str | None] = mapped_column(String(36))
+    action: Mapped[str] = mapped_column(String(32))
+    target_type: Mapped[str] = mapped_column(String(16))
+    target_id: Mapped[str] = mapped_column(String(64))
+    detail: Mapped[dict[str, Any]] = mapped_column(JsonType, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
