@@ -46,7 +46,7 @@ def create_app(
 ) -> Flask:
     """The genq API. `database` and `publisher` default to ones built from `settings`; pass
     your own to share them (tests, or a process that also runs the scheduler)."""
-    from api import artifacts, auth, catalog, events, health, jobs, openapi, problems
+    from api import artifacts, auth, catalog, deliveries, events, health, jobs, openapi, problems
 
     app = Flask("genq", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
@@ -65,6 +65,7 @@ def create_app(
         events.bp,
         artifacts.bp,
         catalog.bp,
+        deliveries.bp,
     ):
         app.register_blueprint(blueprint)
     auth.install(app)

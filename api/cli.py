@@ -54,7 +54,7 @@ def migrate() -> None:
 
 
 @main.command()
-@click.option("--queues", default="generate,train", show_default=True)
+@click.option("--queues", default="generate,train,webhooks", show_default=True)
 @click.option("--hostname", default="", help="Celery node name (default: genq@<host>).")
 def worker(queues: str, hostname: str) -> None:
     """Run a Celery worker that runs jobs on Ray."""

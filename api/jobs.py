@@ -25,6 +25,7 @@ from api.payloads import event_payload, render_job, render_jobs
 from api.submissions import (
     build_new_job,
     check_idempotency_key,
+    check_webhook_target,
     parse_submission,
     request_hash,
 )
@@ -108,6 +109,7 @@ def submit() -> Response:
     digest = request_hash(body)
     tenant_id = principal().tenant_id
     state = genq()
+    check_webhook_target(submission, allow_private=state.settings.webhook_allow_private)
     with state.database.transaction() as session:
         existing = find_by_idempotency_key(session, tenant_id, key) if key else None
         if existing is None:

@@ -132,6 +132,7 @@ def job_payload(job: Job, ctx: JobContext) -> dict[str, Any]:
         "webhook_events": job.webhook_events,
         "deadline": iso(job.deadline),
         "run_at": iso(job.run_at),
+        "timeout_s": job.timeout_s,
     }
 
 

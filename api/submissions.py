@@ -31,6 +31,7 @@ from core.errors import InvalidInputError
 from core.jobs import NewJob
 from core.states import JobKind
 from core.tables import Dataset, Model, utcnow
+from core.webhooks import UnsafeTargetError, check_target
 from scheduler.broker import queue_for_kind
 from workers.families.base import Family
 from workers.registry import FAMILIES
@@ -81,6 +82,14 @@ class JobSubmission(BaseModel):
     )
     run_at: AwareDatetime | None = Field(
         None, description="Do not start before then (ISO-8601 with zone)."
+    )
+    timeout_s: float | None = Field(
+        None,
+        gt=0,
+        le=30 * 24 * 3600,
+        allow_inf_nan=False,
+        strict=True,
+        description="Fail an attempt that runs longer than this many seconds (error `timeout`).",
     )
 
     @field_validator("webhook")
@@ -146,6 +155,17 @@ def _check_kind_fields(sub: JobSubmission) -> None:
         errors.append({"field": "deadline", "message": "must be later than run_at"})
     if errors:
         raise InvalidInputError(errors)
+
+
+def check_webhook_target(sub: JobSubmission, *, allow_private: bool) -> None:
+    """422 on `webhook` when its host does not resolve or resolves to an internal address
+    (checked again before every send)."""
+    if sub.webhook is None:
+        return
+    try:
+        check_target(sub.webhook, allow_private=allow_private)
+    except UnsafeTargetError as exc:
+        raise InvalidInputError.one("webhook", str(exc)) from None
 
 
 def request_hash(body: Any) -> str:
@@ -249,6 +269,7 @@ def build_new_job(
         deadline=_utc(sub.deadline),
         run_at=_utc(sub.run_at),
         max_attempts=max_attempts,
+        timeout_s=sub.timeout_s,
     )
 
 

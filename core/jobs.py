@@ -1,6 +1,7 @@
-"""Job services: create, claim, heartbeat, record events and outputs, finish, cancel, retry,
-and the periodic reaping and republishing. Each takes a session and does not commit: the caller
-owns the transaction (and publishes to the broker only after it commits).
+"""Job services: create, claim, heartbeat, record events and outputs, finish, cancel and
+retry (the periodic reaping and republishing are in `core.recovery`). Each takes a session and
+does not commit: the caller owns the transaction (and publishes to the broker only after it
+commits).
 
 Claiming is one conditional UPDATE that only one caller can win. Every later write about a
 running job is fenced by its lease token: the row is locked, and a caller whose token is no
@@ -10,12 +11,13 @@ longer the job's gets LeaseLostError and changes nothing.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import nulls_first, or_, select, update
+from sqlalchemy import select, update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -26,6 +28,7 @@ from core.events import Event, Output, Progress, event_data, event_type
 from core.ids import new_id
 from core.states import ACTIVE, JobKind, JobState, check_transition
 from core.tables import Artifact, Job, JobEvent, utcnow
+from core.webhooks import enqueue_delivery
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,14 @@ class NewJob:
     deadline: datetime | None = None
     run_at: datetime | None = None
     max_attempts: int = 3
+    timeout_s: float | None = None
+
+
+def retry_backoff_s(attempt: int, *, base_s: float, cap_s: float) -> float:
+    """Delay before attempt `attempt + 1`: exponential in the attempts used, capped, with
+    jitter (half to all of it) so that jobs failed by one outage do not return in lockstep."""
+    delay = min(cap_s, base_s * 2.0 ** max(0, attempt - 1))
+    return delay * (0.5 + random.random() / 2)
 
 
 def _execute(session: Session, statement: Any) -> CursorResult[Any]:
@@ -68,6 +79,10 @@ def _execute(session: Session, statement: Any) -> CursorResult[Any]:
 
 def _add_event(session: Session, job_id: str, type_: str, data: dict[str, Any]) -> None:
     session.add(JobEvent(job_id=job_id, type=type_, data=data, created_at=utcnow()))
+    # The webhook message is written in the same transaction as the event (an outbox).
+    job = session.get(Job, job_id)
+    if job is not None and job.webhook:
+        enqueue_delivery(session, job, type_, data)
 
 
 def _set_state(session: Session, job: Job, new: JobState, **data: Any) -> None:
@@ -110,6 +125,7 @@ def create_job(session: Session, new: NewJob) -> tuple[Job, bool]:
         deadline=new.deadline,
         run_at=new.run_at,
         max_attempts=new.max_attempts,
+        timeout_s=new.timeout_s,
         created_at=now,
         updated_at=now,
     )
@@ -277,9 +293,13 @@ def finish_job(
     return state
 
 
-def release_job(session: Session, lease: Lease, *, reason: str) -> JobState:
+def release_job(
+    session: Session, lease: Lease, *, reason: str, params: dict[str, Any] | None = None
+) -> JobState:
     """Give a running job back to the queue (a transient failure) while attempts remain; a
-    job whose cancel was requested ends canceled instead. Returns the state written."""
+    job whose cancel was requested ends canceled instead. Returns the state written.
+    `params`, when given, replaces the job's parameters for the next attempt (the
+    smaller-batch policy after an out-of-memory error); the change is in the state event."""
     job = _fenced(session, lease)
     if job.state == JobState.CANCELING:
         return finish_job(session, lease, JobState.CANCELED)
@@ -287,7 +307,11 @@ def release_job(session: Session, lease: Lease, *, reason: str) -> JobState:
         return finish_job(
             session, lease, JobState.FAILED, error_type="transient", error_detail=reason
         )
-    _set_state(session, job, JobState.QUEUED, reason=reason)
+    if params is not None:
+        _set_state(session, job, JobState.QUEUED, reason=reason, params=params)
+        job.params = params
+    else:
+        _set_state(session, job, JobState.QUEUED, reason=reason)
     job.lease_token = None
     job.lease_expires_at = None
     job.published_at = None
@@ -317,78 +341,3 @@ def retry_job(session: Session, job: Job, *, extra_attempts: int) -> None:
     job.progress_step = job.progress_total = 0
     job.progress_message = ""
 
-
-@dataclass(frozen=True)
-class Reaped:
-    job_id: str
-    state: JobState
-
-
-def reap_expired(session: Session, *, limit: int = 100) -> list[Reaped]:
-    """Handle jobs whose lease expired (their worker died or lost contact): requeue them while
-    attempts remain, fail them as `lost` when not, and finish canceling ones as canceled."""
-    now = utcnow()
-    jobs = session.scalars(
-        select(Job)
-        .where(Job.state.in_([JobState.RUNNING, JobState.CANCELING]), Job.lease_expires_at < now)
-        .order_by(Job.lease_expires_at)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    ).all()
-    reaped = []
-    for job in jobs:
-        if job.state == JobState.CANCELING:
-            _set_state(session, job, JobState.CANCELED, reason="lease expired while canceling")
-            job.finished_at = now
-        elif job.attempt >= job.max_attempts:
-            _set_state(session, job, JobState.FAILED, reason="lease expired")
-            job.error_type = "lost"
-            job.error_detail = (
-                f"the worker stopped answering during attempt {job.attempt} of {job.max_attempts}"
-            )
-            job.finished_at = now
-        else:
-            _set_state(session, job, JobState.QUEUED, reason="lease expired")
-            job.published_at = None
-        job.lease_token = None
-        job.lease_expires_at = None
-        reaped.append(Reaped(job.id, JobState(job.state)))
-        log.warning("reaped job", extra={"job_id": job.id, "state": job.state})
-    return reaped
-
-
-def promote_due(session: Session, *, limit: int = 500) -> list[str]:
-    """Move scheduled jobs whose run_at has come to queued; returns their ids to publish."""
-    now = utcnow()
-    jobs = session.scalars(
-        select(Job)
-        .where(Job.state == JobState.SCHEDULED, Job.run_at <= now)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    ).all()
-    for job in jobs:
-        _set_state(session, job, JobState.QUEUED, reason="run_at reached")
-    return [job.id for job in jobs]
-
-
-def unpublished_jobs(session: Session, *, older_than_s: float, limit: int = 1000) -> list[str]:
-    """Queued jobs never published, or whose message was last sent or confirmed more than
-    `older_than_s` ago, oldest check first (so that repeated rounds scan the whole queue)."""
-    cutoff = utcnow() - timedelta(seconds=older_than_s)
-    return list(
-        session.scalars(
-            select(Job.id)
-            .where(
-                Job.state == JobState.QUEUED,
-                or_(Job.published_at.is_(None), Job.published_at < cutoff),
-            )
-            .order_by(nulls_first(Job.published_at.asc()), Job.id)
-            .limit(limit)
-        ).all()
-    )
-
-
-def mark_published(session: Session, job_ids: Iterable[str]) -> None:
-    ids = list(job_ids)
-    if ids:
-        session.execute(update(Job).where(Job.id.in_(ids)).values(published_at=utcnow()))

@@ -50,6 +50,20 @@ class Settings(BaseSettings):
     progress_interval_s: float = Field(0.5, ge=0)
     # A trainer asked to cancel is killed if it has not stopped after this long.
     cancel_grace_s: float = Field(10.0, gt=0)
+    # Transient failures (a lost actor, out of memory, a broker hiccup, a crashed worker) wait
+    # base * 2^(attempt-1) seconds, capped, with jitter, before the next attempt.
+    retry_backoff_base_s: float = Field(2.0, ge=0)
+    retry_backoff_max_s: float = Field(300.0, ge=0)
+
+    # Webhooks: allow loopback/private/link-local targets (local development only).
+    webhook_allow_private: bool = False
+    # Each send: connect+read timeout; attempts per message; backoff between attempts.
+    webhook_timeout_s: float = Field(10.0, gt=0, le=120)
+    webhook_max_attempts: int = Field(8, ge=1, le=50)
+    webhook_backoff_base_s: float = Field(5.0, ge=0)
+    webhook_backoff_max_s: float = Field(3600.0, ge=0)
+    # How often the periodic scheduler looks for webhook messages to send.
+    webhook_poll_s: float = Field(1.0, gt=0)
 
     # Celery worker: thread-pool size (tasks only wait on Ray).
     worker_concurrency: int = Field(8, ge=1, le=512)

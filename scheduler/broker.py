@@ -12,7 +12,10 @@ from celery import Celery
 from core.settings import Settings
 
 RUN_JOB_TASK = "genq.run_job"
-QUEUES = ("generate", "train")
+DELIVER_WEBHOOK_TASK = "genq.deliver_webhook"
+# Webhook messages have their own queue, so a slow receiver never delays a job.
+WEBHOOK_QUEUE = "webhooks"
+QUEUES = ("generate", "train", WEBHOOK_QUEUE)
 # Set when a job's id is handed to the broker, deleted when the job is claimed. A queued job
 # without one has lost its message (broker restarted, crash between commit and publish).
 PUBLISHED_KEY = "genq:published:{job_id}"

@@ -15,7 +15,7 @@ import redis
 from celery import Celery
 
 from core.db import Database
-from core.jobs import mark_published
+from core.recovery import mark_published
 from core.settings import Settings
 from scheduler.broker import (
     PUBLISHED_KEY,

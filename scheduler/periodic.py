@@ -1,5 +1,7 @@
-"""The periodic scheduler: starts delayed jobs whose time has come, reaps jobs whose lease
-expired, and re-publishes queued jobs whose broker message is gone.
+"""The periodic scheduler: starts delayed jobs whose time has come, fails waiting jobs whose
+deadline passed, reaps jobs whose lease expired (requeued after a backoff, so a job that kills
+its worker every time is spaced out until its attempts run out), re-publishes queued jobs whose
+broker message is gone, and hands due webhook messages to their queue.
 
 It is a plain loop in its own process rather than Celery beat, because its main duty is to
 repair the broker: it must keep working while the broker is empty, restarted or unreachable.
@@ -15,11 +17,19 @@ import time
 from dataclasses import dataclass
 
 from core.db import Database
-from core.jobs import mark_published, promote_due, reap_expired, unpublished_jobs
+from core.jobs import retry_backoff_s
+from core.recovery import (
+    expire_deadlines,
+    mark_published,
+    promote_due,
+    reap_expired,
+    unpublished_jobs,
+)
 from core.settings import Settings
 from core.states import JobState
 from core.tables import Job
 from scheduler.enqueue import Publication, Publisher
+from scheduler.webhooks import dispatch
 
 log = logging.getLogger(__name__)
 
@@ -30,19 +40,29 @@ class TickReport:
     reaped: int = 0
     requeued: int = 0
     republished: int = 0
+    expired: int = 0
+    webhooks: int = 0
 
 
 class Periodic:
     def __init__(self, settings: Settings, database: Database, publisher: Publisher) -> None:
         self.settings, self.database, self.publisher = settings, database, publisher
 
-    def _publish(self, job_ids: list[str]) -> int:
+    def _publish(self, job_ids: list[str], delays: dict[str, float] | None = None) -> int:
         if not job_ids:
             return 0
         with self.database.transaction() as session:
             rows = session.query(Job.id, Job.queue, Job.priority).filter(Job.id.in_(job_ids)).all()
-        items = [Publication(r.id, r.queue, r.priority) for r in rows]
+        delays = delays or {}
+        items = [Publication(r.id, r.queue, r.priority, delays.get(r.id)) for r in rows]
         return len(self.publisher.publish(self.database, items))
+
+    def expire(self) -> int:
+        with self.database.transaction() as session:
+            return len(expire_deadlines(session))
+
+    def webhooks(self) -> int:
+        return dispatch(self.settings, self.database, self.publisher.celery)
 
     def promote(self) -> int:
         with self.database.transaction() as session:
@@ -52,8 +72,17 @@ class Periodic:
     def reap(self) -> tuple[int, int]:
         with self.database.transaction() as session:
             reaped = reap_expired(session)
-        requeued = [r.job_id for r in reaped if r.state == JobState.QUEUED]
-        self._publish(requeued)
+        requeued = [r for r in reaped if r.state == JobState.QUEUED]
+        # A worker crash is a transient failure: the next attempt waits like any other retry.
+        delays = {
+            r.job_id: retry_backoff_s(
+                r.attempt,
+                base_s=self.settings.retry_backoff_base_s,
+                cap_s=self.settings.retry_backoff_max_s,
+            )
+            for r in requeued
+        }
+        self._publish([r.job_id for r in requeued], delays)
         return len(reaped), len(requeued)
 
     def reconcile(self) -> int:
@@ -76,23 +105,30 @@ class Periodic:
     def tick(self) -> TickReport:
         report = TickReport()
         report.promoted = self.promote()
+        report.expired = self.expire()
         report.reaped, report.requeued = self.reap()
         report.republished = self.reconcile()
+        report.webhooks = self.webhooks()
         return report
 
     def run_forever(self, stop: threading.Event) -> None:
-        """Reap every reap_interval_s and reconcile every reconcile_interval_s until `stop`."""
-        next_reconcile = 0.0
+        """Send webhooks every webhook_poll_s, reap every reap_interval_s and reconcile every
+        reconcile_interval_s until `stop`."""
+        next_reap = next_reconcile = 0.0
         while not stop.is_set():
             try:
-                self.promote()
-                self.reap()
+                self.webhooks()
+                if time.monotonic() >= next_reap:
+                    self.promote()
+                    self.expire()
+                    self.reap()
+                    next_reap = time.monotonic() + self.settings.reap_interval_s
                 if time.monotonic() >= next_reconcile:
                     self.reconcile()
                     next_reconcile = time.monotonic() + self.settings.reconcile_interval_s
             except Exception:  # the database or broker is down: try again next round
                 log.exception("periodic round failed")
-            stop.wait(self.settings.reap_interval_s)
+            stop.wait(min(self.settings.webhook_poll_s, self.settings.reap_interval_s))
 
 
 def main(settings: Settings) -> None:

@@ -10,7 +10,6 @@ over (it was too slow to renew, and the reaper requeued it) changes nothing.
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
 from collections.abc import Callable
@@ -36,15 +35,16 @@ from core.jobs import (
     claim_job,
     finish_job,
     get_job,
-    heartbeat,
     record_events,
     record_output,
     release_job,
+    retry_backoff_s,
 )
 from core.settings import Settings
 from core.states import JobKind, JobState
 from core.tables import Dataset, Job, Model
 from scheduler.enqueue import Publication, Publisher
+from scheduler.lease import LeaseKeeper
 from workers.families.base import CanceledError
 from workers.registry import get_family
 
@@ -71,63 +71,7 @@ class JobSnapshot:
     model_config: dict[str, Any] = field(default_factory=dict)
     dataset: dict[str, Any] | None = None
     dataset_id: str | None = None
-
-
-class LeaseKeeper(threading.Thread):
-    """Renews the lease every heartbeat interval and reads the job's state about once a
-    second, so that a cancel request reaches the actor promptly."""
-
-    def __init__(self, database: Database, settings: Settings, lease: Lease) -> None:
-        super().__init__(name=f"lease-{lease.job_id}", daemon=True)
-        self.database, self.settings, self.lease = database, settings, lease
-        self.stopped = threading.Event()
-        self.cancel_requested = threading.Event()
-        self.lost = threading.Event()
-        # Set by the runner once the actor is known: asks it to stop.
-        self.on_cancel: Callable[[], None] | None = None
-
-    def run(self) -> None:
-        poll_s = min(1.0, self.settings.heartbeat_interval_s)
-        last_renewal = time.monotonic()
-        while not self.stopped.wait(poll_s):
-            due = time.monotonic() - last_renewal >= self.settings.heartbeat_interval_s
-            try:
-                with self.database.transaction() as session:
-                    if due:
-                        state = heartbeat(
-                            session, self.lease, lease_ttl_s=self.settings.lease_ttl_s
-                        )
-                        last_renewal = time.monotonic()
-                    else:
-                        job = get_job(session, self.lease.job_id)
-                        if job.lease_token != self.lease.token:
-                            raise LeaseLostError(self.lease.job_id)
-                        state = JobState(job.state)
-            except LeaseLostError:
-                log.warning("lease lost; stopping the attempt", extra={"job_id": self.lease.job_id})
-                self.lost.set()
-                self._request_cancel()
-                return
-            except Exception:  # a database hiccup: try again at the next tick
-                log.exception("heartbeat failed", extra={"job_id": self.lease.job_id})
-                continue
-            if state == JobState.CANCELING:
-                self._request_cancel()
-
-    def _request_cancel(self) -> None:
-        if self.cancel_requested.is_set():
-            return
-        self.cancel_requested.set()
-        if self.on_cancel is not None:
-            try:
-                self.on_cancel()
-            except Exception:
-                log.exception(
-                    "could not ask the actor to stop", extra={"job_id": self.lease.job_id}
-                )
-
-    def stop(self) -> None:
-        self.stopped.set()
+    timeout_s: float | None = None
 
 
 class Runner:
@@ -165,7 +109,7 @@ class Runner:
             snapshot = self._snapshot(session, job_id)
         self.publisher.forget(job_id)
         log.info("claimed, attempt %d", lease.attempt, extra={"job_id": job_id})
-        keeper = LeaseKeeper(self.database, self.settings, lease)
+        keeper = LeaseKeeper(self.database, self.settings, lease, timeout_s=snapshot.timeout_s)
         keeper.start()
         try:
             return self._drive(snapshot, lease, keeper)
@@ -185,6 +129,7 @@ class Runner:
             target_name=job.target_name,
             model_id=job.model_id,
             dataset_id=job.dataset_id,
+            timeout_s=job.timeout_s,
         )
         if job.model_id:
             model = session.get(Model, job.model_id)
@@ -291,8 +236,23 @@ class Runner:
             return "lease-lost"
         try:
             with self.database.transaction() as session:
-                if isinstance(cause, CanceledError) or keeper.cancel_requested.is_set():
+                if keeper.timed_out.is_set():
+                    state = finish_job(
+                        session,
+                        lease,
+                        JobState.FAILED,
+                        error_type="timeout",
+                        error_detail=f"the attempt ran longer than timeout_s={job.timeout_s:g}",
+                    )
+                elif isinstance(cause, CanceledError) or keeper.cancel_requested.is_set():
                     state = finish_job(session, lease, JobState.CANCELED)
+                elif is_out_of_memory(cause):
+                    state = release_job(
+                        session,
+                        lease,
+                        reason=f"out of memory: {cause}"[:2000],
+                        params=smaller_batch(job.params),
+                    )
                 elif isinstance(cause, RAY_TRANSIENT) or (
                     isinstance(cause, JobFailedError) and cause.transient
                 ):
@@ -317,7 +277,11 @@ class Runner:
         except LeaseLostError:
             return "lease-lost"
         if state == JobState.QUEUED:
-            backoff_s = min(60.0, 2.0**lease.attempt) * (0.5 + random.random() / 2)
+            backoff_s = retry_backoff_s(
+                lease.attempt,
+                base_s=self.settings.retry_backoff_base_s,
+                cap_s=self.settings.retry_backoff_max_s,
+            )
             self.publisher.publish(
                 self.database,
                 [Publication(job.id, job.queue, job.priority, countdown_s=backoff_s)],
@@ -326,6 +290,20 @@ class Runner:
         if isinstance(exc, KeyboardInterrupt | SystemExit):
             raise exc
         return str(state)
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """torch.cuda.OutOfMemoryError, recognised by name: the scheduler does not import torch."""
+    return type(exc).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(exc)
+
+
+def smaller_batch(params: dict[str, Any]) -> dict[str, Any] | None:
+    """The out-of-memory policy: a job with a `batch_size` above 1 is retried with half of it
+    (the new value is in the job's params and its state event); others retry as they are."""
+    size = params.get("batch_size")
+    if isinstance(size, int) and size > 1:
+        return {**params, "batch_size": size // 2}
+    return None
 
 
 def _trainer_stopper(trainer: Any, grace_s: float) -> Callable[[], None]:

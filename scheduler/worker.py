@@ -1,6 +1,7 @@
 """The Celery worker: the `run_job` task and the `genq worker` entry point.
 
-The task body is `Runner.run`; the worker runs a thread pool because tasks only wait on Ray.
+The task body is `Runner.run` (and `scheduler.webhooks.deliver` on the `webhooks` queue); the
+worker runs a thread pool because tasks only wait on Ray.
 Before it consumes anything the worker checks that the broker's visibility timeout and the
 lease settings agree and that Ray answers.
 """
@@ -16,6 +17,7 @@ from core.settings import Settings
 from scheduler.broker import QUEUES, RUN_JOB_TASK, make_celery
 from scheduler.enqueue import Publisher
 from scheduler.runner import Runner
+from scheduler.webhooks import register as register_webhooks
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,7 @@ def create_worker(settings: Settings) -> tuple[Celery, Runner]:
     def run_job(job_id: str) -> str:
         return runner.run(job_id)
 
+    register_webhooks(app, settings, database)
     return app, runner
 
 

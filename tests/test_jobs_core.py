@@ -24,13 +24,12 @@ from core.jobs import (
     finish_job,
     get_job,
     heartbeat,
-    reap_expired,
     record_events,
     record_output,
     release_job,
-    unpublished_jobs,
 )
 from core.keys import get_or_create_tenant
+from core.recovery import reap_expired, unpublished_jobs
 from core.settings import Settings
 from core.states import TRANSITIONS, JobKind, JobState, check_transition
 from core.tables import Artifact, Job, JobEvent, utcnow

@@ -1,0 +1,90 @@
+"""The lease keeper: the thread beside each running job that renews its lease and notices,
+within about a second, a cancel request, a lost lease or an attempt that ran past its
+`timeout_s`; each of those asks the actor to stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+from core.db import Database
+from core.errors import LeaseLostError
+from core.jobs import Lease, get_job, heartbeat
+from core.settings import Settings
+from core.states import JobState
+
+log = logging.getLogger(__name__)
+
+
+class LeaseKeeper(threading.Thread):
+    """Renews the lease every heartbeat interval and reads the job's state about once a
+    second, so that a cancel request reaches the actor promptly."""
+
+    def __init__(
+        self,
+        database: Database,
+        settings: Settings,
+        lease: Lease,
+        *,
+        timeout_s: float | None = None,
+    ) -> None:
+        super().__init__(name=f"lease-{lease.job_id}", daemon=True)
+        self.database, self.settings, self.lease = database, settings, lease
+        self.timeout_s = timeout_s
+        self.stopped = threading.Event()
+        self.cancel_requested = threading.Event()
+        self.lost = threading.Event()
+        self.timed_out = threading.Event()
+        # Set by the runner once the actor is known: asks it to stop.
+        self.on_cancel: Callable[[], None] | None = None
+
+    def run(self) -> None:
+        poll_s = min(1.0, self.settings.heartbeat_interval_s)
+        started = last_renewal = time.monotonic()
+        while not self.stopped.wait(poll_s):
+            overdue = self.timeout_s is not None and time.monotonic() - started > self.timeout_s
+            if overdue and not self.timed_out.is_set():
+                log.warning("attempt timed out; stopping it", extra={"job_id": self.lease.job_id})
+                self.timed_out.set()
+                self._request_cancel()
+            due = time.monotonic() - last_renewal >= self.settings.heartbeat_interval_s
+            try:
+                with self.database.transaction() as session:
+                    if due:
+                        state = heartbeat(
+                            session, self.lease, lease_ttl_s=self.settings.lease_ttl_s
+                        )
+                        last_renewal = time.monotonic()
+                    else:
+                        job = get_job(session, self.lease.job_id)
+                        if job.lease_token != self.lease.token:
+                            raise LeaseLostError(self.lease.job_id)
+                        state = JobState(job.state)
+            except LeaseLostError:
+                log.warning("lease lost; stopping the attempt", extra={"job_id": self.lease.job_id})
+                self.lost.set()
+                self._request_cancel()
+                return
+            except Exception:  # a database hiccup: try again at the next tick
+                log.exception("heartbeat failed", extra={"job_id": self.lease.job_id})
+                continue
+            if state == JobState.CANCELING:
+                self._request_cancel()
+
+    def _request_cancel(self) -> None:
+        if self.cancel_requested.is_set():
+            return
+        self.cancel_requested.set()
+        if self.on_cancel is not None:
+            try:
+                self.on_cancel()
+            except Exception:
+                log.exception(
+                    "could not ask the actor to stop", extra={"job_id": self.lease.job_id}
+                )
+
+    def stop(self) -> None:
+        self.stopped.set()
