@@ -69,4 +69,7 @@ def create_app(
     ):
         app.register_blueprint(blueprint)
     auth.install(app)
+    from api import dashboard  # after auth: it marks its views as exempt from the Bearer check
+
+    dashboard.install(app, settings)
     return app

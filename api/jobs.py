@@ -29,6 +29,7 @@ from api.submissions import (
     parse_submission,
     request_hash,
 )
+from core.audit import Actor, record_action
 from core.errors import (
     BadRequestError,
     ConflictError,
@@ -36,7 +37,7 @@ from core.errors import (
     InvalidInputError,
     NotFoundError,
 )
-from core.jobs import cancel_job, create_job, find_by_idempotency_key, retry_job
+from core.jobs import cancel_job, create_job, find_by_idempotency_key, retry_job, set_priority
 from core.states import JobKind, JobState
 from core.tables import SYSTEM_TENANT_ID, Job, JobEvent, Model
 from scheduler.enqueue import Publication
@@ -240,6 +241,32 @@ def retry(job_id: str) -> tuple[Response, int]:
         queue, priority = job.queue, job.priority
     publish(job_id, queue, priority)
     return jsonify(payload), 202
+
+
+@bp.patch("/<job_id>")
+def change(job_id: str) -> Response:
+    """Change a queued or scheduled job's priority: `{"priority": n}` (0-9). Any other field,
+    or a job that has started, is refused; a queued job is republished at its new priority."""
+    body = read_json_body()
+    if not isinstance(body, dict) or set(body) != {"priority"}:
+        raise InvalidInputError.one("priority", 'send exactly {"priority": <0-9>}')
+    state = genq()
+    with state.database.transaction() as session:
+        job = find_job(session, job_id, lock=True)
+        old = set_priority(session, job, body["priority"])
+        record_action(
+            session,
+            Actor.of_key(session, principal().key_id),
+            "job.priority",
+            "job",
+            job.id,
+            {"from": old, "to": job.priority, "via": "api"},
+        )
+        payload = render_job(session, job)
+        queued, queue, priority = job.state == JobState.QUEUED, job.queue, job.priority
+    if queued:
+        publish(job_id, queue, priority)
+    return jsonify(payload)
 
 
 @bp.get("/<job_id>/logs")

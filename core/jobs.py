@@ -23,7 +23,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from core.artifacts import StoredFile
-from core.errors import LeaseLostError, NotFoundError
+from core.errors import IllegalTransitionError, InvalidInputError, LeaseLostError, NotFoundError
 from core.events import Event, Output, Progress, event_data, event_type
 from core.ids import new_id
 from core.states import ACTIVE, JobKind, JobState, check_transition
@@ -341,3 +341,26 @@ def retry_job(session: Session, job: Job, *, extra_attempts: int) -> None:
     job.progress_step = job.progress_total = 0
     job.progress_message = ""
 
+
+PRIORITY_RANGE = range(0, 10)
+
+
+def set_priority(session: Session, job: Job, priority: int) -> int:
+    """Change the priority of a job that has not started (queued or scheduled); returns the
+    old one. The caller republishes a queued job so that the broker serves it in its new
+    place (the older message still exists; whichever comes first claims, the other is a
+    no-op)."""
+    if (
+        isinstance(priority, bool)
+        or not isinstance(priority, int)
+        or priority not in PRIORITY_RANGE
+    ):
+        raise InvalidInputError.one("priority", "must be an integer from 0 to 9")
+    if job.state not in (JobState.QUEUED, JobState.SCHEDULED):
+        raise IllegalTransitionError(
+            f"only a queued or scheduled job's priority can change; this one is {job.state}"
+        )
+    old = job.priority
+    job.priority = priority
+    job.updated_at = utcnow()
+    return old

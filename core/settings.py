@@ -67,6 +67,9 @@ class Settings(BaseSettings):
 
     # Celery worker: thread-pool size (tasks only wait on Ray).
     worker_concurrency: int = Field(8, ge=1, le=512)
+    # How often each worker writes its cluster snapshot (workers, Ray nodes, warm models) to
+    # Redis for the dashboard; the snapshot expires after three of these.
+    cluster_snapshot_interval_s: float = Field(5.0, gt=0, le=300)
     # The API server (gunicorn): processes and threads per process (each open event stream
     # holds a thread).
     api_workers: int = Field(2, ge=1, le=64)

@@ -17,6 +17,7 @@ from core.settings import Settings
 from scheduler.broker import QUEUES, RUN_JOB_TASK, make_celery
 from scheduler.enqueue import Publisher
 from scheduler.runner import Runner
+from scheduler.snapshot import SnapshotWriter
 from scheduler.webhooks import register as register_webhooks
 
 log = logging.getLogger(__name__)
@@ -70,4 +71,10 @@ def main(settings: Settings, queues: tuple[str, ...] = QUEUES, hostname: str = "
     if hostname:
         argv.append(f"--hostname={hostname}")
     log.info("starting the Celery worker on queues %s", ",".join(queues))
-    app.worker_main(argv)
+    # The dashboard's view of this worker and of Ray (scheduler/snapshot.py).
+    snapshots = SnapshotWriter(settings, runner.publisher.redis, hostname)
+    snapshots.start()
+    try:
+        app.worker_main(argv)
+    finally:
+        snapshots.stop()

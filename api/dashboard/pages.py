@@ -1,0 +1,337 @@
+"""The dashboard's pages (overview, jobs, a job, models, data sets, tenants and keys), the
+artifact files they show, and the small JSON endpoints under `/admin/live/` that the page script
+polls to keep progress bars, states and counts current without a reload.
+
+Filters are checked like `/v1` input: a bad value answers 422 naming the field, never a guess.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from flask import Response, jsonify, redirect, render_template, request, send_file, url_for
+from sqlalchemy import select
+
+from api.app import genq
+from api.dashboard import bp, charts, queries
+from api.dashboard.session import admin
+from core.audit import recent_actions
+from core.errors import InvalidInputError, NotFoundError
+from core.states import JobKind, JobState
+from core.tables import Artifact, Dataset, Job, Model, Tenant, utcnow
+
+PAGE_SIZE = 50
+TEXT_PREVIEW_BYTES = 20_000
+
+
+def _cluster() -> tuple[list[dict[str, Any]], str | None]:
+    """Live workers' snapshots (scheduler/snapshot.py), or an error to show instead."""
+    from scheduler.snapshot import read_snapshots
+
+    try:
+        return read_snapshots(genq().publisher.redis), None
+    except Exception as exc:  # the page still shows SQL's view when Redis is away
+        return [], f"{type(exc).__name__}: {exc}"
+
+
+def _ray_view(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
+    """Nodes, model servers and GPU totals as the freshest snapshot that reached Ray reports
+    them (GPUs in use = declared minus available, as Ray counts them)."""
+    for snap in sorted(snapshots, key=lambda s: -float(s.get("taken_at", 0))):
+        ray = snap.get("ray") or {}
+        if ray.get("connected"):
+            total = float((ray.get("cluster_resources") or {}).get("GPU", 0))
+            free = float((ray.get("available_resources") or {}).get("GPU", 0))
+            return {
+                "nodes": list(ray.get("nodes", [])),
+                "servers": list(ray.get("model_servers", [])),
+                "gpu_total": total,
+                "gpu_used": max(0.0, total - free),
+            }
+    return {"nodes": [], "servers": [], "gpu_total": 0.0, "gpu_used": 0.0}
+
+
+@bp.get("/")
+def overview() -> str:
+    snapshots, cluster_error = _cluster()
+    ray_view = _ray_view(snapshots)
+    servers = ray_view["servers"]
+    with genq().database.transaction() as db:
+        counts = queries.jobs_by_state(db)
+        depths = queries.queue_depths(db)
+        hour = queries.last_hour(db)
+        model_ids = [s.get("model_id") for s in servers]
+        refs = {m.id: m.ref for m in db.scalars(select(Model).where(Model.id.in_(model_ids)))}
+    wait = {
+        "p50": _bucket_series(hour.wait_s, 50),
+        "p95": _bucket_series(hour.wait_s, 95),
+    }
+    run = {
+        "p50": _bucket_series(hour.run_s, 50),
+        "p95": _bucket_series(hour.run_s, 95),
+    }
+    return render_template(
+        "dashboard/overview.html",
+        counts=counts,
+        depths=depths,
+        hour=hour,
+        summary=hour.summary(),
+        throughput=charts.bars(
+            hour.per_minute, "jobs finished per minute", x_labels=("-60 min", "now")
+        ),
+        wait_chart=charts.lines(wait, "queue wait p50/p95 (s)", unit="s"),
+        run_chart=charts.lines(run, "run time p50/p95 (s)", unit="s"),
+        snapshots=snapshots,
+        cluster_error=cluster_error,
+        ray_view=ray_view,
+        servers=servers,
+        refs=refs,
+    )
+
+
+def _bucket_series(buckets: list[list[float]], q: float) -> list[tuple[float, float]]:
+    # x: minutes before now at the bucket's end (-55 ... 0).
+    points = []
+    for i, values in enumerate(buckets):
+        value = queries.percentile(values, q)
+        if value is not None:
+            points.append((float(-55 + 5 * i), value))
+    return points
+
+
+def _parse_time(field: str) -> datetime | None:
+    raw = request.args.get(field, "").strip()
+    if not raw:
+        return None
+    try:
+        moment = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidInputError.one(
+            field, "must be a date and time like 2026-11-30T01:00"
+        ) from None
+    # A datetime-local input has no zone: the dashboard shows and reads UTC.
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+
+
+def _parse_cursor(field: str) -> str | None:
+    raw = request.args.get(field, "").strip()
+    if not raw:
+        return None
+    try:
+        return str(uuid.UUID(raw))
+    except ValueError:
+        raise InvalidInputError.one(field, "is not a job id") from None
+
+
+def _parse_filter() -> JobFilterArgs:
+    args = request.args
+    states = [s for v in args.getlist("state") for s in v.split(",") if s]
+    for s in states:
+        if s not in JobState.__members__.values():
+            raise InvalidInputError.one("state", f"unknown state {s!r}")
+    kind = args.get("kind", "").strip() or None
+    if kind is not None and kind not in JobKind.__members__.values():
+        raise InvalidInputError.one("kind", f"unknown kind {kind!r}")
+    window = args.get("window", "").strip()
+    since = _parse_time("since")
+    if window:
+        hours = {"1h": 1, "24h": 24, "7d": 24 * 7}.get(window)
+        if hours is None:
+            raise InvalidInputError.one("window", "must be 1h, 24h or 7d")
+        since = utcnow() - timedelta(hours=hours)
+    q = args.get("q", "").strip().lower()
+    if q and not all(c in "0123456789abcdef-" for c in q):
+        raise InvalidInputError.one("q", "search by job id: hexadecimal digits and dashes")
+    return JobFilterArgs(
+        queries.JobFilter(
+            states=states,
+            kind=kind,
+            model=args.get("model", "").strip() or None,
+            tenant=args.get("tenant", "").strip() or None,
+            since=since,
+            until=_parse_time("until"),
+            id_prefix=q or None,
+        ),
+        window,
+    )
+
+
+class JobFilterArgs:
+    def __init__(self, flt: queries.JobFilter, window: str) -> None:
+        self.flt, self.window = flt, window
+
+
+@bp.get("/jobs")
+def jobs() -> Any:
+    parsed = _parse_filter()
+    flt = parsed.flt
+    if flt.id_prefix and len(flt.id_prefix) == 36:
+        return redirect(url_for("dashboard.job", job_id=flt.id_prefix))
+    before, after = _parse_cursor("before"), _parse_cursor("after")
+    with genq().database.transaction() as db:
+        page = queries.list_jobs(db, flt, limit=PAGE_SIZE, before=before, after=after)
+        models, tenants = queries.names_for(db, page.jobs)
+        model_names = sorted(set(db.scalars(select(Model.name))))
+        tenant_names = sorted(db.scalars(select(Tenant.name)))
+    keep = {k: v for k, v in request.args.items(multi=True) if k not in ("before", "after")}
+    return render_template(
+        "dashboard/jobs.html",
+        page=page,
+        models=models,
+        tenants=tenants,
+        flt=flt,
+        window=parsed.window,
+        args=request.args,
+        keep=keep,
+        states=list(JobState),
+        kinds=list(JobKind),
+        model_names=model_names,
+        tenant_names=tenant_names,
+    )
+
+
+def _get_job(db: Any, job_id: str) -> Job:
+    job = db.get(Job, job_id)
+    if job is None:
+        raise NotFoundError(f"no job {job_id}")
+    return job
+
+
+@bp.get("/jobs/<job_id>")
+def job(job_id: str) -> str:
+    with genq().database.transaction() as db:
+        found = _get_job(db, job_id)
+        history = queries.job_history(db, found.id)
+        models, tenants = queries.names_for(db, [found])
+        dataset = db.get(Dataset, found.dataset_id) if found.dataset_id else None
+        audit = recent_actions(db, target_type="job", target_id=found.id)
+        previews = {a.id: _text_preview(a) for a in history["outputs"] if a.kind == "text"}
+    curves = history["curves"]
+    loss_chart = (
+        charts.lines({k: v for k, v in curves.items() if "loss" in k}, "loss by step")
+        if any("loss" in k for k in curves)
+        else None
+    )
+    return render_template(
+        "dashboard/job.html",
+        job=found,
+        history=history,
+        models=models,
+        tenants=tenants,
+        dataset=dataset,
+        audit=audit,
+        previews=previews,
+        loss_chart=loss_chart,
+        params=json.dumps(found.params or {}, indent=2, sort_keys=True),
+        metrics=json.dumps(found.metrics or {}, indent=2, sort_keys=True),
+    )
+
+
+def _text_preview(artifact: Artifact) -> str:
+    path = genq().artifacts.resolve(artifact.path)
+    try:
+        with open(path, "rb") as f:
+            return f.read(TEXT_PREVIEW_BYTES).decode("utf-8", errors="replace")
+    except OSError:
+        return "(the file is gone)"
+
+
+@bp.get("/artifacts/<artifact_id>")
+def artifact(artifact_id: str) -> Response:
+    """An output file for the dashboard's gallery (the admin sees every tenant's)."""
+    state = genq()
+    with state.database.transaction() as db:
+        found = db.get(Artifact, artifact_id)
+    if found is None:
+        raise NotFoundError(f"no artifact {artifact_id}")
+    path = state.artifacts.resolve(found.path)
+    if not path.is_file():
+        raise NotFoundError(f"the file of artifact {artifact_id} is gone")
+    response = send_file(path, mimetype=found.content_type, download_name=found.name)
+    response.headers["Cache-Control"] = "private, max-age=3600"
+    # An output is shown, never run: no script in an SVG or HTML output can act as the admin.
+    response.headers["Content-Security-Policy"] = "default-src 'none'; img-src 'self'; sandbox"
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    return response
+
+
+@bp.get("/models")
+def models() -> str:
+    with genq().database.transaction() as db:
+        rows = list(db.scalars(select(Model).order_by(Model.name, Model.version.desc())))
+        by_id = {m.id: m for m in rows}
+        datasets = {d.id: d.name for d in db.scalars(select(Dataset))}
+        tenants = dict(db.execute(select(Tenant.id, Tenant.name)).all())
+        job_ids = [m.job_id for m in rows if m.job_id]
+        grids: dict[str, Artifact] = {}
+        if job_ids:
+            for a in db.scalars(
+                select(Artifact)
+                .where(Artifact.job_id.in_(job_ids), Artifact.kind == "grid")
+                .order_by(Artifact.created_at)
+            ):
+                grids[a.job_id] = a  # the last grid a training job saved
+    return render_template(
+        "dashboard/models.html",
+        models=rows,
+        by_id=by_id,
+        datasets=datasets,
+        tenants=tenants,
+        grids=grids,
+    )
+
+
+@bp.get("/datasets")
+def datasets() -> str:
+    with genq().database.transaction() as db:
+        rows = list(db.scalars(select(Dataset).order_by(Dataset.name)))
+        tenants = dict(db.execute(select(Tenant.id, Tenant.name)).all())
+    return render_template("dashboard/datasets.html", datasets=rows, tenants=tenants)
+
+
+@bp.get("/tenants")
+def tenants() -> str:
+    with genq().database.transaction() as db:
+        usage = queries.tenant_usage(db)
+        audit = recent_actions(db, limit=50)
+    return render_template("dashboard/tenants.html", usage=usage, audit=audit, me=admin())
+
+
+# -- live data for the page script -----------------------------------------------------------
+
+
+@bp.get("/live/jobs")
+def live_jobs() -> Response:
+    """State and progress of up to 200 jobs: `?ids=a,b,c`."""
+    ids = [i for i in request.args.get("ids", "").split(",") if i][:200]
+    with genq().database.transaction() as db:
+        rows = db.execute(
+            select(
+                Job.id, Job.state, Job.progress_step, Job.progress_total, Job.progress_message
+            ).where(Job.id.in_(ids))
+        ).all()
+    return jsonify(
+        {
+            row.id: {
+                "state": row.state,
+                "step": row.progress_step,
+                "total": row.progress_total,
+                "message": row.progress_message or "",
+            }
+            for row in rows
+        }
+    )
+
+
+@bp.get("/live/overview")
+def live_overview() -> Response:
+    snapshots, error = _cluster()
+    with genq().database.transaction() as db:
+        counts = queries.jobs_by_state(db)
+        depths = queries.queue_depths(db)
+    return jsonify(
+        {"counts": counts, "depths": depths, "workers": len(snapshots), "cluster_error": error}
+    )

@@ -1,0 +1,243 @@
+"""What the dashboard reads from SQL: jobs by state, queue depth, the last hour's throughput and
+latency, a filtered page of jobs, a job's history, tenants' usage. Every query is an index range
+scan or an aggregate over an index (see the job indexes in core/tables.py), so the pages stay fast
+with hundreds of thousands of jobs; `bench/dashboard.py` measures them.
+
+Job ids are time-ordered (core/ids.py), so a time range is an id range and the jobs table pages by
+id (keyset pagination: no OFFSET, each page costs the same however deep it is).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from core.states import JobState
+from core.tables import ApiKey, Artifact, Job, JobEvent, Model, Tenant, utcnow
+
+STATES = list(JobState)
+
+
+def id_at(moment: datetime) -> str:
+    """The smallest job id that can have been made at `moment` (ids start with its ms)."""
+    ms = int(moment.timestamp() * 1000)
+    return str(uuid.UUID(int=(ms & ((1 << 48) - 1)) << 80))
+
+
+def jobs_by_state(session: Session) -> dict[str, int]:
+    counts = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+    return {str(s): int(counts.get(s, 0)) for s in STATES}
+
+
+def queue_depths(session: Session) -> dict[str, int]:
+    rows = session.execute(
+        select(Job.queue, func.count())
+        .where(Job.state == JobState.QUEUED)
+        .group_by(Job.queue)
+        .order_by(Job.queue)
+    ).all()
+    return {str(queue): int(n) for queue, n in rows}
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile; None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, round(q / 100 * len(ordered) + 0.5 - 1e-9))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+@dataclass
+class HourStats:
+    """Jobs finished in each of the last 60 minutes, and latency per 5-minute bucket."""
+
+    start: datetime
+    per_minute: list[int] = field(default_factory=lambda: [0] * 60)
+    # bucket -> (wait seconds list, run seconds list)
+    wait_s: list[list[float]] = field(default_factory=lambda: [[] for _ in range(12)])
+    run_s: list[list[float]] = field(default_factory=lambda: [[] for _ in range(12)])
+
+    @property
+    def finished(self) -> int:
+        return sum(self.per_minute)
+
+    def summary(self) -> dict[str, float | None]:
+        waits = [v for bucket in self.wait_s for v in bucket]
+        runs = [v for bucket in self.run_s for v in bucket]
+        return {
+            "wait_p50": percentile(waits, 50),
+            "wait_p95": percentile(waits, 95),
+            "run_p50": percentile(runs, 50),
+            "run_p95": percentile(runs, 95),
+        }
+
+
+def last_hour(session: Session, now: datetime | None = None) -> HourStats:
+    now = now or utcnow()
+    start = now - timedelta(hours=1)
+    stats = HourStats(start=start)
+    rows = session.execute(
+        select(Job.created_at, Job.started_at, Job.finished_at).where(Job.finished_at >= start)
+    ).all()
+    for created_at, started_at, finished_at in rows:
+        assert finished_at is not None  # the WHERE clause
+        minute = min(59, int((finished_at - start).total_seconds() // 60))
+        stats.per_minute[minute] += 1
+        if started_at is not None:
+            bucket = minute // 5
+            stats.wait_s[bucket].append((started_at - created_at).total_seconds())
+            stats.run_s[bucket].append((finished_at - started_at).total_seconds())
+    return stats
+
+
+@dataclass(frozen=True)
+class JobFilter:
+    states: list[str] = field(default_factory=list)
+    kind: str | None = None
+    model: str | None = None
+    tenant: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    id_prefix: str | None = None
+
+    def is_empty(self) -> bool:
+        return not (self.states or self.kind or self.model or self.tenant) and not (
+            self.since or self.until or self.id_prefix
+        )
+
+
+@dataclass
+class JobPage:
+    jobs: list[Job]
+    newer: str | None  # cursor for the page before (newer jobs), None on the first page
+    older: str | None  # cursor for the page after (older jobs), None on the last page
+
+
+def list_jobs(
+    session: Session,
+    flt: JobFilter,
+    *,
+    limit: int,
+    before: str | None = None,
+    after: str | None = None,
+) -> JobPage:
+    """A page of jobs, newest first. `before`: ids older than this; `after`: ids newer."""
+    stmt = select(Job)
+    if flt.states:
+        stmt = stmt.where(Job.state.in_(flt.states))
+    if flt.kind:
+        stmt = stmt.where(Job.kind == flt.kind)
+    if flt.model:
+        stmt = stmt.where(Job.model_id.in_(select(Model.id).where(Model.name == flt.model)))
+    if flt.tenant:
+        stmt = stmt.where(Job.tenant_id.in_(select(Tenant.id).where(Tenant.name == flt.tenant)))
+    if flt.since:
+        stmt = stmt.where(Job.id >= id_at(flt.since))
+    if flt.until:
+        stmt = stmt.where(Job.id < id_at(flt.until))
+    if flt.id_prefix:
+        # "~" sorts after every character of an id, so this is a range scan of the key.
+        stmt = stmt.where(Job.id >= flt.id_prefix, Job.id < flt.id_prefix + "~")
+    if after is not None:
+        rows = list(
+            session.scalars(stmt.where(Job.id > after).order_by(Job.id.asc()).limit(limit + 1))
+        )
+        has_newer = len(rows) > limit
+        jobs = list(reversed(rows[:limit]))
+        return JobPage(
+            jobs=jobs,
+            newer=jobs[0].id if has_newer and jobs else None,
+            older=jobs[-1].id if jobs else None,
+        )
+    if before is not None:
+        stmt = stmt.where(Job.id < before)
+    rows = list(session.scalars(stmt.order_by(Job.id.desc()).limit(limit + 1)))
+    jobs = rows[:limit]
+    return JobPage(
+        jobs=jobs,
+        newer=jobs[0].id if before is not None and jobs else None,
+        older=jobs[-1].id if len(rows) > limit else None,
+    )
+
+
+def names_for(session: Session, jobs: list[Job]) -> tuple[dict[str, str], dict[str, str]]:
+    """Model refs and tenant names for a page of jobs, in two queries."""
+    model_ids = {i for j in jobs for i in (j.model_id, j.result_model_id) if i}
+    tenant_ids = {j.tenant_id for j in jobs}
+    models = (
+        {m.id: m.ref for m in session.scalars(select(Model).where(Model.id.in_(model_ids)))}
+        if model_ids
+        else {}
+    )
+    tenants = (
+        dict(session.execute(select(Tenant.id, Tenant.name).where(Tenant.id.in_(tenant_ids))).all())
+        if tenant_ids
+        else {}
+    )
+    return models, tenants
+
+
+def job_history(session: Session, job_id: str, *, log_limit: int = 500) -> dict[str, Any]:
+    """A job's state changes, its last log lines, its metric points and its outputs."""
+    events = list(
+        session.scalars(
+            select(JobEvent)
+            .where(JobEvent.job_id == job_id, JobEvent.type.in_(["state", "metric"]))
+            .order_by(JobEvent.id)
+        )
+    )
+    logs = list(
+        session.scalars(
+            select(JobEvent)
+            .where(JobEvent.job_id == job_id, JobEvent.type == "log")
+            .order_by(JobEvent.id.desc())
+            .limit(log_limit)
+        )
+    )
+    outputs = list(
+        session.scalars(
+            select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.created_at)
+        )
+    )
+    curves: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for event in events:
+        if event.type == "metric":
+            step = int(event.data.get("step", 0))
+            for name, value in (event.data.get("values") or {}).items():
+                if isinstance(value, int | float):
+                    curves[name].append((step, float(value)))
+    return {
+        "timeline": [e for e in events if e.type == "state"],
+        "logs": list(reversed(logs)),
+        "curves": dict(curves),
+        "outputs": outputs,
+    }
+
+
+def tenant_usage(session: Session) -> list[dict[str, Any]]:
+    """Each tenant with its job counts by state, its keys and when a key was last used."""
+    tenants = list(session.scalars(select(Tenant).order_by(Tenant.name)))
+    counts: dict[str, dict[str, int]] = defaultdict(dict)
+    for tenant_id, state, n in session.execute(
+        select(Job.tenant_id, Job.state, func.count()).group_by(Job.tenant_id, Job.state)
+    ):
+        counts[tenant_id][state] = int(n)
+    keys: dict[str, list[ApiKey]] = defaultdict(list)
+    for key in session.scalars(select(ApiKey).order_by(ApiKey.created_at)):
+        keys[key.tenant_id].append(key)
+    return [
+        {
+            "tenant": t,
+            "jobs": counts.get(t.id, {}),
+            "total": sum(counts.get(t.id, {}).values()),
+            "keys": keys.get(t.id, []),
+        }
+        for t in tenants
+    ]

@@ -1,0 +1,168 @@
+"""Dashboard sessions and CSRF. Logging in takes an admin key (a tenant key is refused) and
+stores only the key's id in Flask's signed cookie; every request re-reads the key, so revoking it
+ends its sessions at once. CSRF: a random token kept in the session must come back with every
+POST (form field `csrf_token` or header `X-CSRF-Token`), compared in constant time. That is the
+synchronizer-token pattern Flask-WTF implements; written out here (about 20 lines) because it must
+guard only `/admin`, whereas CSRFProtect guards every POST of the app, `/v1` included, whose
+Bearer-key clients have no token to send.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Flask, g, redirect, render_template, request, session, url_for
+from flask.sessions import SecureCookieSessionInterface
+from werkzeug.exceptions import HTTPException
+from werkzeug.wrappers import Response as BaseResponse
+
+from api.app import genq
+from api.dashboard import bp
+from core.audit import Actor, record_action
+from core.errors import ForbiddenError, GenqError, UnauthorizedError
+from core.keys import authenticate
+from core.tables import ApiKey
+
+PUBLIC_ENDPOINTS = {"dashboard.login", "dashboard.static"}
+
+
+class DashboardSessionInterface(SecureCookieSessionInterface):
+    """Flask's signed cookie, marked Secure whenever the request came over https (behind a
+    proxy, run the API with the proxy's headers trusted so that this is known)."""
+
+    def get_cookie_secure(self, app: Flask) -> bool:
+        return bool(request.is_secure) or super().get_cookie_secure(app)
+
+
+class CsrfError(ForbiddenError):
+    type, title = "csrf", "CSRF token missing or wrong"
+
+
+@dataclass(frozen=True)
+class Admin:
+    key_id: str
+    key_prefix: str
+    tenant_id: str
+
+    @property
+    def actor(self) -> Actor:
+        return Actor(key_id=self.key_id, key_prefix=self.key_prefix, tenant_id=self.tenant_id)
+
+
+def csrf_token() -> str:
+    token = session.get("csrf")
+    if not token:
+        token = session["csrf"] = secrets.token_urlsafe(32)
+    return str(token)
+
+
+def _check_csrf() -> None:
+    sent = request.form.get("csrf_token") or request.headers.get("X-CSRF-Token") or ""
+    expected = session.get("csrf") or ""
+    if not expected or not hmac.compare_digest(str(sent), str(expected)):
+        raise CsrfError("this form is stale or did not come from the dashboard; reload and retry")
+
+
+def admin() -> Admin:
+    found: Admin = g.admin
+    return found
+
+
+@bp.before_request
+def _guard() -> Any:
+    if request.method not in ("GET", "HEAD", "OPTIONS"):
+        _check_csrf()
+    if request.endpoint in PUBLIC_ENDPOINTS:
+        return None
+    key_id = session.get("key_id")
+    if key_id:
+        with genq().database.transaction() as db:
+            key = db.get(ApiKey, key_id)
+            if key is not None and key.is_admin and key.revoked_at is None:
+                g.admin = Admin(key.id, key.prefix, key.tenant_id)
+                return None
+        session.clear()
+    if request.path.startswith("/admin/live/"):
+        raise UnauthorizedError("log in to the dashboard")
+    return redirect(url_for("dashboard.login", next=request.full_path.rstrip("?")))
+
+
+@bp.app_context_processor
+def _template_globals() -> dict[str, Any]:
+    return {"csrf_token": csrf_token, "current_admin": g.get("admin")}
+
+
+def _safe_next(target: str | None) -> str:
+    # Only a path inside the dashboard: never an open redirect to another site.
+    if target and target.startswith("/admin") and not target.startswith("//"):
+        return target
+    return url_for("dashboard.overview")
+
+
+@bp.route("/login", methods=["GET", "POST"])
+def login() -> Any:
+    if request.method == "GET":
+        return render_template("dashboard/login.html", next=request.args.get("next", ""))
+    raw = request.form.get("key", "").strip()
+    if not raw:
+        return _login_failed("key", "enter an admin API key", 422)
+    try:
+        with genq().database.transaction() as db:
+            who = authenticate(db, raw)
+            if not who.is_admin:
+                return _login_failed("key", "this key is not an admin key", 403)
+            actor = Actor.of_key(db, who.key_id)
+            record_action(db, actor, "login", "key", who.key_id)
+    except UnauthorizedError:
+        return _login_failed("key", "unknown or revoked key", 401)
+    session.clear()  # a new session (and CSRF token) at each login: no fixation
+    session.permanent = True
+    session["key_id"] = who.key_id
+    csrf_token()
+    return redirect(_safe_next(request.form.get("next")))
+
+
+def _login_failed(field: str, message: str, status: int) -> tuple[str, int]:
+    page = render_template(
+        "dashboard/login.html", next=request.form.get("next", ""), error=message, field=field
+    )
+    return page, status
+
+
+@bp.post("/logout")
+def logout() -> BaseResponse:
+    with genq().database.transaction() as db:
+        record_action(db, admin().actor, "logout", "key", admin().key_id)
+    session.clear()
+    return redirect(url_for("dashboard.login"))
+
+
+@bp.errorhandler(GenqError)
+def _genq_error(error: GenqError) -> Any:
+    if request.path.startswith("/admin/live/"):
+        return {"type": error.type, "title": error.title, "detail": error.detail}, error.status
+    problem = error.problem()
+    page = render_template(
+        "dashboard/error.html",
+        status=error.status,
+        title=error.title,
+        detail=error.detail,
+        errors=problem.get("errors", []),
+    )
+    return page, error.status
+
+
+@bp.errorhandler(HTTPException)
+def _http_error(error: HTTPException) -> Any:
+    status = error.code or 500
+    page = render_template(
+        "dashboard/error.html",
+        status=status,
+        title=error.name,
+        detail=error.description,
+        errors=[],
+    )
+    return page, status

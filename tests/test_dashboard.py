@@ -1,0 +1,421 @@
+"""The admin dashboard through Flask's test client, on SQLite and PostgreSQL with a real Redis
+(DB 9) behind a real Publisher: admin login and its cookie, CSRF on every action, the session
+never authenticating `/v1`, cancel / retry / priority / keys through the core services with an
+audit row each, `PATCH /v1/jobs/{id}`, the jobs table's filters and keyset pages, the job page,
+the live endpoints and the workers' cluster snapshot.
+"""
+
+# The fixtures come from tests.test_api_support; pytest passes them in by name.
+# ruff: noqa: F811
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import sqlalchemy as sa
+from flask.testing import FlaskClient
+
+from core.db import Database
+from core.jobs import claim_job
+from core.settings import Settings
+from core.states import JobState
+from core.tables import ApiKey, AuditEntry, Job
+from scheduler.snapshot import SNAPSHOT_KEY, SnapshotWriter
+from tests.test_api_support import (  # noqa: F401 (fixtures)
+    PG_URL,
+    Keys,
+    _with_search_path,
+    app,
+    bearer,
+    client,
+    count_rows,
+    database,
+    echo,
+    keys,
+    pg_schema,
+    publisher,
+    queue_depth,
+    run_job,
+    submit,
+)
+
+# The dashboard tests' own Redis DB, flushed around each test.
+REDIS_URL = os.environ.get("GENQ_TEST_REDIS_URL", "redis://127.0.0.1:6379").rstrip("/") + "/9"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def settings(request: pytest.FixtureRequest, tmp_path: Path, pg_schema: str | None) -> Settings:
+    if request.param == "postgres":
+        if pg_schema is None:
+            if os.environ.get("CI"):
+                pytest.fail(f"PostgreSQL at {PG_URL} is unreachable")
+            pytest.skip(f"PostgreSQL at {PG_URL} is unreachable")
+        url = _with_search_path(PG_URL, pg_schema)
+    else:
+        url = f"sqlite:///{tmp_path / 'genq.db'}"
+    return Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        var_dir=tmp_path / "var",
+        database_url=url,
+        redis_url=REDIS_URL,
+        artifact_root=tmp_path / "artifacts",
+        secret_key="test-secret-key-for-dashboard-sessions",
+        max_attempts=3,
+        cluster_snapshot_interval_s=2,
+    )
+
+
+@pytest.fixture
+def broker() -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(REDIS_URL)
+    client.flushdb()
+    yield client
+    client.flushdb()
+    client.close()
+
+
+def csrf_of(page: str) -> str:
+    found = re.search(r'name="csrf_token" value="([^"]+)"', page)
+    assert found, "no CSRF token in the page"
+    return found.group(1)
+
+
+def login(client: FlaskClient, key: str) -> str:
+    """Log in; returns the session's CSRF token."""
+    token = csrf_of(client.get("/admin/login").get_data(as_text=True))
+    response = client.post("/admin/login", data={"key": key, "csrf_token": token})
+    assert response.status_code == 302, response.get_data(as_text=True)
+    return csrf_of(client.get("/admin/").get_data(as_text=True))
+
+
+def audit(database: Database, action: str) -> list[AuditEntry]:
+    with database.transaction() as session:
+        return list(
+            session.scalars(
+                sa.select(AuditEntry).where(AuditEntry.action == action).order_by(AuditEntry.id)
+            )
+        )
+
+
+def job_row(database: Database, job_id: str) -> Job:
+    with database.transaction() as session:
+        found = session.get(Job, job_id)
+        assert found is not None
+        return found
+
+
+# -- login, cookie, CSRF, /v1 --------------------------------------------------------------------
+
+
+def test_admin_login_sets_a_strict_httponly_cookie_and_is_audited(
+    client: FlaskClient, keys: Keys, database: Database
+) -> None:
+    assert client.get("/admin/").status_code == 302  # not logged in: to the login page
+    token = csrf_of(client.get("/admin/login").get_data(as_text=True))
+    response = client.post("/admin/login", data={"key": keys.admin, "csrf_token": token})
+    assert response.status_code == 302 and response.headers["Location"] == "/admin/"
+    cookie = response.headers["Set-Cookie"]
+    assert "genq_admin=" in cookie and "HttpOnly" in cookie
+    assert "SameSite=Strict" in cookie and "Path=/admin" in cookie
+    assert "Secure" not in cookie  # plain http here; https requests get Secure
+    page = client.get("/admin/")
+    assert page.status_code == 200 and "Celery workers" in page.get_data(as_text=True)
+    [entry] = audit(database, "login")
+    assert entry.key_prefix == keys.admin[:11]
+
+
+def test_secure_cookie_over_https(client: FlaskClient, keys: Keys) -> None:
+    token = csrf_of(client.get("/admin/login", base_url="https://localhost").get_data(True))
+    response = client.post(
+        "/admin/login",
+        data={"key": keys.admin, "csrf_token": token},
+        base_url="https://localhost",
+    )
+    assert response.status_code == 302
+    assert "Secure" in response.headers["Set-Cookie"]
+
+
+def test_a_tenant_key_or_a_revoked_key_cannot_log_in(
+    client: FlaskClient, keys: Keys, database: Database
+) -> None:
+    token = csrf_of(client.get("/admin/login").get_data(as_text=True))
+    refused = client.post("/admin/login", data={"key": keys.acme, "csrf_token": token})
+    assert refused.status_code == 403
+    assert "not an admin key" in refused.get_data(as_text=True)
+    revoked = client.post("/admin/login", data={"key": keys.revoked, "csrf_token": token})
+    assert revoked.status_code == 401
+    empty = client.post("/admin/login", data={"key": "", "csrf_token": token})
+    assert empty.status_code == 422
+    assert client.get("/admin/").status_code == 302  # still logged out
+    assert audit(database, "login") == []
+
+
+def test_login_without_a_csrf_token_is_refused(client: FlaskClient, keys: Keys) -> None:
+    client.get("/admin/login")
+    response = client.post("/admin/login", data={"key": keys.admin})
+    assert response.status_code == 403
+    assert client.get("/admin/").status_code == 302
+
+
+def test_a_post_without_or_with_a_wrong_token_changes_nothing(
+    client: FlaskClient, keys: Keys, database: Database
+) -> None:
+    job_id = submit(client, keys.acme, echo(message="hi")).get_json()["id"]
+    token = login(client, keys.admin)
+    for data in ({}, {"csrf_token": "forged"}, {"csrf_token": token[:-1]}):
+        response = client.post(f"/admin/jobs/{job_id}/cancel", data=data)
+        assert response.status_code == 403
+        assert "CSRF" in response.get_data(as_text=True)
+    with database.transaction() as session:
+        key = session.scalar(sa.select(ApiKey).where(ApiKey.prefix == keys.acme[:11]))
+        assert key is not None
+        key_id = key.id
+    response = client.post(f"/admin/keys/{key_id}/revoke")
+    assert response.status_code == 403
+    assert job_row(database, job_id).state == "queued"
+    assert client.get("/v1/jobs", headers=bearer(keys.acme)).status_code == 200
+    assert audit(database, "job.cancel") == [] and audit(database, "key.revoke") == []
+    # The same post with the session's token works.
+    ok = client.post(f"/admin/jobs/{job_id}/cancel", data={"csrf_token": token})
+    assert ok.status_code == 302
+    assert job_row(database, job_id).state == "canceled"
+
+
+def test_the_session_cookie_does_not_authenticate_the_api(client: FlaskClient, keys: Keys) -> None:
+    login(client, keys.admin)
+    cookie = client.get_cookie("genq_admin", path="/admin")
+    assert cookie is not None
+    # The cookie's path keeps browsers from sending it to /v1; sent anyway, it is ignored.
+    response = client.get("/v1/jobs", headers={"Cookie": f"genq_admin={cookie.value}"})
+    assert response.status_code == 401
+    assert response.mimetype == "application/problem+json"
+    posted = client.post("/v1/jobs", json=echo(), headers={"Cookie": f"genq_admin={cookie.value}"})
+    assert posted.status_code == 401
+
+
+def test_logout_ends_the_session(client: FlaskClient, keys: Keys, database: Database) -> None:
+    token = login(client, keys.admin)
+    assert client.post("/admin/logout", data={"csrf_token": token}).status_code == 302
+    assert client.get("/admin/").status_code == 302
+    assert client.get("/admin/live/jobs?ids=x").status_code == 401
+    assert len(audit(database, "logout")) == 1
+
+
+# -- actions ---------------------------------------------------------------------------------
+
+
+def test_cancel_a_running_job_from_the_dashboard(
+    client: FlaskClient, keys: Keys, database: Database
+) -> None:
+    job_id = submit(client, keys.acme, echo(delay_s=60)).get_json()["id"]
+    with database.transaction() as session:
+        assert claim_job(session, job_id, lease_ttl_s=60) is not None
+    token = login(client, keys.admin)
+    page = client.get(f"/admin/jobs/{job_id}").get_data(as_text=True)
+    assert 'id="cancel"' in page
+    client.post(f"/admin/jobs/{job_id}/cancel", data={"csrf_token": token})
+    assert job_row(database, job_id).state == "canceling"
+    [entry] = audit(database, "job.cancel")
+    assert entry.target_id == job_id and entry.detail == {"from": "running", "to": "canceling"}
+    assert entry.key_prefix == keys.admin[:11] and entry.tenant_id is not None
+
+
+def test_retry_a_failed_job_republishes_it(
+    client: FlaskClient, keys: Keys, database: Database, settings: Settings, broker: redis.Redis
+) -> None:
+    job_id = submit(client, keys.acme, echo()).get_json()["id"]
+    run_job(database, settings, job_id, state=JobState.FAILED)
+    before = queue_depth(broker, "generate")
+    token = login(client, keys.admin)
+    client.post(f"/admin/jobs/{job_id}/retry", data={"csrf_token": token})
+    assert job_row(database, job_id).state == "queued"
+    assert queue_depth(broker, "generate") == before + 1
+    assert len(audit(database, "job.retry")) == 1
+    # Retrying it again (now queued) is refused and recorded nowhere.
+    again = client.post(f"/admin/jobs/{job_id}/retry", data={"csrf_token": token})
+    assert again.status_code == 409
+    assert len(audit(database, "job.retry")) == 1
+
+
+def test_change_priority_from_the_dashboard(
+    client: FlaskClient, keys: Keys, database: Database, broker: redis.Redis
+) -> None:
+    job_id = submit(client, keys.acme, echo()).get_json()["id"]
+    token = login(client, keys.admin)
+    for bad in ("x", "12", "-1", ""):
+        response = client.post(
+            f"/admin/jobs/{job_id}/priority", data={"csrf_token": token, "priority": bad}
+        )
+        assert response.status_code == 422, bad
+        assert "priority" in response.get_data(as_text=True)
+    assert job_row(database, job_id).priority == 5
+    assert broker.llen("generate:4") == 1  # priority 5 -> Celery step 4
+    client.post(f"/admin/jobs/{job_id}/priority", data={"csrf_token": token, "priority": "9"})
+    assert job_row(database, job_id).priority == 9
+    assert broker.llen("generate") == 1  # republished at step 0: served first
+    [entry] = audit(database, "job.priority")
+    assert entry.detail == {"from": 5, "to": 9, "via": "dashboard"}
+
+
+def test_patch_priority_over_the_api(
+    client: FlaskClient, keys: Keys, database: Database, broker: redis.Redis
+) -> None:
+    job_id = submit(client, keys.acme, echo()).get_json()["id"]
+    path = f"/v1/jobs/{job_id}"
+    for body in ({"priority": 10}, {"priority": "8"}, {"priority": True}, {"priority": 8, "x": 1}):
+        response = client.patch(path, json=body, headers=bearer(keys.acme))
+        assert response.status_code == 422, body
+        assert response.get_json()["errors"][0]["field"] == "priority"
+    assert client.patch(path, json={"priority": 8}, headers=bearer(keys.globex)).status_code == 404
+    assert job_row(database, job_id).priority == 5
+    response = client.patch(path, json={"priority": 8}, headers=bearer(keys.acme))
+    assert response.status_code == 200 and response.get_json()["priority"] == 8
+    assert broker.llen("generate:1") == 1
+    [entry] = audit(database, "job.priority")
+    assert entry.detail == {"from": 5, "to": 8, "via": "api"}
+    assert entry.tenant_id == keys.acme_tenant
+    with database.transaction() as session:
+        assert claim_job(session, job_id, lease_ttl_s=60) is not None
+    running = client.patch(path, json={"priority": 1}, headers=bearer(keys.acme))
+    assert running.status_code == 409
+    assert job_row(database, job_id).priority == 8
+
+
+def test_create_a_key_shown_once_then_revoke_it(
+    client: FlaskClient, keys: Keys, database: Database
+) -> None:
+    token = login(client, keys.admin)
+    response = client.post(
+        "/admin/keys", data={"csrf_token": token, "tenant": "initech", "label": "ci"}
+    )
+    assert response.status_code == 201
+    assert response.headers["Cache-Control"] == "no-store"
+    raw = re.search(r'id="new-key"[^>]*>(gq_[^<]+)<', response.get_data(as_text=True))
+    assert raw is not None
+    new_key = raw.group(1)
+    assert client.get("/v1/jobs", headers=bearer(new_key)).status_code == 200
+    tenants_page = client.get("/admin/tenants").get_data(as_text=True)
+    assert new_key not in tenants_page and new_key[:11] in tenants_page
+    [created] = audit(database, "key.create")
+    assert created.detail["tenant"] == "initech" and created.detail["is_admin"] is False
+    client.post(f"/admin/keys/{created.target_id}/revoke", data={"csrf_token": token})
+    assert client.get("/v1/jobs", headers=bearer(new_key)).status_code == 401
+    assert [e.target_id for e in audit(database, "key.revoke")] == [created.target_id]
+    bad = client.post("/admin/keys", data={"csrf_token": token, "tenant": ""})
+    assert bad.status_code == 422 and "tenant" in bad.get_data(as_text=True)
+
+
+def test_revoking_the_admins_own_key_ends_the_session(
+    client: FlaskClient, keys: Keys, database: Database
+) -> None:
+    token = login(client, keys.admin)
+    with database.transaction() as session:
+        key = session.scalar(sa.select(ApiKey).where(ApiKey.prefix == keys.admin[:11]))
+        assert key is not None
+        key_id = key.id
+    client.post(f"/admin/keys/{key_id}/revoke", data={"csrf_token": token})
+    assert client.get("/admin/").status_code == 302
+
+
+# -- pages -----------------------------------------------------------------------------------
+
+
+def test_jobs_table_filters_and_keyset_pages(
+    client: FlaskClient, keys: Keys, database: Database, settings: Settings
+) -> None:
+    ids = [submit(client, keys.acme, echo()).get_json()["id"] for _ in range(60)]
+    other = [submit(client, keys.globex, echo()).get_json()["id"] for _ in range(5)]
+    run_job(database, settings, ids[0])
+    login(client, keys.admin)
+    seen: list[str] = []
+    url = "/admin/jobs?tenant=acme"
+    while url:
+        page = client.get(url).get_data(as_text=True)
+        seen += re.findall(r'data-job-row="([^"]+)"', page)
+        older = re.search(r'rel="next" href="([^"]+)"', page)
+        url = older.group(1).replace("&amp;", "&") if older else ""
+    assert seen == sorted(ids, reverse=True)  # every acme job once, newest first
+    # A page back from the second one is the first one.
+    second = client.get(f"/admin/jobs?tenant=acme&before={seen[49]}").get_data(as_text=True)
+    newer = re.search(r'rel="prev" href="([^"]+)"', second)
+    assert newer is not None
+    first = client.get(newer.group(1).replace("&amp;", "&")).get_data(as_text=True)
+    assert re.findall(r'data-job-row="([^"]+)"', first) == seen[:50]
+    done = client.get("/admin/jobs?state=succeeded").get_data(as_text=True)
+    assert re.findall(r'data-job-row="([^"]+)"', done) == [ids[0]]
+    by_prefix = client.get(f"/admin/jobs?q={other[2][:30]}").get_data(as_text=True)
+    assert re.findall(r'data-job-row="([^"]+)"', by_prefix) == [other[2]]
+    assert client.get(f"/admin/jobs?q={other[2]}").headers["Location"].endswith(other[2])
+    recent = client.get("/admin/jobs?window=1h&kind=generate&model=echo").get_data(as_text=True)
+    assert len(re.findall(r'data-job-row="', recent)) == 50
+    future = client.get("/admin/jobs?since=2999-01-01T00:00").get_data(as_text=True)
+    assert "no jobs match" in future
+    for query, field in (
+        ("state=done", "state"),
+        ("kind=paint", "kind"),
+        ("window=3h", "window"),
+        ("since=yesterday", "since"),
+        ("before=nope", "before"),
+        ("q=zz", "q"),
+    ):
+        response = client.get(f"/admin/jobs?{query}")
+        assert response.status_code == 422, query
+        assert f"<code>{field}</code>" in response.get_data(as_text=True)
+
+
+def test_job_page_shows_timeline_outputs_logs_and_loss(
+    client: FlaskClient, keys: Keys, database: Database, settings: Settings
+) -> None:
+    job_id = submit(client, keys.acme, echo(message="hello")).get_json()["id"]
+    run_job(database, settings, job_id, outputs={"output.txt": b"hello from the job"})
+    login(client, keys.admin)
+    page = client.get(f"/admin/jobs/{job_id}").get_data(as_text=True)
+    assert "hello from the job" in page  # the text output, inline
+    assert "loading" in page and "done" in page  # log lines
+    assert "<svg" in page and "loss" in page  # the loss curve from the metric event
+    assert "queued" in page and "succeeded" in page  # the timeline
+    artifact = re.search(r'href="(/admin/artifacts/[^"]+)"', page)
+    assert artifact is not None
+    file = client.get(artifact.group(1))
+    assert file.status_code == 200 and file.data == b"hello from the job"
+    assert "sandbox" in file.headers["Content-Security-Policy"]
+    assert client.get("/admin/jobs/0000").status_code == 404
+    for path in ("/admin/models", "/admin/datasets", "/admin/tenants"):
+        assert client.get(path).status_code == 200, path
+    assert "digits" in client.get("/admin/datasets").get_data(as_text=True)
+
+
+def test_live_jobs_reports_progress(
+    client: FlaskClient, keys: Keys, database: Database, settings: Settings
+) -> None:
+    job_id = submit(client, keys.acme, echo()).get_json()["id"]
+    login(client, keys.admin)
+    live = client.get(f"/admin/live/jobs?ids={job_id}").get_json()
+    assert live[job_id] == {"state": "queued", "step": 0, "total": 0, "message": ""}
+    run_job(database, settings, job_id)
+    live = client.get(f"/admin/live/jobs?ids={job_id}").get_json()
+    assert live[job_id]["state"] == "succeeded" and live[job_id]["total"] == 2
+    overview = client.get("/admin/live/overview").get_json()
+    assert overview["counts"]["succeeded"] == 1 and overview["workers"] == 0
+
+
+def test_a_workers_snapshot_shows_on_the_overview_until_it_stops(
+    client: FlaskClient, keys: Keys, settings: Settings, broker: redis.Redis
+) -> None:
+    writer = SnapshotWriter(settings, broker, hostname="celery@test-host")
+    snapshot = writer.write_once()
+    key = SNAPSHOT_KEY.format(hostname="celery@test-host")
+    assert 0 < broker.ttl(key) <= 6  # three intervals of 2 s
+    assert snapshot["ray"]["connected"] is False  # this process never joined Ray
+    login(client, keys.admin)
+    page = client.get("/admin/").get_data(as_text=True)
+    assert "celery@test-host" in page and "no GPUs" in page
+    assert client.get("/admin/live/overview").get_json()["workers"] == 1
+    writer.stop()
+    assert broker.get(key) is None
+    assert "celery@test-host" not in client.get("/admin/").get_data(as_text=True)
