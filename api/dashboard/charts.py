@@ -53,13 +53,16 @@ def lines(
     label: str,
     *,
     unit: str = "",
+    x_range: tuple[float, float] | None = None,
+    x_labels: tuple[str, str] | None = None,
 ) -> Markup:
-    """One polyline per named series of (x, y) points, with a legend; gaps are skipped."""
+    """One polyline per named series of (x, y) points, with a dot at each point (a lone point
+    is still seen) and a legend. `x_range` fixes the x axis (e.g. the last hour)."""
     points = [p for s in series.values() for p in s]
     if not points:
         return Markup('<p class="muted">no data yet</p>')
-    x_min = min(x for x, _ in points)
-    x_max = max(max(x for x, _ in points), x_min + 1e-9)
+    x_min, x_max = x_range or (min(x for x, _ in points), max(x for x, _ in points))
+    x_max = max(x_max, x_min + 1e-9)
     y_max = max(max(y for _, y in points), 1e-9)
     inner_w, inner_h = WIDTH - PAD - 6, HEIGHT - PAD - 8
     parts = []
@@ -73,12 +76,17 @@ def lines(
         parts.append(
             f'<polyline points="{coords}" fill="none" stroke="{colour}" stroke-width="1.5"/>'
         )
+        for pair in coords.split():
+            cx, cy = pair.split(",")
+            parts.append(f'<circle cx="{cx}" cy="{cy}" r="2.5" fill="{colour}"/>')
         parts.append(
             f'<text x="{WIDTH - 8}" y="{16 + 14 * i}" class="legend" fill="{colour}" '
             f'text-anchor="end">{escape(name)}</text>'
         )
-    parts.append(f'<text x="{PAD}" y="{HEIGHT - 8}" class="tick">{x_min:g}</text>')
+    left, right = x_labels or (f"{x_min:g}", f"{x_max:g}")
+    parts.append(f'<text x="{PAD}" y="{HEIGHT - 8}" class="tick">{escape(left)}</text>')
     parts.append(
-        f'<text x="{WIDTH - 4}" y="{HEIGHT - 8}" class="tick" text-anchor="end">{x_max:g}</text>'
+        f'<text x="{WIDTH - 4}" y="{HEIGHT - 8}" class="tick" text-anchor="end">'
+        f"{escape(right)}</text>"
     )
     return _frame("".join(parts), label, y_max, unit)

@@ -1,0 +1,266 @@
+"""The dashboard in a real headless Chromium (Debian's `chromium`, driven by Playwright) against
+a real `genq up`: log in (a wrong key is refused), watch a job's progress bar move without a
+reload, cancel a running job and see it become canceled, open an image output full size, create
+a key and revoke it. Screenshots go to test-output/dashboard/ (and the test's tmp dir) for a
+person to look at.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.stackproc import ROOT, StackProcess
+
+pytestmark = pytest.mark.stack
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+]
+SHOTS = ROOT / "test-output" / "dashboard"
+TINY_TRAIN = {"preset": "tiny", "steps": 40, "batch_size": 16, "checkpoint_every": 20, "seed": 1}
+
+
+def _need_browser() -> None:
+    missing = []
+    if not Path(CHROMIUM).exists():
+        missing.append(CHROMIUM)
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        missing.append("the playwright package")
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"browser tests need {', '.join(missing)} under CI")
+        pytest.skip(f"no {', '.join(missing)}")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackProcess]:
+    _need_browser()
+    base = tmp_path_factory.mktemp("dashboard-stack")
+    env = {"GENQ_RAY_NUM_CPUS": "2", "GENQ_CLUSTER_SNAPSHOT_INTERVAL_S": "1"}
+    proc = StackProcess(base / "var", env)
+    try:
+        proc.start()
+        yield proc
+        code, alive = proc.stop()
+        assert code == 0, proc.log_text()[-3000:]
+        assert not alive, f"processes left after Ctrl-C: {alive}"
+    finally:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    _need_browser()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser: Any, stack: StackProcess, tmp_path: Path) -> Iterator[Any]:
+    """A fresh browser context (no cookies), logged in as the stack's admin."""
+    context = browser.new_context(viewport={"width": 1360, "height": 900})
+    context.set_default_timeout(30_000)
+    tab = context.new_page()
+    tab.goto(stack.url + "/admin/login")
+    tab.fill("#key", stack.admin_key)
+    tab.click("button[type=submit]")
+    tab.wait_for_url(stack.url + "/admin/")
+    tab.shots_dir = tmp_path  # type: ignore[attr-defined]
+    yield tab
+    context.close()
+
+
+def shot(page: Any, name: str) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    path = page.shots_dir / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    shutil.copy(path, SHOTS / f"{name}.png")
+
+
+def state_badge(page: Any) -> str:
+    return str(page.inner_text("h1 [data-state]"))
+
+
+def test_login_refuses_a_wrong_key_and_shows_the_cluster(
+    browser: Any, stack: StackProcess, tmp_path: Path
+) -> None:
+    context = browser.new_context()
+    tab = context.new_page()
+    tab.shots_dir = tmp_path
+    tab.goto(stack.url + "/admin/jobs")
+    assert "/admin/login" in tab.url  # not logged in: sent to the login page
+    tab.fill("#key", "gq_" + "x" * 40)
+    tab.click("button[type=submit]")
+    assert "unknown or revoked key" in tab.inner_text("#login-error")
+    shot(tab, "login-refused")
+    tab.fill("#key", stack.admin_key)
+    tab.click("button[type=submit]")
+    tab.wait_for_url(stack.url + "/admin/jobs")  # back where it was going
+    cookies = context.cookies()
+    [session] = [c for c in cookies if c["name"] == "genq_admin"]
+    assert session["httpOnly"] and session["sameSite"] == "Strict" and session["path"] == "/admin"
+    # The worker's snapshot (written every second here) names it and Ray's node.
+    deadline = time.monotonic() + 30
+    while True:
+        tab.goto(stack.url + "/admin/")
+        text = tab.inner_text("main")
+        if "celery@" in text and "no Ray view yet" not in text:
+            break
+        assert time.monotonic() < deadline, text
+        time.sleep(1)
+    assert "no GPUs" in text  # this machine has none, and the page says so
+    shot(tab, "overview")
+    context.close()
+
+
+def test_a_running_jobs_progress_bar_moves_without_a_reload(page: Any, stack: StackProcess) -> None:
+    job = stack.submit(
+        {"kind": "generate", "model": "echo", "params": {"delay_s": 8, "progress_steps": 40}}
+    )
+    page.goto(f"{stack.url}/admin/jobs/{job['id']}")
+    page.evaluate("window.__sameDocument = true")
+    bar = "h1 ~ section [data-progress]"
+    page.wait_for_function(
+        f"Number(document.querySelector('{bar}').getAttribute('aria-valuenow')) >= 1"
+    )
+    first = int(page.get_attribute(bar, "aria-valuenow"))
+    page.wait_for_function(
+        f"Number(document.querySelector('{bar}').getAttribute('aria-valuenow')) > {first}"
+    )
+    second = int(page.get_attribute(bar, "aria-valuenow"))
+    width = page.eval_on_selector(f"{bar} .bar", "el => parseFloat(el.style.width)")
+    assert second > first and width > 0
+    assert page.evaluate("window.__sameDocument") is True  # moved by the script, no reload
+    assert state_badge(page) == "running"
+    shot(page, "job-progress")
+    # When it ends the page reloads itself with the output.
+    page.wait_for_function("document.querySelector('h1 [data-state]').textContent == 'succeeded'")
+    page.wait_for_selector("[data-output='output.txt']")
+    page.goto(f"{stack.url}/admin/jobs?model=echo")
+    assert job["id"] in page.content()
+    shot(page, "jobs")
+
+
+def test_cancel_a_running_job(page: Any, stack: StackProcess) -> None:
+    job = stack.submit(
+        {"kind": "generate", "model": "echo", "params": {"delay_s": 120, "progress_steps": 120}}
+    )
+    stack.wait(job["id"], {"running"}, timeout_s=60)
+    page.goto(f"{stack.url}/admin/jobs/{job['id']}")
+    assert state_badge(page) == "running"
+    page.click("#cancel")
+    page.wait_for_function(
+        "document.querySelector('h1 [data-state]').textContent == 'canceled'", timeout=30_000
+    )
+    assert stack.wait(job["id"], timeout_s=10)["state"] == "canceled"
+    assert "job.cancel" in page.inner_text("main")  # the audit row, with who did it
+    assert stack.admin_key[:11] in page.inner_text("main")
+    shot(page, "job-canceled")
+
+
+def test_open_an_image_output_full_size(page: Any, stack: StackProcess) -> None:
+    trained = stack.wait(
+        stack.submit(
+            {
+                "kind": "train",
+                "family": "ddpm",
+                "dataset": "digits",
+                "name": "digits-ui",
+                "params": TINY_TRAIN,
+            }
+        )["id"]
+    )
+    assert trained["state"] == "succeeded", trained
+    page.goto(f"{stack.url}/admin/jobs/{trained['id']}")
+    assert page.locator("figure.wide svg polyline").count() >= 1  # the loss curve
+    shot(page, "train-job")
+    page.goto(f"{stack.url}/admin/models")
+    assert "digits-ui" in page.inner_text("main")
+    shot(page, "models")
+    generated = stack.wait(
+        stack.submit(
+            {
+                "kind": "generate",
+                "model": "digits-ui",
+                "params": {"label": 3, "num_images": 3, "steps": 10, "seed": 7},
+            }
+        )["id"]
+    )
+    assert generated["state"] == "succeeded", generated
+    page.goto(f"{stack.url}/admin/jobs/{generated['id']}")
+    thumbs = page.locator(".gallery a.thumb")
+    assert thumbs.count() == 3
+    page.wait_for_function(
+        "[...document.querySelectorAll('.gallery img')]"
+        ".every(i => i.complete && i.naturalWidth > 0)"
+    )
+    shot(page, "gallery")
+    with page.context.expect_page() as opened:
+        thumbs.first.click()
+    full = opened.value
+    full.wait_for_load_state()
+    assert "/admin/artifacts/" in full.url
+    size = full.evaluate("[document.images[0].naturalWidth, document.images[0].naturalHeight]")
+    assert size == [16, 16]
+    response = page.request.get(full.url)
+    assert response.status == 200 and response.headers["content-type"] == "image/png"
+
+
+def test_create_a_key_then_revoke_it(page: Any, stack: StackProcess) -> None:
+    page.goto(f"{stack.url}/admin/tenants")
+    page.fill("#create-key input[name=tenant]", "browser-tenant")
+    page.fill("#create-key input[name=label]", "made in the browser")
+    page.click("#create-key button[type=submit]")
+    key = page.inner_text("#new-key").strip()
+    assert key.startswith("gq_")
+    shot(page, "key-created")
+    assert stack.call("GET", "/v1/jobs", key).status_code == 200
+    page.goto(f"{stack.url}/admin/tenants")
+    assert key not in page.content()  # shown once, never again
+    row = page.locator(f"tr[data-key='{key[:11]}']")
+    page.once("dialog", lambda dialog: dialog.accept())
+    row.locator("button").click()
+    page.wait_for_load_state()
+    assert "revoked" in page.locator(f"tr[data-key='{key[:11]}']").inner_text()
+    assert stack.call("GET", "/v1/jobs", key).status_code == 401
+    shot(page, "key-revoked")
+
+
+def test_overview_after_the_jobs_shows_warm_models_and_charts(
+    page: Any, stack: StackProcess
+) -> None:
+    deadline = time.monotonic() + 30
+    while True:
+        page.goto(stack.url + "/admin/")
+        warm = page.inner_text("h2:has-text('Warm models') + table")
+        if "digits-ui:1" in warm and "echo" in warm:
+            break
+        assert time.monotonic() < deadline, warm
+        time.sleep(1)
+    assert "cpu" in warm  # where each model is loaded, as its server reports it
+    heights = page.eval_on_selector_all(
+        "svg.chart rect.bar", "bars => bars.map(b => parseFloat(b.getAttribute('height')))"
+    )
+    assert len(heights) == 60 and sum(h > 0 for h in heights) >= 1
+    assert int(page.inner_text("[data-count='succeeded']")) >= 3
+    shot(page, "overview-after-jobs")
