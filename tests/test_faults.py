@@ -9,8 +9,13 @@ Marked `faults` (run alone with `pytest -m faults`); part of `make test`.
 
 from __future__ import annotations
 
+import os
 import signal
+import threading
 import time
+from datetime import UTC, datetime, timedelta
+from http.server import ThreadingHTTPServer
+from pathlib import Path
 
 import pytest
 
@@ -18,7 +23,8 @@ from core.jobs import NewJob, create_job
 from core.states import JobKind
 from core.tables import Job, Model, Tenant
 from scheduler.enqueue import Publication
-from tests.test_faults_support import Cluster, wait_until
+from tests.test_faults_support import Cluster, is_alive, wait_until
+from tests.test_webhooks import Receiver, verify
 
 # The `cluster` and `ray_head` fixtures.
 pytest_plugins = ["tests.test_faults_support"]
@@ -154,3 +160,174 @@ def test_hung_worker_is_detected_by_its_stale_heartbeat_and_fenced(cluster: Clus
     assert job["state"] == "succeeded" and job["attempt"] == 2
     assert len(job["outputs"]) == 1
     cluster.check_invariants(job_id)
+
+
+def trainer_pids() -> set[int]:
+    """PIDs of Ray worker processes that host a trainer actor (by their process title)."""
+    pids = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"ray::_TrainerActor" in cmdline or b"ray::Trainer" in cmdline:
+            pids.add(int(proc.name))
+    return pids
+
+
+@SQLITE
+def test_sigkill_ray_actor_mid_training_resumes(cluster: Cluster) -> None:
+    cluster.worker()
+    cluster.scheduler()
+    job_id = cluster.submit(TRAIN)
+    wait_until(lambda: cluster.get(job_id)["progress"]["step"] >= 12, 120, "training progress")
+    (pid,) = wait_until(trainer_pids, 10, "the trainer's process")
+    os.kill(pid, signal.SIGKILL)
+    killed_at = max(step for _, step in progress_steps(cluster, job_id))
+    wait_until(lambda: not is_alive(pid), 10, "the trainer to die")
+    job = cluster.wait(job_id, 180)
+    assert job["state"] == "succeeded" and job["attempt"] == 2, job
+    requeued = [e.data for e in cluster.events(job_id, "state") if e.data.get("to") == "queued"]
+    assert "ActorDiedError" in requeued[-1]["reason"] or "RayActorError" in requeued[-1]["reason"]
+    steps = progress_steps(cluster, job_id)
+    resumed = min(step for attempt, step in steps if attempt == 2)
+    assert killed_at - 5 <= resumed <= killed_at + 5, (killed_at, steps)
+    cluster.check_invariants(job_id)
+    probe = cluster.ray.probe(job_id)
+    assert not probe["trainer_alive"] and probe["gpu_free"] == probe["gpu_total"] == 1
+
+
+@POSTGRES
+def test_whole_worker_side_killed_and_restarted_finishes_once(cluster: Cluster) -> None:
+    worker, scheduler = cluster.worker(), cluster.scheduler()
+    job_id = cluster.submit(
+        {"kind": "generate", "model": "echo", "params": {"delay_s": 4, "progress_steps": 4}}
+    )
+    wait_until(lambda: cluster.get(job_id)["progress"]["step"] >= 1, 60, "progress")
+    cluster.kill(worker)
+    cluster.kill(scheduler)
+    cluster.worker()
+    cluster.scheduler()
+    job = cluster.wait(job_id, 90)
+    assert job["state"] == "succeeded" and job["attempt"] == 2
+    assert len(job["outputs"]) == 1
+    cluster.check_invariants(job_id)
+
+
+@POSTGRES
+def test_poison_job_fails_after_the_attempt_cap_and_healthy_jobs_flow(
+    cluster: Cluster,
+) -> None:
+    # Every time the poison job runs, its worker dies (SIGKILL) and a new one takes over.
+    cluster.scheduler()
+    poison = cluster.submit(
+        {"kind": "generate", "model": "echo", "params": {"message": "poison", "delay_s": 30}}
+    )
+    kills = 0
+    while cluster.get(poison)["state"] not in ("failed", "succeeded", "canceled"):
+        worker = cluster.worker()
+        wait_until(lambda: cluster.get(poison)["state"] != "queued", 60, "the poison job to start")
+        if cluster.get(poison)["state"] == "running":
+            cluster.kill(worker)
+            kills += 1
+        wait_until(lambda: cluster.get(poison)["state"] != "running", 30, "the reaper")
+    job = cluster.get(poison)
+    assert job["state"] == "failed" and job["error"]["type"] == "lost", job
+    assert job["attempt"] == job["max_attempts"] == 3 and kills == 3
+    cluster.check_invariants(poison)
+    # Each retry waited for its backoff: requeued at t, started again no sooner than t + 0.25.
+    events = cluster.events(poison, "state")
+    for i, event in enumerate(events):
+        if event.data.get("reason") == "lease expired" and event.data.get("to") == "queued":
+            restart = next(e for e in events[i:] if e.data.get("to") == "running")
+            assert (restart.created_at - event.created_at).total_seconds() >= 0.25
+    cluster.worker()
+    healthy = [
+        cluster.submit({"kind": "generate", "model": "echo", "params": {"message": str(i)}})
+        for i in range(4)
+    ]
+    for job_id in healthy:
+        assert cluster.wait(job_id, 60)["state"] == "succeeded"
+
+
+@SQLITE
+def test_canceled_running_job_stays_canceled_through_restarts(cluster: Cluster) -> None:
+    worker = cluster.worker()
+    cluster.scheduler()
+    job_id = cluster.submit({**TRAIN, "params": {**TRAIN["params"], "steps": 100_000}})
+    wait_until(lambda: cluster.get(job_id)["progress"]["step"] >= 3, 120, "training progress")
+    response = cluster.client.post(f"/v1/jobs/{job_id}/cancel", headers=cluster.auth())
+    assert response.status_code == 202 and response.get_json()["state"] == "canceling"
+    assert cluster.wait(job_id, 60)["state"] == "canceled"
+    # Restart every worker, and deliver the job's message again, as a broker might.
+    cluster.kill(worker)
+    cluster.worker()
+    cluster.publisher.publish(cluster.database, [Publication(job_id, "train")])
+    wait_until(lambda: "skipped:canceled" in cluster.logs(), 30, "the redelivery")
+    time.sleep(2)  # a few reaper rounds
+    job = cluster.check_invariants(job_id)
+    assert job["state"] == "canceled" and job["attempt"] == 1
+    probe = cluster.ray.probe(job_id)
+    assert not probe["trainer_alive"] and probe["gpu_free"] == probe["gpu_total"] == 1
+
+
+@SQLITE
+def test_timeout_and_deadline_end_as_failed_with_their_types(cluster: Cluster) -> None:
+    cluster.scheduler()
+    late = cluster.submit(
+        {
+            "kind": "generate",
+            "model": "echo",
+            "deadline": (datetime.now(UTC) + timedelta(seconds=2)).isoformat(),
+        }
+    )
+    # No worker yet: the deadline passes while it waits, and it is never started.
+    job = cluster.wait(late, 30)
+    assert job["state"] == "failed" and job["error"]["type"] == "deadline"
+    assert job["attempt"] == 0 and job["started_at"] is None
+    cluster.worker()
+    slow = cluster.submit(
+        {"kind": "generate", "model": "echo", "params": {"delay_s": 60}, "timeout_s": 2}
+    )
+    job = cluster.wait(slow, 60)
+    assert job["state"] == "failed" and job["error"]["type"] == "timeout", job
+    assert job["attempt"] == 1
+    cluster.check_invariants(slow)
+
+
+@POSTGRES
+def test_webhooks_are_sent_from_their_own_queue_signed_and_logged(cluster: Cluster) -> None:
+    receiver = Receiver(fail_first=1)  # the retry must carry the same id
+    server = ThreadingHTTPServer(("127.0.0.1", 0), receiver.handler())
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        cluster.worker()
+        cluster.scheduler()
+        url = f"http://127.0.0.1:{server.server_address[1]}/hook"
+        job_id = cluster.submit(
+            {"kind": "generate", "model": "echo", "webhook": url, "webhook_events": ["completed"]}
+        )
+        assert cluster.wait(job_id, 60)["state"] == "succeeded"
+        path = f"/v1/jobs/{job_id}/deliveries"
+        log = wait_until(
+            lambda: [
+                d
+                for d in cluster.client.get(path, headers=cluster.auth()).get_json()["items"]
+                if d["state"] == "delivered"
+            ],
+            30,
+            "the retry to be delivered",
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    (delivery,) = log
+    assert delivery["attempts"] == 2 and [e["status"] for e in delivery["log"]] == [500, 204]
+    assert {r["headers"]["webhook-id"] for r in receiver.requests} == {delivery["id"]}
+    secret = cluster.client.get("/v1/webhook-secret", headers=cluster.auth()).get_json()["secret"]
+    for request in receiver.requests:
+        headers = {k.lower(): v for k, v in request["headers"].items()}
+        assert verify(secret, headers, request["body"])
+    assert "genq.deliver_webhook" in cluster.logs()  # sent by a worker, from the webhooks queue

@@ -46,6 +46,8 @@ class Receiver:
     status: int = 204
     delay_s: float = 0.0
     location: str = ""
+    # Answer 500 to this many requests first, then `status`.
+    fail_first: int = 0
     requests: list[dict[str, Any]] = field(default_factory=list)
     url: str = ""
 
@@ -59,7 +61,8 @@ class Receiver:
                     {"path": self.path, "headers": dict(self.headers), "body": body}
                 )
                 time.sleep(receiver.delay_s)
-                self.send_response(receiver.status)
+                failing = len(receiver.requests) <= receiver.fail_first
+                self.send_response(500 if failing else receiver.status)
                 if receiver.location:
                     self.send_header("Location", receiver.location)
                 self.send_header("Content-Length", "0")
