@@ -107,9 +107,37 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
             "webhook_events": _nullable({"type": "array", "items": STRING}),
             "deadline": _nullable(TIME),
             "run_at": _nullable(TIME),
+            "timeout_s": _nullable({"type": "number"}),
         }
     ),
     "JobPage": _page("Job", cursor=True),
+    "Delivery": _object(
+        {
+            "id": STRING,
+            "event": {"type": "string", "enum": ["start", "progress", "output", "completed"]},
+            "type": STRING,
+            "url": STRING,
+            "state": {"type": "string", "enum": ["pending", "delivered", "failed"]},
+            "attempts": INT,
+            "next_attempt_at": _nullable(TIME),
+            "created_at": TIME,
+            "delivered_at": _nullable(TIME),
+            "log": {
+                "type": "array",
+                "items": _object(
+                    {
+                        "attempt": INT,
+                        "at": TIME,
+                        "status": _nullable(INT),
+                        "error": _nullable(STRING),
+                        "duration_ms": INT,
+                    }
+                ),
+            },
+        }
+    ),
+    "DeliveryList": _page("Delivery"),
+    "WebhookSecret": _object({"tenant_id": STRING, "secret": STRING}),
     "Event": {
         "type": "object",
         "description": "One history entry; the event's own fields follow id, type, created_at.",
@@ -344,6 +372,43 @@ def _paths() -> dict[str, Any]:
                     "200": _json("Log events, oldest first.", "EventList"),
                     "401": UNAUTHORIZED,
                     "404": NOT_FOUND,
+                },
+            }
+        },
+        "/v1/jobs/{job_id}/deliveries": {
+            "get": {
+                "summary": "A job's webhook messages and every attempt to send them",
+                "operationId": "getJobDeliveries",
+                "parameters": [_path_id("job_id")],
+                "responses": {
+                    "200": _json("Messages, oldest first.", "DeliveryList"),
+                    "401": UNAUTHORIZED,
+                    "404": NOT_FOUND,
+                },
+            }
+        },
+        "/v1/dead-letter": {
+            "get": {
+                "summary": "Failed jobs that used up their attempts",
+                "operationId": "listDeadLetter",
+                "parameters": [
+                    _query("limit", "Page size.", INT),
+                    _query("cursor", "The next_cursor of the previous page."),
+                ],
+                "responses": {
+                    "200": _json("Newest first.", "JobPage"),
+                    "401": UNAUTHORIZED,
+                    "422": INVALID,
+                },
+            }
+        },
+        "/v1/webhook-secret": {
+            "get": {
+                "summary": "The tenant's webhook signing secret",
+                "operationId": "getWebhookSecret",
+                "responses": {
+                    "200": _json("The whsec_ secret.", "WebhookSecret"),
+                    "401": UNAUTHORIZED,
                 },
             }
         },
