@@ -329,7 +329,34 @@ def _paths() -> dict[str, Any]:
                     "401": UNAUTHORIZED,
                     "404": NOT_FOUND,
                 },
-            }
+            },
+            "patch": {
+                "summary": "Change a queued or scheduled job's priority",
+                "operationId": "changeJobPriority",
+                "parameters": [_path_id("job_id")],
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {
+                                "type": "object",
+                                "properties": {
+                                    "priority": {"type": "integer", "minimum": 0, "maximum": 9}
+                                },
+                                "required": ["priority"],
+                                "additionalProperties": False,
+                            }
+                        }
+                    },
+                },
+                "responses": {
+                    "200": _json("The job with its new priority.", "Job"),
+                    "401": UNAUTHORIZED,
+                    "404": NOT_FOUND,
+                    "409": CONFLICT,
+                    "422": INVALID,
+                },
+            },
         },
         "/v1/jobs/{job_id}/cancel": _job_action("Cancel a job", "cancelJob"),
         "/v1/jobs/{job_id}/retry": _job_action("Retry a failed or canceled job", "retryJob"),
