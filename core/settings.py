@@ -6,6 +6,7 @@ it down; nothing in genq reads configuration at import time.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import Field, model_validator
@@ -39,8 +40,9 @@ class Settings(BaseSettings):
     lease_ttl_s: float = Field(60.0, gt=0, le=3600)
     heartbeat_interval_s: float = Field(10.0, gt=0, le=600)
     max_attempts: int = Field(3, ge=1, le=100)
-    # The broker re-delivers an unacknowledged message after this long.
-    visibility_timeout_s: int = Field(3600, ge=60)
+    # The broker re-delivers an unacknowledged message after this long (the worker checks it
+    # against the lease at start; short values are for tests).
+    visibility_timeout_s: int = Field(3600, ge=5)
     # Periodic work.
     reconcile_interval_s: float = Field(15.0, gt=0)
     reap_interval_s: float = Field(10.0, gt=0)
@@ -127,7 +129,16 @@ class Settings(BaseSettings):
         if path.exists():
             return path.read_text().strip()
         self.var_dir.mkdir(parents=True, exist_ok=True)
-        key = secrets.token_urlsafe(48)
-        path.write_text(key)
-        path.chmod(0o600)
-        return key
+        # Several processes (gunicorn workers, the Celery worker) may get here at once on a
+        # first start: write the key whole to a file of our own, then link it into place,
+        # which only one of them can do; the others read the winner's key.
+        own = path.with_name(f"secret_key.{os.getpid()}.{secrets.token_hex(4)}")
+        own.write_text(secrets.token_urlsafe(48))
+        own.chmod(0o600)
+        try:
+            os.link(own, path)
+        except FileExistsError:
+            pass
+        finally:
+            own.unlink()
+        return path.read_text().strip()

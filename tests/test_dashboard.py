@@ -419,3 +419,23 @@ def test_a_workers_snapshot_shows_on_the_overview_until_it_stops(
     writer.stop()
     assert broker.get(key) is None
     assert "celery@test-host" not in client.get("/admin/").get_data(as_text=True)
+
+
+def test_processes_starting_together_share_one_generated_secret_key(tmp_path: Path) -> None:
+    # Sessions signed by one gunicorn worker must verify in the others.
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from core.settings import Settings; "
+        "print(Settings(_env_file=None, var_dir=sys.argv[1]).read_secret_key())"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(6)
+    ]
+    keys = {p.communicate(timeout=60)[0].strip() for p in procs}
+    assert len(keys) == 1 and len(keys.pop()) >= 40
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["secret_key"]
