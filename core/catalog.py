@@ -15,7 +15,7 @@ from core.tables import SYSTEM_TENANT_ID, Dataset, Model
 
 # name -> (family, kind) of what `ensure_builtins` creates.
 BUILTIN_MODELS = {"echo": "echo"}
-BUILTIN_DATASETS = {"digits": "images"}
+BUILTIN_DATASETS = {"digits": "images", "pydocs": "text"}
 
 
 def _visible(tenant_id: str | None, column: Any) -> Any:

@@ -43,6 +43,15 @@ class Output:
 
 
 @dataclass(frozen=True)
+class TextDelta:
+    """The next piece of a text being generated, streamed as it is produced; `index` counts
+    tokens from 0. The whole text also ends up in an Output."""
+
+    index: int
+    text: str
+
+
+@dataclass(frozen=True)
 class ModelSaved:
     """A training job saved its model: `path` is a folder relative to the artifact root."""
 
@@ -51,7 +60,7 @@ class ModelSaved:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-Event = Progress | Log | Metric | Output | ModelSaved
+Event = Progress | Log | Metric | Output | ModelSaved | TextDelta
 
 
 def event_type(event: Event) -> str:
@@ -61,6 +70,7 @@ def event_type(event: Event) -> str:
         Metric: "metric",
         Output: "output",
         ModelSaved: "model",
+        TextDelta: "text_delta",
     }[type(event)]
 
 

@@ -29,7 +29,7 @@ from core.artifacts import ArtifactStore
 from core.catalog import register_model
 from core.db import Database
 from core.errors import GenqError, JobFailedError, LeaseLostError
-from core.events import Event, Log, Metric, ModelSaved, Output, Progress
+from core.events import Event, Log, Metric, ModelSaved, Output, Progress, TextDelta
 from core.jobs import (
     Lease,
     claim_job,
@@ -349,7 +349,7 @@ class EventRecorder:
             self.final_metrics.update(event.metrics)
         if isinstance(event, Metric):
             self.final_metrics.update(event.values)
-        assert isinstance(event, Log | Metric | ModelSaved)
+        assert isinstance(event, Log | Metric | ModelSaved | TextDelta)
         with db.transaction() as session:
             record_events(session, self.lease, [event])
 

@@ -1,4 +1,5 @@
-"""Image data sets a training job reads: the built-in `digits` and uploaded image folders.
+"""Data sets a training job reads: the built-in `digits` and `pydocs`, and uploaded image
+folders and text files.
 
 Both come out as one `ImageDataset`: every image in memory as a float32 tensor (N, C, H, W)
 scaled to [-1, 1] (what a diffusion model trains on), integer labels (N,) and the class names
@@ -9,10 +10,19 @@ training loop a plain tensor index.
 0-16); it ships inside the package, so nothing is downloaded. An uploaded data set is a folder
 with one sub-folder per class (`cats/1.png`, `dogs/7.jpg`); its images are cropped to a centred
 square and resized. Pillow's decompression-bomb limit applies to every file.
+
+Text data sets come out as raw UTF-8 bytes (the byte-level language model reads bytes).
+`pydocs` is the docstrings of the Python standard library's top-level modules, read with `ast`
+from the interpreter's own source files (nothing imported, nothing downloaded), so every
+machine with the same Python has the same corpus. An uploaded text data set is a folder
+holding `text.txt`.
 """
 
 from __future__ import annotations
 
+import ast
+import functools
+import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +37,8 @@ from workers.families.base import DatasetRef
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 MAX_IMAGES = 100_000
 MAX_CLASSES = 1000
+PYDOCS_MAX_BYTES = 4_000_000  # the corpus is cut here: enough text, bounded memory
+TEXT_FILE = "text.txt"
 
 
 @dataclass(frozen=True)
@@ -127,3 +139,45 @@ def load_dataset(ref: DatasetRef | None, size: int, channels: int | None = None)
     if ref.path is None:
         raise InvalidInputError.one("dataset", f"no built-in data set {ref.name!r}")
     return load_image_folder(Path(ref.path), size, channels)
+
+
+@functools.cache  # parsing the stdlib takes seconds; a worker trains on it many times
+def pydocs_corpus(max_bytes: int = PYDOCS_MAX_BYTES) -> bytes:
+    """The docstrings of the standard library's top-level modules, in file-name order:
+    module, class and function docstrings, each followed by a blank line."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    parts: list[bytes] = []
+    size = 0
+    for source in sorted(stdlib.glob("*.py")):
+        try:
+            tree = ast.parse(source.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue  # test fixtures in the stdlib folder that are not valid Python
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+                doc = ast.get_docstring(node)
+                if doc:
+                    chunk = (doc.strip() + "\n\n").encode("utf-8")
+                    parts.append(chunk)
+                    size += len(chunk)
+                    if size >= max_bytes:
+                        return b"".join(parts)[:max_bytes]
+    return b"".join(parts)
+
+
+def load_text(ref: DatasetRef | None) -> bytes:
+    """The text a language-model training job names: `pydocs` (the default) or an upload."""
+    if ref is None or (ref.path is None and ref.name == "pydocs"):
+        return pydocs_corpus()
+    if ref.kind != "text":
+        raise InvalidInputError.one("dataset", f"expected a text data set, got {ref.kind}")
+    if ref.path is None:
+        raise InvalidInputError.one("dataset", f"no built-in data set {ref.name!r}")
+    path = Path(ref.path)
+    text_file = path / TEXT_FILE if path.is_dir() else path
+    if not text_file.is_file():
+        raise InvalidInputError.one("dataset", "the data set's text file is missing")
+    data = text_file.read_bytes()
+    if not data:
+        raise InvalidInputError.one("dataset", "the text is empty")
+    return data

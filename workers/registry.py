@@ -3,10 +3,19 @@
 from __future__ import annotations
 
 from core.errors import NotFoundError
-from workers.families import ddpm_spec, echo_spec
+from workers.families import charlm_spec, ddpm_spec, echo_spec, gan_spec, vae_spec
 from workers.families.base import Family
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (echo_spec.FAMILY, ddpm_spec.FAMILY)}
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        echo_spec.FAMILY,
+        ddpm_spec.FAMILY,
+        gan_spec.FAMILY,
+        vae_spec.FAMILY,
+        charlm_spec.FAMILY,
+    )
+}
 
 
 def get_family(name: str) -> Family:

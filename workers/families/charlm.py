@@ -1,0 +1,304 @@
+"""The `charlm` family: a GPT-style transformer over bytes.
+
+The model is the decoder-only transformer of Radford et al. 2018/2019 (GPT, GPT-2) at toy
+size, written the way nanoGPT writes it: token and position embeddings, `n_layer` pre-norm
+blocks of causal self-attention and an MLP, a final LayerNorm and a head tied to the token
+embedding. Tokens are the 256 byte values, so any UTF-8 text trains without a tokenizer; the
+loss is the cross-entropy of the next byte, reported also as bits per character (per byte).
+The last 5% of the text is held out and its bits per byte reported at every checkpoint.
+
+Generation feeds the prompt's bytes (the last `block_size` of them), then samples one byte at
+a time with temperature, top-k and top-p, from a CPU generator seeded per job, and streams
+each decoded piece as a TextDelta event (an incremental UTF-8 decoder holds back a partial
+multi-byte character until it is complete).
+
+Shapes: B batch, T time (<= block_size), C n_embd, H heads, V = 256.
+"""
+
+from __future__ import annotations
+
+import codecs
+import math
+import secrets
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.errors import ModelError
+from core.events import Event, Log, Metric, ModelSaved, Output, Progress, TextDelta
+from workers.datasets import load_text
+from workers.families.base import CanceledError, RunContext, TrainContext
+from workers.families.charlm_spec import (
+    SEED_MAX,
+    CharlmFinetuneParams,
+    CharlmGenerateParams,
+    CharlmTrainParams,
+)
+from workers.families.checkpoints import (
+    CHECKPOINT_NAME,
+    load_checkpoint,
+    load_model_files,
+    save_checkpoint,
+    save_model,
+)
+
+CHECKPOINT_FORMAT = "genq-charlm-checkpoint/1"
+V = 256
+METRIC_EVERY = 20
+HELD_OUT = 0.05
+EVAL_BATCHES = 8  # batches of held-out text per evaluation
+SAMPLE_TOKENS = 200  # length of the text sample written at the end of training
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32},
+    "default": {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 128},
+}
+
+
+class Block(nn.Module):
+    def __init__(self, n_embd: int, n_head: int) -> None:
+        super().__init__()
+        self.n_head = n_head
+        self.ln1 = nn.LayerNorm(n_embd)
+        self.qkv = nn.Linear(n_embd, 3 * n_embd)
+        self.proj = nn.Linear(n_embd, n_embd)
+        self.ln2 = nn.LayerNorm(n_embd)
+        self.mlp = nn.Sequential(
+            nn.Linear(n_embd, 4 * n_embd), nn.GELU(), nn.Linear(4 * n_embd, n_embd)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(self.ln1(x)).split(C, dim=2)  # (B, T, C) each
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, C/H)
+        x = x + self.proj(y.transpose(1, 2).reshape(B, T, C))
+        return x + self.mlp(self.ln2(x))
+
+
+class CharLM(nn.Module):
+    def __init__(self, n_layer: int, n_head: int, n_embd: int, block_size: int) -> None:
+        super().__init__()
+        self.block_size = block_size
+        self.tok = nn.Embedding(V, n_embd)
+        self.pos = nn.Embedding(block_size, n_embd)
+        self.blocks = nn.ModuleList(Block(n_embd, n_head) for _ in range(n_layer))
+        self.ln = nn.LayerNorm(n_embd)
+        # GPT-2's initialisation: small weights keep the tied head's first logits near zero,
+        # so training starts at ~8 bits per byte instead of far above it.
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                nn.init.normal_(module.weight, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """(B, T) byte ids -> next-byte logits (B, T, V)."""
+        T = idx.shape[1]
+        x = self.tok(idx) + self.pos(torch.arange(T, device=idx.device))  # (B, T, C)
+        for block in self.blocks:
+            x = block(x)
+        return self.ln(x) @ self.tok.weight.T  # tied head
+
+
+def build(config: dict[str, Any]) -> CharLM:
+    return CharLM(config["n_layer"], config["n_head"], config["n_embd"], config["block_size"])
+
+
+def batch(
+    data: torch.Tensor, B: int, T: int, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """B random windows of T+1 bytes: inputs (B, T) and next-byte targets (B, T)."""
+    starts = torch.randint(0, len(data) - T - 1, (B,), generator=gen)
+    rows = torch.stack([data[s : s + T + 1] for s in starts.tolist()])  # (B, T+1)
+    return rows[:, :-1], rows[:, 1:]
+
+
+def bits_per_byte(model: CharLM, data: torch.Tensor, seed: int, device: torch.device) -> float:
+    """Mean next-byte cross-entropy in bits over EVAL_BATCHES fixed windows of `data`."""
+    T = model.block_size
+    gen = torch.Generator().manual_seed(seed)
+    total = 0.0
+    with torch.no_grad():
+        for _ in range(EVAL_BATCHES):
+            x, y = batch(data, 16, T, gen)
+            logits = model(x.to(device))
+            total += F.cross_entropy(logits.reshape(-1, V), y.to(device).reshape(-1)).item()
+    return total / EVAL_BATCHES / math.log(2)
+
+
+def split(text: bytes, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    data = torch.frombuffer(bytearray(text), dtype=torch.uint8).long()
+    n_val = max(int(len(data) * HELD_OUT), block_size + 2)
+    if len(data) - n_val < block_size + 2:
+        raise ModelError(f"the text is too short: at least {2 * (block_size + 2)} bytes needed")
+    return data[:-n_val], data[-n_val:]
+
+
+def train(params: dict[str, Any], ctx: TrainContext) -> Iterator[Event]:
+    finetune = ctx.parent_model_dir is not None
+    p = (CharlmFinetuneParams if finetune else CharlmTrainParams).model_validate(params)
+    device = torch.device(ctx.device)
+    weights = None
+    if finetune:
+        weights, parent = load_model_files(ctx.parent_model_dir, ctx.parent_config, "charlm")
+        config = {"family": "charlm", "preset": parent["preset"], **PRESETS[parent["preset"]]}
+    else:
+        assert isinstance(p, CharlmTrainParams)
+        config = {"family": "charlm", "preset": p.preset, **PRESETS[p.preset]}
+    text = load_text(ctx.dataset)
+    train_data, val_data = split(text, config["block_size"])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(p.seed)
+        model = build(config)
+    if weights is not None:
+        model.load_state_dict(weights)
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=p.learning_rate, weight_decay=0.01)
+    B, T = p.batch_size, config["block_size"]
+    n_params = sum(q.numel() for q in model.parameters())
+    yield Log(
+        f"charlm {config['preset']}: {len(train_data)} training bytes, {len(val_data)} held out,"
+        f" {n_params} parameters, on {device}"
+    )
+
+    checkpoint = ctx.checkpoint_dir / CHECKPOINT_NAME
+    start, final_loss = 0, float("nan")
+    modules, optimizers = {"lm": model}, {"lm": optimizer}
+    if checkpoint.exists():
+        start, final_loss = load_checkpoint(
+            checkpoint, CHECKPOINT_FORMAT, modules, optimizers, config
+        )
+        start = min(start, p.steps)
+        yield Log(f"resumed from step {start}")
+
+    window: list[float] = []
+    window_start = time.perf_counter()
+    val_bpb = float("nan")
+    for step in range(start + 1, p.steps + 1):
+        if ctx.is_canceled():
+            raise CanceledError(f"job {ctx.job_id} was canceled")
+        # Cosine decay to a tenth of the rate: small models gain most from a cooled-down end.
+        lr = p.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / p.steps)))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x, y = batch(train_data, B, T, torch.Generator().manual_seed(p.seed * 2**20 + step))
+        logits = model(x.to(device))  # (B, T, V)
+        loss = F.cross_entropy(logits.reshape(-1, V), y.to(device).reshape(-1))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if not torch.isfinite(loss):
+            raise ModelError(f"the loss diverged at step {step}; try a lower learning_rate")
+        window.append(loss.item())
+        yield Progress(step, p.steps, "training")
+        if step % METRIC_EVERY == 0 or step == p.steps:
+            elapsed = time.perf_counter() - window_start
+            final_loss = sum(window) / len(window)
+            rate = len(window) * B * T / max(elapsed, 1e-9)
+            values = {
+                "loss": final_loss,
+                "bits_per_char": final_loss / math.log(2),
+                "tokens_per_s": rate,
+            }
+            yield Metric(step, values)
+            window, window_start = [], time.perf_counter()
+        if step % p.checkpoint_every == 0 or step == p.steps:
+            model.eval()
+            val_bpb = bits_per_byte(model, val_data, p.seed, device)
+            model.train()
+            yield Metric(step, {"val_bits_per_char": val_bpb})
+            save_checkpoint(
+                checkpoint, CHECKPOINT_FORMAT, modules, optimizers, step, config, final_loss
+            )
+            yield Log(f"checkpoint at step {step}", level="debug")
+
+    model.eval()
+    lm = CharLm(model, config)
+    sample = "".join(
+        e.text
+        for e in lm.generate({"prompt": "", "max_tokens": SAMPLE_TOKENS, "seed": p.seed}, ctx)
+        if isinstance(e, TextDelta)
+    )
+    yield Output(
+        "sample.txt", "text", "text/plain; charset=utf-8", sample.encode(), {"seed": p.seed}
+    )
+    save_model(model.cpu(), config, ctx.model_dir)
+    yield Log(f"saved the model to {ctx.model_dir_rel}")
+    yield ModelSaved(
+        path=ctx.model_dir_rel,
+        config={**config, "seed": p.seed, "steps": p.steps},
+        metrics={"final_loss": final_loss, "val_bits_per_char": val_bpb},
+    )
+
+
+def pick(logits: torch.Tensor, p: CharlmGenerateParams, gen: torch.Generator) -> int:
+    """The next byte from (V,) float32 CPU logits."""
+    if p.temperature == 0:
+        return int(logits.argmax())
+    logits = logits / p.temperature
+    if p.top_k:
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=0)
+    if p.top_p < 1:
+        sorted_probs, order = probs.sort(descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (always at least one byte).
+        drop = sorted_probs.cumsum(0) - sorted_probs >= p.top_p
+        probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+class CharLm:
+    """A loaded charlm; `generate` continues a prompt, streaming TextDelta events."""
+
+    def __init__(self, model: CharLM, config: dict[str, Any]) -> None:
+        self.model, self.config = model, config
+        self.device = next(model.parameters()).device
+
+    def generate(self, params: dict[str, Any], ctx: RunContext) -> Iterator[Event]:
+        p = CharlmGenerateParams.model_validate(params)
+        seed = p.seed if p.seed is not None else secrets.randbelow(SEED_MAX + 1)
+        gen = torch.Generator().manual_seed(seed)
+        prompt = list(p.prompt.encode("utf-8"))
+        tokens = list(prompt) or [ord("\n")]  # an empty prompt starts after a newline
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        pieces: list[str] = []
+        T = self.model.block_size
+        for i in range(p.max_tokens):
+            if ctx.is_canceled():
+                raise CanceledError(f"job {ctx.job_id} was canceled")
+            context = torch.tensor([tokens[-T:]], device=self.device)  # (1, <=T)
+            with torch.no_grad():
+                logits = self.model(context)[0, -1].float().cpu()  # (V,)
+            token = pick(logits, p, gen)
+            tokens.append(token)
+            piece = decoder.decode(bytes([token]))
+            if piece:
+                pieces.append(piece)
+                yield TextDelta(i, piece)
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            pieces.append(tail)
+            yield TextDelta(p.max_tokens, tail)
+        text = "".join(pieces)
+        meta = {
+            "seed": seed,
+            "prompt_tokens": len(prompt),
+            "completion_tokens": p.max_tokens,
+            "params": {**p.model_dump(exclude={"prompt"}), "seed": seed},
+        }
+        yield Output("output.txt", "text", "text/plain; charset=utf-8", text.encode(), meta)
+
+
+def load(model_dir: Path | None, config: dict[str, Any], device: str) -> CharLm:
+    weights, config = load_model_files(model_dir, config, "charlm")
+    model = build(config)
+    model.load_state_dict(weights)
+    model.to(device).eval()
+    return CharLm(model, config)

@@ -1,0 +1,54 @@
+"""The `gan` family: a class-conditional DCGAN-style generator and projection discriminator
+trained adversarially on labelled images such as the built-in `digits`."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from workers.families.base import Family, Resources
+
+SEED_MAX = 2**32 - 1
+
+
+class GanFinetuneParams(BaseModel):
+    """Continue training a registered gan on a data set with the same number of classes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(2000, ge=1, le=1_000_000, description="Steps (one D and one G update).")
+    batch_size: int = Field(64, ge=2, le=1024)
+    learning_rate: float = Field(2e-4, gt=0, le=1.0)
+    seed: int = Field(0, ge=0, le=SEED_MAX)
+    checkpoint_every: int = Field(
+        200, ge=1, le=1_000_000, description="Steps between checkpoints (resume points)."
+    )
+
+
+class GanTrainParams(GanFinetuneParams):
+    preset: Literal["tiny", "default"] = Field(
+        "default", description="Network size: `tiny` trains in seconds (for tests)."
+    )
+
+
+class GanGenerateParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    label: int = Field(0, ge=0, le=999, description="Class to generate (a digit for `digits`).")
+    num_images: int = Field(4, ge=1, le=256)
+    seed: int | None = Field(
+        None, ge=0, le=SEED_MAX, description="Same seed, same images. Unset: a random seed."
+    )
+
+
+FAMILY = Family(
+    name="gan",
+    description="Class-conditional DCGAN (hinge loss, spectral norm) on small labelled images.",
+    implementation="workers.families.gan",
+    generate_params=GanGenerateParams,
+    train_params=GanTrainParams,
+    finetune_params=GanFinetuneParams,
+    dataset_kinds=("images",),
+    resources=Resources(num_gpus=0.25, num_cpus=1.0, gpu_memory_gb=1.0),
+)
