@@ -111,6 +111,7 @@ def test_trainer_trains_tiny_ddpm_and_its_model_serves_with_a_gpu_share(tmp_path
     info = ray.get(server.info.remote())
     assert info["resources"] == {"CPU": 1.0, "GPU": 0.25}
     assert info["device"] == "cpu"  # a declared GPU is no CUDA device
+    assert info["gpu"] is None  # and no GPU figures are made up for it (the dashboard shows these)
     params = {"label": 2, "num_images": 2, "steps": 3, "seed": 9}
     images = [e for e in collect(server.generate.remote("job-g", params)) if isinstance(e, Output)]
     assert [o.meta["seed"] for o in images] == [9, 10]

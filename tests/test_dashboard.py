@@ -10,8 +10,10 @@ the live endpoints and the workers' cluster snapshot.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from core.db import Database
 from core.jobs import claim_job
 from core.settings import Settings
 from core.states import JobState
-from core.tables import ApiKey, AuditEntry, Job
+from core.tables import ApiKey, AuditEntry, Job, Model
 from scheduler.snapshot import SNAPSHOT_KEY, SnapshotWriter
 from tests.test_api_support import (  # noqa: F401 (fixtures)
     PG_URL,
@@ -439,3 +441,60 @@ def test_processes_starting_together_share_one_generated_secret_key(tmp_path: Pa
     keys = {p.communicate(timeout=60)[0].strip() for p in procs}
     assert len(keys) == 1 and len(keys.pop()) >= 40
     assert sorted(p.name for p in tmp_path.iterdir()) == ["secret_key"]
+
+
+def test_overview_shows_gpus_and_warm_models_as_the_snapshot_reports_them(
+    client: FlaskClient, keys: Keys, database: Database, broker: redis.Redis
+) -> None:
+    # A snapshot as a worker on a GPU node writes it (scheduler/snapshot.py's format).
+    with database.transaction() as session:
+        echo_model = session.scalar(sa.select(Model).where(Model.name == "echo"))
+        assert echo_model is not None
+        echo_id = echo_model.id
+    gpu = {
+        "index": 0,
+        "name": "NVIDIA H200",
+        "memory_allocated_bytes": 2**30,
+        "memory_reserved_bytes": 3 * 2**30,
+        "memory_total_bytes": 140 * 2**30,
+        "utilization_percent": 37,
+    }
+    snapshot = {
+        "hostname": "celery@gpu-1",
+        "pid": 4242,
+        "concurrency": 8,
+        "active_job_ids": [],
+        "taken_at": time.time(),
+        "ray": {
+            "connected": True,
+            "nodes": [
+                {
+                    "node_id": "abc123",
+                    "address": "10.0.0.7",
+                    "alive": True,
+                    "resources": {"CPU": 16.0, "GPU": 1.0, "memory": 64 * 2**30},
+                }
+            ],
+            "cluster_resources": {"CPU": 16.0, "GPU": 1.0},
+            "available_resources": {"CPU": 15.0, "GPU": 0.75},
+            "model_servers": [
+                {
+                    "model_id": echo_id,
+                    "family": "echo",
+                    "device": "cuda",
+                    "load_s": 1.5,
+                    "jobs_served": 12,
+                    "active_jobs": [],
+                    "resources": {"CPU": 1.0, "GPU": 0.25},
+                    "gpu": gpu,
+                }
+            ],
+        },
+    }
+    broker.set(SNAPSHOT_KEY.format(hostname="celery@gpu-1"), json.dumps(snapshot), ex=10)
+    login(client, keys.admin)
+    page = client.get("/admin/").get_data(as_text=True)
+    assert "GPUs: 1.0 declared to Ray, 0.25 in use" in page
+    assert "NVIDIA H200" in page and "3.0 of 140.0 GiB reserved" in page and "37% busy" in page
+    assert "echo:1" in page and "celery@gpu-1" in page
+    assert "no GPUs" not in page

@@ -57,6 +57,29 @@ def _device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def _gpu_info(device: str) -> dict[str, Any] | None:
+    """What this actor's GPU reports (for the dashboard), or None on a CPU. Utilisation needs
+    NVML (the nvidia-ml-py package); without it that field is None rather than a guess."""
+    if device != "cuda":
+        return None
+    import torch
+
+    index = torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(index)
+    try:
+        utilization: int | None = int(torch.cuda.utilization(index))
+    except Exception:  # no NVML
+        utilization = None
+    return {
+        "index": index,
+        "name": props.name,
+        "memory_allocated_bytes": int(torch.cuda.memory_allocated(index)),
+        "memory_reserved_bytes": int(torch.cuda.memory_reserved(index)),
+        "memory_total_bytes": int(props.total_memory),
+        "utilization_percent": utilization,
+    }
+
+
 def _guarded(events: Iterator[Event], job_id: str) -> Iterator[Event]:
     """Pass events through; turn what the caller could not unpickle or act on into genq
     errors. CanceledError and genq errors pass unchanged."""
@@ -145,6 +168,7 @@ class ModelServer:
             "jobs_served": self.jobs_served,
             "active_jobs": sorted(self._active),
             "resources": _assigned_resources(),
+            "gpu": _gpu_info(self.device),
         }
 
 
