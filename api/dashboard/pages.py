@@ -299,7 +299,10 @@ def tenants() -> str:
     with genq().database.transaction() as db:
         usage = queries.tenant_usage(db)
         audit = recent_actions(db, limit=50)
-    return render_template("dashboard/tenants.html", usage=usage, audit=audit, me=admin())
+    names = {u["tenant"].id: u["tenant"].name for u in usage}
+    return render_template(
+        "dashboard/tenants.html", usage=usage, audit=audit, me=admin(), tenant_names=names
+    )
 
 
 # -- live data for the page script -----------------------------------------------------------
