@@ -39,7 +39,7 @@ from tests import test_faults_support as harness  # noqa: E402
 
 PG_URL = os.environ.get("GENQ_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 TERMINAL = {"succeeded", "failed", "canceled"}
-TRAIN = {"preset": "tiny", "steps": 20, "batch_size": 8, "checkpoint_every": 5}
+TRAIN = {"preset": "tiny", "steps": 10, "batch_size": 8, "checkpoint_every": 5}
 
 
 def actor_pids() -> list[int]:
@@ -173,8 +173,10 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=1000)
     parser.add_argument("--db", choices=["sqlite", "postgres"], default="sqlite")
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--chaos-every", type=float, default=8.0, help="mean seconds between kills")
-    parser.add_argument("--timeout", type=float, default=1800.0)
+    parser.add_argument(
+        "--chaos-every", type=float, default=15.0, help="mean seconds between kills"
+    )
+    parser.add_argument("--timeout", type=float, default=1200.0, help="give up draining after")
     args = parser.parse_args()
 
     harness.REDIS_URL = harness.REDIS_URL.rsplit("/", 1)[0] + "/7"  # the soak's own Redis DB
@@ -223,6 +225,8 @@ def main() -> None:
                 )
             if not left:
                 break
+            if int(time.monotonic() - started) % 30 == 0:
+                print(f"{time.monotonic() - started:.0f} s: {left} jobs not finished", flush=True)
             time.sleep(1)
         drain_s = time.monotonic() - started
         stop.set()
