@@ -47,6 +47,7 @@ def create_app(
     """The genq API. `database` and `publisher` default to ones built from `settings`; pass
     your own to share them (tests, or a process that also runs the scheduler)."""
     from api import artifacts, auth, catalog, deliveries, events, health, jobs, openapi, problems
+    from api import datasets as dataset_uploads
 
     app = Flask("genq", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
@@ -66,6 +67,7 @@ def create_app(
         artifacts.bp,
         catalog.bp,
         deliveries.bp,
+        dataset_uploads.bp,
     ):
         app.register_blueprint(blueprint)
     auth.install(app)

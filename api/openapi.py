@@ -470,7 +470,35 @@ def _paths() -> dict[str, Any]:
                 },
             }
         },
-        "/v1/datasets": _list("Visible data sets", "listDatasets", "DatasetList"),
+        "/v1/datasets": {
+            **_list("Visible data sets", "listDatasets", "DatasetList"),
+            "post": {
+                "summary": "Upload a data set: a zip of class folders of images, or a text file",
+                "operationId": "uploadDataset",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "multipart/form-data": {
+                            "schema": _object(
+                                {
+                                    "name": STRING,
+                                    "kind": {"type": "string", "enum": ["images", "text"]},
+                                    "file": {"type": "string", "format": "binary"},
+                                },
+                                ["name", "kind", "file"],
+                            )
+                        }
+                    },
+                },
+                "responses": {
+                    "201": _json("The stored data set.", "Dataset"),
+                    "401": UNAUTHORIZED,
+                    "409": _problem("The tenant has a data set of this name."),
+                    "413": _problem("Over a GENQ_DATASET_MAX_* size, entry or unpacked limit."),
+                    "422": INVALID,
+                },
+            },
+        },
         "/v1/families": _list("Model families and their parameters", "listFamilies", "FamilyList"),
         "/v1/health": {
             "get": {

@@ -83,6 +83,12 @@ class Settings(BaseSettings):
 
     # Limits on what clients may send.
     max_request_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    # Data set uploads (POST /v1/datasets): the upload itself, the entries of an image zip,
+    # their total size once unpacked, and the pixels of any one image.
+    dataset_max_bytes: int = Field(200 * 1024 * 1024, ge=1024)
+    dataset_max_entries: int = Field(50_000, ge=1)
+    dataset_max_unpacked_bytes: int = Field(1024 * 1024 * 1024, ge=1024)
+    dataset_max_pixels: int = Field(16 * 1024 * 1024, ge=1)
     page_size_max: int = Field(200, ge=1, le=10_000)
     # Log level of every genq process.
     log_level: str = "INFO"
