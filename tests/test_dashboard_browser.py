@@ -178,20 +178,31 @@ def test_cancel_a_running_job(page: Any, stack: StackProcess) -> None:
     shot(page, "job-canceled")
 
 
-def test_open_an_image_output_full_size(page: Any, stack: StackProcess) -> None:
-    trained = stack.wait(
-        stack.submit(
-            {
-                "kind": "train",
-                "family": "ddpm",
-                "dataset": "digits",
-                "name": "digits-ui",
-                "params": TINY_TRAIN,
-            }
-        )["id"]
+def test_train_with_live_logs_then_open_an_image_output_full_size(
+    page: Any, stack: StackProcess
+) -> None:
+    job = stack.submit(
+        {
+            "kind": "train",
+            "family": "ddpm",
+            "dataset": "digits",
+            "name": "digits-ui",
+            "params": {**TINY_TRAIN, "steps": 200},
+        }
     )
+    page.goto(f"{stack.url}/admin/jobs/{job['id']}")
+    page.evaluate("window.__sameDocument = true")
+    # Log lines arrive in the open page while the job runs (checkpoints every 20 steps).
+    page.wait_for_function(
+        "document.querySelector('[data-logs]').textContent.includes('checkpoint at step')"
+        " && window.__sameDocument === true",
+        timeout=120_000,
+    )
+    assert page.inner_text("h1 [data-state]") == "running"
+    trained = stack.wait(job["id"])
     assert trained["state"] == "succeeded", trained
-    page.goto(f"{stack.url}/admin/jobs/{trained['id']}")
+    page.wait_for_function("document.querySelector('h1 [data-state]').textContent == 'succeeded'")
+    assert "saved the model" in page.inner_text("[data-logs]")
     assert page.locator("figure.wide svg polyline").count() >= 1  # the loss curve
     shot(page, "train-job")
     page.goto(f"{stack.url}/admin/models")

@@ -21,7 +21,7 @@ from api.dashboard.session import admin
 from core.audit import recent_actions
 from core.errors import InvalidInputError, NotFoundError
 from core.states import JobKind, JobState
-from core.tables import Artifact, Dataset, Job, Model, Tenant, utcnow
+from core.tables import Artifact, Dataset, Job, JobEvent, Model, Tenant, utcnow
 
 PAGE_SIZE = 50
 # Latency points sit at the end of their 5-minute bucket, in minutes before now.
@@ -329,6 +329,31 @@ def live_jobs() -> Response:
             for row in rows
         }
     )
+
+
+@bp.get("/live/jobs/<job_id>/logs")
+def live_logs(job_id: str) -> Response:
+    """A job's log lines after event id `after` (at most 500), for the job page's log pane."""
+    raw = request.args.get("after", "0")
+    if not raw.isdigit():
+        raise InvalidInputError.one("after", "must be an event id")
+    with genq().database.transaction() as db:
+        events = db.scalars(
+            select(JobEvent)
+            .where(JobEvent.job_id == job_id, JobEvent.type == "log", JobEvent.id > int(raw))
+            .order_by(JobEvent.id)
+            .limit(500)
+        )
+        lines = [
+            {
+                "id": e.id,
+                "time": e.created_at.strftime("%H:%M:%S"),
+                "level": str(e.data.get("level", "info")),
+                "message": str(e.data.get("message", "")),
+            }
+            for e in events
+        ]
+    return jsonify(lines)
 
 
 @bp.get("/live/overview")

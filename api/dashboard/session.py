@@ -21,6 +21,7 @@ from werkzeug.wrappers import Response as BaseResponse
 
 from api.app import genq
 from api.dashboard import bp
+from api.problems import problem_response
 from core.audit import Actor, record_action
 from core.errors import ForbiddenError, GenqError, UnauthorizedError
 from core.keys import authenticate
@@ -143,7 +144,9 @@ def logout() -> BaseResponse:
 @bp.errorhandler(GenqError)
 def _genq_error(error: GenqError) -> Any:
     if request.path.startswith("/admin/live/"):
-        return {"type": error.type, "title": error.title, "detail": error.detail}, error.status
+        return problem_response(
+            error.status, error.type, error.title, error.detail, extra=_extra(error)
+        )
     problem = error.problem()
     page = render_template(
         "dashboard/error.html",
@@ -153,6 +156,10 @@ def _genq_error(error: GenqError) -> Any:
         errors=problem.get("errors", []),
     )
     return page, error.status
+
+
+def _extra(error: GenqError) -> dict[str, Any]:
+    return {k: v for k, v in error.problem().items() if k not in ("type", "title", "detail")}
 
 
 @bp.errorhandler(HTTPException)

@@ -56,6 +56,20 @@ async function pollJobs() {
   setTimeout(pollJobs, JOB_POLL_MS);
 }
 
+async function pollLogs() {
+  const pane = document.querySelector("[data-logs]");
+  const url = "/admin/live/jobs/" + encodeURIComponent(pane.dataset.logs) + "/logs?after=" + pane.dataset.after;
+  const lines = await getJSON(url);
+  if (lines && lines.length) {
+    const atBottom = pane.scrollTop + pane.clientHeight >= pane.scrollHeight - 4;
+    pane.append(lines.map((l) => l.time + " " + l.level + " " + l.message + "\n").join(""));
+    pane.dataset.after = lines[lines.length - 1].id;
+    if (atBottom) pane.scrollTop = pane.scrollHeight;
+  }
+  const watcher = document.querySelector("[data-reload-when-done]");
+  if (watcher && LIVE_STATES.has(watcher.dataset.stateNow)) setTimeout(pollLogs, JOB_POLL_MS);
+}
+
 async function pollOverview() {
   const data = await getJSON("/admin/live/overview");
   if (data) {
@@ -80,4 +94,8 @@ document.addEventListener("DOMContentLoaded", () => {
   }
   if (document.querySelector("[data-progress]")) setTimeout(pollJobs, JOB_POLL_MS);
   if (document.querySelector("[data-live-overview]")) setTimeout(pollOverview, OVERVIEW_POLL_MS);
+  const watcher = document.querySelector("[data-reload-when-done]");
+  if (document.querySelector("[data-logs]") && watcher && LIVE_STATES.has(watcher.dataset.stateNow)) {
+    setTimeout(pollLogs, JOB_POLL_MS);
+  }
 });
