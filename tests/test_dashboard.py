@@ -169,7 +169,7 @@ def test_a_post_without_or_with_a_wrong_token_changes_nothing(
 ) -> None:
     job_id = submit(client, keys.acme, echo(message="hi")).get_json()["id"]
     token = login(client, keys.admin)
-    for data in ({}, {"csrf_token": "forged"}, {"csrf_token": token[:-1]}):
+    for data in ({}, {"csrf_token": "forged"}, {"csrf_token": token[:-1]}, {"csrf_token": "é"}):
         response = client.post(f"/admin/jobs/{job_id}/cancel", data=data)
         assert response.status_code == 403
         assert "CSRF" in response.get_data(as_text=True)

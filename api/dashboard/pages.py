@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -128,6 +129,12 @@ def _parse_cursor(field: str) -> str | None:
         raise InvalidInputError.one(field, "is not a job id") from None
 
 
+@dataclass(frozen=True)
+class JobFilterArgs:
+    flt: queries.JobFilter
+    window: str  # the "created in the last ..." choice, shown selected again
+
+
 def _parse_filter() -> JobFilterArgs:
     args = request.args
     states = [s for v in args.getlist("state") for s in v.split(",") if s]
@@ -159,11 +166,6 @@ def _parse_filter() -> JobFilterArgs:
         ),
         window,
     )
-
-
-class JobFilterArgs:
-    def __init__(self, flt: queries.JobFilter, window: str) -> None:
-        self.flt, self.window = flt, window
 
 
 @bp.get("/jobs")

@@ -63,7 +63,8 @@ def csrf_token() -> str:
 def _check_csrf() -> None:
     sent = request.form.get("csrf_token") or request.headers.get("X-CSRF-Token") or ""
     expected = session.get("csrf") or ""
-    if not expected or not hmac.compare_digest(str(sent), str(expected)):
+    # Bytes: compare_digest refuses non-ASCII str, and a forged token may be anything.
+    if not expected or not hmac.compare_digest(str(sent).encode(), str(expected).encode()):
         raise CsrfError("this form is stale or did not come from the dashboard; reload and retry")
 
 
