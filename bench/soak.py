@@ -1,11 +1,13 @@
 """Soak under chaos: 1,000 mixed jobs (echo, tiny ddpm generation, tiny ddpm training) through
 the real stack (API in-process, Celery workers, the periodic scheduler, Ray) while a chaos loop
-SIGKILLs Celery workers and Ray actor processes at random. Prints jobs lost (never reached a
+SIGKILLs Celery workers and Ray actor processes at random for the first `--chaos-for` seconds
+(then the stack drains on its own). Prints jobs lost (never reached a
 terminal state), jobs run twice (more than one terminal state, or more than one model
 registered), duplicate outputs (two rows for one output name, an output file without its row,
 more rows than the job makes), all of which must be 0, and the time to drain.
 
-    .venv/bin/python -m bench.soak [--jobs 1000] [--db sqlite|postgres] [--chaos-every 8]
+    .venv/bin/python -m bench.soak [--jobs 1000] [--db sqlite|postgres] [--chaos-every 15]
+        [--chaos-for 180]
 
 Uses Redis DB 7 of 127.0.0.1:6379 (GENQ_TEST_REDIS_URL) and a local Ray head of its own.
 Results go to bench/results/soak-<time>.json.
@@ -57,9 +59,12 @@ def actor_pids() -> list[int]:
     return pids
 
 
-def chaos(cluster: harness.Cluster, stop: threading.Event, every_s: float, log: list[str]) -> None:
+def chaos(
+    cluster: harness.Cluster, stop: threading.Event, every_s: float, for_s: float, log: list[str]
+) -> None:
     rng = random.Random(7)
-    while not stop.wait(rng.uniform(every_s / 2, every_s * 1.5)):
+    until = time.monotonic() + for_s
+    while not stop.wait(rng.uniform(every_s / 2, every_s * 1.5)) and time.monotonic() < until:
         workers = [p for p in cluster.procs if p.name == "worker" and p.process.poll() is None]
         if rng.random() < 0.5 and workers:
             victim = rng.choice(workers)
@@ -168,6 +173,10 @@ def audit(cluster: harness.Cluster, jobs: list[tuple[str, str]]) -> dict[str, ob
     }
 
 
+def _interrupt(*_: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=1000)
@@ -176,8 +185,10 @@ def main() -> None:
     parser.add_argument(
         "--chaos-every", type=float, default=15.0, help="mean seconds between kills"
     )
+    parser.add_argument("--chaos-for", type=float, default=180.0, help="seconds of chaos")
     parser.add_argument("--timeout", type=float, default=1200.0, help="give up draining after")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, _interrupt)  # stop the Ray head and workers on the way out
 
     harness.REDIS_URL = harness.REDIS_URL.rsplit("/", 1)[0] + "/7"  # the soak's own Redis DB
     tmp = Path(tempfile.mkdtemp(prefix="genq-soak-"))
@@ -211,7 +222,9 @@ def main() -> None:
              "params": {**TRAIN, "seed": 0}}
         )  # fmt: skip
         assert cluster.wait(seed_model, 300)["state"] == "succeeded"
-        thread = threading.Thread(target=chaos, args=(cluster, stop, args.chaos_every, kills))
+        thread = threading.Thread(
+            target=chaos, args=(cluster, stop, args.chaos_every, args.chaos_for, kills)
+        )
         started = time.monotonic()
         thread.start()
         jobs = submit_all(cluster, args.jobs, "soak-gen")
@@ -236,6 +249,8 @@ def main() -> None:
             "when": datetime.now(UTC).isoformat(timespec="seconds"),
             "db": args.db,
             "workers": args.workers,
+            "chaos_every_s": args.chaos_every,
+            "chaos_for_s": args.chaos_for,
             "chaos_kills": len(kills),
             "worker_kills": sum("worker" in k for k in kills),
             "actor_kills": sum("actor" in k for k in kills),
