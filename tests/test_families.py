@@ -149,7 +149,11 @@ def test_training_yields_progress_metrics_samples_and_the_model(trained):
     assert math.isfinite(saved.metrics["final_loss"])
     config = saved.config
     assert config["preset"] == "tiny" and config["num_classes"] == 10
-    assert config["image_size"] == 16 and config["unet"]["num_class_embeds"] == 10
+    assert (
+        config["image_size"] == 16
+        and config["unet"]["num_class_embeds"] == 11
+        and config["null_label"] == 10
+    )
     json.dumps(config)  # stored as JSON in the model row
     files = sorted(p.name for p in ctx.model_dir.iterdir())
     assert files == ["config.json", "diffusion_pytorch_model.safetensors", "genq.json"]
@@ -216,6 +220,8 @@ def test_generate_gives_seeded_pngs_with_their_parameters(model):
             "label": 3,
             "num_images": 3,
             "steps": 5,
+            "sampler": "ddpm",
+            "guidance_scale": 1.0,
             "seed": 11,
         }
     assert images[0].data != images[1].data

@@ -216,3 +216,24 @@ def test_vae_reconstructs_and_interpolates_uploaded_images(trained):
     with pytest.raises(InvalidInputError) as info:
         outputs(model, {"mode": "reconstruct", "images": ["bm90IGFuIGltYWdl"]})
     assert info.value.errors[0]["field"] == "params.images.0"
+
+
+def test_ddpm_ddim_sampler_and_classifier_free_guidance(trained):
+    case, impl, _, ctx, events, model = trained
+    if case.family != "ddpm":
+        pytest.skip("samplers and guidance are the ddpm's")
+    base = {"label": 2, "num_images": 1, "steps": 4, "seed": 9}
+    ddpm_out = outputs(model, base)[0].data
+    ddim = outputs(model, {**base, "sampler": "ddim"})[0].data
+    assert ddim == outputs(model, {**base, "sampler": "ddim"})[0].data
+    assert ddim != ddpm_out
+    guided = outputs(model, {**base, "sampler": "ddim", "guidance_scale": 4.0})[0].data
+    assert guided != ddim
+    # A model saved before null labels existed cannot be guided, and says so.
+    old_config = {k: v for k, v in events[-1].config.items() if k != "null_label"}
+    old = impl.load(ctx.model_dir, old_config, "cpu")
+    with pytest.raises(InvalidInputError) as info:
+        outputs(old, {**base, "guidance_scale": 2.0})
+    assert info.value.errors[0]["field"] == "params.guidance_scale"
+    with pytest.raises(ValidationError):
+        get_family("ddpm").generate_params.model_validate({"sampler": "euler"})

@@ -21,7 +21,6 @@ Shapes: B batch, C image channels, H = W = image_size, K classes.
 
 from __future__ import annotations
 
-import io
 import json
 import secrets
 import shutil
@@ -33,9 +32,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, UNet2DModel
-from PIL import Image
-from PIL.PngImagePlugin import PngInfo
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
@@ -45,12 +42,12 @@ from core.events import Event, Log, Metric, ModelSaved, Output, Progress
 from workers.datasets import ImageDataset, load_dataset
 from workers.families.base import CanceledError, RunContext, TrainContext
 from workers.families.ddpm_spec import SEED_MAX, DdpmGenerateParams, DdpmTrainParams
+from workers.families.pictures import grid_png, png_bytes, to_pil, to_uint8
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
 CHECKPOINT_FORMAT = "genq-ddpm-checkpoint/1"
 METRIC_EVERY = 20  # steps between Metric events
 GRID_STEPS = 50  # denoising steps of the end-of-training sample grid
-GRID_CELL_PX = 32  # grid cells are upscaled (nearest) to at least this many pixels
 
 # Network presets. `tiny` trains in seconds on a CPU (tests); `default` draws recognisable
 # digits after a few thousand steps. Both are attention-free: at 16x16 attention buys little
@@ -93,7 +90,8 @@ def model_config(preset: str, dataset: ImageDataset) -> dict[str, Any]:
         "sample_size": size,
         "in_channels": dataset.channels,
         "out_channels": dataset.channels,
-        "num_class_embeds": dataset.num_classes,
+        # One embedding more than classes: the null label of classifier-free guidance.
+        "num_class_embeds": dataset.num_classes + 1,
         **spec["unet"],
     }
     return {
@@ -102,6 +100,7 @@ def model_config(preset: str, dataset: ImageDataset) -> dict[str, Any]:
         "image_size": size,
         "channels": dataset.channels,
         "num_classes": dataset.num_classes,
+        "null_label": dataset.num_classes,
         "class_names": list(dataset.class_names),
         "num_train_timesteps": spec["num_train_timesteps"],
         "scheduler": dict(SCHEDULE),
@@ -109,11 +108,15 @@ def model_config(preset: str, dataset: ImageDataset) -> dict[str, Any]:
     }
 
 
-def build_scheduler(config: dict[str, Any]) -> DDPMScheduler:
-    # A fresh one per job: set_timesteps mutates it.
-    return DDPMScheduler(
+def build_scheduler(config: dict[str, Any], sampler: str = "ddpm") -> DDPMScheduler:
+    # A fresh one per job: set_timesteps mutates it. DDIM (Song, Meng & Ermon 2020,
+    # arXiv:2010.02502) samples the same trained network deterministically in fewer steps.
+    ddpm = DDPMScheduler(
         num_train_timesteps=config["num_train_timesteps"], **config.get("scheduler", SCHEDULE)
     )
+    if sampler == "ddim":
+        return DDIMScheduler.from_config(ddpm.config)  # type: ignore[no-any-return]
+    return ddpm
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -184,9 +187,13 @@ def denoise(
     seeds: list[int],
     steps: int,
     ctx: RunContext,
+    guidance_scale: float = 1.0,
+    null_label: int | None = None,
 ) -> Iterator[Event | torch.Tensor]:
     """Algorithm 2, one image per (label, seed): yields Progress per step, then the images
-    (B, C, H, W) in [-1, 1] on the CPU as the last item."""
+    (B, C, H, W) in [-1, 1] on the CPU as the last item. With guidance_scale != 1, each step
+    also predicts the noise without the label and moves away from it (Ho & Salimans 2022,
+    arXiv:2207.12598): eps = eps_null + s * (eps_label - eps_null)."""
     cfg = unet.config
     device = unet.device
     # One CPU generator per image: an image depends on its own seed only, not on the batch.
@@ -200,46 +207,19 @@ def denoise(
         if ctx.is_canceled():
             raise CanceledError(f"job {ctx.job_id} was canceled")
         with torch.no_grad():
-            eps = unet(x, t.to(device), class_labels=y).sample  # (B, C, H, W)
+            if guidance_scale == 1.0 or null_label is None:
+                eps = unet(x, t.to(device), class_labels=y).sample  # (B, C, H, W)
+            else:
+                both = unet(
+                    torch.cat([x, x]),
+                    t.to(device),
+                    class_labels=torch.cat([y, torch.full_like(y, null_label)]),
+                ).sample  # (2B, C, H, W)
+                eps_label, eps_null = both.chunk(2)
+                eps = eps_null + guidance_scale * (eps_label - eps_null)
         x = scheduler.step(eps, t, x, generator=generators).prev_sample  # (B, C, H, W)
         yield Progress(i + 1, total, "denoising")
     yield x.clamp(-1, 1).float().cpu()
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) in [-1, 1] -> (B, H, W, C) uint8."""
-    return ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
-
-
-def to_pil(pixels: torch.Tensor) -> Image.Image:
-    """(H, W, C) uint8 -> a grayscale or RGB image."""
-    array = pixels.numpy()
-    return Image.fromarray(array[:, :, 0], "L") if array.shape[2] == 1 else Image.fromarray(array)
-
-
-def png_bytes(image: Image.Image, text: dict[str, str] | None = None) -> bytes:
-    info = PngInfo()
-    for key, value in (text or {}).items():
-        info.add_text(key, value)
-    buf = io.BytesIO()
-    image.save(buf, format="PNG", pnginfo=info)
-    return buf.getvalue()
-
-
-def grid_png(images: torch.Tensor, columns: int) -> bytes:
-    """(B, C, H, W) in [-1, 1] -> one PNG, `columns` images a row, small images upscaled."""
-    B, C, H, W = images.shape
-    rows = -(-B // columns)
-    scale = max(1, -(-GRID_CELL_PX // H))
-    pixels = to_uint8(images)  # (B, H, W, C)
-    canvas = torch.zeros((rows * H, columns * W, C), dtype=torch.uint8)
-    for i in range(B):
-        r, c = divmod(i, columns)
-        canvas[r * H : (r + 1) * H, c * W : (c + 1) * W] = pixels[i]
-    grid = to_pil(canvas)
-    return png_bytes(
-        grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST)
-    )
 
 
 # -- training ---------------------------------------------------------------------------------
@@ -318,6 +298,9 @@ def train(params: dict[str, Any], ctx: TrainContext) -> Iterator[Event]:
         t = torch.randint(0, T, (p.batch_size,), generator=g).to(device)  # (B,)
         x0, y = x_all[idx], y_all[idx]  # (B, C, H, W), (B,)
         eps = torch.randn(x0.shape, generator=g).to(device)  # (B, C, H, W)
+        if "null_label" in config:
+            dropped = torch.rand(p.batch_size, generator=g).to(device) < p.label_dropout  # (B,)
+            y = torch.where(dropped, config["null_label"], y)
         xt = scheduler.add_noise(x0, eps, t)  # sqrt(abar_t) x0 + sqrt(1 - abar_t) eps
         loss = F.mse_loss(unet(xt, t, class_labels=y).sample, eps)
         optimizer.zero_grad(set_to_none=True)
@@ -382,12 +365,20 @@ class Ddpm:
             raise InvalidInputError.one("params.label", f"this model knows labels 0 to {K - 1}")
         if p.steps > T:
             raise InvalidInputError.one("params.steps", f"this model allows at most {T} steps")
+        null_label = self.config.get("null_label")
+        if p.guidance_scale != 1.0 and null_label is None:
+            raise InvalidInputError.one(
+                "params.guidance_scale", "this model was trained without a null label: use 1"
+            )
         seed = p.seed if p.seed is not None else secrets.randbelow(SEED_MAX + 1)
         # Image i uses seed + i: generating it alone with that seed gives the same image.
         seeds = [(seed + i) % (SEED_MAX + 1) for i in range(p.num_images)]
         labels = torch.full((p.num_images,), p.label, dtype=torch.int64)
         images = None
-        for item in denoise(self.unet, build_scheduler(self.config), labels, seeds, p.steps, ctx):
+        scheduler = build_scheduler(self.config, p.sampler)
+        for item in denoise(
+            self.unet, scheduler, labels, seeds, p.steps, ctx, p.guidance_scale, null_label
+        ):
             if isinstance(item, torch.Tensor):
                 images = item
             else:

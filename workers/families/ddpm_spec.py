@@ -22,6 +22,13 @@ class DdpmTrainParams(BaseModel):
     batch_size: int = Field(64, ge=1, le=1024)
     learning_rate: float = Field(1e-3, gt=0, le=1.0)
     seed: int = Field(0, ge=0, le=SEED_MAX)
+    label_dropout: float = Field(
+        0.1,
+        ge=0,
+        lt=1,
+        description="Share of training examples shown without their label (the null class):"
+        " what classifier-free guidance needs at generation.",
+    )
     checkpoint_every: int = Field(
         200, ge=1, le=1_000_000, description="Steps between checkpoints (resume points)."
     )
@@ -33,6 +40,16 @@ class DdpmGenerateParams(BaseModel):
     label: int = Field(0, ge=0, le=999, description="Class to generate (a digit for `digits`).")
     num_images: int = Field(4, ge=1, le=64)
     steps: int = Field(50, ge=1, le=1000, description="Denoising steps.")
+    sampler: Literal["ddpm", "ddim"] = Field(
+        "ddpm", description="`ddim` is deterministic given the seed and good in few steps."
+    )
+    guidance_scale: float = Field(
+        1.0,
+        ge=0,
+        le=30,
+        description="Classifier-free guidance: 1 follows the label as trained, above 1 more"
+        " strongly, 0 ignores it. Needs a model trained with label_dropout > 0.",
+    )
     seed: int | None = Field(
         None, ge=0, le=SEED_MAX, description="Same seed, same images. Unset: a random seed."
     )
