@@ -23,7 +23,7 @@ from core.jobs import NewJob, create_job
 from core.states import JobKind
 from core.tables import Job, Model, Tenant
 from scheduler.enqueue import Publication
-from tests.test_faults_support import Cluster, is_alive, wait_until
+from tests.test_faults_support import Cluster, RayHead, is_alive, wait_until
 from tests.test_webhooks import Receiver, verify
 
 # The `cluster` and `ray_head` fixtures.
@@ -331,3 +331,23 @@ def test_webhooks_are_sent_from_their_own_queue_signed_and_logged(cluster: Clust
         headers = {k.lower(): v for k, v in request["headers"].items()}
         assert verify(secret, headers, request["body"])
     assert "genq.deliver_webhook" in cluster.logs()  # sent by a worker, from the webhooks queue
+
+
+def test_training_longer_than_the_visibility_timeout_runs_once(
+    tmp_path: Path, ray_head: RayHead
+) -> None:
+    env = {"GENQ_VISIBILITY_TIMEOUT_S": "11", "GENQ_LEASE_TTL_S": "5"}
+    cluster = Cluster(tmp_path, f"sqlite:///{tmp_path / 'genq.db'}", ray_head, extra_env=env)
+    try:
+        cluster.worker()
+        cluster.scheduler()
+        job_id = cluster.submit({**TRAIN, "params": {**TRAIN["params"], "steps": 150}})
+        # The broker hands the unacknowledged message out again while the job runs.
+        wait_until(lambda: "skipped:running" in cluster.logs(), 90, "the re-delivery")
+        job = cluster.wait(job_id, 180)
+        states = [e.data for e in cluster.events(job_id, "state")]
+        assert job["state"] == "succeeded" and job["attempt"] == 1, states
+        assert cluster.claims(job_id) == 1
+        cluster.check_invariants(job_id)
+    finally:
+        cluster.close()
