@@ -31,7 +31,7 @@ from core.errors import InvalidInputError
 from core.jobs import NewJob
 from core.states import JobKind
 from core.tables import Dataset, Model, utcnow
-from core.webhooks import UnsafeTargetError, check_target
+from core.webhooks import UnresolvedTargetError, UnsafeTargetError, check_target
 from scheduler.broker import queue_for_kind
 from workers.families.base import Family
 from workers.registry import FAMILIES
@@ -158,14 +158,16 @@ def _check_kind_fields(sub: JobSubmission) -> None:
 
 
 def check_webhook_target(sub: JobSubmission, *, allow_private: bool) -> None:
-    """422 on `webhook` when its host does not resolve or resolves to an internal address
-    (checked again before every send)."""
+    """422 on `webhook` when its host resolves to an internal address. A host that does not
+    resolve now is accepted: every send checks again, and a failed lookup is retried."""
     if sub.webhook is None:
         return
     try:
         check_target(sub.webhook, allow_private=allow_private)
     except UnsafeTargetError as exc:
         raise InvalidInputError.one("webhook", str(exc)) from None
+    except UnresolvedTargetError:
+        pass
 
 
 def request_hash(body: Any) -> str:

@@ -34,7 +34,11 @@ METADATA_ADDRESSES = frozenset(
 
 
 class UnsafeTargetError(ValueError):
-    """The webhook URL is not http(s), does not resolve, or resolves to an internal address."""
+    """The webhook URL is not http(s) or resolves to an internal address."""
+
+
+class UnresolvedTargetError(OSError):
+    """The webhook's host does not resolve now (perhaps only for now: DNS fails too)."""
 
 
 def webhook_event_for(type_: str, data: dict[str, Any]) -> str | None:
@@ -161,9 +165,9 @@ def is_internal(address: str) -> bool:
 
 
 def check_target(url: str, *, allow_private: bool) -> list[str]:
-    """The addresses `url`'s host resolves to; UnsafeTargetError if it is not http(s), does not
-    resolve, or any address is loopback, private, link-local or a metadata service (unless
-    `allow_private`, for local development)."""
+    """The addresses `url`'s host resolves to; UnsafeTargetError if it is not http(s) or any
+    address is loopback, private, link-local or a metadata service (unless `allow_private`, for
+    local development); UnresolvedTargetError if the host does not resolve."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UnsafeTargetError("must be an http or https URL")
@@ -174,10 +178,10 @@ def check_target(url: str, *, allow_private: bool) -> list[str]:
     try:
         infos = socket.getaddrinfo(parts.hostname, port, proto=socket.IPPROTO_TCP)
     except (socket.gaierror, UnicodeError) as exc:
-        raise UnsafeTargetError(f"host {parts.hostname!r} does not resolve: {exc}") from None
+        raise UnresolvedTargetError(f"host {parts.hostname!r} does not resolve: {exc}") from None
     addresses = sorted({str(info[4][0]) for info in infos})
     if not addresses:
-        raise UnsafeTargetError(f"host {parts.hostname!r} does not resolve")
+        raise UnresolvedTargetError(f"host {parts.hostname!r} does not resolve")
     if not allow_private:
         bad = [a for a in addresses if is_internal(a)]
         if bad:

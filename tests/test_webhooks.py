@@ -323,3 +323,24 @@ def test_api_refuses_internal_webhook_and_shows_the_delivery_log(
     assert [(d["event"], d["state"], d["attempts"]) for d in log] == [("completed", "pending", 0)]
     secret = client.get("/v1/webhook-secret", headers=auth).get_json()
     assert secret["secret"] == tenant_secret("test-secret-key", tenant.id)
+
+
+def test_unresolvable_host_is_accepted_at_submit_and_retried_at_send(
+    database_url: str, tmp_path: Path, database: Database, broker: redis.Redis
+) -> None:
+    strict = make_settings(database_url, tmp_path, webhook_allow_private=False)
+    app = create_app(strict, database=database, publisher=Publisher(strict))
+    with database.transaction() as session:
+        _, key = create_key(session, get_or_create_tenant(session, "acme"))
+    url = "https://no-such-host.invalid/hook"  # .invalid never resolves (RFC 2606)
+    body = {"kind": "generate", "model": "echo", "webhook": url, "webhook_events": ["start"]}
+    response = app.test_client().post(
+        "/v1/jobs", json=body, headers={"Authorization": f"Bearer {key}"}
+    )
+    assert response.status_code == 202, response.get_data(as_text=True)
+    job_id = response.get_json()["id"]
+    run_through(database, job_id)
+    (row,) = rows(database, job_id)
+    assert deliver(strict, database, row.id) == "pending"  # DNS may come back: retried
+    (logged,) = rows(database, job_id)
+    assert "does not resolve" in logged.log[0]["error"] and logged.attempts == 1
