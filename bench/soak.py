@@ -38,18 +38,19 @@ from api.stack import Stack  # noqa: E402
 from core.settings import Settings  # noqa: E402
 from core.tables import Artifact, Job, JobEvent, Model  # noqa: E402
 from tests import test_faults_support as harness  # noqa: E402
+from tests.stackproc import descendants  # noqa: E402
 
 PG_URL = os.environ.get("GENQ_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 TERMINAL = {"succeeded", "failed", "canceled"}
 TRAIN = {"preset": "tiny", "steps": 10, "batch_size": 8, "checkpoint_every": 5}
 
 
-def actor_pids() -> list[int]:
-    """Ray worker processes hosting a trainer or a model server."""
+def actor_pids(ray_pid: int) -> list[int]:
+    """Ray worker processes hosting a trainer or a model server of this run's own Ray head
+    (never another cluster's on the same machine)."""
     pids = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
+    for pid in descendants(ray_pid):
+        proc = Path(f"/proc/{pid}")
         try:
             cmdline = (proc / "cmdline").read_bytes()
         except OSError:
@@ -72,7 +73,7 @@ def chaos(
             cluster.worker(wait=False)
             log.append(f"{time.monotonic():.1f} SIGKILL worker {victim.pid}")
         else:
-            pids = actor_pids()
+            pids = actor_pids(cluster.ray.stack.children[0].process.pid)
             if pids:
                 pid = rng.choice(pids)
                 try:
