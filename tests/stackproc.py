@@ -86,6 +86,8 @@ class StackProcess:
         while time.monotonic() < deadline:
             text = self.log_path.read_text(errors="replace")
             if "Press Ctrl-C to stop." in text:
+                # With GENQ_ADMIN_KEY set, that is the key and none is printed.
+                self.admin_key = self.env.get("GENQ_ADMIN_KEY", "")
                 for line in text.splitlines():
                     if "Admin key:" in line:
                         self.admin_key = line.split("Admin key:")[1].strip()
