@@ -67,6 +67,17 @@ class Tenant(Base):
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
     name: Mapped[str] = mapped_column(String(128), unique=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # Scheduling (core/fairness.py, core/quotas.py). Weight: this tenant's share of slots
+    # relative to the others' (1-100). A None limit is no limit.
+    weight: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
+    max_running: Mapped[int | None] = mapped_column(Integer)
+    max_queued: Mapped[int | None] = mapped_column(Integer)
+    # GPU-seconds (run seconds x GPUs) allowed per budget_period_s, counted over the jobs that
+    # finished or are running in the current period.
+    gpu_seconds_budget: Mapped[float | None] = mapped_column(Float)
+    budget_period_s: Mapped[int] = mapped_column(Integer, default=86400, server_default="86400")
+    # What a submission over a limit gets: `reject` (429) or `hold` (accepted, waits queued).
+    over_quota: Mapped[str] = mapped_column(String(8), default="reject", server_default="reject")
 
 
 class ApiKey(Base):
@@ -140,6 +151,10 @@ class Job(Base):
         # The dashboard: a state filter read newest first, and the last hour's finished jobs.
         Index("ix_job_state_id", "state", "id"),
         Index("ix_job_finished_at", "finished_at"),
+        # The claim order (core/fairness.py): each tenant's queued jobs by priority and age.
+        Index("ix_job_claim", "state", "queue", "tenant_id", "priority", "created_at", "id"),
+        # A schedule fires each slot once, whatever the number of scheduler processes.
+        UniqueConstraint("schedule_id", "slot_at", name="uq_job_schedule_slot"),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
@@ -176,6 +191,13 @@ class Job(Base):
     run_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # Longest running time of one attempt, in seconds; None: no limit.
     timeout_s: Mapped[float | None] = mapped_column(Float)
+    # A queued job is not claimed before this (the backoff of a retried attempt).
+    not_before: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # GPUs the job holds while it runs (the GPU-seconds quota counts run time x this).
+    num_gpus: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    # Set on jobs a schedule created: which schedule, and for which of its slots.
+    schedule_id: Mapped[str | None] = mapped_column(String(36))
+    slot_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     # When the job's id was last handed to the broker; the reconciler reads it.
@@ -260,3 +282,41 @@ class WebhookDelivery(Base):
     log: Mapped[list[dict[str, Any]]] = mapped_column(JsonType, default=list)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     delivered_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class FairShare(Base):
+    """Start-time fair queuing state (core/fairness.py). Per queue, the row with tenant_id ""
+    holds the queue's virtual clock; each other row holds a tenant's pass: the virtual start
+    time of its next job in that queue."""
+
+    __tablename__ = "fair_share"
+
+    queue: Mapped[str] = mapped_column(String(32), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    pass_value: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class Schedule(Base):
+    """A recurring job: a cron expression in a time zone and the job template it submits
+    (the body of POST /v1/jobs). `next_run_at` is the next slot to fire; the periodic loop
+    advances it with a conditional UPDATE in the transaction that creates the job."""
+
+    __tablename__ = "schedule"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "name"),
+        Index("ix_schedule_due", "paused", "next_run_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenant.id"))
+    name: Mapped[str] = mapped_column(String(128))
+    cron: Mapped[str] = mapped_column(String(128))
+    timezone: Mapped[str] = mapped_column(String(64))
+    template: Mapped[dict[str, Any]] = mapped_column(JsonType, default=dict)
+    paused: Mapped[bool] = mapped_column(Boolean, default=False)
+    next_run_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_run_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_job_id: Mapped[str | None] = mapped_column(String(36))
+    fired_count: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
