@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 from core.errors import NotFoundError
-from workers.families import charlm_spec, ddpm_spec, echo_spec, gan_spec, vae_spec
+from workers.families import (
+    causal_lm_spec,
+    charlm_spec,
+    ddpm_spec,
+    echo_spec,
+    gan_spec,
+    sd_spec,
+    vae_spec,
+)
 from workers.families.base import Family
 
 FAMILIES: dict[str, Family] = {
@@ -14,6 +22,8 @@ FAMILIES: dict[str, Family] = {
         gan_spec.FAMILY,
         vae_spec.FAMILY,
         charlm_spec.FAMILY,
+        sd_spec.FAMILY,
+        causal_lm_spec.FAMILY,
     )
 }
 

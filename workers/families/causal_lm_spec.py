@@ -1,0 +1,136 @@
+"""The `transformers` family: any causal language model a self-hoster has on disk (a folder
+that `AutoModelForCausalLM` and `AutoTokenizer` load), registered with `POST /v1/models`;
+generation from a prompt or chat messages, and LoRA fine-tuning (peft) on a text data set.
+
+Besides the parameter schemas, this module checks a model folder's layout without torch, so
+the API can refuse a wrong folder at once: `config.json` with a `model_type`, a tokenizer, and
+safetensors weights (pickled `.bin` weights could run code when loaded, and are refused).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from core.errors import InvalidInputError
+from workers.families.base import Family, Resources
+
+SEED_MAX = 2**32 - 1
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(..., max_length=100_000)
+
+
+class CausalLmGenerateParams(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str | None = Field(
+        None, max_length=100_000, description="Text the output continues (or give `messages`)."
+    )
+    messages: list[ChatMessage] | None = Field(
+        None,
+        min_length=1,
+        max_length=500,
+        description="A chat, formatted with the tokenizer's chat template (or give `prompt`).",
+    )
+    max_tokens: int = Field(256, ge=1, le=32_768, description="Tokens to generate at most.")
+    temperature: float = Field(
+        1.0, ge=0, le=10, description="Softmax temperature; 0 always takes the likeliest token."
+    )
+    top_k: int = Field(0, ge=0, le=100_000, description="Sample among the k likeliest; 0: all.")
+    top_p: float = Field(
+        1.0, gt=0, le=1, description="Sample among the likeliest whose probability sums to p."
+    )
+    stop: list[str] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Generation ends before the first of these strings (not included).",
+    )
+    seed: int | None = Field(
+        None, ge=0, le=SEED_MAX, description="Same seed, same text. Unset: a random seed."
+    )
+
+    @field_validator("messages")
+    @classmethod
+    def _one_input(
+        cls, messages: list[ChatMessage] | None, info: ValidationInfo
+    ) -> list[ChatMessage] | None:
+        if messages is not None and info.data.get("prompt") is not None:
+            raise ValueError("give either `prompt` or `messages`, not both")
+        return messages
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, stop: list[str]) -> list[str]:
+        if any(not s or len(s) > 256 for s in stop):
+            raise ValueError("each stop string has 1-256 characters")
+        return stop
+
+
+class CausalLmFinetuneParams(BaseModel):
+    """LoRA: low-rank adapters on the attention (and MLP) projections, the base frozen."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(8, ge=1, le=1024, description="LoRA rank.")
+    alpha: float = Field(16.0, gt=0, le=4096, description="LoRA scale numerator (alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter's input.")
+    target_modules: list[str] | None = Field(
+        None,
+        min_length=1,
+        max_length=64,
+        description="Names of the linear layers to adapt. Unset: the architecture's usual"
+        " attention projections.",
+    )
+    steps: int = Field(200, ge=1, le=1_000_000, description="Optimizer steps.")
+    batch_size: int = Field(8, ge=1, le=1024)
+    learning_rate: float = Field(2e-4, gt=0, le=1.0)
+    seq_len: int = Field(256, ge=8, le=131_072, description="Tokens per training window.")
+    seed: int = Field(0, ge=0, le=SEED_MAX)
+    checkpoint_every: int = Field(
+        50, ge=1, le=1_000_000, description="Steps between checkpoints (resume points)."
+    )
+
+
+def check_layout(path: Path, field: str = "path") -> dict[str, Any]:
+    """What a model folder holds (model type, architecture), or 422 naming `field`. Looks at
+    files only: loading happens in a worker."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise InvalidInputError.one(field, f"{path} has no config.json (not a model folder)")
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise InvalidInputError.one(field, f"config.json does not parse: {exc}") from exc
+    if not isinstance(config, dict) or not config.get("model_type"):
+        raise InvalidInputError.one(field, "config.json has no model_type")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise InvalidInputError.one(field, f"{path} has no tokenizer files")
+    files = [f for f in path.iterdir() if f.is_file()]
+    if not any(f.suffix == ".safetensors" for f in files):
+        pickled = [f.name for f in files if f.suffix in PICKLE_SUFFIXES]
+        detail = f" (found {pickled[0]}: pickle weights are refused)" if pickled else ""
+        raise InvalidInputError.one(field, f"{path} has no .safetensors weights{detail}")
+    architectures = config.get("architectures") or []
+    return {"model_type": config["model_type"], "architectures": list(architectures)}
+
+
+FAMILY = Family(
+    name="transformers",
+    description="Any causal language model on disk (transformers), registered with"
+    " POST /v1/models; prompt or chat generation, streamed; LoRA fine-tuning.",
+    implementation="workers.families.causal_lm",
+    generate_params=CausalLmGenerateParams,
+    finetune_params=CausalLmFinetuneParams,
+    dataset_kinds=("text",),
+    resources=Resources(num_gpus=1.0, num_cpus=1.0, gpu_memory_gb=8.0),
+)
