@@ -41,7 +41,7 @@ def _authenticate() -> None:
     if view is None or getattr(view, "genq_public", False):
         return
     key = _bearer_key()
-    with genq().database.transaction() as session:
+    with genq().database.read() as session:
         g.principal = authenticate(session, key)
 
 

@@ -1,19 +1,33 @@
 """Engines and sessions for SQLite and PostgreSQL, built from settings.
 
-SQLite gets WAL, a busy timeout and `BEGIN IMMEDIATE` for every transaction: it allows one
-writer at a time, and taking the write lock up front turns a would-be "database is locked" on
-lock upgrade into a short wait.
+SQLite allows one writer at a time. Its own wait for the write lock (the busy handler) sleeps
+and retries with growing pauses of up to 100 ms, so under a few concurrent writers most of a
+request's time went to sleeping while the lock was already free. genq therefore queues writers
+itself: a write transaction first takes a lock of this process (threads queue on it) and then an
+OS file lock next to the database file (processes queue on it; the kernel wakes the next waiter
+the moment it is released, and frees it if the holder dies), and only then sends
+`BEGIN IMMEDIATE`, which by then finds the write lock free. Read-only work uses
+`Database.read()`: a deferred `BEGIN`, which in WAL mode never waits for a writer.
+
+PostgreSQL needs none of this: both kinds of transaction are ordinary ones.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.settings import Settings
+
+# Connection execution option: this connection's transactions only read.
+READ_ONLY = "genq_read_only"
 
 
 def make_engine(url: str, *, echo: bool = False) -> Engine:
@@ -34,7 +48,8 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
 
         @event.listens_for(engine, "begin")
         def _sqlite_begin(conn):  # type: ignore[no-untyped-def]
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            read_only = conn.get_execution_options().get(READ_ONLY, False)
+            conn.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
         return engine
     if url.startswith("postgresql://"):
@@ -42,23 +57,79 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
     return create_engine(url, echo=echo, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
 
+class WriterQueue:
+    """Lets one write transaction at a time into a SQLite file, across the threads of this
+    process (an RLock) and across processes (flock on `<database>.lock`). Re-entrant in one
+    thread, so a nested write transaction behaves as it would without the queue."""
+
+    def __init__(self, lock_path: Path) -> None:
+        self._path = lock_path
+        self._lock = threading.RLock()
+        self._depth = 0
+        self._fd: int | None = None
+        self._pid = os.getpid()
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        with self._lock:
+            if self._depth == 0:
+                fcntl.flock(self._file(), fcntl.LOCK_EX)
+            self._depth += 1
+            try:
+                yield
+            finally:
+                self._depth -= 1
+                if self._depth == 0:
+                    fcntl.flock(self._file(), fcntl.LOCK_UN)
+
+    def _file(self) -> int:
+        # A forked child must not share its parent's open file description: flock would then
+        # treat both processes as one holder.
+        if self._fd is None or self._pid != os.getpid():
+            self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+            self._pid = os.getpid()
+        return self._fd
+
+    def close(self) -> None:
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+        self._fd = None
+
+
 class Database:
     """An engine and its session factory; one per process, built by the entry point."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.writers: WriterQueue | None = None
         if settings.db_url.startswith("sqlite:///"):
-            from pathlib import Path
-
-            Path(settings.db_url[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+            path = Path(settings.db_url[len("sqlite:///") :])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.writers = WriterQueue(path.with_name(path.name + ".lock"))
         self.engine = make_engine(settings.db_url)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._read_sessions = sessionmaker(
+            self.engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False
+        )
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
         """A session whose work is committed on success and rolled back on any error."""
-        with self.sessions() as session, session.begin():
+        if self.writers is None:
+            with self.sessions() as session, session.begin():
+                yield session
+            return
+        with self.writers.held(), self.sessions() as session, session.begin():
+            yield session
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        """A session for reads only: a consistent snapshot that never waits for a writer
+        (on SQLite). Writing through it is a bug; SQLite may refuse it as busy."""
+        with self._read_sessions() as session, session.begin():
             yield session
 
     def dispose(self) -> None:
         self.engine.dispose()
+        if self.writers is not None:
+            self.writers.close()
