@@ -10,6 +10,7 @@
     │   ├── IllegalTransitionError 409 illegal-transition
     │   └── LeaseLostError         409 lease-lost      (a write from a worker whose lease is gone)
     ├── PayloadTooLargeError       413 too-large
+    ├── QuotaExceededError         429 quota-exceeded  (limit, current, allowed: which quota)
     └── JobFailedError             500 job-failed      (a job's own failure; stored on the job)
         ├── ModelError             500 model-error     (the model code raised)
         └── TransientError         503 transient       (worth another attempt)
@@ -94,6 +95,13 @@ class LeaseLostError(ConflictError):
 
 class PayloadTooLargeError(GenqError):
     status, type, title = 413, "too-large", "Payload too large"
+
+
+class QuotaExceededError(GenqError):
+    """429: a tenant's quota refuses the request; the body names the limit, its current
+    value and what is allowed (core/quotas.py)."""
+
+    status, type, title = 429, "quota-exceeded", "Quota exceeded"
 
 
 class JobFailedError(GenqError):

@@ -63,6 +63,9 @@ class NewJob:
     run_at: datetime | None = None
     max_attempts: int = 3
     timeout_s: float | None = None
+    num_gpus: float = 0.0
+    schedule_id: str | None = None
+    slot_at: datetime | None = None
 
 
 def retry_backoff_s(attempt: int, *, base_s: float, cap_s: float) -> float:
@@ -126,6 +129,9 @@ def create_job(session: Session, new: NewJob) -> tuple[Job, bool]:
         run_at=new.run_at,
         max_attempts=new.max_attempts,
         timeout_s=new.timeout_s,
+        num_gpus=new.num_gpus,
+        schedule_id=new.schedule_id,
+        slot_at=new.slot_at,
         created_at=now,
         updated_at=now,
     )
@@ -294,12 +300,18 @@ def finish_job(
 
 
 def release_job(
-    session: Session, lease: Lease, *, reason: str, params: dict[str, Any] | None = None
+    session: Session,
+    lease: Lease,
+    *,
+    reason: str,
+    params: dict[str, Any] | None = None,
+    backoff_s: float = 0.0,
 ) -> JobState:
     """Give a running job back to the queue (a transient failure) while attempts remain; a
     job whose cancel was requested ends canceled instead. Returns the state written.
     `params`, when given, replaces the job's parameters for the next attempt (the
-    smaller-batch policy after an out-of-memory error); the change is in the state event."""
+    smaller-batch policy after an out-of-memory error); the change is in the state event.
+    The job is not claimed again for `backoff_s` seconds (`not_before`)."""
     job = _fenced(session, lease)
     if job.state == JobState.CANCELING:
         return finish_job(session, lease, JobState.CANCELED)
@@ -315,6 +327,7 @@ def release_job(
     job.lease_token = None
     job.lease_expires_at = None
     job.published_at = None
+    job.not_before = utcnow() + timedelta(seconds=backoff_s) if backoff_s > 0 else None
     return JobState.QUEUED
 
 
@@ -338,24 +351,37 @@ def retry_job(session: Session, job: Job, *, extra_attempts: int) -> None:
     job.error_type = job.error_detail = None
     job.finished_at = None
     job.published_at = None
+    job.not_before = None
     job.progress_step = job.progress_total = 0
     job.progress_message = ""
 
 
 PRIORITY_RANGE = range(0, 10)
+# The named priority classes, onto the 0-9 scale (9 most urgent).
+PRIORITY_CLASSES = {"interactive": 8, "normal": 5, "batch": 2}
 
 
-def set_priority(session: Session, job: Job, priority: int) -> int:
+def parse_priority(value: Any) -> int:
+    """An integer 0-9 or a class name (interactive, normal, batch) -> the integer."""
+    if isinstance(value, str) and value in PRIORITY_CLASSES:
+        return PRIORITY_CLASSES[value]
+    if isinstance(value, bool) or not isinstance(value, int) or value not in PRIORITY_RANGE:
+        raise InvalidInputError.one(
+            "priority", "must be an integer from 0 to 9 or one of interactive, normal, batch"
+        )
+    return value
+
+
+def priority_class(priority: int) -> str:
+    """The class a 0-9 priority falls in: 7-9 interactive, 4-6 normal, 0-3 batch."""
+    return "interactive" if priority >= 7 else "normal" if priority >= 4 else "batch"
+
+
+def set_priority(session: Session, job: Job, priority: int | str) -> int:
     """Change the priority of a job that has not started (queued or scheduled); returns the
-    old one. The caller republishes a queued job so that the broker serves it in its new
-    place (the older message still exists; whichever comes first claims, the other is a
-    no-op)."""
-    if (
-        isinstance(priority, bool)
-        or not isinstance(priority, int)
-        or priority not in PRIORITY_RANGE
-    ):
-        raise InvalidInputError.one("priority", "must be an integer from 0 to 9")
+    old one. Nothing is republished: a broker message only says that a slot is free, and the
+    claim reads priorities from SQL (core/fairness.py)."""
+    priority = parse_priority(priority)
     if job.state not in (JobState.QUEUED, JobState.SCHEDULED):
         raise IllegalTransitionError(
             f"only a queued or scheduled job's priority can change; this one is {job.state}"

@@ -8,9 +8,9 @@ locked with SKIP LOCKED).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import nulls_first, or_, select, update
 from sqlalchemy.orm import Session
@@ -27,11 +27,16 @@ class Reaped:
     job_id: str
     state: JobState
     attempt: int = 0
+    # When a requeued job may be claimed again (None: at once).
+    not_before: datetime | None = None
 
 
-def reap_expired(session: Session, *, limit: int = 100) -> list[Reaped]:
+def reap_expired(
+    session: Session, *, limit: int = 100, backoff_s: Callable[[int], float] | None = None
+) -> list[Reaped]:
     """Handle jobs whose lease expired (their worker died or lost contact): requeue them while
-    attempts remain, fail them as `lost` when not, and finish canceling ones as canceled."""
+    attempts remain, fail them as `lost` when not, and finish canceling ones as canceled.
+    A requeued job is not claimed again for `backoff_s(attempt)` seconds (`not_before`)."""
     now = utcnow()
     jobs = session.scalars(
         select(Job)
@@ -55,9 +60,11 @@ def reap_expired(session: Session, *, limit: int = 100) -> list[Reaped]:
         else:
             _set_state(session, job, JobState.QUEUED, reason="lease expired")
             job.published_at = None
+            delay_s = backoff_s(job.attempt) if backoff_s is not None else 0.0
+            job.not_before = now + timedelta(seconds=delay_s) if delay_s > 0 else None
         job.lease_token = None
         job.lease_expires_at = None
-        reaped.append(Reaped(job.id, JobState(job.state), job.attempt))
+        reaped.append(Reaped(job.id, JobState(job.state), job.attempt, job.not_before))
         log.warning("reaped job", extra={"job_id": job.id, "state": job.state})
     return reaped
 

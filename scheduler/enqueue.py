@@ -85,6 +85,15 @@ class Publisher:
         """Drop a job's marker: its message has been consumed by a successful claim."""
         self.redis.delete(PUBLISHED_KEY.format(job_id=job_id))
 
+    def forget_one(self, job_ids: Sequence[str]) -> str | None:
+        """Drop the marker of the first of `job_ids` that has one; returns its id. A token that
+        found nothing to start uses this: one queued job is then counted as having no message,
+        and the reconciler sends it one."""
+        for job_id in job_ids:
+            if self.redis.delete(PUBLISHED_KEY.format(job_id=job_id)):
+                return job_id
+        return None
+
     def close(self) -> None:
         self.redis.close()
         self.celery.close()

@@ -27,7 +27,7 @@ from core.recovery import (
 )
 from core.settings import Settings
 from core.states import JobState
-from core.tables import Job
+from core.tables import Job, utcnow
 from scheduler.enqueue import Publication, Publisher
 from scheduler.webhooks import dispatch
 
@@ -70,17 +70,23 @@ class Periodic:
         return self._publish(ids)
 
     def reap(self) -> tuple[int, int]:
-        with self.database.transaction() as session:
-            reaped = reap_expired(session)
-        requeued = [r for r in reaped if r.state == JobState.QUEUED]
-        # A worker crash is a transient failure: the next attempt waits like any other retry.
-        delays = {
-            r.job_id: retry_backoff_s(
-                r.attempt,
+        # A worker crash is a transient failure: the next attempt waits like any other retry
+        # (not_before on the row holds every token off it; its own token comes when it is due).
+        def backoff(attempt: int) -> float:
+            return retry_backoff_s(
+                attempt,
                 base_s=self.settings.retry_backoff_base_s,
                 cap_s=self.settings.retry_backoff_max_s,
             )
+
+        with self.database.transaction() as session:
+            reaped = reap_expired(session, backoff_s=backoff)
+        requeued = [r for r in reaped if r.state == JobState.QUEUED]
+        now = utcnow()
+        delays = {
+            r.job_id: max(0.0, (r.not_before - now).total_seconds())
             for r in requeued
+            if r.not_before is not None
         }
         self._publish([r.job_id for r in requeued], delays)
         return len(reaped), len(requeued)

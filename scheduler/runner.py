@@ -24,15 +24,16 @@ from ray.exceptions import (
     RayActorError,
     RayTaskError,
 )
+from sqlalchemy import select
 
 from core.artifacts import ArtifactStore
 from core.catalog import register_model
 from core.db import Database
 from core.errors import GenqError, JobFailedError, LeaseLostError
 from core.events import Event, Log, Metric, ModelSaved, Output, Progress, TextDelta
+from core.fairness import claim_next
 from core.jobs import (
     Lease,
-    claim_job,
     finish_job,
     get_job,
     record_events,
@@ -42,7 +43,7 @@ from core.jobs import (
 )
 from core.settings import Settings
 from core.states import JobKind, JobState
-from core.tables import Dataset, Job, Model
+from core.tables import Dataset, Job, Model, Tenant, utcnow
 from scheduler.enqueue import Publication, Publisher
 from scheduler.lease import LeaseKeeper
 from workers.families.base import CanceledError
@@ -72,6 +73,8 @@ class JobSnapshot:
     dataset: dict[str, Any] | None = None
     dataset_id: str | None = None
     timeout_s: float | None = None
+    # The tenant has a running cap or a budget: its held jobs may need a token when this ends.
+    has_quota: bool = False
 
 
 class Runner:
@@ -98,23 +101,89 @@ class Runner:
     # -- the task body -----------------------------------------------------------------------
 
     def run(self, job_id: str) -> str:
-        """Run the job if this delivery wins its claim; returns what happened (for logs)."""
+        """A message for `job_id` says that a slot on its queue is free: claim the best queued
+        job of that queue (core/fairness.py), which may be another one, and run it. Returns
+        what happened (for logs)."""
         with self.database.transaction() as session:
-            lease = claim_job(session, job_id, lease_ttl_s=self.settings.lease_ttl_s)
-            if lease is None:
-                row = session.get(Job, job_id)
-                state = row.state if row is not None else "missing"
-                log.info("not claimed (state %s)", state, extra={"job_id": job_id})
-                return f"skipped:{state}"
-            snapshot = self._snapshot(session, job_id)
-        self.publisher.forget(job_id)
-        log.info("claimed, attempt %d", lease.attempt, extra={"job_id": job_id})
+            token = session.get(Job, job_id)
+            if token is None:
+                log.info("not claimed (state missing)", extra={"job_id": job_id})
+                return "skipped:missing"
+            queue = token.queue
+            lease = claim_next(session, queue, lease_ttl_s=self.settings.lease_ttl_s)
+            if lease is not None:
+                snapshot = self._snapshot(session, lease.job_id)
+        if lease is None:
+            return self._unused_token(job_id, queue)
+        # The claimed job no longer needs a message. When it is not the token's own job, its
+        # message is still in the broker and will serve the token's job (which keeps its
+        # marker) in turn, so the number of messages still matches the queued jobs.
+        self.publisher.forget(lease.job_id)
+        if lease.job_id != job_id:
+            log.info("claimed %s with the token of %s", lease.job_id, job_id)
+        log.info("claimed, attempt %d", lease.attempt, extra={"job_id": lease.job_id})
         keeper = LeaseKeeper(self.database, self.settings, lease, timeout_s=snapshot.timeout_s)
         keeper.start()
         try:
             return self._drive(snapshot, lease, keeper)
         finally:
             keeper.stop()
+            if snapshot.has_quota:
+                self._wake_held(snapshot.tenant_id, queue)
+
+    def _unused_token(self, job_id: str, queue: str) -> str:
+        """A token that found nothing to start: every queued job of the queue waits for its
+        backoff or its tenant's quota (or the queue is empty). Its own job, if still waiting
+        for a backoff, gets its message back when due; otherwise one queued job's marker is
+        dropped, so the reconciler (or the end of a job of a capped tenant) sends a new
+        token rather than the queue going without one."""
+        now = utcnow()
+        with self.database.transaction() as session:
+            row = session.get(Job, job_id)
+            state = row.state if row is not None else "missing"
+            due_in_s = None
+            if row is not None and row.state == JobState.QUEUED and row.not_before is not None:
+                due_in_s = (row.not_before - now).total_seconds()
+            waiting = list(
+                session.scalars(
+                    select(Job.id)
+                    .where(Job.state == JobState.QUEUED, Job.queue == queue)
+                    .order_by(Job.id)
+                    .limit(50)
+                )
+            )
+        if due_in_s is not None and due_in_s > 0:
+            assert row is not None
+            self.publisher.publish(
+                self.database, [Publication(job_id, queue, row.priority, countdown_s=due_in_s)]
+            )
+        elif state == JobState.QUEUED:
+            self.publisher.forget(job_id)
+        elif waiting:
+            self.publisher.forget_one(waiting)
+        log.info("not claimed (state %s)", state, extra={"job_id": job_id})
+        return f"skipped:{state}"
+
+    def _wake_held(self, tenant_id: str, queue: str) -> None:
+        """A job of a tenant with quotas ended: its queued jobs may have lost their tokens
+        while it was at its cap, so give one of them a message if none has one."""
+        try:
+            with self.database.transaction() as session:
+                rows = session.execute(
+                    select(Job.id, Job.queue, Job.priority)
+                    .where(Job.state == JobState.QUEUED, Job.tenant_id == tenant_id)
+                    .order_by(Job.priority.desc(), Job.created_at)
+                    .limit(20)
+                ).all()
+            if not rows:
+                return
+            present = self.publisher.has_message([r.id for r in rows])
+            if any(present):
+                return
+            first = rows[0]
+            self.publisher.publish(self.database, [Publication(first.id, first.queue, 5)])
+        except Exception:  # the reconciler covers it
+            log.exception("could not wake the held jobs of tenant %s", tenant_id)
 
     def _snapshot(self, session: Any, job_id: str) -> JobSnapshot:
         job = get_job(session, job_id)
@@ -130,6 +199,10 @@ class Runner:
             model_id=job.model_id,
             dataset_id=job.dataset_id,
             timeout_s=job.timeout_s,
+        )
+        tenant = session.get(Tenant, job.tenant_id)
+        snap.has_quota = tenant is not None and (
+            tenant.max_running is not None or tenant.gpu_seconds_budget is not None
         )
         if job.model_id:
             model = session.get(Model, job.model_id)
@@ -232,6 +305,11 @@ class Runner:
 
     def _fail(self, job: JobSnapshot, lease: Lease, keeper: LeaseKeeper, exc: BaseException) -> str:
         cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
+        backoff_s = retry_backoff_s(
+            lease.attempt,
+            base_s=self.settings.retry_backoff_base_s,
+            cap_s=self.settings.retry_backoff_max_s,
+        )
         if keeper.lost.is_set():
             return "lease-lost"
         try:
@@ -252,11 +330,17 @@ class Runner:
                         lease,
                         reason=f"out of memory: {cause}"[:2000],
                         params=smaller_batch(job.params),
+                        backoff_s=backoff_s,
                     )
                 elif isinstance(cause, RAY_TRANSIENT) or (
                     isinstance(cause, JobFailedError) and cause.transient
                 ):
-                    state = release_job(session, lease, reason=f"{type(cause).__name__}: {cause}")
+                    state = release_job(
+                        session,
+                        lease,
+                        reason=f"{type(cause).__name__}: {cause}",
+                        backoff_s=backoff_s,
+                    )
                 elif isinstance(cause, GenqError):
                     state = finish_job(
                         session,
@@ -277,11 +361,7 @@ class Runner:
         except LeaseLostError:
             return "lease-lost"
         if state == JobState.QUEUED:
-            backoff_s = retry_backoff_s(
-                lease.attempt,
-                base_s=self.settings.retry_backoff_base_s,
-                cap_s=self.settings.retry_backoff_max_s,
-            )
+            # Its token arrives when the backoff is over (not_before holds other tokens off).
             self.publisher.publish(
                 self.database,
                 [Publication(job.id, job.queue, job.priority, countdown_s=backoff_s)],

@@ -1,0 +1,261 @@
+"""Which queued job runs next: priority first, then weighted fair share between tenants, then
+age. The runner's claim (`claim_next`) and the API's `queue_position` use the same order.
+
+The fair share is start-time fair queuing. Each tenant has a *pass* per queue (its row in
+`fair_share`): the virtual start time of its next job. A tenant's k-th queued job (its own jobs
+ordered by priority, then age) starts at `pass + (k - 1) * stride`, where `stride =
+STRIDE_UNIT // weight`, so a tenant of weight 2 gets two starts for every one of a tenant of
+weight 1. The whole order is
+
+    priority (higher first), virtual start (lower first), tenant id, then the tenant's own order
+
+and the next job is always some tenant's first. Claiming a tenant's job advances its pass by
+one stride, which leaves the virtual start of every other queued job unchanged: so, until jobs
+arrive or quotas change, jobs start exactly in the order listed now, which is what
+`queue_position` reports. The queue's *clock* (the `fair_share` row with tenant_id "") follows the
+lowest virtual start among the tenants with work; a tenant that was idle starts at the clock,
+not at its old pass, so idle time is not saved up into a burst, and a tenant arriving with one
+job waits behind at most one job of each tenant that already has work (per free slot).
+
+Fair share is counted in job starts, not in run time (a tenant of long jobs gets as many starts
+as one of short jobs); the running cap and the GPU-seconds budget (`core.quotas`) bound time.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from core.jobs import Lease, claim_job
+from core.quotas import TenantLimits, blocked_tenants, load_limits
+from core.states import JobState
+from core.tables import FairShare, Job, utcnow
+
+# lcm(1..16): strides are exact for weights 1-16 (and integral, so consistent, for 17-100).
+STRIDE_UNIT = 720720
+CLOCK = ""  # the tenant_id of a queue's clock row
+# A claim gives up after this many lost races or expired deadlines (another token retries).
+MAX_CLAIM_TRIES = 32
+
+
+def stride(weight: int) -> int:
+    return STRIDE_UNIT // max(1, weight)
+
+
+def _clock_row(session: Session, queue: str) -> FairShare:
+    """The queue's clock row, locked: claims on one queue take turns (they are short)."""
+    stmt = (
+        select(FairShare)
+        .where(FairShare.queue == queue, FairShare.tenant_id == CLOCK)
+        .with_for_update()
+    )
+    row = session.scalar(stmt)
+    if row is not None:
+        return row
+    try:
+        with session.begin_nested():
+            session.add(FairShare(queue=queue, tenant_id=CLOCK, pass_value=0))
+    except IntegrityError:  # another claim created it first
+        pass
+    row = session.scalar(stmt)
+    assert row is not None
+    return row
+
+
+def _passes(session: Session, queue: str, tenant_ids: list[str]) -> dict[str, FairShare]:
+    if not tenant_ids:
+        return {}
+    rows = session.scalars(
+        select(FairShare).where(FairShare.queue == queue, FairShare.tenant_id.in_(tenant_ids))
+    )
+    return {r.tenant_id: r for r in rows}
+
+
+@dataclass(frozen=True)
+class Head:
+    """A tenant with queued work in a queue: its best priority and virtual start."""
+
+    tenant_id: str
+    priority: int
+    start: int
+    stride: int
+
+
+def _heads(session: Session, queue: str, clock: int, limits: dict[str, TenantLimits]) -> list[Head]:
+    """Every tenant with queued jobs in `queue`, in claim order."""
+    rows = session.execute(
+        select(Job.tenant_id, func.max(Job.priority))
+        .where(Job.state == JobState.QUEUED, Job.queue == queue)
+        .group_by(Job.tenant_id)
+    ).all()
+    passes = _passes(session, queue, [r[0] for r in rows])
+    heads = []
+    for tenant_id, priority in rows:
+        row = passes.get(tenant_id)
+        start = max(row.pass_value, clock) if row is not None else clock
+        weight = limits[tenant_id].weight if tenant_id in limits else 1
+        heads.append(Head(tenant_id, int(priority), start, stride(weight)))
+    heads.sort(key=lambda h: (-h.priority, h.start, h.tenant_id))
+    return heads
+
+
+def _first_due(session: Session, queue: str, tenant_id: str, now: datetime) -> str | None:
+    """The tenant's first queued job in its own order that may start now."""
+    return session.scalar(
+        select(Job.id)
+        .where(
+            Job.state == JobState.QUEUED,
+            Job.queue == queue,
+            Job.tenant_id == tenant_id,
+            or_(Job.not_before.is_(None), Job.not_before <= now),
+        )
+        .order_by(Job.priority.desc(), Job.created_at, Job.id)
+        .limit(1)
+    )
+
+
+def claim_next(session: Session, queue: str, *, lease_ttl_s: float) -> Lease | None:
+    """Claim the best queued job of `queue` that may start now, or return None when there is
+    none (the queue is empty, every tenant with work is at a quota, or every job waits for its
+    backoff). One conditional UPDATE decides each claim (`core.jobs.claim_job`), so two
+    callers never get the same job; a lost race moves on to the next candidate."""
+    now = utcnow()
+    clock = _clock_row(session, queue)
+    limits = load_limits(session)
+    heads = _heads(session, queue, clock.pass_value, limits)
+    blocked = blocked_tenants(session, [h.tenant_id for h in heads], limits, now=now)
+    tries = 0
+    for head in heads:
+        if head.tenant_id in blocked:
+            continue
+        while tries < MAX_CLAIM_TRIES:
+            tries += 1
+            job_id = _first_due(session, queue, head.tenant_id, now)
+            if job_id is None:
+                break
+            lease = claim_job(session, job_id, lease_ttl_s=lease_ttl_s)
+            if lease is None:  # its deadline passed, or another caller won it: next one
+                continue
+            _advance(session, queue, head, clock, min(h.start for h in heads))
+            return lease
+    return None
+
+
+def _advance(session: Session, queue: str, head: Head, clock: FairShare, lowest_start: int) -> None:
+    """The claimed job started at `head.start`: the tenant's pass moves one stride beyond it,
+    and the clock to the lowest start of any tenant with work (never past one, so that no
+    waiting tenant is moved and the order already reported stays true)."""
+    clock.pass_value = max(clock.pass_value, lowest_start)
+    updated = session.execute(
+        update(FairShare)
+        .where(FairShare.queue == queue, FairShare.tenant_id == head.tenant_id)
+        .values(pass_value=head.start + head.stride)
+    )
+    if getattr(updated, "rowcount", 0) == 0:
+        session.add(
+            FairShare(queue=queue, tenant_id=head.tenant_id, pass_value=head.start + head.stride)
+        )
+    session.flush()
+
+
+# -- queue positions ---------------------------------------------------------------------------
+
+
+@dataclass
+class QueueOrder:
+    """The claim order of one queue, summarised per (tenant, priority) so that the position of
+    any queued job is a sum over tenants (no scan of the whole queue per job)."""
+
+    queue: str
+    heads: dict[str, Head]
+    # tenant -> {priority: number of queued jobs}
+    counts: dict[str, dict[int, int]]
+
+    def position(self, job: Job, own_ahead: int) -> int:
+        """How many queued jobs of the queue start before `job`; `own_ahead` is how many of its
+        tenant's jobs of the same priority are older than it."""
+        p, t = job.priority, job.tenant_id
+        mine = self.heads.get(t)
+        if mine is None:
+            return 0
+        higher_own = sum(n for q, n in self.counts[t].items() if q > p)
+        k = higher_own + own_ahead  # jobs of its tenant before it; it is the (k+1)-th
+        start = mine.start + k * mine.stride
+        ahead = 0
+        for u, head in self.heads.items():
+            per = self.counts[u]
+            ahead += sum(n for q, n in per.items() if q > p)
+            if u == t:
+                ahead += own_ahead
+                continue
+            n_same = per.get(p, 0)
+            if not n_same:
+                continue
+            higher = sum(n for q, n in per.items() if q > p)
+            # u's jobs of priority p start at head.start + (higher + i) * stride, i = 0..n-1;
+            # those before `start` (or at it, when u sorts before t) come first.
+            offset = start - head.start - higher * head.stride
+            if offset < 0 or (offset == 0 and u > t):
+                continue
+            before = offset // head.stride + 1 if u < t else -(-offset // head.stride)
+            ahead += min(n_same, before)
+        return ahead
+
+
+def queue_order(session: Session, queue: str) -> QueueOrder:
+    clock = session.scalar(
+        select(FairShare.pass_value).where(FairShare.queue == queue, FairShare.tenant_id == CLOCK)
+    )
+    limits = load_limits(session)
+    counts: dict[str, dict[int, int]] = defaultdict(dict)
+    for tenant_id, priority, n in session.execute(
+        select(Job.tenant_id, Job.priority, func.count())
+        .where(Job.state == JobState.QUEUED, Job.queue == queue)
+        .group_by(Job.tenant_id, Job.priority)
+    ):
+        counts[tenant_id][int(priority)] = int(n)
+    passes = _passes(session, queue, list(counts))
+    heads = {}
+    for tenant_id, per in counts.items():
+        row = passes.get(tenant_id)
+        start = max(row.pass_value, clock or 0) if row is not None else clock or 0
+        weight = limits[tenant_id].weight if tenant_id in limits else 1
+        heads[tenant_id] = Head(tenant_id, max(per), start, stride(weight))
+    return QueueOrder(queue, heads, counts)
+
+
+def own_ahead(session: Session, job: Job) -> int:
+    """Queued jobs of the same tenant, queue and priority that are older than `job`."""
+    n = session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(
+            Job.state == JobState.QUEUED,
+            Job.queue == job.queue,
+            Job.tenant_id == job.tenant_id,
+            Job.priority == job.priority,
+            or_(
+                Job.created_at < job.created_at,
+                (Job.created_at == job.created_at) & (Job.id < job.id),
+            ),
+        )
+    )
+    return int(n or 0)
+
+
+def queue_positions(session: Session, jobs: list[Job]) -> dict[str, int]:
+    """The position of each queued job in `jobs` (0 = next to start in its queue)."""
+    orders: dict[str, QueueOrder] = {}
+    out = {}
+    for job in jobs:
+        if job.state != JobState.QUEUED:
+            continue
+        if job.queue not in orders:
+            orders[job.queue] = queue_order(session, job.queue)
+        out[job.id] = orders[job.queue].position(job, own_ahead(session, job))
+    return out
