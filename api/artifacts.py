@@ -24,7 +24,7 @@ def download(artifact_id: str) -> Response:
     scope = tenant_scope()
     if scope is not None:
         stmt = stmt.where(Artifact.tenant_id == scope)
-    with state.database.transaction() as session:
+    with state.database.read() as session:
         artifact = session.scalar(stmt)
     if artifact is None:
         raise NotFoundError(f"no artifact {artifact_id}")

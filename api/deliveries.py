@@ -41,7 +41,7 @@ def delivery_payload(row: WebhookDelivery) -> dict[str, Any]:
 @bp.get("/jobs/<job_id>/deliveries")
 def job_deliveries(job_id: str) -> Response:
     """Every webhook message about the job, oldest first, with its attempts."""
-    with genq().database.transaction() as session:
+    with genq().database.read() as session:
         job = find_job(session, job_id)
         items = [delivery_payload(row) for row in deliveries_of(session, job.id)]
     return jsonify({"items": items})
@@ -60,7 +60,7 @@ def dead_letter() -> Response:
     cursor = request.args.get("cursor")
     if cursor is not None:
         stmt = stmt.where(Job.id < decode_cursor(cursor))
-    with genq().database.transaction() as session:
+    with genq().database.read() as session:
         jobs = list(session.scalars(stmt.order_by(Job.id.desc()).limit(limit + 1)))
         page = jobs[:limit]
         items = render_jobs(session, page)

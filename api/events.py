@@ -86,7 +86,7 @@ def _poll(database: Database, job_id: str, after_id: int) -> tuple[str | None, l
     job's row lock, so a job's event ids are committed in order and `id > after_id` misses
     none.
     """
-    with database.transaction() as session:
+    with database.read() as session:
         state = session.scalar(select(Job.state).where(Job.id == job_id))
         events = list(
             session.scalars(
@@ -103,7 +103,7 @@ def _poll(database: Database, job_id: str, after_id: int) -> tuple[str | None, l
 def events(job_id: str) -> Response:
     after_id = _last_event_id()
     state = genq()
-    with state.database.transaction() as session:
+    with state.database.read() as session:
         job_id = find_job(session, job_id).id
     stream = stream_events(
         state.database,
