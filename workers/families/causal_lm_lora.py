@@ -1,0 +1,252 @@
+"""LoRA fine-tuning for the `transformers` family (Hu et al. 2021, "LoRA: Low-Rank Adaptation
+of Large Language Models"), with peft.
+
+The base model is frozen; low-rank adapters on the named linear layers (by default the
+attention projections peft knows for the architecture) are trained on random windows of
+`seq_len` tokens of a text data set, the last 5% of the tokens held out for a validation loss
+at each checkpoint. A fine-tune of a LoRA version first merges the parent's adapters into the
+base, so each version adds one adapter on top of its parent.
+
+Checkpoints hold only the adapter weights and the optimizer state (safetensors, through
+`checkpoints.save_checkpoint`), so they stay small even for a large base; a restarted trainer
+resumes from the last one. The saved version is a folder with the adapter, the tokenizer, the
+ancestors' adapters under `parents/NN/` and `genq.json` naming the base folder; it is swapped
+into place atomically. Window i of step s is drawn from a generator seeded with (seed, s), so
+a resumed run sees the same data as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core.errors import InvalidInputError, ModelError
+from core.events import Event, Log, Metric, ModelSaved, Progress
+from workers.datasets import load_text
+from workers.families.base import CanceledError, TrainContext
+from workers.families.causal_lm_spec import CausalLmFinetuneParams
+from workers.families.checkpoints import (
+    CHECKPOINT_NAME,
+    CONFIG_NAME,
+    load_checkpoint,
+    save_checkpoint,
+)
+
+CHECKPOINT_FORMAT = "genq-lora-checkpoint/1"
+METRIC_EVERY = 10
+HELD_OUT = 0.05
+EVAL_BATCHES = 4
+TOKENIZE_CHUNK = 1 << 20  # characters per tokenizer call on a large text
+
+
+@contextmanager
+def peft_quiet() -> Iterator[None]:
+    """peft 0.21 reads an attribute transformers 5 renamed (a FutureWarning each time a model
+    is wrapped); nothing for us to change."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
+        yield
+
+
+class AdapterWeights:
+    """The adapter part of a peft model, shaped like a module for save/load_checkpoint."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        from peft import get_peft_model_state_dict
+
+        return dict(get_peft_model_state_dict(self.model))
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(self.model, state)
+
+
+def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
+    """The whole text as one (N,) tensor of token ids, tokenized in chunks."""
+    ids: list[int] = []
+    for start in range(0, len(text), TOKENIZE_CHUNK):
+        piece = text[start : start + TOKENIZE_CHUNK]
+        ids.extend(tokenizer(piece, add_special_tokens=False)["input_ids"])
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def windows(data: torch.Tensor, B: int, T: int, gen: torch.Generator) -> torch.Tensor:
+    """B random windows of T tokens: (B, T)."""
+    starts = torch.randint(0, len(data) - T + 1, (B,), generator=gen)
+    return torch.stack([data[s : s + T] for s in starts.tolist()])
+
+
+def lora_model(model: Any, p: CausalLmFinetuneParams, model_type: str) -> Any:
+    from peft import LoraConfig, get_peft_model
+    from transformers.pytorch_utils import Conv1D
+
+    config = LoraConfig(
+        # GPT-2-style models keep their linear layers transposed (Conv1D).
+        fan_in_fan_out=any(isinstance(m, Conv1D) for m in model.modules()),
+        r=p.r,
+        lora_alpha=p.alpha,
+        lora_dropout=p.dropout,
+        target_modules=p.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        with peft_quiet():
+            return get_peft_model(model, config)
+    except ValueError as exc:
+        if p.target_modules is None:
+            message = f"no default LoRA target modules for {model_type!r} models: name them"
+        else:
+            message = f"not linear layers of this {model_type} model: {exc}"
+        raise InvalidInputError.one("params.target_modules", message) from None
+
+
+def mean_loss(model: Any, data: torch.Tensor, B: int, T: int, seed: int, device: str) -> float:
+    gen = torch.Generator().manual_seed(seed)
+    total = 0.0
+    with torch.no_grad():
+        for _ in range(EVAL_BATCHES):
+            x = windows(data, B, T, gen).to(device)
+            total += model(input_ids=x, labels=x).loss.item()
+    return total / EVAL_BATCHES
+
+
+def save_version(
+    model: Any, tokenizer: Any, parent_dir: Path, config: dict[str, Any], model_dir: Path
+) -> None:
+    """Adapter, tokenizer, ancestors' adapters and genq.json into a temporary sibling folder,
+    then swapped into place."""
+    from workers.families.causal_lm import PARENTS_DIR, adapter_chain, is_lora_version
+
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=model_dir.parent, prefix=f".{model_dir.name}."))
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        if is_lora_version(parent_dir):
+            for i, folder in enumerate(adapter_chain(parent_dir)):
+                target = tmp / PARENTS_DIR / f"{i:02d}"
+                target.mkdir(parents=True)
+                for name in ("adapter_config.json", "adapter_model.safetensors"):
+                    shutil.copyfile(folder / name, target / name)
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+        if model_dir.exists():
+            shutil.rmtree(model_dir)
+        tmp.rename(model_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def train(params: dict[str, Any], ctx: TrainContext) -> Iterator[Event]:
+    from workers.families.causal_lm import context_length, dtype_for, load_model
+
+    if ctx.parent_model_dir is None:
+        raise InvalidInputError.one("kind", "a transformers model is fine-tuned, not trained")
+    p = CausalLmFinetuneParams.model_validate(params)
+    parent_dir = Path(ctx.parent_model_dir)
+    parent_config = dict(ctx.parent_config)
+    base_path = parent_config.get("base_path") or str(parent_dir)
+    # The frozen base may be half precision on a GPU; the adapters peft adds stay fp32.
+    model, tokenizer = load_model(parent_dir, parent_config, dtype_for(ctx.device))
+    model_type = str(model.config.model_type)
+    limit = context_length(model)
+    if limit is not None and p.seq_len > limit:
+        raise InvalidInputError.one(
+            "params.seq_len", f"longer than the model's context of {limit} tokens"
+        )
+    text = load_text(ctx.dataset).decode("utf-8", errors="replace")
+    data = tokenize(tokenizer, text)
+    n_val = max(int(len(data) * HELD_OUT), p.seq_len)
+    if len(data) - n_val < p.seq_len:
+        raise ModelError(
+            f"the text is too short: {len(data)} tokens, at least {2 * p.seq_len} needed"
+            " for seq_len windows to train on and hold out"
+        )
+    train_data, val_data = data[:-n_val], data[-n_val:]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(p.seed)  # the adapters' initialisation
+        model = lora_model(model, p, model_type)
+    model.to(ctx.device).train()
+    trainable = [q for q in model.parameters() if q.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=p.learning_rate, weight_decay=0.0)
+    lora = {"r": p.r, "alpha": p.alpha, "dropout": p.dropout}
+    config = {
+        "family": "transformers",
+        "kind": "lora",
+        "base_path": base_path,
+        "model_type": model_type,
+        "lora": {**lora, "target_modules": sorted(model.peft_config["default"].target_modules)},
+    }
+    yield Log(
+        f"LoRA on {model_type}: {sum(q.numel() for q in trainable)} trainable parameters,"
+        f" {len(train_data)} training tokens, {len(val_data)} held out, on {ctx.device}"
+    )
+
+    checkpoint = ctx.checkpoint_dir / CHECKPOINT_NAME
+    modules: dict[str, Any] = {"adapter": AdapterWeights(model)}
+    optimizers = {"adapter": optimizer}
+    start, final_loss, val_loss = 0, float("nan"), float("nan")
+    if checkpoint.exists():
+        start, final_loss = load_checkpoint(
+            checkpoint, CHECKPOINT_FORMAT, modules, optimizers, config
+        )
+        start = min(start, p.steps)
+        yield Log(f"resumed from step {start}")
+    B, T = p.batch_size, p.seq_len
+    window: list[float] = []
+    window_start = time.perf_counter()
+    for step in range(start + 1, p.steps + 1):
+        if ctx.is_canceled():
+            raise CanceledError(f"job {ctx.job_id} was canceled")
+        lr = p.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / p.steps)))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        x = windows(train_data, B, T, torch.Generator().manual_seed(p.seed * 2**20 + step))
+        x = x.to(ctx.device)
+        loss = model(input_ids=x, labels=x).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        if not torch.isfinite(loss):
+            raise ModelError(f"the loss diverged at step {step}; try a lower learning_rate")
+        window.append(loss.item())
+        yield Progress(step, p.steps, "fine-tuning")
+        if step % METRIC_EVERY == 0 or step == p.steps:
+            elapsed = time.perf_counter() - window_start
+            final_loss = sum(window) / len(window)
+            values = {"loss": final_loss, "tokens_per_s": len(window) * B * T / max(elapsed, 1e-9)}
+            yield Metric(step, values)
+            window, window_start = [], time.perf_counter()
+        if step % p.checkpoint_every == 0 or step == p.steps:
+            model.eval()
+            val_loss = mean_loss(model, val_data, min(B, 8), T, p.seed, ctx.device)
+            model.train()
+            yield Metric(step, {"val_loss": val_loss})
+            save_checkpoint(
+                checkpoint, CHECKPOINT_FORMAT, modules, optimizers, step, config, final_loss
+            )
+            yield Log(f"checkpoint at step {step}", level="debug")
+
+    model.eval()
+    save_version(model, tokenizer, parent_dir, config, ctx.model_dir)
+    yield Log(f"saved the adapter to {ctx.model_dir_rel}")
+    yield ModelSaved(
+        path=ctx.model_dir_rel,
+        config={**config, "seed": p.seed, "steps": p.steps},
+        metrics={"final_loss": final_loss, "val_loss": val_loss},
+    )
