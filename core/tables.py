@@ -134,6 +134,10 @@ class Model(Base):
     parent_id: Mapped[str | None] = mapped_column(ForeignKey("model.id"))
     job_id: Mapped[str | None] = mapped_column(String(36), index=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # A pretrained folder registered with POST /v1/models is `checking` until a worker has
+    # loaded it, then `ready` or `failed` (status_detail says why); jobs need `ready`.
+    status: Mapped[str] = mapped_column(String(16), default="ready", server_default="ready")
+    status_detail: Mapped[str | None] = mapped_column(Text)
 
     @property
     def ref(self) -> str:
