@@ -59,6 +59,13 @@ class ArtifactStore:
             raise ValueError(f"path escapes the artifact root: {relative!r}")
         return path
 
+    def model_folder(self, path: str) -> Path:
+        """A registered model's folder: an absolute path is a pretrained folder an admin
+        registered where it lies (POST /v1/models); a relative one is under the root."""
+        if Path(path).is_absolute():
+            return Path(path)
+        return self.resolve(path)
+
     def output_path(self, tenant_id: str, job_id: str, name: str) -> str:
         return f"outputs/{tenant_id}/{job_id}/{check_name(name)}"
 

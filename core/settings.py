@@ -80,6 +80,18 @@ class Settings(BaseSettings):
     ray_num_cpus: int | None = Field(None, ge=1)
     ray_num_gpus: int | None = Field(None, ge=0)
     ray_dashboard: bool = False
+    # Model servers (workers/server.py, workers/pool.py). Concurrent generate jobs with the
+    # same batch key wait up to this long for each other to share a batch.
+    batch_max_wait_ms: float = Field(10.0, ge=0, le=10_000)
+    # Model calls are padded to at least this many rows so that a job's outputs are the same
+    # bits alone and in any batch (the kernels change algorithm below a batch size; 16 is
+    # measured on CPU). 1: no padding, faster alone, identity not guaranteed.
+    batch_min_rows: int = Field(16, ge=1, le=4096)
+    # A model server with no job for this long unloads (frees its GPU). Unset: never.
+    model_idle_unload_s: float | None = Field(900.0, gt=0)
+    # GPU memory each node may give to warm model servers (their families' gpu_memory_gb);
+    # starting one more evicts the least recently used idle servers there. Unset: no budget.
+    gpu_memory_budget_gb: float | None = Field(None, gt=0)
 
     # Limits on what clients may send.
     max_request_bytes: int = Field(10 * 1024 * 1024, ge=1024)

@@ -13,6 +13,10 @@ from core.settings import Settings
 
 RUN_JOB_TASK = "genq.run_job"
 DELIVER_WEBHOOK_TASK = "genq.deliver_webhook"
+# Loads a pretrained model registered with POST /v1/models in a Ray task and marks it ready or
+# failed. It goes to the `train` queue: like training, it is rare and may take minutes.
+CHECK_MODEL_TASK = "genq.check_model"
+CHECK_MODEL_QUEUE = "train"
 # Webhook messages have their own queue, so a slow receiver never delays a job.
 WEBHOOK_QUEUE = "webhooks"
 QUEUES = ("generate", "train", WEBHOOK_QUEUE)

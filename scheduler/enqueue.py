@@ -18,6 +18,8 @@ from core.db import Database
 from core.recovery import mark_published
 from core.settings import Settings
 from scheduler.broker import (
+    CHECK_MODEL_QUEUE,
+    CHECK_MODEL_TASK,
     PUBLISHED_KEY,
     RUN_JOB_TASK,
     celery_priority,
@@ -93,6 +95,18 @@ class Publisher:
             if self.redis.delete(PUBLISHED_KEY.format(job_id=job_id)):
                 return job_id
         return None
+
+    def publish_model_check(self, model_id: str) -> bool:
+        """Ask a worker to load a newly registered pretrained model; False if the broker did
+        not take the message (the caller marks the model failed)."""
+        try:
+            self.celery.send_task(
+                CHECK_MODEL_TASK, args=[model_id], queue=CHECK_MODEL_QUEUE, retry=False
+            )
+        except Exception as exc:
+            log.warning("publishing the check of model %s failed: %s", model_id, exc)
+            return False
+        return True
 
     def close(self) -> None:
         self.redis.close()

@@ -48,6 +48,7 @@ from scheduler.enqueue import Publication, Publisher
 from scheduler.lease import LeaseKeeper
 from workers.families.base import CanceledError
 from workers.registry import get_family
+from workers.server import ServingOptions
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ class Runner:
         self.publisher = publisher
         self.store = ArtifactStore(settings.artifacts)
         self._ray_lock = threading.Lock()
+        self.serving = ServingOptions.from_settings(settings)
 
     def connect_ray(self) -> None:
         with self._ray_lock:
@@ -225,8 +227,10 @@ class Runner:
             self.connect_ray()
             if job.kind == JobKind.GENERATE:
                 assert job.model_id is not None
-                model_dir = str(self.store.resolve(job.model_path)) if job.model_path else None
-                actor = get_model_server(job.model_id, family, model_dir, job.model_config)
+                model_dir = str(self.store.model_folder(job.model_path)) if job.model_path else None
+                actor = get_model_server(
+                    job.model_id, family, model_dir, job.model_config, self.serving
+                )
                 keeper.on_cancel = lambda: actor.cancel.remote(job.id)
                 stream = actor.generate.remote(job.id, job.params)
             else:
@@ -260,7 +264,7 @@ class Runner:
             "model_dir_rel": model_rel,
         }
         if job.kind == JobKind.FINETUNE and job.model_path:
-            ctx["parent_model_dir"] = str(self.store.resolve(job.model_path))
+            ctx["parent_model_dir"] = str(self.store.model_folder(job.model_path))
             ctx["parent_config"] = job.model_config
         return ctx
 

@@ -7,6 +7,16 @@ A family's spec module builds one `Family`; its implementation module (named by
         .generate(params: dict, ctx: RunContext) -> Iterator[Event]
     train(params: dict, ctx: TrainContext) -> Iterator[Event]      (families that train)
 
+A family that batches across jobs (its spec sets `max_batch_size` > 1 and `batch_key`) also
+gives its loaded model
+
+    generate_batch(jobs: list[tuple[dict, RunContext]]) -> Iterator[tuple[int | None, item]]
+
+which runs every job's samples as one batch and yields `(index, event)` for job `index` (None:
+every job of the batch that is still running) or `(index, exception)` when that one job fails
+or is canceled (the batch goes on for the others). Each job's outputs must be exactly those it
+would get alone with its seed (workers/batching.py says how that is kept).
+
 `params` arrive already validated against the family's spec (the API checked them); the
 implementation parses them again with the same pydantic class to get typed values.
 """
@@ -14,7 +24,7 @@ implementation parses them again with the same pydantic class to get typed value
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -46,6 +56,16 @@ class Family:
     # Data set kinds a training job of this family accepts (images, text).
     dataset_kinds: tuple[str, ...] = ()
     resources: Resources = field(default_factory=Resources)
+    # Cross-job batching: the most sample rows (images) one batched run may hold, 1 = none.
+    max_batch_size: int = 1
+    # The parameters that must match for two generate jobs to share a batch (size, steps,
+    # guidance, sampler...; seed, label and count may differ), from the validated params;
+    # None for a job that cannot batch. Unset: the family never batches.
+    batch_key: Callable[[Any], Hashable | None] | None = None
+
+    @property
+    def is_batching(self) -> bool:
+        return self.max_batch_size > 1 and self.batch_key is not None
 
     def params_for(self, kind: JobKind) -> type[BaseModel] | None:
         return {
@@ -66,6 +86,9 @@ class RunContext:
     device: str
     # True once the job's cancel was requested; long loops check it between steps.
     is_canceled: Callable[[], bool] = lambda: False
+    # Model calls with fewer sample rows are padded up to this many, so that a sample's result
+    # does not depend on how many others it was computed with (workers/batching.py).
+    min_rows: int = 1
 
 
 @dataclass

@@ -27,12 +27,14 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from pydantic import ValidationError
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
@@ -180,6 +182,86 @@ def load_checkpoint(
 # -- sampling ---------------------------------------------------------------------------------
 
 
+@dataclass
+class DenoiseJob:
+    """One job's rows of a denoising batch: a label and a seed per image, and its context."""
+
+    labels: torch.Tensor  # (n,)
+    seeds: list[int]
+    ctx: RunContext
+
+
+def _forward(
+    unet: UNet2DModel, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, min_rows: int
+) -> torch.Tensor:
+    """The network on B rows, padded with zero rows up to `min_rows`: below some batch size
+    the CPU and GPU kernels switch algorithms and a row's result changes in the last bits, so
+    every call that might be compared (a job alone, the same job in a batch) is kept above it."""
+    rows = x.shape[0]
+    if rows < min_rows:
+        x = torch.cat([x, x.new_zeros((min_rows - rows, *x.shape[1:]))])
+        y = torch.cat([y, y.new_zeros(min_rows - rows)])
+    return unet(x, t, class_labels=y).sample[:rows]  # type: ignore[no-any-return]
+
+
+def denoise_jobs(
+    unet: UNet2DModel,
+    scheduler: DDPMScheduler,
+    jobs: list[DenoiseJob],
+    steps: int,
+    guidance_scale: float = 1.0,
+    null_label: int | None = None,
+    min_rows: int = 1,
+) -> Iterator[tuple[int | None, Event | torch.Tensor | BaseException]]:
+    """Algorithm 2 for several jobs in one batch, one image per (label, seed). Yields
+    (None, Progress) per step for every job still running, (j, CanceledError) when job j's
+    cancel is seen (its rows leave the batch, the others go on), and at the end (j, images)
+    with job j's images (n, C, H, W) in [-1, 1] on the CPU. With guidance_scale != 1, each
+    step also predicts the noise without the label and moves away from it (Ho & Salimans
+    2022, arXiv:2207.12598): eps = eps_null + s * (eps_label - eps_null)."""
+    cfg = unet.config
+    device = unet.device
+    owners = [j for j, job in enumerate(jobs) for _ in job.seeds]  # job of each row
+    # One CPU generator per image: an image depends on its own seed only, not on the batch.
+    generators = [torch.Generator().manual_seed(s) for job in jobs for s in job.seeds]
+    shape = (1, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+    x = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(device)  # (B,C,H,W)
+    y = torch.cat([job.labels for job in jobs]).to(device)  # (B,)
+    running = set(range(len(jobs)))
+    scheduler.set_timesteps(steps)
+    total = len(scheduler.timesteps)
+    for i, t in enumerate(scheduler.timesteps):
+        for j in sorted(running):
+            if jobs[j].ctx.is_canceled():
+                running.discard(j)
+                yield j, CanceledError(f"job {jobs[j].ctx.job_id} was canceled")
+        if not running:
+            return
+        if len(running) < len(set(owners)):  # drop the rows of jobs canceled just now
+            keep = [k for k, j in enumerate(owners) if j in running]
+            x, y = x[keep], y[keep]
+            generators = [generators[k] for k in keep]
+            owners = [owners[k] for k in keep]
+        with torch.no_grad():
+            if guidance_scale == 1.0 or null_label is None:
+                eps = _forward(unet, x, t.to(device), y, min_rows)  # (B, C, H, W)
+            else:
+                both = _forward(
+                    unet,
+                    torch.cat([x, x]),
+                    t.to(device),
+                    torch.cat([y, torch.full_like(y, null_label)]),
+                    min_rows,
+                )  # (2B, C, H, W)
+                eps_label, eps_null = both.chunk(2)
+                eps = eps_null + guidance_scale * (eps_label - eps_null)
+        x = scheduler.step(eps, t, x, generator=generators).prev_sample  # (B, C, H, W)
+        yield None, Progress(i + 1, total, "denoising")
+    images = x.clamp(-1, 1).float().cpu()
+    for j in sorted(running):
+        yield j, images[[k for k, owner in enumerate(owners) if owner == j]]
+
+
 def denoise(
     unet: UNet2DModel,
     scheduler: DDPMScheduler,
@@ -190,36 +272,14 @@ def denoise(
     guidance_scale: float = 1.0,
     null_label: int | None = None,
 ) -> Iterator[Event | torch.Tensor]:
-    """Algorithm 2, one image per (label, seed): yields Progress per step, then the images
-    (B, C, H, W) in [-1, 1] on the CPU as the last item. With guidance_scale != 1, each step
-    also predicts the noise without the label and moves away from it (Ho & Salimans 2022,
-    arXiv:2207.12598): eps = eps_null + s * (eps_label - eps_null)."""
-    cfg = unet.config
-    device = unet.device
-    # One CPU generator per image: an image depends on its own seed only, not on the batch.
-    generators = [torch.Generator().manual_seed(s) for s in seeds]
-    shape = (1, cfg.in_channels, cfg.sample_size, cfg.sample_size)
-    x = torch.cat([torch.randn(shape, generator=g) for g in generators]).to(device)  # (B,C,H,W)
-    y = labels.to(device)  # (B,)
-    scheduler.set_timesteps(steps)
-    total = len(scheduler.timesteps)
-    for i, t in enumerate(scheduler.timesteps):
-        if ctx.is_canceled():
-            raise CanceledError(f"job {ctx.job_id} was canceled")
-        with torch.no_grad():
-            if guidance_scale == 1.0 or null_label is None:
-                eps = unet(x, t.to(device), class_labels=y).sample  # (B, C, H, W)
-            else:
-                both = unet(
-                    torch.cat([x, x]),
-                    t.to(device),
-                    class_labels=torch.cat([y, torch.full_like(y, null_label)]),
-                ).sample  # (2B, C, H, W)
-                eps_label, eps_null = both.chunk(2)
-                eps = eps_null + guidance_scale * (eps_label - eps_null)
-        x = scheduler.step(eps, t, x, generator=generators).prev_sample  # (B, C, H, W)
-        yield Progress(i + 1, total, "denoising")
-    yield x.clamp(-1, 1).float().cpu()
+    """One job's denoising: Progress per step, then its images (B, C, H, W) as the last item."""
+    job = DenoiseJob(labels, seeds, ctx)
+    for _, item in denoise_jobs(
+        unet, scheduler, [job], steps, guidance_scale, null_label, ctx.min_rows
+    ):
+        if isinstance(item, BaseException):
+            raise item
+        yield item
 
 
 # -- training ---------------------------------------------------------------------------------
@@ -350,23 +410,33 @@ def train(params: dict[str, Any], ctx: TrainContext) -> Iterator[Event]:
 # -- generation -------------------------------------------------------------------------------
 
 
+@dataclass
+class _Request:
+    """A generate job's validated params, with its seeds and labels resolved."""
+
+    params: DdpmGenerateParams
+    seed: int
+    seeds: list[int]
+    labels: torch.Tensor  # (num_images,)
+
+
 class Ddpm:
-    """A loaded model; `generate` draws `num_images` images of one class."""
+    """A loaded model; `generate` draws `num_images` images of one class, `generate_batch`
+    draws several jobs' images in one batch (same steps, sampler and guidance)."""
 
     def __init__(self, unet: UNet2DModel, config: dict[str, Any], device: str) -> None:
         self.unet = unet
         self.config = config
         self.device = device
 
-    def generate(self, params: dict[str, Any], ctx: RunContext) -> Iterator[Event]:
+    def _request(self, params: dict[str, Any]) -> _Request:
         p = DdpmGenerateParams.model_validate(params)
         K, T = self.config["num_classes"], self.config["num_train_timesteps"]
         if p.label >= K:
             raise InvalidInputError.one("params.label", f"this model knows labels 0 to {K - 1}")
         if p.steps > T:
             raise InvalidInputError.one("params.steps", f"this model allows at most {T} steps")
-        null_label = self.config.get("null_label")
-        if p.guidance_scale != 1.0 and null_label is None:
+        if p.guidance_scale != 1.0 and self.config.get("null_label") is None:
             raise InvalidInputError.one(
                 "params.guidance_scale", "this model was trained without a null label: use 1"
             )
@@ -374,17 +444,11 @@ class Ddpm:
         # Image i uses seed + i: generating it alone with that seed gives the same image.
         seeds = [(seed + i) % (SEED_MAX + 1) for i in range(p.num_images)]
         labels = torch.full((p.num_images,), p.label, dtype=torch.int64)
-        images = None
-        scheduler = build_scheduler(self.config, p.sampler)
-        for item in denoise(
-            self.unet, scheduler, labels, seeds, p.steps, ctx, p.guidance_scale, null_label
-        ):
-            if isinstance(item, torch.Tensor):
-                images = item
-            else:
-                yield item
-        assert images is not None
-        recorded = json.dumps({**p.model_dump(), "seed": seed}, sort_keys=True)
+        return _Request(p, seed, seeds, labels)
+
+    def _outputs(self, request: _Request, images: torch.Tensor) -> Iterator[Output]:
+        p, seeds = request.params, request.seeds
+        recorded = json.dumps({**p.model_dump(), "seed": request.seed}, sort_keys=True)
         size = self.config["image_size"]
         names = self.config.get("class_names") or []
         class_name = names[p.label] if p.label < len(names) else str(p.label)
@@ -404,6 +468,46 @@ class Ddpm:
                     "height": size,
                 },
             )
+
+    def generate(self, params: dict[str, Any], ctx: RunContext) -> Iterator[Event]:
+        for _, item in self.generate_batch([(params, ctx)]):
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def generate_batch(
+        self, jobs: list[tuple[dict[str, Any], RunContext]]
+    ) -> Iterator[tuple[int | None, Event | BaseException]]:
+        """Every job's images in one denoising batch. The jobs share steps, sampler and
+        guidance (the family's batch key); a job whose params this model refuses fails alone."""
+        requests: dict[int, _Request] = {}
+        for index, (params, _) in enumerate(jobs):
+            try:
+                requests[index] = self._request(params)
+            except (InvalidInputError, ValidationError) as exc:
+                yield index, exc
+        if not requests:
+            return
+        order = sorted(requests)  # position in the denoising batch -> index in `jobs`
+        first = requests[order[0]].params
+        ctx = jobs[order[0]][1]
+        denoising = [DenoiseJob(requests[i].labels, requests[i].seeds, jobs[i][1]) for i in order]
+        for position, item in denoise_jobs(
+            self.unet,
+            build_scheduler(self.config, first.sampler),
+            denoising,
+            first.steps,
+            first.guidance_scale,
+            self.config.get("null_label"),
+            ctx.min_rows,
+        ):
+            index = None if position is None else order[position]
+            if isinstance(item, torch.Tensor):
+                assert index is not None
+                for output in self._outputs(requests[index], item):
+                    yield index, output
+            else:
+                yield index, item
 
 
 def load(model_dir: Path | None, config: dict[str, Any], device: str) -> Ddpm:

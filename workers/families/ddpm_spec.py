@@ -55,6 +55,12 @@ class DdpmGenerateParams(BaseModel):
     )
 
 
+def batch_key(p: DdpmGenerateParams) -> tuple[int, str, float]:
+    """Jobs denoise together when they take the same steps with the same sampler and guidance;
+    label, seed and num_images are per job."""
+    return (p.steps, p.sampler, p.guidance_scale)
+
+
 FAMILY = Family(
     name="ddpm",
     description="Class-conditional denoising diffusion (DDPM) on small labelled images.",
@@ -63,4 +69,6 @@ FAMILY = Family(
     train_params=DdpmTrainParams,
     dataset_kinds=("images",),
     resources=Resources(num_gpus=0.25, num_cpus=1.0, gpu_memory_gb=2.0),
+    max_batch_size=64,
+    batch_key=batch_key,
 )

@@ -1,0 +1,260 @@
+"""Cross-job batching inside a model server: concurrent generate jobs for the same model with
+the same batch key run as one batch, each job still getting its own stream of events.
+
+Each job's `generate` call (one of the server actor's threads) hands its request to the
+`Batcher` and then reads its own event queue. One dispatch thread owns the model: it takes the
+oldest waiting request, waits up to `max_wait_s` from that request's arrival for others with the
+same key (or until `max_rows` sample rows are waiting), and runs them through the family's
+`generate_batch`. Progress events fan out to every job of the batch, outputs go to the job they
+belong to, and a job whose cancel is seen leaves the batch while the others go on. Jobs that
+cannot batch (a family without batching, a key of None, a job larger than `max_rows`, a batch of
+one) run alone through `generate`, exactly as they would without batching.
+
+Byte-identical outputs. A job's images depend only on its own seed: every image has its own
+torch.Generator for its noise, and the model is called with at least `min_rows` rows (padded),
+because below some batch size the CPU (oneDNN) and GPU kernels switch algorithms and a row's
+result changes in its last bits. Measured on this CPU: a tiny ddpm UNet gives every row the
+same bits at any batch of 16 rows or more, whatever the other rows hold, and different bits
+below that; so the default pads to 16 rows and a job's PNGs are byte-identical alone and in any
+batch (tests/test_batching.py checks it). On other hardware, keep `GENQ_BATCH_MIN_ROWS` at or
+above the size where its kernels stop changing (bench/gpu_batching.py measures it); 1 turns the
+padding off, faster for a lone small job, identical only where the kernels allow.
+
+A failure inside a batch (the model raising, out of memory) is not pinned on the whole batch:
+the jobs that had not finished are run again one at a time, so only a job that fails alone
+fails, and a batch too big for the accelerator's memory still completes job by job.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Hashable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from core.errors import GenqError, InvalidInputError, ModelError, TransientError
+from core.events import Event, Metric
+from workers.families.base import CanceledError, Family, RunContext
+
+log = logging.getLogger(__name__)
+
+# How often a job waiting in the queue looks at its cancel flag.
+WAIT_POLL_S = 0.05
+_END = object()  # the last item of a job's event queue
+
+
+def job_error(exc: BaseException, job_id: str) -> BaseException:
+    """What the caller of a job sees for `exc`: CanceledError and genq errors unchanged,
+    everything else as a genq error (the caller, a process without torch, may not be able to
+    unpickle a torch or diffusers exception)."""
+    if isinstance(exc, GenqError | CanceledError):
+        return exc
+    if isinstance(exc, ValidationError):
+        errors = [
+            {"field": ".".join(["params", *map(str, e["loc"])]), "message": e["msg"]}
+            for e in exc.errors()
+        ]
+        return InvalidInputError(errors)
+    log.error("job_id=%s: the model raised", job_id, exc_info=exc)
+    if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError (CUDA)
+        return TransientError(f"out of accelerator memory: {exc}")
+    return ModelError(f"{type(exc).__name__}: {exc}")
+
+
+@dataclass
+class Request:
+    """One job waiting for, or running in, a batch."""
+
+    job_id: str
+    params: dict[str, Any]
+    ctx: RunContext
+    key: Hashable | None  # None: runs alone
+    rows: int
+    arrived_at: float = field(default_factory=time.monotonic)
+    events: queue.SimpleQueue[Any] = field(default_factory=queue.SimpleQueue)
+    started: bool = False
+    finished: bool = False
+
+    def put(self, item: Any) -> None:
+        if not self.finished:
+            self.events.put(item)
+
+    def end(self, error: BaseException | None = None) -> None:
+        if not self.finished:
+            self.events.put(job_error(error, self.job_id) if error is not None else _END)
+            self.finished = True
+
+
+@dataclass
+class BatchStats:
+    batches: int = 0  # runs of generate_batch with two jobs or more
+    batched_jobs: int = 0
+    solo_jobs: int = 0
+    largest_batch_jobs: int = 0
+    last_batch_jobs: int = 0
+
+
+class Batcher:
+    """Owns the model's dispatch thread; `run` is called by each job's thread."""
+
+    def __init__(
+        self,
+        model: Any,
+        family: Family,
+        max_wait_s: float,
+        min_rows: int,
+    ) -> None:
+        self.model = model
+        self.family = family
+        self.max_wait_s = max_wait_s
+        self.min_rows = min_rows
+        self.max_rows = family.max_batch_size if hasattr(model, "generate_batch") else 1
+        self.stats = BatchStats()
+        self._cond = threading.Condition()
+        self._waiting: list[Request] = []  # in arrival order
+        self._running: list[Request] = []
+        self._thread = threading.Thread(target=self._dispatch, name="batcher", daemon=True)
+        self._thread.start()
+
+    # -- the job side ------------------------------------------------------------------------
+
+    def request(self, job_id: str, params: dict[str, Any], ctx: RunContext) -> Request:
+        key, rows = None, 1
+        if self.family.is_batching and self.max_rows > 1:
+            assert self.family.generate_params is not None and self.family.batch_key is not None
+            try:
+                p = self.family.generate_params.model_validate(params)
+                key = self.family.batch_key(p)
+                rows = int(getattr(p, "num_images", 1))
+            except ValidationError:
+                key = None  # runs alone, where the implementation reports the bad field
+        return Request(job_id, params, ctx, key, rows)
+
+    def run(self, request: Request) -> Iterator[Event]:
+        """Queue the job, then yield its events as the dispatcher produces them."""
+        with self._cond:
+            self._waiting.append(request)
+            self._cond.notify_all()
+        while True:
+            try:
+                item = request.events.get(timeout=WAIT_POLL_S)
+            except queue.Empty:
+                if request.ctx.is_canceled() and self._withdraw(request):
+                    raise CanceledError(f"job {request.job_id} was canceled") from None
+                continue
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def _withdraw(self, request: Request) -> bool:
+        """Take a job that has not started out of the queue; False once it runs."""
+        with self._cond:
+            if request.started or request not in self._waiting:
+                return False
+            self._waiting.remove(request)
+            request.finished = True
+            return True
+
+    def pending_jobs(self) -> int:
+        with self._cond:
+            return len(self._waiting) + len(self._running)
+
+    # -- the dispatcher ----------------------------------------------------------------------
+
+    def _take(self) -> list[Request]:
+        """The next batch: the oldest request and those with its key that fit, once the
+        batch is full or the oldest has waited max_wait_s. Blocks until there is one."""
+        with self._cond:
+            while True:
+                while not self._waiting:
+                    self._cond.wait()
+                first = self._waiting[0]
+                if first.key is None or first.rows >= self.max_rows:
+                    batch = [first]
+                    break
+                batch, rows = [], 0
+                for r in self._waiting:
+                    if r.key == first.key and rows + r.rows <= self.max_rows:
+                        batch.append(r)
+                        rows += r.rows
+                left_s = first.arrived_at + self.max_wait_s - time.monotonic()
+                if rows >= self.max_rows or left_s <= 0:
+                    break
+                self._cond.wait(timeout=left_s)
+            for r in batch:
+                self._waiting.remove(r)
+                r.started = True
+            self._running = batch
+            return batch
+
+    def _dispatch(self) -> None:
+        while True:
+            batch = self._take()
+            try:
+                if len(batch) == 1:
+                    self._run_alone(batch[0])
+                else:
+                    self._run_batch(batch)
+            except BaseException:  # noqa: BLE001 - the dispatcher must outlive any job
+                log.exception("the batch dispatcher failed")
+                for r in batch:
+                    r.end(ModelError("the model server failed while running this job"))
+            finally:
+                with self._cond:
+                    self._running = []
+
+    def _run_alone(self, request: Request) -> None:
+        self.stats.solo_jobs += 1
+        if self.max_rows > 1:  # a family that batches says how each job ran
+            request.put(Metric(0, {"batch_jobs": 1.0, "batch_rows": float(request.rows)}))
+        try:
+            for event in self.model.generate(request.params, request.ctx):
+                request.put(event)
+        except BaseException as exc:  # noqa: BLE001 - the job's failure, reported to it
+            request.end(exc)
+            return
+        request.end()
+
+    def _run_batch(self, batch: list[Request]) -> None:
+        rows = sum(r.rows for r in batch)
+        log.info("running %d jobs (%d rows) as one batch", len(batch), rows)
+        self.stats.batches += 1
+        self.stats.batched_jobs += len(batch)
+        self.stats.last_batch_jobs = len(batch)
+        self.stats.largest_batch_jobs = max(self.stats.largest_batch_jobs, len(batch))
+        metric = Metric(0, {"batch_jobs": float(len(batch)), "batch_rows": float(rows)})
+        for r in batch:
+            r.put(metric)
+        try:
+            jobs = [(r.params, r.ctx) for r in batch]
+            for index, item in self.model.generate_batch(jobs):
+                targets = batch if index is None else [batch[index]]
+                for r in targets:
+                    if isinstance(item, BaseException):
+                        r.end(item)
+                    else:
+                        r.put(item)
+        except BaseException as exc:  # noqa: BLE001 - isolate it: rerun the rest alone
+            survivors = [r for r in batch if not r.finished]
+            log.warning(
+                "a batch of %d jobs failed (%s: %s); running its %d unfinished jobs alone",
+                len(batch),
+                type(exc).__name__,
+                exc,
+                len(survivors),
+            )
+            for r in survivors:
+                if r.ctx.is_canceled():
+                    r.end(CanceledError(f"job {r.job_id} was canceled"))
+                else:
+                    self._run_alone(r)
+            return
+        for r in batch:
+            r.end()

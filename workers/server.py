@@ -1,0 +1,212 @@
+"""The model server: one loaded model kept warm, running concurrent generate jobs through the
+batcher (workers/batching.py), unloading itself after a spell without jobs.
+
+`ModelServer` is a plain class: workers/actors.py makes it a Ray actor (one per registered
+model, named, detached), and bench/gpu_batching.py drives it directly where Ray is not
+installed, so nothing here imports Ray at module level. Its `generate` is a generator of
+core.events; errors reach the caller as genq errors or CanceledError (see workers/actors.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from core.events import Event
+from core.settings import Settings
+from workers.batching import Batcher
+from workers.families.base import CanceledError, RunContext
+from workers.registry import get_family
+
+log = logging.getLogger(__name__)
+
+# A cancel for a job this server has not seen (yet) is remembered this long.
+CANCEL_TTL_S = 600.0
+
+
+@dataclass(frozen=True)
+class ServingOptions:
+    """The settings a model server and the pool that places servers need (from Settings, so
+    the actors need not read the environment themselves)."""
+
+    batch_max_wait_ms: float = 10.0
+    batch_min_rows: int = 16
+    idle_unload_s: float | None = 900.0
+    gpu_memory_budget_gb: float | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ServingOptions:
+        return cls(
+            batch_max_wait_ms=settings.batch_max_wait_ms,
+            batch_min_rows=settings.batch_min_rows,
+            idle_unload_s=settings.model_idle_unload_s,
+            gpu_memory_budget_gb=settings.gpu_memory_budget_gb,
+        )
+
+
+def device_name() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def gpu_info(device: str) -> dict[str, Any] | None:
+    """What this actor's GPU reports (for the dashboard), or None on a CPU. Utilisation needs
+    NVML (the nvidia-ml-py package); without it that field is None rather than a guess."""
+    if device != "cuda":
+        return None
+    import torch
+
+    index = torch.cuda.current_device()
+    props = torch.cuda.get_device_properties(index)
+    try:
+        utilization: int | None = int(torch.cuda.utilization(index))
+    except Exception:  # no NVML
+        utilization = None
+    return {
+        "index": index,
+        "name": props.name,
+        "memory_allocated_bytes": int(torch.cuda.memory_allocated(index)),
+        "memory_reserved_bytes": int(torch.cuda.memory_reserved(index)),
+        "memory_total_bytes": int(props.total_memory),
+        "utilization_percent": utilization,
+    }
+
+
+def ray_placement() -> dict[str, Any]:
+    """The Ray resources, GPU ids and node of this actor; empty outside Ray."""
+    try:
+        import ray
+    except ImportError:
+        return {}
+    if not ray.is_initialized():
+        return {}
+    context = ray.get_runtime_context()
+    return {
+        "resources": dict(context.get_assigned_resources()),
+        "gpu_ids": [str(i) for i in context.get_accelerator_ids().get("GPU", [])],
+        "node_id": context.get_node_id(),
+    }
+
+
+class ModelServer:
+    """One model, loaded once and kept warm. Concurrent jobs with the same batch key run as
+    one batch; a job waiting for its turn can still be canceled. `on_idle` is called once the
+    server has had no job for `idle_unload_s` (the Ray actor kills itself there)."""
+
+    def __init__(
+        self,
+        family: str,
+        model_dir: str | None,
+        config: dict[str, Any],
+        options: ServingOptions | None = None,
+        on_idle: Callable[[], None] | None = None,
+    ) -> None:
+        self.family = get_family(family)
+        self.options = options or ServingOptions()
+        self.device = device_name()
+        started = time.perf_counter()
+        implementation = self.family.load_implementation()
+        self.model = implementation.load(
+            Path(model_dir) if model_dir else None, config, self.device
+        )
+        self.load_s = time.perf_counter() - started
+        self.jobs_served = 0
+        self.loaded_at = time.time()
+        self.last_used_at = self.loaded_at
+        self._last_used = time.monotonic()
+        self._state_lock = threading.Lock()
+        self._canceled: dict[str, float] = {}  # job_id -> when cancel was asked
+        self._active: set[str] = set()
+        self.batcher = Batcher(
+            self.model,
+            self.family,
+            max_wait_s=self.options.batch_max_wait_ms / 1000,
+            min_rows=self.options.batch_min_rows,
+        )
+        if on_idle is not None and self.options.idle_unload_s:
+            watcher = threading.Thread(
+                target=self._watch_idle, args=(on_idle,), name="idle-unload", daemon=True
+            )
+            watcher.start()
+        log.info("loaded %s model on %s in %.2f s", family, self.device, self.load_s)
+
+    def _is_canceled(self, job_id: str) -> Callable[[], bool]:
+        return lambda: job_id in self._canceled
+
+    def generate(self, job_id: str, params: dict[str, Any]) -> Iterator[Event]:
+        ctx = RunContext(
+            job_id=job_id,
+            device=self.device,
+            is_canceled=self._is_canceled(job_id),
+            min_rows=self.options.batch_min_rows,
+        )
+        with self._state_lock:
+            self._active.add(job_id)
+            self._touch()
+        try:
+            if ctx.is_canceled():
+                raise CanceledError(f"job {job_id} was canceled")
+            yield from self.batcher.run(self.batcher.request(job_id, params, ctx))
+            self.jobs_served += 1
+        finally:
+            with self._state_lock:
+                self._active.discard(job_id)
+                self._canceled.pop(job_id, None)
+                self._touch()
+
+    def _touch(self) -> None:
+        self._last_used = time.monotonic()
+        self.last_used_at = time.time()
+
+    def _watch_idle(self, on_idle: Callable[[], None]) -> None:
+        idle_s = float(self.options.idle_unload_s or 0)
+        while True:
+            time.sleep(min(1.0, idle_s / 4))
+            with self._state_lock:
+                quiet_s = time.monotonic() - self._last_used
+                if self._active or self.batcher.pending_jobs() or quiet_s < idle_s:
+                    continue
+            log.info("no job for %.0f s: unloading the %s model", quiet_s, self.family.name)
+            on_idle()
+            return
+
+    def cancel(self, job_id: str) -> bool:
+        """Ask a job to stop; True if it is running or waiting here now. A cancel for a job
+        that has not arrived yet is kept for CANCEL_TTL_S, so a cancel that overtakes its
+        generate call still works."""
+        now = time.monotonic()
+        with self._state_lock:
+            for stale in [j for j, at in self._canceled.items() if now - at > CANCEL_TTL_S]:
+                if stale not in self._active:
+                    del self._canceled[stale]
+            self._canceled[job_id] = now
+            return job_id in self._active
+
+    def info(self) -> dict[str, Any]:
+        with self._state_lock:
+            active = sorted(self._active)
+        return {
+            "family": self.family.name,
+            "device": self.device,
+            "load_s": self.load_s,
+            "jobs_served": self.jobs_served,
+            "active_jobs": active,
+            "loaded_at": self.loaded_at,
+            "last_used_at": self.last_used_at,
+            "batching": {
+                "max_batch_size": self.batcher.max_rows,
+                "max_wait_ms": self.options.batch_max_wait_ms,
+                "min_rows": self.options.batch_min_rows,
+                **asdict(self.batcher.stats),
+            },
+            "idle_unload_s": self.options.idle_unload_s,
+            "resources": {},
+            **ray_placement(),
+            "gpu": gpu_info(self.device),
+        }
