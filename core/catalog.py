@@ -8,11 +8,14 @@ from typing import Any
 from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
-from core.errors import NotFoundError
+from core.errors import ConflictError, NotFoundError
 from core.ids import new_id
 from core.keys import ensure_system_tenant
 from core.tables import SYSTEM_TENANT_ID, Dataset, Model
 
+# Model.status values: a pretrained folder registered by an admin is CHECKING until a worker
+# has loaded it; jobs may use only READY models.
+CHECKING, READY, FAILED = "checking", "ready", "failed"
 # name -> (family, kind) of what `ensure_builtins` creates.
 BUILTIN_MODELS = {"echo": "echo"}
 BUILTIN_DATASETS = {"digits": "images", "pydocs": "text"}
@@ -48,6 +51,13 @@ def resolve_model(session: Session, tenant_id: str | None, ref: str) -> Model:
     model = session.scalar(stmt.order_by(own_first, Model.version.desc()).limit(1))
     if model is None:
         raise NotFoundError(f"no model {ref!r}")
+    if model.status != READY:
+        detail = f": {model.status_detail}" if model.status_detail else ""
+        raise ConflictError(
+            f"model {model.ref} is {model.status}, not ready{detail}",
+            model=model.ref,
+            model_status=model.status,
+        )
     return model
 
 
@@ -91,6 +101,43 @@ def register_model(
     session.add(model)
     session.flush()
     return model
+
+
+def register_pretrained(
+    session: Session,
+    *,
+    tenant_id: str,
+    name: str,
+    family: str,
+    path: str,
+    config: dict[str, Any],
+) -> Model:
+    """The next version of `name`, for a pretrained folder a worker has yet to load (status
+    CHECKING). A name already used by another family is refused: `name` would stop meaning
+    one kind of model."""
+    other = session.scalar(
+        select(Model.family).where(
+            Model.tenant_id == tenant_id, Model.name == name, Model.family != family
+        )
+    )
+    if other is not None:
+        raise ConflictError(f"model {name!r} is a {other} model; pick another name")
+    model = register_model(
+        session, tenant_id=tenant_id, name=name, family=family, path=path, config=config
+    )
+    model.status = CHECKING
+    session.flush()
+    return model
+
+
+def set_model_status(session: Session, model_id: str, status: str, detail: str | None) -> bool:
+    """Record a check's outcome; False if the model is gone or no longer being checked."""
+    model = session.get(Model, model_id)
+    if model is None or model.status != CHECKING:
+        return False
+    model.status = status
+    model.status_detail = detail
+    return True
 
 
 def resolve_dataset(session: Session, tenant_id: str | None, ref: str) -> Dataset:

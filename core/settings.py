@@ -102,6 +102,10 @@ class Settings(BaseSettings):
     dataset_max_unpacked_bytes: int = Field(1024 * 1024 * 1024, ge=1024)
     dataset_max_pixels: int = Field(16 * 1024 * 1024, ge=1)
     page_size_max: int = Field(200, ge=1, le=10_000)
+    # POST /v1/models (admin): folders, separated by ':', under which a pretrained model may be
+    # registered by its absolute path. Unset: any folder this machine can read. A relative path
+    # is always taken under the artifact root.
+    pretrained_roots: str = ""
     # Log level of every genq process.
     log_level: str = "INFO"
 
@@ -125,6 +129,10 @@ class Settings(BaseSettings):
     def artifacts(self) -> Path:
         assert self.artifact_root is not None
         return self.artifact_root
+
+    @property
+    def pretrained_root_paths(self) -> list[Path]:
+        return [Path(p).resolve() for p in self.pretrained_roots.split(os.pathsep) if p]
 
     @property
     def embedded_redis_socket(self) -> Path:

@@ -15,6 +15,7 @@ from celery import Celery
 from core.db import Database
 from core.settings import Settings
 from scheduler.broker import QUEUES, RUN_JOB_TASK, make_celery
+from scheduler.checks import register as register_checks
 from scheduler.enqueue import Publisher
 from scheduler.runner import Runner
 from scheduler.snapshot import SnapshotWriter
@@ -52,6 +53,7 @@ def create_worker(settings: Settings) -> tuple[Celery, Runner]:
         return runner.run(job_id)
 
     register_webhooks(app, settings, database)
+    register_checks(app, settings, database, runner)
     return app, runner
 
 
