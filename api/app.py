@@ -46,7 +46,19 @@ def create_app(
 ) -> Flask:
     """The genq API. `database` and `publisher` default to ones built from `settings`; pass
     your own to share them (tests, or a process that also runs the scheduler)."""
-    from api import artifacts, auth, catalog, deliveries, events, health, jobs, openapi, problems
+    from api import (
+        artifacts,
+        auth,
+        catalog,
+        deliveries,
+        events,
+        health,
+        jobs,
+        openapi,
+        problems,
+        schedules,
+        tenants,
+    )
     from api import datasets as dataset_uploads
 
     app = Flask("genq", static_folder=None)
@@ -68,6 +80,8 @@ def create_app(
         catalog.bp,
         deliveries.bp,
         dataset_uploads.bp,
+        tenants.bp,
+        schedules.bp,
     ):
         app.register_blueprint(blueprint)
     auth.install(app)

@@ -38,6 +38,7 @@ from core.errors import (
     NotFoundError,
 )
 from core.jobs import cancel_job, create_job, find_by_idempotency_key, retry_job, set_priority
+from core.quotas import check_submission
 from core.states import JobKind, JobState
 from core.tables import SYSTEM_TENANT_ID, Job, JobEvent, Model
 from scheduler.enqueue import Publication
@@ -114,6 +115,7 @@ def submit() -> Response:
     with state.database.transaction() as session:
         existing = find_by_idempotency_key(session, tenant_id, key) if key else None
         if existing is None:
+            check_submission(session, tenant_id)
             new = build_new_job(
                 session,
                 submission,
@@ -245,11 +247,14 @@ def retry(job_id: str) -> tuple[Response, int]:
 
 @bp.patch("/<job_id>")
 def change(job_id: str) -> Response:
-    """Change a queued or scheduled job's priority: `{"priority": n}` (0-9). Any other field,
-    or a job that has started, is refused; a queued job is republished at its new priority."""
+    """Change a queued or scheduled job's priority: `{"priority": n}` (0-9, or interactive,
+    normal, batch). Any other field, or a job that has started, is refused. Nothing is
+    republished: the scheduler reads the new priority at its next claim."""
     body = read_json_body()
     if not isinstance(body, dict) or set(body) != {"priority"}:
-        raise InvalidInputError.one("priority", 'send exactly {"priority": <0-9>}')
+        raise InvalidInputError.one(
+            "priority", 'send exactly {"priority": <0-9, interactive, normal or batch>}'
+        )
     state = genq()
     with state.database.transaction() as session:
         job = find_job(session, job_id, lock=True)
@@ -263,9 +268,6 @@ def change(job_id: str) -> Response:
             {"from": old, "to": job.priority, "via": "api"},
         )
         payload = render_job(session, job)
-        queued, queue, priority = job.state == JobState.QUEUED, job.queue, job.priority
-    if queued:
-        publish(job_id, queue, priority)
     return jsonify(payload)
 
 

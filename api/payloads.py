@@ -13,11 +13,44 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from core.fairness import estimate_eta_s, mean_run_s, queue_positions, running_in
+from core.jobs import priority_class
 from core.states import JobState
 from core.tables import Artifact, Dataset, Job, JobEvent, Model
+
+# The live workers' slot count, read from their Redis snapshots at most this often.
+SLOTS_TTL_S = 5.0
+_slots_cache: dict[int, tuple[float, int]] = {}
+
+
+def worker_slots() -> int:
+    """Task slots of the live Celery workers (their snapshots' concurrency), cached for a few
+    seconds; without a snapshot (no worker yet, or no app) the configured concurrency."""
+    import time
+
+    from flask import has_app_context
+
+    if not has_app_context():
+        return 1
+    from api.app import genq
+
+    state = genq()
+    at, slots = _slots_cache.get(id(state), (0.0, 0))
+    if time.monotonic() - at < SLOTS_TTL_S:
+        return slots
+    slots = state.settings.worker_concurrency
+    try:
+        from scheduler.snapshot import read_snapshots
+
+        found = sum(int(s.get("concurrency") or 0) for s in read_snapshots(state.publisher.redis))
+        slots = found or slots
+    except Exception:  # Redis unreachable: the configured figure
+        pass
+    _slots_cache[id(state)] = (time.monotonic(), slots)
+    return slots
 
 
 def iso(value: datetime | None) -> str | None:
@@ -38,27 +71,44 @@ class JobContext:
     datasets: dict[str, Dataset] = field(default_factory=dict)
     outputs: dict[str, list[Artifact]] = field(default_factory=lambda: defaultdict(list))
     queue_positions: dict[str, int] = field(default_factory=dict)
+    eta_s: dict[str, float | None] = field(default_factory=dict)
 
 
 def queue_position(session: Session, job: Job) -> int:
-    """How many queued jobs of the same queue run before this one (higher priority first,
-    then older first): a range scan of the (state, queue, priority, id) index."""
-    ahead = session.scalar(
-        select(func.count())
-        .select_from(Job)
-        .where(
-            Job.state == JobState.QUEUED,
-            Job.queue == job.queue,
-            or_(
-                Job.priority > job.priority,
-                and_(Job.priority == job.priority, Job.id < job.id),
-            ),
+    """How many queued jobs of the same queue will start before this one, in the order the
+    scheduler claims them (priority, fair share between tenants, age: core/fairness.py)."""
+    return queue_positions(session, [job]).get(job.id, 0)
+
+
+def _estimates(session: Session, jobs: Sequence[Job], ctx: JobContext, slots: int) -> None:
+    """eta_s of the queued and running jobs: the model's mean run time, the queue's running
+    jobs and the job's position drained through `slots` slots (core.fairness)."""
+    means: dict[tuple[str | None, str], float | None] = {}
+    running: dict[str, int] = {}
+    now = datetime.now(UTC)
+    for job in jobs:
+        if job.state not in (JobState.QUEUED, JobState.RUNNING):
+            continue
+        key = (job.model_id, job.family)
+        if key not in means:
+            means[key] = mean_run_s(session, job.model_id, job.family)
+        mean = means[key]
+        if job.state == JobState.RUNNING:
+            if mean is not None and job.started_at is not None:
+                left = mean - (now - job.started_at).total_seconds()
+                ctx.eta_s[job.id] = round(max(0.0, left), 3)
+            continue
+        if job.queue not in running:
+            running[job.queue] = running_in(session, job.queue)
+        ctx.eta_s[job.id] = estimate_eta_s(
+            position=ctx.queue_positions.get(job.id, 0),
+            running=running[job.queue],
+            slots=slots,
+            mean_s=mean,
         )
-    )
-    return int(ahead or 0)
 
 
-def load_context(session: Session, jobs: Sequence[Job]) -> JobContext:
+def load_context(session: Session, jobs: Sequence[Job], slots: int = 1) -> JobContext:
     ctx = JobContext()
     model_ids = {i for j in jobs for i in (j.model_id, j.result_model_id) if i}
     if model_ids:
@@ -75,9 +125,8 @@ def load_context(session: Session, jobs: Sequence[Job]) -> JobContext:
         )
         for artifact in artifacts:
             ctx.outputs[artifact.job_id].append(artifact)
-    for job in jobs:
-        if job.state == JobState.QUEUED:
-            ctx.queue_positions[job.id] = queue_position(session, job)
+    ctx.queue_positions = queue_positions(session, list(jobs))
+    _estimates(session, jobs, ctx, slots)
     return ctx
 
 
@@ -111,14 +160,15 @@ def job_payload(job: Job, ctx: JobContext) -> dict[str, Any]:
         "name": job.target_name,
         "params": job.params or {},
         "priority": job.priority,
+        "priority_class": priority_class(job.priority),
         "progress": {
             "step": job.progress_step,
             "total": job.progress_total,
             "message": job.progress_message or "",
         },
         "queue_position": ctx.queue_positions.get(job.id),
-        # No honest estimate yet: left null rather than guessed.
-        "eta_s": None,
+        # Seconds until it is expected to finish; null without run-time history of its model.
+        "eta_s": ctx.eta_s.get(job.id),
         "attempt": job.attempt,
         "max_attempts": job.max_attempts,
         "outputs": [output_payload(a) for a in ctx.outputs.get(job.id, [])],
@@ -136,8 +186,11 @@ def job_payload(job: Job, ctx: JobContext) -> dict[str, Any]:
     }
 
 
-def render_jobs(session: Session, jobs: Sequence[Job]) -> list[dict[str, Any]]:
-    ctx = load_context(session, jobs)
+def render_jobs(
+    session: Session, jobs: Sequence[Job], *, slots: int | None = None
+) -> list[dict[str, Any]]:
+    """`slots`: the cluster's worker slots for eta_s (default: the live workers' snapshots)."""
+    ctx = load_context(session, jobs, slots if slots is not None else worker_slots())
     return [job_payload(job, ctx) for job in jobs]
 
 
@@ -169,6 +222,10 @@ def model_payload(
         "ref": model.ref,
         "family": model.family,
         "created_at": iso(model.created_at),
+        # checking (a pretrained folder a worker has yet to load), ready, or failed.
+        "status": model.status,
+        "status_detail": model.status_detail,
+        "description": (model.config or {}).get("description") or None,
         "metrics": model.metrics or {},
         "lineage": {
             "dataset": dataset.name if dataset else None,

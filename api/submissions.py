@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 
 from core.catalog import resolve_dataset, resolve_model
 from core.errors import InvalidInputError
-from core.jobs import NewJob
+from core.jobs import PRIORITY_CLASSES, NewJob, parse_priority
 from core.states import JobKind
 from core.tables import Dataset, Model, utcnow
 from core.webhooks import UnresolvedTargetError, UnsafeTargetError, check_target
@@ -70,7 +70,13 @@ class JobSubmission(BaseModel):
         default_factory=dict,
         description="Checked against the family's schema for this kind (GET /v1/families).",
     )
-    priority: StrictInt = Field(5, ge=0, le=9, description="0-9; higher runs sooner.")
+    priority: StrictInt = Field(
+        5,
+        ge=0,
+        le=9,
+        description="0-9 (higher runs sooner) or a class: interactive (8), normal (5), batch (2).",
+        json_schema_extra={"anyOf": [{"type": "integer"}, {"enum": list(PRIORITY_CLASSES)}]},
+    )
     webhook: str | None = Field(
         None, max_length=2048, description="An http(s) URL told about the job's progress."
     )
@@ -91,6 +97,12 @@ class JobSubmission(BaseModel):
         strict=True,
         description="Fail an attempt that runs longer than this many seconds (error `timeout`).",
     )
+
+    @field_validator("priority", mode="before")
+    @classmethod
+    def _priority_class(cls, value: Any) -> Any:
+        # A class name stands for its integer; anything else is checked as an integer 0-9.
+        return PRIORITY_CLASSES.get(value, value) if isinstance(value, str) else value
 
     @field_validator("webhook")
     @classmethod
@@ -263,7 +275,7 @@ def build_new_job(
         model_id=model.id if model else None,
         dataset_id=dataset.id if dataset else None,
         target_name=sub.name,
-        priority=sub.priority,
+        priority=parse_priority(sub.priority),
         idempotency_key=idempotency_key,
         request_hash=request_digest,
         webhook=sub.webhook,
@@ -272,6 +284,7 @@ def build_new_job(
         run_at=_utc(sub.run_at),
         max_attempts=max_attempts,
         timeout_s=sub.timeout_s,
+        num_gpus=family.resources.num_gpus,
     )
 
 

@@ -259,3 +259,42 @@ def queue_positions(session: Session, jobs: list[Job]) -> dict[str, int]:
             orders[job.queue] = queue_order(session, job.queue)
         out[job.id] = orders[job.queue].position(job, own_ahead(session, job))
     return out
+
+
+# -- estimated times ---------------------------------------------------------------------------
+
+# How many of a model's latest successful runs its mean run time is taken over.
+ETA_SAMPLE = 50
+
+
+def mean_run_s(session: Session, model_id: str | None, family: str) -> float | None:
+    """Mean run time of the model's latest successful jobs (the family's, for training jobs
+    that name no model); None without history."""
+    stmt = select(Job.started_at, Job.finished_at).where(Job.state == JobState.SUCCEEDED)
+    if model_id is not None:
+        stmt = stmt.where(Job.model_id == model_id)
+    else:
+        stmt = stmt.where(Job.model_id.is_(None), Job.family == family)
+    rows = session.execute(stmt.order_by(Job.finished_at.desc()).limit(ETA_SAMPLE)).all()
+    runs = [(f - s).total_seconds() for s, f in rows if s is not None and f is not None]
+    return sum(runs) / len(runs) if runs else None
+
+
+def running_in(session: Session, queue: str) -> int:
+    n = session.scalar(
+        select(func.count())
+        .select_from(Job)
+        .where(Job.state.in_([JobState.RUNNING, JobState.CANCELING]), Job.queue == queue)
+    )
+    return int(n or 0)
+
+
+def estimate_eta_s(
+    *, position: int, running: int, slots: int, mean_s: float | None
+) -> float | None:
+    """Seconds until a queued job is expected to finish: the jobs running and ahead of it
+    drain through `slots` slots (each taking the mean run time), then it runs once."""
+    if mean_s is None or slots < 1:
+        return None
+    waves = max(0, running + position + 1 - slots) / slots
+    return round(mean_s * (waves + 1), 3)

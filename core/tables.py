@@ -157,6 +157,8 @@ class Job(Base):
         Index("ix_job_finished_at", "finished_at"),
         # The claim order (core/fairness.py): each tenant's queued jobs by priority and age.
         Index("ix_job_claim", "state", "queue", "tenant_id", "priority", "created_at", "id"),
+        # The ETA: a model's recent run times.
+        Index("ix_job_model_finished", "model_id", "state", "finished_at"),
         # A schedule fires each slot once, whatever the number of scheduler processes.
         UniqueConstraint("schedule_id", "slot_at", name="uq_job_schedule_slot"),
     )
@@ -322,5 +324,7 @@ class Schedule(Base):
     last_run_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_job_id: Mapped[str | None] = mapped_column(String(36))
     fired_count: Mapped[int] = mapped_column(Integer, default=0)
+    # Why the last slot did not submit its job (a quota refused it), or None.
+    last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)

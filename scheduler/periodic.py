@@ -1,4 +1,5 @@
-"""The periodic scheduler: starts delayed jobs whose time has come, fails waiting jobs whose
+"""The periodic scheduler: submits the jobs of due schedule slots, starts delayed jobs whose
+time has come, fails waiting jobs whose
 deadline passed, reaps jobs whose lease expired (requeued after a backoff, so a job that kills
 its worker every time is spaced out until its attempts run out), re-publishes queued jobs whose
 broker message is gone, and hands due webhook messages to their queue.
@@ -25,6 +26,7 @@ from core.recovery import (
     reap_expired,
     unpublished_jobs,
 )
+from core.schedules import fire_due
 from core.settings import Settings
 from core.states import JobState
 from core.tables import Job, utcnow
@@ -42,6 +44,7 @@ class TickReport:
     republished: int = 0
     expired: int = 0
     webhooks: int = 0
+    scheduled: int = 0
 
 
 class Periodic:
@@ -63,6 +66,12 @@ class Periodic:
 
     def webhooks(self) -> int:
         return dispatch(self.settings, self.database, self.publisher.celery)
+
+    def fire_schedules(self) -> int:
+        """Submit the jobs of due schedule slots (core/schedules.py: each slot once)."""
+        with self.database.transaction() as session:
+            ids = fire_due(session, max_attempts=self.settings.max_attempts)
+        return self._publish(ids)
 
     def promote(self) -> int:
         with self.database.transaction() as session:
@@ -110,6 +119,7 @@ class Periodic:
 
     def tick(self) -> TickReport:
         report = TickReport()
+        report.scheduled = self.fire_schedules()
         report.promoted = self.promote()
         report.expired = self.expire()
         report.reaped, report.requeued = self.reap()
@@ -124,6 +134,7 @@ class Periodic:
         while not stop.is_set():
             try:
                 self.webhooks()
+                self.fire_schedules()
                 if time.monotonic() >= next_reap:
                     self.promote()
                     self.expire()

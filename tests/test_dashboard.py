@@ -259,7 +259,9 @@ def test_change_priority_from_the_dashboard(
     assert broker.llen("generate:4") == 1  # priority 5 -> Celery step 4
     client.post(f"/admin/jobs/{job_id}/priority", data={"csrf_token": token, "priority": "9"})
     assert job_row(database, job_id).priority == 9
-    assert broker.llen("generate") == 1  # republished at step 0: served first
+    # Not republished: a message is only a token for a free slot, and the claim reads the
+    # priority from SQL (core/fairness.py).
+    assert broker.llen("generate:4") == 1 and broker.llen("generate") == 0
     [entry] = audit(database, "job.priority")
     assert entry.detail == {"from": 5, "to": 9, "via": "dashboard"}
 
@@ -277,7 +279,8 @@ def test_patch_priority_over_the_api(
     assert job_row(database, job_id).priority == 5
     response = client.patch(path, json={"priority": 8}, headers=bearer(keys.acme))
     assert response.status_code == 200 and response.get_json()["priority"] == 8
-    assert broker.llen("generate:1") == 1
+    # No new message: the one token already queued serves the job at its new priority.
+    assert broker.llen("generate:4") == 1 and broker.llen("generate:1") == 0
     [entry] = audit(database, "job.priority")
     assert entry.detail == {"from": 5, "to": 8, "via": "api"}
     assert entry.tenant_id == keys.acme_tenant

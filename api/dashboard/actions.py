@@ -18,7 +18,7 @@ from api.dashboard.session import admin
 from api.jobs import publish
 from core.audit import record_action
 from core.errors import IllegalTransitionError, InvalidInputError, NotFoundError
-from core.jobs import cancel_job, retry_job, set_priority
+from core.jobs import PRIORITY_CLASSES, cancel_job, retry_job, set_priority
 from core.keys import create_key, get_or_create_tenant, revoke_key
 from core.states import JobState
 from core.tables import ApiKey, Job
@@ -65,11 +65,13 @@ def retry(job_id: str) -> BaseResponse:
 @bp.post("/jobs/<job_id>/priority")
 def priority(job_id: str) -> BaseResponse:
     raw = request.form.get("priority", "").strip()
-    if not raw.isdigit():
-        raise InvalidInputError.one("priority", "must be an integer from 0 to 9")
+    if not raw.isdigit() and raw not in PRIORITY_CLASSES:
+        raise InvalidInputError.one(
+            "priority", "must be an integer from 0 to 9 or interactive, normal, batch"
+        )
     with genq().database.transaction() as db:
         job = _locked_job(db, job_id)
-        old = set_priority(db, job, int(raw))
+        old = set_priority(db, job, int(raw) if raw.isdigit() else raw)
         record_action(
             db,
             admin().actor,
@@ -78,9 +80,7 @@ def priority(job_id: str) -> BaseResponse:
             job.id,
             {"from": old, "to": job.priority, "via": "dashboard"},
         )
-        queued, queue, new = job.state == JobState.QUEUED, job.queue, job.priority
-    if queued:
-        publish(job_id, queue, new)
+    # Nothing to republish: the next claim reads the new priority (core/fairness.py).
     return _back_to_job(job_id)
 
 

@@ -42,6 +42,7 @@ def upgrade() -> None:
         sa.Column("last_run_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("last_job_id", sa.String(length=36), nullable=True),
         sa.Column("fired_count", sa.Integer(), nullable=False),
+        sa.Column("last_error", sa.Text(), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.ForeignKeyConstraint(
@@ -65,6 +66,9 @@ def upgrade() -> None:
             unique=False,
         )
         batch_op.create_unique_constraint("uq_job_schedule_slot", ["schedule_id", "slot_at"])
+        batch_op.create_index(
+            "ix_job_model_finished", ["model_id", "state", "finished_at"], unique=False
+        )
 
     with op.batch_alter_table("tenant", schema=None) as batch_op:
         batch_op.add_column(sa.Column("weight", sa.Integer(), server_default="1", nullable=False))
@@ -89,6 +93,7 @@ def downgrade() -> None:
         batch_op.drop_column("weight")
 
     with op.batch_alter_table("job", schema=None) as batch_op:
+        batch_op.drop_index("ix_job_model_finished")
         batch_op.drop_constraint("uq_job_schedule_slot", type_="unique")
         batch_op.drop_index("ix_job_claim")
         batch_op.drop_column("slot_at")

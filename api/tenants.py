@@ -1,0 +1,174 @@
+"""`/v1/tenants` (a tenant's quotas and what it uses now; admins set them) and
+`POST /v1/admin/purge` (cancel a tenant's or a queue's waiting jobs).
+
+A tenant's key reads its own tenant; an admin key reads and changes any. Every change is
+written to the audit log in the same transaction.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, Response, jsonify
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
+
+from api.app import genq
+from api.auth import principal, tenant_scope
+from api.jobs import read_json_body
+from api.submissions import errors_from
+from core.audit import Actor, record_action
+from core.errors import ForbiddenError, InvalidInputError, NotFoundError
+from core.purge import purge_waiting
+from core.quotas import usage
+from core.tables import Tenant
+from scheduler.broker import QUEUES, WEBHOOK_QUEUE
+
+bp = Blueprint("tenants", __name__, url_prefix="/v1")
+
+JOB_QUEUES = tuple(q for q in QUEUES if q != WEBHOOK_QUEUE)
+
+
+class QuotaChange(BaseModel):
+    """The body of `PATCH /v1/tenants/{id}`: any of these; null removes a limit."""
+
+    model_config = ConfigDict(extra="forbid", title="QuotaChange")
+
+    weight: StrictInt | None = Field(None, ge=1, le=100, description="Share of slots (1-100).")
+    max_running: StrictInt | None = Field(None, ge=0, le=100_000)
+    max_queued: StrictInt | None = Field(None, ge=0, le=10_000_000)
+    gpu_seconds_budget: float | None = Field(None, ge=0, allow_inf_nan=False)
+    budget_period_s: StrictInt | None = Field(None, ge=60, le=366 * 86400)
+    over_quota: str | None = Field(None, pattern="^(reject|hold)$")
+
+
+# Fields that may not be null (they have a value whatever the limits).
+NOT_NULL = ("weight", "budget_period_s", "over_quota")
+
+
+def tenant_payload(session: Session, tenant: Tenant) -> dict[str, Any]:
+    return {
+        "id": tenant.id,
+        "name": tenant.name,
+        "weight": tenant.weight,
+        "quotas": {
+            "max_running": tenant.max_running,
+            "max_queued": tenant.max_queued,
+            "gpu_seconds_budget": tenant.gpu_seconds_budget,
+            "budget_period_s": tenant.budget_period_s,
+            "over_quota": tenant.over_quota,
+        },
+        "usage": usage(session, tenant.id),
+    }
+
+
+def _require_admin() -> None:
+    if not principal().is_admin:
+        raise ForbiddenError("this needs an admin key")
+
+
+def find_tenant(session: Session, ref: str, *, lock: bool = False) -> Tenant:
+    """A tenant by id or name that the caller may see; 404 otherwise."""
+    stmt = select(Tenant).where(or_(Tenant.id == ref, Tenant.name == ref))
+    scope = tenant_scope()
+    if scope is not None:
+        stmt = stmt.where(Tenant.id == scope)
+    if lock:
+        stmt = stmt.with_for_update()
+    found = session.scalar(stmt)
+    if found is None:
+        raise NotFoundError(f"no tenant {ref}")
+    return found
+
+
+@bp.get("/tenants")
+def list_tenants() -> Response:
+    """Every tenant (admin), or the caller's own."""
+    scope = tenant_scope()
+    with genq().database.transaction() as session:
+        stmt = select(Tenant).order_by(Tenant.name)
+        if scope is not None:
+            stmt = stmt.where(Tenant.id == scope)
+        items = [tenant_payload(session, t) for t in session.scalars(stmt)]
+    return jsonify({"items": items})
+
+
+@bp.get("/tenants/<ref>")
+def get_tenant(ref: str) -> Response:
+    with genq().database.transaction() as session:
+        return jsonify(tenant_payload(session, find_tenant(session, ref)))
+
+
+@bp.patch("/tenants/<ref>")
+def change_tenant(ref: str) -> Response:
+    """Set a tenant's weight and quotas (admin). Only the fields sent change."""
+    _require_admin()
+    body = read_json_body()
+    try:
+        change = QuotaChange.model_validate(body)
+    except ValidationError as exc:
+        raise InvalidInputError(errors_from(exc)) from None
+    sent = change.model_dump(exclude_unset=True)
+    if not sent:
+        raise InvalidInputError.one(
+            "body", "send at least one of: " + ", ".join(QuotaChange.model_fields)
+        )
+    for name in NOT_NULL:
+        if name in sent and sent[name] is None:
+            raise InvalidInputError.one(name, "must not be null")
+    with genq().database.transaction() as session:
+        tenant = find_tenant(session, ref, lock=True)
+        before = {name: getattr(tenant, name) for name in sent}
+        for name, value in sent.items():
+            setattr(tenant, name, value)
+        record_action(
+            session,
+            Actor.of_key(session, principal().key_id),
+            "tenant.quotas",
+            "tenant",
+            tenant.id,
+            {"from": before, "to": sent, "via": "api"},
+        )
+        session.flush()
+        payload = tenant_payload(session, tenant)
+    return jsonify(payload)
+
+
+class PurgeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", title="PurgeRequest")
+
+    tenant: str | None = Field(None, min_length=1, max_length=128, description="Id or name.")
+    queue: str | None = Field(None, description="generate or train.")
+
+
+@bp.post("/admin/purge")
+def purge() -> Response:
+    """Cancel every waiting (queued or scheduled) job of a tenant, of a queue, or both (admin);
+    returns how many, and their ids."""
+    _require_admin()
+    body = read_json_body()
+    try:
+        request = PurgeRequest.model_validate(body)
+    except ValidationError as exc:
+        raise InvalidInputError(errors_from(exc)) from None
+    if request.queue is not None and request.queue not in JOB_QUEUES:
+        raise InvalidInputError.one("queue", f"must be one of {', '.join(JOB_QUEUES)}")
+    with genq().database.transaction() as session:
+        tenant_id = find_tenant(session, request.tenant).id if request.tenant else None
+        actor = Actor.of_key(session, principal().key_id)
+        ids = purge_waiting(
+            session,
+            tenant_id=tenant_id,
+            queue=request.queue,
+            reason=f"purged by admin key {actor.key_prefix}",
+        )
+        record_action(
+            session,
+            actor,
+            "purge",
+            "tenant" if tenant_id else "queue",
+            tenant_id or str(request.queue),
+            {"tenant": tenant_id, "queue": request.queue, "count": len(ids), "via": "api"},
+        )
+    return jsonify({"purged": len(ids), "job_ids": ids})
