@@ -91,6 +91,7 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
             "name": _nullable(STRING),
             "params": OBJECT,
             "priority": {"type": "integer", "minimum": 0, "maximum": 9},
+            "priority_class": {"type": "string", "enum": ["interactive", "normal", "batch"]},
             "progress": _object({"step": INT, "total": INT, "message": STRING}),
             "queue_position": _nullable(INT),
             "eta_s": _nullable({"type": "number"}),
@@ -298,6 +299,7 @@ def _paths() -> dict[str, Any]:
                     "404": _problem("The model or data set named does not exist."),
                     "409": _problem("The Idempotency-Key was used with another body."),
                     "413": _problem("The body is too large."),
+                    "429": {"$ref": "#/components/responses/QuotaExceeded"},
                     "415": _problem("The body is not sent as application/json."),
                     "422": INVALID,
                 },
@@ -341,7 +343,12 @@ def _paths() -> dict[str, Any]:
                             "schema": {
                                 "type": "object",
                                 "properties": {
-                                    "priority": {"type": "integer", "minimum": 0, "maximum": 9}
+                                    "priority": {
+                                        "anyOf": [
+                                            {"type": "integer", "minimum": 0, "maximum": 9},
+                                            {"enum": ["interactive", "normal", "batch"]},
+                                        ]
+                                    }
                                 },
                                 "required": ["priority"],
                                 "additionalProperties": False,
@@ -531,6 +538,9 @@ def _paths() -> dict[str, Any]:
 def document() -> dict[str, Any]:
     schemas: dict[str, Any] = dict(RESPONSE_SCHEMAS)
     _add_model(schemas, JobSubmission, "JobSubmission")
+    from api import openapi_scheduling  # it builds on the helpers above
+
+    openapi_scheduling.add_schemas(schemas)
     for family in FAMILIES.values():
         for kind in JobKind:
             spec = family.params_for(kind)
@@ -546,10 +556,11 @@ def document() -> dict[str, Any]:
         },
         "servers": [{"url": "/"}],
         "security": [{"bearer": []}],
-        "paths": _paths(),
+        "paths": {**_paths(), **openapi_scheduling.paths()},
         "components": {
             "schemas": schemas,
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "responses": {"QuotaExceeded": openapi_scheduling.QUOTA_EXCEEDED},
         },
     }
 
