@@ -214,12 +214,15 @@ class Batcher:
         self.stats.solo_jobs += 1
         if self.max_rows > 1:  # a family that batches says how each job ran
             request.put(Metric(0, {"batch_jobs": 1.0, "batch_rows": float(request.rows)}))
+        started = time.perf_counter()
         try:
             for event in self.model.generate(request.params, request.ctx):
                 request.put(event)
         except BaseException as exc:  # noqa: BLE001 - the job's failure, reported to it
             request.end(exc)
             return
+        if self.max_rows > 1:
+            request.put(Metric(0, {"batch_s": time.perf_counter() - started}))
         request.end()
 
     def _run_batch(self, batch: list[Request]) -> None:
@@ -232,6 +235,7 @@ class Batcher:
         metric = Metric(0, {"batch_jobs": float(len(batch)), "batch_rows": float(rows)})
         for r in batch:
             r.put(metric)
+        started = time.perf_counter()
         try:
             jobs = [(r.params, r.ctx) for r in batch]
             for index, item in self.model.generate_batch(jobs):
@@ -256,5 +260,8 @@ class Batcher:
                 else:
                     self._run_alone(r)
             return
+        # The model time of the whole batch, for each job (bench/batching.py reads it).
+        done = Metric(0, {"batch_s": time.perf_counter() - started})
         for r in batch:
+            r.put(done)
             r.end()

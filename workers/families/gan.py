@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
@@ -124,14 +125,20 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 2**20 + step)
 
 
-def sample(g: Generator, labels: torch.Tensor, seeds: list[int]) -> torch.Tensor:
-    """One image per (label, seed), each depending on its own seed only: (B, C, S, S)."""
+def sample(g: Generator, labels: torch.Tensor, seeds: list[int], min_rows: int = 1) -> torch.Tensor:
+    """One image per (label, seed), each depending on its own seed only: (B, C, S, S). The
+    call is padded to `min_rows` rows, where the kernels give every row the same bits whatever
+    the batch (workers/batching.py)."""
     device = next(g.parameters()).device
     z = torch.cat(
         [torch.randn(1, g.z_dim, generator=torch.Generator().manual_seed(s)) for s in seeds]
-    )
+    )  # (B, Z)
+    rows = len(seeds)
+    if rows < min_rows:
+        z = torch.cat([z, z.new_zeros((min_rows - rows, g.z_dim))])
+        labels = torch.cat([labels, labels.new_zeros(min_rows - rows)])
     with torch.no_grad():
-        return g(z.to(device), labels.to(device)).float().cpu()
+        return g(z.to(device), labels.to(device))[:rows].float().cpu()
 
 
 def _ema_update(ema: nn.Module, model: nn.Module, step: int) -> None:
@@ -257,22 +264,23 @@ def train(params: dict[str, Any], ctx: TrainContext) -> Iterator[Event]:
 
 
 class Gan:
-    """A loaded generator; `generate` draws `num_images` images of one class."""
+    """A loaded generator; `generate` draws `num_images` images of one class,
+    `generate_batch` draws several jobs' images in one call of the generator."""
 
     def __init__(self, g: Generator, config: dict[str, Any]) -> None:
         self.g, self.config = g, config
 
-    def generate(self, params: dict[str, Any], ctx: RunContext) -> Iterator[Event]:
+    def _request(self, params: dict[str, Any]) -> tuple[GanGenerateParams, int, list[int]]:
         p = GanGenerateParams.model_validate(params)
         K = self.config["num_classes"]
         if p.label >= K:
             raise InvalidInputError.one("params.label", f"this model knows labels 0 to {K - 1}")
-        if ctx.is_canceled():
-            raise CanceledError(f"job {ctx.job_id} was canceled")
         seed = p.seed if p.seed is not None else secrets.randbelow(SEED_MAX + 1)
-        seeds = [(seed + i) % (SEED_MAX + 1) for i in range(p.num_images)]
-        images = sample(self.g, torch.full((p.num_images,), p.label), seeds)
-        yield Progress(1, 1, "generated")
+        return p, seed, [(seed + i) % (SEED_MAX + 1) for i in range(p.num_images)]
+
+    def _outputs(
+        self, p: GanGenerateParams, seed: int, seeds: list[int], images: torch.Tensor
+    ) -> Iterator[Output]:
         recorded = json.dumps({**p.model_dump(), "seed": seed}, sort_keys=True)
         names = self.config.get("class_names") or []
         size = self.config["image_size"]
@@ -293,6 +301,43 @@ class Gan:
                     "height": size,
                 },
             )
+
+    def generate(self, params: dict[str, Any], ctx: RunContext) -> Iterator[Event]:
+        for _, item in self.generate_batch([(params, ctx)]):
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def generate_batch(
+        self, jobs: list[tuple[dict[str, Any], RunContext]]
+    ) -> Iterator[tuple[int | None, Event | BaseException]]:
+        """Every job's images from one call of the generator; a job this model refuses, or
+        one canceled before the call, leaves the batch alone."""
+        requests = {}
+        for index, (params, ctx) in enumerate(jobs):
+            if ctx.is_canceled():
+                yield index, CanceledError(f"job {ctx.job_id} was canceled")
+                continue
+            try:
+                requests[index] = self._request(params)
+            except (InvalidInputError, ValidationError) as exc:
+                yield index, exc
+        if not requests:
+            return
+        order = sorted(requests)
+        labels = torch.cat(
+            [torch.full((requests[i][0].num_images,), requests[i][0].label) for i in order]
+        )
+        seeds = [s for i in order for s in requests[i][2]]
+        images = sample(self.g, labels, seeds, jobs[order[0]][1].min_rows)  # (B, C, S, S)
+        yield None, Progress(1, 1, "generated")
+        start = 0
+        for i in order:
+            p, seed, job_seeds = requests[i]
+            mine = images[start : start + len(job_seeds)]
+            start += len(job_seeds)
+            for output in self._outputs(p, seed, job_seeds, mine):
+                yield i, output
 
 
 def load(model_dir: Path | None, config: dict[str, Any], device: str) -> Gan:

@@ -42,6 +42,11 @@ class GanGenerateParams(BaseModel):
     )
 
 
+def batch_key(p: GanGenerateParams) -> str:
+    """One call of the generator draws any labels and seeds: every job can share a batch."""
+    return "sample"
+
+
 FAMILY = Family(
     name="gan",
     description="Class-conditional DCGAN (hinge loss, spectral norm) on small labelled images.",
@@ -51,4 +56,6 @@ FAMILY = Family(
     finetune_params=GanFinetuneParams,
     dataset_kinds=("images",),
     resources=Resources(num_gpus=0.25, num_cpus=1.0, gpu_memory_gb=1.0),
+    max_batch_size=256,
+    batch_key=batch_key,
 )

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 from torch import nn
 
 from core.errors import InvalidInputError, ModelError
@@ -229,13 +230,20 @@ class VaeModel:
         self.vae, self.config = vae, config
         self.device = next(vae.parameters()).device
 
-    def sample(self, labels: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+    def sample(self, labels: torch.Tensor, seeds: list[int], min_rows: int = 1) -> torch.Tensor:
+        """One image per (label, seed), each from its own seed's latent; the decoder call is
+        padded to `min_rows` rows so a row's bits do not depend on the batch."""
         Z = self.vae.z_dim
         z = torch.cat(
             [torch.randn(1, Z, generator=torch.Generator().manual_seed(s)) for s in seeds]
-        )
+        )  # (B, Z)
+        rows = len(seeds)
+        labels = labels.to(self.device)
+        if rows < min_rows:
+            z = torch.cat([z, z.new_zeros((min_rows - rows, Z))])
+            labels = torch.cat([labels, labels.new_zeros(min_rows - rows)])
         with torch.no_grad():
-            return to_images(self.vae.decode(z.to(self.device), labels.to(self.device)))
+            return to_images(self.vae.decode(z.to(self.device), labels)[:rows])
 
     def _means(self, images: list[str], label: int) -> torch.Tensor:
         size, C = self.config["image_size"], self.config["channels"]
@@ -247,7 +255,7 @@ class VaeModel:
             mu, _ = self.vae.encode(x.to(self.device), y)
         return mu  # (len(images), Z)
 
-    def generate(self, params: dict[str, Any], ctx: RunContext) -> Iterator[Event]:
+    def _check(self, params: dict[str, Any]) -> tuple[VaeGenerateParams, int, list[int]]:
         p = VaeGenerateParams.model_validate(params)
         K = self.config["num_classes"]
         if p.label >= K:
@@ -257,23 +265,12 @@ class VaeModel:
             raise InvalidInputError.one(
                 "params.images", f"mode {p.mode} takes {wanted} images, got {len(p.images)}"
             )
-        if ctx.is_canceled():
-            raise CanceledError(f"job {ctx.job_id} was canceled")
         seed = p.seed if p.seed is not None else secrets.randbelow(SEED_MAX + 1)
-        seeds = [(seed + i) % (SEED_MAX + 1) for i in range(p.num_images)]
-        y = torch.full((p.num_images,), p.label, device=self.device)
-        if p.mode == "sample":
-            images = self.sample(y, seeds)
-        else:
-            mu = self._means(p.images, p.label)  # (1 or 2, Z)
-            if p.mode == "reconstruct":
-                z = mu.expand(p.num_images, -1)
-            else:
-                w = torch.linspace(0, 1, p.num_images, device=self.device).unsqueeze(1)  # (B, 1)
-                z = (1 - w) * mu[0] + w * mu[1]  # (B, Z)
-            with torch.no_grad():
-                images = to_images(self.vae.decode(z, y))
-        yield Progress(1, 1, "generated")
+        return p, seed, [(seed + i) % (SEED_MAX + 1) for i in range(p.num_images)]
+
+    def _outputs(
+        self, p: VaeGenerateParams, seed: int, seeds: list[int], images: torch.Tensor
+    ) -> Iterator[Output]:
         recorded = {**p.model_dump(exclude={"images"}), "seed": seed, "num_inputs": len(p.images)}
         text_params = json.dumps(recorded, sort_keys=True)
         size = self.config["image_size"]
@@ -294,6 +291,62 @@ class VaeModel:
                     "height": size,
                 },
             )
+
+    def generate(self, params: dict[str, Any], ctx: RunContext) -> Iterator[Event]:
+        if params.get("mode", "sample") == "sample":
+            for _, item in self.generate_batch([(params, ctx)]):
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+            return
+        p, seed, seeds = self._check(params)
+        if ctx.is_canceled():
+            raise CanceledError(f"job {ctx.job_id} was canceled")
+        y = torch.full((p.num_images,), p.label, device=self.device)
+        mu = self._means(p.images, p.label)  # (1 or 2, Z)
+        if p.mode == "reconstruct":
+            z = mu.expand(p.num_images, -1)
+        else:
+            w = torch.linspace(0, 1, p.num_images, device=self.device).unsqueeze(1)  # (B, 1)
+            z = (1 - w) * mu[0] + w * mu[1]  # (B, Z)
+        with torch.no_grad():
+            images = to_images(self.vae.decode(z, y))
+        yield Progress(1, 1, "generated")
+        yield from self._outputs(p, seed, seeds, images)
+
+    def generate_batch(
+        self, jobs: list[tuple[dict[str, Any], RunContext]]
+    ) -> Iterator[tuple[int | None, Event | BaseException]]:
+        """Several `sample` jobs from one call of the decoder (the family's batch key admits
+        only those); a job this model refuses, or one already canceled, leaves alone."""
+        requests = {}
+        for index, (params, ctx) in enumerate(jobs):
+            if ctx.is_canceled():
+                yield index, CanceledError(f"job {ctx.job_id} was canceled")
+                continue
+            try:
+                requests[index] = self._check(params)
+            except (InvalidInputError, ValidationError) as exc:
+                yield index, exc
+                continue
+            if requests[index][0].mode != "sample":
+                del requests[index]
+                yield index, InvalidInputError.one("params.mode", "only `sample` jobs batch")
+        if not requests:
+            return
+        order = sorted(requests)
+        labels = torch.cat(
+            [torch.full((requests[i][0].num_images,), requests[i][0].label) for i in order]
+        )
+        seeds = [s for i in order for s in requests[i][2]]
+        images = self.sample(labels, seeds, jobs[order[0]][1].min_rows)  # (B, C, S, S)
+        yield None, Progress(1, 1, "generated")
+        start = 0
+        for i in order:
+            p, seed, job_seeds = requests[i]
+            for output in self._outputs(p, seed, job_seeds, images[start : start + len(job_seeds)]):
+                yield i, output
+            start += len(job_seeds)
 
 
 def load(model_dir: Path | None, config: dict[str, Any], device: str) -> VaeModel:

@@ -55,6 +55,12 @@ class VaeGenerateParams(BaseModel):
     )
 
 
+def batch_key(p: VaeGenerateParams) -> str | None:
+    """`sample` jobs share one decoder call whatever their labels and seeds; reconstructions
+    and interpolations (which encode the job's own images) run alone."""
+    return "sample" if p.mode == "sample" else None
+
+
 FAMILY = Family(
     name="vae",
     description="Class-conditional convolutional VAE on small labelled images.",
@@ -64,4 +70,6 @@ FAMILY = Family(
     finetune_params=VaeFinetuneParams,
     dataset_kinds=("images",),
     resources=Resources(num_gpus=0.25, num_cpus=1.0, gpu_memory_gb=1.0),
+    max_batch_size=256,
+    batch_key=batch_key,
 )
