@@ -3,21 +3,39 @@
 Models and data sets are those the caller's tenant owns plus the system tenant's built-ins
 (all of them for an admin). Families come from the one registry in `workers.registry`, each
 with the JSON schema of its parameters for every job kind it supports.
+
+`POST /v1/models` (admin) registers a pretrained `diffusers` pipeline or `transformers` model
+folder where it lies on the server's disk (an absolute path; a relative one is under the
+artifact root), so a self-hoster points genq at the models already downloaded. The API process
+has no torch: it checks the folder's layout (the family's `check_layout`: the files a loader
+needs, safetensors weights only) and registers the next version of the name as `checking`;
+a worker then loads it (`scheduler/checks.py`) and marks it `ready` or `failed`. Jobs on a
+model that is not ready answer 409.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 from flask import Blueprint, Response, jsonify
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
 
 from api.app import genq
-from api.auth import tenant_scope
+from api.auth import principal, tenant_scope
+from api.jobs import read_json_body
 from api.payloads import dataset_payload, render_models
-from core.catalog import list_datasets, list_models
-from core.errors import NotFoundError
+from api.submissions import errors_from
+from core.audit import Actor, record_action
+from core.catalog import FAILED, list_datasets, list_models, register_pretrained, set_model_status
+from core.errors import ForbiddenError, InvalidInputError, NotFoundError, TransientError
+from core.settings import Settings
 from core.states import JobKind
+from core.tables import SYSTEM_TENANT_ID, Model, Tenant
+from workers.families import causal_lm_spec, sd_spec
 from workers.families.base import Family
 from workers.registry import FAMILIES
 
@@ -29,6 +47,109 @@ def models() -> Response:
     with genq().database.transaction() as session:
         items = render_models(session, list_models(session, tenant_scope()))
     return jsonify({"items": items})
+
+
+class ModelRegistration(BaseModel):
+    """The body of `POST /v1/models`."""
+
+    model_config = ConfigDict(extra="forbid", title="ModelRegistration")
+
+    name: str = Field(
+        ...,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
+        description="The model name jobs use; registering it again adds the next version.",
+    )
+    family: Literal["diffusers", "transformers"] = Field(
+        ..., description="`diffusers` (a text-to-image pipeline) or `transformers` (a causal LM)."
+    )
+    path: str = Field(
+        ...,
+        min_length=1,
+        max_length=1024,
+        description="The folder on the server: absolute, or relative to the artifact root.",
+    )
+    description: str = Field("", max_length=2000)
+    tenant: str | None = Field(
+        None,
+        max_length=128,
+        description="The tenant (id or name) that owns it. Unset: every tenant sees it.",
+    )
+
+
+LAYOUT_CHECKS = {"diffusers": sd_spec.check_layout, "transformers": causal_lm_spec.check_layout}
+
+
+def pretrained_folder(settings: Settings, given: str) -> tuple[Path, str]:
+    """(the folder, what Model.path stores): an absolute path as it is (inside one of
+    GENQ_PRETRAINED_ROOTS when set), a relative one under the artifact root; 422 naming
+    `path` for a folder that is not there or not allowed."""
+    if Path(given).is_absolute():
+        folder = Path(given).resolve()
+        roots = settings.pretrained_root_paths
+        if roots and not any(folder.is_relative_to(root) for root in roots):
+            raise InvalidInputError.one(
+                "path", "not under a folder GENQ_PRETRAINED_ROOTS allows models from"
+            )
+        stored = str(folder)
+    else:
+        try:
+            folder = genq().artifacts.resolve(given)
+        except ValueError:
+            raise InvalidInputError.one("path", "escapes the artifact root") from None
+        stored = str(folder.relative_to(genq().artifacts.root))
+    if not folder.is_dir():
+        raise InvalidInputError.one("path", f"{folder} is not a folder on the server")
+    return folder, stored
+
+
+def _owner(session: Session, ref: str | None) -> str:
+    if ref is None:
+        return SYSTEM_TENANT_ID
+    tenant = session.scalar(select(Tenant).where(or_(Tenant.id == ref, Tenant.name == ref)))
+    if tenant is None:
+        raise InvalidInputError.one("tenant", f"no tenant {ref!r}")
+    return str(tenant.id)
+
+
+@bp.post("/models")
+def register_model() -> tuple[Response, int, dict[str, str]]:
+    """Register a pretrained folder (admin): 202 with the model, `checking` until a worker
+    has loaded it."""
+    if not principal().is_admin:
+        raise ForbiddenError("registering a model needs an admin key")
+    try:
+        body = ModelRegistration.model_validate(read_json_body())
+    except ValidationError as exc:
+        raise InvalidInputError(errors_from(exc)) from None
+    app = genq()
+    folder, stored = pretrained_folder(app.settings, body.path)
+    layout = LAYOUT_CHECKS[body.family](folder)
+    config = {"source": "pretrained", "description": body.description, **layout}
+    with app.database.transaction() as session:
+        model = register_pretrained(
+            session,
+            tenant_id=_owner(session, body.tenant),
+            name=body.name,
+            family=body.family,
+            path=stored,
+            config=config,
+        )
+        record_action(
+            session,
+            Actor.of_key(session, principal().key_id),
+            "model.register",
+            "model",
+            model.id,
+            {"ref": model.ref, "family": body.family, "path": stored},
+        )
+        model_id = model.id
+    if not app.publisher.publish_model_check(model_id):
+        with app.database.transaction() as session:
+            set_model_status(session, model_id, FAILED, "the broker did not take the check")
+        raise TransientError("the broker did not take the model check; register it again")
+    with app.database.transaction() as session:
+        (payload,) = render_models(session, [session.get_one(Model, model_id)])
+    return jsonify(payload), 202, {"Location": f"/v1/models/{body.name}"}
 
 
 @bp.get("/models/<name>")

@@ -80,7 +80,11 @@ def _scheduler():  # type: ignore[no-untyped-def]
     from diffusers import PNDMScheduler
 
     return PNDMScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        skip_prk_steps=True,
+        steps_offset=1,
     )
 
 
@@ -151,7 +155,7 @@ def build_tiny_sdxl(path: Path) -> Path:
         tokenizer=clip_tokenizer(),
         tokenizer_2=clip_tokenizer(),
         scheduler=EulerDiscreteScheduler(
-            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1
         ),
     )
     pipe.save_pretrained(str(path), safe_serialization=True)
