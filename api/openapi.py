@@ -15,6 +15,7 @@ from flask import Blueprint, Response, jsonify
 from pydantic import BaseModel
 
 from api.auth import public
+from api.catalog import ModelRegistration
 from api.submissions import JobSubmission
 from core.states import JobKind, JobState
 from workers.registry import FAMILIES
