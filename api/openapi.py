@@ -155,6 +155,14 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
             "ref": STRING,
             "family": STRING,
             "created_at": TIME,
+            "status": {
+                "type": "string",
+                "enum": ["checking", "ready", "failed"],
+                "description": "A registered pretrained folder is `checking` until a worker"
+                " has loaded it; jobs need `ready`.",
+            },
+            "status_detail": _nullable(STRING),
+            "description": _nullable(STRING),
             "metrics": OBJECT,
             "lineage": _object(
                 {
@@ -465,7 +473,34 @@ def _paths() -> dict[str, Any]:
                 },
             }
         },
-        "/v1/models": _list("Visible models", "listModels", "ModelList"),
+        "/v1/models": {
+            **_list("Visible models", "listModels", "ModelList"),
+            "post": {
+                "summary": "Register a pretrained diffusers or transformers folder (admin)",
+                "description": "The folder is on the server: an absolute path (inside"
+                " GENQ_PRETRAINED_ROOTS when set) or a path under the artifact root. Its layout"
+                " is checked at once (safetensors weights only); a worker then loads it and"
+                " marks the new version `ready` or `failed`. Jobs on a model that is not ready"
+                " answer 409.",
+                "operationId": "registerModel",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("ModelRegistration")}},
+                },
+                "responses": {
+                    "202": _json(
+                        "The new version, `checking`.",
+                        "Model",
+                        {"Location": {"schema": STRING, "description": "The model's URL."}},
+                    ),
+                    "401": UNAUTHORIZED,
+                    "403": _problem("Not an admin key."),
+                    "409": _problem("The name belongs to a model of another family."),
+                    "422": INVALID,
+                    "503": _problem("The broker did not take the check; register it again."),
+                },
+            },
+        },
         "/v1/models/{name}": {
             "get": {
                 "summary": "Every version of a model",
@@ -539,6 +574,7 @@ def _paths() -> dict[str, Any]:
 def document() -> dict[str, Any]:
     schemas: dict[str, Any] = dict(RESPONSE_SCHEMAS)
     _add_model(schemas, JobSubmission, "JobSubmission")
+    _add_model(schemas, ModelRegistration, "ModelRegistration")
     from api import openapi_scheduling  # it builds on the helpers above
 
     openapi_scheduling.add_schemas(schemas)
