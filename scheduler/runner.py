@@ -167,23 +167,22 @@ class Runner:
         return f"skipped:{state}"
 
     def _wake_held(self, tenant_id: str, queue: str) -> None:
-        """A job of a tenant with quotas ended: its queued jobs may have lost their tokens
-        while it was at its cap, so give one of them a message if none has one."""
+        """A job of a tenant with quotas ended: its queued jobs' tokens may have been used up
+        while it was at its cap, so send one more. It is sent whether or not one is in flight:
+        checking would race with a token being turned away right now, and a spare token only
+        finds nothing to start (or starts other work)."""
         try:
             with self.database.transaction() as session:
-                rows = session.execute(
+                first = session.execute(
                     select(Job.id, Job.queue, Job.priority)
                     .where(Job.state == JobState.QUEUED, Job.tenant_id == tenant_id)
                     .order_by(Job.priority.desc(), Job.created_at)
-                    .limit(20)
-                ).all()
-            if not rows:
-                return
-            present = self.publisher.has_message([r.id for r in rows])
-            if any(present):
-                return
-            first = rows[0]
-            self.publisher.publish(self.database, [Publication(first.id, first.queue, 5)])
+                    .limit(1)
+                ).first()
+            if first is not None:
+                self.publisher.publish(
+                    self.database, [Publication(first.id, first.queue, first.priority)]
+                )
         except Exception:  # the reconciler covers it
             log.exception("could not wake the held jobs of tenant %s", tenant_id)
 
