@@ -266,6 +266,8 @@ def build_new_job(
         dataset = resolve_dataset(session, tenant_id, sub.dataset)
         _check_dataset(dataset, family)
     params = validate_params(family, sub.kind, sub.params)
+    if model is not None and family.check_model_params is not None:
+        family.check_model_params(sub.kind, params, dict(model.config or {}))
     return NewJob(
         tenant_id=tenant_id,
         kind=sub.kind,

@@ -56,6 +56,9 @@ class Family:
     # Data set kinds a training job of this family accepts (images, text).
     dataset_kinds: tuple[str, ...] = ()
     resources: Resources = field(default_factory=Resources)
+    # Checks validated params against one registered model's config (what its folder can do,
+    # e.g. whether its tokenizer has a chat template) at submit; raises InvalidInputError.
+    check_model_params: Callable[[JobKind, dict[str, Any], dict[str, Any]], None] | None = None
     # Cross-job batching: the most sample rows (images) one batched run may hold, 1 = none.
     max_batch_size: int = 1
     # The parameters that must match for two generate jobs to share a batch (size, steps,

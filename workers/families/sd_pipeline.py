@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 
 from core.errors import ModelError
 from core.events import Event, Log, Output, Progress
@@ -63,8 +64,9 @@ def load_pipeline(path: Path, device: str) -> Any:
 
 
 class SdModel:
-    """A loaded pipeline; `generate` runs one job. Jobs take turns (a lock): a job's sampler
-    is set on the shared pipeline for its duration."""
+    """A loaded pipeline; `generate` runs one job, `generate_batch` several with the same
+    steps, guidance, size and sampler. Calls take turns (a lock): a job's sampler is set on the
+    shared pipeline for its duration."""
 
     def __init__(self, pipe: Any, config: dict[str, Any], device: str) -> None:
         self.pipe, self.config, self.device = pipe, config, device
@@ -84,78 +86,153 @@ class SdModel:
         return getattr(diffusers, class_name).from_config(self.default_scheduler.config, **extra)
 
     def generate(self, params: dict[str, Any], ctx: RunContext) -> Iterator[Event]:
-        p = SdGenerateParams.model_validate(params)
-        seed = p.seed if p.seed is not None else secrets.randbelow(SEED_MAX + 1)
-        seeds = [(seed + i) % (SEED_MAX + 1) for i in range(p.num_images)]
-        width = p.width or self.native_size()
-        height = p.height or self.native_size()
-        yield Log(f"{self.layout} pipeline: {width}x{height}, {p.steps} steps, on {self.device}")
-        events: queue.Queue[Any] = queue.Queue()
-        with self._lock:
-            self.pipe.scheduler = self.scheduler_for(p.scheduler)
+        for _, item in self.generate_batch([(params, ctx)]):
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def generate_batch(
+        self, jobs: list[tuple[dict[str, Any], RunContext]]
+    ) -> Iterator[tuple[int | None, Event | BaseException]]:
+        """Several jobs in one pipeline call (they share steps, guidance, size and sampler:
+        the family's batch key). Each job's prompt is encoded on its own, as it would be alone,
+        and each image has its own generator; the call is padded to `min_rows` images (the
+        padding is drawn and thrown away) so an image's bits do not depend on the batch. A job
+        canceled mid-way is answered at once; its rows finish with the batch, unseen."""
+        requests: dict[int, tuple[SdGenerateParams, int, list[int]]] = {}
+        for index, (params, _) in enumerate(jobs):
             try:
-                images = yield from self._run(p, seeds, width, height, ctx, events)
+                p = SdGenerateParams.model_validate(params)
+            except ValidationError as exc:
+                yield index, exc
+                continue
+            seed = p.seed if p.seed is not None else secrets.randbelow(SEED_MAX + 1)
+            requests[index] = (p, seed, [(seed + i) % (SEED_MAX + 1) for i in range(p.num_images)])
+        if not requests:
+            return
+        order = sorted(requests)
+        first = requests[order[0]][0]
+        width = first.width or self.native_size()
+        height = first.height or self.native_size()
+        about = f"{self.layout} pipeline: {width}x{height}, {first.steps} steps, on {self.device}"
+        for index in order:
+            yield index, Log(about)
+        batch = [(jobs[i][1], requests[i][0], requests[i][2]) for i in order]
+        with self._lock:
+            self.pipe.scheduler = self.scheduler_for(first.scheduler)
+            try:
+                images = yield from self._run(batch, order, width, height)
             finally:
                 self.pipe.scheduler = self.default_scheduler
-        recorded = json.dumps(
-            {**p.model_dump(), "seed": seed, "width": width, "height": height}, sort_keys=True
-        )
-        for i, image in enumerate(images):
-            text = {"genq:params": recorded, "genq:seed": str(seeds[i])}
-            yield Output(
-                name=f"image-{i}.png",
-                kind="image",
-                content_type="image/png",
-                data=png_bytes(image, text),
-                meta={"seed": seeds[i], "index": i, "width": width, "height": height},
+        start = 0
+        for index in order:
+            p, seed, seeds = requests[index]
+            recorded = json.dumps(
+                {**p.model_dump(), "seed": seed, "width": width, "height": height}, sort_keys=True
             )
+            for i, image in enumerate(images[start : start + len(seeds)]):
+                text = {"genq:params": recorded, "genq:seed": str(seeds[i])}
+                yield (
+                    index,
+                    Output(
+                        name=f"image-{i}.png",
+                        kind="image",
+                        content_type="image/png",
+                        data=png_bytes(image, text),
+                        meta={"seed": seeds[i], "index": i, "width": width, "height": height},
+                    ),
+                )
+            start += len(seeds)
+
+    def _embeddings(
+        self, batch: list[tuple[RunContext, SdGenerateParams, list[int]]], min_rows: int
+    ) -> dict[str, torch.Tensor]:
+        """Each job's prompt encoded alone (as `pipe(prompt=...)` would), stacked, and padded
+        with copies of the last row up to `min_rows` images."""
+        first = batch[0][1]
+        cfg = first.guidance > 1 and self.pipe.unet.config.time_cond_proj_dim is None
+        names = ["prompt_embeds", "negative_prompt_embeds"]
+        if self.layout == "sdxl":
+            names += ["pooled_prompt_embeds", "negative_pooled_prompt_embeds"]
+        parts: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+        for _, p, seeds in batch:
+            encoded = self.pipe.encode_prompt(
+                prompt=p.prompt,
+                device=self.pipe.device,
+                num_images_per_prompt=len(seeds),
+                do_classifier_free_guidance=cfg,
+                negative_prompt=p.negative_prompt or None,
+            )
+            for name, tensor in zip(names, encoded, strict=True):
+                if tensor is not None:
+                    parts[name].append(tensor)
+        rows = sum(len(seeds) for _, _, seeds in batch)
+        stacked = {}
+        for name, tensors in parts.items():
+            if tensors:
+                t = torch.cat(tensors)
+                if rows < min_rows:
+                    t = torch.cat([t, t[-1:].expand(min_rows - rows, *t.shape[1:])])
+                stacked[name] = t
+        return stacked
 
     def _run(
         self,
-        p: SdGenerateParams,
-        seeds: list[int],
+        batch: list[tuple[RunContext, SdGenerateParams, list[int]]],
+        order: list[int],
         width: int,
         height: int,
-        ctx: RunContext,
-        events: queue.Queue[Any],
-    ) -> Generator[Event, None, list[Any]]:
-        """Run the pipeline in a thread, yielding its per-step progress; returns the images."""
+    ) -> Generator[tuple[int | None, Event | BaseException], None, list[Any]]:
+        """Run the pipeline in a thread, yielding its per-step progress (and the cancels of
+        jobs in the batch); returns the images of the batch's real rows."""
+        first = batch[0][1]
+        min_rows = batch[0][0].min_rows
+        seeds = [s for _, _, job_seeds in batch for s in job_seeds]
+        rows = len(seeds)
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        generators += [torch.Generator().manual_seed(0) for _ in range(min_rows - rows)]
+        events: queue.Queue[Any] = queue.Queue()
         result: dict[str, Any] = {}
+        canceled: set[int] = set()
 
         def on_step_end(pipe: Any, step: int, timestep: Any, kwargs: dict[str, Any]) -> Any:
             # The scheduler may take more model calls than steps (PNDM warms up).
-            total = int(getattr(pipe, "num_timesteps", 0) or p.steps)
-            events.put(Progress(step + 1, total, "denoising"))
-            if ctx.is_canceled():
-                raise CanceledError(f"job {ctx.job_id} was canceled")
+            total = int(getattr(pipe, "num_timesteps", 0) or first.steps)
+            events.put((None, Progress(step + 1, total, "denoising")))
+            for position, (ctx, _, _) in enumerate(batch):
+                if position not in canceled and ctx.is_canceled():
+                    canceled.add(position)
+                    events.put((order[position], CanceledError(f"job {ctx.job_id} was canceled")))
+            if len(canceled) == len(batch):
+                raise CanceledError("every job of the batch was canceled")
             return kwargs
 
         def work() -> None:
             try:
                 out = self.pipe(
-                    prompt=p.prompt,
-                    negative_prompt=p.negative_prompt or None,
-                    num_inference_steps=p.steps,
-                    guidance_scale=p.guidance,
+                    **self._embeddings(batch, min_rows),
+                    num_inference_steps=first.steps,
+                    guidance_scale=first.guidance,
                     width=width,
                     height=height,
-                    num_images_per_prompt=p.num_images,
-                    generator=[torch.Generator().manual_seed(s) for s in seeds],
+                    generator=generators,
                     callback_on_step_end=on_step_end,
                     output_type="pil",
                 )
-                result["images"] = out.images
+                result["images"] = out.images[:rows]
             except BaseException as exc:  # noqa: BLE001 - re-raised in the job's thread
                 result["error"] = exc
             finally:
                 events.put(_DONE)
 
-        thread = threading.Thread(target=work, name=f"sd-{ctx.job_id}", daemon=True)
+        thread = threading.Thread(target=work, name=f"sd-{batch[0][0].job_id}", daemon=True)
         thread.start()
         while (item := events.get()) is not _DONE:
             yield item
         thread.join()
         if "error" in result:
+            if len(batch) == 1 and isinstance(result["error"], CanceledError):
+                raise CanceledError(f"job {batch[0][0].job_id} was canceled")
             raise result["error"]
         images: list[Any] = result["images"]
         return images

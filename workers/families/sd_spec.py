@@ -129,6 +129,12 @@ def check_layout(path: Path, field: str = "path") -> dict[str, Any]:
     return {"pipeline": class_name, "layout": PIPELINES[class_name], "components": components}
 
 
+def batch_key(p: SdGenerateParams) -> tuple[int, float, int | None, int | None, str]:
+    """Jobs share a pipeline call when they take the same steps, guidance, size and sampler;
+    prompts, negative prompts, seeds and num_images are per job."""
+    return (p.steps, p.guidance, p.width, p.height, p.scheduler)
+
+
 FAMILY = Family(
     name="diffusers",
     description="Any diffusers text-to-image pipeline on disk (Stable Diffusion 1.x/2.x, XL),"
@@ -136,4 +142,6 @@ FAMILY = Family(
     implementation="workers.families.sd_pipeline",
     generate_params=SdGenerateParams,
     resources=Resources(num_gpus=1.0, num_cpus=1.0, gpu_memory_gb=8.0),
+    max_batch_size=16,
+    batch_key=batch_key,
 )
