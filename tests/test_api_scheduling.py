@@ -229,3 +229,52 @@ def test_schedules_crud_pause_resume_and_tenant_scope(client: FlaskClient, keys:
     assert client.delete(path, headers=bearer(keys.globex)).status_code == 404
     assert client.delete(path, headers=bearer(keys.acme)).status_code == 204
     assert client.get(path, headers=bearer(keys.acme)).status_code == 404
+
+
+def test_dashboard_quotas_purge_and_schedules(
+    client: FlaskClient, keys: Keys, database: Database
+) -> None:
+    from tests.test_dashboard import audit, login
+
+    token = login(client, keys.admin)
+    page = client.get("/admin/tenants").get_data(as_text=True)
+    assert 'data-quotas="acme"' in page and "Purge waiting jobs" in page
+    quotas = f"/admin/tenants/{keys.acme_tenant}/quotas"
+    bad = client.post(quotas, data={"csrf_token": token, "weight": "0"})
+    assert bad.status_code == 422 and "weight" in bad.get_data(as_text=True)
+    form = {"csrf_token": token, "weight": "2", "max_running": "1", "max_queued": "",
+            "gpu_seconds_budget": "", "budget_period_s": "3600", "over_quota": "hold"}  # fmt: skip
+    assert client.post(quotas, data=form).status_code == 302
+    tenant = client.get("/v1/tenants/acme", headers=bearer(keys.acme)).get_json()
+    assert tenant["weight"] == 2
+    assert tenant["quotas"] == {"max_running": 1, "max_queued": None, "gpu_seconds_budget": None,
+                                "budget_period_s": 3600, "over_quota": "hold"}  # fmt: skip
+    [entry] = audit(database, "tenant.quotas")
+    assert entry.detail["via"] == "dashboard" and entry.detail["to"]["max_running"] == 1
+
+    jobs = [submit(client, keys.acme, echo()).get_json()["id"] for _ in range(2)]
+    other = submit(client, keys.globex, echo()).get_json()["id"]
+    purge = {"csrf_token": token, "tenant_id": keys.acme_tenant}
+    assert client.post("/admin/purge", data=purge).status_code == 302
+    with database.transaction() as session:
+        states = dict(session.execute(select(Job.id, Job.state)).all())
+    assert [states[j] for j in jobs] == ["canceled", "canceled"] and states[other] == "queued"
+    assert client.post("/admin/purge", data={"csrf_token": token, "queue": "x"}).status_code == 422
+    assert client.post("/admin/purge", data={"csrf_token": token}).status_code == 422
+    [entry] = audit(database, "purge")
+    assert entry.detail["count"] == 2
+
+    made = client.post("/v1/schedules", json=_schedule(), headers=bearer(keys.acme)).get_json()
+    listing = client.get("/admin/schedules").get_data(as_text=True)
+    assert f'data-schedule="{made["id"]}"' in listing and "nightly" in listing
+    no_csrf = client.post(f"/admin/schedules/{made['id']}/pause")
+    assert no_csrf.status_code in (400, 403)
+    pause = client.post(f"/admin/schedules/{made['id']}/pause", data={"csrf_token": token})
+    assert pause.status_code == 302
+    got = client.get(f"/v1/schedules/{made['id']}", headers=bearer(keys.acme)).get_json()
+    assert got["paused"] is True
+    assert "Resume" in client.get("/admin/schedules").get_data(as_text=True)
+    client.post(f"/admin/schedules/{made['id']}/resume", data={"csrf_token": token})
+    got = client.get(f"/v1/schedules/{made['id']}", headers=bearer(keys.acme)).get_json()
+    assert got["paused"] is False and got["next_run_at"] is not None
+    assert [e.detail["via"] for e in audit(database, "schedule.pause")] == ["dashboard"]

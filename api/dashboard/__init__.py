@@ -36,7 +36,12 @@ SESSION_LIFETIME = timedelta(hours=12)
 def install(app: Flask, settings: Settings) -> None:
     """Register the dashboard on `app`: session settings, the blueprint, and the marks that
     exempt its views from the `/v1` Bearer check (they check the session instead)."""
-    from api.dashboard import actions, pages, session  # noqa: F401  (they register routes)
+    from api.dashboard import (  # noqa: F401  (they register routes)
+        actions,
+        pages,
+        scheduling,
+        session,
+    )
 
     app.secret_key = settings.read_secret_key()
     app.session_interface = session.DashboardSessionInterface()
