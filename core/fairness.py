@@ -26,15 +26,16 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import func, literal, or_, select, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from core.jobs import Lease, claim_job
 from core.quotas import TenantLimits, blocked_tenants, load_limits
 from core.states import JobState
-from core.tables import FairShare, Job, utcnow
+from core.tables import FairShare, Job, UTCDateTime, utcnow
 
 # lcm(1..16): strides are exact for weights 1-16 (and integral, so consistent, for 17-100).
 STRIDE_UNIT = 720720
@@ -229,36 +230,53 @@ def queue_order(session: Session, queue: str) -> QueueOrder:
     return QueueOrder(queue, heads, counts)
 
 
-def own_ahead(session: Session, job: Job) -> int:
-    """Queued jobs of the same tenant, queue and priority that are older than `job`."""
-    n = session.scalar(
-        select(func.count())
-        .select_from(Job)
-        .where(
-            Job.state == JobState.QUEUED,
-            Job.queue == job.queue,
-            Job.tenant_id == job.tenant_id,
-            Job.priority == job.priority,
-            or_(
-                Job.created_at < job.created_at,
-                (Job.created_at == job.created_at) & (Job.id < job.id),
-            ),
-        )
+def _age(job: Job) -> Any:
+    # A row value, so that both SQLite and PostgreSQL read it as one range of the index.
+    return tuple_(literal(job.created_at, UTCDateTime()), literal(job.id))
+
+
+def _same_line(job: Job) -> Any:
+    return (
+        (Job.state == JobState.QUEUED)
+        & (Job.queue == job.queue)
+        & (Job.tenant_id == job.tenant_id)
+        & (Job.priority == job.priority)
     )
-    return int(n or 0)
+
+
+def own_ahead(session: Session, jobs: list[Job]) -> dict[str, int]:
+    """For each queued job: how many queued jobs of its tenant, queue and priority are older.
+    Jobs of one line are counted in age order, each count covering only the gap since the
+    previous one, so a page of neighbouring jobs costs one deep count per line, not one per
+    job."""
+    lines: dict[tuple[str, str, int], list[Job]] = defaultdict(list)
+    for job in jobs:
+        lines[(job.queue, job.tenant_id, job.priority)].append(job)
+    out: dict[str, int] = {}
+    for line in lines.values():
+        line.sort(key=lambda j: (j.created_at, j.id))
+        before = 0
+        previous: Job | None = None
+        for job in line:
+            age = tuple_(Job.created_at, Job.id)
+            stmt = select(func.count()).select_from(Job).where(_same_line(job), age < _age(job))
+            if previous is not None:
+                stmt = stmt.where(age > _age(previous))
+                before += 1  # the previous job itself
+            before += int(session.scalar(stmt) or 0)
+            out[job.id] = before
+            previous = job
+    return out
 
 
 def queue_positions(session: Session, jobs: list[Job]) -> dict[str, int]:
     """The position of each queued job in `jobs` (0 = next to start in its queue)."""
-    orders: dict[str, QueueOrder] = {}
-    out = {}
-    for job in jobs:
-        if job.state != JobState.QUEUED:
-            continue
-        if job.queue not in orders:
-            orders[job.queue] = queue_order(session, job.queue)
-        out[job.id] = orders[job.queue].position(job, own_ahead(session, job))
-    return out
+    queued = [j for j in jobs if j.state == JobState.QUEUED]
+    if not queued:
+        return {}
+    ahead = own_ahead(session, queued)
+    orders = {q: queue_order(session, q) for q in {j.queue for j in queued}}
+    return {j.id: orders[j.queue].position(j, ahead[j.id]) for j in queued}
 
 
 # -- estimated times ---------------------------------------------------------------------------
