@@ -38,7 +38,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from core.errors import GenqError, InvalidInputError, ModelError, TransientError
-from core.events import Event, Metric
+from core.events import Event, Metric, Progress
 from workers.families.base import CanceledError, Family, RunContext
 
 log = logging.getLogger(__name__)
@@ -79,10 +79,20 @@ class Request:
     events: queue.SimpleQueue[Any] = field(default_factory=queue.SimpleQueue)
     started: bool = False
     finished: bool = False
+    progress_interval_s: float = 0.0
+    last_progress_at: float = 0.0
 
     def put(self, item: Any) -> None:
-        if not self.finished:
-            self.events.put(item)
+        if self.finished:
+            return
+        if isinstance(item, Progress) and item.step < item.total and self.progress_interval_s:
+            # The caller records progress at most this often: a batch of n jobs would otherwise
+            # send n events per step through Ray, which costs more than the step itself.
+            now = time.monotonic()
+            if now - self.last_progress_at < self.progress_interval_s:
+                return
+            self.last_progress_at = now
+        self.events.put(item)
 
     def end(self, error: BaseException | None = None) -> None:
         if not self.finished:
@@ -108,8 +118,10 @@ class Batcher:
         family: Family,
         max_wait_s: float,
         min_rows: int,
+        progress_interval_s: float = 0.0,
     ) -> None:
         self.model = model
+        self.progress_interval_s = progress_interval_s
         self.family = family
         self.max_wait_s = max_wait_s
         self.min_rows = min_rows
@@ -133,7 +145,7 @@ class Batcher:
                 rows = int(getattr(p, "num_images", 1))
             except ValidationError:
                 key = None  # runs alone, where the implementation reports the bad field
-        return Request(job_id, params, ctx, key, rows)
+        return Request(job_id, params, ctx, key, rows, progress_interval_s=self.progress_interval_s)
 
     def run(self, request: Request) -> Iterator[Event]:
         """Queue the job, then yield its events as the dispatcher produces them."""

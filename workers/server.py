@@ -38,6 +38,8 @@ class ServingOptions:
     batch_min_rows: int = 16
     idle_unload_s: float | None = 900.0
     gpu_memory_budget_gb: float | None = None
+    # Progress events are passed on to a job at most this often (its last one always).
+    progress_interval_s: float = 0.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ServingOptions:
@@ -46,6 +48,8 @@ class ServingOptions:
             batch_min_rows=settings.batch_min_rows,
             idle_unload_s=settings.model_idle_unload_s,
             gpu_memory_budget_gb=settings.gpu_memory_budget_gb,
+            # The runner writes progress this often at most: sending more is wasted.
+            progress_interval_s=settings.progress_interval_s / 2,
         )
 
 
@@ -128,6 +132,7 @@ class ModelServer:
             self.family,
             max_wait_s=self.options.batch_max_wait_ms / 1000,
             min_rows=self.options.batch_min_rows,
+            progress_interval_s=self.options.progress_interval_s,
         )
         if on_idle is not None and self.options.idle_unload_s:
             watcher = threading.Thread(
