@@ -269,12 +269,48 @@ def own_ahead(session: Session, jobs: list[Job]) -> dict[str, int]:
     return out
 
 
+# From this many queued jobs on a page, their lines are ranked in one window query instead of
+# one count per job (fewer round trips; each line is read once either way).
+WINDOW_FROM = 8
+
+
+def own_ahead_ranked(session: Session, jobs: list[Job]) -> dict[str, int]:
+    """`own_ahead` for many jobs at once: one ROW_NUMBER over the lines they are in."""
+    lines = {(j.queue, j.tenant_id, j.priority) for j in jobs}
+    rank = (
+        func.row_number().over(
+            partition_by=(Job.queue, Job.tenant_id, Job.priority),
+            order_by=(Job.created_at, Job.id),
+        )
+        - 1
+    )
+    ranked = (
+        select(Job.id.label("id"), rank.label("ahead"))
+        .where(
+            Job.state == JobState.QUEUED,
+            or_(
+                *(
+                    (Job.queue == q) & (Job.tenant_id == t) & (Job.priority == p)
+                    for q, t, p in lines
+                )
+            ),
+        )
+        .subquery()
+    )
+    ids = [j.id for j in jobs]
+    rows = session.execute(select(ranked.c.id, ranked.c.ahead).where(ranked.c.id.in_(ids)))
+    return {job_id: int(ahead) for job_id, ahead in rows}
+
+
 def queue_positions(session: Session, jobs: list[Job]) -> dict[str, int]:
     """The position of each queued job in `jobs` (0 = next to start in its queue)."""
     queued = [j for j in jobs if j.state == JobState.QUEUED]
     if not queued:
         return {}
-    ahead = own_ahead(session, queued)
+    if len(queued) >= WINDOW_FROM:
+        ahead = own_ahead_ranked(session, queued)
+    else:
+        ahead = own_ahead(session, queued)
     orders = {q: queue_order(session, q) for q in {j.queue for j in queued}}
     return {j.id: orders[j.queue].position(j, ahead[j.id]) for j in queued}
 

@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     reap_interval_s: float = Field(10.0, gt=0)
     # A queued job is re-published when its message is missing for this long.
     republish_after_s: float = Field(30.0, ge=0)
+    # A queued job that a token could not start (its tenant is at a quota) is looked at again
+    # after this long, unless the end of one of the tenant's jobs sends a token sooner.
+    held_recheck_s: float = Field(60.0, gt=0)
     # At most one progress write per job per this many seconds.
     progress_interval_s: float = Field(0.5, ge=0)
     # A trainer asked to cancel is killed if it has not stopped after this long.

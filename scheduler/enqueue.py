@@ -87,12 +87,16 @@ class Publisher:
         """Drop a job's marker: its message has been consumed by a successful claim."""
         self.redis.delete(PUBLISHED_KEY.format(job_id=job_id))
 
-    def forget_one(self, job_ids: Sequence[str]) -> str | None:
-        """Drop the marker of the first of `job_ids` that has one; returns its id. A token that
-        found nothing to start uses this: one queued job is then counted as having no message,
-        and the reconciler sends it one."""
+    def hold(self, job_ids: Sequence[str], ttl_s: float) -> str | None:
+        """A token found nothing it may start: count the first of `job_ids` as having a
+        message for `ttl_s` more seconds only (then the reconciler sends it a new token), so
+        that held work is looked at again without tokens bouncing in a loop. Returns the id."""
         for job_id in job_ids:
-            if self.redis.delete(PUBLISHED_KEY.format(job_id=job_id)):
+            key = PUBLISHED_KEY.format(job_id=job_id)
+            # Only a job counted as having a real message; one already held keeps its time.
+            if self.redis.get(key) == b"1" and self.redis.set(
+                key, "held", ex=max(1, round(ttl_s)), xx=True
+            ):
                 return job_id
         return None
 

@@ -135,10 +135,10 @@ class Runner:
 
     def _unused_token(self, job_id: str, queue: str) -> str:
         """A token that found nothing to start: every queued job of the queue waits for its
-        backoff or its tenant's quota (or the queue is empty). Its own job, if still waiting
-        for a backoff, gets its message back when due; otherwise one queued job's marker is
-        dropped, so the reconciler (or the end of a job of a capped tenant) sends a new
-        token rather than the queue going without one."""
+        backoff or its tenant's quota (or the queue is empty). Its own job, if waiting for a
+        backoff, gets its message back when due. Otherwise one queued job (its own, if still
+        queued) keeps its marker for only `held_recheck_s`: then the reconciler sends a new
+        token, unless the end of a job of a capped tenant has sent one sooner."""
         now = utcnow()
         with self.database.transaction() as session:
             row = session.get(Job, job_id)
@@ -159,10 +159,10 @@ class Runner:
             self.publisher.publish(
                 self.database, [Publication(job_id, queue, row.priority, countdown_s=due_in_s)]
             )
-        elif state == JobState.QUEUED:
-            self.publisher.forget(job_id)
-        elif waiting:
-            self.publisher.forget_one(waiting)
+        else:
+            first = [job_id] if state == JobState.QUEUED else []
+            if self.publisher.hold(first + waiting, self.settings.held_recheck_s) is None and first:
+                self.publisher.forget(job_id)
         log.info("not claimed (state %s)", state, extra={"job_id": job_id})
         return f"skipped:{state}"
 
