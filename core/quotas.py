@@ -6,10 +6,11 @@ submission passes, and which tenants the claim must skip.
   it; jobs over it simply wait queued. It never refuses a submission.
 - `max_queued`: jobs waiting (queued or scheduled). A submission that would exceed it is
   refused with 429 whatever the policy (holding it would make the limit meaningless).
-- `gpu_seconds_budget` per `budget_period_s`: run seconds x GPUs held (a job that holds no GPU
-  counts as one, so a CPU-only cluster still has a budget), summed over the jobs that ran in
-  the current period. Periods are fixed windows of `budget_period_s` from the Unix epoch (UTC);
-  a job spanning a boundary counts its time after it. Over budget, `over_quota="reject"` refuses
+- `gpu_seconds_budget` per `budget_period_s`: run seconds x GPUs held (a fraction for a shared
+  GPU; a job that holds no GPU counts as one, so a CPU-only cluster still has a budget),
+  summed over the jobs that ran in the current period. Periods are fixed windows of
+  `budget_period_s` from the Unix epoch (UTC); a job spanning a boundary counts its time after
+  it. Over budget, `over_quota="reject"` refuses
   new submissions with 429; `"hold"` accepts them and they wait queued until the next period.
   Either way the claim starts nothing more of that tenant's work in this period.
 
@@ -84,7 +85,7 @@ def gpu_seconds_used(session: Session, tenant_id: str, period_s: int, now: datet
         end = finished_at or now
         begin = max(started_at, since)
         if end > begin:
-            used += (end - begin).total_seconds() * max(1.0, num_gpus or 0.0)
+            used += (end - begin).total_seconds() * (num_gpus if num_gpus else 1.0)
     return used
 
 
