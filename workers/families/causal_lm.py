@@ -40,6 +40,7 @@ from workers.families.causal_lm_spec import (
     CausalLmGenerateParams,
     check_layout,
 )
+from workers.families.causal_lm_spec import context_length as spec_context_length
 from workers.families.checkpoints import CONFIG_NAME
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -134,12 +135,7 @@ def pick(logits: torch.Tensor, p: CausalLmGenerateParams, gen: torch.Generator) 
 
 
 def context_length(model: Any) -> int | None:
-    config = model.config
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+    return spec_context_length(model.config.to_dict())
 
 
 class KvCache:

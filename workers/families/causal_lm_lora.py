@@ -190,6 +190,9 @@ def train(params: dict[str, Any], ctx: TrainContext) -> Iterator[Event]:
         "base_path": base_path,
         "model_type": model_type,
         "lora": {**lora, "target_modules": sorted(model.peft_config["default"].target_modules)},
+        # What the API checks a generate job against (causal_lm_spec.check_model_params).
+        "chat_template": bool(getattr(tokenizer, "chat_template", None)),
+        "context_length": limit,
     }
     yield Log(
         f"LoRA on {model_type}: {sum(q.numel() for q in trainable)} trainable parameters,"
@@ -215,8 +218,9 @@ def train(params: dict[str, Any], ctx: TrainContext) -> Iterator[Event]:
         lr = p.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / p.steps)))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x = windows(train_data, B, T, torch.Generator().manual_seed(p.seed * 2**20 + step))
-        x = x.to(ctx.device)
+        step_seed = p.seed * 2**20 + step
+        x = windows(train_data, B, T, torch.Generator().manual_seed(step_seed)).to(ctx.device)
+        torch.manual_seed(step_seed)  # the adapters' dropout: a resumed run draws the same masks
         loss = model(input_ids=x, labels=x).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from core.errors import InvalidInputError
+from core.states import JobKind
 from workers.families.base import Family, Resources
 
 SEED_MAX = 2**32 - 1
@@ -121,7 +122,49 @@ def check_layout(path: Path, field: str = "path") -> dict[str, Any]:
         detail = f" (found {pickled[0]}: pickle weights are refused)" if pickled else ""
         raise InvalidInputError.one(field, f"{path} has no .safetensors weights{detail}")
     architectures = config.get("architectures") or []
-    return {"model_type": config["model_type"], "architectures": list(architectures)}
+    return {
+        "model_type": config["model_type"],
+        "architectures": list(architectures),
+        "chat_template": has_chat_template(path),
+        "context_length": context_length(config),
+    }
+
+
+def has_chat_template(path: Path) -> bool:
+    """Whether the tokenizer of the folder can format a chat (transformers keeps the template
+    in tokenizer_config.json, or beside it in chat_template.jinja / .json)."""
+    if (path / "chat_template.jinja").is_file() or (path / "chat_template.json").is_file():
+        return True
+    try:
+        tokenizer_config = json.loads((path / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return bool(isinstance(tokenizer_config, dict) and tokenizer_config.get("chat_template"))
+
+
+def context_length(config: dict[str, Any]) -> int | None:
+    """The model's context in tokens, from the names architectures give it in config.json."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = config.get(name)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_model_params(kind: JobKind, params: dict[str, Any], config: dict[str, Any]) -> None:
+    """At submit: what the registered folder cannot do is a 422 then, not a failed job later.
+    (A model registered before these keys were recorded is checked by the worker only.)"""
+    if kind != JobKind.GENERATE:
+        return
+    if params.get("messages") is not None and config.get("chat_template") is False:
+        raise InvalidInputError.one(
+            "params.messages", "this model's tokenizer has no chat template: send `prompt` instead"
+        )
+    limit = config.get("context_length")
+    if isinstance(limit, int) and params.get("max_tokens", 0) >= limit:
+        raise InvalidInputError.one(
+            "params.max_tokens", f"the model's context is {limit} tokens, prompt included"
+        )
 
 
 FAMILY = Family(
@@ -133,4 +176,5 @@ FAMILY = Family(
     finetune_params=CausalLmFinetuneParams,
     dataset_kinds=("text",),
     resources=Resources(num_gpus=1.0, num_cpus=1.0, gpu_memory_gb=8.0),
+    check_model_params=check_model_params,
 )
