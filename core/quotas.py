@@ -10,8 +10,8 @@ submission passes, and which tenants the claim must skip.
   GPU; a job that holds no GPU counts as one, so a CPU-only cluster still has a budget),
   summed over the jobs that ran in the current period. Periods are fixed windows of
   `budget_period_s` from the Unix epoch (UTC); a job spanning a boundary counts its time after
-  it. Over budget, `over_quota="reject"` refuses
-  new submissions with 429; `"hold"` accepts them and they wait queued until the next period.
+  it. Over budget, `over_quota="reject"` refuses new submissions with 429; `"hold"` accepts
+  them and they wait queued until the next period.
   Either way the claim starts nothing more of that tenant's work in this period.
 
 A 429 body names the limit: `{"type": "quota-exceeded", "limit": "max_queued", "current": 10,
@@ -118,11 +118,16 @@ def blocked_tenants(
     over their GPU-seconds budget. A capped tenant's row is locked first (claims of one tenant
     in several queues take turns), so the count cannot go stale before the claim commits."""
     blocked = set()
-    for tenant_id in tenant_ids:
+    # Locks are taken in id order, so claims on two queues never wait for each other in a
+    # cycle. FOR NO KEY UPDATE (on PostgreSQL) leaves new jobs of the tenant free to reference
+    # the row while the claim counts.
+    for tenant_id in sorted(tenant_ids):
         lim = limits.get(tenant_id)
         if lim is None or (lim.max_running is None and lim.gpu_seconds_budget is None):
             continue
-        session.scalar(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
+        session.scalar(
+            select(Tenant.id).where(Tenant.id == tenant_id).with_for_update(key_share=True)
+        )
         at_cap = lim.max_running is not None and (
             running_count(session, tenant_id) >= lim.max_running
         )
