@@ -43,7 +43,12 @@ from core.errors import InvalidInputError, ModelError
 from core.events import Event, Log, Metric, ModelSaved, Output, Progress
 from workers.datasets import ImageDataset, load_dataset
 from workers.families.base import CanceledError, RunContext, TrainContext
-from workers.families.ddpm_spec import SEED_MAX, DdpmGenerateParams, DdpmTrainParams
+from workers.families.ddpm_spec import (
+    SEED_MAX,
+    DdpmFinetuneParams,
+    DdpmGenerateParams,
+    DdpmTrainParams,
+)
 from workers.families.pictures import grid_png, png_bytes, to_pil, to_uint8
 
 CHECKPOINT_NAME = "checkpoint.safetensors"
@@ -286,7 +291,7 @@ def denoise(
 
 
 def _build_for_training(
-    params: DdpmTrainParams, ctx: TrainContext
+    params: DdpmFinetuneParams, ctx: TrainContext
 ) -> tuple[UNet2DModel, dict[str, Any], ImageDataset]:
     """A fresh seeded network for `train`, or the parent's weights for a fine-tune."""
     if ctx.parent_model_dir is not None:
@@ -302,6 +307,7 @@ def _build_for_training(
             ctx.parent_model_dir, use_safetensors=True, low_cpu_mem_usage=False
         )
         return unet, config, dataset
+    assert isinstance(params, DdpmTrainParams)
     dataset = load_dataset(ctx.dataset, PRESETS[params.preset]["image_size"])
     config = model_config(params.preset, dataset)
     with torch.random.fork_rng(devices=[]):
@@ -326,7 +332,8 @@ def _save_model(unet: UNet2DModel, config: dict[str, Any], model_dir: Path) -> N
 
 
 def train(params: dict[str, Any], ctx: TrainContext) -> Iterator[Event]:
-    p = DdpmTrainParams.model_validate(params)
+    finetune = ctx.parent_model_dir is not None
+    p = (DdpmFinetuneParams if finetune else DdpmTrainParams).model_validate(params)
     device = torch.device(ctx.device)
     unet, config, dataset = _build_for_training(p, ctx)
     unet.to(device).train()

@@ -12,12 +12,11 @@ from workers.families.base import Family, Resources
 SEED_MAX = 2**32 - 1
 
 
-class DdpmTrainParams(BaseModel):
+class DdpmFinetuneParams(BaseModel):
+    """Continue training a registered ddpm on another image data set (the same classes)."""
+
     model_config = ConfigDict(extra="forbid")
 
-    preset: Literal["tiny", "default"] = Field(
-        "default", description="Network size: `tiny` trains in seconds (for tests)."
-    )
     steps: int = Field(3000, ge=1, le=1_000_000, description="Optimizer steps.")
     batch_size: int = Field(64, ge=1, le=1024)
     learning_rate: float = Field(1e-3, gt=0, le=1.0)
@@ -31,6 +30,12 @@ class DdpmTrainParams(BaseModel):
     )
     checkpoint_every: int = Field(
         200, ge=1, le=1_000_000, description="Steps between checkpoints (resume points)."
+    )
+
+
+class DdpmTrainParams(DdpmFinetuneParams):
+    preset: Literal["tiny", "default"] = Field(
+        "default", description="Network size: `tiny` trains in seconds (for tests)."
     )
 
 
@@ -67,6 +72,7 @@ FAMILY = Family(
     implementation="workers.families.ddpm",
     generate_params=DdpmGenerateParams,
     train_params=DdpmTrainParams,
+    finetune_params=DdpmFinetuneParams,
     dataset_kinds=("images",),
     resources=Resources(num_gpus=0.25, num_cpus=1.0, gpu_memory_gb=2.0),
     max_batch_size=64,
