@@ -83,8 +83,9 @@ class Settings(BaseSettings):
     ray_num_cpus: int | None = Field(None, ge=1)
     ray_num_gpus: int | None = Field(None, ge=0)
     ray_dashboard: bool = False
-    # Model servers (workers/server.py, workers/pool.py). Concurrent generate jobs with the
-    # same batch key wait up to this long for each other to share a batch.
+    # Model servers (workers/server.py, workers/pool.py). Generate jobs with the same batch
+    # key share a batch, which starts once no more have arrived for this long (at most ten
+    # such waits after its first job).
     batch_max_wait_ms: float = Field(10.0, ge=0, le=10_000)
     # Model calls are padded to at least this many rows so that a job's outputs are the same
     # bits alone and in any batch (the kernels change algorithm below a batch size; 16 is

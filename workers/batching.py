@@ -3,8 +3,10 @@ the same batch key run as one batch, each job still getting its own stream of ev
 
 Each job's `generate` call (one of the server actor's threads) hands its request to the
 `Batcher` and then reads its own event queue. One dispatch thread owns the model: it takes the
-oldest waiting request, waits up to `max_wait_s` from that request's arrival for others with the
-same key (or until `max_rows` sample rows are waiting), and runs them through the family's
+oldest waiting request and gathers the others with its key while they keep coming: it starts the
+batch once none has come for `max_wait_s`, once `max_rows` sample rows are waiting, or at the
+latest WAIT_CAP_FACTOR x `max_wait_s` after the first came (jobs submitted together reach the
+server spread out by the API and the broker). It runs them through the family's
 `generate_batch`. Progress events fan out to every job of the batch, outputs go to the job they
 belong to, and a job whose cancel is seen leaves the batch while the others go on. Jobs that
 cannot batch (a family without batching, a key of None, a job larger than `max_rows`, a batch of
@@ -43,6 +45,9 @@ from workers.families.base import CanceledError, Family, RunContext
 
 log = logging.getLogger(__name__)
 
+# A batch waits for more jobs until none has come for max_wait_s, and at most this many
+# max_wait_s after its first job came.
+WAIT_CAP_FACTOR = 10
 # How often a job waiting in the queue looks at its cancel flag.
 WAIT_POLL_S = 0.05
 _END = object()  # the last item of a job's event queue
@@ -66,7 +71,7 @@ def job_error(exc: BaseException, job_id: str) -> BaseException:
     return ModelError(f"{type(exc).__name__}: {exc}")
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself: compared and removed by identity
 class Request:
     """One job waiting for, or running in, a batch."""
 
@@ -196,7 +201,16 @@ class Batcher:
                     if r.key == first.key and rows + r.rows <= self.max_rows:
                         batch.append(r)
                         rows += r.rows
-                left_s = first.arrived_at + self.max_wait_s - time.monotonic()
+                # Wait while compatible jobs keep coming (each resets the wait), but no
+                # longer than WAIT_CAP_FACTOR waits after the first one came.
+                now = time.monotonic()
+                left_s = (
+                    min(
+                        batch[-1].arrived_at + self.max_wait_s,
+                        first.arrived_at + WAIT_CAP_FACTOR * self.max_wait_s,
+                    )
+                    - now
+                )
                 if rows >= self.max_rows or left_s <= 0:
                     break
                 self._cond.wait(timeout=left_s)
