@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -142,6 +143,12 @@ def test_cancel_a_running_training_job_stops_its_trainer(stack: StackProcess) ->
             break
         assert time.monotonic() < deadline, state
         time.sleep(0.2)
+    # Routing: short generations run beside the long training job (their own queue, and a
+    # worker slot holds one message at a time), not after it.
+    shorts = [stack.submit(_echo(0.0))["id"] for _ in range(3)]
+    for short in shorts:
+        assert stack.wait(short, timeout_s=60)["state"] == "succeeded"
+    assert stack.call("GET", f"/v1/jobs/{job['id']}").json()["state"] == "running"
     response = stack.call("POST", f"/v1/jobs/{job['id']}/cancel")
     assert response.status_code == 202
     assert response.json()["state"] == "canceling"
@@ -246,3 +253,57 @@ def test_var_dir_holds_local_state(stack: StackProcess) -> None:
     var: Path = stack.var_dir
     assert (var / "artifacts" / "outputs").is_dir()
     assert (var / "logs" / "ray.log").exists()
+
+
+def _at(stamp: str) -> datetime:
+    return datetime.fromisoformat(stamp)
+
+
+def _echo(delay_s: float, **extra: object) -> dict[str, object]:
+    return {"kind": "generate", "model": "echo", "params": {"delay_s": delay_s}, **extra}
+
+
+def test_fair_share_priorities_and_the_running_cap_through_a_worker(stack: StackProcess) -> None:
+    """Through the real worker (4 slots): a one-job tenant starts within one job per slot of a
+    200-job backlog; an interactive job starts next; a tenant capped at 1 running job never
+    runs 2, and all its held jobs still run (their tokens come back when a job ends)."""
+    slots = int(stack.env["GENQ_WORKER_CONCURRENCY"])
+    solo = _cli(stack, "keys", "create", "--tenant", "solo")
+    backlog = [stack.submit(_echo(0.05))["id"] for _ in range(200)]
+    alone = stack.submit(_echo(0.0), key=solo)
+    done = stack.wait(alone["id"], key=solo)
+    started = []
+    for job_id in backlog:
+        job = stack.call("GET", f"/v1/jobs/{job_id}").json()
+        if job["started_at"] is not None:
+            started.append(_at(job["started_at"]))
+    window = (_at(alone["created_at"]), _at(done["started_at"]))
+    ahead = [t for t in started if window[0] <= t <= window[1]]
+    assert len(ahead) <= slots, (len(ahead), slots)
+    urgent = stack.submit(_echo(0.0, priority="interactive"))
+    urgent_done = stack.wait(urgent["id"])
+    window = (_at(urgent["created_at"]), _at(urgent_done["started_at"]))
+    after = [
+        j
+        for j in backlog
+        if (s := stack.call("GET", f"/v1/jobs/{j}").json()["started_at"]) is not None
+        and window[0] <= _at(s) < window[1]
+    ]
+    assert len(after) <= slots, len(after)
+
+    capped = stack.call("PATCH", "/v1/tenants/solo", json={"max_running": 1})
+    assert capped.status_code == 200, capped.text
+    held = [stack.submit(_echo(0.3), key=solo)["id"] for _ in range(6)]
+    peak = 0
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        usage = stack.call("GET", "/v1/tenants/solo", key=solo).json()["usage"]
+        peak = max(peak, usage["running"])
+        if usage["running"] == 0 and usage["waiting"] == 0:
+            break
+        time.sleep(0.05)
+    states = {stack.call("GET", f"/v1/jobs/{j}", key=solo).json()["state"] for j in held}
+    assert states == {"succeeded"}, states
+    assert peak == 1
+    for job_id in backlog:
+        stack.wait(job_id, timeout_s=300)
