@@ -100,6 +100,9 @@ def test_diffusers_stops_between_steps_when_canceled(folders: dict[str, Path]) -
     done = list(model.generate({**params, "steps": 2}, RunContext("d", "cpu")))
     assert isinstance(done[-1], Output)
     assert type(model.pipe.scheduler).__name__ == "PNDMScheduler"
+    long_prompt = {**params, "steps": 1, "prompt": "a fox in the snow at night"}
+    logs = [e for e in model.generate(long_prompt, RunContext("l", "cpu")) if isinstance(e, Log)]
+    assert logs[1].level == "warning" and "reads the first 16" in logs[1].message
 
 
 def test_diffusers_image_i_is_its_own_seed(folders: dict[str, Path]) -> None:

@@ -77,6 +77,16 @@ class SdModel:
     def native_size(self) -> int:
         return int(self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor)
 
+    def truncation(self, field: str, text: str) -> Log | None:
+        """A warning when the text encoder will read only the start of `text` (CLIP reads 77
+        tokens): the job runs, but its owner should know part of the prompt was dropped."""
+        tokenizer = self.pipe.tokenizer
+        limit = int(tokenizer.model_max_length)
+        n = len(tokenizer(text, truncation=False)["input_ids"]) if text else 0
+        if n <= limit:
+            return None
+        return Log(f"{field} is {n} tokens; the text encoder reads the first {limit}", "warning")
+
     def scheduler_for(self, name: str) -> Any:
         if name == "default":
             return self.default_scheduler
@@ -117,6 +127,10 @@ class SdModel:
         about = f"{self.layout} pipeline: {width}x{height}, {first.steps} steps, on {self.device}"
         for index in order:
             yield index, Log(about)
+            p = requests[index][0]
+            for field, text in (("prompt", p.prompt), ("negative_prompt", p.negative_prompt)):
+                if (warning := self.truncation(field, text)) is not None:
+                    yield index, warning
         batch = [(jobs[i][1], requests[i][0], requests[i][2]) for i in order]
         with self._lock:
             self.pipe.scheduler = self.scheduler_for(first.scheduler)
