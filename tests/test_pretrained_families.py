@@ -183,3 +183,21 @@ def test_lora_names_bad_target_modules(folders: dict[str, Path], tmp_path: Path)
     with pytest.raises(InvalidInputError) as refused:
         list(causal_lm.train(params, lora_ctx(tmp_path, folders, "bad")))
     assert refused.value.errors[0]["field"] == "params.target_modules"
+
+
+def test_pretrained_roots_limit_absolute_paths(tmp_path: Path) -> None:
+    from api.catalog import pretrained_folder
+    from core.settings import Settings
+
+    allowed = tmp_path / "models"
+    (allowed / "sd15").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    settings = Settings(var_dir=tmp_path, pretrained_roots=f"{allowed}:{tmp_path / 'more'}")
+    assert pretrained_folder(settings, str(allowed / "sd15")) == (
+        allowed / "sd15",
+        str(allowed / "sd15"),
+    )
+    for outside in (tmp_path / "elsewhere", allowed / ".." / "elsewhere"):
+        with pytest.raises(InvalidInputError) as refused:
+            pretrained_folder(settings, str(outside))
+        assert refused.value.errors[0]["field"] == "path"
