@@ -132,6 +132,7 @@ def _first_due(session: Session, queue: str, tenant_id: str, now: datetime) -> s
             Job.queue == queue,
             Job.tenant_id == tenant_id,
             or_(Job.not_before.is_(None), Job.not_before <= now),
+            Job.attempt < Job.max_attempts,
         )
         .order_by(Job.priority.desc(), Job.created_at, Job.id)
         .limit(1)
