@@ -30,7 +30,15 @@ from api.jobs import read_json_body
 from api.payloads import dataset_payload, render_models
 from api.submissions import errors_from
 from core.audit import Actor, record_action
-from core.catalog import FAILED, list_datasets, list_models, register_pretrained, set_model_status
+from core.catalog import (
+    FAILED,
+    find_version,
+    list_datasets,
+    list_models,
+    recheck_model,
+    register_pretrained,
+    set_model_status,
+)
 from core.errors import ForbiddenError, InvalidInputError, NotFoundError, TransientError
 from core.settings import Settings
 from core.states import JobKind
@@ -143,13 +151,47 @@ def register_model() -> tuple[Response, int, dict[str, str]]:
             {"ref": model.ref, "family": body.family, "path": stored},
         )
         model_id = model.id
+    return _checking(model_id, body.name)
+
+
+def _checking(model_id: str, name: str) -> tuple[Response, int, dict[str, str]]:
+    """Publish the model's check; 202 with the model, or 503 (and the model failed) when the
+    broker does not take the message."""
+    app = genq()
     if not app.publisher.publish_model_check(model_id):
         with app.database.transaction() as session:
             set_model_status(session, model_id, FAILED, "the broker did not take the check")
-        raise TransientError("the broker did not take the model check; register it again")
+        raise TransientError("the broker did not take the model check; check it again")
     with app.database.transaction() as session:
         (payload,) = render_models(session, [session.get_one(Model, model_id)])
-    return jsonify(payload), 202, {"Location": f"/v1/models/{body.name}"}
+    return jsonify(payload), 202, {"Location": f"/v1/models/{name}"}
+
+
+@bp.post("/models/<name>/<version>/check")
+def check_model_again(name: str, version: str) -> tuple[Response, int, dict[str, str]]:
+    """Check a registered pretrained folder again (admin): after fixing a folder that failed,
+    or when a check never came back. The layout is checked again first."""
+    if not principal().is_admin:
+        raise ForbiddenError("checking a model needs an admin key")
+    if not version.isdigit():
+        raise NotFoundError(f"no model {name}:{version}")
+    app = genq()
+    with app.database.transaction() as session:
+        model = find_version(session, tenant_scope(), name, int(version))
+        recheck_model(session, model)
+        folder = app.artifacts.model_folder(model.path or "")
+        layout = LAYOUT_CHECKS[model.family](folder)
+        model.config = {**(model.config or {}), **layout}
+        record_action(
+            session,
+            Actor.of_key(session, principal().key_id),
+            "model.check",
+            "model",
+            model.id,
+            {"ref": model.ref},
+        )
+        model_id = model.id
+    return _checking(model_id, name)
 
 
 @bp.get("/models/<name>")

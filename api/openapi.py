@@ -513,6 +513,28 @@ def _paths() -> dict[str, Any]:
                 },
             }
         },
+        "/v1/models/{name}/{version}/check": {
+            "post": {
+                "summary": "Check a registered pretrained folder again (admin)",
+                "description": "For a version that is `failed` (its folder since fixed) or"
+                " still `checking` (its check never came back): the layout is checked again,"
+                " the version goes back to `checking` and a worker loads it.",
+                "operationId": "checkModelAgain",
+                "parameters": [
+                    _path_id("name"),
+                    {"name": "version", "in": "path", "required": True, "schema": INT},
+                ],
+                "responses": {
+                    "202": _json("The version, `checking`.", "Model"),
+                    "401": UNAUTHORIZED,
+                    "403": _problem("Not an admin key."),
+                    "404": NOT_FOUND,
+                    "409": _problem("The version is ready, or was trained here."),
+                    "422": INVALID,
+                    "503": _problem("The broker did not take the check."),
+                },
+            }
+        },
         "/v1/datasets": {
             **_list("Visible data sets", "listDatasets", "DatasetList"),
             "post": {

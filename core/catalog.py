@@ -140,6 +140,31 @@ def set_model_status(session: Session, model_id: str, status: str, detail: str |
     return True
 
 
+def find_version(session: Session, tenant_id: str | None, name: str, version: int) -> Model:
+    """One version the caller sees, whatever its status. For an admin (tenant_id None) the
+    system tenant's wins; two other tenants' versions of the same ref are a 409."""
+    stmt = select(Model).where(
+        Model.name == name, Model.version == version, _visible(tenant_id, Model.tenant_id)
+    )
+    found = list(session.scalars(stmt.order_by((Model.tenant_id != SYSTEM_TENANT_ID).asc())))
+    if not found:
+        raise NotFoundError(f"no model {name}:{version}")
+    if len(found) > 1 and found[0].tenant_id != SYSTEM_TENANT_ID:
+        raise ConflictError(f"several tenants have a model {name}:{version}")
+    return found[0]
+
+
+def recheck_model(session: Session, model: Model) -> None:
+    """Send a registered pretrained model back to CHECKING (after its folder was fixed, or a
+    check message was lost). A ready model is refused: its warm servers keep what they loaded."""
+    if (model.config or {}).get("source") != "pretrained":
+        raise ConflictError(f"model {model.ref} was trained here, not registered from a folder")
+    if model.status == READY:
+        raise ConflictError(f"model {model.ref} is ready; register the folder again instead")
+    model.status = CHECKING
+    model.status_detail = None
+
+
 def resolve_dataset(session: Session, tenant_id: str | None, ref: str) -> Dataset:
     """A data set by id or by name; the tenant's own wins over a built-in of the same name."""
     stmt = select(Dataset).where(

@@ -133,6 +133,18 @@ def test_registration_refuses_what_cannot_load(
     assert refused.status_code == 409, refused.text
     assert refused.json()["model_status"] == "failed"
 
+    # Fixed in place, checked again: ready, and it generates.
+    good = folders["sd"] / "unet" / "diffusion_pytorch_model.safetensors"
+    shutil.copyfile(good, folders["sd-broken"] / "unet" / good.name)
+    again = stack.call("POST", "/v1/models/broken/1/check")
+    assert again.status_code == 202, again.text
+    assert again.json()["status"] == "checking"
+    assert wait_checked(stack, "broken:1")["status"] == "ready"
+    job = stack.wait(stack.submit({**body, "params": {"prompt": "a fox", "steps": 2}})["id"])
+    assert job["state"] == "succeeded", job
+    assert stack.call("POST", "/v1/models/broken/1/check").status_code == 409  # ready now
+    assert stack.call("POST", "/v1/models/broken/9/check").status_code == 404
+
 
 def test_diffusers_generates_the_same_images_for_a_seed(
     stack: StackProcess, folders: dict[str, Path]
