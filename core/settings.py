@@ -86,7 +86,7 @@ class Settings(BaseSettings):
     # Model servers (workers/server.py, workers/pool.py). Generate jobs with the same batch
     # key share a batch, which starts once no more have arrived for this long (at most ten
     # such waits after its first job).
-    batch_max_wait_ms: float = Field(10.0, ge=0, le=10_000)
+    batch_max_wait_ms: float = Field(50.0, ge=0, le=10_000)
     # Model calls are padded to at least this many rows so that a job's outputs are the same
     # bits alone and in any batch (the kernels change algorithm below a batch size; 16 is
     # measured on CPU). 1: no padding, faster alone, identity not guaranteed.
