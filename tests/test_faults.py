@@ -341,7 +341,9 @@ def test_training_longer_than_the_visibility_timeout_runs_once(
     try:
         cluster.worker()
         cluster.scheduler()
-        job_id = cluster.submit({**TRAIN, "params": {**TRAIN["params"], "steps": 150}})
+        # Long enough to outlast the 11 s visibility timeout with room to spare (150 steps took
+        # 8.7 s once progress events were thinned out, and the re-delivery never came).
+        job_id = cluster.submit({**TRAIN, "params": {**TRAIN["params"], "steps": 400}})
         # The broker hands the unacknowledged message out again while the job runs.
         wait_until(lambda: "skipped:running" in cluster.logs(), 90, "the re-delivery")
         job = cluster.wait(job_id, 180)
