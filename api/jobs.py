@@ -24,6 +24,7 @@ from api.auth import principal, tenant_scope
 from api.payloads import event_payload, render_job, render_jobs
 from api.submissions import (
     build_new_job,
+    check_fits_cluster,
     check_idempotency_key,
     check_webhook_target,
     parse_submission,
@@ -90,6 +91,17 @@ def publish(job_id: str, queue: str, priority: int) -> None:
         log.exception("publish failed after commit", extra={"job_id": job_id})
 
 
+def _cluster_nodes() -> list[dict[str, float]]:
+    """The Ray nodes the workers last reported (empty when unknown or Redis is away)."""
+    from scheduler.snapshot import node_resources
+
+    try:
+        return node_resources(genq().publisher.redis)
+    except Exception:  # unknown: the trainer's placement refuses what cannot fit
+        log.warning("no cluster snapshot to check a job's resources against", exc_info=True)
+        return []
+
+
 def _job_response(body: dict[str, Any], status: int) -> Response:
     response = jsonify(body)
     response.status_code = status
@@ -112,6 +124,8 @@ def submit() -> Response:
     tenant_id = principal().tenant_id
     state = genq()
     check_webhook_target(submission, allow_private=state.settings.webhook_allow_private)
+    if submission.resources is not None:
+        check_fits_cluster(submission.resources, _cluster_nodes())
     with state.database.transaction() as session:
         existing = find_by_idempotency_key(session, tenant_id, key) if key else None
         if existing is None:

@@ -110,6 +110,9 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
             "deadline": _nullable(TIME),
             "run_at": _nullable(TIME),
             "timeout_s": _nullable({"type": "number"}),
+            "resources": _object(
+                {"num_gpus": {"type": "number"}, "gpu_memory_gb": _nullable({"type": "number"})}
+            ),
         }
     ),
     "JobPage": _page("Job", cursor=True),

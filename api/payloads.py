@@ -183,6 +183,7 @@ def job_payload(job: Job, ctx: JobContext) -> dict[str, Any]:
         "deadline": iso(job.deadline),
         "run_at": iso(job.run_at),
         "timeout_s": job.timeout_s,
+        "resources": {"num_gpus": job.num_gpus, "gpu_memory_gb": job.gpu_memory_gb},
     }
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import logging
 import os
 import secrets
@@ -28,6 +29,7 @@ from core.catalog import ensure_builtins
 from core.db import Database
 from core.keys import create_key, get_or_create_tenant, has_admin_key
 from core.settings import Settings
+from workers.families.base import GPU_MEMORY_RESOURCE
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +161,9 @@ class Stack:
             argv.append(f"--num-cpus={self.settings.ray_num_cpus}")
         if self.settings.ray_num_gpus is not None:
             argv.append(f"--num-gpus={self.settings.ray_num_gpus}")
+        if self.settings.ray_gpu_memory_gb is not None:
+            memory = {GPU_MEMORY_RESOURCE: self.settings.ray_gpu_memory_gb}
+            argv.append(f"--resources={json.dumps(memory)}")
         self.log_dir.mkdir(parents=True, exist_ok=True)
         ray_log = self.log_dir / "ray.log"
         offset = ray_log.stat().st_size if ray_log.exists() else 0

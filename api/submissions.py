@@ -33,11 +33,41 @@ from core.states import JobKind
 from core.tables import Dataset, Model, utcnow
 from core.webhooks import UnresolvedTargetError, UnsafeTargetError, check_target
 from scheduler.broker import queue_for_kind
-from workers.families.base import Family
+from workers.families.base import GPU_MEMORY_RESOURCE, Family
 from workers.registry import FAMILIES
 
 WebhookEvent = Literal["start", "progress", "output", "completed"]
 IDEMPOTENCY_KEY_MAX = 255
+
+
+class JobResources(BaseModel):
+    """What a training job needs of the node it runs on (default: its family's needs)."""
+
+    model_config = ConfigDict(extra="forbid", title="JobResources")
+
+    num_gpus: float | None = Field(
+        None,
+        ge=0,
+        le=64,
+        allow_inf_nan=False,
+        description="GPUs for the trainer: a fraction below 1 (it shares a GPU) or a whole number.",
+    )
+    gpu_memory_gb: float | None = Field(
+        None,
+        gt=0,
+        le=4096,
+        allow_inf_nan=False,
+        description="GPU memory to reserve, in GB (nodes declare it as the Ray resource "
+        "`gpu_memory_gb`).",
+    )
+
+    @field_validator("num_gpus")
+    @classmethod
+    def _whole_above_one(cls, value: float | None) -> float | None:
+        # Ray places fractions of one GPU, or whole GPUs, never 1.5 of them.
+        if value is not None and value > 1 and value != int(value):
+            raise ValueError("must be a fraction below 1 or a whole number of GPUs")
+        return value
 
 
 class JobSubmission(BaseModel):
@@ -96,6 +126,11 @@ class JobSubmission(BaseModel):
         allow_inf_nan=False,
         strict=True,
         description="Fail an attempt that runs longer than this many seconds (error `timeout`).",
+    )
+    resources: JobResources | None = Field(
+        None,
+        description="What a train or finetune job needs of its node: it runs only where "
+        "they fit. Generate jobs run on their model's warm server, placed by the family.",
     )
 
     @field_validator("priority", mode="before")
@@ -161,6 +196,14 @@ def _check_kind_fields(sub: JobSubmission) -> None:
         elif given and not needed:
             errors.append({"field": field, "message": f"is not allowed for a {sub.kind} job"})
     now = utcnow()
+    if sub.resources is not None and sub.kind == JobKind.GENERATE:
+        errors.append(
+            {
+                "field": "resources",
+                "message": "is not allowed for a generate job: it runs on its model's warm "
+                "server, which the model's family places",
+            }
+        )
     if sub.deadline is not None and sub.deadline <= now:
         errors.append({"field": "deadline", "message": "must be in the future"})
     elif sub.deadline is not None and sub.run_at is not None and sub.deadline <= sub.run_at:
@@ -286,8 +329,48 @@ def build_new_job(
         run_at=_utc(sub.run_at),
         max_attempts=max_attempts,
         timeout_s=sub.timeout_s,
-        num_gpus=family.resources.num_gpus,
+        num_gpus=_wanted_gpus(sub, family),
+        gpu_memory_gb=sub.resources.gpu_memory_gb if sub.resources else None,
     )
+
+
+def _wanted_gpus(sub: JobSubmission, family: Family) -> float:
+    if sub.resources is not None and sub.resources.num_gpus is not None:
+        return sub.resources.num_gpus
+    return family.resources.num_gpus
+
+
+def check_fits_cluster(resources: JobResources | None, nodes: list[dict[str, float]]) -> None:
+    """Refuse (422) a request that no node of the cluster could ever hold: `nodes` are the
+    alive nodes' declared resources from the workers' cluster snapshots. With no snapshot (no
+    worker has reported yet) nothing is known and nothing is refused here; the trainer then
+    fails with the same reasons when it is placed."""
+    if resources is None or not nodes:
+        return
+    errors = []
+    if resources.num_gpus:
+        most = max(node.get("GPU", 0.0) for node in nodes)
+        if most < resources.num_gpus:
+            errors.append(
+                {
+                    "field": "resources.num_gpus",
+                    "message": f"no node of the cluster has {resources.num_gpus:g} GPUs "
+                    f"(the most on one node: {most:g})",
+                }
+            )
+    if resources.gpu_memory_gb:
+        most = max(node.get(GPU_MEMORY_RESOURCE, 0.0) for node in nodes)
+        if most < resources.gpu_memory_gb:
+            errors.append(
+                {
+                    "field": "resources.gpu_memory_gb",
+                    "message": f"no node of the cluster declares {resources.gpu_memory_gb:g} GB "
+                    f"of GPU memory (the most on one node: {most:g} GB; nodes declare it with "
+                    f"`ray start --resources='{{\"{GPU_MEMORY_RESOURCE}\": <GB>}}'`)",
+                }
+            )
+    if errors:
+        raise InvalidInputError(errors)
 
 
 def _utc(value: datetime | None) -> datetime | None:

@@ -64,6 +64,7 @@ class NewJob:
     max_attempts: int = 3
     timeout_s: float | None = None
     num_gpus: float = 0.0
+    gpu_memory_gb: float | None = None
     schedule_id: str | None = None
     slot_at: datetime | None = None
 
@@ -130,6 +131,7 @@ def create_job(session: Session, new: NewJob) -> tuple[Job, bool]:
         max_attempts=new.max_attempts,
         timeout_s=new.timeout_s,
         num_gpus=new.num_gpus,
+        gpu_memory_gb=new.gpu_memory_gb,
         schedule_id=new.schedule_id,
         slot_at=new.slot_at,
         created_at=now,

@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     # Local Ray head started by `genq up`.
     ray_num_cpus: int | None = Field(None, ge=1)
     ray_num_gpus: int | None = Field(None, ge=0)
+    # GPU memory (GB) the local Ray head declares as the custom resource `gpu_memory_gb`, which
+    # training jobs that ask for `resources.gpu_memory_gb` reserve. Unset: none declared.
+    ray_gpu_memory_gb: float | None = Field(None, gt=0)
     ray_dashboard: bool = False
     # Model servers (workers/server.py, workers/pool.py). Generate jobs with the same batch
     # key share a batch, which starts once no more have arrived for this long (at most ten

@@ -201,6 +201,8 @@ class Job(Base):
     not_before: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # GPUs the job holds while it runs (the GPU-seconds quota counts run time x this).
     num_gpus: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    # GPU memory a training job asked for (Ray custom resource `gpu_memory_gb`); None: any.
+    gpu_memory_gb: Mapped[float | None] = mapped_column(Float)
     # Set on jobs a schedule created: which schedule, and for which of its slots.
     schedule_id: Mapped[str | None] = mapped_column(String(36))
     slot_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -74,6 +74,8 @@ class JobSnapshot:
     dataset: dict[str, Any] | None = None
     dataset_id: str | None = None
     timeout_s: float | None = None
+    num_gpus: float | None = None
+    gpu_memory_gb: float | None = None
     # The tenant has a running cap or a budget: its held jobs may need a token when this ends.
     has_quota: bool = False
 
@@ -200,6 +202,8 @@ class Runner:
             model_id=job.model_id,
             dataset_id=job.dataset_id,
             timeout_s=job.timeout_s,
+            num_gpus=job.num_gpus,
+            gpu_memory_gb=job.gpu_memory_gb,
         )
         tenant = session.get(Tenant, job.tenant_id)
         snap.has_quota = tenant is not None and (
@@ -233,7 +237,9 @@ class Runner:
                 keeper.on_cancel = lambda: actor.cancel.remote(job.id)
                 stream = actor.generate.remote(job.id, job.params)
             else:
-                trainer = start_trainer(job.id, family)
+                trainer = start_trainer(
+                    job.id, family, num_gpus=job.num_gpus, gpu_memory_gb=job.gpu_memory_gb
+                )
                 keeper.on_cancel = _trainer_stopper(trainer, self.settings.cancel_grace_s)
                 ctx = self._train_ctx(job)
                 stream = trainer.train.remote(job.id, str(job.kind), job.params, ctx)

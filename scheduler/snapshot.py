@@ -139,3 +139,17 @@ def read_snapshots(client: redis.Redis) -> list[dict[str, Any]]:
         if raw is not None:
             found.append(json.loads(raw))
     return sorted(found, key=lambda s: str(s.get("hostname")))
+
+
+def node_resources(client: redis.Redis) -> list[dict[str, float]]:
+    """The declared resources of each alive Ray node, as the freshest snapshot that reached
+    Ray reports them; empty when no worker has reported (nothing is known)."""
+    for snap in sorted(read_snapshots(client), key=lambda s: -float(s.get("taken_at", 0))):
+        view = snap.get("ray") or {}
+        if view.get("connected"):
+            return [
+                {k: float(v) for k, v in (node.get("resources") or {}).items()}
+                for node in view.get("nodes", [])
+                if node.get("alive")
+            ]
+    return []

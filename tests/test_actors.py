@@ -30,6 +30,7 @@ def ray_cluster():
         address="local",
         num_cpus=2,
         num_gpus=1,  # declared only: proves the GPU rule without a GPU
+        resources={"gpu_memory_gb": 24},  # the custom resource a GPU node declares
         include_dashboard=False,
         namespace="genq",
         log_to_driver=False,
@@ -169,3 +170,13 @@ def test_importing_actors_starts_no_ray_and_loads_no_torch():
     code = "import sys, ray, workers.actors\nprint(ray.is_initialized(), 'torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["False", "False"]
+
+
+def test_a_trainer_reserves_the_gpu_memory_its_job_asked_for(tmp_path):
+    trainer = start_trainer("job-mem", DDPM, num_gpus=0.5, gpu_memory_gb=16)
+    held = ray.get(trainer.info.remote())["resources"]
+    assert held.get("GPU") == 0.5 and held.get("gpu_memory_gb") == 16
+    ray.kill(trainer)
+    with pytest.raises(InvalidInputError) as refused:
+        start_trainer("job-huge", DDPM, gpu_memory_gb=80)
+    assert refused.value.errors[0]["field"] == "resources.gpu_memory_gb"

@@ -38,7 +38,7 @@ from core.errors import InvalidInputError
 from core.events import Event
 from core.states import JobKind
 from workers.batching import job_error
-from workers.families.base import DatasetRef, Family, TrainContext
+from workers.families.base import GPU_MEMORY_RESOURCE, DatasetRef, Family, TrainContext
 from workers.registry import get_family
 from workers.server import ModelServer as BaseModelServer
 from workers.server import ServingOptions, device_name, ray_placement
@@ -176,16 +176,48 @@ def get_model_server(
     return acquire_server(model_id, family, model_dir, config, options or ServingOptions())
 
 
-def start_trainer(job_id: str, family: Family) -> ActorHandle:
+def trainer_resources(
+    family: Family, num_gpus: float | None = None, gpu_memory_gb: float | None = None
+) -> dict[str, Any]:
+    """Ray placement options for a trainer: the job's own `num_gpus` (else the family's), only
+    where the cluster has GPUs; its `gpu_memory_gb` as the custom resource nodes declare. A
+    memory request no node declares could never be placed, so it is refused here rather than
+    left pending."""
+    cluster = ray.cluster_resources()
+    wanted = family.resources.num_gpus if num_gpus is None else num_gpus
+    options: dict[str, Any] = {
+        "num_cpus": family.resources.num_cpus,
+        "num_gpus": wanted if cluster.get("GPU", 0) > 0 else 0.0,
+    }
+    if gpu_memory_gb:
+        if cluster.get(GPU_MEMORY_RESOURCE, 0) < gpu_memory_gb:
+            raise InvalidInputError.one(
+                "resources.gpu_memory_gb",
+                f"no node of the cluster declares {gpu_memory_gb:g} GB of GPU memory "
+                f"(Ray resource {GPU_MEMORY_RESOURCE!r}: "
+                f"{cluster.get(GPU_MEMORY_RESOURCE, 0):g} in all)",
+            )
+        options["resources"] = {GPU_MEMORY_RESOURCE: gpu_memory_gb}
+    return options
+
+
+def start_trainer(
+    job_id: str,
+    family: Family,
+    *,
+    num_gpus: float | None = None,
+    gpu_memory_gb: float | None = None,
+) -> ActorHandle:
     """A new trainer for one attempt of a training job; kill it (ray.kill) to stop it hard.
-    A trainer left over from an earlier attempt of the job is killed first."""
+    A trainer left over from an earlier attempt of the job is killed first. Ray starts it on a
+    node where the job's GPUs and GPU memory fit (see trainer_resources)."""
     name = f"trainer-{job_id}"
+    placement = trainer_resources(family, num_gpus, gpu_memory_gb)
     with contextlib.suppress(ValueError):  # ValueError: no such actor
         ray.kill(ray.get_actor(name, namespace=NAMESPACE))
     return _TrainerActor.options(
         name=name,
         namespace=NAMESPACE,
         max_concurrency=2,  # train and cancel
-        num_cpus=family.resources.num_cpus,
-        num_gpus=num_gpus_for(family),
+        **placement,
     ).remote(family.name)

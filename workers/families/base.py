@@ -34,6 +34,10 @@ from pydantic import BaseModel
 
 from core.states import JobKind
 
+# The Ray custom resource, in GB, through which nodes declare their GPU memory and training
+# jobs reserve it (`ray start --resources='{"gpu_memory_gb": 141}'`).
+GPU_MEMORY_RESOURCE = "gpu_memory_gb"
+
 
 @dataclass(frozen=True)
 class Resources:
