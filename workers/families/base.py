@@ -24,7 +24,7 @@ implementation parses them again with the same pydantic class to get typed value
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -32,6 +32,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from core.events import Event
 from core.states import JobKind
 
 # The Ray custom resource, in GB, through which nodes declare their GPU memory and training
@@ -122,3 +123,19 @@ class TrainContext(RunContext):
 
 class CanceledError(Exception):
     """Raised inside an implementation's loop when its job's cancel was requested."""
+
+
+BatchItem = tuple[int | None, Event | BaseException]
+
+
+def run_alone(
+    generate_batch: Callable[[list[tuple[dict[str, Any], RunContext]]], Iterator[BatchItem]],
+    params: dict[str, Any],
+    ctx: RunContext,
+) -> Iterator[Event]:
+    """One job through its family's batch path, as a batch of one: the same code, so the same
+    bytes, as in any batch it could have shared. A job's error is raised, not yielded."""
+    for _, item in generate_batch([(params, ctx)]):
+        if isinstance(item, BaseException):
+            raise item
+        yield item

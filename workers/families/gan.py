@@ -33,7 +33,7 @@ from torch.nn.utils.parametrizations import spectral_norm
 from core.errors import InvalidInputError, ModelError
 from core.events import Event, Log, Metric, ModelSaved, Output, Progress
 from workers.datasets import ImageDataset, load_dataset
-from workers.families.base import CanceledError, RunContext, TrainContext
+from workers.families.base import CanceledError, RunContext, TrainContext, run_alone
 from workers.families.checkpoints import (
     CHECKPOINT_NAME,
     load_checkpoint,
@@ -303,10 +303,7 @@ class Gan:
             )
 
     def generate(self, params: dict[str, Any], ctx: RunContext) -> Iterator[Event]:
-        for _, item in self.generate_batch([(params, ctx)]):
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        yield from run_alone(self.generate_batch, params, ctx)
 
     def generate_batch(
         self, jobs: list[tuple[dict[str, Any], RunContext]]

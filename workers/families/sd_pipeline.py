@@ -29,7 +29,7 @@ from pydantic import ValidationError
 
 from core.errors import ModelError
 from core.events import Event, Log, Output, Progress
-from workers.families.base import CanceledError, RunContext
+from workers.families.base import CanceledError, RunContext, run_alone
 from workers.families.pictures import png_bytes
 from workers.families.sd_spec import PIPELINES, SCHEDULERS, SEED_MAX, SdGenerateParams, check_layout
 
@@ -96,10 +96,7 @@ class SdModel:
         return getattr(diffusers, class_name).from_config(self.default_scheduler.config, **extra)
 
     def generate(self, params: dict[str, Any], ctx: RunContext) -> Iterator[Event]:
-        for _, item in self.generate_batch([(params, ctx)]):
-            if isinstance(item, BaseException):
-                raise item
-            yield item
+        yield from run_alone(self.generate_batch, params, ctx)
 
     def generate_batch(
         self, jobs: list[tuple[dict[str, Any], RunContext]]

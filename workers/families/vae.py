@@ -29,7 +29,7 @@ from torch import nn
 from core.errors import InvalidInputError, ModelError
 from core.events import Event, Log, Metric, ModelSaved, Output, Progress
 from workers.datasets import ImageDataset, load_dataset
-from workers.families.base import CanceledError, RunContext, TrainContext
+from workers.families.base import CanceledError, RunContext, TrainContext, run_alone
 from workers.families.checkpoints import (
     CHECKPOINT_NAME,
     load_checkpoint,
@@ -294,10 +294,7 @@ class VaeModel:
 
     def generate(self, params: dict[str, Any], ctx: RunContext) -> Iterator[Event]:
         if params.get("mode", "sample") == "sample":
-            for _, item in self.generate_batch([(params, ctx)]):
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+            yield from run_alone(self.generate_batch, params, ctx)
             return
         p, seed, seeds = self._check(params)
         if ctx.is_canceled():
