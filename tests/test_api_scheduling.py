@@ -22,7 +22,6 @@ from core.tables import AuditEntry, Job, JobEvent, Tenant, utcnow
 from tests.test_api_support import (  # noqa: F401 (fixtures)
     PG_URL,
     Keys,
-    _with_search_path,
     app,
     assert_problem,
     bearer,
@@ -30,6 +29,7 @@ from tests.test_api_support import (  # noqa: F401 (fixtures)
     database,
     echo,
     keys,
+    make_settings,
     pg_schema,
     publisher,
     queue_depth,
@@ -43,22 +43,7 @@ REDIS_URL = os.environ.get("GENQ_TEST_REDIS_URL", "redis://127.0.0.1:6379").rstr
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def settings(request: pytest.FixtureRequest, tmp_path: Path, pg_schema: str | None) -> Settings:
-    if request.param == "postgres":
-        if pg_schema is None:
-            if os.environ.get("CI"):
-                pytest.fail(f"PostgreSQL at {PG_URL} is unreachable")
-            pytest.skip(f"PostgreSQL at {PG_URL} is unreachable")
-        url = _with_search_path(PG_URL, pg_schema)
-    else:
-        url = f"sqlite:///{tmp_path / 'genq.db'}"
-    return Settings(
-        _env_file=None,  # type: ignore[call-arg]
-        var_dir=tmp_path / "var",
-        database_url=url,
-        redis_url=REDIS_URL,
-        artifact_root=tmp_path / "artifacts",
-        worker_concurrency=2,
-    )
+    return make_settings(request, tmp_path, pg_schema, REDIS_URL, worker_concurrency=2)
 
 
 @pytest.fixture

@@ -60,8 +60,15 @@ def pg_schema() -> Iterator[str | None]:
     engine.dispose()
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def settings(request: pytest.FixtureRequest, tmp_path: Path, pg_schema: str | None) -> Settings:
+def make_settings(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    pg_schema: str | None,
+    redis_url: str,
+    **overrides: Any,
+) -> Settings:
+    """Settings for an API test on SQLite or on PostgreSQL (request.param), with the calling
+    module's own Redis DB."""
     if request.param == "postgres":
         if pg_schema is None:
             if os.environ.get("CI"):
@@ -74,8 +81,19 @@ def settings(request: pytest.FixtureRequest, tmp_path: Path, pg_schema: str | No
         _env_file=None,  # type: ignore[call-arg]
         var_dir=tmp_path / "var",
         database_url=url,
-        redis_url=REDIS_URL,
+        redis_url=redis_url,
         artifact_root=tmp_path / "artifacts",
+        **overrides,
+    )
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def settings(request: pytest.FixtureRequest, tmp_path: Path, pg_schema: str | None) -> Settings:
+    return make_settings(
+        request,
+        tmp_path,
+        pg_schema,
+        REDIS_URL,
         max_request_bytes=64 * 1024,
         page_size_max=20,
         max_attempts=3,

@@ -31,7 +31,6 @@ from scheduler.snapshot import SNAPSHOT_KEY, SnapshotWriter
 from tests.test_api_support import (  # noqa: F401 (fixtures)
     PG_URL,
     Keys,
-    _with_search_path,
     app,
     bearer,
     client,
@@ -39,6 +38,7 @@ from tests.test_api_support import (  # noqa: F401 (fixtures)
     database,
     echo,
     keys,
+    make_settings,
     pg_schema,
     publisher,
     queue_depth,
@@ -52,20 +52,11 @@ REDIS_URL = os.environ.get("GENQ_TEST_REDIS_URL", "redis://127.0.0.1:6379").rstr
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def settings(request: pytest.FixtureRequest, tmp_path: Path, pg_schema: str | None) -> Settings:
-    if request.param == "postgres":
-        if pg_schema is None:
-            if os.environ.get("CI"):
-                pytest.fail(f"PostgreSQL at {PG_URL} is unreachable")
-            pytest.skip(f"PostgreSQL at {PG_URL} is unreachable")
-        url = _with_search_path(PG_URL, pg_schema)
-    else:
-        url = f"sqlite:///{tmp_path / 'genq.db'}"
-    return Settings(
-        _env_file=None,  # type: ignore[call-arg]
-        var_dir=tmp_path / "var",
-        database_url=url,
-        redis_url=REDIS_URL,
-        artifact_root=tmp_path / "artifacts",
+    return make_settings(
+        request,
+        tmp_path,
+        pg_schema,
+        REDIS_URL,
         secret_key="test-secret-key-for-dashboard-sessions",
         max_attempts=3,
         cluster_snapshot_interval_s=2,
