@@ -15,7 +15,7 @@ import uuid
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 from werkzeug.exceptions import UnsupportedMediaType
 
@@ -41,7 +41,7 @@ from core.errors import (
 from core.jobs import cancel_job, create_job, find_by_idempotency_key, retry_job, set_priority
 from core.quotas import check_submission
 from core.states import JobKind, JobState
-from core.tables import SYSTEM_TENANT_ID, Job, JobEvent, Model
+from core.tables import SYSTEM_TENANT_ID, Job, JobEvent, Model, utcnow
 from scheduler.enqueue import Publication
 
 log = logging.getLogger(__name__)
@@ -83,12 +83,30 @@ def find_job(session: Session, job_id: str, *, lock: bool = False) -> Job:
 
 
 def publish(job_id: str, queue: str, priority: int) -> None:
-    """Hand a committed, queued job to the broker; never fails the request."""
+    """Hand a committed, queued job to the broker; never fails the request. The job was
+    committed already marked as published (one transaction fewer per submit); if the broker
+    did not take it, the mark is cleared so that the reconciler publishes it on its next round.
+    Were that clearing to fail too, the reconciler still finds the job once the mark is older
+    than `republish_after_s` and its Redis marker is missing."""
     state = genq()
+    sent: list[str] = []
     try:
-        state.publisher.publish(state.database, [Publication(job_id, queue, priority)])
-    except Exception:  # the reconciler republishes queued jobs that have no message
+        sent = state.publisher.publish(
+            state.database, [Publication(job_id, queue, priority)], mark=False
+        )
+    except Exception:
         log.exception("publish failed after commit", extra={"job_id": job_id})
+    if sent:
+        return
+    try:
+        with state.database.transaction() as session:
+            session.execute(
+                update(Job)
+                .where(Job.id == job_id, Job.state == JobState.QUEUED)
+                .values(published_at=None)
+            )
+    except Exception:
+        log.exception("could not clear the publish mark", extra={"job_id": job_id})
 
 
 def _cluster_nodes() -> list[dict[str, float]]:
@@ -146,8 +164,10 @@ def submit() -> Response:
                 "this Idempotency-Key was used with a different request body",
                 field="Idempotency-Key",
             )
-        payload = render_job(session, job)
         to_publish = created and job.state == JobState.QUEUED
+        if to_publish:
+            job.published_at = utcnow()  # optimistic: cleared again if the publish fails
+        payload = render_job(session, job)
         queue, priority = job.queue, job.priority
     if to_publish:
         publish(payload["id"], queue, priority)
@@ -253,6 +273,7 @@ def retry(job_id: str) -> tuple[Response, int]:
                 f"only a failed or canceled job can be retried; this one is {job.state}"
             )
         retry_job(session, job, extra_attempts=state.settings.max_attempts)
+        job.published_at = utcnow()  # see publish()
         payload = render_job(session, job)
         queue, priority = job.queue, job.priority
     publish(job_id, queue, priority)

@@ -46,8 +46,12 @@ class Publisher:
         self.celery = celery or make_celery(settings)
         self.redis: redis.Redis = redis_client(settings)
 
-    def publish(self, database: Database, items: Sequence[Publication]) -> list[str]:
-        """Publish each job; returns the ids that reached the broker (and marks them in SQL)."""
+    def publish(
+        self, database: Database, items: Sequence[Publication], *, mark: bool = True
+    ) -> list[str]:
+        """Publish each job; returns the ids that reached the broker and, with `mark`, records
+        that in SQL. A caller that set `published_at` in the job's own transaction passes
+        mark=False and clears it for the ids that did not get through (see api/jobs.py)."""
         sent = []
         for item in items:
             try:
@@ -71,7 +75,7 @@ class Publisher:
                     exc,
                     extra={"job_id": item.job_id},
                 )
-        if sent:
+        if sent and mark:
             with database.transaction() as session:
                 mark_published(session, sent)
         return sent

@@ -18,7 +18,9 @@ from openapi_spec_validator import validate
 from api.app import create_app
 from core.catalog import register_model, resolve_dataset
 from core.db import Database
+from core.recovery import unpublished_jobs
 from core.settings import Settings
+from core.tables import Job
 from scheduler.enqueue import Publisher
 from tests.test_api_support import (  # noqa: F401 (fixtures)
     Keys,
@@ -87,6 +89,12 @@ def test_health_is_503_when_the_broker_is_down(settings: Settings, database: Dat
         response = submit(app.test_client(), key, echo())
         assert response.status_code == 202
         assert response.get_json()["state"] == "queued"
+        # Committed as published, then unmarked when the broker refused it: the reconciler's
+        # next round picks it up at once, without waiting for republish_after_s.
+        job_id = response.get_json()["id"]
+        with database.read() as session:
+            assert session.get(Job, job_id).published_at is None  # type: ignore[union-attr]
+            assert job_id in unpublished_jobs(session, older_than_s=3600)
     finally:
         publisher.close()
 

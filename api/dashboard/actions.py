@@ -21,7 +21,7 @@ from core.errors import IllegalTransitionError, InvalidInputError, NotFoundError
 from core.jobs import PRIORITY_CLASSES, cancel_job, retry_job, set_priority
 from core.keys import create_key, get_or_create_tenant, revoke_key
 from core.states import JobState
-from core.tables import ApiKey, Job
+from core.tables import ApiKey, Job, utcnow
 
 
 def _locked_job(db: Any, job_id: str) -> Job:
@@ -56,6 +56,7 @@ def retry(job_id: str) -> BaseResponse:
             )
         old = job.state
         retry_job(db, job, extra_attempts=state.settings.max_attempts)
+        job.published_at = utcnow()  # optimistic, as api.jobs.publish expects
         record_action(db, admin().actor, "job.retry", "job", job.id, {"from": old})
         queue, priority = job.queue, job.priority
     publish(job_id, queue, priority)
