@@ -38,7 +38,14 @@ from core.errors import (
     InvalidInputError,
     NotFoundError,
 )
-from core.jobs import cancel_job, create_job, find_by_idempotency_key, retry_job, set_priority
+from core.jobs import (
+    cancel_job,
+    create_job,
+    find_by_idempotency_key,
+    get_job,
+    retry_job,
+    set_priority,
+)
 from core.quotas import check_submission
 from core.states import JobKind, JobState
 from core.tables import SYSTEM_TENANT_ID, Job, JobEvent, Model, utcnow
@@ -167,10 +174,13 @@ def submit() -> Response:
         to_publish = created and job.state == JobState.QUEUED
         if to_publish:
             job.published_at = utcnow()  # optimistic: cleared again if the publish fails
-        payload = render_job(session, job)
-        queue, priority = job.queue, job.priority
+        job_id, queue, priority = job.id, job.queue, job.priority
+    # Rendered after the commit, in a read transaction: its queue position and ETA queries
+    # must not hold SQLite's single write lock that every other submit and claim waits for.
+    with state.database.read() as session:
+        payload = render_job(session, get_job(session, job_id))
     if to_publish:
-        publish(payload["id"], queue, priority)
+        publish(job_id, queue, priority)
     response = _job_response(payload, 202 if created else 200)
     if not created:
         response.headers["Idempotency-Replayed"] = "true"
