@@ -25,8 +25,9 @@ from ray.exceptions import (
     RayTaskError,
 )
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
-from core.artifacts import ArtifactStore
+from core.artifacts import ArtifactStore, StoredFile
 from core.catalog import register_model
 from core.db import Database
 from core.errors import GenqError, JobFailedError, LeaseLostError
@@ -247,7 +248,6 @@ class Runner:
                 keeper.on_cancel()
             for ref in stream:
                 recorder.record(ray.get(ref))
-            recorder.flush()
             if keeper.lost.is_set():
                 return "lease-lost"
             return self._succeed(job, lease, recorder)
@@ -255,7 +255,7 @@ class Runner:
             log.warning("lease lost while recording", extra={"job_id": job.id})
             return "lease-lost"
         except BaseException as exc:  # noqa: BLE001 - every outcome must end the attempt
-            return self._fail(job, lease, keeper, exc)
+            return self._fail(job, lease, keeper, exc, recorder)
         finally:
             if trainer is not None:
                 ray.kill(trainer)
@@ -277,6 +277,7 @@ class Runner:
 
     def _succeed(self, job: JobSnapshot, lease: Lease, recorder: EventRecorder) -> str:
         with self.database.transaction() as session:
+            recorder.write_pending(session)
             result_model_id = None
             if job.kind in (JobKind.TRAIN, JobKind.FINETUNE):
                 saved = recorder.model_saved
@@ -312,7 +313,14 @@ class Runner:
         log.info("finished: %s", state, extra={"job_id": job.id})
         return str(state)
 
-    def _fail(self, job: JobSnapshot, lease: Lease, keeper: LeaseKeeper, exc: BaseException) -> str:
+    def _fail(
+        self,
+        job: JobSnapshot,
+        lease: Lease,
+        keeper: LeaseKeeper,
+        exc: BaseException,
+        recorder: EventRecorder | None = None,
+    ) -> str:
         cause = exc.cause if isinstance(exc, RayTaskError) and exc.cause is not None else exc
         backoff_s = retry_backoff_s(
             lease.attempt,
@@ -323,6 +331,8 @@ class Runner:
             return "lease-lost"
         try:
             with self.database.transaction() as session:
+                if recorder is not None:  # what the attempt made before it failed is kept
+                    recorder.write_pending(session)
                 if keeper.timed_out.is_set():
                     state = finish_job(
                         session,
@@ -409,18 +419,25 @@ def _trainer_stopper(trainer: Any, grace_s: float) -> Callable[[], None]:
 
 
 class EventRecorder:
-    """Writes a job's events to SQL: outputs and model saves at once, logs and metrics as they
-    come, progress at most once per `progress_interval_s` (the last one always)."""
+    """Writes a job's events to SQL: logs, metrics and model saves as they come, progress at most
+    once per `progress_interval_s` (the last one always), and each output as soon as the next
+    event arrives — or, when it is the job's last event (a generate job's usual case), in the
+    transaction that finishes the job, which saves a write per job. An output's file is
+    written the moment it arrives either way."""
 
     def __init__(self, runner: Runner, job: JobSnapshot, lease: Lease) -> None:
         self.runner, self.job, self.lease = runner, job, lease
         self.pending_progress: Progress | None = None
+        self.pending_output: tuple[Output, StoredFile] | None = None
         self.last_progress_at = 0.0
         self.model_saved: ModelSaved | None = None
         self.final_metrics: dict[str, Any] = {}
 
     def record(self, event: Event) -> None:
         db = self.runner.database
+        if self.pending_output is not None:
+            with db.transaction() as session:
+                self._write_output(session)
         if isinstance(event, Progress):
             self.pending_progress = event
             if time.monotonic() - self.last_progress_at >= self.runner.settings.progress_interval_s:
@@ -430,8 +447,7 @@ class EventRecorder:
             stored = self.runner.store.write_output(
                 self.job.tenant_id, self.job.id, event.name, event.data
             )
-            with db.transaction() as session:
-                record_output(session, self.lease, event, stored)
+            self.pending_output = (event, stored)
             return
         if isinstance(event, ModelSaved):
             self.model_saved = event
@@ -449,3 +465,16 @@ class EventRecorder:
             record_events(session, self.lease, [self.pending_progress])
         self.pending_progress = None
         self.last_progress_at = time.monotonic()
+
+    def write_pending(self, session: Session) -> None:
+        """The last progress and a held output, in the caller's (finishing) transaction."""
+        if self.pending_progress is not None:
+            record_events(session, self.lease, [self.pending_progress])
+            self.pending_progress = None
+        self._write_output(session)
+
+    def _write_output(self, session: Session) -> None:
+        if self.pending_output is not None:
+            event, stored = self.pending_output
+            record_output(session, self.lease, event, stored)
+            self.pending_output = None
