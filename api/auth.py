@@ -8,6 +8,7 @@ everything.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -15,7 +16,10 @@ from flask import Flask, current_app, g, request
 
 from api.app import genq
 from core.errors import UnauthorizedError
-from core.keys import Principal, authenticate
+from core.keys import Principal, authenticate, is_last_use_stale, touch_key
+from core.tables import utcnow
+
+log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -41,8 +45,16 @@ def _authenticate() -> None:
     if view is None or getattr(view, "genq_public", False):
         return
     key = _bearer_key()
-    with genq().database.read() as session:
+    database = genq().database
+    with database.read() as session:
         g.principal = authenticate(session, key)
+    now = utcnow()
+    if is_last_use_stale(g.principal, now):
+        try:
+            with database.transaction() as session:
+                touch_key(session, g.principal.key_id, now)
+        except Exception:  # bookkeeping: never fail a request over it
+            log.warning("could not record the use of key %s", g.principal.key_id, exc_info=True)
 
 
 def install(app: Flask) -> None:

@@ -118,7 +118,7 @@ def keys_create(tenant: str, admin: bool, label: str) -> None:
 
 @keys.command("list")
 def keys_list() -> None:
-    """List keys: prefix, tenant, admin, created, revoked."""
+    """List keys: prefix, tenant, admin, created, last used (to the minute), revoked."""
     from sqlalchemy import select
 
     from core.db import Database
@@ -132,7 +132,10 @@ def keys_list() -> None:
         for key, tenant in rows:
             revoked = key.revoked_at.isoformat() if key.revoked_at else "-"
             admin = "admin" if key.is_admin else "-"
-            click.echo(f"{key.prefix}…\t{tenant}\t{admin}\t{key.created_at:%Y-%m-%d}\t{revoked}")
+            used = f"{key.last_used_at:%Y-%m-%d %H:%M}" if key.last_used_at else "never"
+            click.echo(
+                f"{key.prefix}…\t{tenant}\t{admin}\t{key.created_at:%Y-%m-%d}\t{used}\t{revoked}"
+            )
 
 
 @keys.command("revoke")

@@ -175,12 +175,14 @@ def submit() -> Response:
         if to_publish:
             job.published_at = utcnow()  # optimistic: cleared again if the publish fails
         job_id, queue, priority = job.id, job.queue, job.priority
-    # Rendered after the commit, in a read transaction: its queue position and ETA queries
-    # must not hold SQLite's single write lock that every other submit and claim waits for.
-    with state.database.read() as session:
-        payload = render_job(session, get_job(session, job_id))
     if to_publish:
         publish(job_id, queue, priority)
+    # Rendered after the commit and the publish, in a read transaction: its queue position and
+    # ETA queries must neither hold SQLite's single write lock, which every other submit and
+    # claim waits for, nor delay the job's start. A worker may have started it already, and
+    # the body says so.
+    with state.database.read() as session:
+        payload = render_job(session, get_job(session, job_id))
     response = _job_response(payload, 202 if created else 200)
     if not created:
         response.headers["Idempotency-Replayed"] = "true"

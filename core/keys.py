@@ -6,8 +6,9 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session
 
 from core.errors import InvalidInputError, UnauthorizedError
@@ -29,6 +30,7 @@ class Principal:
     tenant_id: str
     key_id: str
     is_admin: bool
+    last_used_at: datetime | None = None
 
 
 def get_or_create_tenant(session: Session, name: str) -> Tenant:
@@ -69,7 +71,36 @@ def authenticate(session: Session, raw: str) -> Principal:
     key = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(raw)))
     if key is None or key.revoked_at is not None:
         raise UnauthorizedError("unknown or revoked API key")
-    return Principal(tenant_id=key.tenant_id, key_id=key.id, is_admin=key.is_admin)
+    return Principal(
+        tenant_id=key.tenant_id,
+        key_id=key.id,
+        is_admin=key.is_admin,
+        last_used_at=key.last_used_at,
+    )
+
+
+# A key's last use is written at most this often: every request reads the key, but writing on
+# each one would put a write (and on SQLite the write lock) on every read-only request.
+LAST_USED_EVERY_S = 60.0
+
+
+def is_last_use_stale(who: Principal, now: datetime) -> bool:
+    return who.last_used_at is None or now - who.last_used_at >= timedelta(
+        seconds=LAST_USED_EVERY_S
+    )
+
+
+def touch_key(session: Session, key_id: str, now: datetime) -> None:
+    """Record a use of the key, unless another request recorded one in the last minute."""
+    cutoff = now - timedelta(seconds=LAST_USED_EVERY_S)
+    session.execute(
+        update(ApiKey)
+        .where(
+            ApiKey.id == key_id,
+            or_(ApiKey.last_used_at.is_(None), ApiKey.last_used_at < cutoff),
+        )
+        .values(last_used_at=now)
+    )
 
 
 def revoke_key(session: Session, key: ApiKey) -> None:

@@ -8,19 +8,21 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 from openapi_spec_validator import validate
+from sqlalchemy import select, update
 
 from api.app import create_app
 from core.catalog import register_model, resolve_dataset
 from core.db import Database
 from core.recovery import unpublished_jobs
 from core.settings import Settings
-from core.tables import Job
+from core.tables import ApiKey, Job, Tenant
 from scheduler.enqueue import Publisher
 from tests.test_api_support import (  # noqa: F401 (fixtures)
     Keys,
@@ -253,3 +255,31 @@ def test_families_list_their_params_schemas(client: FlaskClient, keys: Keys) -> 
     assert families["ddpm"]["dataset_kinds"] == ["images"]
     assert families["ddpm"]["resources"]["num_gpus"] == 0.25
     assert families["ddpm"]["params"]["train"]["properties"]["steps"]["maximum"] == 1_000_000
+
+
+def test_a_keys_last_use_is_recorded_at_most_once_a_minute(
+    client: FlaskClient, keys: Keys, database: Database
+) -> None:
+    def last_used() -> datetime | None:
+        with database.read() as session:
+            key = session.scalar(select(ApiKey).where(ApiKey.tenant_id == acme_id))
+            assert key is not None
+            return key.last_used_at
+
+    with database.read() as session:
+        acme_id = session.scalar(select(Tenant.id).where(Tenant.name == "acme"))
+    assert last_used() is None
+    assert client.get("/v1/jobs", headers=bearer(keys.acme)).status_code == 200
+    first = last_used()
+    assert first is not None
+    assert client.get("/v1/jobs", headers=bearer(keys.acme)).status_code == 200
+    assert last_used() == first  # within the minute: no second write
+    with database.transaction() as session:
+        session.execute(
+            update(ApiKey)
+            .where(ApiKey.tenant_id == acme_id)
+            .values(last_used_at=first - timedelta(minutes=2))
+        )
+    assert client.get("/v1/jobs", headers=bearer(keys.acme)).status_code == 200
+    later = last_used()
+    assert later is not None and later >= first
