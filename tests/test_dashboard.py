@@ -2,7 +2,8 @@
 (DB 9) behind a real Publisher: admin login and its cookie, CSRF on every action, the session
 never authenticating `/v1`, cancel / retry / priority / keys through the core services with an
 audit row each, `PATCH /v1/jobs/{id}`, the jobs table's filters and keyset pages, the job page,
-the live endpoints and the workers' cluster snapshot.
+the live endpoints (a job page's poll brings only what came after its cursor, from index ranges)
+and the workers' cluster snapshot.
 """
 
 # The fixtures come from tests.test_api_support; pytest passes them in by name.
@@ -15,18 +16,24 @@ import os
 import re
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 import sqlalchemy as sa
 from flask.testing import FlaskClient
 
+from api.dashboard import queries
+from core.artifacts import ArtifactStore
 from core.db import Database
-from core.jobs import claim_job
+from core.events import Log, Metric, Output, Progress
+from core.jobs import Lease, claim_job, record_events, record_output
+from core.recovery import reap_expired
 from core.settings import Settings
 from core.states import JobState
-from core.tables import ApiKey, AuditEntry, Job, Model
+from core.tables import ApiKey, AuditEntry, Job, Model, utcnow
 from scheduler.snapshot import SNAPSHOT_KEY, SnapshotWriter
 from tests.test_api_support import (  # noqa: F401 (fixtures)
     PG_URL,
@@ -507,3 +514,153 @@ def test_live_logs_after_an_event_id(
     bad = client.get(f"/admin/live/jobs/{job_id}/logs?after=x")
     assert bad.status_code == 422 and bad.mimetype == "application/problem+json"
     assert bad.get_json()["errors"][0]["field"] == "after"
+
+
+def page_cursor(page: str) -> int:
+    found = re.search(r'data-live-job="[^"]+" data-state-now="[^"]+" data-after="(\d+)"', page)
+    assert found, "no live cursor in the job page"
+    return int(found.group(1))
+
+
+def reap_and_reclaim(database: Database, job_id: str) -> Lease:
+    """The worker of the running attempt stops answering: its lease expires, the reaper requeues
+    the job and another worker claims it (all through the core services)."""
+    with database.transaction() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        job.lease_expires_at = utcnow() - timedelta(seconds=1)  # the fault
+        reaped = reap_expired(session)
+        assert [(r.job_id, r.state) for r in reaped] == [(job_id, JobState.QUEUED)]
+        lease = claim_job(session, job_id, lease_ttl_s=60)
+        assert lease is not None
+        return lease
+
+
+def test_live_job_sends_what_changed_after_the_pages_cursor(
+    client: FlaskClient, keys: Keys, database: Database, settings: Settings
+) -> None:
+    job_id = submit(client, keys.acme, echo()).get_json()["id"]
+    login(client, keys.admin)
+    page = client.get(f"/admin/jobs/{job_id}").get_data(as_text=True)
+    cursor = page_cursor(page)
+    assert cursor > 0  # the "queued" event the page shows
+
+    def poll(after: int) -> dict[str, Any]:
+        response = client.get(f"/admin/live/jobs/{job_id}?after={after}")
+        assert response.status_code == 200, response.get_data(as_text=True)
+        return dict(response.get_json())
+
+    quiet = poll(cursor)
+    assert quiet["state"] == "queued" and quiet["attempt"] == 0 and quiet["max_attempts"] == 3
+    assert (quiet["timeline"], quiet["logs"], quiet["outputs"]) == ([], [], [])
+    assert quiet["cursor"] == cursor and quiet["more"] is False
+
+    with database.transaction() as session:
+        lease = claim_job(session, job_id, lease_ttl_s=60)
+        assert lease is not None
+    with database.transaction() as session:
+        record_events(session, lease, [Log("first <b>line</b>"), Progress(1, 4, "warming up")])
+    first = poll(cursor)
+    assert first["state"] == "running" and first["attempt"] == 1
+    assert first["step"] == 1 and first["total"] == 4 and first["message"] == "warming up"
+    assert [(e["from"], e["to"], e["attempt"]) for e in first["timeline"]] == [
+        ("queued", "running", 1)
+    ]
+    assert [line["message"] for line in first["logs"]] == ["first <b>line</b>"]
+    assert first["cursor"] > cursor
+
+    # A reaped attempt and its retry: only what came after the first poll's cursor.
+    lease = reap_and_reclaim(database, job_id)
+    with database.transaction() as session:
+        record_events(session, lease, [Log("second attempt")])
+    second = poll(first["cursor"])
+    assert second["state"] == "running" and second["attempt"] == 2
+    assert [(e["from"], e["to"], e["reason"], e["attempt"]) for e in second["timeline"]] == [
+        ("running", "queued", "lease expired", None),
+        ("queued", "running", "", 2),
+    ]
+    assert [line["message"] for line in second["logs"]] == ["second attempt"]
+    assert second["outputs"] == []
+    # From the page's own cursor the same poll brings everything since the page.
+    everything = poll(cursor)
+    assert len(everything["timeline"]) == 3 and len(everything["logs"]) == 2
+
+    store = ArtifactStore(settings.artifacts)
+    stored = store.write_output(keys.acme_tenant, job_id, "notes.txt", b"live <i>text</i>")
+    with database.transaction() as session:
+        record_output(
+            session, lease, Output("notes.txt", "text", "text/plain", b"live <i>text</i>"), stored
+        )
+    third = poll(second["cursor"])
+    [output] = third["outputs"]
+    assert output["name"] == "notes.txt" and output["preview"] == "live <i>text</i>"
+    assert client.get(output["url"]).data == b"live <i>text</i>"
+    assert third["timeline"] == [] and third["logs"] == []
+    assert poll(third["cursor"])["outputs"] == []  # nothing twice
+
+    # A reload shows all of it, with a cursor past it.
+    page = client.get(f"/admin/jobs/{job_id}").get_data(as_text=True)
+    assert page_cursor(page) == third["cursor"]
+    assert "lease expired" in page and "second attempt" in page and "first &lt;b&gt;" in page
+    assert re.search(r"data-attempt>2<", page)
+
+    bad = client.get(f"/admin/live/jobs/{job_id}?after=-1")
+    assert bad.status_code == 422 and bad.get_json()["errors"][0]["field"] == "after"
+    missing = client.get("/admin/live/jobs/00000000-0000-0000-0000-000000000000?after=0")
+    assert missing.status_code == 404 and missing.mimetype == "application/problem+json"
+
+
+def test_live_job_pages_through_a_burst_of_events(
+    client: FlaskClient, keys: Keys, database: Database, settings: Settings
+) -> None:
+    job_id = submit(client, keys.acme, echo()).get_json()["id"]
+    with database.transaction() as session:
+        lease = claim_job(session, job_id, lease_ttl_s=60)
+        assert lease is not None
+        start = queries.last_event_id(session, job_id)
+    with database.transaction() as session:
+        events: list[Any] = []
+        for i in range(5):
+            events += [Log(f"line {i}"), Progress(i, 5), Metric(i, {"loss": 1.0 / (i + 1)})]
+        record_events(session, lease, events)
+    seen, cursor = [], start
+    with database.read() as session:
+        for _ in range(10):
+            batch = queries.job_updates(session, job_id, after=cursor, limit=2)
+            assert batch is not None and len(batch.events) <= 2
+            seen += [e.data["message"] for e in batch.events]
+            assert batch.cursor >= cursor
+            cursor = batch.cursor
+            if not batch.has_more:
+                break
+        # The cursor ends past the progress and metric events too.
+        assert cursor == queries.last_event_id(session, job_id)
+    assert seen == [f"line {i}" for i in range(5)]
+
+
+def test_live_job_reads_only_index_ranges(
+    client: FlaskClient, keys: Keys, database: Database, settings: Settings
+) -> None:
+    if not settings.db_url.startswith("sqlite"):
+        pytest.skip("SQLite's query plan; PostgreSQL's planner may scan a table this small")
+    job_id = submit(client, keys.acme, echo()).get_json()["id"]
+    run_job(database, settings, job_id, outputs={"output.txt": b"hi"})
+    login(client, keys.admin)
+    statements: list[tuple[str, Any]] = []
+
+    def capture(conn: Any, cursor: Any, statement: str, params: Any, *_: Any) -> None:
+        statements.append((statement, params))
+
+    sa.event.listen(database.engine, "before_cursor_execute", capture)
+    try:
+        body = client.get(f"/admin/live/jobs/{job_id}?after=0").get_json()
+    finally:
+        sa.event.remove(database.engine, "before_cursor_execute", capture)
+    assert body["outputs"] and body["logs"] and body["timeline"]
+    polled = [(s, p) for s, p in statements if s.lstrip().upper().startswith("SELECT")]
+    assert sum("job_event" in s for s, _ in polled) == 2 and any("artifact" in s for s, _ in polled)
+    with database.engine.connect() as conn:
+        for statement, params in polled:
+            plan = conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, params).all()
+            details = [str(row[-1]) for row in plan]
+            assert not any(d.startswith("SCAN") for d in details), (statement, details)

@@ -1,8 +1,9 @@
 """The dashboard in a real headless Chromium (Debian's `chromium`, driven by Playwright) against
 a real `genq up`: log in (a wrong key is refused), watch a job's progress bar move without a
-reload, cancel a running job and see it become canceled, open an image output full size, create
-a key and revoke it. Screenshots go to test-output/dashboard/ (and the test's tmp dir) for a
-person to look at.
+reload, watch a job's timeline, attempt, logs and outputs follow a reaped and retried attempt
+without a reload, cancel a running job and see it become canceled, open an image output full
+size, create a key and revoke it. Screenshots go to test-output/dashboard/ (and the test's tmp
+dir) for a person to look at.
 """
 
 from __future__ import annotations
@@ -11,11 +12,20 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from core.artifacts import ArtifactStore
+from core.db import Database
+from core.events import Log, Output
+from core.jobs import claim_job, finish_job, record_events, record_output
+from core.recovery import promote_due, reap_expired
+from core.settings import Settings
+from core.states import JobState
+from core.tables import Job, utcnow
 from tests.stackproc import ROOT, StackProcess
 
 pytestmark = pytest.mark.stack
@@ -159,6 +169,78 @@ def test_a_running_jobs_progress_bar_moves_without_a_reload(page: Any, stack: St
     page.goto(f"{stack.url}/admin/jobs?model=echo")
     assert job["id"] in page.content()
     shot(page, "jobs")
+
+
+def test_a_jobs_timeline_attempt_logs_and_outputs_update_in_place(
+    page: Any, stack: StackProcess
+) -> None:
+    # A job held off by run_at, so that no worker of the stack takes it: this test plays the
+    # worker through the core services, on the stack's own database and artifact store.
+    run_at = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    job_id = stack.submit({"kind": "generate", "model": "echo", "params": {}, "run_at": run_at})[
+        "id"
+    ]
+    settings = Settings(_env_file=None, var_dir=stack.var_dir)  # type: ignore[call-arg]
+    database = Database(settings)
+    page.goto(f"{stack.url}/admin/jobs/{job_id}")
+    assert state_badge(page) == "scheduled"
+    page.evaluate("window.__sameDocument = true")
+    try:
+        with database.transaction() as session:
+            job = session.get(Job, job_id)
+            assert job is not None
+            job.run_at = utcnow()  # due now: promoted and claimed in one transaction
+            assert promote_due(session) == [job_id]
+            lease = claim_job(session, job_id, lease_ttl_s=120)
+            assert lease is not None and lease.attempt == 1
+            tenant_id = job.tenant_id
+        with database.transaction() as session:
+            record_events(session, lease, [Log("hello from attempt 1")])
+        page.wait_for_function(
+            "document.querySelector('[data-timeline]').textContent.includes('attempt 1')"
+            " && document.querySelector('[data-logs]').textContent.includes('attempt 1')"
+        )
+        assert state_badge(page) == "running" and page.inner_text("[data-attempt]") == "1"
+        assert "run_at reached" in page.inner_text("[data-timeline]")
+
+        # The worker stops answering: the lease expires, the job is reaped and claimed again.
+        with database.transaction() as session:
+            job = session.get(Job, job_id)
+            assert job is not None
+            job.lease_expires_at = utcnow() - timedelta(seconds=1)
+            assert [r.job_id for r in reap_expired(session)] == [job_id]
+            lease = claim_job(session, job_id, lease_ttl_s=120)
+            assert lease is not None and lease.attempt == 2
+        text = b"<b>not bold</b> from attempt 2"
+        stored = ArtifactStore(settings.artifacts).write_output(
+            tenant_id, job_id, "notes.txt", text
+        )
+        with database.transaction() as session:
+            record_events(session, lease, [Log("<i>hello</i> from attempt 2")])
+            record_output(session, lease, Output("notes.txt", "text", "text/plain", text), stored)
+        page.wait_for_selector("[data-output='notes.txt']")
+        page.wait_for_function("document.querySelector('[data-attempt]').textContent === '2'")
+        timeline = page.inner_text("[data-timeline]")
+        assert "lease expired" in timeline and "attempt 2" in timeline
+        # created, then: – → scheduled → queued → running → queued → running, each once
+        assert page.locator("[data-timeline] li").count() == 6
+        assert "<i>hello</i> from attempt 2" in page.inner_text("[data-logs]")
+        assert "<b>not bold</b>" in page.inner_text("[data-output='notes.txt'] pre")
+        assert page.locator(".gallery b, [data-logs] i").count() == 0  # text, never markup
+        assert page.locator("[data-no-outputs]").count() == 0
+        assert page.evaluate("window.__sameDocument") is True  # all without a reload
+        shot(page, "job-live-retry")
+
+        # The ended job's page reloads once (for its final actions and metrics), and stops polling.
+        with page.expect_event("load"), database.transaction() as session:
+            finish_job(session, lease, JobState.SUCCEEDED)
+        page.wait_for_function(
+            "document.querySelector('h1 [data-state]').textContent == 'succeeded'"
+        )
+        assert page.evaluate("window.__sameDocument") is None
+        assert page.locator("[data-output='notes.txt']").count() == 1
+    finally:
+        database.dispose()
 
 
 def test_cancel_a_running_job(page: Any, stack: StackProcess) -> None:

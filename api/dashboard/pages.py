@@ -1,6 +1,7 @@
 """The dashboard's pages (overview, jobs, a job, models, data sets, tenants and keys), the
 artifact files they show, and the small JSON endpoints under `/admin/live/` that the page script
-polls to keep progress bars, states and counts current without a reload.
+polls to keep progress bars, states and counts current without a reload (on a job's page also
+its timeline, attempt, log lines and outputs, as they happen).
 
 Filters are checked like `/v1` input: a bad value answers 422 naming the field, never a guess.
 """
@@ -208,7 +209,9 @@ def _get_job(db: Any, job_id: str) -> Job:
 def job(job_id: str) -> str:
     with genq().database.transaction() as db:
         found = _get_job(db, job_id)
-        history = queries.job_history(db, found.id)
+        # The page shows events up to here; its script asks for the ones after.
+        cursor = queries.last_event_id(db, found.id)
+        history = queries.job_history(db, found.id, upto=cursor)
         models, tenants = queries.names_for(db, [found])
         dataset = db.get(Dataset, found.dataset_id) if found.dataset_id else None
         audit = recent_actions(db, target_type="job", target_id=found.id)
@@ -223,6 +226,7 @@ def job(job_id: str) -> str:
         "dashboard/job.html",
         job=found,
         history=history,
+        cursor=cursor,
         models=models,
         tenants=tenants,
         dataset=dataset,
@@ -333,28 +337,92 @@ def live_jobs() -> Response:
     )
 
 
-@bp.get("/live/jobs/<job_id>/logs")
-def live_logs(job_id: str) -> Response:
-    """A job's log lines after event id `after` (at most 500), for the job page's log pane."""
+def _after_arg() -> int:
     raw = request.args.get("after", "0")
     if not raw.isdigit():
         raise InvalidInputError.one("after", "must be an event id")
+    return int(raw)
+
+
+@bp.get("/live/jobs/<job_id>")
+def live_job(job_id: str) -> Response:
+    """One job for its page: state, progress and attempt, and the timeline entries, log lines
+    and outputs of its events after event id `after` (what the page already shows), with the
+    cursor to send next time. `more` is true when there are more events than one answer
+    carries."""
+    after = _after_arg()
+    with genq().database.read() as db:
+        updates = queries.job_updates(db, job_id, after=after)
+    if updates is None:
+        raise NotFoundError(f"no job {job_id}")
+    previews = {a.id: _text_preview(a) for a in updates.outputs.values() if a.kind == "text"}
+    job = updates.job
+    timeline, logs, outputs = [], [], []
+    for e in updates.events:
+        if e.type == "state":
+            timeline.append(
+                {
+                    "id": e.id,
+                    "from": str(e.data.get("from") or ""),
+                    "to": str(e.data.get("to") or ""),
+                    "at": e.created_at.isoformat(),
+                    "when": e.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+                    "attempt": e.data.get("attempt") or None,
+                    "reason": str(e.data.get("reason") or ""),
+                }
+            )
+        elif e.type == "log":
+            logs.append(_log_line(e))
+        elif (found := updates.outputs.get(str(e.data.get("artifact_id")))) is not None:
+            outputs.append(
+                {
+                    "id": found.id,
+                    "name": found.name,
+                    "kind": found.kind,
+                    "content_type": found.content_type,
+                    "size_bytes": found.size_bytes,
+                    "url": url_for("dashboard.artifact", artifact_id=found.id),
+                    "preview": previews.get(found.id),
+                }
+            )
+    return jsonify(
+        {
+            "state": job.state,
+            "attempt": job.attempt,
+            "max_attempts": job.max_attempts,
+            "step": job.progress_step,
+            "total": job.progress_total,
+            "message": job.progress_message or "",
+            "cursor": updates.cursor,
+            "more": updates.has_more,
+            "timeline": timeline,
+            "logs": logs,
+            "outputs": outputs,
+        }
+    )
+
+
+def _log_line(e: JobEvent) -> dict[str, Any]:
+    return {
+        "id": e.id,
+        "time": e.created_at.strftime("%H:%M:%S"),
+        "level": str(e.data.get("level", "info")),
+        "message": str(e.data.get("message", "")),
+    }
+
+
+@bp.get("/live/jobs/<job_id>/logs")
+def live_logs(job_id: str) -> Response:
+    """A job's log lines after event id `after` (at most 500), for the job page's log pane."""
+    after = _after_arg()
     with genq().database.transaction() as db:
         events = db.scalars(
             select(JobEvent)
-            .where(JobEvent.job_id == job_id, JobEvent.type == "log", JobEvent.id > int(raw))
+            .where(JobEvent.job_id == job_id, JobEvent.type == "log", JobEvent.id > after)
             .order_by(JobEvent.id)
             .limit(500)
         )
-        lines = [
-            {
-                "id": e.id,
-                "time": e.created_at.strftime("%H:%M:%S"),
-                "level": str(e.data.get("level", "info")),
-                "message": str(e.data.get("message", "")),
-            }
-            for e in events
-        ]
+        lines = [_log_line(e) for e in events]
     return jsonify(lines)
 
 

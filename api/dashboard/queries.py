@@ -184,19 +184,31 @@ def names_for(session: Session, jobs: list[Job]) -> tuple[dict[str, str], dict[s
     return models, tenants
 
 
-def job_history(session: Session, job_id: str, *, log_limit: int = 500) -> dict[str, Any]:
-    """A job's state changes, its last log lines, its metric points and its outputs."""
+def last_event_id(session: Session, job_id: str) -> int:
+    """The id of the job's newest event, 0 for none (one step down the job's event index)."""
+    found = session.scalar(
+        select(JobEvent.id).where(JobEvent.job_id == job_id).order_by(JobEvent.id.desc()).limit(1)
+    )
+    return int(found or 0)
+
+
+def job_history(
+    session: Session, job_id: str, *, upto: int | None = None, log_limit: int = 500
+) -> dict[str, Any]:
+    """A job's state changes, its last log lines, its metric points and its outputs. With
+    `upto`, only events up to that id: the job page shows those and polls for the rest."""
+    bound = [JobEvent.id <= upto] if upto is not None else []
     events = list(
         session.scalars(
             select(JobEvent)
-            .where(JobEvent.job_id == job_id, JobEvent.type.in_(["state", "metric"]))
+            .where(JobEvent.job_id == job_id, JobEvent.type.in_(["state", "metric"]), *bound)
             .order_by(JobEvent.id)
         )
     )
     logs = list(
         session.scalars(
             select(JobEvent)
-            .where(JobEvent.job_id == job_id, JobEvent.type == "log")
+            .where(JobEvent.job_id == job_id, JobEvent.type == "log", *bound)
             .order_by(JobEvent.id.desc())
             .limit(log_limit)
         )
@@ -219,6 +231,71 @@ def job_history(session: Session, job_id: str, *, log_limit: int = 500) -> dict[
         "curves": dict(curves),
         "outputs": outputs,
     }
+
+
+# What the job page adds as it happens; progress comes from the job row, metrics at reload.
+LIVE_EVENT_TYPES = ("state", "log", "output")
+
+
+@dataclass
+class JobUpdates:
+    """What changed on a job since the event id a page already shows."""
+
+    job: Any  # a row: state, progress, attempt, max_attempts
+    events: list[JobEvent]  # state, log and output events after the cursor, in order
+    outputs: dict[str, Artifact]  # the artifacts the output events name, by id
+    cursor: int  # the event id to ask from next time
+    has_more: bool  # the batch was full: ask again at once
+
+
+def job_updates(
+    session: Session, job_id: str, *, after: int, limit: int = 500
+) -> JobUpdates | None:
+    """The job's row and its events after `after`, or None for no such job.
+
+    The row is read before the events, so a job seen final here has all its events in the
+    query after it (every writer of a job's events holds its row lock, so their ids commit
+    in order and `id > after` misses none). The events come from a range of the job's event
+    index up to its newest id, so the cursor moves past the progress and metric events this
+    page does not add as well, and no poll reads them twice.
+    """
+    job = session.execute(
+        select(
+            Job.state,
+            Job.attempt,
+            Job.max_attempts,
+            Job.progress_step,
+            Job.progress_total,
+            Job.progress_message,
+        ).where(Job.id == job_id)
+    ).one_or_none()
+    if job is None:
+        return None
+    newest = last_event_id(session, job_id)
+    if newest <= after:
+        return JobUpdates(job, [], {}, after, False)
+    events = list(
+        session.scalars(
+            select(JobEvent)
+            .where(
+                JobEvent.job_id == job_id,
+                JobEvent.id > after,
+                JobEvent.id <= newest,
+                JobEvent.type.in_(LIVE_EVENT_TYPES),
+            )
+            .order_by(JobEvent.id)
+            .limit(limit)
+        )
+    )
+    has_more = len(events) == limit
+    ids = [str(e.data.get("artifact_id")) for e in events if e.type == "output"]
+    outputs = (
+        {a.id: a for a in session.scalars(select(Artifact).where(Artifact.id.in_(ids)))}
+        if ids
+        else {}
+    )
+    cursor = events[-1].id if has_more else newest
+    return JobUpdates(job, events, outputs, cursor, has_more)
 
 
 ACTIVE_STATES = [JobState.SCHEDULED, JobState.QUEUED, JobState.RUNNING, JobState.CANCELING]

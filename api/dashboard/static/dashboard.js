@@ -7,7 +7,12 @@ const JOB_POLL_MS = 1000;
 const OVERVIEW_POLL_MS = 3000;
 
 async function getJSON(url) {
-  const response = await fetch(url, { headers: { Accept: "application/json" } });
+  let response;
+  try {
+    response = await fetch(url, { headers: { Accept: "application/json" } });
+  } catch {
+    return null; // the server is away for a moment: the next poll tries again
+  }
   if (response.status === 401) { window.location.reload(); return null; }
   if (!response.ok) return null;
   return response.json();
@@ -30,9 +35,8 @@ function updateBar(bar, job) {
 }
 
 async function pollJobs() {
-  const bars = [...document.querySelectorAll("[data-progress]")]
+  const bars = [...document.querySelectorAll("[data-job-row] [data-progress]")]
     .filter((b) => LIVE_STATES.has(b.dataset.stateNow));
-  const watcher = document.querySelector("[data-reload-when-done]");
   if (bars.length) {
     const ids = [...new Set(bars.map((b) => b.dataset.job))];
     const jobs = await getJSON("/admin/live/jobs?ids=" + encodeURIComponent(ids.join(",")));
@@ -41,33 +45,91 @@ async function pollJobs() {
         const job = jobs[bar.dataset.job];
         if (!job) continue;
         updateBar(bar, job);
-        const row = bar.closest("[data-job-row]");
-        setState((row || document.querySelector("h1")).querySelector("[data-state]"), job.state);
-        const message = document.querySelector("[data-message]");
-        if (!row && message) message.textContent = job.message;
-      }
-      // On a job's page, a job that has just ended has outputs and a timeline to show.
-      if (watcher && LIVE_STATES.has(watcher.dataset.stateNow)) {
-        const job = jobs[watcher.dataset.reloadWhenDone];
-        if (job && !LIVE_STATES.has(job.state)) { window.location.reload(); return; }
+        setState(bar.closest("[data-job-row]").querySelector("[data-state]"), job.state);
       }
     }
   }
   setTimeout(pollJobs, JOB_POLL_MS);
 }
 
-async function pollLogs() {
+// An element with text children: strings become text nodes (append never parses HTML), and
+// attribute values stay values, so job data cannot turn into markup here.
+function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attrs)) node.setAttribute(name, value);
+  node.append(...children);
+  return node;
+}
+
+function stateBadge(state) {
+  return el("span", { class: "state state-" + state, "data-state": "" }, state);
+}
+
+// The same markup as the timeline entries job.html renders.
+function timelineEntry(e) {
+  const li = el("li", { "data-event": e.id }, (e.from || "\u2013") + " \u2192 ", stateBadge(e.to), " ",
+    el("time", { datetime: e.at }, e.when));
+  if (e.attempt) li.append(" ", el("span", { class: "muted" }, "attempt " + e.attempt));
+  if (e.reason) li.append(" ", el("span", { class: "muted" }, e.reason));
+  return li;
+}
+
+// The same markup as job.html's gallery: an image thumbnail, a text preview or a link.
+function outputEntry(a) {
+  const marks = { "data-output": a.name, "data-artifact": a.id };
+  if (a.content_type.startsWith("image/")) {
+    return el("a", { class: a.kind === "grid" ? "thumb grid" : "thumb", href: a.url, target: "_blank", rel: "noopener", ...marks },
+      el("img", { src: a.url, alt: a.name, loading: "lazy" }), el("span", {}, a.name));
+  }
+  if (typeof a.preview === "string") {
+    return el("figure", { class: "text-output", ...marks },
+      el("figcaption", {}, el("a", { href: a.url }, a.name)), el("pre", {}, a.preview));
+  }
+  return el("a", { href: a.url, ...marks }, a.name + " (" + a.size_bytes + " bytes)");
+}
+
+function applyJob(job) {
+  const bar = document.querySelector("h1 ~ section [data-progress]");
+  if (bar) updateBar(bar, job);
+  setState(document.querySelector("h1 [data-state]"), job.state);
+  const fields = { "[data-message]": job.message, "[data-attempt]": job.attempt, "[data-max-attempts]": job.max_attempts };
+  for (const [selector, value] of Object.entries(fields)) {
+    const node = document.querySelector(selector);
+    if (node && node.textContent !== String(value)) node.textContent = value;
+  }
+  for (const form of document.querySelectorAll("form[data-show-in]")) {
+    form.hidden = !form.dataset.showIn.split(" ").includes(job.state);
+  }
+  const timeline = document.querySelector("[data-timeline]");
+  for (const e of job.timeline) {
+    if (!timeline.querySelector('[data-event="' + e.id + '"]')) timeline.append(timelineEntry(e));
+  }
   const pane = document.querySelector("[data-logs]");
-  const url = "/admin/live/jobs/" + encodeURIComponent(pane.dataset.logs) + "/logs?after=" + pane.dataset.after;
-  const lines = await getJSON(url);
-  if (lines && lines.length) {
+  if (job.logs.length) {
     const atBottom = pane.scrollTop + pane.clientHeight >= pane.scrollHeight - 4;
-    pane.append(lines.map((l) => l.time + " " + l.level + " " + l.message + "\n").join(""));
-    pane.dataset.after = lines[lines.length - 1].id;
+    pane.append(job.logs.map((l) => l.time + " " + l.level + " " + l.message + "\n").join(""));
     if (atBottom) pane.scrollTop = pane.scrollHeight;
   }
-  const watcher = document.querySelector("[data-reload-when-done]");
-  if (watcher && LIVE_STATES.has(watcher.dataset.stateNow)) setTimeout(pollLogs, JOB_POLL_MS);
+  const gallery = document.querySelector("[data-gallery]");
+  for (const a of job.outputs) {
+    if (gallery.querySelector('[data-artifact="' + CSS.escape(a.id) + '"]')) continue;
+    const none = gallery.querySelector("[data-no-outputs]");
+    if (none) none.remove();
+    gallery.append(outputEntry(a));
+  }
+}
+
+// A job's page: one poll brings the state, progress, attempt and the events after the last one
+// the page shows; a job that has ended is reloaded once, for its error, metrics and actions.
+async function pollJob(live) {
+  const url = "/admin/live/jobs/" + encodeURIComponent(live.dataset.liveJob) + "?after=" + live.dataset.after;
+  const job = await getJSON(url);
+  if (job) {
+    applyJob(job);
+    live.dataset.after = job.cursor;
+    if (!LIVE_STATES.has(job.state) && !job.more) { window.location.reload(); return; }
+  }
+  setTimeout(() => pollJob(live), job && job.more ? 0 : JOB_POLL_MS);
 }
 
 async function pollOverview() {
@@ -92,10 +154,8 @@ document.addEventListener("DOMContentLoaded", () => {
       if (!window.confirm(form.dataset.confirm)) event.preventDefault();
     });
   }
-  if (document.querySelector("[data-progress]")) setTimeout(pollJobs, JOB_POLL_MS);
+  if (document.querySelector("[data-job-row] [data-progress]")) setTimeout(pollJobs, JOB_POLL_MS);
   if (document.querySelector("[data-live-overview]")) setTimeout(pollOverview, OVERVIEW_POLL_MS);
-  const watcher = document.querySelector("[data-reload-when-done]");
-  if (document.querySelector("[data-logs]") && watcher && LIVE_STATES.has(watcher.dataset.stateNow)) {
-    setTimeout(pollLogs, JOB_POLL_MS);
-  }
+  const live = document.querySelector("[data-live-job]");
+  if (live && LIVE_STATES.has(live.dataset.stateNow)) setTimeout(() => pollJob(live), JOB_POLL_MS);
 });
