@@ -52,7 +52,7 @@ bp = Blueprint("catalog", __name__, url_prefix="/v1")
 
 @bp.get("/models")
 def models() -> Response:
-    with genq().database.transaction() as session:
+    with genq().database.read() as session:
         items = render_models(session, list_models(session, tenant_scope()))
     return jsonify({"items": items})
 
@@ -197,7 +197,7 @@ def check_model_again(name: str, version: str) -> tuple[Response, int, dict[str,
 @bp.get("/models/<name>")
 def model_versions(name: str) -> Response:
     """Every version of `name` the caller sees, oldest first."""
-    with genq().database.transaction() as session:
+    with genq().database.read() as session:
         found = list_models(session, tenant_scope(), name)
         if not found:
             raise NotFoundError(f"no model {name!r}")
@@ -207,7 +207,7 @@ def model_versions(name: str) -> Response:
 
 @bp.get("/datasets")
 def datasets() -> Response:
-    with genq().database.transaction() as session:
+    with genq().database.read() as session:
         items = [dataset_payload(d) for d in list_datasets(session, tenant_scope())]
     return jsonify({"items": items})
 

@@ -15,7 +15,7 @@ import uuid
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.orm import Session
 from werkzeug.exceptions import UnsupportedMediaType
 
@@ -75,15 +75,22 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+_JOB = select(Job).where(Job.id == bindparam("job_id"))
+_TENANT_JOB = _JOB.where(Job.tenant_id == bindparam("tenant_id"))
+# Built once (every status request runs one): (tenant scoped, locked) -> statement.
+_JOB_LOOKUPS = {
+    (False, False): _JOB,
+    (True, False): _TENANT_JOB,
+    (False, True): _JOB.with_for_update(),
+    (True, True): _TENANT_JOB.with_for_update(),
+}
+
+
 def find_job(session: Session, job_id: str, *, lock: bool = False) -> Job:
     """The job with `job_id` if the caller may see it; 404 otherwise."""
-    stmt = select(Job).where(Job.id == job_id)
     scope = tenant_scope()
-    if scope is not None:
-        stmt = stmt.where(Job.tenant_id == scope)
-    if lock:
-        stmt = stmt.with_for_update()
-    job = session.scalar(stmt)
+    stmt = _JOB_LOOKUPS[(scope is not None, lock)]
+    job = session.scalar(stmt, {"job_id": job_id, "tenant_id": scope})
     if job is None:
         raise NotFoundError(f"no job {job_id}")
     return job
@@ -191,7 +198,7 @@ def submit() -> Response:
 
 @bp.get("/<job_id>")
 def get(job_id: str) -> Response:
-    with genq().database.transaction() as session:
+    with genq().database.read() as session:
         return jsonify(render_job(session, find_job(session, job_id)))
 
 
@@ -250,7 +257,7 @@ def list_jobs() -> Response:
     if (cursor := _list_param("cursor")) is not None:
         stmt = stmt.where(Job.id < decode_cursor(cursor))
     model_name = _list_param("model")
-    with genq().database.transaction() as session:
+    with genq().database.read() as session:
         if model_name is not None:
             models = select(Model.id).where(Model.name == model_name)
             if scope is not None:
@@ -321,7 +328,7 @@ def change(job_id: str) -> Response:
 @bp.get("/<job_id>/logs")
 def logs(job_id: str) -> Response:
     """The job's log lines, oldest first."""
-    with genq().database.transaction() as session:
+    with genq().database.read() as session:
         job = find_job(session, job_id)
         events = session.scalars(
             select(JobEvent)

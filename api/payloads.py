@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from core.fairness import estimate_eta_s, mean_run_s, queue_positions, running_in
@@ -108,21 +108,29 @@ def _estimates(session: Session, jobs: Sequence[Job], ctx: JobContext, slots: in
         )
 
 
+# Built once: every job rendered runs them.
+_MODELS = select(Model).where(Model.id.in_(bindparam("ids", expanding=True)))
+_OUTPUTS = (
+    select(Artifact)
+    .where(Artifact.job_id.in_(bindparam("job_ids", expanding=True)))
+    .order_by(Artifact.created_at)
+)
+
+
 def load_context(session: Session, jobs: Sequence[Job], slots: int = 1) -> JobContext:
     ctx = JobContext()
     model_ids = {i for j in jobs for i in (j.model_id, j.result_model_id) if i}
     if model_ids:
-        for model in session.scalars(select(Model).where(Model.id.in_(model_ids))):
+        for model in session.scalars(_MODELS, {"ids": list(model_ids)}):
             ctx.models[model.id] = model
     dataset_ids = {j.dataset_id for j in jobs if j.dataset_id}
     if dataset_ids:
         for dataset in session.scalars(select(Dataset).where(Dataset.id.in_(dataset_ids))):
             ctx.datasets[dataset.id] = dataset
-    job_ids = [j.id for j in jobs]
+    # A job that has never started has no outputs.
+    job_ids = [j.id for j in jobs if j.attempt > 0]
     if job_ids:
-        artifacts = session.scalars(
-            select(Artifact).where(Artifact.job_id.in_(job_ids)).order_by(Artifact.created_at)
-        )
+        artifacts = session.scalars(_OUTPUTS, {"job_ids": job_ids})
         for artifact in artifacts:
             ctx.outputs[artifact.job_id].append(artifact)
     ctx.queue_positions = queue_positions(session, list(jobs))

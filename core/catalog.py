@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import bindparam, func, or_, select
 from sqlalchemy.orm import Session
 
 from core.errors import ConflictError, NotFoundError
@@ -40,15 +40,30 @@ def parse_model_ref(ref: str) -> tuple[str, int | None]:
     return name, int(version)
 
 
+def _model_lookup(*, of_tenant: bool, versioned: bool) -> Any:
+    stmt = select(Model).where(Model.name == bindparam("name"))
+    if of_tenant:
+        stmt = stmt.where(_visible(bindparam("tenant_id"), Model.tenant_id))
+    if versioned:
+        stmt = stmt.where(Model.version == bindparam("version"))
+    own_first = (Model.tenant_id == SYSTEM_TENANT_ID).asc()
+    return stmt.order_by(own_first, Model.version.desc()).limit(1)
+
+
+# Built once (every submission resolves a model): (tenant given, version given) -> statement.
+_MODEL_LOOKUPS = {
+    (of_tenant, versioned): _model_lookup(of_tenant=of_tenant, versioned=versioned)
+    for of_tenant in (False, True)
+    for versioned in (False, True)
+}
+
+
 def resolve_model(session: Session, tenant_id: str | None, ref: str) -> Model:
     """The model version `ref` names that the tenant may use; the tenant's own model wins over
     a built-in one of the same name."""
     name, version = parse_model_ref(ref)
-    stmt = select(Model).where(Model.name == name, _visible(tenant_id, Model.tenant_id))
-    if version is not None:
-        stmt = stmt.where(Model.version == version)
-    own_first = (Model.tenant_id == SYSTEM_TENANT_ID).asc()
-    model = session.scalar(stmt.order_by(own_first, Model.version.desc()).limit(1))
+    stmt = _MODEL_LOOKUPS[(tenant_id is not None, version is not None)]
+    model = session.scalar(stmt, {"name": name, "tenant_id": tenant_id, "version": version})
     if model is None:
         raise NotFoundError(f"no model {ref!r}")
     if model.status != READY:

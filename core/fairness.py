@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, literal, or_, select, text, tuple_, update
+from sqlalchemy import bindparam, func, or_, select, text, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -48,14 +48,49 @@ def stride(weight: int) -> int:
     return STRIDE_UNIT // max(1, weight)
 
 
+# The statements a claim and a queue position run, built once with bound parameters: building
+# a statement costs SQLAlchemy several times what running it costs, and these run per job.
+_CLOCK_ROW = (
+    select(FairShare)
+    .where(FairShare.queue == bindparam("queue"), FairShare.tenant_id == CLOCK)
+    .with_for_update()
+)
+_PASSES = select(FairShare).where(
+    FairShare.queue == bindparam("queue"),
+    FairShare.tenant_id.in_(bindparam("tenant_ids", expanding=True)),
+)
+_PASS_VALUES = select(FairShare.tenant_id, FairShare.pass_value).where(
+    FairShare.queue == bindparam("queue"),
+    FairShare.tenant_id.in_(bindparam("tenant_ids", expanding=True)),
+)
+_SET_PASS = (
+    update(FairShare)
+    .where(FairShare.queue == bindparam("in_queue"), FairShare.tenant_id == bindparam("of_tenant"))
+    .values(pass_value=bindparam("new_pass"))
+    .execution_options(synchronize_session=False)
+)
+_FIRST_DUE = (
+    select(Job.id)
+    .where(
+        Job.state == JobState.QUEUED,
+        Job.queue == bindparam("queue"),
+        Job.tenant_id == bindparam("tenant_id"),
+        or_(Job.not_before.is_(None), Job.not_before <= bindparam("now", type_=UTCDateTime())),
+        Job.attempt < Job.max_attempts,
+    )
+    .order_by(Job.priority.desc(), Job.created_at, Job.id)
+    .limit(1)
+)
+_QUEUED_COUNTS = (
+    select(Job.tenant_id, Job.priority, func.count())
+    .where(Job.state == JobState.QUEUED, Job.queue == bindparam("queue"))
+    .group_by(Job.tenant_id, Job.priority)
+)
+
+
 def _clock_row(session: Session, queue: str) -> FairShare:
     """The queue's clock row, locked: claims on one queue take turns (they are short)."""
-    stmt = (
-        select(FairShare)
-        .where(FairShare.queue == queue, FairShare.tenant_id == CLOCK)
-        .with_for_update()
-    )
-    row = session.scalar(stmt)
+    row = session.scalar(_CLOCK_ROW, {"queue": queue})
     if row is not None:
         return row
     try:
@@ -63,7 +98,7 @@ def _clock_row(session: Session, queue: str) -> FairShare:
             session.add(FairShare(queue=queue, tenant_id=CLOCK, pass_value=0))
     except IntegrityError:  # another claim created it first
         pass
-    row = session.scalar(stmt)
+    row = session.scalar(_CLOCK_ROW, {"queue": queue})
     assert row is not None
     return row
 
@@ -71,9 +106,7 @@ def _clock_row(session: Session, queue: str) -> FairShare:
 def _passes(session: Session, queue: str, tenant_ids: list[str]) -> dict[str, FairShare]:
     if not tenant_ids:
         return {}
-    rows = session.scalars(
-        select(FairShare).where(FairShare.queue == queue, FairShare.tenant_id.in_(tenant_ids))
-    )
+    rows = session.scalars(_PASSES, {"queue": queue, "tenant_ids": tenant_ids})
     return {r.tenant_id: r for r in rows}
 
 
@@ -109,9 +142,12 @@ HEADS_SQL = text(
 )
 
 
-def _heads(session: Session, queue: str, clock: int, limits: dict[str, TenantLimits]) -> list[Head]:
-    """Every tenant with queued jobs in `queue`, in claim order."""
+def _heads(session: Session, queue: str, clock: int) -> tuple[list[Head], dict[str, TenantLimits]]:
+    """Every tenant with queued jobs in `queue`, in claim order, and those tenants' limits."""
     rows = session.execute(HEADS_SQL, {"state": str(JobState.QUEUED), "queue": queue}).all()
+    if not rows:
+        return [], {}
+    limits = load_limits(session, [r[0] for r in rows])
     passes = _passes(session, queue, [r[0] for r in rows])
     heads = []
     for tenant_id, priority in rows:
@@ -120,23 +156,12 @@ def _heads(session: Session, queue: str, clock: int, limits: dict[str, TenantLim
         weight = limits[tenant_id].weight if tenant_id in limits else 1
         heads.append(Head(tenant_id, int(priority), start, stride(weight)))
     heads.sort(key=lambda h: (-h.priority, h.start, h.tenant_id))
-    return heads
+    return heads, limits
 
 
 def _first_due(session: Session, queue: str, tenant_id: str, now: datetime) -> str | None:
     """The tenant's first queued job in its own order that may start now."""
-    return session.scalar(
-        select(Job.id)
-        .where(
-            Job.state == JobState.QUEUED,
-            Job.queue == queue,
-            Job.tenant_id == tenant_id,
-            or_(Job.not_before.is_(None), Job.not_before <= now),
-            Job.attempt < Job.max_attempts,
-        )
-        .order_by(Job.priority.desc(), Job.created_at, Job.id)
-        .limit(1)
-    )
+    return session.scalar(_FIRST_DUE, {"queue": queue, "tenant_id": tenant_id, "now": now})
 
 
 def claim_next(session: Session, queue: str, *, lease_ttl_s: float) -> Lease | None:
@@ -146,8 +171,7 @@ def claim_next(session: Session, queue: str, *, lease_ttl_s: float) -> Lease | N
     callers never get the same job; a lost race moves on to the next candidate."""
     now = utcnow()
     clock = _clock_row(session, queue)
-    limits = load_limits(session)
-    heads = _heads(session, queue, clock.pass_value, limits)
+    heads, limits = _heads(session, queue, clock.pass_value)
     blocked = blocked_tenants(session, [h.tenant_id for h in heads], limits, now=now)
     tries = 0
     for head in heads:
@@ -172,9 +196,8 @@ def _advance(session: Session, queue: str, head: Head, clock: FairShare, lowest_
     waiting tenant is moved and the order already reported stays true)."""
     clock.pass_value = max(clock.pass_value, lowest_start)
     updated = session.execute(
-        update(FairShare)
-        .where(FairShare.queue == queue, FairShare.tenant_id == head.tenant_id)
-        .values(pass_value=head.start + head.stride)
+        _SET_PASS,
+        {"in_queue": queue, "of_tenant": head.tenant_id, "new_pass": head.start + head.stride},
     )
     if getattr(updated, "rowcount", 0) == 0:
         session.add(
@@ -228,39 +251,44 @@ class QueueOrder:
 
 
 def queue_order(session: Session, queue: str) -> QueueOrder:
-    clock = session.scalar(
-        select(FairShare.pass_value).where(FairShare.queue == queue, FairShare.tenant_id == CLOCK)
-    )
-    limits = load_limits(session)
     counts: dict[str, dict[int, int]] = defaultdict(dict)
-    for tenant_id, priority, n in session.execute(
-        select(Job.tenant_id, Job.priority, func.count())
-        .where(Job.state == JobState.QUEUED, Job.queue == queue)
-        .group_by(Job.tenant_id, Job.priority)
-    ):
+    for tenant_id, priority, n in session.execute(_QUEUED_COUNTS, {"queue": queue}):
         counts[tenant_id][int(priority)] = int(n)
-    passes = _passes(session, queue, list(counts))
+    if not counts:
+        return QueueOrder(queue, {}, counts)
+    limits = load_limits(session, list(counts))
+    # The clock and the passes of the tenants with work, in one read.
+    rows = session.execute(_PASS_VALUES, {"queue": queue, "tenant_ids": [CLOCK, *counts]})
+    passes: dict[str, int] = {tenant_id: int(value) for tenant_id, value in rows}
+    clock = passes.get(CLOCK, 0)
     heads = {}
     for tenant_id, per in counts.items():
-        row = passes.get(tenant_id)
-        start = max(row.pass_value, clock or 0) if row is not None else clock or 0
+        own = passes.get(tenant_id)
+        start = max(own, clock) if own is not None else clock
         weight = limits[tenant_id].weight if tenant_id in limits else 1
         heads[tenant_id] = Head(tenant_id, max(per), start, stride(weight))
     return QueueOrder(queue, heads, counts)
 
 
-def _age(job: Job) -> Any:
+def _age_param(prefix: str) -> Any:
     # A row value, so that both SQLite and PostgreSQL read it as one range of the index.
-    return tuple_(literal(job.created_at, UTCDateTime()), literal(job.id))
+    return tuple_(bindparam(f"{prefix}_created_at", type_=UTCDateTime()), bindparam(f"{prefix}_id"))
 
 
-def _same_line(job: Job) -> Any:
-    return (
-        (Job.state == JobState.QUEUED)
-        & (Job.queue == job.queue)
-        & (Job.tenant_id == job.tenant_id)
-        & (Job.priority == job.priority)
+# Queued jobs of one line (queue, tenant, priority) older than a job; and older than a job
+# but younger than another one.
+_OLDER_IN_LINE = (
+    select(func.count())
+    .select_from(Job)
+    .where(
+        Job.state == JobState.QUEUED,
+        Job.queue == bindparam("queue"),
+        Job.tenant_id == bindparam("tenant_id"),
+        Job.priority == bindparam("priority"),
+        tuple_(Job.created_at, Job.id) < _age_param("job"),
     )
+)
+_OLDER_IN_LINE_SINCE = _OLDER_IN_LINE.where(tuple_(Job.created_at, Job.id) > _age_param("since"))
 
 
 def own_ahead(session: Session, jobs: list[Job]) -> dict[str, int]:
@@ -277,12 +305,20 @@ def own_ahead(session: Session, jobs: list[Job]) -> dict[str, int]:
         before = 0
         previous: Job | None = None
         for job in line:
-            age = tuple_(Job.created_at, Job.id)
-            stmt = select(func.count()).select_from(Job).where(_same_line(job), age < _age(job))
-            if previous is not None:
-                stmt = stmt.where(age > _age(previous))
+            params = {
+                "queue": job.queue,
+                "tenant_id": job.tenant_id,
+                "priority": job.priority,
+                "job_created_at": job.created_at,
+                "job_id": job.id,
+            }
+            if previous is None:
+                stmt = _OLDER_IN_LINE
+            else:
+                stmt = _OLDER_IN_LINE_SINCE
+                params.update(since_created_at=previous.created_at, since_id=previous.id)
                 before += 1  # the previous job itself
-            before += int(session.scalar(stmt) or 0)
+            before += int(session.scalar(stmt, params) or 0)
             out[job.id] = before
             previous = job
     return out
@@ -340,26 +376,37 @@ def queue_positions(session: Session, jobs: list[Job]) -> dict[str, int]:
 ETA_SAMPLE = 50
 
 
+_SUCCEEDED = select(Job.started_at, Job.finished_at).where(Job.state == JobState.SUCCEEDED)
+_LATEST_RUNS_OF_MODEL = (
+    _SUCCEEDED.where(Job.model_id == bindparam("model_id"))
+    .order_by(Job.finished_at.desc())
+    .limit(ETA_SAMPLE)
+)
+_LATEST_RUNS_OF_FAMILY = (
+    _SUCCEEDED.where(Job.model_id.is_(None), Job.family == bindparam("family"))
+    .order_by(Job.finished_at.desc())
+    .limit(ETA_SAMPLE)
+)
+_RUNNING_IN = (
+    select(func.count())
+    .select_from(Job)
+    .where(Job.state.in_([JobState.RUNNING, JobState.CANCELING]), Job.queue == bindparam("queue"))
+)
+
+
 def mean_run_s(session: Session, model_id: str | None, family: str) -> float | None:
     """Mean run time of the model's latest successful jobs (the family's, for training jobs
     that name no model); None without history."""
-    stmt = select(Job.started_at, Job.finished_at).where(Job.state == JobState.SUCCEEDED)
     if model_id is not None:
-        stmt = stmt.where(Job.model_id == model_id)
+        rows = session.execute(_LATEST_RUNS_OF_MODEL, {"model_id": model_id}).all()
     else:
-        stmt = stmt.where(Job.model_id.is_(None), Job.family == family)
-    rows = session.execute(stmt.order_by(Job.finished_at.desc()).limit(ETA_SAMPLE)).all()
+        rows = session.execute(_LATEST_RUNS_OF_FAMILY, {"family": family}).all()
     runs = [(f - s).total_seconds() for s, f in rows if s is not None and f is not None]
     return sum(runs) / len(runs) if runs else None
 
 
 def running_in(session: Session, queue: str) -> int:
-    n = session.scalar(
-        select(func.count())
-        .select_from(Job)
-        .where(Job.state.in_([JobState.RUNNING, JobState.CANCELING]), Job.queue == queue)
-    )
-    return int(n or 0)
+    return int(session.scalar(_RUNNING_IN, {"queue": queue}) or 0)
 
 
 def estimate_eta_s(

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, or_, select, update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -27,7 +27,7 @@ from core.errors import IllegalTransitionError, InvalidInputError, LeaseLostErro
 from core.events import Event, Output, Progress, event_data, event_type
 from core.ids import new_id
 from core.states import ACTIVE, JobKind, JobState, check_transition
-from core.tables import Artifact, Job, JobEvent, utcnow
+from core.tables import Artifact, Job, JobEvent, UTCDateTime, utcnow
 from core.webhooks import enqueue_delivery
 
 log = logging.getLogger(__name__)
@@ -81,11 +81,10 @@ def _execute(session: Session, statement: Any) -> CursorResult[Any]:
     return cast(CursorResult[Any], session.execute(statement))
 
 
-def _add_event(session: Session, job_id: str, type_: str, data: dict[str, Any]) -> None:
-    session.add(JobEvent(job_id=job_id, type=type_, data=data, created_at=utcnow()))
+def _add_event(session: Session, job: Job, type_: str, data: dict[str, Any]) -> None:
+    session.add(JobEvent(job_id=job.id, type=type_, data=data, created_at=utcnow()))
     # The webhook message is written in the same transaction as the event (an outbox).
-    job = session.get(Job, job_id)
-    if job is not None and job.webhook:
+    if job.webhook:
         enqueue_delivery(session, job, type_, data)
 
 
@@ -94,7 +93,7 @@ def _set_state(session: Session, job: Job, new: JobState, **data: Any) -> None:
     old = job.state
     job.state = new
     job.updated_at = utcnow()
-    _add_event(session, job.id, "state", {"from": old, "to": str(new), **data})
+    _add_event(session, job, "state", {"from": old, "to": str(new), **data})
 
 
 def find_by_idempotency_key(session: Session, tenant_id: str, key: str) -> Job | None:
@@ -137,18 +136,22 @@ def create_job(session: Session, new: NewJob) -> tuple[Job, bool]:
         created_at=now,
         updated_at=now,
     )
-    try:
-        with session.begin_nested():
-            session.add(job)
-            session.flush()
-    except IntegrityError:
-        # A concurrent request with the same idempotency key won the insert.
-        if new.idempotency_key:
+    if not new.idempotency_key:
+        # Nothing else can collide with a new id: the row goes in with the transaction's
+        # other writes at commit (fields the caller sets before then included).
+        session.add(job)
+    else:
+        try:
+            with session.begin_nested():
+                session.add(job)
+                session.flush()
+        except IntegrityError:
+            # A concurrent request with the same idempotency key won the insert.
             existing = find_by_idempotency_key(session, new.tenant_id, new.idempotency_key)
             if existing is not None:
                 return existing, False
-        raise
-    _add_event(session, job.id, "state", {"from": None, "to": job.state})
+            raise
+    _add_event(session, job, "state", {"from": None, "to": job.state})
     return job, True
 
 
@@ -162,10 +165,65 @@ def get_job(session: Session, job_id: str, *, lock: bool = False) -> Job:
     return job
 
 
+# Statements that run for every job, built once (building one costs SQLAlchemy more than
+# running it). Bound parameter names differ from column names, as UPDATE requires.
+_CLAIM = (
+    update(Job)
+    .where(
+        Job.id == bindparam("job_id"),
+        Job.state == JobState.QUEUED,
+        Job.attempt < Job.max_attempts,
+        or_(Job.deadline.is_(None), Job.deadline > bindparam("now", type_=UTCDateTime())),
+    )
+    .values(
+        state=JobState.RUNNING,
+        attempt=Job.attempt + 1,
+        lease_token=bindparam("token"),
+        lease_expires_at=bindparam("expires_at", type_=UTCDateTime()),
+        started_at=bindparam("now", type_=UTCDateTime()),
+        updated_at=bindparam("now", type_=UTCDateTime()),
+        error_type=None,
+        error_detail=None,
+    )
+    .execution_options(synchronize_session=False)
+)
+_LOCKED_JOB = select(Job).where(Job.id == bindparam("job_id")).with_for_update()
+_OUTPUT_NAMED = select(Artifact).where(
+    Artifact.job_id == bindparam("job_id"), Artifact.name == bindparam("name")
+)
+
+
 def claim_job(session: Session, job_id: str, *, lease_ttl_s: float) -> Lease | None:
     """Move a queued job to running for the caller, or return None when another caller (or an
-    earlier delivery) already has it, it is no longer queued, or its deadline has passed."""
+    earlier delivery) already has it, it is no longer queued, or its deadline has passed (it
+    fails then)."""
     now = utcnow()
+    token = new_id()
+    claimed = cast(
+        CursorResult[Any],
+        session.execute(
+            _CLAIM,
+            {
+                "job_id": job_id,
+                "now": now,
+                "token": token,
+                "expires_at": now + timedelta(seconds=lease_ttl_s),
+            },
+        ),
+    )
+    if claimed.rowcount != 1:
+        _fail_past_deadline(session, job_id, now)
+        return None
+    # The row as the UPDATE left it (a copy this session held before is refreshed).
+    job = session.get(Job, job_id, populate_existing=True)
+    assert job is not None
+    _held_leases(session)[token] = job
+    _add_event(session, job, "state", {"from": "queued", "to": "running", "attempt": job.attempt})
+    return Lease(job_id, token, job.attempt)
+
+
+def _fail_past_deadline(session: Session, job_id: str, now: datetime) -> None:
+    """A queued job whose deadline has passed fails instead of starting."""
     expired = _execute(
         session,
         update(Job)
@@ -176,42 +234,37 @@ def claim_job(session: Session, job_id: str, *, lease_ttl_s: float) -> Lease | N
             error_detail="the job's deadline passed before it could start",
             finished_at=now,
             updated_at=now,
-        ),
+        )
+        .execution_options(synchronize_session=False),
     )
     if expired.rowcount:
-        _add_event(
-            session, job_id, "state", {"from": "queued", "to": "failed", "reason": "deadline"}
-        )
-        return None
-    token = new_id()
-    claimed = _execute(
-        session,
-        update(Job)
-        .where(Job.id == job_id, Job.state == JobState.QUEUED, Job.attempt < Job.max_attempts)
-        .values(
-            state=JobState.RUNNING,
-            attempt=Job.attempt + 1,
-            lease_token=token,
-            lease_expires_at=now + timedelta(seconds=lease_ttl_s),
-            started_at=now,
-            updated_at=now,
-            error_type=None,
-            error_detail=None,
-        ),
-    )
-    if claimed.rowcount != 1:
-        return None
-    attempt = session.scalar(select(Job.attempt).where(Job.id == job_id))
-    assert attempt is not None
-    _add_event(session, job_id, "state", {"from": "queued", "to": "running", "attempt": attempt})
-    return Lease(job_id, token, attempt)
+        job = session.get(Job, job_id, populate_existing=True)
+        assert job is not None
+        _add_event(session, job, "state", {"from": "queued", "to": "failed", "reason": "deadline"})
+
+
+def _held_leases(session: Session) -> dict[str, Job]:
+    """Lease token -> job row, for the leases this transaction has claimed or checked (and so
+    holds locked to its end). The session keeps strong references to these rows, so a later
+    `session.get` in the transaction finds them without a query."""
+    transaction = session.get_transaction()
+    seen = session.info.get("held_leases")
+    if seen is None or seen[0] is not transaction:
+        seen = session.info["held_leases"] = (transaction, {})
+    return cast(dict[str, Job], seen[1])
 
 
 def _fenced(session: Session, lease: Lease) -> Job:
-    """The job row, locked, if `lease` still holds it; otherwise LeaseLostError."""
-    job = session.scalar(select(Job).where(Job.id == lease.job_id).with_for_update())
+    """The job row, locked, if `lease` still holds it; otherwise LeaseLostError. The row stays
+    locked to the end of the transaction, so a second check in the same transaction reads the
+    session's copy (which holds this transaction's own changes) instead of the database."""
+    checked = _held_leases(session)
+    job = checked.get(lease.token)
+    if job is None:
+        job = session.scalar(_LOCKED_JOB, {"job_id": lease.job_id})
     if job is None or job.lease_token != lease.token or job.state not in ACTIVE:
         raise LeaseLostError(f"job {lease.job_id}: lease {lease.token} is no longer held")
+    checked[lease.token] = job
     return job
 
 
@@ -231,7 +284,7 @@ def record_events(session: Session, lease: Lease, events: Sequence[Event]) -> No
         if isinstance(event, Progress):
             job.progress_step, job.progress_total = event.step, event.total
             job.progress_message = event.message
-        _add_event(session, job.id, event_type(event), event_data(event))
+        _add_event(session, job, event_type(event), event_data(event))
 
 
 def set_progress(session: Session, lease: Lease, progress: Progress) -> None:
@@ -244,9 +297,7 @@ def set_progress(session: Session, lease: Lease, progress: Progress) -> None:
 def record_output(session: Session, lease: Lease, output: Output, stored: StoredFile) -> Artifact:
     """Record one output file once: a second record of the same name returns the first."""
     job = _fenced(session, lease)
-    existing = session.scalar(
-        select(Artifact).where(Artifact.job_id == job.id, Artifact.name == output.name)
-    )
+    existing = session.scalar(_OUTPUT_NAMED, {"job_id": job.id, "name": output.name})
     if existing is not None:
         return existing
     artifact = Artifact(
@@ -262,10 +313,9 @@ def record_output(session: Session, lease: Lease, output: Output, stored: Stored
         meta=output.meta,
     )
     session.add(artifact)
-    session.flush()
     _add_event(
         session,
-        job.id,
+        job,
         "output",
         {"artifact_id": artifact.id, **event_data(output)},
     )

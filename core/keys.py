@@ -8,7 +8,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import bindparam, or_, select, update
 from sqlalchemy.orm import Session
 
 from core.errors import InvalidInputError, UnauthorizedError
@@ -67,8 +67,12 @@ def create_key(
     return key, raw
 
 
+# Built once: every request runs it.
+_KEY_BY_HASH = select(ApiKey).where(ApiKey.key_hash == bindparam("key_hash"))
+
+
 def authenticate(session: Session, raw: str) -> Principal:
-    key = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(raw)))
+    key = session.scalar(_KEY_BY_HASH, {"key_hash": hash_key(raw)})
     if key is None or key.revoked_at is not None:
         raise UnauthorizedError("unknown or revoked API key")
     return Principal(

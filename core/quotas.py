@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import bindparam, func, or_, select
 from sqlalchemy.orm import Session
 
 from core.errors import QuotaExceededError
@@ -46,21 +46,27 @@ class TenantLimits:
     over_quota: str = "reject"
 
 
+_LIMITS = select(
+    Tenant.id,
+    Tenant.weight,
+    Tenant.max_running,
+    Tenant.max_queued,
+    Tenant.gpu_seconds_budget,
+    Tenant.budget_period_s,
+    Tenant.over_quota,
+)
+# Built once: every submission and every claim reads limits.
+_LIMITS_OF = _LIMITS.where(Tenant.id.in_(bindparam("tenant_ids", expanding=True)))
+
+
 def load_limits(
     session: Session, tenant_ids: Iterable[str] | None = None
 ) -> dict[str, TenantLimits]:
-    stmt = select(
-        Tenant.id,
-        Tenant.weight,
-        Tenant.max_running,
-        Tenant.max_queued,
-        Tenant.gpu_seconds_budget,
-        Tenant.budget_period_s,
-        Tenant.over_quota,
-    )
-    if tenant_ids is not None:
-        stmt = stmt.where(Tenant.id.in_(list(tenant_ids)))
-    return {row[0]: TenantLimits(*row) for row in session.execute(stmt)}
+    if tenant_ids is None:
+        rows = session.execute(_LIMITS)
+    else:
+        rows = session.execute(_LIMITS_OF, {"tenant_ids": list(tenant_ids)})
+    return {row[0]: TenantLimits(*row) for row in rows}
 
 
 def period_start(period_s: int, now: datetime) -> datetime:

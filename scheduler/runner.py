@@ -24,7 +24,7 @@ from ray.exceptions import (
     RayActorError,
     RayTaskError,
 )
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from core.artifacts import ArtifactStore, StoredFile
@@ -36,7 +36,6 @@ from core.fairness import claim_next
 from core.jobs import (
     Lease,
     finish_job,
-    get_job,
     record_events,
     record_output,
     release_job,
@@ -52,6 +51,8 @@ from workers.registry import get_family
 from workers.server import ServingOptions
 
 log = logging.getLogger(__name__)
+
+_QUEUE_OF = select(Job.queue).where(Job.id == bindparam("job_id"))
 
 # Failures of the Ray machinery itself (an actor or node died): worth another attempt.
 RAY_TRANSIENT = (ActorDiedError, ActorUnavailableError, RayActorError, ObjectLostError)
@@ -110,11 +111,10 @@ class Runner:
         job of that queue (core/fairness.py), which may be another one, and run it. Returns
         what happened (for logs)."""
         with self.database.transaction() as session:
-            token = session.get(Job, job_id)
-            if token is None:
+            queue = session.scalar(_QUEUE_OF, {"job_id": job_id})
+            if queue is None:
                 log.info("not claimed (state missing)", extra={"job_id": job_id})
                 return "skipped:missing"
-            queue = token.queue
             lease = claim_next(session, queue, lease_ttl_s=self.settings.lease_ttl_s)
             if lease is not None:
                 snapshot = self._snapshot(session, lease.job_id)
@@ -190,7 +190,8 @@ class Runner:
             log.exception("could not wake the held jobs of tenant %s", tenant_id)
 
     def _snapshot(self, session: Any, job_id: str) -> JobSnapshot:
-        job = get_job(session, job_id)
+        job = session.get(Job, job_id)  # the claim loaded it
+        assert job is not None
         snap = JobSnapshot(
             id=job.id,
             tenant_id=job.tenant_id,

@@ -27,6 +27,7 @@ from typing import Any
 
 import ray
 from ray.actor import ActorHandle
+from ray.exceptions import RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from workers.actors import NAMESPACE, model_server_name, num_gpus_for, start_model_server
@@ -39,6 +40,12 @@ log = logging.getLogger(__name__)
 POOL_NAME = "genq-model-pool"  # not `model-...`: the dashboard lists those as servers
 INFO_TIMEOUT_S = 2.0
 EPS = 1e-9
+# A server handed out less than this long ago is handed out again without asking Ray whether
+# it is still alive (a lookup per job costs more than a small job). It cannot have unloaded
+# itself for idling in that time (the window is capped at its idle time, counted from its last
+# job); it may have crashed, but a server can die just after any check, so that case is
+# handled anyway: the job sees ActorDiedError and is retried, and the next acquire looks.
+ALIVE_TRUST_S = 1.0
 
 
 @dataclass
@@ -70,8 +77,10 @@ class ModelPool:
         """[the server's handle] (a list: a handle inside a container is passed as is)."""
         with self._lock:
             record = self._servers.get(model_id)
-            if record is not None and self._is_alive(record):
-                record.last_used = time.monotonic()
+            now = time.monotonic()
+            trust_s = min(ALIVE_TRUST_S, options.idle_unload_s or ALIVE_TRUST_S)
+            if record is not None and (now - record.last_used < trust_s or self._is_alive(record)):
+                record.last_used = now
                 return [record.handle]
             self._servers.pop(model_id, None)
             self._forget_dead()
@@ -218,6 +227,24 @@ def get_pool() -> ActorHandle:
     ).remote()
 
 
+# The pool's handle for this process's Ray connection: (session name, job id) -> handle.
+# Looking it up by name asks Ray's GCS each time; a new connection (tests reconnect) or a pool
+# that died gets a fresh lookup.
+_pool_handles: dict[tuple[str, str], ActorHandle] = {}
+_pool_lock = threading.Lock()
+
+
+def _pool_handle(fresh: bool = False) -> ActorHandle:
+    context = ray.get_runtime_context()
+    key = (context.get_session_name(), context.get_job_id())
+    with _pool_lock:
+        handle = None if fresh else _pool_handles.get(key)
+        if handle is None:
+            _pool_handles.clear()
+            handle = _pool_handles[key] = get_pool()
+        return handle
+
+
 def acquire_server(
     model_id: str,
     family: Family,
@@ -225,5 +252,9 @@ def acquire_server(
     config: dict[str, Any],
     options: ServingOptions,
 ) -> ActorHandle:
-    [handle] = ray.get(get_pool().acquire.remote(model_id, family.name, model_dir, config, options))
+    args = (model_id, family.name, model_dir, config, options)
+    try:
+        [handle] = ray.get(_pool_handle().acquire.remote(*args))
+    except RayActorError:  # the pool was killed or restarted: find (or start) it again
+        [handle] = ray.get(_pool_handle(fresh=True).acquire.remote(*args))
     return handle
