@@ -43,7 +43,10 @@ def parse_model_ref(ref: str) -> tuple[str, int | None]:
 def _model_lookup(*, of_tenant: bool, versioned: bool) -> Any:
     stmt = select(Model).where(Model.name == bindparam("name"))
     if of_tenant:
-        stmt = stmt.where(_visible(bindparam("tenant_id"), Model.tenant_id))
+        # As _visible: the tenant's own models and the system tenant's.
+        stmt = stmt.where(
+            or_(Model.tenant_id == bindparam("tenant_id"), Model.tenant_id == SYSTEM_TENANT_ID)
+        )
     if versioned:
         stmt = stmt.where(Model.version == bindparam("version"))
     own_first = (Model.tenant_id == SYSTEM_TENANT_ID).asc()

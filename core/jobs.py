@@ -155,16 +155,6 @@ def create_job(session: Session, new: NewJob) -> tuple[Job, bool]:
     return job, True
 
 
-def get_job(session: Session, job_id: str, *, lock: bool = False) -> Job:
-    stmt = select(Job).where(Job.id == job_id)
-    if lock:
-        stmt = stmt.with_for_update()
-    job = session.scalar(stmt)
-    if job is None:
-        raise NotFoundError(f"no job {job_id}")
-    return job
-
-
 # Statements that run for every job, built once (building one costs SQLAlchemy more than
 # running it). Bound parameter names differ from column names, as UPDATE requires.
 _CLAIM = (
@@ -187,10 +177,18 @@ _CLAIM = (
     )
     .execution_options(synchronize_session=False)
 )
-_LOCKED_JOB = select(Job).where(Job.id == bindparam("job_id")).with_for_update()
+_JOB = select(Job).where(Job.id == bindparam("job_id"))
+_LOCKED_JOB = _JOB.with_for_update()
 _OUTPUT_NAMED = select(Artifact).where(
     Artifact.job_id == bindparam("job_id"), Artifact.name == bindparam("name")
 )
+
+
+def get_job(session: Session, job_id: str, *, lock: bool = False) -> Job:
+    job = session.scalar(_LOCKED_JOB if lock else _JOB, {"job_id": job_id})
+    if job is None:
+        raise NotFoundError(f"no job {job_id}")
+    return job
 
 
 def claim_job(session: Session, job_id: str, *, lease_ttl_s: float) -> Lease | None:

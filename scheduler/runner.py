@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,7 +46,7 @@ from core.states import JobKind, JobState
 from core.tables import Dataset, Job, Model, Tenant, utcnow
 from scheduler.enqueue import Publication, Publisher
 from scheduler.lease import LeaseKeeper
-from workers.families.base import CanceledError
+from workers.families.base import CanceledError, Family
 from workers.registry import get_family
 from workers.server import ServingOptions
 
@@ -222,33 +222,28 @@ class Runner:
         return snap
 
     def _drive(self, job: JobSnapshot, lease: Lease, keeper: LeaseKeeper) -> str:
-        from workers.actors import get_model_server, start_trainer
+        from workers.actors import start_trainer
 
         family = get_family(job.family)
         recorder = EventRecorder(self, job, lease)
         trainer = None
-        stream: Any  # a Ray ObjectRefGenerator of events
+        stream: Iterator[Event]
         try:
             self.connect_ray()
             if job.kind == JobKind.GENERATE:
-                assert job.model_id is not None
-                model_dir = str(self.store.model_folder(job.model_path)) if job.model_path else None
-                actor = get_model_server(
-                    job.model_id, family, model_dir, job.model_config, self.serving
-                )
-                keeper.on_cancel = lambda: actor.cancel.remote(job.id)
-                stream = actor.generate.remote(job.id, job.params)
+                stream = self._generate(job, family, keeper)
             else:
                 trainer = start_trainer(
                     job.id, family, num_gpus=job.num_gpus, gpu_memory_gb=job.gpu_memory_gb
                 )
                 keeper.on_cancel = _trainer_stopper(trainer, self.settings.cancel_grace_s)
                 ctx = self._train_ctx(job)
-                stream = trainer.train.remote(job.id, str(job.kind), job.params, ctx)
-            if keeper.cancel_requested.is_set():  # canceled while the actor was starting
-                keeper.on_cancel()
-            for ref in stream:
-                recorder.record(ray.get(ref))
+                refs: Any = trainer.train.remote(job.id, str(job.kind), job.params, ctx)
+                if keeper.cancel_requested.is_set():  # canceled while the actor was starting
+                    keeper.on_cancel()
+                stream = (ray.get(ref) for ref in refs)
+            for event in stream:
+                recorder.record(event)
             if keeper.lost.is_set():
                 return "lease-lost"
             return self._succeed(job, lease, recorder)
@@ -260,6 +255,39 @@ class Runner:
         finally:
             if trainer is not None:
                 ray.kill(trainer)
+
+    def _generate(self, job: JobSnapshot, family: Family, keeper: LeaseKeeper) -> Iterator[Event]:
+        """The events of a generate job from its model's warm server. A server found dead
+        before it sent anything (it crashed, or was evicted, just after the pool handed it
+        out) is replaced once, within the attempt: the job had not started on it."""
+        from workers.actors import get_model_server
+
+        assert job.model_id is not None
+        model_dir = str(self.store.model_folder(job.model_path)) if job.model_path else None
+        for verify in (False, True):
+            actor = get_model_server(
+                job.model_id, family, model_dir, job.model_config, self.serving, verify=verify
+            )
+            keeper.on_cancel = lambda actor=actor: actor.cancel.remote(job.id)
+            if keeper.cancel_requested.is_set():  # canceled while the server was starting
+                keeper.on_cancel()
+            started = False
+            try:
+                refs: Any = actor.generate.remote(job.id, job.params)
+                for ref in refs:
+                    event = ray.get(ref)
+                    started = True
+                    yield event
+                return
+            except (ActorDiedError, ActorUnavailableError) as exc:
+                if started or verify:
+                    raise
+                log.warning("model server gone, trying a live one: %s", exc)
+                yield Log(
+                    "the model server stopped before this job's first event; "
+                    "running the job on a live server",
+                    level="warning",
+                )
 
     def _train_ctx(self, job: JobSnapshot) -> dict[str, Any]:
         model_rel = self.store.model_dir(job.id)

@@ -27,7 +27,7 @@ from tests.stackproc import StackProcess  # noqa: E402
 from workers.actors import get_model_server, model_server_name  # noqa: E402
 from workers.batching import Batcher  # noqa: E402
 from workers.families.base import CanceledError, Family, RunContext  # noqa: E402
-from workers.pool import get_pool  # noqa: E402
+from workers.pool import ALIVE_TRUST_S, get_pool  # noqa: E402
 from workers.registry import get_family  # noqa: E402
 from workers.server import ServingOptions  # noqa: E402
 
@@ -257,6 +257,9 @@ def test_lru_eviction_under_a_budget_and_small_servers_share_one_gpu(
     assert info_a["resources"]["GPU"] == 0.25 and info_b["resources"]["GPU"] == 0.25
     assert info_a["gpu_ids"] == info_b["gpu_ids"] == ["0"]  # both on the one declared GPU
 
+    # A worker process asks the pool again once its handle is ALIVE_TRUST_S old; only then
+    # does the pool see the use (its LRU order is that stale at most).
+    time.sleep(ALIVE_TRUST_S)
     assert get_model_server("lru-a", DDPM, *model, budget)._actor_id == a._actor_id  # a used last
     c = get_model_server("lru-c", DDPM, *model, budget)
     assert ray.get(c.info.remote())["family"] == "ddpm"

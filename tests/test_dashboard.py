@@ -501,21 +501,6 @@ def test_overview_shows_gpus_and_warm_models_as_the_snapshot_reports_them(
     assert "no GPUs" not in page
 
 
-def test_live_logs_after_an_event_id(
-    client: FlaskClient, keys: Keys, database: Database, settings: Settings
-) -> None:
-    job_id = submit(client, keys.acme, echo()).get_json()["id"]
-    run_job(database, settings, job_id, logs=("loading", "half", "done"))
-    login(client, keys.admin)
-    lines = client.get(f"/admin/live/jobs/{job_id}/logs?after=0").get_json()
-    assert [line["message"] for line in lines] == ["loading", "half", "done"]
-    after = client.get(f"/admin/live/jobs/{job_id}/logs?after={lines[0]['id']}").get_json()
-    assert [line["message"] for line in after] == ["half", "done"]
-    bad = client.get(f"/admin/live/jobs/{job_id}/logs?after=x")
-    assert bad.status_code == 422 and bad.mimetype == "application/problem+json"
-    assert bad.get_json()["errors"][0]["field"] == "after"
-
-
 def page_cursor(page: str) -> int:
     found = re.search(r'data-live-job="[^"]+" data-state-now="[^"]+" data-after="(\d+)"', page)
     assert found, "no live cursor in the job page"

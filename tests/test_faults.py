@@ -199,6 +199,47 @@ def test_sigkill_ray_actor_mid_training_resumes(cluster: Cluster) -> None:
     assert not probe["trainer_alive"] and probe["gpu_free"] == probe["gpu_total"] == 1
 
 
+def model_server_pids() -> set[int]:
+    """PIDs of Ray worker processes that host a model server actor."""
+    pids = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if cmdline.startswith(b"ray::ModelServer"):
+            pids.add(int(proc.name))
+    return pids
+
+
+@SQLITE
+def test_model_server_killed_before_its_first_event_is_replaced_within_the_attempt(
+    cluster: Cluster,
+) -> None:
+    cluster.worker()
+    others = model_server_pids()  # servers of earlier tests on this Ray head
+    warm = cluster.submit({"kind": "generate", "model": "echo", "params": {"message": "warm"}})
+    assert cluster.wait(warm, 60)["state"] == "succeeded"
+    (pid,) = model_server_pids() - others
+    job_id = cluster.submit(
+        {"kind": "generate", "model": "echo", "params": {"message": "again", "delay_s": 3}}
+    )
+    wait_until(lambda: cluster.get(job_id)["state"] == "running", 30, "the job to start")
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not is_alive(pid), 10, "the model server to die")
+    job = cluster.wait(job_id, 60)
+    # Nothing had come back from the dead server: the job ran again on a new one, in the
+    # same attempt, and has one output.
+    assert job["state"] == "succeeded" and job["attempt"] == 1, job
+    assert len(job["outputs"]) == 1
+    warnings = [e.data["message"] for e in cluster.events(job_id, "log")]
+    assert any("model server stopped before this job's first event" in m for m in warnings)
+    assert len(model_server_pids() - others) == 1 and pid not in model_server_pids()
+    cluster.check_invariants(job_id)
+
+
 @POSTGRES
 def test_whole_worker_side_killed_and_restarted_finishes_once(cluster: Cluster) -> None:
     worker, scheduler = cluster.worker(), cluster.scheduler()

@@ -167,13 +167,18 @@ def get_model_server(
     model_dir: str | None,
     config: dict[str, Any],
     options: ServingOptions | None = None,
+    *,
+    verify: bool = False,
 ) -> ActorHandle:
     """The warm server of a registered model, started (and loading) if it does not exist.
     The model pool (workers/pool.py) places new servers and evicts the least recently used
-    ones when a GPU's memory budget would be exceeded."""
+    ones when a GPU's memory budget would be exceeded. `verify`: the handle last returned was
+    dead; make sure this one is not."""
     from workers.pool import acquire_server  # the pool module builds on this one
 
-    return acquire_server(model_id, family, model_dir, config, options or ServingOptions())
+    return acquire_server(
+        model_id, family, model_dir, config, options or ServingOptions(), verify=verify
+    )
 
 
 def trainer_resources(

@@ -48,6 +48,10 @@ EPS = 1e-9
 ALIVE_TRUST_S = 1.0
 
 
+def trust_s(options: ServingOptions) -> float:
+    return min(ALIVE_TRUST_S, options.idle_unload_s or ALIVE_TRUST_S)
+
+
 @dataclass
 class ServerRecord:
     model_id: str
@@ -73,13 +77,16 @@ class ModelPool:
         model_dir: str | None,
         config: dict[str, Any],
         options: ServingOptions,
+        verify: bool = False,
     ) -> list[ActorHandle]:
-        """[the server's handle] (a list: a handle inside a container is passed as is)."""
+        """[the server's handle] (a list: a handle inside a container is passed as is).
+        `verify`: ask Ray whether the server lives even if it was handed out just now (the
+        caller found the last handle dead)."""
         with self._lock:
             record = self._servers.get(model_id)
             now = time.monotonic()
-            trust_s = min(ALIVE_TRUST_S, options.idle_unload_s or ALIVE_TRUST_S)
-            if record is not None and (now - record.last_used < trust_s or self._is_alive(record)):
+            recent = record is not None and not verify and now - record.last_used < trust_s(options)
+            if record is not None and (recent or self._is_alive(record)):
                 record.last_used = now
                 return [record.handle]
             self._servers.pop(model_id, None)
@@ -245,16 +252,41 @@ def _pool_handle(fresh: bool = False) -> ActorHandle:
         return handle
 
 
+# Servers this process got from the pool: model id -> (handle, when, Ray connection). Within
+# the pool's trust window a job takes its server from here, without a call to the pool: at
+# most one call per model and second per process, however many jobs run. The pool's
+# least-recently-used order is then a second stale at most.
+_recent_servers: dict[str, tuple[ActorHandle, float, tuple[str, str]]] = {}
+
+
 def acquire_server(
     model_id: str,
     family: Family,
     model_dir: str | None,
     config: dict[str, Any],
     options: ServingOptions,
+    *,
+    verify: bool = False,
 ) -> ActorHandle:
-    args = (model_id, family.name, model_dir, config, options)
+    """The model's warm server. `verify`: the last handle was found dead; have the pool check
+    and start a new server if so."""
+    context = ray.get_runtime_context()
+    connection = (context.get_session_name(), context.get_job_id())
+    now = time.monotonic()
+    with _pool_lock:
+        recent = _recent_servers.get(model_id)
+    if (
+        not verify
+        and recent is not None
+        and recent[2] == connection
+        and now - recent[1] < trust_s(options)
+    ):
+        return recent[0]
+    args = (model_id, family.name, model_dir, config, options, verify)
     try:
         [handle] = ray.get(_pool_handle().acquire.remote(*args))
     except RayActorError:  # the pool was killed or restarted: find (or start) it again
         [handle] = ray.get(_pool_handle(fresh=True).acquire.remote(*args))
+    with _pool_lock:
+        _recent_servers[model_id] = (handle, now, connection)
     return handle

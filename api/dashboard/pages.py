@@ -411,21 +411,6 @@ def _log_line(e: JobEvent) -> dict[str, Any]:
     }
 
 
-@bp.get("/live/jobs/<job_id>/logs")
-def live_logs(job_id: str) -> Response:
-    """A job's log lines after event id `after` (at most 500), for the job page's log pane."""
-    after = _after_arg()
-    with genq().database.transaction() as db:
-        events = db.scalars(
-            select(JobEvent)
-            .where(JobEvent.job_id == job_id, JobEvent.type == "log", JobEvent.id > after)
-            .order_by(JobEvent.id)
-            .limit(500)
-        )
-        lines = [_log_line(e) for e in events]
-    return jsonify(lines)
-
-
 @bp.get("/live/overview")
 def live_overview() -> Response:
     snapshots, error = _cluster()
