@@ -175,7 +175,10 @@ _CLAIM = (
         error_type=None,
         error_detail=None,
     )
-    .execution_options(synchronize_session=False)
+    # The claimed row comes back from the UPDATE itself (a copy the session held is
+    # refreshed): no second read.
+    .returning(Job)
+    .execution_options(synchronize_session=False, populate_existing=True)
 )
 _JOB = select(Job).where(Job.id == bindparam("job_id"))
 _LOCKED_JOB = _JOB.with_for_update()
@@ -197,24 +200,18 @@ def claim_job(session: Session, job_id: str, *, lease_ttl_s: float) -> Lease | N
     fails then)."""
     now = utcnow()
     token = new_id()
-    claimed = cast(
-        CursorResult[Any],
-        session.execute(
-            _CLAIM,
-            {
-                "job_id": job_id,
-                "now": now,
-                "token": token,
-                "expires_at": now + timedelta(seconds=lease_ttl_s),
-            },
-        ),
-    )
-    if claimed.rowcount != 1:
+    job = session.scalars(
+        _CLAIM,
+        {
+            "job_id": job_id,
+            "now": now,
+            "token": token,
+            "expires_at": now + timedelta(seconds=lease_ttl_s),
+        },
+    ).first()
+    if job is None:
         _fail_past_deadline(session, job_id, now)
         return None
-    # The row as the UPDATE left it (a copy this session held before is refreshed).
-    job = session.get(Job, job_id, populate_existing=True)
-    assert job is not None
     _held_leases(session)[token] = job
     _add_event(session, job, "state", {"from": "queued", "to": "running", "attempt": job.attempt})
     return Lease(job_id, token, job.attempt)
@@ -283,13 +280,6 @@ def record_events(session: Session, lease: Lease, events: Sequence[Event]) -> No
             job.progress_step, job.progress_total = event.step, event.total
             job.progress_message = event.message
         _add_event(session, job, event_type(event), event_data(event))
-
-
-def set_progress(session: Session, lease: Lease, progress: Progress) -> None:
-    """Update the row's progress without adding history (throttled progress in between)."""
-    job = _fenced(session, lease)
-    job.progress_step, job.progress_total = progress.step, progress.total
-    job.progress_message = progress.message
 
 
 def record_output(session: Session, lease: Lease, output: Output, stored: StoredFile) -> Artifact:

@@ -48,8 +48,9 @@ class ServingOptions:
             batch_min_rows=settings.batch_min_rows,
             idle_unload_s=settings.model_idle_unload_s,
             gpu_memory_budget_gb=settings.gpu_memory_budget_gb,
-            # The runner writes progress this often at most: sending more is wasted.
-            progress_interval_s=settings.progress_interval_s / 2,
+            # The runner writes progress this often at most: sending more is wasted (each event
+            # is a Ray message per job; a batch of 16 jobs would send 16 per interval).
+            progress_interval_s=settings.progress_interval_s,
         )
 
 
