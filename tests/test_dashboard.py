@@ -2,7 +2,8 @@
 (DB 9) behind a real Publisher: admin login and its cookie, CSRF on every action, the session
 never authenticating `/v1`, cancel / retry / priority / keys through the core services with an
 audit row each, `PATCH /v1/jobs/{id}`, the jobs table's filters and keyset pages, the job page,
-the live endpoints (a job page's poll brings only what came after its cursor, from index ranges)
+the live endpoints (a job page's poll brings only what came after its cursor, from index ranges,
+and a redrawn loss chart only when metric points came)
 and the workers' cluster snapshot.
 """
 
@@ -595,6 +596,62 @@ def test_live_job_sends_what_changed_after_the_pages_cursor(
     assert missing.status_code == 404 and missing.mimetype == "application/problem+json"
 
 
+def test_live_job_redraws_the_loss_chart_only_when_metric_points_came(
+    client: FlaskClient, keys: Keys, database: Database
+) -> None:
+    job_id = submit(client, keys.acme, echo()).get_json()["id"]
+    with database.transaction() as session:
+        lease = claim_job(session, job_id, lease_ttl_s=60)
+        assert lease is not None
+    login(client, keys.admin)
+    page = client.get(f"/admin/jobs/{job_id}").get_data(as_text=True)
+    assert "<div data-loss-box hidden>" in page and "<svg" not in page  # no point yet
+
+    def poll(after: int) -> dict[str, Any]:
+        response = client.get(f"/admin/live/jobs/{job_id}?after={after}")
+        assert response.status_code == 200, response.get_data(as_text=True)
+        return dict(response.get_json())
+
+    quiet = poll(page_cursor(page))
+    assert quiet["loss_chart"] is None and quiet["metrics"] is None
+
+    with database.transaction() as session:
+        record_events(session, lease, [Metric(1, {"loss": 0.9}), Log("step 1")])
+    first = poll(page_cursor(page))
+    assert first["loss_chart"].startswith("<svg") and first["loss_chart"].count("<circle") == 1
+    assert first["metrics"] == [{"name": "loss", "step": 1, "value": 0.9}]
+
+    # A second point, and a metric whose name is markup: drawn as text, never as an element.
+    with database.transaction() as session:
+        record_events(
+            session, lease, [Metric(2, {"loss": 0.5, "<script>val_loss": 0.7, "lr": 0.01})]
+        )
+    second = poll(first["cursor"])
+    chart = second["loss_chart"]
+    # The whole series from the first point on, though only one event came since the cursor.
+    assert chart.count("<polyline") == 2 and chart.count("<circle") == 3
+    assert "&lt;script&gt;val_loss" in chart and "<script" not in chart
+    assert ">lr<" not in chart  # the learning rate is a metric, not a loss
+    assert second["metrics"] == [
+        {"name": "<script>val_loss", "step": 2, "value": 0.7},
+        {"name": "loss", "step": 2, "value": 0.5},
+        {"name": "lr", "step": 2, "value": 0.01},
+    ]
+
+    # Events that are not metrics bring no chart: the page keeps the one it has.
+    with database.transaction() as session:
+        record_events(session, lease, [Log("no metric here"), Progress(3, 4)])
+    third = poll(second["cursor"])
+    assert [line["message"] for line in third["logs"]] == ["no metric here"]
+    assert third["loss_chart"] is None and third["metrics"] is None
+
+    # A reload draws the same chart and the same latest values.
+    page = client.get(f"/admin/jobs/{job_id}").get_data(as_text=True)
+    assert "<div data-loss-box>" in page and chart in page
+    assert '<tr data-metric="lr"><th>lr</th><td>0.01 ' in page
+    assert "<script>val_loss" not in page
+
+
 def test_live_job_pages_through_a_burst_of_events(
     client: FlaskClient, keys: Keys, database: Database, settings: Settings
 ) -> None:
@@ -613,12 +670,12 @@ def test_live_job_pages_through_a_burst_of_events(
         for _ in range(10):
             batch = queries.job_updates(session, job_id, after=cursor, limit=2)
             assert batch is not None and len(batch.events) <= 2
-            seen += [e.data["message"] for e in batch.events]
+            seen += [e.data["message"] for e in batch.events if e.type == "log"]
             assert batch.cursor >= cursor
             cursor = batch.cursor
             if not batch.has_more:
                 break
-        # The cursor ends past the progress and metric events too.
+        # The cursor ends past the progress events, which the page never asks for, too.
         assert cursor == queries.last_event_id(session, job_id)
     assert seen == [f"line {i}" for i in range(5)]
 
@@ -643,7 +700,9 @@ def test_live_job_reads_only_index_ranges(
         sa.event.remove(database.engine, "before_cursor_execute", capture)
     assert body["outputs"] and body["logs"] and body["timeline"]
     polled = [(s, p) for s, p in statements if s.lstrip().upper().startswith("SELECT")]
-    assert sum("job_event" in s for s, _ in polled) == 2 and any("artifact" in s for s, _ in polled)
+    # The row, the newest event id, the events, and the metric series (a metric event came).
+    assert body["loss_chart"] and body["metrics"]
+    assert sum("job_event" in s for s, _ in polled) == 3 and any("artifact" in s for s, _ in polled)
     with database.engine.connect() as conn:
         for statement, params in polled:
             plan = conn.exec_driver_sql("EXPLAIN QUERY PLAN " + statement, params).all()

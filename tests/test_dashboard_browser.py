@@ -1,8 +1,9 @@
 """The dashboard in a real headless Chromium (Debian's `chromium`, driven by Playwright) against
 a real `genq up`: log in (a wrong key is refused), watch a job's progress bar move without a
 reload, watch a job's timeline, attempt, logs and outputs follow a reaped and retried attempt
-without a reload, cancel a running job and see it become canceled, open an image output full
-size, create a key and revoke it. Screenshots go to test-output/dashboard/ (and the test's tmp
+without a reload, watch a training job's loss chart and latest metrics grow without a reload,
+cancel a running job and see it become canceled, open an image output full size, create a key
+and revoke it. Screenshots go to test-output/dashboard/ (and the test's tmp
 dir) for a person to look at.
 """
 
@@ -20,7 +21,7 @@ import pytest
 
 from core.artifacts import ArtifactStore
 from core.db import Database
-from core.events import Log, Output
+from core.events import Log, Metric, Output
 from core.jobs import claim_job, finish_job, record_events, record_output
 from core.recovery import promote_due, reap_expired
 from core.settings import Settings
@@ -239,6 +240,64 @@ def test_a_jobs_timeline_attempt_logs_and_outputs_update_in_place(
         )
         assert page.evaluate("window.__sameDocument") is None
         assert page.locator("[data-output='notes.txt']").count() == 1
+    finally:
+        database.dispose()
+
+
+def test_a_training_jobs_loss_chart_and_metrics_grow_in_place(
+    page: Any, stack: StackProcess
+) -> None:
+    # As above: a job no worker of the stack takes, whose metric points this test records.
+    run_at = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    job_id = stack.submit({"kind": "generate", "model": "echo", "params": {}, "run_at": run_at})[
+        "id"
+    ]
+    settings = Settings(_env_file=None, var_dir=stack.var_dir)  # type: ignore[call-arg]
+    database = Database(settings)
+    try:
+        with database.transaction() as session:
+            job = session.get(Job, job_id)
+            assert job is not None
+            job.run_at = utcnow()
+            assert promote_due(session) == [job_id]
+            lease = claim_job(session, job_id, lease_ttl_s=120)
+            assert lease is not None
+        page.goto(f"{stack.url}/admin/jobs/{job_id}")
+        assert state_badge(page) == "running"
+        assert page.locator("[data-loss-chart] svg").count() == 0
+        assert page.is_hidden("[data-loss-box]") and page.is_hidden("[data-latest-box]")
+        page.evaluate("window.__sameDocument = true")
+
+        points = "document.querySelectorAll('[data-loss-chart] svg circle').length"
+        with database.transaction() as session:
+            record_events(session, lease, [Metric(1, {"loss": 2.0})])
+        page.wait_for_function(f"{points} === 1")
+        assert page.is_visible("[data-loss-box]") and page.is_visible("[data-latest-box]")
+        assert page.inner_text("[data-metric='loss']").split() == ["loss", "2", "step", "1"]
+
+        with database.transaction() as session:
+            record_events(
+                session,
+                lease,
+                [Metric(2, {"loss": 1.25}), Metric(3, {"loss": 0.5, "<b>lr</b>": 0.001})],
+            )
+        page.wait_for_function(f"{points} === 3")
+        # An SVG element, so the page's chart styles reach it, and one polyline of 3 points.
+        assert (
+            page.eval_on_selector("[data-loss-chart] svg", "el => el.namespaceURI")
+            == "http://www.w3.org/2000/svg"
+        )
+        polyline = page.get_attribute("[data-loss-chart] polyline", "points")
+        assert polyline is not None and len(polyline.split()) == 3
+        assert page.inner_text("[data-metric='loss']").split() == ["loss", "0.5", "step", "3"]
+        assert "<b>lr</b>" in page.inner_text("[data-latest-metrics]")  # text, never markup
+        assert page.locator("[data-latest-metrics] b").count() == 0
+        assert page.evaluate("window.__sameDocument") is True  # all without a reload
+        shot(page, "job-live-loss")
+
+        with page.expect_event("load"), database.transaction() as session:
+            finish_job(session, lease, JobState.SUCCEEDED)
+        page.wait_for_function(f"{points} === 3")  # the reloaded page draws the same chart
     finally:
         database.dispose()
 

@@ -1,7 +1,7 @@
 """The dashboard's pages (overview, jobs, a job, models, data sets, tenants and keys), the
 artifact files they show, and the small JSON endpoints under `/admin/live/` that the page script
 polls to keep progress bars, states and counts current without a reload (on a job's page also
-its timeline, attempt, log lines and outputs, as they happen).
+its timeline, attempt, log lines, outputs, loss chart and latest metrics, as they happen).
 
 Filters are checked like `/v1` input: a bad value answers 422 naming the field, never a guess.
 """
@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from flask import Response, jsonify, redirect, render_template, request, send_file, url_for
+from markupsafe import Markup
 from sqlalchemy import select
 
 from api.app import genq
@@ -217,11 +218,6 @@ def job(job_id: str) -> str:
         audit = recent_actions(db, target_type="job", target_id=found.id)
         previews = {a.id: _text_preview(a) for a in history["outputs"] if a.kind == "text"}
     curves = history["curves"]
-    loss_chart = (
-        charts.lines({k: v for k, v in curves.items() if "loss" in k}, "loss by step")
-        if any("loss" in k for k in curves)
-        else None
-    )
     return render_template(
         "dashboard/job.html",
         job=found,
@@ -232,10 +228,25 @@ def job(job_id: str) -> str:
         dataset=dataset,
         audit=audit,
         previews=previews,
-        loss_chart=loss_chart,
+        loss_chart=_loss_chart(curves),
+        latest=_latest(curves),
         params=json.dumps(found.params or {}, indent=2, sort_keys=True),
         metrics=json.dumps(found.metrics or {}, indent=2, sort_keys=True),
     )
+
+
+def _loss_chart(curves: dict[str, list[tuple[int, float]]]) -> Markup | None:
+    """The job page's loss chart, drawn by the page and again by its poll when points come."""
+    losses = {k: v for k, v in curves.items() if "loss" in k}
+    return charts.lines(losses, "loss by step") if losses else None
+
+
+def _latest(curves: dict[str, list[tuple[int, float]]]) -> list[dict[str, Any]]:
+    """Each metric's newest point, by name: what the job page shows while the job runs."""
+    return [
+        {"name": name, "step": points[-1][0], "value": points[-1][1]}
+        for name, points in sorted(curves.items())
+    ]
 
 
 def _text_preview(artifact: Artifact) -> str:
@@ -349,12 +360,19 @@ def live_job(job_id: str) -> Response:
     """One job for its page: state, progress and attempt, and the timeline entries, log lines
     and outputs of its events after event id `after` (what the page already shows), with the
     cursor to send next time. `more` is true when there are more events than one answer
-    carries."""
+    carries. When metric events came, also the loss chart's SVG (our own chart code: numbers
+    and escaped names) and each metric's newest point."""
     after = _after_arg()
     with genq().database.read() as db:
         updates = queries.job_updates(db, job_id, after=after)
-    if updates is None:
-        raise NotFoundError(f"no job {job_id}")
+        if updates is None:
+            raise NotFoundError(f"no job {job_id}")
+        # Only when new points came: the whole series, for a chart drawn as the page draws it.
+        curves = (
+            queries.metric_curves(db, job_id, upto=updates.cursor)
+            if any(e.type == "metric" for e in updates.events)
+            else None
+        )
     previews = {a.id: _text_preview(a) for a in updates.outputs.values() if a.kind == "text"}
     job = updates.job
     timeline, logs, outputs = [], [], []
@@ -373,7 +391,9 @@ def live_job(job_id: str) -> Response:
             )
         elif e.type == "log":
             logs.append(_log_line(e))
-        elif (found := updates.outputs.get(str(e.data.get("artifact_id")))) is not None:
+        elif e.type == "output" and (
+            (found := updates.outputs.get(str(e.data.get("artifact_id")))) is not None
+        ):
             outputs.append(
                 {
                     "id": found.id,
@@ -398,6 +418,9 @@ def live_job(job_id: str) -> Response:
             "timeline": timeline,
             "logs": logs,
             "outputs": outputs,
+            # Null when no metric event came after `after`: the page keeps what it shows.
+            "loss_chart": None if curves is None else str(_loss_chart(curves) or ""),
+            "metrics": None if curves is None else _latest(curves),
         }
     )
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import uuid
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -218,23 +219,42 @@ def job_history(
             select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.created_at)
         )
     )
-    curves: dict[str, list[tuple[int, float]]] = defaultdict(list)
-    for event in events:
-        if event.type == "metric":
-            step = int(event.data.get("step", 0))
-            for name, value in (event.data.get("values") or {}).items():
-                if isinstance(value, int | float):
-                    curves[name].append((step, float(value)))
     return {
         "timeline": [e for e in events if e.type == "state"],
         "logs": list(reversed(logs)),
-        "curves": dict(curves),
+        "curves": _curves(e for e in events if e.type == "metric"),
         "outputs": outputs,
     }
 
 
-# What the job page adds as it happens; progress comes from the job row, metrics at reload.
-LIVE_EVENT_TYPES = ("state", "log", "output")
+def _curves(events: Iterable[JobEvent]) -> dict[str, list[tuple[int, float]]]:
+    """Metric events as one (step, value) series per metric name, in event order."""
+    curves: dict[str, list[tuple[int, float]]] = defaultdict(list)
+    for event in events:
+        step = int(event.data.get("step", 0))
+        for name, value in (event.data.get("values") or {}).items():
+            if isinstance(value, int | float):
+                curves[name].append((step, float(value)))
+    return dict(curves)
+
+
+def metric_curves(
+    session: Session, job_id: str, *, upto: int
+) -> dict[str, list[tuple[int, float]]]:
+    """The job's metric series up to event id `upto`, for a chart redrawn when new points come
+    (a range of the job's event index)."""
+    return _curves(
+        session.scalars(
+            select(JobEvent)
+            .where(JobEvent.job_id == job_id, JobEvent.type == "metric", JobEvent.id <= upto)
+            .order_by(JobEvent.id)
+        )
+    )
+
+
+# What the job page adds as it happens; progress comes from the job row. A metric event only
+# tells the page to redraw its loss chart and latest metrics (`metric_curves`).
+LIVE_EVENT_TYPES = ("state", "log", "output", "metric")
 
 
 @dataclass
@@ -242,7 +262,7 @@ class JobUpdates:
     """What changed on a job since the event id a page already shows."""
 
     job: Any  # a row: state, progress, attempt, max_attempts
-    events: list[JobEvent]  # state, log and output events after the cursor, in order
+    events: list[JobEvent]  # state, log, output and metric events after the cursor, in order
     outputs: dict[str, Artifact]  # the artifacts the output events name, by id
     cursor: int  # the event id to ask from next time
     has_more: bool  # the batch was full: ask again at once
@@ -256,8 +276,8 @@ def job_updates(
     The row is read before the events, so a job seen final here has all its events in the
     query after it (every writer of a job's events holds its row lock, so their ids commit
     in order and `id > after` misses none). The events come from a range of the job's event
-    index up to its newest id, so the cursor moves past the progress and metric events this
-    page does not add as well, and no poll reads them twice.
+    index up to its newest id, so the cursor moves past the progress events this page does not
+    add as well, and no poll reads them twice.
     """
     job = session.execute(
         select(

@@ -88,6 +88,40 @@ function outputEntry(a) {
   return el("a", { href: a.url, ...marks }, a.name + " (" + a.size_bytes + " bytes)");
 }
 
+// The loss chart's SVG from the poll, drawn by our chart code. Parsed as an SVG document and
+// imported, never set as HTML; a script element or an on* attribute means it is not ours, and
+// the page keeps the chart it has.
+function svgNode(text) {
+  const doc = new DOMParser().parseFromString(text, "image/svg+xml");
+  const root = doc.documentElement;
+  if (root.localName !== "svg" || doc.querySelector("parsererror")) return null;
+  for (const node of [root, ...root.querySelectorAll("*")]) {
+    if (["script", "foreignObject", "a"].includes(node.localName)) return null;
+    if ([...node.attributes].some((a) => a.name.toLowerCase().startsWith("on"))) return null;
+  }
+  return document.importNode(root, true);
+}
+
+// The same rows as job.html's "Latest metrics": a metric's newest value and its step.
+function metricRow(m) {
+  return el("tr", { "data-metric": m.name }, el("th", {}, m.name),
+    el("td", {}, String(Number(m.value.toPrecision(6))) + " ", el("span", { class: "muted" }, "step " + m.step)));
+}
+
+function applyMetrics(job) {
+  if (typeof job.loss_chart === "string" && job.loss_chart) {
+    const chart = svgNode(job.loss_chart);
+    if (chart) {
+      document.querySelector("[data-loss-chart]").replaceChildren(chart);
+      document.querySelector("[data-loss-box]").hidden = false;
+    }
+  }
+  if (Array.isArray(job.metrics) && job.metrics.length) {
+    document.querySelector("[data-latest-metrics]").replaceChildren(...job.metrics.map(metricRow));
+    document.querySelector("[data-latest-box]").hidden = false;
+  }
+}
+
 function applyJob(job) {
   const bar = document.querySelector("h1 ~ section [data-progress]");
   if (bar) updateBar(bar, job);
@@ -117,10 +151,12 @@ function applyJob(job) {
     if (none) none.remove();
     gallery.append(outputEntry(a));
   }
+  applyMetrics(job);
 }
 
 // A job's page: one poll brings the state, progress, attempt and the events after the last one
-// the page shows; a job that has ended is reloaded once, for its error, metrics and actions.
+// the page shows (with a redrawn loss chart when metric points came); a job that has ended is
+// reloaded once, for its error, final metrics and actions.
 async function pollJob(live) {
   const url = "/admin/live/jobs/" + encodeURIComponent(live.dataset.liveJob) + "?after=" + live.dataset.after;
   const job = await getJSON(url);
