@@ -52,13 +52,16 @@ class LeaseKeeper(threading.Thread):
                 self._request_cancel()
             due = time.monotonic() - last_renewal >= self.settings.heartbeat_interval_s
             try:
-                with self.database.transaction() as session:
-                    if due:
+                if due:
+                    with self.database.transaction() as session:
                         state = heartbeat(
                             session, self.lease, lease_ttl_s=self.settings.lease_ttl_s
                         )
-                        last_renewal = time.monotonic()
-                    else:
+                    last_renewal = time.monotonic()
+                else:
+                    # Only a look at the row: a snapshot read, which on SQLite does not queue
+                    # for the one writer lock behind every claim and finish.
+                    with self.database.read() as session:
                         job = get_job(session, self.lease.job_id)
                         if job.lease_token != self.lease.token:
                             raise LeaseLostError(self.lease.job_id)
