@@ -40,6 +40,7 @@ from core.catalog import (
     set_model_status,
 )
 from core.errors import ForbiddenError, InvalidInputError, NotFoundError, TransientError
+from core.numbers import INT32_MAX, parse_whole
 from core.settings import Settings
 from core.states import JobKind
 from core.tables import SYSTEM_TENANT_ID, Model, Tenant
@@ -173,11 +174,12 @@ def check_model_again(name: str, version: str) -> tuple[Response, int, dict[str,
     or when a check never came back. The layout is checked again first."""
     if not principal().is_admin:
         raise ForbiddenError("checking a model needs an admin key")
-    if not version.isdigit():
+    number = parse_whole(version, minimum=1, maximum=INT32_MAX)
+    if number is None:
         raise NotFoundError(f"no model {name}:{version}")
     app = genq()
     with app.database.transaction() as session:
-        model = find_version(session, tenant_scope(), name, int(version))
+        model = find_version(session, tenant_scope(), name, number)
         recheck_model(session, model)
         folder = app.artifacts.model_folder(model.path or "")
         layout = LAYOUT_CHECKS[model.family](folder)

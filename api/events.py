@@ -23,6 +23,7 @@ from api.jobs import find_job
 from api.payloads import event_payload
 from core.db import Database
 from core.errors import InvalidInputError
+from core.numbers import parse_whole
 from core.states import is_terminal
 from core.tables import Job, JobEvent
 
@@ -40,9 +41,10 @@ def _last_event_id() -> int:
         raw, field = request.args.get("last_event_id"), "last_event_id"
     if raw is None or raw == "":
         return 0
-    if not raw.isdigit():
+    event_id = parse_whole(raw)
+    if event_id is None:
         raise InvalidInputError.one(field, "must be an event id (a non-negative integer)")
-    return int(raw)
+    return event_id
 
 
 def format_event(event: JobEvent) -> str:

@@ -46,6 +46,7 @@ from core.jobs import (
     retry_job,
     set_priority,
 )
+from core.numbers import parse_whole
 from core.quotas import check_submission
 from core.states import JobKind, JobState
 from core.tables import SYSTEM_TENANT_ID, Job, JobEvent, Model, utcnow
@@ -221,9 +222,10 @@ def _parse_states(value: str) -> list[str]:
 def _parse_limit(value: str | None, maximum: int) -> int:
     if value is None:
         return min(50, maximum)
-    if not value.isdigit() or not 1 <= int(value) <= maximum:
+    limit = parse_whole(value, minimum=1, maximum=maximum)
+    if limit is None:
         raise InvalidInputError.one("limit", f"must be an integer from 1 to {maximum}")
-    return int(value)
+    return limit
 
 
 def encode_cursor(job_id: str) -> str:

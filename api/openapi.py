@@ -14,9 +14,12 @@ from typing import Any
 from flask import Blueprint, Response, jsonify
 from pydantic import BaseModel
 
+from api.app import genq
 from api.auth import public
 from api.catalog import ModelRegistration
 from api.submissions import JobSubmission
+from core.artifacts import NAME_PATTERN
+from core.numbers import INT32_MAX, INT64_MAX
 from core.states import JobKind, JobState
 from workers.registry import FAMILIES
 
@@ -245,6 +248,20 @@ def _path_id(name: str) -> dict[str, Any]:
     return {"name": name, "in": "path", "required": True, "schema": STRING}
 
 
+STATES = "|".join(JobState)
+# A filter given but empty is a 422 ("must not be empty").
+FILTER = {"type": "string", "minLength": 1}
+EVENT_ID = {"type": "integer", "minimum": 0, "maximum": INT64_MAX}
+
+
+def _limit(limit_max: int) -> dict[str, Any]:
+    return _query(
+        "limit",
+        f"Page size (default {min(50, limit_max)}; at most GENQ_PAGE_SIZE_MAX).",
+        {"type": "integer", "minimum": 1, "maximum": limit_max},
+    )
+
+
 def _query(name: str, description: str, schema: dict[str, Any] = STRING) -> dict[str, Any]:
     return {
         "name": name,
@@ -281,7 +298,7 @@ def _list(summary: str, operation_id: str, schema: str) -> dict[str, Any]:
     }
 
 
-def _paths() -> dict[str, Any]:
+def _paths(limit_max: int) -> dict[str, Any]:
     return {
         "/v1/jobs": {
             "post": {
@@ -320,11 +337,15 @@ def _paths() -> dict[str, Any]:
                 "summary": "List jobs, newest first",
                 "operationId": "listJobs",
                 "parameters": [
-                    _query("state", "One state or a comma-separated list."),
-                    _query("kind", "generate, train or finetune."),
-                    _query("model", "A model name."),
-                    _query("limit", "Page size.", {"type": "integer", "minimum": 1}),
-                    _query("cursor", "`next_cursor` of the previous page."),
+                    _query(
+                        "state",
+                        "One state or a comma-separated list.",
+                        {"type": "string", "pattern": f"^({STATES})( *, *({STATES}))*$"},
+                    ),
+                    _query("kind", "generate, train or finetune.", {"enum": list(JobKind)}),
+                    _query("model", "A model name.", FILTER),
+                    _limit(limit_max),
+                    _query("cursor", "`next_cursor` of the previous page.", FILTER),
                 ],
                 "responses": {
                     "200": _json("A page of jobs.", "JobPage"),
@@ -389,12 +410,13 @@ def _paths() -> dict[str, Any]:
                         "name": "Last-Event-ID",
                         "in": "header",
                         "required": False,
-                        "schema": STRING,
+                        "schema": EVENT_ID,
                         "description": "Resume after this event id.",
                     },
                     _query(
                         "last_event_id",
                         "Resume after this event id (for clients that cannot set headers).",
+                        EVENT_ID,
                     ),
                 ],
                 "responses": {
@@ -438,8 +460,8 @@ def _paths() -> dict[str, Any]:
                 "summary": "Failed jobs that used up their attempts",
                 "operationId": "listDeadLetter",
                 "parameters": [
-                    _query("limit", "Page size.", INT),
-                    _query("cursor", "The next_cursor of the previous page."),
+                    _limit(limit_max),
+                    _query("cursor", "The next_cursor of the previous page.", FILTER),
                 ],
                 "responses": {
                     "200": _json("Newest first.", "JobPage"),
@@ -525,7 +547,12 @@ def _paths() -> dict[str, Any]:
                 "operationId": "checkModelAgain",
                 "parameters": [
                     _path_id("name"),
-                    {"name": "version", "in": "path", "required": True, "schema": INT},
+                    {
+                        "name": "version",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "integer", "minimum": 1, "maximum": INT32_MAX},
+                    },
                 ],
                 "responses": {
                     "202": _json("The version, `checking`.", "Model"),
@@ -549,7 +576,7 @@ def _paths() -> dict[str, Any]:
                         "multipart/form-data": {
                             "schema": _object(
                                 {
-                                    "name": STRING,
+                                    "name": {"type": "string", "pattern": NAME_PATTERN},
                                     "kind": {"type": "string", "enum": ["images", "text"]},
                                     "file": {"type": "string", "format": "binary"},
                                 },
@@ -595,8 +622,27 @@ def _paths() -> dict[str, Any]:
     }
 
 
+# What every operation with a body may answer before reading it (api.jobs.read_json_body and
+# the request size limit), whether or not its own table lists them.
+BODY_PROBLEMS = {
+    "400": _problem("The body is not valid JSON."),
+    "413": _problem("The body is over the request size limit."),
+    "415": _problem("The body is not sent with the content type this operation takes."),
+}
+
+
+def _with_body_problems(paths: dict[str, Any]) -> dict[str, Any]:
+    for operations in paths.values():
+        for operation in operations.values():
+            if "requestBody" in operation:
+                for status, response in BODY_PROBLEMS.items():
+                    operation["responses"].setdefault(status, response)
+    return paths
+
+
 @functools.cache
-def document() -> dict[str, Any]:
+def document(limit_max: int) -> dict[str, Any]:
+    """`limit_max`: GENQ_PAGE_SIZE_MAX, the largest page a list operation answers."""
     schemas: dict[str, Any] = dict(RESPONSE_SCHEMAS)
     _add_model(schemas, JobSubmission, "JobSubmission")
     _add_model(schemas, ModelRegistration, "ModelRegistration")
@@ -618,7 +664,7 @@ def document() -> dict[str, Any]:
         },
         "servers": [{"url": "/"}],
         "security": [{"bearer": []}],
-        "paths": {**_paths(), **openapi_scheduling.paths()},
+        "paths": _with_body_problems({**_paths(limit_max), **openapi_scheduling.paths()}),
         "components": {
             "schemas": schemas,
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
@@ -630,4 +676,4 @@ def document() -> dict[str, Any]:
 @bp.get("/openapi.json")
 @public
 def openapi() -> Response:
-    return jsonify(document())
+    return jsonify(document(genq().settings.page_size_max))

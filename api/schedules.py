@@ -21,7 +21,13 @@ from api.app import genq
 from api.auth import principal, tenant_scope
 from api.jobs import read_json_body
 from api.payloads import iso
-from api.submissions import build_new_job, errors_from, parse_submission, request_hash
+from api.submissions import (
+    build_new_job,
+    errors_from,
+    parse_submission,
+    patch_schema,
+    request_hash,
+)
 from core.audit import Actor, record_action
 from core.errors import ConflictError, InvalidInputError, NotFoundError
 from core.schedules import check_cron, check_timezone, next_slot, resume, template_of
@@ -30,6 +36,11 @@ from core.tables import Schedule, utcnow
 bp = Blueprint("schedules", __name__, url_prefix="/v1/schedules")
 
 NOT_IN_TEMPLATE = ("run_at", "deadline")
+
+
+# For the OpenAPI document: five or six fields apart by spaces; what each field may say is
+# croniter's to check (core.schedules.check_cron, whose message is clearer than a pattern's).
+CRON_FIELDS = r"^\s*\S+(\s+\S+){4,5}\s*$"
 
 
 class ScheduleBody(BaseModel):
@@ -41,6 +52,7 @@ class ScheduleBody(BaseModel):
     cron: str = Field(
         min_length=1,
         max_length=128,
+        json_schema_extra={"pattern": CRON_FIELDS},
         description="5 fields (minute hour day month weekday), or 6 with seconds last.",
     )
     timezone: str = Field(
@@ -51,10 +63,16 @@ class ScheduleBody(BaseModel):
 
 
 class ScheduleChange(BaseModel):
-    model_config = ConfigDict(extra="forbid", title="ScheduleChange")
+    model_config = ConfigDict(
+        extra="forbid",
+        title="ScheduleChange",
+        json_schema_extra=patch_schema("name", "cron", "timezone", "job", "paused"),
+    )
 
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9._ -]{1,128}$")
-    cron: str | None = Field(None, min_length=1, max_length=128)
+    cron: str | None = Field(
+        None, min_length=1, max_length=128, json_schema_extra={"pattern": CRON_FIELDS}
+    )
     timezone: str | None = Field(None, min_length=1, max_length=64)
     job: dict[str, Any] | None = None
     paused: bool | None = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -73,7 +74,11 @@ class JobResources(BaseModel):
 class JobSubmission(BaseModel):
     """The body of `POST /v1/jobs`."""
 
-    model_config = ConfigDict(extra="forbid", title="JobSubmission")
+    model_config = ConfigDict(
+        extra="forbid",
+        title="JobSubmission",
+        json_schema_extra=lambda schema, _: _document_kind_fields(schema),
+    )
 
     kind: JobKind = Field(description="generate, train or finetune.")
     model: str | None = Field(
@@ -169,6 +174,24 @@ def errors_from(exc: ValidationError, prefix: str = "") -> list[dict[str, str]]:
     return [{"field": _field(e["loc"], prefix), "message": e["msg"]} for e in exc.errors()]
 
 
+def patch_schema(*not_null: str) -> Callable[[dict[str, Any], type], None]:
+    """`json_schema_extra` for the body of a PATCH: at least one field, and the `not_null`
+    ones, which may be left out, never null (the handler answers 422 to both)."""
+
+    def adjust(schema: dict[str, Any], _: type) -> None:
+        schema["minProperties"] = 1
+        for name in not_null:
+            prop = schema["properties"][name]
+            options = [o for o in prop.pop("anyOf") if o != {"type": "null"}]
+            if len(options) == 1:
+                prop.update(options[0])
+            else:
+                prop["anyOf"] = options
+            prop.pop("default", None)
+
+    return adjust
+
+
 def parse_submission(body: Any) -> JobSubmission:
     try:
         submission = JobSubmission.model_validate(body)
@@ -184,6 +207,29 @@ _NEEDS: dict[JobKind, frozenset[str]] = {
     JobKind.TRAIN: frozenset({"family", "dataset", "name"}),
     JobKind.FINETUNE: frozenset({"model", "dataset", "name"}),
 }
+
+
+def _document_kind_fields(schema: dict[str, Any]) -> None:
+    """The same rules in the OpenAPI document, one if/then per kind: the fields it needs are
+    strings, the others null or left out."""
+    rules = []
+    for kind, needs in _NEEDS.items():
+        fields: dict[str, Any] = {
+            field: {"type": "string"} if field in needs else {"type": "null"}
+            for field in ("model", "family", "dataset", "name")
+        }
+        if kind == JobKind.GENERATE:
+            fields["resources"] = {"type": "null"}
+        if kind == JobKind.TRAIN:
+            trainable = [n for n, f in FAMILIES.items() if f.params_for(kind) is not None]
+            fields["family"] = {"enum": sorted(trainable)}
+        rules.append(
+            {
+                "if": {"properties": {"kind": {"const": str(kind)}}},
+                "then": {"required": sorted(needs), "properties": fields},
+            }
+        )
+    schema["allOf"] = rules
 
 
 def _check_kind_fields(sub: JobSubmission) -> None:

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from api.app import genq
 from api.auth import principal, tenant_scope
 from api.jobs import read_json_body
-from api.submissions import errors_from
+from api.submissions import errors_from, patch_schema
 from core.audit import Actor, record_action
 from core.errors import ForbiddenError, InvalidInputError, NotFoundError
 from core.purge import purge_waiting
@@ -30,10 +30,18 @@ bp = Blueprint("tenants", __name__, url_prefix="/v1")
 JOB_QUEUES = tuple(q for q in QUEUES if q != WEBHOOK_QUEUE)
 
 
+# Fields that may not be null (they have a value whatever the limits).
+NOT_NULL = ("weight", "budget_period_s", "over_quota")
+
+
 class QuotaChange(BaseModel):
     """The body of `PATCH /v1/tenants/{id}`: any of these; null removes a limit."""
 
-    model_config = ConfigDict(extra="forbid", title="QuotaChange")
+    model_config = ConfigDict(
+        extra="forbid",
+        title="QuotaChange",
+        json_schema_extra=patch_schema(*NOT_NULL),
+    )
 
     weight: StrictInt | None = Field(None, ge=1, le=100, description="Share of slots (1-100).")
     max_running: StrictInt | None = Field(None, ge=0, le=100_000)
@@ -41,10 +49,6 @@ class QuotaChange(BaseModel):
     gpu_seconds_budget: float | None = Field(None, ge=0, allow_inf_nan=False)
     budget_period_s: StrictInt | None = Field(None, ge=60, le=366 * 86400)
     over_quota: str | None = Field(None, pattern="^(reject|hold)$")
-
-
-# Fields that may not be null (they have a value whatever the limits).
-NOT_NULL = ("weight", "budget_period_s", "over_quota")
 
 
 def tenant_payload(session: Session, tenant: Tenant) -> dict[str, Any]:
@@ -136,10 +140,22 @@ def change_tenant(ref: str) -> Response:
 
 
 class PurgeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", title="PurgeRequest")
+    model_config = ConfigDict(
+        extra="forbid",
+        title="PurgeRequest",
+        # One of the two, or both (null is the same as leaving it out).
+        json_schema_extra={
+            "anyOf": [
+                {"required": [field], "properties": {field: {"type": "string"}}}
+                for field in ("tenant", "queue")
+            ]
+        },
+    )
 
     tenant: str | None = Field(None, min_length=1, max_length=128, description="Id or name.")
-    queue: str | None = Field(None, description="generate or train.")
+    queue: str | None = Field(
+        None, description="generate or train.", json_schema_extra={"enum": [*JOB_QUEUES, None]}
+    )
 
 
 @bp.post("/admin/purge")

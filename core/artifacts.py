@@ -16,12 +16,14 @@ from pathlib import Path
 
 from core.errors import InvalidInputError
 
-_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
+# A name that is also one safe path component (no "..", no separators); in the OpenAPI document.
+NAME_PATTERN = r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9._-]{0,254}$"
+_SAFE_NAME = re.compile(NAME_PATTERN)
 
 
 def check_name(name: str, field: str = "name") -> str:
     """A single path component made of safe characters, or InvalidInputError."""
-    if not _SAFE_NAME.match(name) or ".." in name:
+    if not _SAFE_NAME.fullmatch(name):  # (match would let a trailing newline through)
         raise InvalidInputError.one(field, "must be 1-255 letters, digits, '.', '_' or '-'")
     return name
 

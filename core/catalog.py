@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 from core.errors import ConflictError, NotFoundError
 from core.ids import new_id
 from core.keys import ensure_system_tenant
+from core.numbers import INT32_MAX, parse_whole
 from core.tables import SYSTEM_TENANT_ID, Dataset, Model
 
 # Model.status values: a pretrained folder registered by an admin is CHECKING until a worker
@@ -35,9 +36,10 @@ def parse_model_ref(ref: str) -> tuple[str, int | None]:
         raise NotFoundError(f"no model {ref!r}")
     if not sep:
         return name, None
-    if not version.isdigit():
+    number = parse_whole(version, minimum=1, maximum=INT32_MAX)
+    if number is None:
         raise NotFoundError(f"no model {ref!r}: a version is a positive number")
-    return name, int(version)
+    return name, number
 
 
 def _model_lookup(*, of_tenant: bool, versioned: bool) -> Any:

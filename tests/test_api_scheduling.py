@@ -230,8 +230,9 @@ def test_dashboard_quotas_purge_and_schedules(
     page = client.get("/admin/tenants").get_data(as_text=True)
     assert 'data-quotas="acme"' in page and "Purge waiting jobs" in page
     quotas = f"/admin/tenants/{keys.acme_tenant}/quotas"
-    bad = client.post(quotas, data={"csrf_token": token, "weight": "0"})
-    assert bad.status_code == 422 and "weight" in bad.get_data(as_text=True)
+    for weight in ("0", "²", "9" * 5000):  # out of range; not int(); past what int() reads
+        bad = client.post(quotas, data={"csrf_token": token, "weight": weight})
+        assert bad.status_code == 422 and "weight" in bad.get_data(as_text=True)
     form = {"csrf_token": token, "weight": "2", "max_running": "1", "max_queued": "",
             "gpu_seconds_budget": "", "budget_period_s": "3600", "over_quota": "hold"}  # fmt: skip
     assert client.post(quotas, data=form).status_code == 302

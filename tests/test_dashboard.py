@@ -248,7 +248,7 @@ def test_change_priority_from_the_dashboard(
 ) -> None:
     job_id = submit(client, keys.acme, echo()).get_json()["id"]
     token = login(client, keys.admin)
-    for bad in ("x", "12", "-1", ""):
+    for bad in ("x", "12", "-1", "", "²", "9" * 5000):  # '²' passes str.isdigit, not int()
         response = client.post(
             f"/admin/jobs/{job_id}/priority", data={"csrf_token": token, "priority": bad}
         )
@@ -590,8 +590,9 @@ def test_live_job_sends_what_changed_after_the_pages_cursor(
     assert "lease expired" in page and "second attempt" in page and "first &lt;b&gt;" in page
     assert re.search(r"data-attempt>2<", page)
 
-    bad = client.get(f"/admin/live/jobs/{job_id}?after=-1")
-    assert bad.status_code == 422 and bad.get_json()["errors"][0]["field"] == "after"
+    for after in ("-1", "²", str(2**63)):  # not digits; not int(); past any SQL integer
+        bad = client.get(f"/admin/live/jobs/{job_id}", query_string={"after": after})
+        assert bad.status_code == 422 and bad.get_json()["errors"][0]["field"] == "after"
     missing = client.get("/admin/live/jobs/00000000-0000-0000-0000-000000000000?after=0")
     assert missing.status_code == 404 and missing.mimetype == "application/problem+json"
 

@@ -20,6 +20,7 @@ from core.audit import record_action
 from core.errors import IllegalTransitionError, InvalidInputError, NotFoundError
 from core.jobs import PRIORITY_CLASSES, cancel_job, retry_job, set_priority
 from core.keys import create_key, get_or_create_tenant, revoke_key
+from core.numbers import parse_whole
 from core.states import JobState
 from core.tables import ApiKey, Job, utcnow
 
@@ -66,13 +67,14 @@ def retry(job_id: str) -> BaseResponse:
 @bp.post("/jobs/<job_id>/priority")
 def priority(job_id: str) -> BaseResponse:
     raw = request.form.get("priority", "").strip()
-    if not raw.isdigit() and raw not in PRIORITY_CLASSES:
+    number = parse_whole(raw, maximum=9)
+    if number is None and raw not in PRIORITY_CLASSES:
         raise InvalidInputError.one(
             "priority", "must be an integer from 0 to 9 or interactive, normal, batch"
         )
     with genq().database.transaction() as db:
         job = _locked_job(db, job_id)
-        old = set_priority(db, job, int(raw) if raw.isdigit() else raw)
+        old = set_priority(db, job, raw if number is None else number)
         record_action(
             db,
             admin().actor,

@@ -23,6 +23,7 @@ from api.dashboard import bp, charts, queries
 from api.dashboard.session import admin
 from core.audit import recent_actions
 from core.errors import InvalidInputError, NotFoundError
+from core.numbers import parse_whole
 from core.states import JobKind, JobState
 from core.tables import Artifact, Dataset, Job, JobEvent, Model, Tenant, utcnow
 
@@ -350,9 +351,10 @@ def live_jobs() -> Response:
 
 def _after_arg() -> int:
     raw = request.args.get("after", "0")
-    if not raw.isdigit():
+    event_id = parse_whole(raw)
+    if event_id is None:
         raise InvalidInputError.one("after", "must be an event id")
-    return int(raw)
+    return event_id
 
 
 @bp.get("/live/jobs/<job_id>")

@@ -21,6 +21,7 @@ from api.submissions import errors_from
 from api.tenants import JOB_QUEUES, NOT_NULL, QuotaChange
 from core.audit import record_action
 from core.errors import InvalidInputError, NotFoundError
+from core.numbers import parse_whole
 from core.purge import purge_waiting
 from core.schedules import resume
 from core.tables import Schedule, Tenant, utcnow
@@ -79,9 +80,10 @@ def _quota_form() -> dict[str, Any]:
                 raw[name] = None
             continue
         if name in INT_FIELDS:
-            if not value.isdigit():
+            number = parse_whole(value)
+            if number is None:
                 raise InvalidInputError.one(name, "must be a whole number")
-            raw[name] = int(value)
+            raw[name] = number
         elif name == "gpu_seconds_budget":
             try:
                 raw[name] = float(value)

@@ -1,0 +1,151 @@
+"""The API against its own OpenAPI document, and input that once ended as a 500.
+
+Schemathesis reads `/v1/openapi.json` and sends generated requests to every operation (in
+process, through the WSGI app, on SQLite and on PostgreSQL): valid ones from the schemas, and
+ones just outside them. Each answer must be documented (status, content type, body schema) and
+none may be a server error. Generation is derandomized, so a run is repeatable; a failure prints
+the request that caused it.
+"""
+
+# The fixtures come from tests.test_api_support; pytest passes them in by name.
+# ruff: noqa: F811
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import schemathesis
+from flask import Flask
+from flask.testing import FlaskClient
+from hypothesis import HealthCheck
+from hypothesis import settings as hypothesis_settings
+from schemathesis.checks import not_a_server_error
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from api.openapi import document
+from core.db import Database
+from core.tables import Dataset, Job
+from tests.test_api_support import (  # noqa: F401 (fixtures)
+    Keys,
+    app,
+    assert_problem,
+    bearer,
+    broker,
+    client,
+    count_rows,
+    database,
+    echo,
+    keys,
+    pg_schema,
+    publisher,
+    settings,
+    submit,
+)
+
+# The document as the app serves it with the test settings' page size (tests.test_api_support).
+contract = schemathesis.openapi.from_dict(document(limit_max=20))
+
+
+@contract.parametrize()
+@hypothesis_settings(
+    max_examples=30,
+    derandomize=True,
+    deadline=None,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
+def test_every_operation_answers_as_its_document_says(
+    case: schemathesis.Case, app: Flask, keys: Keys
+) -> None:
+    # An admin key reaches every operation, the admin-only ones included.
+    case.call_and_validate(
+        app=app,
+        headers=bearer(keys.admin),
+        checks=[
+            not_a_server_error,
+            status_code_conformance,
+            content_type_conformance,
+            response_schema_conformance,
+        ],
+    )
+
+
+# -- numbers that arrive as text ------------------------------------------------------------------
+
+# '²' passes str.isdigit() but not int(); 2**31 is past PostgreSQL's INTEGER (model versions),
+# 2**63 past any SQL integer; 5,000 digits past what int() reads from a string at all.
+NOT_NUMBERS = ["²", str(2**31), str(2**63), "9" * 5000]
+
+
+@pytest.mark.parametrize("raw", NOT_NUMBERS)
+def test_a_number_sql_or_int_would_refuse_is_a_4xx_naming_it(
+    client: FlaskClient, keys: Keys, database: Database, raw: str
+) -> None:
+    job = submit(client, keys.acme, echo()).get_json()
+    headers = bearer(keys.acme)
+
+    for path in ("/v1/jobs", "/v1/dead-letter"):
+        response = client.get(path, query_string={"limit": raw}, headers=headers)
+        assert [e["field"] for e in assert_problem(response, 422)["errors"]] == ["limit"]
+
+    if raw != str(2**31):  # (a valid event id: the stream would wait for the job to end)
+        events = f"/v1/jobs/{job['id']}/events"
+        response = client.get(events, query_string={"last_event_id": raw}, headers=headers)
+        assert [e["field"] for e in assert_problem(response, 422)["errors"]] == ["last_event_id"]
+
+    # A model version that cannot exist is a model that does not exist, and nothing is stored.
+    response = submit(client, keys.acme, {"kind": "generate", "model": f"echo:{raw}"})
+    if len(raw) < 100:
+        assert f"echo:{raw}" in assert_problem(response, 404)["detail"]
+    else:  # past the field's length limit
+        assert [e["field"] for e in assert_problem(response, 422)["errors"]] == ["model"]
+    assert count_rows(database, Job) == 1
+    response = client.post(f"/v1/models/echo/{raw}/check", headers=bearer(keys.admin))
+    assert_problem(response, 404)
+
+
+def test_a_data_set_name_with_a_trailing_newline_is_refused(
+    client: FlaskClient, keys: Keys, database: Database
+) -> None:
+    # re.match with `$` lets "name\n" through; the name becomes a folder in the artifact store.
+    built_in = count_rows(database, Dataset)
+    response = client.post(
+        "/v1/datasets",
+        data={"name": "poems\n", "kind": "text", "file": (io.BytesIO(b"a poem"), "poems.txt")},
+        headers=bearer(keys.acme),
+        content_type="multipart/form-data",
+    )
+    assert [e["field"] for e in assert_problem(response, 422)["errors"]] == ["name"]
+    assert count_rows(database, Dataset) == built_in
+
+
+# -- what every body operation may answer before it reads the body -------------------------------
+
+
+def test_a_body_that_is_not_json_is_a_documented_400_or_415(
+    client: FlaskClient, keys: Keys
+) -> None:
+    doc = client.get("/v1/openapi.json").get_json()
+    with_body = [
+        (path, method)
+        for path, operations in doc["paths"].items()
+        for method, operation in operations.items()
+        if "requestBody" in operation
+    ]
+    assert ("/v1/tenants/{ref}", "patch") in with_body
+    for path, method in with_body:
+        documented = doc["paths"][path][method]["responses"]
+        assert {"400", "413", "415"} <= set(documented), (method, path)
+
+    admin = bearer(keys.admin)
+    unsent = client.patch("/v1/tenants/acme", data="weight=2", headers=admin)
+    assert_problem(unsent, 415)
+    broken = client.patch(
+        "/v1/tenants/acme", data="{", headers={**admin, "Content-Type": "application/json"}
+    )
+    assert_problem(broken, 400)
