@@ -19,7 +19,7 @@ from api.auth import public
 from api.catalog import ModelRegistration
 from api.submissions import JobSubmission
 from core.artifacts import NAME_PATTERN
-from core.numbers import INT32_MAX, INT64_MAX
+from core.numbers import INT32_MAX
 from core.states import JobKind, JobState
 from workers.registry import FAMILIES
 
@@ -251,7 +251,19 @@ def _path_id(name: str) -> dict[str, Any]:
 STATES = "|".join(JobState)
 # A filter given but empty is a 422 ("must not be empty").
 FILTER = {"type": "string", "minLength": 1}
-EVENT_ID = {"type": "integer", "minimum": 0, "maximum": INT64_MAX}
+# An event id to resume after; empty (or left out) is from the start. The pattern keeps to
+# 64 bits but for the 19-digit ids from 9e18 up, which no database here will reach.
+EVENT_ID = {"type": "string", "pattern": "^([0-9]{0,18}|[0-8][0-9]{18})$"}
+# One Server-Sent Event as a client's parser hands it over: `data` is an Event as JSON.
+SSE_EVENT = {
+    "type": "object",
+    "properties": {
+        "id": STRING,
+        "event": STRING,
+        "data": {"type": "string", "contentMediaType": "application/json"},
+    },
+    "required": ["id", "event", "data"],
+}
 
 
 def _limit(limit_max: int) -> dict[str, Any]:
@@ -423,7 +435,7 @@ def _paths(limit_max: int) -> dict[str, Any]:
                     "200": {
                         "description": "`id: <event id>`, `event: <type>`, `data: <Event>` "
                         "until the job is finished.",
-                        "content": {"text/event-stream": {"schema": STRING}},
+                        "content": {"text/event-stream": {"schema": SSE_EVENT}},
                     },
                     "401": UNAUTHORIZED,
                     "404": NOT_FOUND,

@@ -116,7 +116,10 @@ class JobSubmission(BaseModel):
         None, max_length=2048, description="An http(s) URL told about the job's progress."
     )
     webhook_events: list[WebhookEvent] | None = Field(
-        None, max_length=4, description="Which events the webhook receives (default: all)."
+        None,
+        max_length=4,
+        description="Which events the webhook receives (default: all).",
+        json_schema_extra={"uniqueItems": True},
     )
     deadline: AwareDatetime | None = Field(
         None, description="Fail the job if it has not started by then (ISO-8601 with zone)."
