@@ -7,7 +7,8 @@ Everything a view needs lives on `app.extensions["genq"]` (a `Genq`); views reac
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 
 from flask import Flask, current_app
 
@@ -30,6 +31,14 @@ class Genq:
     # How often an event stream looks for new events, and how often it sends a keep-alive.
     stream_poll_s: float = 0.3
     stream_keepalive_s: float = 15.0
+    # Open event streams of this process; each holds a server thread (api.events).
+    streams: threading.BoundedSemaphore = field(init=False)
+    stream_limit: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        limit = self.settings.api_max_streams or max(1, self.settings.api_threads // 2)
+        self.stream_limit = limit
+        self.streams = threading.BoundedSemaphore(limit)
 
 
 def genq() -> Genq:

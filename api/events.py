@@ -22,7 +22,7 @@ from api.app import genq
 from api.jobs import find_job
 from api.payloads import event_payload
 from core.db import Database
-from core.errors import InvalidInputError
+from core.errors import BusyError, InvalidInputError
 from core.numbers import parse_whole
 from core.states import is_terminal
 from core.tables import Job, JobEvent
@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 bp = Blueprint("events", __name__, url_prefix="/v1/jobs")
 
 BATCH = 500
+# Seconds a client turned away for want of a stream slot is asked to wait (Retry-After).
+STREAM_RETRY_AFTER_S = 5
 
 
 def _last_event_id() -> int:
@@ -107,6 +109,14 @@ def events(job_id: str) -> Response:
     state = genq()
     with state.database.read() as session:
         job_id = find_job(session, job_id).id
+    # A stream holds a server thread for as long as the job runs: past the process's limit the
+    # caller is told to come back (or poll), and the other threads keep answering everyone.
+    if not state.streams.acquire(blocking=False):
+        raise BusyError(
+            f"this API process has its {state.stream_limit} event streams open "
+            "(GENQ_API_MAX_STREAMS); retry later, or poll GET /v1/jobs/{id}",
+            retry_after_s=STREAM_RETRY_AFTER_S,
+        )
     stream = stream_events(
         state.database,
         job_id,
@@ -115,6 +125,7 @@ def events(job_id: str) -> Response:
         keepalive_s=state.stream_keepalive_s,
     )
     response = Response(stream, mimetype="text/event-stream")
+    response.call_on_close(state.streams.release)  # the server closes it however it ended
     response.headers["Cache-Control"] = "no-cache"
     response.headers["X-Accel-Buffering"] = "no"  # nginx: do not buffer the stream
     return response

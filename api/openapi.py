@@ -440,6 +440,13 @@ def _paths(limit_max: int) -> dict[str, Any]:
                     "401": UNAUTHORIZED,
                     "404": NOT_FOUND,
                     "422": INVALID,
+                    "503": {
+                        **_problem(
+                            "This API process has GENQ_API_MAX_STREAMS streams open: come back "
+                            "after Retry-After seconds, or poll the job."
+                        ),
+                        "headers": {"Retry-After": {"schema": INT}},
+                    },
                 },
             }
         },

@@ -17,7 +17,7 @@ from typing import Any
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from core.errors import GenqError
+from core.errors import BusyError, GenqError
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +74,17 @@ def request_id() -> str:
 
 
 def _render_genq(error: GenqError) -> Response:
-    if error.status >= 500:
+    if isinstance(error, BusyError):
+        log.warning("busy: %s", error.detail, extra={"request_id": request_id()})
+    elif error.status >= 500:
         log.error(
             "request failed: %s: %s",
             error.type,
             error.detail,
             extra={"request_id": request_id()},
         )
-    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+    headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else {}
+    headers.update(error.headers)
     body = error.problem()
     return problem_response(
         error.status,

@@ -33,6 +33,7 @@ class GenqError(Exception):
         super().__init__(detail or self.title)
         self.detail = detail or self.title
         self.extra = extra
+        self.headers: dict[str, str] = {}  # sent with the problem response
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Rebuild without calling __init__ (subclasses take other arguments), so an error
@@ -95,6 +96,17 @@ class LeaseLostError(ConflictError):
 
 class PayloadTooLargeError(GenqError):
     status, type, title = 413, "too-large", "Payload too large"
+
+
+class BusyError(GenqError):
+    """503: the server is at a limit of its own for the moment (not a failure): retry after
+    `retry_after_s` seconds, which the response's Retry-After header says."""
+
+    status, type, title = 503, "busy", "Busy"
+
+    def __init__(self, detail: str, *, retry_after_s: int) -> None:
+        super().__init__(detail)
+        self.headers["Retry-After"] = str(retry_after_s)
 
 
 class QuotaExceededError(GenqError):

@@ -79,6 +79,9 @@ class Settings(BaseSettings):
     # holds a thread).
     api_workers: int = Field(2, ge=1, le=64)
     api_threads: int = Field(16, ge=1, le=1024)
+    # Event streams one API process keeps open at once (default: half its threads, so that
+    # the other half always answer); one more is a 503 with Retry-After.
+    api_max_streams: int | None = Field(None, ge=1, le=1024)
     # Local Ray head started by `genq up`.
     ray_num_cpus: int | None = Field(None, ge=1)
     ray_num_gpus: int | None = Field(None, ge=0)

@@ -172,3 +172,41 @@ def test_an_idle_stream_sends_keep_alives_and_holds_no_transaction(
     response.close()
     events = parse_sse(received)
     assert [e["data"]["to"] for e in events] == ["queued", "canceled"]
+
+
+def test_past_the_stream_limit_a_stream_is_a_503_and_the_api_still_answers(
+    app: Flask, client: FlaskClient, keys: Keys
+) -> None:
+    state = app.extensions["genq"]
+    # The default: half the server's threads hold streams, the other half answer the rest.
+    assert state.stream_limit == state.settings.api_threads // 2
+    state.streams = threading.BoundedSemaphore(2)
+    state.stream_limit = 2
+    jobs = [submit(client, keys.acme, echo()).get_json()["id"] for _ in range(3)]
+
+    def open_stream(job_id: str) -> Any:
+        response = client.get(
+            f"/v1/jobs/{job_id}/events", headers=bearer(keys.acme), buffered=False
+        )
+        assert response.status_code == 200
+        next(iter(response.response))  # the stream has started and holds its slot
+        return response
+
+    first, second = open_stream(jobs[0]), open_stream(jobs[1])
+    refused = client.get(f"/v1/jobs/{jobs[2]}/events", headers=bearer(keys.acme))
+    body = assert_problem(refused, 503)
+    assert body["type"] == "busy" and "GENQ_API_MAX_STREAMS" in body["detail"]
+    assert refused.headers["Retry-After"] == "5"
+    # Everything else still answers while the streams are open.
+    assert client.get(f"/v1/jobs/{jobs[2]}", headers=bearer(keys.acme)).status_code == 200
+
+    first.close()  # a client that goes away frees its slot
+    third = open_stream(jobs[2])
+    second.close()
+    third.close()
+    # Every slot is back: two more open.
+    open_stream(jobs[0]).close()
+    both = [open_stream(jobs[0]), open_stream(jobs[1])]
+    assert_problem(client.get(f"/v1/jobs/{jobs[2]}/events", headers=bearer(keys.acme)), 503)
+    for response in both:
+        response.close()
