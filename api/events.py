@@ -37,16 +37,20 @@ STREAM_RETRY_AFTER_S = 5
 
 
 def _last_event_id() -> int:
-    raw = request.headers.get("Last-Event-ID")
-    field = "Last-Event-ID"
-    if raw is None:
-        raw, field = request.args.get("last_event_id"), "last_event_id"
-    if raw is None or raw == "":
-        return 0
-    event_id = parse_whole(raw)
-    if event_id is None:
-        raise InvalidInputError.one(field, "must be an event id (a non-negative integer)")
-    return event_id
+    """The event id to resume after: the Last-Event-ID header (what browsers send on a
+    reconnect) wins over the query parameter; each must be an event id if given."""
+    found = 0
+    for field, raw in (
+        ("last_event_id", request.args.get("last_event_id")),
+        ("Last-Event-ID", request.headers.get("Last-Event-ID")),
+    ):
+        if raw is None or raw == "":
+            continue
+        event_id = parse_whole(raw)
+        if event_id is None:
+            raise InvalidInputError.one(field, "must be an event id (a non-negative integer)")
+        found = event_id
+    return found
 
 
 def format_event(event: JobEvent) -> str:
