@@ -659,6 +659,55 @@ def _with_body_problems(paths: dict[str, Any]) -> dict[str, Any]:
     return paths
 
 
+JOB_ID = {"job_id": "$response.body#/id"}
+SCHEDULE_ID = {"schedule_id": "$response.body#/id"}
+# OpenAPI links: where an answer's ids lead (client generators and Schemathesis's stateful
+# tests follow them). Not to the event stream, which stays open until the job ends.
+LINKS: dict[tuple[str, str], dict[str, dict[str, str]]] = {
+    ("submitJob", status): {
+        "getJob": JOB_ID,
+        "changeJobPriority": JOB_ID,
+        "cancelJob": JOB_ID,
+        "retryJob": JOB_ID,
+        "getJobLogs": JOB_ID,
+        "getJobDeliveries": JOB_ID,
+    }
+    for status in ("200", "202")
+} | {
+    ("cancelJob", "202"): {"retryJob": JOB_ID, "getJob": JOB_ID},
+    ("retryJob", "202"): {"cancelJob": JOB_ID, "getJob": JOB_ID},
+    ("createSchedule", "201"): {
+        operation: SCHEDULE_ID
+        for operation in (
+            "getSchedule",
+            "changeSchedule",
+            "pauseSchedule",
+            "resumeSchedule",
+            "deleteSchedule",
+        )
+    },
+    ("registerModel", "202"): {
+        "getModelVersions": {"name": "$response.body#/name"},
+        "checkModelAgain": {"name": "$response.body#/name", "version": "$response.body#/version"},
+    },
+}
+
+
+def _with_links(paths: dict[str, Any]) -> dict[str, Any]:
+    operations = {
+        operation["operationId"]: operation
+        for methods in paths.values()
+        for operation in methods.values()
+    }
+    for (source, status), targets in LINKS.items():
+        response = operations[source]["responses"][status]
+        response["links"] = {
+            target: {"operationId": target, "parameters": parameters}
+            for target, parameters in targets.items()
+        }
+    return paths
+
+
 @functools.cache
 def document(limit_max: int) -> dict[str, Any]:
     """`limit_max`: GENQ_PAGE_SIZE_MAX, the largest page a list operation answers."""
@@ -683,7 +732,9 @@ def document(limit_max: int) -> dict[str, Any]:
         },
         "servers": [{"url": "/"}],
         "security": [{"bearer": []}],
-        "paths": _with_body_problems({**_paths(limit_max), **openapi_scheduling.paths()}),
+        "paths": _with_links(
+            _with_body_problems({**_paths(limit_max), **openapi_scheduling.paths()})
+        ),
         "components": {
             "schemas": schemas,
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
