@@ -84,7 +84,7 @@ def _render_genq(error: GenqError) -> Response:
             extra={"request_id": request_id()},
         )
     headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else {}
-    headers.update(error.headers)
+    headers.update(getattr(error, "headers", {}))  # (one unpickled from an older worker has none)
     body = error.problem()
     return problem_response(
         error.status,
