@@ -62,6 +62,7 @@ def create_app(
         deliveries,
         events,
         health,
+        inputs,
         jobs,
         openapi,
         problems,
@@ -94,6 +95,7 @@ def create_app(
     ):
         app.register_blueprint(blueprint)
     auth.install(app)
+    app.before_request(inputs.refuse_nul_in_request)  # after the key check: 401 comes first
     from api import dashboard  # after auth: it marks its views as exempt from the Bearer check
 
     dashboard.install(app, settings)

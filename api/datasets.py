@@ -135,6 +135,8 @@ def _store_text(upload: IO[bytes], folder: Path) -> dict[str, Any]:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidInputError.one("file", f"text must be UTF-8: {exc}") from exc
+    if "\x00" in text:  # a model trained on it would write NUL into events PostgreSQL refuses
+        raise InvalidInputError.one("file", "the text holds NUL characters (U+0000)")
     if not text.strip():
         raise InvalidInputError.one("file", "the text is empty")
     (folder / TEXT_FILE).write_bytes(data)

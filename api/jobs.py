@@ -21,6 +21,7 @@ from werkzeug.exceptions import UnsupportedMediaType
 
 from api.app import genq
 from api.auth import principal, tenant_scope
+from api.inputs import refuse_nul
 from api.payloads import event_payload, render_job, render_jobs
 from api.submissions import (
     build_new_job,
@@ -64,11 +65,13 @@ def read_json_body() -> Any:
         raise UnsupportedMediaType("send the body as JSON with Content-Type: application/json")
     raw = request.get_data(cache=True)
     try:
-        return json.loads(raw, parse_constant=_reject_constant)
+        body = json.loads(raw, parse_constant=_reject_constant)
     except RecursionError:
         raise BadRequestError("the body is nested too deeply") from None
     except ValueError as exc:  # includes UnicodeDecodeError
         raise BadRequestError(f"the body is not valid JSON: {exc}") from None
+    refuse_nul(body)
+    return body
 
 
 def _reject_constant(name: str) -> Any:

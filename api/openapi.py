@@ -650,12 +650,16 @@ BODY_PROBLEMS = {
 }
 
 
-def _with_body_problems(paths: dict[str, Any]) -> dict[str, Any]:
+def _with_input_problems(paths: dict[str, Any]) -> dict[str, Any]:
+    """Add what input checks shared by every view answer: the body problems, and a 422 for
+    any parameter or body (a NUL character is refused everywhere, api.inputs)."""
     for operations in paths.values():
         for operation in operations.values():
             if "requestBody" in operation:
                 for status, response in BODY_PROBLEMS.items():
                     operation["responses"].setdefault(status, response)
+            if "requestBody" in operation or operation.get("parameters"):
+                operation["responses"].setdefault("422", INVALID)
     return paths
 
 
@@ -733,7 +737,7 @@ def document(limit_max: int) -> dict[str, Any]:
         "servers": [{"url": "/"}],
         "security": [{"bearer": []}],
         "paths": _with_links(
-            _with_body_problems({**_paths(limit_max), **openapi_scheduling.paths()})
+            _with_input_problems({**_paths(limit_max), **openapi_scheduling.paths()})
         ),
         "components": {
             "schemas": schemas,

@@ -13,6 +13,7 @@ the request that caused it.
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import pytest
 import schemathesis
@@ -29,7 +30,7 @@ from schemathesis.specs.openapi.checks import (
 
 from api.openapi import document
 from core.db import Database
-from core.tables import Dataset, Job
+from core.tables import ApiKey, Dataset, Job, Schedule
 from tests.test_api_support import (  # noqa: F401 (fixtures)
     Keys,
     app,
@@ -149,3 +150,79 @@ def test_a_body_that_is_not_json_is_a_documented_400_or_415(
         "/v1/tenants/acme", data="{", headers={**admin, "Content-Type": "application/json"}
     )
     assert_problem(broken, 400)
+
+
+ECHO = {"kind": "generate", "model": "echo", "params": {}}
+
+
+# -- the NUL character ------------------------------------------------------------------------
+
+# (method, path, JSON body, extra headers, query, the field the 422 names). PostgreSQL stores
+# NUL in neither text nor jsonb: each of these was a 500 there before api/inputs.py.
+WITH_NUL = [
+    ("POST", "/v1/jobs", {**ECHO, "params": {"message": "a\x00b"}}, {}, {}, "params.message"),
+    ("POST", "/v1/jobs", {**ECHO, "model": "ec\x00ho"}, {}, {}, "model"),
+    ("POST", "/v1/jobs", {**ECHO, "webhook": "https://a\x00.example/"}, {}, {}, "webhook"),
+    ("POST", "/v1/jobs", ECHO, {"Idempotency-Key": "k\x00"}, {}, "Idempotency-Key"),
+    ("GET", "/v1/jobs", None, {}, {"model": "a\x00"}, "model"),
+    ("GET", "/v1/jobs/a\x00b", None, {}, {}, "job_id"),
+    (
+        "POST",
+        "/v1/schedules",
+        {"name": "n", "cron": "0 3 * * *", "job": {**ECHO, "params": {"message": "\x00"}}},
+        {},
+        {},
+        "job.params.message",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "headers", "query", "field"),
+    WITH_NUL,
+    ids=[f"{m} {p!r} {f}" for m, p, _, _, _, f in WITH_NUL],
+)
+def test_a_nul_character_anywhere_is_a_422_naming_the_field(
+    client: FlaskClient,
+    keys: Keys,
+    database: Database,
+    method: str,
+    path: str,
+    body: Any,
+    headers: dict[str, str],
+    query: dict[str, str],
+    field: str,
+) -> None:
+    response = client.open(
+        path,
+        method=method,
+        json=body,
+        query_string=query,
+        headers={**bearer(keys.acme), **headers},
+    )
+    errors = assert_problem(response, 422)["errors"]
+    assert errors == [{"field": field, "message": "must not contain the NUL character (U+0000)"}]
+    assert count_rows(database, Job) == 0 and count_rows(database, Schedule) == 0
+
+
+def test_nul_in_a_dashboard_form_or_a_text_data_set_is_refused(
+    client: FlaskClient, keys: Keys, database: Database
+) -> None:
+    from tests.test_dashboard import login
+
+    built_in = count_rows(database, Dataset)
+    upload = client.post(
+        "/v1/datasets",
+        data={"name": "poems", "kind": "text", "file": (io.BytesIO(b"a\x00poem"), "p.txt")},
+        headers=bearer(keys.acme),
+        content_type="multipart/form-data",
+    )
+    assert [e["field"] for e in assert_problem(upload, 422)["errors"]] == ["file"]
+    assert count_rows(database, Dataset) == built_in
+
+    token = login(client, keys.admin)
+    keys_before = count_rows(database, ApiKey)
+    form = {"csrf_token": token, "tenant": "acme", "label": "ci\x00"}
+    response = client.post("/admin/keys", data=form)
+    assert response.status_code == 422 and "label" in response.get_data(as_text=True)
+    assert count_rows(database, ApiKey) == keys_before
