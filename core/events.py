@@ -74,6 +74,19 @@ def event_type(event: Event) -> str:
     }[type(event)]
 
 
+def without_nul(value: Any) -> Any:
+    """`value` with each NUL (U+0000) in its strings and keys replaced by U+FFFD. What workers
+    send (generated text, log lines, error messages) may hold one, and PostgreSQL stores it in
+    neither text nor jsonb; the API refuses it in what people send (api/inputs.py)."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd") if "\x00" in value else value
+    if isinstance(value, dict):
+        return {without_nul(k): without_nul(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [without_nul(v) for v in value]
+    return value
+
+
 def event_data(event: Event) -> dict[str, Any]:
     """The JSON-safe part of an event, as stored in job_event (an output's bytes are not)."""
     data = asdict(event)

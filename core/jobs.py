@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from core.artifacts import StoredFile
 from core.errors import IllegalTransitionError, InvalidInputError, LeaseLostError, NotFoundError
-from core.events import Event, Output, Progress, event_data, event_type
+from core.events import Event, Output, Progress, event_data, event_type, without_nul
 from core.ids import new_id
 from core.states import ACTIVE, JobKind, JobState, check_transition
 from core.tables import Artifact, Job, JobEvent, UTCDateTime, utcnow
@@ -82,6 +82,7 @@ def _execute(session: Session, statement: Any) -> CursorResult[Any]:
 
 
 def _add_event(session: Session, job: Job, type_: str, data: dict[str, Any]) -> None:
+    data = without_nul(data)
     session.add(JobEvent(job_id=job.id, type=type_, data=data, created_at=utcnow()))
     # The webhook message is written in the same transaction as the event (an outbox).
     if job.webhook:
@@ -278,7 +279,7 @@ def record_events(session: Session, lease: Lease, events: Sequence[Event]) -> No
             raise TypeError("outputs go through record_output")
         if isinstance(event, Progress):
             job.progress_step, job.progress_total = event.step, event.total
-            job.progress_message = event.message
+            job.progress_message = without_nul(event.message)
         _add_event(session, job, event_type(event), event_data(event))
 
 
@@ -298,7 +299,7 @@ def record_output(session: Session, lease: Lease, output: Output, stored: Stored
         content_type=output.content_type,
         size_bytes=stored.size_bytes,
         sha256=stored.sha256,
-        meta=output.meta,
+        meta=without_nul(output.meta),
     )
     session.add(artifact)
     _add_event(
@@ -331,9 +332,9 @@ def finish_job(
     job.lease_token = None
     job.lease_expires_at = None
     if state != JobState.CANCELED:
-        job.error_type, job.error_detail = error_type, error_detail
+        job.error_type, job.error_detail = error_type, without_nul(error_detail)
     if metrics:
-        job.metrics = {**(job.metrics or {}), **metrics}
+        job.metrics = {**(job.metrics or {}), **without_nul(metrics)}
     if result_model_id:
         job.result_model_id = result_model_id
     return state

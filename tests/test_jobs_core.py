@@ -15,7 +15,7 @@ from core.artifacts import ArtifactStore
 from core.catalog import ensure_builtins, resolve_model
 from core.db import Database
 from core.errors import IllegalTransitionError, LeaseLostError
-from core.events import Metric, Output, Progress
+from core.events import Log, Metric, Output, Progress, TextDelta
 from core.jobs import (
     NewJob,
     cancel_job,
@@ -243,3 +243,41 @@ def test_unpublished_jobs_lists_never_published_first(db) -> None:  # type: igno
         )
         assert unpublished_jobs(session, older_than_s=60) == [b, a]
         assert unpublished_jobs(session, older_than_s=7200) == [b]
+
+
+def test_nul_characters_from_a_worker_are_stored_as_replacement_characters(db) -> None:  # type: ignore[no-untyped-def]
+    # A model may generate U+0000 (GPT-2's vocabulary has byte 0); PostgreSQL stores it in
+    # neither text nor jsonb, so the write (and the attempt) would fail.
+    job_id = _new(db)
+    with db.transaction() as session:
+        lease = claim_job(session, job_id, lease_ttl_s=30)
+    with db.transaction() as session:
+        record_events(
+            session,
+            lease,
+            [
+                Log("a\x00b"),
+                TextDelta(0, "\x00"),
+                Progress(1, 2, "step\x00"),
+                Metric(1, {"m\x00": 1.0}),
+            ],
+        )
+    with db.transaction() as session:
+        finish_job(
+            session,
+            lease,
+            JobState.FAILED,
+            error_type="model-error",
+            error_detail="bad\x00",
+            metrics={"k\x00": 1.0},
+        )
+    with db.transaction() as session:
+        job = get_job(session, job_id)
+        assert (job.progress_message, job.error_detail) == ("step\ufffd", "bad\ufffd")
+        assert job.metrics == {"k\ufffd": 1.0}
+        data = session.scalars(
+            select(JobEvent.data).where(JobEvent.job_id == job_id).order_by(JobEvent.id)
+        ).all()
+    assert {"message": "a\ufffdb", "level": "info"} in data
+    assert {"index": 0, "text": "\ufffd"} in data
+    assert {"step": 1, "values": {"m\ufffd": 1.0}} in data
