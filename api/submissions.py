@@ -147,6 +147,17 @@ class JobSubmission(BaseModel):
         # A class name stands for its integer; anything else is checked as an integer 0-9.
         return PRIORITY_CLASSES.get(value, value) if isinstance(value, str) else value
 
+    @field_validator("deadline", "run_at")
+    @classmethod
+    def _in_utc(cls, value: datetime | None) -> datetime | None:
+        # "0001-01-01T00:00+14:00" parses, but falls before year 1 in UTC, where it is stored.
+        if value is None:
+            return value
+        try:
+            return value.astimezone(UTC)
+        except OverflowError:
+            raise ValueError("must fall within the years 1 to 9999 in UTC") from None
+
     @field_validator("webhook")
     @classmethod
     def _check_webhook(cls, value: str | None) -> str | None:

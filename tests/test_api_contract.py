@@ -226,3 +226,29 @@ def test_nul_in_a_dashboard_form_or_a_text_data_set_is_refused(
     response = client.post("/admin/keys", data=form)
     assert response.status_code == 422 and "label" in response.get_data(as_text=True)
     assert count_rows(database, ApiKey) == keys_before
+
+
+# -- times that parse but fall outside the years 1-9999 once in UTC -----------------------------
+
+OUT_OF_RANGE = ["0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00"]
+
+
+@pytest.mark.parametrize("moment", OUT_OF_RANGE)
+def test_a_time_outside_the_years_1_to_9999_in_utc_is_a_422(
+    client: FlaskClient, keys: Keys, database: Database, moment: str
+) -> None:
+    # Python's datetime cannot convert them to UTC (OverflowError): they were 500s.
+    for field in ("run_at", "deadline"):
+        response = submit(client, keys.acme, {**ECHO, field: moment})
+        assert [e["field"] for e in assert_problem(response, 422)["errors"]] == [field]
+    assert count_rows(database, Job) == 0
+    # The 9999 one in UTC is fine: a job that will wait (long) for its time.
+    later = submit(client, keys.acme, {**ECHO, "run_at": "9999-12-31T23:59:59+00:00"})
+    assert later.status_code == 202 and later.get_json()["state"] == "scheduled"
+
+    from tests.test_dashboard import login
+
+    login(client, keys.admin)
+    for field in ("since", "until"):
+        page = client.get("/admin/jobs", query_string={field: moment})
+        assert page.status_code == 422 and field in page.get_data(as_text=True)

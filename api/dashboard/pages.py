@@ -119,7 +119,12 @@ def _parse_time(field: str) -> datetime | None:
             field, "must be a date and time like 2026-11-30T01:00"
         ) from None
     # A datetime-local input has no zone: the dashboard shows and reads UTC.
-    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=UTC)
+    try:
+        return moment.astimezone(UTC)
+    except OverflowError:  # e.g. 0001-01-01T00:00+14:00, before year 1 in UTC
+        raise InvalidInputError.one(field, "must fall within the years 1 to 9999 in UTC") from None
 
 
 def _parse_cursor(field: str) -> str | None:
