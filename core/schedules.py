@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from croniter import croniter
+from croniter import CroniterBadDateError, croniter
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -70,6 +70,10 @@ def check_cron(expr: str) -> str:
         raise InvalidInputError.one(
             "cron", "must be a cron expression of 5 fields, or 6 with seconds last"
         )
+    try:
+        croniter(expr, datetime.now(UTC)).get_next(datetime)
+    except CroniterBadDateError:  # e.g. "0 0 31 2 *": valid, but no such date ever comes
+        raise InvalidInputError.one("cron", "never fires: no date matches it") from None
     return " ".join(fields)
 
 

@@ -186,6 +186,7 @@ def test_schedules_crud_pause_resume_and_tenant_scope(client: FlaskClient, keys:
     for bad, field in (
         (_schedule(cron="61 * * * *"), "cron"),
         (_schedule(cron="* * *"), "cron"),
+        (_schedule(cron="0 0 31 2 *"), "cron"),  # valid syntax, but 31 February never comes
         (_schedule(timezone="Mars/Olympus"), "timezone"),
         (_schedule(job={**echo(), "run_at": "2030-01-01T00:00:00Z"}), "job.run_at"),
         (_schedule(job={"kind": "generate", "model": "echo", "params": {"x": 1}}), "job.params.x"),
