@@ -106,9 +106,24 @@ def pretrained_folder(settings: Settings, given: str) -> tuple[Path, str]:
         except ValueError:
             raise InvalidInputError.one("path", "escapes the artifact root") from None
         stored = str(folder.relative_to(genq().artifacts.root))
-    if not folder.is_dir():
+    try:
+        is_folder = folder.is_dir()
+    except OSError as exc:  # a name too long for the file system, a folder it may not read
+        raise InvalidInputError.one(
+            "path", f"cannot be read on the server: {exc.strerror}"
+        ) from None
+    if not is_folder:
         raise InvalidInputError.one("path", f"{folder} is not a folder on the server")
     return folder, stored
+
+
+def check_layout(family: str, folder: Path) -> dict[str, Any]:
+    """The family's layout check of `folder` (422 naming `path` for what it refuses), with a
+    file it cannot read refused the same way."""
+    try:
+        return LAYOUT_CHECKS[family](folder)
+    except OSError as exc:
+        raise InvalidInputError.one("path", f"cannot be read on the server: {exc}") from None
 
 
 def _owner(session: Session, ref: str | None) -> str:
@@ -132,7 +147,7 @@ def register_model() -> tuple[Response, int, dict[str, str]]:
         raise InvalidInputError(errors_from(exc)) from None
     app = genq()
     folder, stored = pretrained_folder(app.settings, body.path)
-    layout = LAYOUT_CHECKS[body.family](folder)
+    layout = check_layout(body.family, folder)
     config = {"source": "pretrained", "description": body.description, **layout}
     with app.database.transaction() as session:
         model = register_pretrained(
@@ -182,7 +197,7 @@ def check_model_again(name: str, version: str) -> tuple[Response, int, dict[str,
         model = find_version(session, tenant_scope(), name, number)
         recheck_model(session, model)
         folder = app.artifacts.model_folder(model.path or "")
-        layout = LAYOUT_CHECKS[model.family](folder)
+        layout = check_layout(model.family, folder)
         model.config = {**(model.config or {}), **layout}
         record_action(
             session,

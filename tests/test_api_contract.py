@@ -30,7 +30,7 @@ from schemathesis.specs.openapi.checks import (
 
 from api.openapi import document
 from core.db import Database
-from core.tables import ApiKey, Dataset, Job, Schedule
+from core.tables import ApiKey, Dataset, Job, Model, Schedule
 from tests.test_api_support import (  # noqa: F401 (fixtures)
     Keys,
     app,
@@ -252,3 +252,15 @@ def test_a_time_outside_the_years_1_to_9999_in_utc_is_a_422(
     for field in ("since", "until"):
         page = client.get("/admin/jobs", query_string={field: moment})
         assert page.status_code == 422 and field in page.get_data(as_text=True)
+
+
+def test_a_model_folder_the_file_system_cannot_look_up_is_a_422(
+    client: FlaskClient, keys: Keys, database: Database
+) -> None:
+    # A path component past 255 bytes makes stat() fail with ENAMETOOLONG: it was a 500.
+    models_before = count_rows(database, Model)
+    for path in ("/tmp/" + "a" * 300 + "/unet", "b" * 300):
+        body = {"name": "sd", "family": "diffusers", "path": path}
+        response = client.post("/v1/models", json=body, headers=bearer(keys.admin))
+        assert [e["field"] for e in assert_problem(response, 422)["errors"]] == ["path"]
+    assert count_rows(database, Model) == models_before
