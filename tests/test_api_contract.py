@@ -110,17 +110,21 @@ def test_a_number_sql_or_int_would_refuse_is_a_4xx_naming_it(
     assert_problem(response, 404)
 
 
+def upload_text(client: FlaskClient, key: str, name: str, text: bytes) -> Any:
+    return client.post(
+        "/v1/datasets",
+        data={"name": name, "kind": "text", "file": (io.BytesIO(text), "poems.txt")},
+        headers=bearer(key),
+        content_type="multipart/form-data",
+    )
+
+
 def test_a_data_set_name_with_a_trailing_newline_is_refused(
     client: FlaskClient, keys: Keys, database: Database
 ) -> None:
     # re.match with `$` lets "name\n" through; the name becomes a folder in the artifact store.
     built_in = count_rows(database, Dataset)
-    response = client.post(
-        "/v1/datasets",
-        data={"name": "poems\n", "kind": "text", "file": (io.BytesIO(b"a poem"), "poems.txt")},
-        headers=bearer(keys.acme),
-        content_type="multipart/form-data",
-    )
+    response = upload_text(client, keys.acme, "poems\n", b"a poem")
     assert [e["field"] for e in assert_problem(response, 422)["errors"]] == ["name"]
     assert count_rows(database, Dataset) == built_in
 
@@ -211,12 +215,7 @@ def test_nul_in_a_dashboard_form_or_a_text_data_set_is_refused(
     from tests.test_dashboard import login
 
     built_in = count_rows(database, Dataset)
-    upload = client.post(
-        "/v1/datasets",
-        data={"name": "poems", "kind": "text", "file": (io.BytesIO(b"a\x00poem"), "p.txt")},
-        headers=bearer(keys.acme),
-        content_type="multipart/form-data",
-    )
+    upload = upload_text(client, keys.acme, "poems", b"a\x00poem")
     assert [e["field"] for e in assert_problem(upload, 422)["errors"]] == ["file"]
     assert count_rows(database, Dataset) == built_in
 
