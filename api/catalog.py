@@ -50,6 +50,9 @@ from workers.registry import FAMILIES
 
 bp = Blueprint("catalog", __name__, url_prefix="/v1")
 
+# Model.path's length.
+MODEL_PATH_MAX = 1024
+
 
 @bp.get("/models")
 def models() -> Response:
@@ -74,7 +77,7 @@ class ModelRegistration(BaseModel):
     path: str = Field(
         ...,
         min_length=1,
-        max_length=1024,
+        max_length=MODEL_PATH_MAX,
         description="The folder on the server: absolute, or relative to the artifact root.",
     )
     description: str = Field("", max_length=2000)
@@ -114,6 +117,8 @@ def pretrained_folder(settings: Settings, given: str) -> tuple[Path, str]:
         ) from None
     if not is_folder:
         raise InvalidInputError.one("path", f"{folder} is not a folder on the server")
+    if len(stored) > MODEL_PATH_MAX:  # a symlink may resolve to a longer path than was given
+        raise InvalidInputError.one("path", f"resolves to more than {MODEL_PATH_MAX} characters")
     return folder, stored
 
 

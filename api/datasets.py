@@ -43,6 +43,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 IGNORED_PARTS = ("__MACOSX", ".DS_Store")
 TEXT_FILE = "text.txt"  # workers.datasets reads this name
 CHUNK_BYTES = 1024 * 1024
+DATASET_NAME_MAX = 128  # Dataset.name's length
 
 
 def _entry_path(info: zipfile.ZipInfo) -> PurePosixPath | None:
@@ -157,6 +158,8 @@ def upload_dataset() -> tuple[Response, int]:
     # The upload limit, not the JSON body limit, applies here; Flask answers 413 above it.
     request.max_content_length = settings.dataset_max_bytes
     name = check_name(_form_field("name"), "name")
+    if len(name) > DATASET_NAME_MAX:  # (PostgreSQL refuses a longer one: it was a 500)
+        raise InvalidInputError.one("name", f"must be at most {DATASET_NAME_MAX} characters")
     kind = _form_field("kind")
     if kind not in ("images", "text"):
         raise InvalidInputError.one("kind", "must be images or text")

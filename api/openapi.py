@@ -17,6 +17,7 @@ from pydantic import BaseModel
 from api.app import genq
 from api.auth import public
 from api.catalog import ModelRegistration
+from api.datasets import DATASET_NAME_MAX
 from api.submissions import JobSubmission
 from core.artifacts import NAME_PATTERN
 from core.numbers import INT32_MAX
@@ -595,7 +596,11 @@ def _paths(limit_max: int) -> dict[str, Any]:
                         "multipart/form-data": {
                             "schema": _object(
                                 {
-                                    "name": {"type": "string", "pattern": NAME_PATTERN},
+                                    "name": {
+                                        "type": "string",
+                                        "pattern": NAME_PATTERN,
+                                        "maxLength": DATASET_NAME_MAX,
+                                    },
                                     "kind": {"type": "string", "enum": ["images", "text"]},
                                     "file": {"type": "string", "format": "binary"},
                                 },

@@ -30,6 +30,7 @@ from schemathesis.specs.openapi.checks import (
 
 from api.openapi import document
 from core.db import Database
+from core.settings import Settings
 from core.tables import ApiKey, Dataset, Job, Model, Schedule
 from tests.test_api_support import (  # noqa: F401 (fixtures)
     Keys,
@@ -263,3 +264,16 @@ def test_a_model_folder_the_file_system_cannot_look_up_is_a_422(
         response = client.post("/v1/models", json=body, headers=bearer(keys.admin))
         assert [e["field"] for e in assert_problem(response, 422)["errors"]] == ["path"]
     assert count_rows(database, Model) == models_before
+
+
+def test_a_data_set_name_longer_than_its_column_is_a_422(
+    client: FlaskClient, keys: Keys, database: Database, settings: Settings
+) -> None:
+    # 129-255 characters passed the name check but not PostgreSQL's VARCHAR(128): a 500, after
+    # the files were unpacked.
+    built_in = count_rows(database, Dataset)
+    response = upload_text(client, keys.acme, "d" * 129, b"a poem")
+    assert [e["field"] for e in assert_problem(response, 422)["errors"]] == ["name"]
+    assert count_rows(database, Dataset) == built_in
+    assert not list(settings.artifacts.rglob("d" * 129))
+    assert upload_text(client, keys.acme, "d" * 128, b"a poem").status_code == 201
