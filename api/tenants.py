@@ -1,5 +1,6 @@
-"""`/v1/tenants` (a tenant's quotas and what it uses now; admins set them) and
-`POST /v1/admin/purge` (cancel a tenant's or a queue's waiting jobs).
+"""`/v1/tenants` (a tenant's quotas and what it uses now; admins set them),
+`POST /v1/admin/purge` (cancel a tenant's or a queue's waiting jobs) and
+`GET /v1/admin/dropped-messages` (malformed broker messages the workers dropped).
 
 A tenant's key reads its own tenant; an admin key reads and changes any. Every change is
 written to the audit log in the same transaction.
@@ -23,7 +24,7 @@ from core.errors import ForbiddenError, InvalidInputError, NotFoundError
 from core.purge import purge_waiting
 from core.quotas import usage
 from core.tables import Tenant
-from scheduler.broker import QUEUES, WEBHOOK_QUEUE
+from scheduler.broker import QUEUES, WEBHOOK_QUEUE, read_dropped
 
 bp = Blueprint("tenants", __name__, url_prefix="/v1")
 
@@ -188,3 +189,11 @@ def purge() -> Response:
             {"tenant": tenant_id, "queue": request.queue, "count": len(ids), "via": "api"},
         )
     return jsonify({"purged": len(ids), "job_ids": ids})
+
+
+@bp.get("/admin/dropped-messages")
+def dropped_messages() -> Response:
+    """Broker messages that workers dropped as malformed (admin): counts by reason since the
+    broker's Redis started, and the latest ones with an excerpt (scheduler/intake.py)."""
+    _require_admin()
+    return jsonify(read_dropped(genq().publisher.redis))

@@ -6,6 +6,10 @@ to consume); nothing here reads configuration at import time.
 
 from __future__ import annotations
 
+import json
+import time
+from typing import Any
+
 import redis
 from celery import Celery
 
@@ -20,6 +24,13 @@ CHECK_MODEL_QUEUE = "train"
 # Webhook messages have their own queue, so a slow receiver never delays a job.
 WEBHOOK_QUEUE = "webhooks"
 QUEUES = ("generate", "train", WEBHOOK_QUEUE)
+# Every task a genq worker runs; a message naming anything else is dropped (scheduler/intake.py).
+TASK_NAMES = frozenset({RUN_JOB_TASK, DELIVER_WEBHOOK_TASK, CHECK_MODEL_TASK})
+# Messages a worker dropped as malformed: a hash of reason -> count since the Redis started,
+# and the latest ones (JSON, newest first) for the admin.
+DROPPED_KEY = "genq:dropped_messages"
+DROPPED_RECENT_KEY = "genq:dropped_messages:recent"
+DROPPED_RECENT_MAX = 50
 # Set when a job's id is handed to the broker, deleted when the job is claimed. A queued job
 # without one has lost its message (broker restarted, crash between commit and publish).
 PUBLISHED_KEY = "genq:published:{job_id}"
@@ -83,3 +94,31 @@ def redis_client(settings: Settings) -> redis.Redis:
             socket_connect_timeout=timeout_s,
         )
     return redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+
+
+def record_dropped(
+    client: redis.Redis, reason: str, detail: str, queue: str | None, excerpt: str = ""
+) -> None:
+    """Count a message a worker dropped; never raises (the worker must go on consuming)."""
+    entry = {
+        "at": time.time(),
+        "reason": reason,
+        "detail": detail[:300],
+        "queue": queue,
+        "excerpt": excerpt[:200],
+    }
+    try:
+        pipe = client.pipeline(transaction=False)
+        pipe.hincrby(DROPPED_KEY, reason, 1)
+        pipe.lpush(DROPPED_RECENT_KEY, json.dumps(entry))
+        pipe.ltrim(DROPPED_RECENT_KEY, 0, DROPPED_RECENT_MAX - 1)
+        pipe.execute()
+    except Exception:  # noqa: BLE001 - counting is best effort; the drop was logged
+        pass
+
+
+def read_dropped(client: redis.Redis) -> dict[str, Any]:
+    """What workers dropped: counts by reason, the total, and the latest messages."""
+    counts = {k.decode(): int(v) for k, v in client.hgetall(DROPPED_KEY).items()}
+    recent = [json.loads(item) for item in client.lrange(DROPPED_RECENT_KEY, 0, -1)]
+    return {"total": sum(counts.values()), "by_reason": counts, "recent": recent}

@@ -14,7 +14,7 @@ from celery import Celery
 
 from core.db import Database
 from core.settings import Settings
-from scheduler.broker import QUEUES, RUN_JOB_TASK, make_celery
+from scheduler.broker import QUEUES, RUN_JOB_TASK, make_celery, record_dropped
 from scheduler.checks import register as register_checks
 from scheduler.enqueue import Publisher
 from scheduler.runner import Runner
@@ -45,12 +45,18 @@ def check_settings(settings: Settings) -> None:
 
 def create_worker(settings: Settings) -> tuple[Celery, Runner]:
     app = make_celery(settings)
+    # Anything on a queue that is not a well-formed genq task is dropped, not fatal.
+    app.conf.worker_consumer = "scheduler.intake:GuardedConsumer"
     database = Database(settings)
     runner = Runner(settings, database, Publisher(settings, app))
 
     @app.task(name=RUN_JOB_TASK, acks_late=True, ignore_result=True)
     def run_job(job_id: str) -> str:
-        return runner.run(job_id)
+        outcome = runner.run(job_id)
+        if outcome == "skipped:missing":  # a well-formed message for a job that never existed
+            queue = run_job.request.delivery_info.get("routing_key")
+            record_dropped(runner.publisher.redis, "unknown_job", f"no job {job_id}", queue)
+        return outcome
 
     register_webhooks(app, settings, database)
     register_checks(app, settings, database, runner)
