@@ -3,11 +3,13 @@ file — for training jobs to name.
 
 The request is `multipart/form-data` with `name`, `kind` (`images` or `text`) and `file`.
 Every limit answers before anything is kept: an upload over GENQ_DATASET_MAX_BYTES is 413; a
-zip with more entries than GENQ_DATASET_MAX_ENTRIES or more unpacked bytes than
-GENQ_DATASET_MAX_UNPACKED_BYTES (counted while unpacking, not trusted from the zip's headers)
-is 413; an entry with an absolute path, `..`, a backslash, a drive letter or a symlink, a file
-outside a class folder, a file that is not an image, or an image over GENQ_DATASET_MAX_PIXELS
-pixels or that does not decode is 422 naming `file` and the entry. Text must be UTF-8. The
+zip is unpacked by core/archives.py, which streams each entry to disk and answers 413 for more
+entries than GENQ_DATASET_MAX_ENTRIES, an entry over GENQ_DATASET_MAX_ENTRY_BYTES or a total
+over GENQ_DATASET_MAX_UNPACKED_BYTES (counted as written, not trusted from the zip's headers),
+and 422 naming `file` and the entry for an unsafe, too long or duplicate path, a symlink, an
+encrypted or malformed entry or an unknown compression method. A file outside a class folder,
+a file that is not an image, or an image over GENQ_DATASET_MAX_PIXELS pixels or that does not
+decode is 422 too. Text must be UTF-8. The
 upload is unpacked into a temporary folder inside `datasets/` and renamed into place only when
 all of it passed, and the row is added in the same request; on any refusal the folder is
 removed, so nothing is left behind and nothing lands outside the data set's own folder.
@@ -16,9 +18,8 @@ Preprocessing (resize, normalise, tokenise) happens in the training job.
 
 from __future__ import annotations
 
-import io
+import codecs
 import shutil
-import stat
 import tempfile
 import zipfile
 from pathlib import Path, PurePosixPath
@@ -30,8 +31,9 @@ from sqlalchemy import select
 from api.app import genq
 from api.auth import principal
 from api.payloads import dataset_payload
+from core.archives import ArchiveLimits, extract_zip
 from core.artifacts import check_name
-from core.errors import ConflictError, InvalidInputError, PayloadTooLargeError
+from core.errors import ConflictError, InvalidInputError
 from core.ids import new_id
 from core.settings import Settings
 from core.tables import Dataset
@@ -46,22 +48,14 @@ CHUNK_BYTES = 1024 * 1024
 DATASET_NAME_MAX = 128  # Dataset.name's length
 
 
-def _entry_path(info: zipfile.ZipInfo) -> PurePosixPath | None:
-    """The entry's relative path, None for one to skip, or 422 for an unsafe one."""
-    name = info.filename
-    path = PurePosixPath(name)
-    unsafe = (
-        name.startswith("/")
-        or "\\" in name
-        or ":" in name
-        or any(part in ("..", "") for part in PurePosixPath(name.rstrip("/")).parts)
-    )
-    if unsafe:
-        raise InvalidInputError.one("file", f"unsafe path in the archive: {name!r}")
-    if stat.S_ISLNK(info.external_attr >> 16):
-        raise InvalidInputError.one("file", f"symlinks are not allowed: {name!r}")
-    if any(part in IGNORED_PARTS for part in path.parts) or info.is_dir():
-        return None
+def _skip_entry(path: PurePosixPath, info: zipfile.ZipInfo) -> bool:
+    """What zip tools add on their own is skipped rather than refused."""
+    return any(part in IGNORED_PARTS for part in path.parts)
+
+
+def _check_entry(path: PurePosixPath) -> None:
+    """A data set entry is an image inside a class folder, with portable names."""
+    name = str(path)
     if len(path.parts) < 2:
         raise InvalidInputError.one("file", f"{name!r} is not inside a class folder")
     if path.suffix.lower() not in IMAGE_SUFFIXES:
@@ -70,14 +64,13 @@ def _entry_path(info: zipfile.ZipInfo) -> PurePosixPath | None:
         )
     for part in path.parts:
         check_name(part, "file")
-    return path
 
 
-def _check_image(data: bytes, name: str, settings: Settings) -> None:
+def _check_image(file: Path, name: str, settings: Settings) -> None:
     from PIL import Image
 
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(file) as image:
             width, height = image.size  # from the header: nothing decoded yet
             if width * height > settings.dataset_max_pixels:
                 raise InvalidInputError.one(
@@ -90,58 +83,49 @@ def _check_image(data: bytes, name: str, settings: Settings) -> None:
         raise InvalidInputError.one("file", f"{name!r} is not a readable image: {exc}") from exc
 
 
+def archive_limits(settings: Settings) -> ArchiveLimits:
+    return ArchiveLimits(
+        max_entries=settings.dataset_max_entries,
+        max_entry_bytes=settings.dataset_max_entry_bytes,
+        max_total_bytes=settings.dataset_max_unpacked_bytes,
+        max_path_chars=settings.dataset_max_path_chars,
+    )
+
+
 def _unpack_images(upload: IO[bytes], folder: Path, settings: Settings) -> dict[str, Any]:
-    try:
-        archive = zipfile.ZipFile(upload)
-    except zipfile.BadZipFile as exc:
-        raise InvalidInputError.one("file", "an images data set is a zip archive") from exc
-    with archive:
-        entries = archive.infolist()
-        if len(entries) > settings.dataset_max_entries:
-            raise PayloadTooLargeError(
-                f"the archive has {len(entries)} entries, more than {settings.dataset_max_entries}"
-            )
-        unpacked, counts = 0, dict[str, int]()
-        for info in entries:
-            path = _entry_path(info)
-            if path is None:
-                continue
-            chunks = []
-            with archive.open(info) as source:
-                # Count what actually comes out: a zip's declared sizes may lie.
-                while chunk := source.read(CHUNK_BYTES):
-                    unpacked += len(chunk)
-                    if unpacked > settings.dataset_max_unpacked_bytes:
-                        raise PayloadTooLargeError(
-                            "the archive unpacks to more than "
-                            f"{settings.dataset_max_unpacked_bytes} bytes"
-                        )
-                    chunks.append(chunk)
-            data = b"".join(chunks)
-            _check_image(data, info.filename, settings)
-            target = folder.joinpath(*path.parts)
-            if not target.resolve().is_relative_to(folder.resolve()):
-                raise InvalidInputError.one("file", f"unsafe path: {info.filename!r}")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(data)
-            counts[path.parts[0]] = counts.get(path.parts[0], 0) + 1
+    entries = extract_zip(
+        upload, folder, archive_limits(settings), skip=_skip_entry, check=_check_entry
+    )
+    counts: dict[str, int] = {}
+    for entry in entries:
+        _check_image(entry.file, str(entry.path), settings)
+        counts[entry.path.parts[0]] = counts.get(entry.path.parts[0], 0) + 1
     if not counts:
         raise InvalidInputError.one("file", "no images in class folders")
-    return {"classes": dict(sorted(counts.items())), "num_items": sum(counts.values())}
+    return {"classes": dict(sorted(counts.items())), "num_items": len(entries)}
 
 
 def _store_text(upload: IO[bytes], folder: Path) -> dict[str, Any]:
-    data = upload.read()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise InvalidInputError.one("file", f"text must be UTF-8: {exc}") from exc
-    if "\x00" in text:  # a model trained on it would write NUL into events PostgreSQL refuses
-        raise InvalidInputError.one("file", "the text holds NUL characters (U+0000)")
-    if not text.strip():
+    """Streams the text to disk, checking UTF-8 and NUL as it goes (never whole in memory)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    chars, blank = 0, True
+    with open(folder / TEXT_FILE, "xb") as out:
+        while True:
+            chunk = upload.read(CHUNK_BYTES)
+            try:
+                text = decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as exc:
+                raise InvalidInputError.one("file", f"text must be UTF-8: {exc}") from exc
+            if "\x00" in text:  # a model trained on it would write NUL into events
+                raise InvalidInputError.one("file", "the text holds NUL characters (U+0000)")
+            chars += len(text)
+            blank = blank and not text.strip()
+            if not chunk:
+                break
+            out.write(chunk)
+    if blank:
         raise InvalidInputError.one("file", "the text is empty")
-    (folder / TEXT_FILE).write_bytes(data)
-    return {"chars": len(text), "num_items": len(text)}
+    return {"chars": chars, "num_items": chars}
 
 
 def _form_field(name: str) -> str:

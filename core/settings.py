@@ -110,6 +110,9 @@ class Settings(BaseSettings):
     dataset_max_bytes: int = Field(200 * 1024 * 1024, ge=1024)
     dataset_max_entries: int = Field(50_000, ge=1)
     dataset_max_unpacked_bytes: int = Field(1024 * 1024 * 1024, ge=1024)
+    # One entry of a zip once unpacked, and the longest entry path (characters) it may have.
+    dataset_max_entry_bytes: int = Field(256 * 1024 * 1024, ge=1024)
+    dataset_max_path_chars: int = Field(1024, ge=16, le=3072)
     dataset_max_pixels: int = Field(16 * 1024 * 1024, ge=1)
     page_size_max: int = Field(200, ge=1, le=10_000)
     # POST /v1/models (admin): folders, separated by ':', under which a pretrained model may be
