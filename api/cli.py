@@ -143,20 +143,21 @@ def keys_list() -> None:
 @keys.command("revoke")
 @click.argument("prefix")
 def keys_revoke(prefix: str) -> None:
-    """Revoke the key that starts with PREFIX (as `keys list` shows it)."""
-    from sqlalchemy import select
-
+    """Revoke the one key that starts with PREFIX (as `keys list` shows it), matched literally:
+    a prefix that matches several keys, or holds a character no key has, is refused."""
     from core.db import Database
-    from core.keys import revoke_key
-    from core.tables import ApiKey
+    from core.errors import GenqError
+    from core.keys import find_key_by_prefix, revoke_key
 
     database = Database(_settings())
-    with database.transaction() as session:
-        found = session.scalars(select(ApiKey).where(ApiKey.prefix.startswith(prefix))).all()
-        if len(found) != 1:
-            raise click.ClickException(f"{len(found)} keys start with {prefix!r}; need exactly 1")
-        revoke_key(session, found[0])
-    click.echo(f"revoked {found[0].prefix}…")
+    try:
+        with database.transaction() as session:
+            key = find_key_by_prefix(session, prefix)
+            revoke_key(session, key)
+            shown = key.prefix
+    except GenqError as exc:
+        raise click.ClickException(exc.detail) from None
+    click.echo(f"revoked {shown}…")
 
 
 # -- the HTTP client side ------------------------------------------------------------------------

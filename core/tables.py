@@ -78,6 +78,10 @@ class Tenant(Base):
     budget_period_s: Mapped[int] = mapped_column(Integer, default=86400, server_default="86400")
     # What a submission over a limit gets: `reject` (429) or `hold` (accepted, waits queued).
     over_quota: Mapped[str] = mapped_column(String(8), default="reject", server_default="reject")
+    # API requests per second (sustained) and burst for each of this tenant's keys and for the
+    # tenant as a whole (api/ratelimits.py). None: the defaults in settings.
+    rate_limit_per_s: Mapped[float | None] = mapped_column(Float)
+    rate_limit_burst: Mapped[int | None] = mapped_column(Integer)
 
 
 class ApiKey(Base):
@@ -91,9 +95,26 @@ class ApiKey(Base):
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)
     label: Mapped[str] = mapped_column(String(128), default="")
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    # What the key may do (core/keys.py KeyScope): read, submit or admin (is_admin agrees).
+    scope: Mapped[str] = mapped_column(String(16), default="submit", server_default="submit")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # After this the key answers 401 as if revoked. None: it does not expire.
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     last_used_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class DashboardSession(Base):
+    """A dashboard login, kept server-side so that it can end: the cookie carries a random id
+    whose SHA-256 is the row's id; logout, an admin "log out everywhere" and the key's
+    revocation or expiry end it at once."""
+
+    __tablename__ = "dashboard_session"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    key_id: Mapped[str] = mapped_column(ForeignKey("api_key.id"), index=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
 class Dataset(Base):

@@ -1,6 +1,8 @@
 """Dashboard sessions and CSRF. Logging in takes an admin key (a tenant key is refused) and
-stores only the key's id in Flask's signed cookie; every request re-reads the key, so revoking it
-ends its sessions at once. CSRF: a random token kept in the session must come back with every
+starts a server-side session (core/sessions.py) whose random token is kept in Flask's signed
+cookie; every request looks the session and its key up, so logout, "log out everywhere"
+(`POST /admin/sessions/end`, or `DELETE /v1/admin/sessions`) and revoking or expiring the key
+end it at once, and a copied cookie is worth nothing afterwards. CSRF: a random token kept in the session must come back with every
 POST (form field `csrf_token` or header `X-CSRF-Token`), compared in constant time. That is the
 synchronizer-token pattern Flask-WTF implements; written out here (about 20 lines) because it must
 guard only `/admin`, whereas CSRFProtect guards every POST of the app, `/v1` included, whose
@@ -20,12 +22,12 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response as BaseResponse
 
 from api.app import genq
-from api.dashboard import bp
+from api.dashboard import SESSION_LIFETIME, bp
 from api.problems import problem_response
 from core.audit import Actor, record_action
 from core.errors import ForbiddenError, GenqError, UnauthorizedError
 from core.keys import authenticate
-from core.tables import ApiKey
+from core.sessions import end_all_sessions, end_session, session_key, start_session
 
 PUBLIC_ENDPOINTS = {"dashboard.login", "dashboard.static"}
 
@@ -79,11 +81,11 @@ def _guard() -> Any:
         _check_csrf()
     if request.endpoint in PUBLIC_ENDPOINTS:
         return None
-    key_id = session.get("key_id")
-    if key_id:
+    token = session.get("sid")
+    if isinstance(token, str) and token:
         with genq().database.transaction() as db:
-            key = db.get(ApiKey, key_id)
-            if key is not None and key.is_admin and key.revoked_at is None:
+            key = session_key(db, token)
+            if key is not None:
                 g.admin = Admin(key.id, key.prefix, key.tenant_id)
                 return None
         session.clear()
@@ -118,11 +120,12 @@ def login() -> Any:
                 return _login_failed("key", "this key is not an admin key", 403)
             actor = Actor.of_key(db, who.key_id)
             record_action(db, actor, "login", "key", who.key_id)
+            token = start_session(db, who.key_id, SESSION_LIFETIME)
     except UnauthorizedError:
-        return _login_failed("key", "unknown or revoked key", 401)
+        return _login_failed("key", "unknown, expired or revoked key", 401)
     session.clear()  # a new session (and CSRF token) at each login: no fixation
     session.permanent = True
-    session["key_id"] = who.key_id
+    session["sid"] = token
     csrf_token()
     return redirect(_safe_next(request.form.get("next")))
 
@@ -138,6 +141,17 @@ def _login_failed(field: str, message: str, status: int) -> tuple[str, int]:
 def logout() -> BaseResponse:
     with genq().database.transaction() as db:
         record_action(db, admin().actor, "logout", "key", admin().key_id)
+        end_session(db, str(session.get("sid")))
+    session.clear()
+    return redirect(url_for("dashboard.login"))
+
+
+@bp.post("/sessions/end")
+def end_every_session() -> BaseResponse:
+    """Log out everywhere: every dashboard session of every admin ends, this one included."""
+    with genq().database.transaction() as db:
+        count = end_all_sessions(db)
+        record_action(db, admin().actor, "end_sessions", "key", admin().key_id, {"count": count})
     session.clear()
     return redirect(url_for("dashboard.login"))
 
