@@ -42,4 +42,12 @@ def download(artifact_id: str) -> Response:
     )
     # Outputs never change once written, but they are a tenant's own: keep them private.
     response.headers["Cache-Control"] = "private, max-age=3600"
+    return with_stored_type(response, artifact.content_type)
+
+
+def with_stored_type(response: Response, content_type: str) -> Response:
+    """The artifact's own content type, as stored: werkzeug would append a second
+    `charset` to a `text/...; charset=utf-8` one. A browser must not guess another type."""
+    response.headers["Content-Type"] = content_type
+    response.headers["X-Content-Type-Options"] = "nosniff"
     return response

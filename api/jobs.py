@@ -38,6 +38,7 @@ from core.errors import (
     IllegalTransitionError,
     InvalidInputError,
     NotFoundError,
+    PayloadTooLargeError,
 )
 from core.jobs import (
     cancel_job,
@@ -64,6 +65,11 @@ def read_json_body() -> Any:
     if not request.is_json:
         raise UnsupportedMediaType("send the body as JSON with Content-Type: application/json")
     raw = request.get_data(cache=True)
+    limit = request.max_content_length
+    if request.content_length is None and limit is not None and len(raw) >= limit:
+        # A chunked body: werkzeug stops reading at the limit without saying so, and the cut
+        # body would be answered as "not valid JSON".
+        raise PayloadTooLargeError(f"the body is larger than {limit} bytes")
     try:
         body = json.loads(raw, parse_constant=_reject_constant)
     except RecursionError:

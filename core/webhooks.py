@@ -148,10 +148,36 @@ def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
     return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
 
 
+# IPv6 prefixes that carry an IPv4 address which a gateway may reach on our behalf: NAT64's
+# well-known prefix (RFC 6052, the IPv4 address in the last 32 bits) and 6to4 (RFC 3056, in
+# bits 16-48), besides IPv4-mapped and Teredo. NAT64's local-use prefix (RFC 8215) is for a
+# site's own translators, so every address in it counts as internal.
+NAT64_PREFIXES = (ipaddress.ip_network("64:ff9b::/96"),)
+NAT64_LOCAL_USE = ipaddress.ip_network("64:ff9b:1::/48")
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 one stands for (mapped, NAT64, 6to4, Teredo), if any."""
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if any(ip in prefix for prefix in NAT64_PREFIXES):
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip.teredo is not None:
+        return ip.teredo[1]
+    return None
+
+
 def is_internal(address: str) -> bool:
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address
     ip = ipaddress.ip_address(address.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip in NAT64_LOCAL_USE:
+            return True
+        inner = embedded_ipv4(ip)
+        if inner is not None:
+            ip = inner
     return (
         ip.is_loopback
         or ip.is_private

@@ -189,7 +189,11 @@ def test_signature_matches_the_standard_webhooks_reference_vector() -> None:
 @pytest.mark.parametrize(
     "address",
     ["127.0.0.1", "10.1.2.3", "192.168.0.1", "172.16.5.4", "169.254.169.254", "::1", "fe80::1",
-     "fd00:ec2::254", "0.0.0.0", "::ffff:127.0.0.1", "100.64.0.1"],
+     "fd00:ec2::254", "0.0.0.0", "::ffff:127.0.0.1", "100.64.0.1",
+     # 6to4 and NAT64 addresses that carry a private IPv4 address (issue 15), and Teredo.
+     "2002:7f00:1::1", "2002:a00:1::", "2002:c0a8:101::1", "64:ff9b::10.0.0.1",
+     "64:ff9b::127.0.0.1", "64:ff9b::a9fe:a9fe", "64:ff9b:1::5db8:d822",
+     "2001:0:4136:e378:8000:63bf:f5ff:fffe"],
 )  # fmt: skip
 def test_internal_addresses_are_recognised(address: str) -> None:
     assert is_internal(address)
@@ -197,6 +201,8 @@ def test_internal_addresses_are_recognised(address: str) -> None:
 
 def test_public_addresses_pass_and_internal_targets_are_refused() -> None:
     assert not is_internal("93.184.216.34") and not is_internal("2606:4700::1111")
+    # The same public IPv4 address behind 6to4 and NAT64 passes too.
+    assert not is_internal("2002:5db8:d822::1") and not is_internal("64:ff9b::93.184.216.34")
     for url in ("http://127.0.0.1:9/x", "http://localhost/x", "http://[::1]/", "ftp://x.org/"):
         with pytest.raises(UnsafeTargetError):
             check_target(url, allow_private=False)

@@ -276,6 +276,7 @@ def artifact(artifact_id: str) -> Response:
     if not path.is_file():
         raise NotFoundError(f"the file of artifact {artifact_id} is gone")
     response = send_file(path, mimetype=found.content_type, download_name=found.name)
+    response.headers["Content-Type"] = found.content_type  # as stored: no second charset
     response.headers["Cache-Control"] = "private, max-age=3600"
     # An output is shown, never run: no script in an SVG or HTML output can act as the admin.
     response.headers["Content-Security-Policy"] = "default-src 'none'; img-src 'self'; sandbox"
