@@ -15,7 +15,8 @@ from typing import Any, TypeVar
 from flask import Flask, current_app, g, request
 
 from api.app import genq
-from core.errors import UnauthorizedError
+from api.ratelimits import add_header_fields, client_address, is_redis_down, log_redis_down
+from core.errors import ForbiddenError, RateLimitedError, UnauthorizedError
 from core.keys import Principal, authenticate, is_last_use_stale, touch_key
 from core.tables import utcnow
 
@@ -38,16 +39,47 @@ def _bearer_key() -> str:
     return key.strip()
 
 
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def rate_guarded(count: Callable[[], Any]) -> Any:
+    """Run a rate-limit step; a Redis that does not answer lets the request through."""
+    try:
+        return count()
+    except RateLimitedError:
+        raise
+    except Exception as exc:
+        if not is_redis_down(exc):
+            raise
+        log_redis_down(exc)
+        return None
+
+
 def _authenticate() -> None:
     if request.endpoint is None:  # no route: let the 404 or 405 through
         return
     view = current_app.view_functions.get(request.endpoint)
     if view is None or getattr(view, "genq_public", False):
         return
-    key = _bearer_key()
-    database = genq().database
-    with database.read() as session:
-        g.principal = authenticate(session, key)
+    state = genq()
+    limits = state.rate_limits
+    address = client_address()
+    if limits is not None:
+        rate_guarded(lambda: limits.check_address(address))
+    database = state.database
+    key = _bearer_key()  # no key at all is not a guess: not counted
+    try:
+        with database.read() as session:
+            g.principal = authenticate(session, key)
+    except UnauthorizedError:
+        if limits is not None:
+            rate_guarded(lambda: limits.count_failure(address))
+        raise
+    who: Principal = g.principal
+    if not who.may_write and request.method not in SAFE_METHODS:
+        raise ForbiddenError("this key is read-only (scope `read`): it may only read")
+    if limits is not None and not who.is_admin:
+        g.rate_standing = rate_guarded(lambda: limits.hit(who))
     now = utcnow()
     if is_last_use_stale(g.principal, now):
         try:
@@ -59,6 +91,7 @@ def _authenticate() -> None:
 
 def install(app: Flask) -> None:
     app.before_request(_authenticate)
+    app.after_request(add_header_fields)
 
 
 def principal() -> Principal:

@@ -19,10 +19,11 @@ from flask import Blueprint, Response, request
 from sqlalchemy import select
 
 from api.app import genq
+from api.auth import principal
 from api.jobs import find_job
 from api.payloads import event_payload
 from core.db import Database
-from core.errors import BusyError, InvalidInputError
+from core.errors import BusyError, InvalidInputError, RateLimitedError
 from core.numbers import parse_whole
 from core.states import is_terminal
 from core.tables import Job, JobEvent
@@ -114,8 +115,19 @@ def events(job_id: str) -> Response:
     with state.database.read() as session:
         job_id = find_job(session, job_id).id
     # A stream holds a server thread for as long as the job runs: past the process's limit the
-    # caller is told to come back (or poll), and the other threads keep answering everyone.
-    if not state.streams.acquire(blocking=False):
+    # caller is told to come back (or poll), and the other threads keep answering everyone. One
+    # tenant may hold only its share of them, so that it cannot shut the others out.
+    tenant_id = principal().tenant_id
+    full = state.open_stream(tenant_id)
+    if full == "tenant":
+        raise RateLimitedError(
+            f"your tenant holds its {state.tenant_stream_limit} event streams of this API "
+            "process (GENQ_API_MAX_STREAMS_PER_TENANT); close one, retry later, or poll "
+            "GET /v1/jobs/{id}",
+            policy="streams",
+            retry_after_s=STREAM_RETRY_AFTER_S,
+        )
+    if full == "process":
         raise BusyError(
             f"this API process has its {state.stream_limit} event streams open "
             "(GENQ_API_MAX_STREAMS); retry later, or poll GET /v1/jobs/{id}",
@@ -129,7 +141,9 @@ def events(job_id: str) -> Response:
         keepalive_s=state.stream_keepalive_s,
     )
     response = Response(stream, mimetype="text/event-stream")
-    response.call_on_close(state.streams.release)  # the server closes it however it ended
+    # The server closes it however it ended (and a client may close it twice): free it once.
+    slot = [tenant_id]
+    response.call_on_close(lambda: slot and state.close_stream(slot.pop()))
     response.headers["Cache-Control"] = "no-cache"
     response.headers["X-Accel-Buffering"] = "no"  # nginx: do not buffer the stream
     return response

@@ -11,6 +11,7 @@
     │   └── LeaseLostError         409 lease-lost      (a write from a worker whose lease is gone)
     ├── PayloadTooLargeError       413 too-large
     ├── QuotaExceededError         429 quota-exceeded  (limit, current, allowed: which quota)
+    ├── RateLimitedError           429 rate-limited    (Retry-After, RateLimit, RateLimit-Policy)
     └── JobFailedError             500 job-failed      (a job's own failure; stored on the job)
         ├── ModelError             500 model-error     (the model code raised)
         └── TransientError         503 transient       (worth another attempt)
@@ -114,6 +115,17 @@ class QuotaExceededError(GenqError):
     value and what is allowed (core/quotas.py)."""
 
     status, type, title = 429, "quota-exceeded", "Quota exceeded"
+
+
+class RateLimitedError(GenqError):
+    """429: too many requests from one key, tenant or (failed logins) client address for the
+    moment; `Retry-After` says when to come back, `policy` which limit it was."""
+
+    status, type, title = 429, "rate-limited", "Too many requests"
+
+    def __init__(self, detail: str, *, policy: str, retry_after_s: int) -> None:
+        super().__init__(detail, policy=policy)
+        self.headers["Retry-After"] = str(retry_after_s)
 
 
 class JobFailedError(GenqError):

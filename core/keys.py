@@ -48,6 +48,9 @@ class Principal:
     is_admin: bool
     last_used_at: datetime | None = None
     scope: str = KeyScope.SUBMIT
+    # The tenant's own rate limit (None: the defaults in settings).
+    rate_limit_per_s: float | None = None
+    rate_limit_burst: int | None = None
 
     @property
     def may_write(self) -> bool:
@@ -101,19 +104,26 @@ def create_key(
 
 
 # Built once: every request runs it.
-_KEY_BY_HASH = select(ApiKey).where(ApiKey.key_hash == bindparam("key_hash"))
+_KEY_BY_HASH = (
+    select(ApiKey, Tenant.rate_limit_per_s, Tenant.rate_limit_burst)
+    .join(Tenant, Tenant.id == ApiKey.tenant_id)
+    .where(ApiKey.key_hash == bindparam("key_hash"))
+)
 
 
 def authenticate(session: Session, raw: str) -> Principal:
-    key = session.scalar(_KEY_BY_HASH, {"key_hash": hash_key(raw)})
-    if key is None or not is_key_valid(key, utcnow()):
+    row = session.execute(_KEY_BY_HASH, {"key_hash": hash_key(raw)}).first()
+    if row is None or not is_key_valid(row[0], utcnow()):
         raise UnauthorizedError("unknown, expired or revoked API key")
+    key, per_s, burst = row
     return Principal(
         tenant_id=key.tenant_id,
         key_id=key.id,
         is_admin=key.is_admin,
         last_used_at=key.last_used_at,
         scope=key.scope,
+        rate_limit_per_s=per_s,
+        rate_limit_burst=burst,
     )
 
 

@@ -103,6 +103,22 @@ class Settings(BaseSettings):
     # starting one more evicts the least recently used idle servers there. Unset: no budget.
     gpu_memory_budget_gb: float | None = Field(None, gt=0)
 
+    # Rate limits (api/ratelimits.py), counted in the broker's Redis so that every API process
+    # shares them. Each non-admin key, and each tenant as a whole, may make `burst` requests in
+    # any window of burst/per_s seconds (at least 1 s): `per_s` sustained. An admin sets a
+    # tenant's own with PATCH /v1/tenants/{id}. Admin keys are not limited.
+    rate_limits: bool = True
+    rate_limit_per_s: float = Field(20.0, gt=0, le=100_000)
+    rate_limit_burst: int = Field(40, ge=1, le=1_000_000)
+    tenant_rate_limit_per_s: float = Field(50.0, gt=0, le=100_000)
+    tenant_rate_limit_burst: int = Field(100, ge=1, le=1_000_000)
+    # Requests with a wrong, expired or revoked key (and failed dashboard logins) from one
+    # client address per minute; past it every request from there is a 429 until it falls.
+    auth_failures_per_min: int = Field(30, ge=1, le=100_000)
+    # Event streams one tenant may hold in one API process (default: half of the process's
+    # streams, at least 1), so that one tenant cannot take them all.
+    api_max_streams_per_tenant: int | None = Field(None, ge=1, le=1024)
+
     # Limits on what clients may send.
     max_request_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     # Data set uploads (POST /v1/datasets): the upload itself, the entries of an image zip,
@@ -129,6 +145,12 @@ class Settings(BaseSettings):
         if self.artifact_root is None:
             self.artifact_root = self.var_dir / "artifacts"
         self.artifact_root = self.artifact_root.resolve()
+        for per_s, burst, name in (
+            (self.rate_limit_per_s, self.rate_limit_burst, "rate_limit"),
+            (self.tenant_rate_limit_per_s, self.tenant_rate_limit_burst, "tenant_rate_limit"),
+        ):
+            if burst / per_s > 3600:
+                raise ValueError(f"{name}_burst / {name}_per_s must be at most 3600 seconds")
         if self.heartbeat_interval_s >= self.lease_ttl_s:
             raise ValueError("heartbeat_interval_s must be shorter than lease_ttl_s")
         return self

@@ -210,3 +210,34 @@ def test_past_the_stream_limit_a_stream_is_a_503_and_the_api_still_answers(
     assert_problem(client.get(f"/v1/jobs/{jobs[2]}/events", headers=bearer(keys.acme)), 503)
     for response in both:
         response.close()
+
+
+def test_a_tenant_holds_at_most_its_share_of_the_streams(
+    app: Flask, client: FlaskClient, keys: Keys
+) -> None:
+    """One tenant holding streams up to its share gets a 429; another tenant still gets one."""
+    state = app.extensions["genq"]
+    # The default share: half of the process's streams.
+    assert state.tenant_stream_limit == state.stream_limit // 2
+    state.streams = threading.BoundedSemaphore(4)
+    state.stream_limit, state.tenant_stream_limit = 4, 2
+    mine = [submit(client, keys.acme, echo()).get_json()["id"] for _ in range(3)]
+    theirs = submit(client, keys.globex, echo()).get_json()["id"]
+
+    def open_stream(job_id: str, key: str) -> Any:
+        response = client.get(f"/v1/jobs/{job_id}/events", headers=bearer(key), buffered=False)
+        assert response.status_code == 200
+        next(iter(response.response))
+        return response
+
+    held = [open_stream(mine[0], keys.acme), open_stream(mine[1], keys.acme)]
+    refused = client.get(f"/v1/jobs/{mine[2]}/events", headers=bearer(keys.acme))
+    body = assert_problem(refused, 429)
+    assert body["policy"] == "streams" and "GENQ_API_MAX_STREAMS_PER_TENANT" in body["detail"]
+    assert refused.headers["Retry-After"] == "5"
+    other = open_stream(theirs, keys.globex)  # the neighbour is not shut out
+    held[0].close()
+    held.append(open_stream(mine[2], keys.acme))  # a closed stream frees the tenant's slot
+    for response in [*held, other]:
+        response.close()
+    assert state.streams_by_tenant == {}
