@@ -101,6 +101,7 @@ def create_app(
         health,
         inputs,
         jobs,
+        keys,
         openapi,
         problems,
         schedules,
@@ -129,6 +130,7 @@ def create_app(
         dataset_uploads.bp,
         tenants.bp,
         schedules.bp,
+        keys.bp,
     ):
         app.register_blueprint(blueprint)
     auth.install(app)

@@ -723,9 +723,10 @@ def document(limit_max: int) -> dict[str, Any]:
     schemas: dict[str, Any] = dict(RESPONSE_SCHEMAS)
     _add_model(schemas, JobSubmission, "JobSubmission")
     _add_model(schemas, ModelRegistration, "ModelRegistration")
-    from api import openapi_scheduling  # it builds on the helpers above
+    from api import openapi_scheduling, openapi_security  # they build on the helpers above
 
     openapi_scheduling.add_schemas(schemas)
+    openapi_security.add_schemas(schemas)
     for family in FAMILIES.values():
         for kind in JobKind:
             spec = family.params_for(kind)
@@ -742,7 +743,15 @@ def document(limit_max: int) -> dict[str, Any]:
         "servers": [{"url": "/"}],
         "security": [{"bearer": []}],
         "paths": _with_links(
-            _with_input_problems({**_paths(limit_max), **openapi_scheduling.paths()})
+            openapi_security.with_abuse_limits(
+                _with_input_problems(
+                    {
+                        **_paths(limit_max),
+                        **openapi_scheduling.paths(),
+                        **openapi_security.paths(),
+                    }
+                )
+            )
         ),
         "components": {
             "schemas": schemas,

@@ -49,6 +49,7 @@ RESPONSE_SCHEMAS: dict[str, Any] = {
                     "over_quota": {"type": "string", "enum": ["reject", "hold"]},
                 }
             ),
+            "rate_limit": _ref("TenantRateLimit"),  # api/openapi_security.py
             "usage": _object({"running": INT, "waiting": INT, "gpu_seconds": NUMBER}),
         }
     ),

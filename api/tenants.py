@@ -50,6 +50,16 @@ class QuotaChange(BaseModel):
     gpu_seconds_budget: float | None = Field(None, ge=0, allow_inf_nan=False)
     budget_period_s: StrictInt | None = Field(None, ge=60, le=366 * 86400)
     over_quota: str | None = Field(None, pattern="^(reject|hold)$")
+    rate_limit_per_s: float | None = Field(
+        None,
+        gt=0,
+        le=100_000,
+        allow_inf_nan=False,
+        description="Requests per second of the tenant's keys together; null: the default.",
+    )
+    rate_limit_burst: StrictInt | None = Field(
+        None, ge=1, le=1_000_000, description="Most requests in a burst; null: the default."
+    )
 
 
 def tenant_payload(session: Session, tenant: Tenant) -> dict[str, Any]:
@@ -64,7 +74,18 @@ def tenant_payload(session: Session, tenant: Tenant) -> dict[str, Any]:
             "budget_period_s": tenant.budget_period_s,
             "over_quota": tenant.over_quota,
         },
+        "rate_limit": rate_limit_payload(tenant),
         "usage": usage(session, tenant.id),
+    }
+
+
+def rate_limit_payload(tenant: Tenant) -> dict[str, Any]:
+    """The tenant's rate limit in force: its own, or the defaults from settings."""
+    settings = genq().settings
+    return {
+        "per_s": tenant.rate_limit_per_s or settings.tenant_rate_limit_per_s,
+        "burst": tenant.rate_limit_burst or settings.tenant_rate_limit_burst,
+        "is_default": tenant.rate_limit_per_s is None and tenant.rate_limit_burst is None,
     }
 
 
@@ -127,6 +148,11 @@ def change_tenant(ref: str) -> Response:
         before = {name: getattr(tenant, name) for name in sent}
         for name, value in sent.items():
             setattr(tenant, name, value)
+        limit = rate_limit_payload(tenant)
+        if limit["burst"] / limit["per_s"] > 3600:
+            raise InvalidInputError.one(
+                "rate_limit_burst", "burst / rate_limit_per_s must be at most 3600 seconds"
+            )
         record_action(
             session,
             Actor.of_key(session, principal().key_id),

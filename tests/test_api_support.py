@@ -68,7 +68,9 @@ def make_settings(
     **overrides: Any,
 ) -> Settings:
     """Settings for an API test on SQLite or on PostgreSQL (request.param), with the calling
-    module's own Redis DB."""
+    module's own Redis DB. Rate limits are off unless a test turns them on: these tests send
+    bursts from one key on purpose (tests/test_ratelimits.py tests the limits; the stack
+    tests run with them on)."""
     if request.param == "postgres":
         if pg_schema is None:
             if os.environ.get("CI"):
@@ -83,7 +85,7 @@ def make_settings(
         database_url=url,
         redis_url=redis_url,
         artifact_root=tmp_path / "artifacts",
-        **overrides,
+        **{"rate_limits": False, **overrides},
     )
 
 
