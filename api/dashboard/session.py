@@ -22,6 +22,8 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response as BaseResponse
 
 from api.app import genq
+from api.auth import rate_guarded
+from api.ratelimits import client_address
 from api.dashboard import SESSION_LIFETIME, bp
 from api.problems import problem_response
 from core.audit import Actor, record_action
@@ -113,6 +115,9 @@ def login() -> Any:
     raw = request.form.get("key", "").strip()
     if not raw:
         return _login_failed("key", "enter an admin API key", 422)
+    limits = genq().rate_limits
+    if limits is not None:  # guessing keys here is throttled like on /v1
+        rate_guarded(lambda: limits.check_address(client_address()))
     try:
         with genq().database.transaction() as db:
             who = authenticate(db, raw)
@@ -122,6 +127,8 @@ def login() -> Any:
             record_action(db, actor, "login", "key", who.key_id)
             token = start_session(db, who.key_id, SESSION_LIFETIME)
     except UnauthorizedError:
+        if limits is not None:
+            rate_guarded(lambda: limits.count_failure(client_address()))
         return _login_failed("key", "unknown, expired or revoked key", 401)
     session.clear()  # a new session (and CSRF token) at each login: no fixation
     session.permanent = True
@@ -170,7 +177,7 @@ def _genq_error(error: GenqError) -> Any:
         detail=error.detail,
         errors=problem.get("errors", []),
     )
-    return page, error.status
+    return page, error.status, error.headers
 
 
 def _extra(error: GenqError) -> dict[str, Any]:
