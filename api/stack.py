@@ -34,6 +34,11 @@ from workers.families.base import GPU_MEMORY_RESOURCE
 log = logging.getLogger(__name__)
 
 ADMIN_TENANT = "admin"
+# Secrets and the children that need them: the admin key is used by `genq up` itself (at
+# bootstrap) and by no child; the secret key signs dashboard sessions (api) and webhooks
+# (worker). Ray's processes (model servers, trainers) get no GENQ_* variable at all: they take
+# what they need from the task, and run model code that should not see credentials.
+SECRET_USERS = {"GENQ_ADMIN_KEY": frozenset(), "GENQ_SECRET_KEY": frozenset({"api", "worker"})}
 
 
 def bootstrap(settings: Settings) -> str | None:
@@ -84,6 +89,16 @@ class Stack:
         self.env = dict(os.environ)
         self.bin_dir = Path(sys.executable).parent
 
+    def child_env(self, name: str) -> dict[str, str]:
+        """The environment of one child: only the secrets it needs."""
+        if name == "ray":
+            return {k: v for k, v in self.env.items() if not k.startswith("GENQ_")}
+        return {
+            k: v
+            for k, v in self.env.items()
+            if k not in SECRET_USERS or name in SECRET_USERS[k]
+        }
+
     def _spawn(self, name: str, argv: list[str], *, log_file: bool = False, **kw: object) -> Child:
         out = None
         if log_file:
@@ -91,7 +106,7 @@ class Stack:
             out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives with the child
         process = subprocess.Popen(
             argv,
-            env=self.env,
+            env=self.child_env(name),
             stdout=out,
             stderr=subprocess.STDOUT if out else None,
             start_new_session=True,
@@ -147,6 +162,12 @@ class Stack:
         self.env["RAY_AUTH_TOKEN"] = token_file.read_text().strip()
         # The worker is stopped before Ray, so there is nothing to drain: stop at once.
         self.env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
+        # The local head is this machine's alone: its node address stays 127.0.0.1, and then
+        # every Ray server (GCS, raylet, object manager, agents, metrics exporter) listens on
+        # loopback only. Without this `ray start` swaps 127.0.0.1 for the machine's address and
+        # the C++ servers listen on every interface. (Ray's switch for it is named after the
+        # platforms where it is the default; it means "single-node, loopback".)
+        self.env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
         argv = [
             str(self.bin_dir / "ray"),
             "start",
