@@ -51,11 +51,8 @@ class Genq:
             limit, self.settings.api_max_streams_per_tenant or max(1, limit // 2)
         )
         if self.settings.rate_limits:
-            storage = RedisStorage(
-                "redis://", connection_pool=self.publisher.redis.connection_pool
-            )
+            storage = RedisStorage("redis://", connection_pool=self.publisher.redis.connection_pool)
             self.rate_limits = RateLimits(self.settings, storage)
-
 
     def open_stream(self, tenant_id: str) -> str | None:
         """Take a stream slot for the tenant; None if taken, else which limit is full."""

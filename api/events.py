@@ -143,7 +143,12 @@ def events(job_id: str) -> Response:
     response = Response(stream, mimetype="text/event-stream")
     # The server closes it however it ended (and a client may close it twice): free it once.
     slot = [tenant_id]
-    response.call_on_close(lambda: slot and state.close_stream(slot.pop()))
+
+    def free_slot() -> None:
+        if slot:
+            state.close_stream(slot.pop())
+
+    response.call_on_close(free_slot)
     response.headers["Cache-Control"] = "no-cache"
     response.headers["X-Accel-Buffering"] = "no"  # nginx: do not buffer the stream
     return response

@@ -94,9 +94,7 @@ class Stack:
         if name == "ray":
             return {k: v for k, v in self.env.items() if not k.startswith("GENQ_")}
         return {
-            k: v
-            for k, v in self.env.items()
-            if k not in SECRET_USERS or name in SECRET_USERS[k]
+            k: v for k, v in self.env.items() if k not in SECRET_USERS or name in SECRET_USERS[k]
         }
 
     def _spawn(self, name: str, argv: list[str], *, log_file: bool = False, **kw: object) -> Child:

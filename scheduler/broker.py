@@ -119,6 +119,9 @@ def record_dropped(
 
 def read_dropped(client: redis.Redis) -> dict[str, Any]:
     """What workers dropped: counts by reason, the total, and the latest messages."""
-    counts = {k.decode(): int(v) for k, v in client.hgetall(DROPPED_KEY).items()}
+    counts = {
+        (k.decode() if isinstance(k, bytes) else str(k)): int(v)
+        for k, v in client.hgetall(DROPPED_KEY).items()
+    }
     recent = [json.loads(item) for item in client.lrange(DROPPED_RECENT_KEY, 0, -1)]
     return {"total": sum(counts.values()), "by_reason": counts, "recent": recent}

@@ -145,7 +145,11 @@ class GuardedConsumer(Consumer):  # type: ignore[misc]
         return self.ensure_connected(conn)
 
     def create_task_handler(self, promise: Any = None) -> Callable[[Any], None]:
-        handle = super().create_task_handler() if promise is None else super().create_task_handler(promise)
+        handle = (
+            super().create_task_handler()
+            if promise is None
+            else super().create_task_handler(promise)
+        )
 
         def on_task_received(message: Any) -> None:
             problem = describe_task(message.headers, message.content_type, message.body)

@@ -121,15 +121,23 @@ CASES: list[tuple[str, Callable[[], bytes], str]] = [
     ("encrypted", encrypted, "encrypted"),
     ("unknown-method", unknown_method, "compression method 99"),
     ("duplicate", duplicate_names, "duplicate entry name"),
-    ("file-and-folder", lambda: zip_of({"cats/a.png": png(), "cats/a.png/b.png": png()}),
-     "both a file and a folder"),  # fmt: skip
+    (
+        "file-and-folder",
+        lambda: zip_of({"cats/a.png": png(), "cats/a.png/b.png": png()}),
+        "both a file and a folder",
+    ),  # fmt: skip
     ("truncated", lambda: zip_of({"cats/a.png": png()})[:-30], "not a readable zip"),
 ]
 
 
 @pytest.mark.parametrize("make, expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_malformed_archives_are_422_naming_what_is_wrong(
-    client, keys: Keys, settings, database, make: Callable[[], bytes], expected: str
+    client,  # noqa: F811
+    keys: Keys,  # noqa: F811
+    settings,  # noqa: F811
+    database,  # noqa: F811
+    make: Callable[[], bytes],
+    expected: str,  # noqa: F811
 ) -> None:
     problem = assert_problem(upload(client, keys.acme, make(), "images"), 422)
     assert problem["errors"][0]["field"] == "file"
@@ -137,7 +145,7 @@ def test_malformed_archives_are_422_naming_what_is_wrong(
     nothing_left(settings, database)
 
 
-def test_an_entry_over_its_cap_is_413_and_leaves_nothing(client, keys: Keys, settings, database):
+def test_an_entry_over_its_cap_is_413_and_leaves_nothing(client, keys: Keys, settings, database):  # noqa: F811
     settings.dataset_max_entry_bytes = 100_000
     bomb = zip_of({"cats/a.png": png(), "cats/b.png": b"\0" * 150_000})
     problem = assert_problem(upload(client, keys.acme, bomb, "images"), 413)
@@ -153,7 +161,7 @@ GIB = 1024**3
 def one_gigabyte_entry_zip(path: Path) -> None:
     """A zip of about 1 MB whose one entry unpacks to 1 GiB of zeros (made in a stream)."""
     chunk = b"\0" * (1024 * 1024)
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as archive:  # noqa: SIM117
         with archive.open("cats/bomb.png", "w", force_zip64=True) as entry:
             for _ in range(GIB // len(chunk)):
                 entry.write(chunk)

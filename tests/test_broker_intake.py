@@ -70,8 +70,11 @@ HOSTILE: list[tuple[str, bytes | str, str]] = [
         envelope(b"\x80\x04K\x05.", task_headers(), "application/x-python-serialize"),
         "not_a_genq_task",
     ),
-    ("bad base64", json.dumps({**json.loads(envelope(b"", task_headers())), "body": "%%%"}),
-     "not_a_genq_task"),  # fmt: skip
+    (
+        "bad base64",
+        json.dumps({**json.loads(envelope(b"", task_headers())), "body": "%%%"}),
+        "not_a_genq_task",
+    ),  # fmt: skip
 ]
 
 

@@ -100,10 +100,12 @@ def test_1_malformed_broker_messages_are_dropped_and_the_stack_goes_on(
 
 def bomb_zip() -> bytes:
     buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
-        with archive.open("cats/bomb.png", "w", force_zip64=True) as entry:
-            for _ in range(1024):
-                entry.write(b"\0" * (1024 * 1024))
+    with (
+        zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as archive,
+        archive.open("cats/bomb.png", "w", force_zip64=True) as entry,
+    ):
+        for _ in range(1024):
+            entry.write(b"\0" * (1024 * 1024))
     return buf.getvalue()
 
 
@@ -287,9 +289,7 @@ def test_7_small_ones(stack: StackProcess) -> None:
 
 
 def test_8_wrong_keys_are_throttled_per_address(stack: StackProcess) -> None:
-    codes = [
-        stack.call("GET", "/v1/jobs", f"gq_wrong-{i:032d}").status_code for i in range(22)
-    ]
+    codes = [stack.call("GET", "/v1/jobs", f"gq_wrong-{i:032d}").status_code for i in range(22)]
     # 20 failures a minute; the revoked key of test 5 was one of them already.
     first = codes.index(429)
     assert 18 <= first <= 20 and set(codes[:first]) == {401} and set(codes[first:]) == {429}

@@ -50,7 +50,7 @@ TENANT_RATE = {"tenant_rate_limit_per_s": 0.1, "tenant_rate_limit_burst": 6}
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def settings(request: pytest.FixtureRequest, tmp_path: Any, pg_schema: str | None) -> Settings:
+def settings(request: pytest.FixtureRequest, tmp_path: Any, pg_schema: str | None) -> Settings:  # noqa: F811
     return make_settings(
         request,
         tmp_path,
@@ -74,7 +74,7 @@ def broker() -> Iterator[redis.Redis]:
 
 
 @pytest.fixture
-def app(settings: Settings, database: Database, publisher: Publisher) -> Flask:
+def app(settings: Settings, database: Database, publisher: Publisher) -> Flask:  # noqa: F811
     return create_app(settings, database=database, publisher=publisher)
 
 
@@ -90,7 +90,7 @@ def get_jobs(client: FlaskClient, key: str) -> Any:
 # -- keys ----------------------------------------------------------------------------------------
 
 
-def test_admin_creates_lists_and_revokes_keys_with_scopes(client, keys: Keys) -> None:
+def test_admin_creates_lists_and_revokes_keys_with_scopes(client, keys: Keys) -> None:  # noqa: F811
     made = client.post(
         "/v1/keys",
         json={"tenant": "acme", "scope": "read", "label": "dashboards"},
@@ -118,7 +118,7 @@ def test_admin_creates_lists_and_revokes_keys_with_scopes(client, keys: Keys) ->
     assert_problem(get_jobs(client, key["key"]), 401)
 
 
-def test_key_creation_refuses_bad_input_naming_the_field(client, keys: Keys) -> None:
+def test_key_creation_refuses_bad_input_naming_the_field(client, keys: Keys) -> None:  # noqa: F811
     for body, field in [
         ({"tenant": "acme", "scope": "root"}, "scope"),
         ({"tenant": "acme", "expires_at": "2020-01-01T00:00:00Z"}, "expires_at"),
@@ -126,11 +126,13 @@ def test_key_creation_refuses_bad_input_naming_the_field(client, keys: Keys) -> 
         ({"tenant": ""}, "tenant"),
         ({"tenant": "acme", "extra": 1}, "extra"),
     ]:
-        problem = assert_problem(client.post("/v1/keys", json=body, headers=bearer(keys.admin)), 422)
+        problem = assert_problem(
+            client.post("/v1/keys", json=body, headers=bearer(keys.admin)), 422
+        )
         assert problem["errors"][0]["field"] == field, problem
 
 
-def test_an_expired_key_is_401(client, keys: Keys, database: Database) -> None:
+def test_an_expired_key_is_401(client, keys: Keys, database: Database) -> None:  # noqa: F811
     with database.transaction() as session:
         tenant = get_or_create_tenant(session, "acme")
         row, raw = create_key(session, tenant, expires_at=utcnow() + timedelta(hours=1))
@@ -143,7 +145,7 @@ def test_an_expired_key_is_401(client, keys: Keys, database: Database) -> None:
     assert "expired" in assert_problem(get_jobs(client, raw), 401)["detail"]
 
 
-def test_revocation_by_prefix_is_literal_and_exact(database: Database) -> None:
+def test_revocation_by_prefix_is_literal_and_exact(database: Database) -> None:  # noqa: F811
     with database.transaction() as session:
         tenant = get_or_create_tenant(session, "acme")
         one, _ = create_key(session, tenant, raw="gq_ab_defghijklmnopqrstuvwxyz")
@@ -168,7 +170,7 @@ def fields(response: Any) -> dict[str, str]:
     return {k: response.headers.get(k, "") for k in ("RateLimit", "RateLimit-Policy")}
 
 
-def test_a_key_past_its_burst_gets_429_with_retry_after_and_ietf_fields(client, keys) -> None:
+def test_a_key_past_its_burst_gets_429_with_retry_after_and_ietf_fields(client, keys) -> None:  # noqa: F811
     answers = [get_jobs(client, keys.acme) for _ in range(RATE["rate_limit_burst"])]
     assert [r.status_code for r in answers] == [200] * 4
     assert fields(answers[0])["RateLimit-Policy"] == '"key";q=4;w=40'
@@ -185,7 +187,9 @@ def test_a_key_past_its_burst_gets_429_with_retry_after_and_ietf_fields(client, 
 
 
 def test_the_tenant_limit_counts_all_its_keys_and_an_admin_sets_its_own(
-    client, keys: Keys, database: Database
+    client,
+    keys: Keys,  # noqa: F811
+    database: Database,  # noqa: F811
 ) -> None:
     with database.transaction() as session:
         acme = get_or_create_tenant(session, "acme")
@@ -215,7 +219,10 @@ def test_the_tenant_limit_counts_all_its_keys_and_an_admin_sets_its_own(
 
 
 def test_two_api_processes_share_the_count(
-    settings: Settings, database: Database, client, keys: Keys
+    settings: Settings,
+    database: Database,  # noqa: F811
+    client,
+    keys: Keys,  # noqa: F811
 ) -> None:
     other_publisher = Publisher(settings)
     other = create_app(settings, database=database, publisher=other_publisher).test_client()
@@ -229,7 +236,7 @@ def test_two_api_processes_share_the_count(
     assert codes == [200, 200, 200, 200, 429, 429]
 
 
-def test_failed_keys_are_throttled_per_address(client, keys: Keys, broker) -> None:
+def test_failed_keys_are_throttled_per_address(client, keys: Keys, broker) -> None:  # noqa: F811
     wrong = [get_jobs(client, f"gq_wrong{i:030d}").status_code for i in range(5)]
     assert wrong == [401] * 5
     refused = get_jobs(client, "gq_wrong-again-000000000000000000")
@@ -246,10 +253,12 @@ def test_failed_keys_are_throttled_per_address(client, keys: Keys, broker) -> No
 
 
 def test_a_redis_that_does_not_answer_lets_requests_through(
-    settings: Settings, database: Database, keys: Keys
+    settings: Settings,
+    database: Database,  # noqa: F811
+    keys: Keys,  # noqa: F811
 ) -> None:
     down = settings.model_copy(update={"redis_url": "redis://127.0.0.1:1/0"})
-    publisher = Publisher(down)
+    publisher = Publisher(down)  # noqa: F811
     try:
         app = create_app(down, database=database, publisher=publisher)
         response = app.test_client().get("/v1/jobs", headers=bearer(keys.acme))
@@ -290,7 +299,10 @@ def is_logged_in(client: FlaskClient) -> bool:
 
 @pytest.mark.parametrize("ending", ["logout", "everywhere", "api-everywhere", "revoke"])
 def test_a_copied_cookie_stops_working_when_the_session_ends(
-    app: Flask, keys: Keys, database: Database, ending: str
+    app: Flask,
+    keys: Keys,  # noqa: F811
+    database: Database,  # noqa: F811
+    ending: str,  # noqa: F811
 ) -> None:
     browser = app.test_client()
     token = login(browser, keys.admin)
@@ -306,12 +318,15 @@ def test_a_copied_cookie_stops_working_when_the_session_ends(
     else:
         with database.transaction() as session:
             key_id = session.query(ApiKey.id).filter(ApiKey.is_admin.is_(True)).scalar()
-        assert app.test_client().delete(f"/v1/keys/{key_id}", headers=bearer(keys.admin)).status_code == 200
+        assert (
+            app.test_client().delete(f"/v1/keys/{key_id}", headers=bearer(keys.admin)).status_code
+            == 200
+        )
     assert not is_logged_in(thief)
     assert not is_logged_in(browser)
 
 
-def test_every_dashboard_page_sends_security_headers(app: Flask, keys: Keys) -> None:
+def test_every_dashboard_page_sends_security_headers(app: Flask, keys: Keys) -> None:  # noqa: F811
     browser = app.test_client()
     login(browser, keys.admin)
     for path in ("/admin/", "/admin/jobs", "/admin/login", "/admin/no-such-page"):

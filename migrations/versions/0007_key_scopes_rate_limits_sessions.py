@@ -38,9 +38,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id"),
     )
     with op.batch_alter_table("dashboard_session", schema=None) as batch_op:
-        batch_op.create_index(
-            batch_op.f("ix_dashboard_session_key_id"), ["key_id"], unique=False
-        )
+        batch_op.create_index(batch_op.f("ix_dashboard_session_key_id"), ["key_id"], unique=False)
 
 
 def downgrade() -> None:
