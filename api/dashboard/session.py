@@ -2,11 +2,13 @@
 starts a server-side session (core/sessions.py) whose random token is kept in Flask's signed
 cookie; every request looks the session and its key up, so logout, "log out everywhere"
 (`POST /admin/sessions/end`, or `DELETE /v1/admin/sessions`) and revoking or expiring the key
-end it at once, and a copied cookie is worth nothing afterwards. CSRF: a random token kept in
-the session must come back with every POST (form field `csrf_token` or header
-`X-CSRF-Token`), compared in constant time. That is the synchronizer-token pattern Flask-WTF implements; written out here (about 20 lines) because it must
-guard only `/admin`, whereas CSRFProtect guards every POST of the app, `/v1` included, whose
-Bearer-key clients have no token to send.
+end it at once, and a copied cookie is worth nothing afterwards.
+
+CSRF: a random token kept in the session must come back with every POST (form field
+`csrf_token` or header `X-CSRF-Token`), compared in constant time. That is the
+synchronizer-token pattern Flask-WTF implements; written out here (about 20 lines) because it
+must guard only `/admin`, whereas CSRFProtect guards every POST of the app, `/v1` included,
+whose Bearer-key clients have no token to send.
 """
 
 from __future__ import annotations
