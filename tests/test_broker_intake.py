@@ -133,6 +133,13 @@ def test_hostile_messages_are_dropped_and_the_worker_keeps_consuming(cluster: Cl
     assert body["by_reason"] == expected
     assert len(body["recent"]) == sum(expected.values())
     assert read_dropped(cluster.broker)["total"] == body["total"]
+    # And on the dashboard's overview.
+    with cluster.app.test_client() as browser:
+        page = browser.get("/admin/login").get_data(as_text=True)
+        token = page.split('name="csrf_token" value="')[1].split('"')[0]
+        browser.post("/admin/login", data={"key": cluster.admin_key, "csrf_token": token})
+        overview = browser.get("/admin/").get_data(as_text=True)
+    assert f"Malformed broker messages dropped: <strong>{body['total']}</strong>" in overview
 
 
 @pytest.mark.stack

@@ -167,6 +167,8 @@ def test_cancel_a_running_training_job_stops_its_trainer(stack: StackProcess) ->
         **stack.env,
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN": (stack.var_dir / "ray_token").read_text().strip(),
+        # The local head lives on loopback only (api/stack.py): a driver must say so too.
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     }
     deadline = time.monotonic() + 30
     while True:

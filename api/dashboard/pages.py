@@ -26,6 +26,7 @@ from core.errors import InvalidInputError, NotFoundError
 from core.numbers import parse_whole
 from core.states import JobKind, JobState
 from core.tables import Artifact, Dataset, Job, JobEvent, Model, Tenant, utcnow
+from scheduler.broker import read_dropped
 
 PAGE_SIZE = 50
 # Latency points sit at the end of their 5-minute bucket, in minutes before now.
@@ -79,8 +80,13 @@ def overview() -> str:
         "p50": _bucket_series(hour.run_s, 50),
         "p95": _bucket_series(hour.run_s, 95),
     }
+    try:  # workers drop malformed broker messages and count them (scheduler/intake.py)
+        dropped: dict[str, Any] | None = read_dropped(genq().publisher.redis)
+    except Exception:  # the broker does not answer: the page says nothing about it
+        dropped = None
     return render_template(
         "dashboard/overview.html",
+        dropped=dropped,
         counts=counts,
         depths=depths,
         hour=hour,
