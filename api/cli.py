@@ -105,22 +105,30 @@ def keys() -> None:
 @keys.command("create")
 @click.option("--tenant", required=True, help="Tenant name (created if new).")
 @click.option("--admin", is_flag=True, help="An admin key sees every tenant's objects.")
+@click.option(
+    "--scope",
+    type=click.Choice(["read", "submit", "admin"]),
+    default=None,
+    help="read: only reads; submit (default): reads and writes; admin (same as --admin).",
+)
 @click.option("--label", default="", help="A note to tell keys apart.")
-def keys_create(tenant: str, admin: bool, label: str) -> None:
+def keys_create(tenant: str, admin: bool, scope: str | None, label: str) -> None:
     """Create a key and print it (it is shown once)."""
     from core.db import Database
-    from core.keys import create_key, get_or_create_tenant
+    from core.keys import KeyScope, create_key, get_or_create_tenant
 
     database = Database(_settings())
     with database.transaction() as session:
         row = get_or_create_tenant(session, tenant)
-        _, raw = create_key(session, row, is_admin=admin, label=label)
+        chosen = KeyScope(scope) if scope else None
+        _, raw = create_key(session, row, is_admin=admin, label=label, scope=chosen)
     click.echo(raw)
 
 
 @keys.command("list")
 def keys_list() -> None:
-    """List keys: prefix, tenant, admin, created, last used (to the minute), revoked."""
+    """List keys: prefix, tenant, scope, created, last used (to the minute), expires,
+    revoked."""
     from sqlalchemy import select
 
     from core.db import Database
@@ -133,10 +141,11 @@ def keys_list() -> None:
         ).all()
         for key, tenant in rows:
             revoked = key.revoked_at.isoformat() if key.revoked_at else "-"
-            admin = "admin" if key.is_admin else "-"
             used = f"{key.last_used_at:%Y-%m-%d %H:%M}" if key.last_used_at else "never"
+            expires = f"{key.expires_at:%Y-%m-%d %H:%M}" if key.expires_at else "-"
             click.echo(
-                f"{key.prefix}…\t{tenant}\t{admin}\t{key.created_at:%Y-%m-%d}\t{used}\t{revoked}"
+                f"{key.prefix}…\t{tenant}\t{key.scope}\t{key.created_at:%Y-%m-%d}\t{used}"
+                f"\t{expires}\t{revoked}"
             )
 
 
