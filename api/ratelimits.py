@@ -22,6 +22,7 @@ import math
 import time
 from dataclasses import dataclass
 
+import redis
 from flask import Response, g, request
 from limits import RateLimitItem, RateLimitItemPerMinute, RateLimitItemPerSecond
 from limits.storage import RedisStorage
@@ -149,8 +150,6 @@ def add_header_fields(response: Response) -> Response:
 
 
 def is_redis_down(exc: Exception) -> bool:
-    import redis
-
     return isinstance(exc, redis.RedisError | OSError)
 
 
