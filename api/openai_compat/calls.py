@@ -101,23 +101,30 @@ def take_slot() -> threading.BoundedSemaphore:
     return state.streams
 
 
-def wait_done(job_ids: list[str]) -> None:
-    """Wait for the call's jobs; 504 naming them when settings.openai_wait_s passes."""
+def wait_s(body: dict[str, Any]) -> int:
+    """How long the call waits for its jobs: settings.openai_wait_s, or less when the call
+    says `wait_s` (through `extra_body`)."""
+    cap = genq().settings.openai_wait_s
+    asked = body.get("wait_s")
+    if asked is None:
+        return cap
+    if isinstance(asked, bool) or not isinstance(asked, int) or not 1 <= asked <= cap:
+        raise InvalidInputError.one("wait_s", f"must be a whole number of seconds, 1 to {cap}")
+    return asked
+
+
+def wait_done(job_ids: list[str], timeout_s: int) -> None:
+    """Wait for the call's jobs; 504 naming them when `timeout_s` passes."""
     state = genq()
-    done = wait_for_jobs(
-        state.database,
-        job_ids,
-        timeout_s=state.settings.openai_wait_s,
-        poll_s=state.stream_poll_s,
-    )
+    done = wait_for_jobs(state.database, job_ids, timeout_s=timeout_s, poll_s=state.stream_poll_s)
     if not done:
-        raise timed_out(job_ids)
+        raise timed_out(job_ids, timeout_s)
 
 
-def timed_out(job_ids: list[str]) -> JobWaitError:
+def timed_out(job_ids: list[str], timeout_s: int) -> JobWaitError:
     names = ", ".join(job_ids)
     return JobWaitError(
-        f"the job did not finish within {genq().settings.openai_wait_s} s; it goes on: poll "
+        f"the job did not finish within {timeout_s} s; it goes on: poll "
         f"GET /v1/jobs/{job_ids[0]} for its result (jobs: {names})",
         status=504,
         code="job_still_running",

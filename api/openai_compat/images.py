@@ -104,10 +104,11 @@ def generations() -> Response:
             f"{', '.join(IMAGE_FAMILIES)} models",
         )
     submissions = calls.submissions_for(model, [_params(model, req, body)], body)
+    wait_s = calls.wait_s(body)
     slots = calls.take_slot()
     try:
         job_ids = calls.create_jobs(submissions)
-        calls.wait_done(job_ids)
+        calls.wait_done(job_ids, wait_s)
         (result,) = calls.results(job_ids)
     finally:
         slots.release()

@@ -190,6 +190,7 @@ def _answer(
     prompts: list[str],
 ) -> Response:
     submissions = calls.submissions_for(model, choices, body)
+    wait_s = calls.wait_s(body)
     slots = calls.take_slot()
     try:
         job_ids = calls.create_jobs(submissions)
@@ -201,7 +202,7 @@ def _answer(
     heads = [prompts[i // req.n] for i in range(len(job_ids))]
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        stream = _stream(job_ids, model.ref, created, chat, heads, req.n, include_usage)
+        stream = _stream(job_ids, model.ref, created, chat, heads, req.n, include_usage, wait_s)
         # The stream reads the app's database as it goes: it keeps the request's context.
         response = Response(stream_with_context(stream), mimetype="text/event-stream")
         response.call_on_close(slots.release)
@@ -209,7 +210,7 @@ def _answer(
         response.headers["X-Accel-Buffering"] = "no"
     else:
         try:
-            calls.wait_done(job_ids)
+            calls.wait_done(job_ids, wait_s)
             found = calls.results(job_ids)
         finally:
             slots.release()
@@ -325,6 +326,7 @@ def _stream(
     heads: list[str],
     n: int,
     include_usage: bool,
+    wait_s: int,
 ) -> Iterator[str]:
     """The choices' text deltas as they are recorded, then each choice's finish reason, the
     usage if asked for, and `[DONE]`; a failure (a failed job, the wait running out) is the
@@ -339,7 +341,7 @@ def _stream(
             yield _chunk(call_id, ref, created, chat, i, role=True)
         elif heads[i]:
             yield _chunk(call_id, ref, created, chat, i, text=heads[i])
-    deadline = time.monotonic() + state.settings.openai_wait_s
+    deadline = time.monotonic() + wait_s
     last_id = 0
     try:
         while open_:
@@ -365,7 +367,7 @@ def _stream(
             if not open_ or finished:
                 continue
             if time.monotonic() > deadline:
-                raise calls.timed_out(job_ids)
+                raise calls.timed_out(job_ids, wait_s)
             time.sleep(state.stream_poll_s)
     except Exception as exc:  # the response has started: the error is the stream's last event
         yield error_event(exc)
