@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import re
 import subprocess
 import sys
@@ -131,7 +132,11 @@ def test_images_in_both_formats(stack: StackProcess) -> None:
         png = stack.call("GET", image.url.removeprefix(stack.url)).content
         assert Image.open(io.BytesIO(png)).size == (16, 16)
     b64 = client.images.generate(
-        model="digits", prompt="3", response_format="b64_json", size="16x16", extra_body={"steps": 2}
+        model="digits",
+        prompt="3",
+        response_format="b64_json",
+        size="16x16",
+        extra_body={"steps": 2},
     )
     (only,) = b64.data
     assert Image.open(io.BytesIO(base64.b64decode(only.b64_json or ""))).size == (16, 16)
@@ -258,3 +263,60 @@ def test_python_client(stack: StackProcess) -> None:
             return (await aio.download(done.outputs[0])).decode()
 
     assert asyncio.run(run()) == "async"
+
+
+def _batch_file(client: openai.OpenAI, lines: list[dict[str, object]]) -> str:
+    data = "".join(json.dumps(line) + "\n" for line in lines).encode()
+    return client.files.create(file=("in.jsonl", data), purpose="batch").id
+
+
+def _line(custom_id: str, prompt: str, **body: object) -> dict[str, object]:
+    return {
+        "custom_id": custom_id,
+        "method": "POST",
+        "url": "/v1/completions",
+        "body": {"model": "lm", "prompt": prompt, "max_tokens": 6, "seed": 1, **body},
+    }
+
+
+def test_openai_batch_files(stack: StackProcess) -> None:
+    client = _oa(stack)
+    bad = _batch_file(client, [_line("a", "x"), _line("b", "y", temperature=99), _line("a", "z")])
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.batches.create(
+            input_file_id=bad, endpoint="/v1/completions", completion_window="24h"
+        )
+    assert "line 2: temperature" in refused.value.message
+    assert "line 3: custom_id" in refused.value.message
+
+    good = _batch_file(client, [_line(f"req-{i}", f"{i} ") for i in range(3)])
+    batch = client.batches.create(
+        input_file_id=good, endpoint="/v1/completions", completion_window="24h"
+    )
+    assert batch.request_counts is not None and batch.request_counts.total == 3
+    jobs = stack.call("GET", f"/v1/jobs?batch={batch.id}").json()["items"]
+    assert len(jobs) == 3
+    for job in jobs:
+        assert stack.wait(job["id"])["state"] == "succeeded"
+    done = client.batches.retrieve(batch.id)
+    assert done.status == "completed" and done.output_file_id and not done.error_file_id
+    lines = [json.loads(x) for x in client.files.content(done.output_file_id).text.splitlines()]
+    assert sorted(x["custom_id"] for x in lines) == ["req-0", "req-1", "req-2"]
+    single = client.completions.create(model="lm", prompt="1 ", max_tokens=6, seed=1)
+    (one,) = [x for x in lines if x["custom_id"] == "req-1"]
+    assert one["response"]["body"]["choices"][0]["text"] == single.choices[0].text
+    assert batch.id in [b.id for b in client.batches.list()]
+
+    # Canceled while its tenant may run nothing: every line ends in the error file.
+    held = f"/v1/tenants/{ADMIN_TENANT}"
+    assert stack.call("PATCH", held, json={"max_running": 0}).status_code == 200
+    try:
+        stuck = client.batches.create(
+            input_file_id=good, endpoint="/v1/completions", completion_window="24h"
+        )
+        canceled = client.batches.cancel(stuck.id)
+    finally:
+        assert stack.call("PATCH", held, json={"max_running": None}).status_code == 200
+    assert canceled.status == "cancelled" and canceled.error_file_id
+    errors = client.files.content(canceled.error_file_id).text.splitlines()
+    assert len(errors) == 3 and all(json.loads(x)["error"] for x in errors)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import re
 import time
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from flask import Blueprint, Response, g, jsonify
@@ -91,10 +92,18 @@ def _params(model: Model, req: ImageRequest, body: dict[str, Any]) -> dict[str, 
     return params
 
 
-@bp.post("/images/generations")
-def generations() -> Response:
-    body = read_json_body()
-    g.openai_renames = {"num_images": "n", "width": "size", "height": "size", "label": "prompt"}
+RENAMES = {"num_images": "n", "width": "size", "height": "size", "label": "prompt"}
+
+
+@dataclass
+class ImageCall:
+    model: Model
+    req: ImageRequest
+    params: dict[str, Any]
+
+
+def image_call(body: dict[str, Any]) -> ImageCall:
+    """An images request turned into its job's params."""
     req = calls.parse(ImageRequest, body)
     model = calls.find_model(req.model)
     if model.family not in IMAGE_FAMILIES:
@@ -103,7 +112,28 @@ def generations() -> Response:
             f"model {model.ref} is a {model.family} model; images come from "
             f"{', '.join(IMAGE_FAMILIES)} models",
         )
-    submissions = calls.submissions_for(model, [_params(model, req, body)], body)
+    return ImageCall(model, req, _params(model, req, body))
+
+
+def images_body(result: calls.Result, response_format: str, created: int) -> dict[str, Any]:
+    """The answer to an images call whose job finished."""
+    data = []
+    for artifact in result.outputs:
+        if artifact.kind != "image":
+            continue  # a contact sheet (`grid`) is genq's extra, not one of the n images
+        if response_format == "b64_json":
+            data.append({"b64_json": base64.b64encode(calls.read_output(artifact)).decode()})
+        else:
+            data.append({"url": calls.absolute_url(artifact_url(artifact.id))})
+    return {"created": created, "data": data}
+
+
+@bp.post("/images/generations")
+def generations() -> Response:
+    body = read_json_body()
+    g.openai_renames = RENAMES
+    call = image_call(body)
+    submissions = calls.submissions_for(call.model, [call.params], body)
     wait_s = calls.wait_s(body)
     slots = calls.take_slot()
     try:
@@ -112,14 +142,6 @@ def generations() -> Response:
         (result,) = calls.results(job_ids)
     finally:
         slots.release()
-    data = []
-    for artifact in result.outputs:
-        if artifact.kind != "image":
-            continue  # a contact sheet (`grid`) is genq's extra, not one of the n images
-        if req.response_format == "b64_json":
-            data.append({"b64_json": base64.b64encode(calls.read_output(artifact)).decode()})
-        else:
-            data.append({"url": calls.absolute_url(artifact_url(artifact.id))})
-    response = jsonify({"created": int(time.time()), "data": data})
+    response = jsonify(images_body(result, call.req.response_format, int(time.time())))
     response.headers[JOB_ID_HEADER] = ", ".join(job_ids)
     return response

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 from flask import Blueprint, Response
 
-from api.openai_compat import errors, images, models, text
+from api.openai_compat import batches, errors, files, images, models, text
 from core.errors import GenqError, NotFoundError
 
 bp = Blueprint("openai", __name__, url_prefix="/openai/v1")
-for child in (models.bp, text.bp, images.bp):
+for child in (models.bp, text.bp, images.bp, files.bp, batches.bp):
     bp.register_blueprint(child)
 
 

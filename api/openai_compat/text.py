@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from flask import Blueprint, Response, g, jsonify, stream_with_context
@@ -141,10 +142,19 @@ def _language_model(ref: str) -> Model:
     return model
 
 
-@bp.post("/chat/completions")
-def chat() -> Response:
-    body = read_json_body()
-    g.openai_renames = {}
+@dataclass
+class TextCall:
+    """A chat or completion request turned into its jobs' params (one per choice)."""
+
+    model: Model
+    req: Sampling
+    choices: list[dict[str, Any]]
+    chat: bool
+    # What each prompt's choices start with: the prompt itself with `echo`, else "".
+    heads: list[str]
+
+
+def chat_call(body: dict[str, Any]) -> TextCall:
     req = calls.parse(ChatRequest, body)
     model = _language_model(req.model)
     base = _sampling(req, model, body)
@@ -153,14 +163,10 @@ def chat() -> Response:
         base["prompt"] = chat_as_text(messages)
     else:
         base["messages"] = messages
-    choices = _seeded(base, req.seed, req.n)
-    return _answer(model, req, body, choices, chat=True, prompts=[""])
+    return TextCall(model, req, _seeded(base, req.seed, req.n), chat=True, heads=[""])
 
 
-@bp.post("/completions")
-def completions() -> Response:
-    body = read_json_body()
-    g.openai_renames = {}
+def completion_call(body: dict[str, Any]) -> TextCall:
     req = calls.parse(CompletionRequest, body)
     if req.suffix:
         raise InvalidInputError.one("suffix", "is not supported")
@@ -176,8 +182,24 @@ def completions() -> Response:
         for prompt in prompts
         for params in _seeded({**base, "prompt": prompt}, req.seed, req.n)
     ]
-    echoed = prompts if req.echo else ["" for _ in prompts]
-    return _answer(model, req, body, choices, chat=False, prompts=echoed)
+    heads = prompts if req.echo else ["" for _ in prompts]
+    return TextCall(model, req, choices, chat=False, heads=heads)
+
+
+@bp.post("/chat/completions")
+def chat() -> Response:
+    body = read_json_body()
+    g.openai_renames = {}
+    call = chat_call(body)
+    return _answer(call.model, call.req, body, call.choices, chat=True, prompts=call.heads)
+
+
+@bp.post("/completions")
+def completions() -> Response:
+    body = read_json_body()
+    g.openai_renames = {}
+    call = completion_call(body)
+    return _answer(call.model, call.req, body, call.choices, chat=False, prompts=call.heads)
 
 
 def _answer(
@@ -214,7 +236,7 @@ def _answer(
             found = calls.results(job_ids)
         finally:
             slots.release()
-        response = jsonify(_completion(found, model.ref, created, chat, heads, req.n))
+        response = jsonify(completion_body(found, model.ref, created, chat, heads, req.n))
     response.headers[JOB_ID_HEADER] = ", ".join(job_ids)
     return response
 
@@ -230,9 +252,10 @@ def _finish(meta: dict[str, Any]) -> str:
     return "length" if meta.get("finish_reason", "length") == "length" else "stop"
 
 
-def _completion(
+def completion_body(
     found: list[calls.Result], ref: str, created: int, chat: bool, heads: list[str], n: int
 ) -> dict[str, Any]:
+    """The answer to a chat or completion call whose jobs finished (`found`)."""
     choices, prompt_tokens, completion_tokens = [], 0, 0
     for index, result in enumerate(found):
         text, meta = _text_output(result)
