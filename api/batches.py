@@ -14,6 +14,7 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.app import genq
@@ -80,6 +81,22 @@ def _parse(body: Any, limit: int) -> BatchSubmission:
     return parsed
 
 
+def _replayed(tenant_id: str, key: str, digest: str) -> str | None:
+    """The id of the batch this tenant created with `key`, if any (409 for another body)."""
+    with genq().database.read() as session:
+        found = session.scalar(
+            select(JobBatch).where(JobBatch.tenant_id == tenant_id, JobBatch.idempotency_key == key)
+        )
+        if found is None:
+            return None
+        if found.request_hash != digest:
+            raise ConflictError(
+                "this Idempotency-Key was used with a different request body",
+                field="Idempotency-Key",
+            )
+        return found.id
+
+
 @bp.post("")
 def submit() -> Response:
     """202 with the batch and its jobs; 200 with `Idempotency-Replayed: true` on a repeat."""
@@ -89,44 +106,38 @@ def submit() -> Response:
     parsed = _parse(body, state.settings.batch_max_jobs)
     digest = request_hash(body)
     tenant_id = principal().tenant_id
-    replayed = False
-    if key is not None:
-        with state.database.read() as session:
-            found = session.scalar(
-                select(JobBatch).where(
-                    JobBatch.tenant_id == tenant_id, JobBatch.idempotency_key == key
-                )
-            )
-            if found is not None:
-                if found.request_hash != digest:
-                    raise ConflictError(
-                        "this Idempotency-Key was used with a different request body",
-                        field="Idempotency-Key",
-                    )
-                batch_id, replayed = found.id, True
-    if not replayed:
+    batch_id = _replayed(tenant_id, key, digest) if key is not None else None
+    replayed = batch_id is not None
+    if batch_id is None:
         submissions = parse_items(parsed.jobs)
-        with state.database.transaction() as session:
-            batch = JobBatch(
-                tenant_id=tenant_id,
-                kind="jobs",
-                size=len(submissions),
-                idempotency_key=key,
-                request_hash=digest,
-                meta={},
-            )
-            session.add(batch)
-            session.flush()
-            jobs = build_jobs(
-                session,
-                submissions,
-                tenant_id=tenant_id,
-                digests=[request_hash(b) for b in parsed.jobs],
-                batch_id=batch.id,
-                items=[str(i) for i in range(len(submissions))],
-                as_items=True,
-            )
-            batch_id, pubs = batch.id, publications(jobs)
+        try:
+            with state.database.transaction() as session:
+                batch = JobBatch(
+                    tenant_id=tenant_id,
+                    kind="jobs",
+                    size=len(submissions),
+                    idempotency_key=key,
+                    request_hash=digest,
+                    meta={},
+                )
+                session.add(batch)
+                session.flush()
+                jobs = build_jobs(
+                    session,
+                    submissions,
+                    tenant_id=tenant_id,
+                    digests=[request_hash(b) for b in parsed.jobs],
+                    batch_id=batch.id,
+                    items=[str(i) for i in range(len(submissions))],
+                    as_items=True,
+                )
+                batch_id, pubs = batch.id, publications(jobs)
+        except IntegrityError:
+            # The same key, sent twice at once: the other request created the batch.
+            batch_id = _replayed(tenant_id, key, digest) if key is not None else None
+            if batch_id is None:
+                raise
+            replayed, pubs = True, []
         publish_jobs(pubs)
     with state.database.read() as session:
         batch = find_batch(session, batch_id)
