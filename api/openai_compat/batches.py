@@ -29,11 +29,12 @@ from api.openai_compat.errors import param_name
 from api.openai_compat.files import find_file, read_file
 from api.openai_compat.images import RENAMES, image_call
 from api.openai_compat.text import chat_call, completion_call
-from api.submissions import JobSubmission, request_hash
+from api.submissions import JobSubmission, request_hash, validate_params
 from core.errors import ConflictError, InvalidInputError, NotFoundError
 from core.jobs import cancel_job
-from core.states import is_terminal
+from core.states import JobKind, is_terminal
 from core.tables import Job, JobBatch, utcnow
+from workers.registry import FAMILIES
 
 bp = Blueprint("batches", __name__)
 
@@ -85,6 +86,11 @@ def _line_submission(endpoint: str, raw: str, seen: set[str]) -> tuple[str, JobS
     if len(params_list) != 1:
         raise InvalidInputError.one("prompt", "a batch line sends one prompt")
     (submission,) = calls.submissions_for(model, params_list, body)
+    # The family's own checks now, so that a bad line is named by its number.
+    family = FAMILIES[model.family]
+    params = validate_params(family, JobKind.GENERATE, submission.params)
+    if family.check_model_params is not None:
+        family.check_model_params(JobKind.GENERATE, params, dict(model.config or {}))
     return custom_id, submission, b64
 
 
