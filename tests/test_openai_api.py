@@ -234,7 +234,10 @@ def test_readme_snippets_run(
         exec(compile(code, f"README {section}", "exec"), scope)  # noqa: S102
 
 
-def test_python_client(stack: StackProcess) -> None:
+def test_python_client(
+    stack: StackProcess, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
     from genq_client import AsyncClient, Client, InvalidInput, JobFailed, NotFound
 
     with Client(stack.url, stack.admin_key) as genq:
@@ -252,6 +255,11 @@ def test_python_client(stack: StackProcess) -> None:
         assert invalid.value.errors[0]["field"] == "params.delay_s"
         with pytest.raises(JobFailed):
             genq.wait(genq.submit(model="echo", params={"fail": True}))
+        text = Path("fox.txt")
+        text.write_text("The quick brown fox. " * 20)
+        uploaded = genq.upload_dataset("fox", "text", text)
+        assert uploaded.kind == "text" and "fox" in [d.name for d in genq.list_datasets()]
+        assert {"lm", "digits", "echo"} <= {m.name for m in genq.list_models()}
         batch = genq.submit_batch([{"kind": "generate", "model": "echo"}] * 3)
         seen = list(genq.iter_jobs(batch=batch.id, page_size=2))
         assert sorted(j.id for j in seen) == sorted(j.id for j in batch.jobs)

@@ -15,6 +15,7 @@ import openai
 import pytest
 from PIL import Image
 
+from genq_client import Client
 from tests.pretrained_models import build_tiny_lm, build_tiny_sd
 from tests.stackproc import StackProcess
 
@@ -22,8 +23,8 @@ pytestmark = pytest.mark.stack
 
 
 def _ready(stack: StackProcess, name: str, family: str, path: Path) -> None:
-    body = {"name": name, "family": family, "path": str(path)}
-    assert stack.call("POST", "/v1/models", json=body).status_code == 202
+    with Client(stack.url, stack.admin_key) as genq:
+        assert genq.register_model(name, family=family, path=str(path)).status == "checking"
     deadline = time.monotonic() + 180
     while True:
         (model,) = stack.call("GET", f"/v1/models/{name}").json()["items"]
