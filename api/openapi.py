@@ -117,6 +117,7 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
             "resources": _object(
                 {"num_gpus": {"type": "number"}, "gpu_memory_gb": _nullable({"type": "number"})}
             ),
+            "batch": _nullable(_object({"id": STRING, "item": STRING})),
         }
     ),
     "JobPage": _page("Job", cursor=True),

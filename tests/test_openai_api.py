@@ -207,6 +207,9 @@ def test_prefer_wait_and_batches(stack: StackProcess) -> None:
     assert replay.status_code == 200 and replay.json()["id"] == batch["id"]
     listed = stack.call("GET", f"/v1/jobs?batch={batch['id']}").json()["items"]
     assert {j["id"] for j in listed} == {j["id"] for j in batch["jobs"]}
+    assert [j["batch"] for j in batch["jobs"]] == [
+        {"id": batch["id"], "item": str(i)} for i in range(3)
+    ]
     for job in batch["jobs"]:
         assert stack.wait(job["id"])["state"] == "succeeded"
     counts = stack.call("GET", f"/v1/batches/{batch['id']}").json()["counts"]
@@ -303,7 +306,7 @@ def test_openai_batch_files(stack: StackProcess) -> None:
     )
     assert batch.request_counts is not None and batch.request_counts.total == 3
     jobs = stack.call("GET", f"/v1/jobs?batch={batch.id}").json()["items"]
-    assert len(jobs) == 3
+    assert sorted(j["batch"]["item"] for j in jobs) == ["req-0", "req-1", "req-2"]
     for job in jobs:
         assert stack.wait(job["id"])["state"] == "succeeded"
     done = client.batches.retrieve(batch.id)
