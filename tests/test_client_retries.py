@@ -76,3 +76,24 @@ def test_async_client_maps_problems() -> None:
     with pytest.raises(NotFound) as info:
         asyncio.run(run())
     assert info.value.type == "not-found" and info.value.status == 404
+
+
+def test_an_event_stream_that_ends_early_is_resumed_after_the_last_event() -> None:
+    seen: list[httpx.Request] = []
+
+    def sse(event_id: int, state: str) -> httpx.Response:
+        body = f'id: {event_id}\nevent: state\ndata: {{"to": "{state}"}}\n\n'
+        return httpx.Response(200, text=body, headers={"Content-Type": "text/event-stream"})
+
+    answers = [
+        sse(1, "running"),  # the server's stream ended although the job goes on
+        httpx.Response(200, json={**_job(), "state": "running"}),
+        sse(2, "succeeded"),
+        httpx.Response(200, json={**_job(), "state": "succeeded"}),
+    ]
+    transport = httpx.MockTransport(_server(answers, seen))
+    with Client("http://genq", "k", transport=transport) as genq:
+        events = list(genq.events("j1"))
+    assert [(e.id, e.data["to"]) for e in events] == [(1, "running"), (2, "succeeded")]
+    assert "Last-Event-ID" not in seen[0].headers
+    assert seen[2].headers["Last-Event-ID"] == "1"

@@ -180,6 +180,7 @@ class AsyncClient:
         attempt = 0
         while True:
             headers = {"Last-Event-ID": str(last)} if last is not None else {}
+            seen = last
             try:
                 async with self.http.stream(
                     "GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=None
@@ -192,14 +193,23 @@ class AsyncClient:
                         await asyncio.sleep(delay or 0)
                         attempt += 1
                         continue
-                    attempt = 0
                     parser = protocol.SseParser()
                     async for line in response.aiter_lines():
                         event = parser.line(line)
                         if event is not None:
                             last = event.id
                             yield event
-                return
+                # The server ends the stream when the job ends, or when it fails itself: then
+                # the job goes on, and the stream is resumed.
+                if (await self.get_job(job_id)).is_done:
+                    return
+                if last != seen:
+                    attempt = 0
+                else:  # nothing new on that connection: back off before the next
+                    if attempt >= self.max_retries:
+                        raise TransportError(f"the event stream of job {job_id} keeps ending")
+                    await asyncio.sleep(protocol.retry_delay_s(None, attempt) or 0)
+                    attempt += 1
             except httpx.TransportError as exc:
                 if attempt >= self.max_retries:
                     raise TransportError(f"event stream of job {job_id} broke: {exc}") from exc

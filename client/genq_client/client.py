@@ -182,6 +182,7 @@ class Client:
         attempt = 0
         while True:
             headers = {"Last-Event-ID": str(last)} if last is not None else {}
+            seen = last
             try:
                 with self.http.stream(
                     "GET", f"/v1/jobs/{job_id}/events", headers=headers, timeout=None
@@ -194,11 +195,20 @@ class Client:
                         time.sleep(delay or 0)
                         attempt += 1
                         continue
-                    attempt = 0
                     for event in protocol.SseParser().feed(response.iter_lines()):
                         last = event.id
                         yield event
-                return
+                # The server ends the stream when the job ends, or when it fails itself: then
+                # the job goes on, and the stream is resumed.
+                if (self.get_job(job_id)).is_done:
+                    return
+                if last != seen:
+                    attempt = 0
+                else:  # nothing new on that connection: back off before the next
+                    if attempt >= self.max_retries:
+                        raise TransportError(f"the event stream of job {job_id} keeps ending")
+                    time.sleep(protocol.retry_delay_s(None, attempt) or 0)
+                    attempt += 1
             except httpx.TransportError as exc:
                 if attempt >= self.max_retries:
                     raise TransportError(f"event stream of job {job_id} broke: {exc}") from exc
