@@ -92,6 +92,7 @@ def create_app(
     from api import (
         artifacts,
         auth,
+        batches,
         catalog,
         deliveries,
         events,
@@ -105,6 +106,7 @@ def create_app(
         tenants,
     )
     from api import datasets as dataset_uploads
+    from api.openai_compat import routes as openai_routes
 
     app = Flask("genq", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
@@ -120,6 +122,7 @@ def create_app(
         health.bp,
         openapi.bp,
         jobs.bp,
+        batches.bp,
         events.bp,
         artifacts.bp,
         catalog.bp,
@@ -128,6 +131,7 @@ def create_app(
         tenants.bp,
         schedules.bp,
         keys.bp,
+        openai_routes.bp,
     ):
         app.register_blueprint(blueprint)
     auth.install(app)
