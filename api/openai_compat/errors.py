@@ -25,6 +25,7 @@ from core.errors import (
     InvalidInputError,
     NotFoundError,
     QuotaExceededError,
+    RateLimitedError,
     UnauthorizedError,
 )
 
@@ -119,6 +120,14 @@ def render(error: Exception) -> Response:
             type_="rate_limit_exceeded",
             code=str(error.extra.get("limit") or error.type),
             headers={"Retry-After": str(_retry_after(error))},
+        )
+    if isinstance(error, RateLimitedError):  # api/ratelimits.py: a key, tenant or address limit
+        return openai_error(
+            429,
+            error.detail,
+            type_="rate_limit_exceeded",
+            code=str(error.extra.get("policy") or error.type),
+            headers=error.headers,
         )
     if isinstance(error, BusyError):
         return openai_error(
