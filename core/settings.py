@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -82,13 +83,26 @@ class Settings(BaseSettings):
     # Event streams one API process keeps open at once (default: half its threads, so that
     # the other half always answer); one more is a 503 with Retry-After.
     api_max_streams: int | None = Field(None, ge=1, le=1024)
-    # Local Ray head started by `genq up`.
-    ray_num_cpus: int | None = Field(None, ge=1)
-    ray_num_gpus: int | None = Field(None, ge=0)
-    # GPU memory (GB) the local Ray head declares as the custom resource `gpu_memory_gb`, which
-    # training jobs that ask for `resources.gpu_memory_gb` reserve. Unset: none declared.
-    ray_gpu_memory_gb: float | None = Field(None, gt=0)
+    # What the Ray node started here declares: the local head of `genq up`, or `genq node`
+    # (unset: `genq up` lets Ray count; `genq node` counts this machine's GPUs, and a head
+    # declares no CPU so that no model runs beside the GCS).
+    ray_num_cpus: int | None = Field(None, ge=0, le=4096)
+    ray_num_gpus: int | None = Field(None, ge=0, le=1024)
+    # GPU memory (GB) that node declares as the custom resource `gpu_memory_gb`, which training
+    # jobs that ask for `resources.gpu_memory_gb` reserve. Unset: `genq up` declares none,
+    # `genq node` the total memory of the GPUs it declares.
+    ray_gpu_memory_gb: float | None = Field(None, gt=0, le=1_000_000)
     ray_dashboard: bool = False
+    # This machine's address on the cluster network: the Ray node that `genq node` or
+    # `genq worker` starts binds to it, and drivers connect from it. Unset: Ray picks one.
+    node_ip: str | None = Field(None, min_length=1, max_length=253)
+    # Whether `genq worker` starts a Ray node of its own (no CPU, no GPU) that joins
+    # GENQ_RAY_ADDRESS: a driver reaches Ray only through a raylet on its own machine.
+    # auto: start one unless a Ray node already runs on this machine; start: always;
+    # local: never (a node of this machine is used, as under `genq up`).
+    worker_ray_node: Literal["auto", "start", "local"] = "auto"
+    # Port of the head that `genq node --head` starts (its GCS; other nodes join <ip>:port).
+    ray_head_port: int = Field(6379, ge=1, le=65535)
     # Model servers (workers/server.py, workers/pool.py). Generate jobs with the same batch
     # key share a batch, which starts once no more have arrived for this long (at most ten
     # such waits after its first job).

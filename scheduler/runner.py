@@ -97,11 +97,14 @@ class Runner:
     def connect_ray(self) -> None:
         with self._ray_lock:
             if not ray.is_initialized():
+                # With GENQ_NODE_IP set, the driver uses this machine's node at that address
+                # (a machine may have several addresses; Ray would guess).
                 ray.init(
                     address=self.settings.ray_address or "auto",
                     namespace="genq",
                     log_to_driver=False,
                     configure_logging=False,
+                    _node_ip_address=self.settings.node_ip,
                 )
 
     # -- the task body -----------------------------------------------------------------------
