@@ -84,8 +84,10 @@ def gpu_node_argv(settings: Settings, *, head: bool = False) -> list[str]:
         found = detect_gpus()
         if num_gpus is None:
             num_gpus = found.count
-        if memory_gb is None and num_gpus == found.count:
+        if memory_gb is None and num_gpus == found.count and num_gpus > 0:
             memory_gb = found.memory_gb or None
+    if not num_gpus:
+        memory_gb = None  # GPU memory without a GPU would attract jobs that cannot run here
     num_cpus = settings.ray_num_cpus
     if head and num_cpus is None:
         num_cpus = 0
