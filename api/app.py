@@ -78,7 +78,7 @@ def create_app(
         settings=settings,
         database=database or Database(settings),
         publisher=publisher or Publisher(settings),
-        artifacts=ArtifactStore(settings.artifacts),
+        artifacts=ArtifactStore.from_settings(settings),
     )
     problems.install(app)
     for blueprint in (

@@ -29,6 +29,7 @@ from api.auth import principal, tenant_scope
 from api.jobs import read_json_body
 from api.payloads import dataset_payload, render_models
 from api.submissions import errors_from
+from core.artifactcache import FolderCache
 from core.audit import Actor, record_action
 from core.catalog import (
     FAILED,
@@ -92,10 +93,22 @@ LAYOUT_CHECKS = {"diffusers": sd_spec.check_layout, "transformers": causal_lm_sp
 
 
 def pretrained_folder(settings: Settings, given: str) -> tuple[Path, str]:
-    """(the folder, what Model.path stores): an absolute path as it is (inside one of
-    GENQ_PRETRAINED_ROOTS when set), a relative one under the artifact root; 422 naming
-    `path` for a folder that is not there or not allowed."""
-    if Path(given).is_absolute():
+    """(the folder on this machine, what Model.path stores): an absolute path as it is
+    (inside one of GENQ_PRETRAINED_ROOTS when set), an `s3://bucket/folder` URL or a path
+    relative to the artifact store (downloaded into this machine's cache to check it); 422
+    naming `path` for a folder that is not there or not allowed."""
+    store = genq().artifacts
+    if given.startswith("s3://") or (not Path(given).is_absolute() and not store.is_local):
+        try:
+            folder = FolderCache(settings.cache_path).model_folder(store, given)
+        except ValueError as exc:
+            raise InvalidInputError.one("path", str(exc)) from None
+        except Exception as exc:  # nothing there, no access, no endpoint
+            raise InvalidInputError.one(
+                "path", f"cannot be read from object storage: {type(exc).__name__}: {exc}"
+            ) from None
+        stored = given
+    elif Path(given).is_absolute():
         folder = Path(given).resolve()
         roots = settings.pretrained_root_paths
         if roots and not any(folder.is_relative_to(root) for root in roots):
@@ -105,10 +118,10 @@ def pretrained_folder(settings: Settings, given: str) -> tuple[Path, str]:
         stored = str(folder)
     else:
         try:
-            folder = genq().artifacts.resolve(given)
+            folder = store.resolve(given)
         except ValueError:
             raise InvalidInputError.one("path", "escapes the artifact root") from None
-        stored = str(folder.relative_to(genq().artifacts.root))
+        stored = str(folder.relative_to(store.root))
     try:
         is_folder = folder.is_dir()
     except OSError as exc:  # a name too long for the file system, a folder it may not read
@@ -201,7 +214,7 @@ def check_model_again(name: str, version: str) -> tuple[Response, int, dict[str,
     with app.database.transaction() as session:
         model = find_version(session, tenant_scope(), name, number)
         recheck_model(session, model)
-        folder = app.artifacts.model_folder(model.path or "")
+        folder = pretrained_folder(app.settings, model.path or "")[0]
         layout = check_layout(model.family, folder)
         model.config = {**(model.config or {}), **layout}
         record_action(

@@ -29,6 +29,17 @@ class Settings(BaseSettings):
     ray_address: str | None = None
     # Root folder of job outputs, checkpoints, trained models and uploaded data sets.
     artifact_root: Path | None = None
+    # Artifacts in S3-compatible object storage instead: s3://bucket/prefix. Endpoint, region
+    # and credentials come from the standard AWS_* variables of each machine. Unset: the
+    # folder above (one machine, or a disk every machine mounts).
+    artifact_url: str | None = Field(None, pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$")
+    # GET /v1/artifacts/{id} on object storage: answer 307 to a presigned URL of the object
+    # (valid this long) instead of streaming it through the API.
+    artifact_redirect: bool = False
+    artifact_redirect_ttl_s: int = Field(300, ge=1, le=7 * 24 * 3600)
+    # This machine's copies of stored models and data sets (trainers and model servers
+    # download them here). Unset: var_dir/cache.
+    cache_dir: Path | None = None
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -140,6 +151,9 @@ class Settings(BaseSettings):
         if self.artifact_root is None:
             self.artifact_root = self.var_dir / "artifacts"
         self.artifact_root = self.artifact_root.resolve()
+        if self.cache_dir is None:
+            self.cache_dir = self.var_dir / "cache"
+        self.cache_dir = self.cache_dir.resolve()
         if self.heartbeat_interval_s >= self.lease_ttl_s:
             raise ValueError("heartbeat_interval_s must be shorter than lease_ttl_s")
         return self
@@ -153,6 +167,11 @@ class Settings(BaseSettings):
     def artifacts(self) -> Path:
         assert self.artifact_root is not None
         return self.artifact_root
+
+    @property
+    def cache_path(self) -> Path:
+        assert self.cache_dir is not None
+        return self.cache_dir
 
     @property
     def pretrained_root_paths(self) -> list[Path]:

@@ -90,7 +90,7 @@ class Runner:
         self.settings = settings
         self.database = database
         self.publisher = publisher
-        self.store = ArtifactStore(settings.artifacts)
+        self.store = ArtifactStore.from_settings(settings)
         self._ray_lock = threading.Lock()
         self.serving = ServingOptions.from_settings(settings)
 
@@ -220,8 +220,8 @@ class Runner:
             snap.model_config = dict(model.config or {})
         if job.dataset_id:
             ds = session.get(Dataset, job.dataset_id)
-            path = str(self.store.resolve(ds.path)) if ds.path else None
-            snap.dataset = {"name": ds.name, "kind": ds.kind, "path": path}
+            # `path`: the data set's key in the store; the trainer fetches it where it runs.
+            snap.dataset = {"name": ds.name, "kind": ds.kind, "path": ds.path}
         return snap
 
     def _drive(self, job: JobSnapshot, lease: Lease, keeper: LeaseKeeper) -> str:
@@ -266,7 +266,8 @@ class Runner:
         from workers.actors import get_model_server
 
         assert job.model_id is not None
-        model_dir = str(self.store.model_folder(job.model_path)) if job.model_path else None
+        # The model's path as registered: the server fetches the folder on its own machine.
+        model_dir = job.model_path or None
         for verify in (False, True):
             actor = get_model_server(
                 job.model_id, family, model_dir, job.model_config, self.serving, verify=verify
@@ -293,15 +294,15 @@ class Runner:
                 )
 
     def _train_ctx(self, job: JobSnapshot) -> dict[str, Any]:
-        model_rel = self.store.model_dir(job.id)
+        """What a trainer on any machine needs: the store's URL and keys in it (never a path
+        on this machine; see workers/staging.py)."""
         ctx: dict[str, Any] = {
+            "artifact_url": self.store.url,
             "dataset": job.dataset,
-            "checkpoint_dir": str(self.store.checkpoint_dir(job.id)),
-            "model_dir": str(self.store.resolve(model_rel)),
-            "model_dir_rel": model_rel,
+            "model_dir_rel": self.store.model_dir(job.id),
         }
         if job.kind == JobKind.FINETUNE and job.model_path:
-            ctx["parent_model_dir"] = str(self.store.model_folder(job.model_path))
+            ctx["parent_model_path"] = job.model_path
             ctx["parent_config"] = job.model_config
         return ctx
 

@@ -17,11 +17,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from core.artifacts import ArtifactStore
 from core.events import Event
 from core.settings import Settings
 from workers.batching import Batcher
 from workers.families.base import CanceledError, RunContext
 from workers.registry import get_family
+from workers.staging import Staging, store_errors
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,9 @@ class ServingOptions:
     gpu_memory_budget_gb: float | None = None
     # Progress events are passed on to a job at most this often (its last one always).
     progress_interval_s: float = 0.0
+    # The artifact store that a model's path is a key of (core/artifacts.py); the server
+    # downloads the folder into its machine's cache. None: model paths are local folders.
+    artifact_url: str | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ServingOptions:
@@ -51,6 +56,7 @@ class ServingOptions:
             # The runner writes progress this often at most: sending more is wasted (each event
             # is a Ray message per job; a batch of 16 jobs would send 16 per interval).
             progress_interval_s=settings.progress_interval_s,
+            artifact_url=ArtifactStore.from_settings(settings).url,
         )
 
 
@@ -117,9 +123,11 @@ class ModelServer:
         self.device = device_name()
         started = time.perf_counter()
         implementation = self.family.load_implementation()
-        self.model = implementation.load(
-            Path(model_dir) if model_dir else None, config, self.device
-        )
+        folder = Path(model_dir) if model_dir else None
+        if model_dir and self.options.artifact_url:  # on any machine: from the store
+            with store_errors():
+                folder = Staging.for_url(self.options.artifact_url).model_folder(model_dir)
+        self.model = implementation.load(folder, config, self.device)
         self.load_s = time.perf_counter() - started
         self.jobs_served = 0
         self.loaded_at = time.time()

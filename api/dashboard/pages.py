@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from flask import Response, jsonify, redirect, render_template, request, send_file, url_for
+from flask import Response, jsonify, redirect, render_template, request, url_for
 from markupsafe import Markup
 from sqlalchemy import select
 
 from api.app import genq
+from api.artifacts import send_artifact
 from api.dashboard import bp, charts, queries
 from api.dashboard.session import admin
 from core.audit import recent_actions
@@ -256,11 +257,10 @@ def _latest(curves: dict[str, list[tuple[int, float]]]) -> list[dict[str, Any]]:
 
 
 def _text_preview(artifact: Artifact) -> str:
-    path = genq().artifacts.resolve(artifact.path)
     try:
-        with open(path, "rb") as f:
+        with genq().artifacts.open(artifact.path) as f:
             return f.read(TEXT_PREVIEW_BYTES).decode("utf-8", errors="replace")
-    except OSError:
+    except Exception:  # gone, or the object store is unreachable: the page still shows
         return "(the file is gone)"
 
 
@@ -272,11 +272,9 @@ def artifact(artifact_id: str) -> Response:
         found = db.get(Artifact, artifact_id)
     if found is None:
         raise NotFoundError(f"no artifact {artifact_id}")
-    path = state.artifacts.resolve(found.path)
-    if not path.is_file():
-        raise NotFoundError(f"the file of artifact {artifact_id} is gone")
-    response = send_file(path, mimetype=found.content_type, download_name=found.name)
-    response.headers["Cache-Control"] = "private, max-age=3600"
+    # The same bytes as the API sends, presigned redirect included (its CSP allows no other
+    # origin for images, so the dashboard always streams).
+    response = send_artifact(found, allow_redirect=False)
     # An output is shown, never run: no script in an SVG or HTML output can act as the admin.
     response.headers["Content-Security-Policy"] = "default-src 'none'; img-src 'self'; sandbox"
     response.headers["X-Content-Type-Options"] = "nosniff"

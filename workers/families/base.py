@@ -112,12 +112,14 @@ class TrainContext(RunContext):
 
     dataset: DatasetRef | None = None
     checkpoint_dir: Path = Path()
-    # Absolute folder to save the model into, and the same relative to the artifact root
-    # (what the ModelSaved event reports).
+    # Local folder to save the model into, and its key in the artifact store (what the
+    # ModelSaved event reports; the trainer stores the folder there).
     model_dir: Path = Path()
     model_dir_rel: str = ""
-    # For finetune: the registered model it starts from.
+    # For finetune: the registered model it starts from (its folder on this machine, and
+    # its Model.path: a store key, an s3:// URL or an absolute path, valid on every machine).
     parent_model_dir: Path | None = None
+    parent_model_path: str | None = None
     parent_config: dict[str, Any] = field(default_factory=dict)
 
 
