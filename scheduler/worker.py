@@ -18,6 +18,7 @@ from scheduler.broker import QUEUES, RUN_JOB_TASK, make_celery
 from scheduler.checks import register as register_checks
 from scheduler.enqueue import Publisher
 from scheduler.runner import Runner
+from scheduler.scaling import Scaler
 from scheduler.snapshot import SnapshotWriter
 from scheduler.webhooks import register as register_webhooks
 
@@ -76,7 +77,11 @@ def main(settings: Settings, queues: tuple[str, ...] = QUEUES, hostname: str = "
     # The dashboard's view of this worker and of Ray (scheduler/snapshot.py).
     snapshots = SnapshotWriter(settings, runner.publisher.redis, hostname)
     snapshots.start()
+    # Replicas per model from each model's queue (scheduler/scaling.py).
+    scaler = Scaler(settings, runner)
+    scaler.start()
     try:
         app.worker_main(argv)
     finally:
+        scaler.stop()
         snapshots.stop()
