@@ -66,6 +66,7 @@ def create_app(
         jobs,
         openapi,
         problems,
+        scaling,
         schedules,
         tenants,
     )
@@ -92,6 +93,7 @@ def create_app(
         dataset_uploads.bp,
         tenants.bp,
         schedules.bp,
+        scaling.bp,
     ):
         app.register_blueprint(blueprint)
     auth.install(app)

@@ -124,6 +124,14 @@ class Settings(BaseSettings):
     batch_min_rows: int = Field(16, ge=1, le=4096)
     # A model server with no job for this long unloads (frees its GPU). Unset: never.
     model_idle_unload_s: float | None = Field(900.0, gt=0)
+    # The last replica of a model (1 -> 0) unloads after this long without a job (never longer
+    # than model_idle_unload_s); a model's policy may set both (PATCH /v1/models/{name}).
+    model_last_idle_unload_s: float | None = Field(300.0, gt=0)
+    # The replica scaler (scheduler/scaling.py) reads each model's queued and running jobs this
+    # often, and lowers a model's replica count only after this long of lower need (never less
+    # than one interval: the window is never shorter than what it looks back on).
+    scale_interval_s: float = Field(5.0, ge=0.5, le=30)
+    scale_cooldown_s: float = Field(60.0, ge=0, le=3600)
     # GPU memory each node may give to warm model servers (their families' gpu_memory_gb);
     # starting one more evicts the least recently used idle servers there. Unset: no budget.
     gpu_memory_budget_gb: float | None = Field(None, gt=0)

@@ -138,6 +138,8 @@ class Model(Base):
     # loaded it, then `ready` or `failed` (status_detail says why); jobs need `ready`.
     status: Mapped[str] = mapped_column(String(16), default="ready", server_default="ready")
     status_detail: Mapped[str | None] = mapped_column(Text)
+    # This version's replica policy over its family's defaults (core/scaling.py); None: none.
+    serving: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
 
     @property
     def ref(self) -> str:
@@ -190,6 +192,8 @@ class Job(Base):
     error_detail: Mapped[str | None] = mapped_column(Text)
     metrics: Mapped[dict[str, Any]] = mapped_column(JsonType, default=dict)
     result_model_id: Mapped[str | None] = mapped_column(ForeignKey("model.id"))
+    # Where the last attempt ran: {node_id, node_ip, hostname, gpu_ids, replica}; None before.
+    placement: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
 
     webhook: Mapped[str | None] = mapped_column(String(2048))
     webhook_events: Mapped[list[str] | None] = mapped_column(JsonType)

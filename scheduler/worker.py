@@ -20,6 +20,7 @@ from scheduler.checks import register as register_checks
 from scheduler.enqueue import Publisher
 from scheduler.raynode import start_worker_node
 from scheduler.runner import Runner
+from scheduler.scaling import Scaler
 from scheduler.snapshot import SnapshotWriter
 from scheduler.webhooks import register as register_webhooks
 
@@ -89,7 +90,11 @@ def _run(
     # The dashboard's view of this worker and of Ray (scheduler/snapshot.py).
     snapshots = SnapshotWriter(settings, runner.publisher.redis, hostname)
     snapshots.start()
+    # Replicas per model from each model's queue (scheduler/scaling.py).
+    scaler = Scaler(settings, runner)
+    scaler.start()
     try:
         app.worker_main(argv)
     finally:
+        scaler.stop()
         snapshots.stop()

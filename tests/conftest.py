@@ -159,3 +159,39 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
 def s3_url(s3_server: S3Server) -> str:
     """A new, empty bucket for this test, as an artifact store URL with a prefix."""
     return f"s3://{s3_server.new_bucket()}/genq"
+
+
+@pytest.fixture(scope="session")
+def tiny_ddpm(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict]:
+    """A tiny ddpm model folder (seeded random weights, as `train` would save it) and its
+    config: a model server that takes a CPU (or a GPU share) and loads in a second."""
+    import json
+
+    import torch
+    from diffusers import UNet2DModel
+
+    from workers.families import ddpm
+
+    folder = tmp_path_factory.mktemp("tiny-ddpm")
+    config = {
+        "family": "ddpm",
+        "preset": "tiny",
+        "image_size": 16,
+        "channels": 1,
+        "num_classes": 10,
+        "null_label": 10,
+        "class_names": [str(i) for i in range(10)],
+        "num_train_timesteps": 200,
+        "scheduler": dict(ddpm.SCHEDULE),
+        "unet": {
+            "sample_size": 16,
+            "in_channels": 1,
+            "out_channels": 1,
+            "num_class_embeds": 11,
+            **ddpm.PRESETS["tiny"]["unet"],
+        },
+    }
+    torch.manual_seed(0)
+    UNet2DModel(**config["unet"]).save_pretrained(folder, safe_serialization=True)
+    (folder / "genq.json").write_text(json.dumps(config))
+    return str(folder), config

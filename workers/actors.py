@@ -41,7 +41,7 @@ from workers.batching import job_error
 from workers.families.base import GPU_MEMORY_RESOURCE, DatasetRef, Family, TrainContext
 from workers.registry import get_family
 from workers.server import ModelServer as BaseModelServer
-from workers.server import ServingOptions, device_name, ray_placement
+from workers.server import ServingOptions, device_name, placement_event, ray_placement
 from workers.staging import Staging, store_errors
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,9 @@ class Trainer:
         if self.family.params_for(JobKind(kind)) is None:
             raise InvalidInputError.one("kind", f"the {self.family.name} family cannot {kind}")
         implementation = self.family.load_implementation()
+        placement = placement_event()
+        if placement is not None:
+            yield placement
         if "artifact_url" not in ctx:
             events = implementation.train(params, self._local_ctx(job_id, ctx))
             yield from _guarded(events, job_id)
@@ -194,22 +197,24 @@ def num_gpus_for(family: Family) -> float:
     return family.resources.num_gpus if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
-def model_server_name(model_id: str) -> str:
-    return f"model-{model_id}"
+def model_server_name(model_id: str, replica: int = 1) -> str:
+    """The Ray name of a model's server: `model-<id>` for its first replica, `model-<id>@<n>`
+    for the n-th (scheduler/snapshot.py reads the model id back)."""
+    return f"model-{model_id}" if replica == 1 else f"model-{model_id}@{replica}"
 
 
 def start_model_server(
-    model_id: str,
+    name: str,
     family: Family,
     model_dir: str | None,
     config: dict[str, Any],
     options: ServingOptions,
     scheduling_strategy: Any = None,
 ) -> ActorHandle:
-    """Start (or find, by name) the server of a model; it loads in the background. Detached:
-    it outlives its caller, so the next job on the model pays no load time."""
+    """Start (or find, by name) a server (replica) of a model; it loads in the background.
+    Detached: it outlives its caller, so the next job on the model pays no load time."""
     return _ServerActor.options(
-        name=model_server_name(model_id),
+        name=name,
         namespace=NAMESPACE,
         get_if_exists=True,
         lifetime="detached",
@@ -230,13 +235,13 @@ def get_model_server(
     verify: bool = False,
 ) -> ActorHandle:
     """The warm server of a registered model, started (and loading) if it does not exist.
-    The model pool (workers/pool.py) places new servers and evicts the least recently used
-    ones when a GPU's memory budget would be exceeded. `verify`: the handle last returned was
+    The model pool (workers/pool.py) places new servers and makes room for them (unloading
+    idle ones) when they fit nowhere. `verify`: the handle last returned was
     dead; make sure this one is not."""
     from workers.pool import acquire_server  # the pool module builds on this one
 
     return acquire_server(
-        model_id, family, model_dir, config, options or ServingOptions(), verify=verify
+        model_id, family.name, model_dir, config, options or ServingOptions(), verify=verify
     )
 
 

@@ -51,6 +51,23 @@ class Resources:
 
 
 @dataclass(frozen=True)
+class Scaling:
+    """The default replica policy of the family's models (core/scaling.py); an admin may
+    override it per model. One replica of a family that batches takes many jobs at once."""
+
+    min_replicas: int = 0
+    max_replicas: int = 1
+    target_jobs_per_replica: float = 4.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "min_replicas": self.min_replicas,
+            "max_replicas": self.max_replicas,
+            "target_jobs_per_replica": self.target_jobs_per_replica,
+        }
+
+
+@dataclass(frozen=True)
 class Family:
     name: str
     description: str
@@ -61,6 +78,7 @@ class Family:
     # Data set kinds a training job of this family accepts (images, text).
     dataset_kinds: tuple[str, ...] = ()
     resources: Resources = field(default_factory=Resources)
+    scaling: Scaling = field(default_factory=Scaling)
     # Checks validated params against one registered model's config (what its folder can do,
     # e.g. whether its tokenizer has a chat template) at submit; raises InvalidInputError.
     check_model_params: Callable[[JobKind, dict[str, Any], dict[str, Any]], None] | None = None
