@@ -297,8 +297,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 
 def placement_ip(job: dict[str, Any]) -> str:
+    """The address of the node the job ran on, as the job records it, with the GPU it held
+    there (each GPU host declares one: id 0)."""
     placement = job.get("placement") or {}
     assert placement.get("node_ip"), f"the job does not say where it ran: {job}"
+    assert placement.get("node_id") and placement.get("gpu_ids") == ["0"], placement
     return str(placement["node_ip"])
 
 
