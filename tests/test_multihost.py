@@ -40,6 +40,7 @@ from tests.multihost import (
     NamespacesUnavailableError,
     Proc,
     check_namespaces,
+    command_name,
     port_open,
     postgres_bin,
     wait_until,
@@ -324,6 +325,11 @@ def test_the_hosts_share_no_disk_and_the_api_host_runs_no_ray(cluster: Cluster) 
     ]
     assert any(b"raylet" in c for c in commands)
     assert not any(b"raylet" in c or b"gcs_server" in c for c in _commands(cluster.api_host))
+    # ... and neither the API (gunicorn) nor the periodic scheduler has even loaded Ray.
+    api_pids = cluster.api_host.processes()
+    assert len(api_pids) >= 3  # gunicorn's arbiter and worker, the scheduler
+    for pid in api_pids:
+        assert "_raylet" not in Path(f"/proc/{pid}/maps").read_text(), command_name(pid)
     # What the dashboard's overview shows (the worker's snapshot in Redis): four Ray nodes,
     # each at its host's address; only the GPU hosts declare a GPU and gpu_memory_gb.
     broker = redis.Redis.from_url(cluster.env["GENQ_REDIS_URL"])
