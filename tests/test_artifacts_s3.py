@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import shutil
 import signal
 import zipfile
@@ -122,6 +123,17 @@ def test_outputs_land_in_the_bucket_and_download_streamed_or_redirected(
     assert fetched.status_code == 200 and fetched.content == data
     assert fetched.headers["Content-Type"].startswith(row.content_type)
 
+    # The dashboard's view of the output streams it from the bucket too (never a redirect:
+    # its pages allow images from their own origin only).
+    admin = app.test_client()
+    page = admin.get("/admin/login").get_data(as_text=True)
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page)
+    assert token is not None
+    login = {"key": cluster.admin_key, "csrf_token": token.group(1)}
+    assert admin.post("/admin/login", data=login).status_code == 302
+    shown = admin.get(f"/admin/artifacts/{output['id']}")
+    assert shown.status_code == 200 and shown.data == data
+
 
 def images_zip() -> bytes:
     buf = io.BytesIO()
@@ -217,6 +229,23 @@ def test_a_dataset_in_the_bucket_trains_resumes_from_the_store_and_serves_from_i
     cached = list(node_cache(cluster).glob(f"objects/*/models/{job_id}/{MANIFEST_NAME}"))
     assert len(cached) == 1
     assert (cached[0].parent / "genq.json").is_file()
+
+    # A fine-tune on an empty cache starts from its parent as stored, and is stored itself.
+    shutil.rmtree(node_cache(cluster), ignore_errors=True)
+    tune = cluster.submit(
+        {
+            "kind": "finetune",
+            "model": "swatch:1",
+            "dataset": "swatches",
+            "name": "swatch",
+            "params": {"steps": 3, "batch_size": 4},
+        }
+    )
+    tuned = cluster.wait(tune, 180)
+    assert tuned["state"] == "succeeded" and tuned["result_model"] == "swatch:2", tuned
+    assert list(node_cache(cluster).glob(f"objects/*/models/{job_id}/{MANIFEST_NAME}"))
+    assert store.read_manifest(f"models/{tune}") is not None
+    nothing_on_disk(cluster)
 
 
 def first_event_of_attempt(cluster: Cluster, job_id: str, attempt: int) -> int:
