@@ -97,18 +97,7 @@ def pretrained_folder(settings: Settings, given: str) -> tuple[Path, str]:
     (inside one of GENQ_PRETRAINED_ROOTS when set), an `s3://bucket/folder` URL or a path
     relative to the artifact store (downloaded into this machine's cache to check it); 422
     naming `path` for a folder that is not there or not allowed."""
-    store = genq().artifacts
-    if given.startswith("s3://") or (not Path(given).is_absolute() and not store.is_local):
-        try:
-            folder = FolderCache(settings.cache_path).model_folder(store, given)
-        except ValueError as exc:
-            raise InvalidInputError.one("path", str(exc)) from None
-        except Exception as exc:  # nothing there, no access, no endpoint
-            raise InvalidInputError.one(
-                "path", f"cannot be read from object storage: {type(exc).__name__}: {exc}"
-            ) from None
-        stored = given
-    elif Path(given).is_absolute():
+    if Path(given).is_absolute():
         folder = Path(given).resolve()
         roots = settings.pretrained_root_paths
         if roots and not any(folder.is_relative_to(root) for root in roots):
@@ -116,7 +105,18 @@ def pretrained_folder(settings: Settings, given: str) -> tuple[Path, str]:
                 "path", "not under a folder GENQ_PRETRAINED_ROOTS allows models from"
             )
         stored = str(folder)
+    elif given.startswith("s3://") or not genq().artifacts.is_local:
+        try:
+            folder = FolderCache(settings.cache_path).model_folder(genq().artifacts, given)
+        except ValueError as exc:
+            raise InvalidInputError.one("path", str(exc)) from None
+        except Exception as exc:  # nothing there, no access, no endpoint
+            raise InvalidInputError.one(
+                "path", f"cannot be read from object storage: {type(exc).__name__}: {exc}"
+            ) from None
+        stored = given
     else:
+        store = genq().artifacts
         try:
             folder = store.resolve(given)
         except ValueError:

@@ -70,9 +70,11 @@ def check_name(name: str, field: str = "name") -> str:
 @dataclass
 class Manifest:
     """A stored folder: each file (by its path inside the folder) with the key it is stored
-    under, its size and SHA-256. `version` counts the saves of a folder that changes (a
-    training job's checkpoints); an empty sha256 means not known (a folder put in the bucket
-    by hand, listed rather than read)."""
+    under relative to the folder (so that the folder reads the same from a store rooted
+    elsewhere, e.g. `s3://bucket/folder` registered as a model), its size and SHA-256.
+    `version` counts the saves of a folder that changes (a training job's checkpoints); an
+    empty sha256 means not known (a folder put in the bucket by hand, listed rather than
+    read)."""
 
     files: dict[str, StoredFile] = field(default_factory=dict)
     version: int = 0
@@ -199,7 +201,7 @@ class ArtifactStore:
         manifest = Manifest()
         if target is not None and (source == target or move):
             for relative, path in folder_files(source):
-                manifest.files[relative] = StoredFile(f"{prefix}/{relative}", *file_digest(path))
+                manifest.files[relative] = StoredFile(relative, *file_digest(path))
             write_atomic(source / MANIFEST_NAME, manifest.to_json().encode())
             if source != target:
                 _swap_into_place(source, target)
@@ -211,11 +213,12 @@ class ArtifactStore:
             return self.put_folder(tmp, prefix, move=True)
         old = self.read_manifest(prefix)
         for relative, path in folder_files(source):
-            manifest.files[relative] = self.put_file(f"{prefix}/{relative}", path)
+            stored = self.put_file(f"{prefix}/{relative}", path)
+            manifest.files[relative] = StoredFile(relative, stored.size_bytes, stored.sha256)
         self.put_bytes(f"{prefix}/{MANIFEST_NAME}", manifest.to_json().encode())
         if old is not None:
             for stale in set(old.files) - set(manifest.files):
-                self.delete(old.files[stale].path)
+                self.delete(f"{prefix}/{old.files[stale].path}")
         if move:
             shutil.rmtree(source, ignore_errors=True)
         return manifest
@@ -230,7 +233,7 @@ class ArtifactStore:
     def scan_folder(self, prefix: str) -> Manifest:
         """A manifest listed from the store, for a folder stored without one (sizes only)."""
         files = {
-            key[len(prefix) + 1 :]: StoredFile(key, size, "")
+            key[len(prefix) + 1 :]: StoredFile(key[len(prefix) + 1 :], size, "")
             for key, size in self.list(prefix)
             if not is_temporary(key.rsplit("/", 1)[-1])
         }
@@ -247,10 +250,10 @@ class ArtifactStore:
         checked = Manifest(version=manifest.version)
         for relative, stored in manifest.files.items():
             path = dest / check_key(relative)
-            self.backend.get_file(stored.path, path)
+            self.backend.get_file(f"{prefix}/{check_key(stored.path)}", path)
             size, sha256 = file_digest(path)
             if size != stored.size_bytes or (stored.sha256 and sha256 != stored.sha256):
-                raise OSError(f"{stored.path} in {self.url} does not match its manifest")
+                raise OSError(f"{prefix}/{stored.path} in {self.url} does not match its manifest")
             checked.files[relative] = StoredFile(stored.path, size, sha256)
         write_atomic(dest / MANIFEST_NAME, checked.to_json().encode())
         return checked

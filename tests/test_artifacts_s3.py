@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 import shutil
 import signal
 import zipfile
@@ -28,6 +29,7 @@ from core.artifacts import MANIFEST_NAME, ArtifactStore
 from core.settings import Settings
 from core.tables import Artifact, Model
 from tests.conftest import S3Server
+from tests.pretrained_models import build_tiny_lm
 from tests.stackproc import descendants
 from tests.test_faults_support import Cluster, RayHead, is_alive, wait_until
 
@@ -121,6 +123,17 @@ def test_outputs_land_in_the_bucket_and_download_streamed_or_redirected(
     fetched = requests.get(moved.headers["Location"], timeout=10)
     assert fetched.status_code == 200 and fetched.content == data
     assert fetched.headers["Content-Type"].startswith(row.content_type)
+
+    # The dashboard's view of the output streams it from the bucket too (never a redirect:
+    # its pages allow images from their own origin only).
+    admin = app.test_client()
+    page = admin.get("/admin/login").get_data(as_text=True)
+    token = re.search(r'name="csrf_token" value="([^"]+)"', page)
+    assert token is not None
+    login = {"key": cluster.admin_key, "csrf_token": token.group(1)}
+    assert admin.post("/admin/login", data=login).status_code == 302
+    shown = admin.get(f"/admin/artifacts/{output['id']}")
+    assert shown.status_code == 200 and shown.data == data
 
 
 def images_zip() -> bytes:
@@ -218,9 +231,82 @@ def test_a_dataset_in_the_bucket_trains_resumes_from_the_store_and_serves_from_i
     assert len(cached) == 1
     assert (cached[0].parent / "genq.json").is_file()
 
+    # A fine-tune on an empty cache starts from its parent as stored, and is stored itself.
+    shutil.rmtree(node_cache(cluster), ignore_errors=True)
+    tune = cluster.submit(
+        {
+            "kind": "finetune",
+            "model": "swatch:1",
+            "dataset": "swatches",
+            "name": "swatch",
+            "params": {"steps": 3, "batch_size": 4},
+        }
+    )
+    tuned = cluster.wait(tune, 180)
+    assert tuned["state"] == "succeeded" and tuned["result_model"] == "swatch:2", tuned
+    assert list(node_cache(cluster).glob(f"objects/*/models/{job_id}/{MANIFEST_NAME}"))
+    assert store.read_manifest(f"models/{tune}") is not None
+    nothing_on_disk(cluster)
+
 
 def first_event_of_attempt(cluster: Cluster, job_id: str, attempt: int) -> int:
     for event in cluster.events(job_id, "state"):
         if event.data.get("to") == "running" and event.data.get("attempt") == attempt:
             return int(event.id)
     raise AssertionError(f"no attempt {attempt}")
+
+
+def test_a_pretrained_folder_in_the_bucket_is_checked_fine_tuned_and_served(
+    cluster: Cluster, s3_url: str, tmp_path: Path
+) -> None:
+    """Registered by its s3:// URL: the API checks its layout from its own cache, the model
+    check loads it on the Ray node, and a LoRA adapter trained on it names that URL as its
+    base, so a server on any machine (here: with an empty cache) rebuilds it from the bucket."""
+    store = store_of(cluster)
+    store.put_folder(build_tiny_lm(tmp_path / "lm"), "pretrained/tiny-lm")
+    url = f"{s3_url}/pretrained/tiny-lm"
+    cluster.worker()
+    registered = cluster.client.post(
+        "/v1/models",
+        json={"name": "tiny-lm", "family": "transformers", "path": url},
+        headers=cluster.auth(),
+    )
+    assert registered.status_code == 202, registered.get_data(as_text=True)
+    ready = wait_until(
+        lambda: (
+            (m := cluster.client.get("/v1/models/tiny-lm", headers=cluster.auth()))
+            and m.get_json()["items"][0]["status"] != "checking"
+            and m.get_json()["items"][0]
+        ),
+        180,
+        "the model check",
+    )
+    assert ready["status"] == "ready", ready
+    missing = cluster.client.post(
+        "/v1/models",
+        json={"name": "nope", "family": "transformers", "path": f"{s3_url}/pretrained/none"},
+        headers=cluster.auth(),
+    )
+    assert missing.status_code == 422 and missing.get_json()["errors"][0]["field"] == "path"
+
+    text = ("The quick brown fox jumps over the lazy dog. " * 120).encode()
+    form = {"name": "fox", "kind": "text", "file": (io.BytesIO(text), "fox.txt")}
+    uploaded = cluster.client.post(
+        "/v1/datasets", data=form, headers=cluster.auth(), content_type="multipart/form-data"
+    )
+    assert uploaded.status_code == 201, uploaded.get_data(as_text=True)
+    lora = {"steps": 4, "batch_size": 4, "seq_len": 16, "r": 4, "checkpoint_every": 2}
+    body = {"kind": "finetune", "model": "tiny-lm:1", "dataset": "fox", "name": "fox-lm"}
+    tuned = cluster.wait(cluster.submit({**body, "params": lora}), 240)
+    assert tuned["state"] == "succeeded" and tuned["result_model"] == "fox-lm:1", tuned
+    with cluster.database.transaction() as session:
+        (adapter,) = session.query(Model).filter(Model.name == "fox-lm").all()
+        assert adapter.path == f"models/{tuned['id']}"
+        assert (adapter.config or {})["base_path"] == url
+
+    shutil.rmtree(node_cache(cluster), ignore_errors=True)
+    prompt = {"prompt": "The quick", "max_tokens": 8, "temperature": 0, "seed": 0}
+    job = cluster.wait(cluster.submit({"kind": "generate", "model": "fox-lm:1", "params": prompt}))
+    assert job["state"] == "succeeded", job
+    assert list(node_cache(cluster).glob("objects/*/tiny-lm/config.json"))
+    nothing_on_disk(cluster)

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from core.artifactcache import FolderCache
-from core.artifacts import MANIFEST_NAME, ArtifactStore, Manifest, folder_files
+from core.artifacts import MANIFEST_NAME, ArtifactStore, Manifest, StoredFile, folder_files
 from core.errors import ModelError, TransientError
 from core.settings import Settings
 
@@ -155,10 +155,13 @@ class CheckpointSync:
         version = self.manifest.version + 1
         manifest = Manifest(version=version)
         for name, path in current.items():
-            manifest.files[name] = self.store.put_file(f"{self.prefix}/v{version}/{name}", path)
+            stored = self.store.put_file(f"{self.prefix}/v{version}/{name}", path)
+            manifest.files[name] = StoredFile(
+                f"v{version}/{name}", stored.size_bytes, stored.sha256
+            )
         self.store.put_bytes(f"{self.prefix}/{MANIFEST_NAME}", manifest.to_json().encode())
         old, self.manifest, self._seen = self.manifest, manifest, signatures
         for stored in old.files.values():  # the previous version is no longer current
-            self.store.delete(stored.path)
+            self.store.delete(f"{self.prefix}/{stored.path}")
         log.info("checkpoint v%d stored (%d bytes)", version, manifest.size_bytes)
         return manifest
