@@ -433,6 +433,8 @@ class ModelPool:
                 return
             replica.info_ref = None
             replica.info = info
+            if not replica.ready:  # placed and loaded: Ray's own report counts it now
+                self._claims = [c for c in self._claims if c.key != replica.key or c.sign < 0]
             replica.ready = True
             replica.waiting = ""
             replica.node_id = info.get("node_id") or replica.node_id
