@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import secrets
 import sys
 from collections.abc import Iterator
@@ -345,6 +346,24 @@ def test_the_hosts_share_no_disk_and_the_api_host_runs_no_ray(cluster: Cluster) 
         assert by_ip[hosts[name].ip]["gpu_memory_gb"] == 16.0
     for name in ("head", "celery"):
         assert "GPU" not in by_ip[hosts[name].ip] and "CPU" not in by_ip[hosts[name].ip]
+
+    # And as an operator sees it: the dashboard of the API host lists the nodes.
+    browser = requests.Session()
+    browser.trust_env = False
+    login = browser.get(f"{cluster.url}/admin/login", timeout=30).text
+    token = re.search(r'name="csrf_token" value="([^"]+)"', login)
+    assert token, login
+    response = browser.post(
+        f"{cluster.url}/admin/login",
+        data={"key": cluster.admin_key, "csrf_token": token.group(1)},
+        timeout=30,
+    )
+    assert response.status_code == 200 and "Ray nodes and GPUs" in response.text, response.text
+    assert "GPUs: 2.0 declared to Ray" in response.text
+    assert response.text.count("16.0 GB") == 2
+    for name in ("head", "gpu1", "gpu2", "celery"):
+        assert f"<td>{hosts[name].ip}</td>" in response.text
+    browser.close()
 
 
 def _alive_nodes(broker: redis.Redis) -> list[dict[str, Any]] | None:
