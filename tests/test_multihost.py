@@ -365,6 +365,15 @@ def test_the_hosts_share_no_disk_and_the_api_host_runs_no_ray(cluster: Cluster) 
         assert f"<td>{hosts[name].ip}</td>" in response.text
     browser.close()
 
+    # `ray status`, from any machine with the token, counts the same.
+    status = cluster.celery.run(
+        "ray-status",
+        [str(BIN / "ray"), "status", f"--address={cluster.env['GENQ_RAY_ADDRESS']}"],
+        cluster.host_env(cluster.celery),
+    )
+    assert status.process.wait(120) == 0, status.text()
+    assert "0.0/2.0 GPU" in status.text() and "0.0/32.0 gpu_memory_gb" in status.text()
+
 
 def _alive_nodes(broker: redis.Redis) -> list[dict[str, Any]] | None:
     for snap in read_snapshots(broker):
@@ -465,11 +474,12 @@ def test_a_celery_host_restarted_mid_run_loses_nothing(cluster: Cluster) -> None
         for i in range(4)
     ]  # fmt: skip
     wait_until(lambda: cluster.get(train)["progress"]["step"] >= 12, 240, "training progress")
-    running = {j for j in [train, *echoes] if cluster.get(j)["state"] == "running"}
-    assert train in running
     killed = cluster.celery.kill()
     # The Celery worker, the Ray node it started and its driver: all SIGKILLed, none left.
     assert len(killed) >= 3, killed
+    # With the worker gone no job changes state until its lease expires: these were running.
+    running = {j for j in [train, *echoes] if cluster.get(j)["state"] == "running"}
+    assert train in running
     killed_at = max(step for _, step in cluster.progress_steps(train))
     cluster.celery.boot()  # an empty disk: the new worker starts a new Ray node
     cluster.start_worker()
