@@ -74,6 +74,14 @@ def pids_in_namespace(ns: str) -> list[int]:
     return found
 
 
+def command_line(pid: int) -> str:
+    with contextlib.suppress(OSError):
+        return (
+            Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        )
+    return "?"
+
+
 def command_name(pid: int) -> str:
     with contextlib.suppress(OSError):
         return Path(f"/proc/{pid}/comm").read_text().strip()
@@ -184,11 +192,12 @@ class Host:
     def processes(self) -> list[int]:
         return pids_in_namespace(self.pid_ns)
 
-    def kill(self) -> list[int]:
+    def kill(self) -> dict[int, str]:
         """Power cut: SIGKILL to the host's PID 1, which kills every process of the host.
-        Returns the PIDs that were running; asserts that none of them is left."""
+        Returns the processes that were running (PID: command line); asserts that none of
+        them is left."""
         ns = self.pid_ns
-        victims = pids_in_namespace(ns)
+        victims = {pid: command_line(pid) for pid in pids_in_namespace(ns)}
         os.kill(self.init_pid, signal.SIGKILL)
         assert self.init is not None
         self.init.wait(30)
