@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 # What `ray start` prints once its node has registered with the GCS.
 STARTED_LINE = b"Ray runtime started"
+START_ATTEMPTS = 3
 
 
 def ray_executable() -> str:
@@ -211,5 +212,13 @@ def start_worker_node(settings: Settings) -> RayNodeProcess | None:
         node_argv(settings, num_cpus=0, num_gpus=0),
         settings.var_dir.resolve() / "logs" / "ray-node.log",
     )
-    node.start()
-    return node
+    for attempt in range(1, START_ATTEMPTS + 1):
+        try:
+            node.start()
+            return node
+        except RuntimeError:
+            # `ray start` gives a raylet 30 s to register; a busy head may need longer.
+            if attempt == START_ATTEMPTS:
+                raise
+            log.warning("the Ray node did not start (attempt %d); starting it again", attempt)
+    raise AssertionError("unreachable")

@@ -222,8 +222,12 @@ class Lab:
         self._made_bridge = False
         _sh("ip", "link", "add", self.bridge, "type", "bridge")
         self._made_bridge = True
-        _sh("ip", "addr", "add", f"{self.prefix}.1/24", "dev", self.bridge)
-        _sh("ip", "link", "set", self.bridge, "up")
+        try:
+            _sh("ip", "addr", "add", f"{self.prefix}.1/24", "dev", self.bridge)
+            _sh("ip", "link", "set", self.bridge, "up")
+        except BaseException:
+            self.close()
+            raise
 
     @property
     def gateway(self) -> str:
