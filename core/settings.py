@@ -106,7 +106,7 @@ class Settings(BaseSettings):
     ray_dashboard: bool = False
     # This machine's address on the cluster network: the Ray node that `genq node` or
     # `genq worker` starts binds to it, and drivers connect from it. Unset: Ray picks one.
-    node_ip: str | None = Field(None, min_length=1, max_length=253)
+    node_ip: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9.:-]{0,252}$")
     # Whether `genq worker` starts a Ray node of its own (no CPU, no GPU) that joins
     # GENQ_RAY_ADDRESS: a driver reaches Ray only through a raylet on its own machine.
     # auto: start one unless a Ray node already runs on this machine; start: always;

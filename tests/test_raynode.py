@@ -156,3 +156,13 @@ def test_a_sigkilled_worker_takes_its_node_with_it(tmp_path: Path) -> None:
         if worker.poll() is None:
             worker.kill()
             worker.wait()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("node_ip", "10.0.0.1; reboot"), ("node_ip", ""), ("worker_ray_node", "sometimes"),
+     ("ray_head_port", 0), ("ray_num_gpus", -1), ("ray_gpu_memory_gb", 0)],
+)  # fmt: skip
+def test_bad_node_settings_are_refused(field: str, value: object) -> None:
+    with pytest.raises(ValueError, match=field):
+        _settings(**{field: value})
