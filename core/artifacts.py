@@ -15,6 +15,12 @@ storage (GENQ_ARTIFACT_URL=s3://bucket/prefix), through one interface.
     store.fetch_folder(prefix, dest, manifest)          # download and check every file
     FolderCache(root).folder(store, prefix) -> Path     # (core/artifactcache.py) a node-local
                                                         # copy, or the folder itself when local
+    FolderCache(root).model_folder(store, model_path)   # Model.path: key, s3:// URL or abs path
+    Staging.for_url(url) (workers/staging.py)           # the actors' side: cache, checkpoints
+
+Trainers and model servers get `store.url` (ServingOptions.artifact_url, the trainer ctx's
+`artifact_url`), never a path on the caller's disk; each machine brings its own AWS_* settings
+and GENQ_CACHE_DIR.
 
 Keys (relative POSIX paths) are laid out by the methods below: `outputs/<tenant>/<job>/<name>`,
 `checkpoints/<job>/...`, `models/<job>/...`, `datasets/<id>/...`. Files are addressed by ids

@@ -15,6 +15,8 @@ import os
 import re
 import shutil
 import signal
+import subprocess
+import sys
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -65,6 +67,27 @@ def cluster(tmp_path: Path, ray_head: RayHead, s3_url: str) -> Iterator[Cluster]
     )
     yield c
     c.close()
+    stop_model_servers(ray_head)
+
+
+def stop_model_servers(head: RayHead) -> None:
+    """Kill the warm (detached) model servers a test left on the module's Ray head: they hold
+    GPU shares that the next test's whole-GPU model (transformers) needs."""
+    code = (
+        "import ray, sys\n"
+        "ray.init(address=sys.argv[1], namespace='genq', log_to_driver=False)\n"
+        "for name in ray.util.list_named_actors():\n"
+        "    if name.startswith('model-'):\n"
+        "        ray.kill(ray.get_actor(name), no_restart=True)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, head.env["GENQ_RAY_ADDRESS"]],
+        env={**os.environ, **head.env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def node_cache(cluster: Cluster) -> Path:
@@ -104,6 +127,7 @@ def test_outputs_land_in_the_bucket_and_download_streamed_or_redirected(
     url = f"/v1/artifacts/{output['id']}"
     whole = cluster.client.get(url, headers=cluster.auth())
     assert whole.status_code == 200 and whole.data == data
+    assert whole.is_streamed  # chunks from the bucket, never the whole object in memory
     assert whole.headers["Content-Length"] == str(len(data))
     assert whole.headers["ETag"] == f'"{sha256}"'
     assert whole.headers["Content-Type"].startswith(row.content_type)

@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pytest
 import requests
+from pydantic import ValidationError
 
 from core.artifactcache import FolderCache
 from core.artifacts import MANIFEST_NAME, ArtifactStore
+from core.settings import Settings
 from workers.staging import CheckpointSync
 
 
@@ -171,3 +173,19 @@ def test_checkpoints_go_up_as_versions_and_come_back_on_another_machine(
     assert pulled is not None and pulled.version == 2
     assert sorted(p.name for p in other.local_dir.iterdir()) == ["checkpoint.safetensors"]
     assert (other.local_dir / "checkpoint.safetensors").read_bytes() == b"step-10!"
+
+
+@pytest.mark.parametrize("url", ["http://bucket/x", "s3://", "s3://UPPER/x", "bucket/prefix"])
+def test_an_artifact_url_that_is_not_s3_is_refused_at_start(url: str) -> None:
+    with pytest.raises(ValidationError) as refused:
+        Settings(_env_file=None, artifact_url=url)  # type: ignore[call-arg]
+    assert refused.value.errors()[0]["loc"] == ("artifact_url",)
+
+
+def test_settings_default_to_the_local_folder(tmp_path: Path) -> None:
+    settings = Settings(_env_file=None, var_dir=tmp_path)  # type: ignore[call-arg]
+    store = ArtifactStore.from_settings(settings)
+    assert store.is_local and store.root == (tmp_path / "artifacts").resolve()
+    assert settings.cache_path == (tmp_path / "cache").resolve()
+    s3 = Settings(_env_file=None, var_dir=tmp_path, artifact_url="s3://my-bucket/genq/")  # type: ignore[call-arg]
+    assert ArtifactStore.from_settings(s3).url == "s3://my-bucket/genq"
