@@ -382,11 +382,17 @@ def test_training_longer_than_the_visibility_timeout_runs_once(
     try:
         cluster.worker()
         cluster.scheduler()
-        # Long enough to outlast the 11 s visibility timeout with room to spare (150 steps took
-        # 8.7 s once progress events were thinned out, and the re-delivery never came).
-        job_id = cluster.submit({**TRAIN, "params": {**TRAIN["params"], "steps": 400}})
-        # The broker hands the unacknowledged message out again while the job runs.
-        wait_until(lambda: "skipped:running" in cluster.logs(), 90, "the re-delivery")
+        job_id = cluster.submit(TRAIN)
+        wait_until(lambda: cluster.get(job_id)["progress"]["step"] >= 1, 120, "training progress")
+        # However fast the machine, the job must still be running when the broker hands its
+        # unacknowledged message out again: the trainer is paused (its lease is renewed by the
+        # worker meanwhile) until the re-delivery has been seen, then resumed.
+        (pid,) = wait_until(trainer_pids, 10, "the trainer's process")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            wait_until(lambda: "skipped:running" in cluster.logs(), 90, "the re-delivery")
+        finally:
+            os.kill(pid, signal.SIGCONT)
         job = cluster.wait(job_id, 180)
         states = [e.data for e in cluster.events(job_id, "state")]
         assert job["state"] == "succeeded" and job["attempt"] == 1, states
