@@ -24,7 +24,8 @@ class EventRecorder:
     once per `progress_interval_s` (the last one always), and each output as soon as the next
     event arrives — or, when it is the job's last event (a generate job's usual case), in the
     transaction that finishes the job, which saves a write per job. An output's file is
-    written the moment it arrives either way."""
+    written the moment it arrives either way. Where the job runs (its Placement) goes with the
+    first of these writes: no write of its own."""
 
     def __init__(self, runner: Runner, job: JobSnapshot, lease: Lease) -> None:
         self.runner, self.job, self.lease = runner, job, lease
@@ -37,6 +38,7 @@ class EventRecorder:
         # a cold start for this job.
         self.asked_at = time.time()
         self.waiting_said = ""
+        self.pending_placement: dict[str, Any] | None = None
 
     def record(self, event: Event) -> None:
         db = self.runner.database
@@ -44,11 +46,10 @@ class EventRecorder:
             with db.transaction() as session:
                 self._write_output(session)
         if isinstance(event, Placement):
-            self.waiting("")
+            self.pending_placement = event.as_row()
             if event.load_s is not None and (event.loaded_at or 0) >= self.asked_at:
                 self.final_metrics["load_s"] = round(event.load_s, 3)
-            with db.transaction() as session:
-                record_placement(session, self.lease, event.as_row())
+            self.waiting("")
             return
         if isinstance(event, Progress):
             self.waiting_said = ""
@@ -69,6 +70,7 @@ class EventRecorder:
             self.final_metrics.update(event.values)
         assert isinstance(event, Log | Metric | ModelSaved | TextDelta)
         with db.transaction() as session:
+            self._write_placement(session)
             record_events(session, self.lease, [event])
 
     def waiting(self, message: str) -> None:
@@ -83,18 +85,27 @@ class EventRecorder:
         if self.pending_progress is None:
             return
         with self.runner.database.transaction() as session:
+            self._write_placement(session)
             record_events(session, self.lease, [self.pending_progress])
         self.pending_progress = None
         self.last_progress_at = time.monotonic()
 
     def write_pending(self, session: Session) -> None:
-        """The last progress and a held output, in the caller's (finishing) transaction."""
+        """The placement, the last progress and a held output, in the caller's (finishing)
+        transaction."""
+        self._write_placement(session)
         if self.pending_progress is not None:
             record_events(session, self.lease, [self.pending_progress])
             self.pending_progress = None
         self._write_output(session)
 
+    def _write_placement(self, session: Session) -> None:
+        if self.pending_placement is not None:
+            record_placement(session, self.lease, self.pending_placement)
+            self.pending_placement = None
+
     def _write_output(self, session: Session) -> None:
+        self._write_placement(session)
         if self.pending_output is not None:
             event, stored = self.pending_output
             record_output(session, self.lease, event, stored)

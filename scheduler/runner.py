@@ -227,8 +227,8 @@ class Runner:
 
     def _drive(self, job: JobSnapshot, lease: Lease, keeper: LeaseKeeper) -> str:
         from workers.actors import start_trainer, trainer_resources
-        from workers.pool import admit_trainer
         from workers.room import trainer_need
+        from workers.routing import admit_trainer
 
         family = get_family(job.family)
         recorder = EventRecorder(self, job, lease)
@@ -290,8 +290,8 @@ class Runner:
         jobs in hand). A replica found dead before it sent anything (it crashed, or was
         unloaded, just after the pool handed it out) is replaced once, within the attempt: the
         job had not started on it."""
-        from workers.pool import choose_server
         from workers.room import server_need
+        from workers.routing import choose_server
 
         assert job.model_id is not None
         # The model's path as registered: the server fetches the folder on its own machine.

@@ -44,8 +44,8 @@ class Scaler(threading.Thread):
     def tick(self) -> dict[str, int]:
         """One look: the replicas asked of each model that has jobs, a floor, or replicas the
         scaler asked for before. Returns model id -> replicas asked."""
-        from workers.pool import call_pool
         from workers.registry import get_family
+        from workers.routing import call_pool
 
         now = time.monotonic()
         cooldown_s = max(self.settings.scale_cooldown_s, self.settings.scale_interval_s)

@@ -251,3 +251,57 @@ def test_killing_a_replica_mid_batch_loses_no_job(stack: dict[str, Any]) -> None
     again = wait_until(lambda: len(replicas(alpha)) == 2 and replicas(alpha), "2 replicas again")
     assert victim["started_at"] not in {r["started_at"] for r in again}
     assert len({r["started_at"] for r in first} & {r["started_at"] for r in again}) == 1
+
+
+@ray.remote(num_cpus=0, resources={"gpu_memory_gb": 8})
+class Holder:
+    """Something else holding a node's GPU memory (not a genq server: nothing to unload)."""
+
+    def ping(self) -> bool:
+        return True
+
+
+def test_a_job_that_cannot_be_placed_says_what_it_waits_for(stack: dict[str, Any]) -> None:
+    from core.catalog import ensure_builtins
+    from core.tables import Dataset
+
+    holders = [Holder.remote() for _ in range(NODES)]  # every node's 8 GB is taken
+    ray.get([h.ping.remote() for h in holders])
+    database: Database = stack["database"]
+    with database.transaction() as session:
+        ensure_builtins(session)
+        digits = session.scalar(select(Dataset.id).where(Dataset.name == "digits"))
+        job, _ = create_job(
+            session,
+            NewJob(
+                tenant_id=stack["tenant_id"],
+                kind=JobKind.TRAIN,
+                family="ddpm",
+                queue="train",
+                params={"preset": "tiny", "steps": 2, "batch_size": 4},
+                dataset_id=digits,
+                target_name="waited",
+                num_gpus=0.25,
+                gpu_memory_gb=4,
+            ),
+        )
+    runner: Runner = stack["runner"]
+    outcome: list[str] = []
+    thread = threading.Thread(target=lambda: outcome.append(runner.run(job.id)))
+    thread.start()
+
+    def message() -> str:
+        with database.transaction() as session:
+            return str(session.get(Job, job.id).progress_message)
+
+    wait_until(lambda: message() == "waiting for GPU memory", "the job to say what it waits for")
+    ray.kill(holders[0])  # one node's memory frees: the trainer starts there
+    thread.join()
+    assert outcome == ["succeeded"]
+    with database.transaction() as session:
+        done = session.get(Job, job.id)
+        assert done.placement["replica"] == f"trainer-{job.id}"
+        assert done.placement["gpu_ids"] == ["0"]
+        assert done.progress_message != "waiting for GPU memory"
+    for holder in holders[1:]:
+        ray.kill(holder)

@@ -238,7 +238,7 @@ def get_model_server(
     The model pool (workers/pool.py) places new servers and makes room for them (unloading
     idle ones) when they fit nowhere. `verify`: the handle last returned was
     dead; make sure this one is not."""
-    from workers.pool import acquire_server  # the pool module builds on this one
+    from workers.routing import acquire_server  # it builds on this module
 
     return acquire_server(
         model_id, family.name, model_dir, config, options or ServingOptions(), verify=verify

@@ -145,7 +145,9 @@ class ModelServer:
     ) -> None:
         self.family = get_family(family)
         self.options = options or ServingOptions()
-        self.device = device_name()
+        # A family that asks for no GPU runs on the CPU: no torch import (echo starts in a
+        # second, which is what a new replica of it costs).
+        self.device = device_name() if self.family.resources.num_gpus > 0 else "cpu"
         started = time.perf_counter()
         self._placement = placement_event()
         implementation = self.family.load_implementation()
