@@ -58,6 +58,7 @@ def create_app(
     from api import (
         artifacts,
         auth,
+        batches,
         catalog,
         deliveries,
         events,
@@ -71,6 +72,7 @@ def create_app(
         tenants,
     )
     from api import datasets as dataset_uploads
+    from api.openai_compat import routes as openai_routes
 
     app = Flask("genq", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
@@ -86,6 +88,7 @@ def create_app(
         health.bp,
         openapi.bp,
         jobs.bp,
+        batches.bp,
         events.bp,
         artifacts.bp,
         catalog.bp,
@@ -94,6 +97,7 @@ def create_app(
         tenants.bp,
         schedules.bp,
         scaling.bp,
+        openai_routes.bp,
     ):
         app.register_blueprint(blueprint)
     auth.install(app)

@@ -195,6 +195,9 @@ def job_payload(job: Job, ctx: JobContext) -> dict[str, Any]:
         "resources": {"num_gpus": job.num_gpus, "gpu_memory_gb": job.gpu_memory_gb},
         # Where its last attempt ran; null until an actor took it.
         "placement": job.placement,
+        # The batch it was submitted in (POST /v1/batches, an OpenAI batch file) and its item
+        # there: the index, or the line's custom_id.
+        "batch": {"id": job.batch_id, "item": job.batch_item or ""} if job.batch_id else None,
     }
 
 

@@ -1,8 +1,8 @@
 """Job placement: where a job's last attempt ran (Ray node id and IP, hostname, GPU ids and the
 replica, i.e. the server or trainer actor), as GET /v1/jobs/{id} shows it. Existing rows: none.
 
-Revision ID: 0007
-Revises: 0006
+Revision ID: 0008
+Revises: 0007
 Create Date: 2026-12-05 01:50:00.000000
 """
 
@@ -12,8 +12,8 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects import postgresql
 
-revision: str = "0007"
-down_revision: str | None = "0006"
+revision: str = "0008"
+down_revision: str | None = "0007"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
