@@ -40,7 +40,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from core.errors import InvalidInputError
 from core.objectstore import (
@@ -310,8 +310,3 @@ def split_model_url(url: str) -> tuple[str, str]:
     if not last or head in ("s3:", "s3:/") or not head.startswith("s3://"):
         raise ValueError(f"not an s3://bucket/folder URL: {url!r}")
     return head, last
-
-
-def describe(manifest: Manifest) -> dict[str, Any]:
-    """What the API shows of a stored folder."""
-    return {"files": len(manifest.files), "size_bytes": manifest.size_bytes}
