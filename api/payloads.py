@@ -192,6 +192,9 @@ def job_payload(job: Job, ctx: JobContext) -> dict[str, Any]:
         "run_at": iso(job.run_at),
         "timeout_s": job.timeout_s,
         "resources": {"num_gpus": job.num_gpus, "gpu_memory_gb": job.gpu_memory_gb},
+        # The batch it was submitted in (POST /v1/batches, an OpenAI batch file) and its item
+        # there: the index, or the line's custom_id.
+        "batch": {"id": job.batch_id, "item": job.batch_item or ""} if job.batch_id else None,
     }
 
 

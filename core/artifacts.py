@@ -23,7 +23,8 @@ Trainers and model servers get `store.url` (ServingOptions.artifact_url, the tra
 and GENQ_CACHE_DIR.
 
 Keys (relative POSIX paths) are laid out by the methods below: `outputs/<tenant>/<job>/<name>`,
-`checkpoints/<job>/...`, `models/<job>/...`, `datasets/<id>/...`. Files are addressed by ids
+`checkpoints/<job>/...`, `models/<job>/...`, `datasets/<id>/...`, `files/<tenant>/<id>.jsonl`
+(OpenAI batch input files). Files are addressed by ids
 from SQL, never by a client-given path. A reader never sees half an object: the local backend
 writes a temporary file and renames it; an S3 PUT is atomic. A folder is complete once its
 manifest (`genq-manifest.json`, written last) is there: it lists each file's size and SHA-256,

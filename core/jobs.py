@@ -67,6 +67,8 @@ class NewJob:
     gpu_memory_gb: float | None = None
     schedule_id: str | None = None
     slot_at: datetime | None = None
+    batch_id: str | None = None
+    batch_item: str | None = None
 
 
 def retry_backoff_s(attempt: int, *, base_s: float, cap_s: float) -> float:
@@ -134,6 +136,8 @@ def create_job(session: Session, new: NewJob) -> tuple[Job, bool]:
         gpu_memory_gb=new.gpu_memory_gb,
         schedule_id=new.schedule_id,
         slot_at=new.slot_at,
+        batch_id=new.batch_id,
+        batch_item=new.batch_item,
         created_at=now,
         updated_at=now,
     )
