@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from core.artifacts import MANIFEST_NAME, ArtifactStore, Manifest, StoredFile, split_model_url
+from core.artifacts import ArtifactStore, Manifest, StoredFile, split_model_url
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +103,3 @@ class FolderCache:
         if Path(path).is_absolute():
             return Path(path)
         return self.folder(store, path)
-
-
-def is_complete(folder: Path) -> bool:
-    """A stored or cached folder whose manifest is there (it was stored whole)."""
-    return (folder / MANIFEST_NAME).is_file()

@@ -23,7 +23,8 @@ Trainers and model servers get `store.url` (ServingOptions.artifact_url, the tra
 and GENQ_CACHE_DIR.
 
 Keys (relative POSIX paths) are laid out by the methods below: `outputs/<tenant>/<job>/<name>`,
-`checkpoints/<job>/...`, `models/<job>/...`, `datasets/<id>/...`. Files are addressed by ids
+`checkpoints/<job>/...`, `models/<job>/...`, `datasets/<id>/...`, `files/<tenant>/<id>.jsonl`
+(OpenAI batch input files). Files are addressed by ids
 from SQL, never by a client-given path. A reader never sees half an object: the local backend
 writes a temporary file and renames it; an S3 PUT is atomic. A folder is complete once its
 manifest (`genq-manifest.json`, written last) is there: it lists each file's size and SHA-256,
@@ -40,7 +41,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from core.errors import InvalidInputError
 from core.objectstore import (
@@ -310,8 +311,3 @@ def split_model_url(url: str) -> tuple[str, str]:
     if not last or head in ("s3:", "s3:/") or not head.startswith("s3://"):
         raise ValueError(f"not an s3://bucket/folder URL: {url!r}")
     return head, last
-
-
-def describe(manifest: Manifest) -> dict[str, Any]:
-    """What the API shows of a stored folder."""
-    return {"files": len(manifest.files), "size_bytes": manifest.size_bytes}

@@ -53,7 +53,7 @@ class TextDelta:
 
 @dataclass(frozen=True)
 class ModelSaved:
-    """A training job saved its model: `path` is a folder relative to the artifact root."""
+    """A training job saved its model: `path` is its folder (key) in the artifact store."""
 
     path: str
     config: dict[str, Any] = field(default_factory=dict)

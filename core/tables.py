@@ -104,7 +104,7 @@ class Dataset(Base):
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenant.id"), index=True)
     name: Mapped[str] = mapped_column(String(128))
     kind: Mapped[str] = mapped_column(String(16))  # images | text
-    # Relative to the artifact root; None for built-in data sets that ship with a package.
+    # Its key (folder) in the artifact store; None for built-in data sets shipped in a package.
     path: Mapped[str | None] = mapped_column(String(1024))
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     num_items: Mapped[int] = mapped_column(Integer, default=0)
@@ -124,7 +124,8 @@ class Model(Base):
     name: Mapped[str] = mapped_column(String(128))
     version: Mapped[int] = mapped_column(Integer)
     family: Mapped[str] = mapped_column(String(64))
-    # Folder of weights relative to the artifact root (None for weightless built-ins).
+    # Folder of weights: a key in the artifact store, an s3:// URL or an absolute local path
+    # (None for weightless built-ins).
     path: Mapped[str | None] = mapped_column(String(1024))
     config: Mapped[dict[str, Any]] = mapped_column(JsonType, default=dict)
     metrics: Mapped[dict[str, Any]] = mapped_column(JsonType, default=dict)
@@ -285,7 +286,7 @@ class Artifact(Base):
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenant.id"), index=True)
     name: Mapped[str] = mapped_column(String(255))
     kind: Mapped[str] = mapped_column(String(16))  # image | text | grid | file
-    path: Mapped[str] = mapped_column(String(1024))  # relative to the artifact root
+    path: Mapped[str] = mapped_column(String(1024))  # its key in the artifact store
     content_type: Mapped[str] = mapped_column(String(128))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))

