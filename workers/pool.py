@@ -42,6 +42,7 @@ from workers.room import (
     Claim,
     actor_node,
     free_by_node,
+    is_dead,
     is_unplaced,
     plan_room,
     server_need,
@@ -280,22 +281,19 @@ class ModelPool:
         """The node for `need` (of the actor `key`), after unloading what must go there; None
         if none can be made. Idle servers go, lowest priority then least recently used first."""
         free = free_by_node(self._claims, without=key)
-        candidates = [
-            Candidate(r.key, r.node_id, r.need, r.memory_gb, (r.priority, r.last_used))
-            for r in self._replicas.values()
-            if r.node_id is not None and self._is_idle(r)
-        ]
-        plan = plan_room(
-            need,
-            free,
-            candidates,
-            memory_gb=memory_gb,
-            budget_gb=budget_gb,
-            used_gb=lambda node: sum(
-                r.memory_gb for r in self._replicas.values() if r.node_id == node
-            ),
-            prefer=prefer,
-        )
+
+        def used_gb(node: str) -> float:
+            return sum(r.memory_gb for r in self._replicas.values() if r.node_id == node)
+
+        room = {"memory_gb": memory_gb, "budget_gb": budget_gb, "used_gb": used_gb}
+        plan = plan_room(need, free, [], prefer=prefer, **room)
+        if plan is None:  # only now ask which servers are idle (a call to each)
+            candidates = [
+                Candidate(r.key, r.node_id, r.need, r.memory_gb, (r.priority, r.last_used))
+                for r in self._replicas.values()
+                if r.node_id is not None and self._is_idle(r)
+            ]
+            plan = plan_room(need, free, candidates, prefer=prefer, **room)
         if plan is None:
             return None
         node, victims = plan
@@ -307,7 +305,10 @@ class ModelPool:
         log.info("unloading %s: %s", replica.key, reason)
         ray.kill(replica.handle, no_restart=True)
         self._forget(replica, reason)
-        self._claims.append(Claim(replica.node_id, replica.need, -1, replica.key))
+        victim_id = replica.handle._actor_id.hex()
+        self._claims.append(
+            Claim(replica.node_id, replica.need, -1, replica.key, actor_id=victim_id)
+        )
         spec = self._models.get(replica.model_id)
         if spec is not None:
             spec.scaled_at = time.monotonic()
@@ -375,7 +376,10 @@ class ModelPool:
 
     def _tick(self) -> None:
         now = time.monotonic()
-        self._claims = [c for c in self._claims if now - c.at < 10]
+        for claim in self._claims:
+            if claim.sign < 0 and claim.gone_at is None and is_dead(claim.actor_id):
+                claim.gone_at = now
+        self._claims = [c for c in self._claims if c.is_current(now) and now - c.at < 120]
         for waiter in list(self._waiters.values()):
             if not is_unplaced(waiter.actor_id):
                 self._waiters.pop(waiter.key, None)

@@ -27,8 +27,10 @@ from ray._private import state as ray_state
 from workers.families.base import GPU_MEMORY_RESOURCE, Family
 
 EPS = 1e-9
-# How long the pool's own record of a start or an unload overrides what Ray reports.
+# How long the pool's own record of a start overrides what Ray reports; an unload's record
+# holds until Ray says the actor is dead, and REPORT_LAG_S more (its resources show free then).
 CLAIM_S = 3.0
+REPORT_LAG_S = 1.0
 WAITING_FOR = {
     "GPU": "waiting for a GPU",
     GPU_MEMORY_RESOURCE: "waiting for GPU memory",
@@ -58,6 +60,13 @@ class Claim:
     sign: float
     key: str = ""  # the actor it is for
     at: float = field(default_factory=time.monotonic)
+    actor_id: str = ""  # an unload's: the actor being killed
+    gone_at: float | None = None  # monotonic: when Ray was seen to report it dead
+
+    def is_current(self, now: float) -> bool:
+        if self.sign > 0:
+            return now - self.at < CLAIM_S
+        return self.gone_at is None or now - self.gone_at < REPORT_LAG_S
 
 
 @dataclass
@@ -165,6 +174,15 @@ def is_unplaced(actor_id_hex: str) -> bool:
     with contextlib.suppress(Exception):  # the GCS briefly away: say placed, ask again later
         info = ray_state.actors(actor_id=actor_id_hex)
     return info.get("State") == "PENDING_CREATION" and not info.get("Pid")
+
+
+def is_dead(actor_id_hex: str) -> bool:
+    """True once Ray reports the actor dead (or forgot it)."""
+    try:
+        info = ray_state.actors(actor_id=actor_id_hex)
+    except Exception:  # the GCS briefly away: not known dead yet
+        return False
+    return not info or info.get("State") == "DEAD"
 
 
 def actor_node(actor_id_hex: str) -> str | None:
