@@ -102,6 +102,7 @@ def create_app(
         keys,
         openapi,
         problems,
+        scaling,
         schedules,
         tenants,
     )
@@ -115,7 +116,7 @@ def create_app(
         settings=settings,
         database=database or Database(settings),
         publisher=publisher or Publisher(settings),
-        artifacts=ArtifactStore(settings.artifacts),
+        artifacts=ArtifactStore.from_settings(settings),
     )
     problems.install(app)
     for blueprint in (
@@ -131,6 +132,7 @@ def create_app(
         tenants.bp,
         schedules.bp,
         keys.bp,
+        scaling.bp,
         openai_routes.bp,
     ):
         app.register_blueprint(blueprint)
