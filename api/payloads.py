@@ -16,7 +16,8 @@ from typing import Any
 from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
-from core.fairness import estimate_eta_s, mean_run_s, queue_positions, running_in
+from core.eta import estimate_eta_s, mean_run_s, running_in
+from core.fairness import queue_positions
 from core.jobs import priority_class
 from core.states import JobState
 from core.tables import Artifact, Dataset, Job, JobEvent, Model

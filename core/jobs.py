@@ -28,6 +28,7 @@ from core.events import Event, Output, Progress, event_data, event_type, without
 from core.ids import new_id
 from core.states import ACTIVE, JobKind, JobState, check_transition
 from core.tables import Artifact, Job, JobEvent, UTCDateTime, utcnow
+from core.usage import charge_attempt
 from core.webhooks import enqueue_delivery
 
 log = logging.getLogger(__name__)
@@ -195,11 +196,13 @@ def get_job(session: Session, job_id: str, *, lock: bool = False) -> Job:
     return job
 
 
-def claim_job(session: Session, job_id: str, *, lease_ttl_s: float) -> Lease | None:
+def claim_job(
+    session: Session, job_id: str, *, lease_ttl_s: float, now: datetime | None = None
+) -> Lease | None:
     """Move a queued job to running for the caller, or return None when another caller (or an
     earlier delivery) already has it, it is no longer queued, or its deadline has passed (it
-    fails then)."""
-    now = utcnow()
+    fails then). `now`: the time of the claim (a simulation's clock; the real one otherwise)."""
+    now = now or utcnow()
     token = new_id()
     job = session.scalars(
         _CLAIM,
@@ -320,15 +323,19 @@ def finish_job(
     error_detail: str | None = None,
     metrics: dict[str, Any] | None = None,
     result_model_id: str | None = None,
+    now: datetime | None = None,
 ) -> JobState:
-    """End the attempt held by `lease`. A job whose cancel was requested ends canceled
-    whatever the attempt's outcome. Returns the state written."""
+    """End the attempt held by `lease` (at `now`, the real time unless a simulation gives
+    one). A job whose cancel was requested ends canceled whatever the attempt's outcome.
+    The attempt's cost is charged to its tenant's usage. Returns the state written."""
     job = _fenced(session, lease)
     if job.state == JobState.CANCELING:
         state = JobState.CANCELED
     _set_state(session, job, state, attempt=job.attempt, error_type=error_type)
-    now = utcnow()
+    now = now or utcnow()
+    charge_attempt(session, job, now)
     job.finished_at = now
+    job.preempt_requested_at = None
     job.lease_token = None
     job.lease_expires_at = None
     if state != JobState.CANCELED:
@@ -365,6 +372,8 @@ def release_job(
         job.params = params
     else:
         _set_state(session, job, JobState.QUEUED, reason=reason)
+    charge_attempt(session, job, utcnow())
+    job.preempt_requested_at = None
     job.lease_token = None
     job.lease_expires_at = None
     job.published_at = None

@@ -20,6 +20,8 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
+    true,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -78,6 +80,10 @@ class Tenant(Base):
     budget_period_s: Mapped[int] = mapped_column(Integer, default=86400, server_default="86400")
     # What a submission over a limit gets: `reject` (429) or `hold` (accepted, waits queued).
     over_quota: Mapped[str] = mapped_column(String(8), default="reject", server_default="reject")
+    # Preemption (core/preemption.py), both set by admins: False exempts every job of the
+    # tenant; `may_opt_out` lets its jobs be submitted with `preemptible: false`.
+    preemptible: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
+    may_opt_out: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class ApiKey(Base):
@@ -206,6 +212,13 @@ class Job(Base):
     # Set on jobs a schedule created: which schedule, and for which of its slots.
     schedule_id: Mapped[str | None] = mapped_column(String(36))
     slot_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Preemption (core/preemption.py): whether a training job may be stopped at a checkpoint
+    # for a job of a higher priority class; how often it was; the job it last made room for,
+    # and when that stop was asked (None once the attempt has ended).
+    preemptible: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
+    preempt_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    preempted_by: Mapped[str | None] = mapped_column(String(36))
+    preempt_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     # When the job's id was last handed to the broker; the reconciler reads it.
@@ -302,6 +315,19 @@ class FairShare(Base):
     queue: Mapped[str] = mapped_column(String(32), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(String(36), primary_key=True)
     pass_value: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class TenantUsage(Base):
+    """What a tenant's jobs have cost, for the usage-based fair share (core/usage.py):
+    GPU-seconds and attempts charged, both decayed to `as_of` (running attempts are added when
+    read, from their start)."""
+
+    __tablename__ = "tenant_usage"
+
+    tenant_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    gpu_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    attempts: Mapped[float] = mapped_column(Float, default=0.0)
+    as_of: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class Schedule(Base):
