@@ -193,6 +193,14 @@ def job_payload(job: Job, ctx: JobContext) -> dict[str, Any]:
         "run_at": iso(job.run_at),
         "timeout_s": job.timeout_s,
         "resources": {"num_gpus": job.num_gpus, "gpu_memory_gb": job.gpu_memory_gb},
+        # Preemption (core/preemption.py): how often it went back to the queue to make room,
+        # for which job last, and whether it is being stopped for it now.
+        "preemptible": job.preemptible,
+        "preemption": {
+            "count": job.preempt_count,
+            "by": job.preempted_by,
+            "requested_at": iso(job.preempt_requested_at),
+        },
     }
 
 

@@ -68,6 +68,7 @@ class NewJob:
     gpu_memory_gb: float | None = None
     schedule_id: str | None = None
     slot_at: datetime | None = None
+    preemptible: bool = True
 
 
 def retry_backoff_s(attempt: int, *, base_s: float, cap_s: float) -> float:
@@ -135,6 +136,7 @@ def create_job(session: Session, new: NewJob) -> tuple[Job, bool]:
         gpu_memory_gb=new.gpu_memory_gb,
         schedule_id=new.schedule_id,
         slot_at=new.slot_at,
+        preemptible=new.preemptible,
         created_at=now,
         updated_at=now,
     )
@@ -265,6 +267,21 @@ def _fenced(session: Session, lease: Lease) -> Job:
         raise LeaseLostError(f"job {lease.job_id}: lease {lease.token} is no longer held")
     checked[lease.token] = job
     return job
+
+
+def held_job(session: Session, lease: Lease) -> Job:
+    """The job row `lease` holds, locked (LeaseLostError when it no longer holds it)."""
+    return _fenced(session, lease)
+
+
+def change_state(session: Session, job: Job, new: JobState, **data: Any) -> None:
+    """Change a job's state through the transition table, with its event (and webhook)."""
+    _set_state(session, job, new, **data)
+
+
+def add_event(session: Session, job: Job, type_: str, data: dict[str, Any]) -> None:
+    """Add an event to a job's history (and its webhook, when one wants it)."""
+    _add_event(session, job, type_, data)
 
 
 def heartbeat(session: Session, lease: Lease, *, lease_ttl_s: float) -> JobState:

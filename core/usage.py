@@ -155,18 +155,31 @@ def usage_of(session: Session, tenant_ids: Iterable[str], now: datetime) -> dict
     return out
 
 
-def shares(usage: dict[str, Usage], weights: dict[str, int]) -> dict[str, dict[str, float | None]]:
-    """Per tenant: its weighted share (weight / sum of weights), its share of the usage, and
-    the ratio of the two (below 1: under its share; Slurm's fair-share factor is 2^-ratio)."""
-    total_weight = sum(weights.get(t, 1) for t in usage) or 1
-    total_usage = sum(u.gpu_seconds for u in usage.values())
+def fair_share_report(
+    session: Session, now: datetime, weights: dict[str, int]
+) -> dict[str, dict[str, float | None]]:
+    """For the API, the dashboard and the metrics: each tenant's decayed GPU-seconds (running
+    attempts included, and apart), its weighted share (its weight over the weights of the
+    tenants that have usage: `weights` lists every tenant), its share of the usage, and the
+    ratio of the two (below 1: under its share, so it goes first)."""
+    ids = set(session.scalars(select(TenantUsage.tenant_id)))
+    ids |= {row[0] for row in session.execute(_RUNNING)}
+    ids &= set(weights)
+    usage = usage_of(session, ids, now)
+    active = {t for t, u in usage.items() if u.gpu_seconds > 1e-6}
+    total_weight = sum(weights[t] for t in active) or 1
+    total_usage = sum(usage[t].gpu_seconds for t in active)
     out: dict[str, dict[str, float | None]] = {}
-    for tenant_id, u in usage.items():
-        share = weights.get(tenant_id, 1) / total_weight
-        used = u.gpu_seconds / total_usage if total_usage > 0 else 0.0
+    for tenant_id, weight in weights.items():
+        u = usage.get(tenant_id)
+        used = u.gpu_seconds if u is not None else 0.0
+        share = weight / (total_weight + (0 if tenant_id in active else weight))
+        used_share = used / total_usage if total_usage > 0 else 0.0
         out[tenant_id] = {
+            "gpu_seconds": round(used, 3),
+            "running_gpu_seconds": round(u.running_gpu_seconds, 3) if u is not None else 0.0,
             "share": round(share, 4),
-            "usage_share": round(used, 4),
-            "ratio": round(used / share, 4) if share > 0 else None,
+            "usage_share": round(used_share, 4),
+            "ratio": round(used_share / share, 4),
         }
     return out

@@ -13,7 +13,6 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-
 revision: str = "0007"
 down_revision: str | None = "0006"
 branch_labels: str | Sequence[str] | None = None
@@ -45,9 +44,7 @@ def upgrade() -> None:
         )
         batch_op.add_column(sa.Column("preempted_by", sa.String(length=36), nullable=True))
         batch_op.add_column(
-            sa.Column(
-                "preempt_requested_at", sa.DateTime(timezone=True), nullable=True
-            )
+            sa.Column("preempt_requested_at", sa.DateTime(timezone=True), nullable=True)
         )
 
 
