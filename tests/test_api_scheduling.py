@@ -18,7 +18,7 @@ from sqlalchemy import select, update
 
 from core.db import Database
 from core.settings import Settings
-from core.tables import AuditEntry, Job, JobEvent, Tenant, utcnow
+from core.tables import AuditEntry, Job, JobEvent, utcnow
 from tests.test_api_support import (  # noqa: F401 (fixtures)
     PG_URL,
     Keys,

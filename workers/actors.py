@@ -39,6 +39,7 @@ from core.events import Event
 from core.states import JobKind
 from workers.batching import job_error
 from workers.families.base import GPU_MEMORY_RESOURCE, DatasetRef, Family, TrainContext
+from workers.preemption import CheckpointStop
 from workers.registry import get_family
 from workers.server import ModelServer as BaseModelServer
 from workers.server import ServingOptions, device_name, ray_placement
@@ -65,6 +66,7 @@ class Trainer:
         self.family = get_family(family)
         self.device = device_name()
         self._canceled = threading.Event()
+        self._preempt = CheckpointStop()
 
     def train(
         self, job_id: str, kind: str, params: dict[str, Any], ctx: dict[str, Any]
@@ -95,10 +97,16 @@ class Trainer:
             parent_config=dict(ctx.get("parent_config") or {}),
         )
         implementation = self.family.load_implementation()
-        yield from _guarded(implementation.train(params, train_ctx), job_id)
+        self._preempt.folder = train_ctx.checkpoint_dir
+        events = self._preempt.until_checkpoint(implementation.train(params, train_ctx), job_id)
+        yield from _guarded(events, job_id)
 
     def cancel(self) -> None:
         self._canceled.set()
+
+    def preempt(self) -> None:
+        """Stop at the next checkpoint (workers/preemption.py)."""
+        self._preempt.request()
 
     def info(self) -> dict[str, Any]:
         return {
@@ -223,6 +231,6 @@ def start_trainer(
     return _TrainerActor.options(
         name=name,
         namespace=NAMESPACE,
-        max_concurrency=2,  # train and cancel
+        max_concurrency=3,  # train, and cancel or preempt
         **placement,
     ).remote(family.name)
