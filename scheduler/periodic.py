@@ -1,9 +1,9 @@
 """The periodic scheduler: submits the jobs of due schedule slots, starts delayed jobs whose
-time has come, fails waiting jobs whose
-deadline passed, asks running training jobs to make room for jobs of a higher priority class
-that waited too long (scheduler/preemption.py), reaps jobs whose lease expired (requeued after a backoff, so a job that kills
-its worker every time is spaced out until its attempts run out), re-publishes queued jobs whose
-broker message is gone, and hands due webhook messages to their queue.
+time has come, fails waiting jobs whose deadline passed, asks running training jobs to make
+room for jobs of a higher priority class that waited too long (scheduler/preemption.py), reaps
+jobs whose lease expired (requeued after a backoff, so a job that kills its worker every time
+is spaced out until its attempts run out), re-publishes queued jobs whose broker message is
+gone, and hands due webhook messages to their queue.
 
 It is a plain loop in its own process rather than Celery beat, because its main duty is to
 repair the broker: it must keep working while the broker is empty, restarted or unreachable.
