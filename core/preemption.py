@@ -14,7 +14,8 @@ For each such job, highest priority first then oldest, one running job is asked 
 
 Among those it takes the lowest priority, then the tenant furthest over its weighted share
 (core/usage.py), then the most recently started (it has the least work since its start to
-lose). A waiter that already has a job stopping for it gets no second one.
+lose). A waiter that already has a job stopping for it, or one that stopped for it and is
+held off, gets no second one.
 
 The request is a mark on the row (`preempt_requested_at`, `preempted_by`) and a `preemption`
 event; the lease keeper of the job's runner sees the mark within a second and asks the trainer
@@ -31,7 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import or_, select
+from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
 from core.jobs import (
@@ -135,10 +136,21 @@ def preempt_for_waiting(
     candidates = _candidates(session, max_preemptions, now)
     if not candidates:
         return []
+    # Waiters with a job stopping for them, or one that stopped and is held off for them.
     helped = set(
         session.scalars(
             select(Job.preempted_by).where(
-                Job.state.in_([str(s) for s in ACTIVE]), Job.preempt_requested_at.is_not(None)
+                or_(
+                    and_(
+                        Job.state.in_([str(s) for s in ACTIVE]),
+                        Job.preempt_requested_at.is_not(None),
+                    ),
+                    and_(
+                        Job.state == JobState.QUEUED,
+                        Job.preempted_by.is_not(None),
+                        Job.not_before > now,
+                    ),
+                )
             )
         )
     )

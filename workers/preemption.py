@@ -17,10 +17,12 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from core.events import Event
+from core.events import Event, Log
 from workers.families.base import PreemptedError
 
 Signature = frozenset[tuple[str, int, int, int]]
+# Logged by the attempt when it learns of the request (the job's history shows from when).
+NOTICE = "preempted: stopping at the next checkpoint"
 
 
 def folder_signature(folder: Path) -> Signature:
@@ -63,11 +65,16 @@ class CheckpointStop:
         return folder_signature(self.folder) - self._mark != frozenset()
 
     def until_checkpoint(self, events: Iterator[Event], job_id: str) -> Iterator[Event]:
-        """Pass the family's events through; once a stop is asked and a new checkpoint has
-        been written, close the family's generator and raise PreemptedError."""
+        """Pass the family's events through; once a stop is asked (said in a Log event) and a
+        new checkpoint has been written, close the family's generator and raise
+        PreemptedError."""
+        told = False
         try:
             for event in events:
                 yield event
+                if self.is_requested() and not told:
+                    told = True
+                    yield Log(NOTICE)
                 if self.has_new_checkpoint():
                     raise PreemptedError(f"job {job_id} stopped at a checkpoint to make room")
         finally:
