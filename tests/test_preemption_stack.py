@@ -15,6 +15,8 @@ Marked `faults` and `stack`, as the other tests on this harness.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 from collections import defaultdict
 from datetime import datetime
@@ -43,12 +45,30 @@ TRAIN = {
     "priority": "batch",
     "params": {
         "preset": "tiny",
-        "steps": 40,
+        "steps": 100,
         "batch_size": 8,
         "checkpoint_every": CHECKPOINT_EVERY,
         "seed": 1,
     },
 }
+
+
+def trainer_pids(ray_head: RayHead) -> set[int]:
+    """PIDs of the processes of this Ray head that host a trainer actor (by their process
+    title, and the head's token in their environment: the machine may run other heads)."""
+    pids = set()
+    mine = f"RAY_AUTH_TOKEN={ray_head.env['RAY_AUTH_TOKEN']}".encode()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes()
+            is_trainer = b"ray::_TrainerActor" in cmdline or b"ray::Trainer" in cmdline
+            if is_trainer and mine in (proc / "environ").read_bytes().split(b"\0"):
+                pids.add(int(proc.name))
+        except OSError:
+            continue
+    return pids
 
 
 def _cluster(tmp_path: Path, ray_head: RayHead, url: str, **env: str) -> Cluster:
@@ -81,12 +101,28 @@ def test_an_interactive_job_preempts_batch_training_at_a_checkpoint(
             180,
             "training past its first checkpoint",
         )
-        gen_id = cluster.submit(
-            {"kind": "generate", "model": "echo", "priority": "interactive", "params": {}}
-        )
+        # However fast the machine, the training must not end before the request reaches
+        # it: its process is paused until the worker has passed the request on.
+        (pid,) = wait_until(lambda: trainer_pids(ray_head), 30, "the trainer's process")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            gen_id = cluster.submit(
+                {"kind": "generate", "model": "echo", "priority": "interactive", "params": {}}
+            )
+            wait_until(
+                lambda: "preemption requested" in cluster.logs(), 60, "the request at the worker"
+            )
+        finally:
+            os.kill(pid, signal.SIGCONT)
         assert cluster.wait(gen_id, 180)["state"] == "succeeded"
         job = cluster.wait(train_id, 300)
-        wait_until(lambda: receiver.requests, 30, "the job.preempted webhook")
+        deliveries = f"/v1/jobs/{train_id}/deliveries"
+        try:
+            wait_until(lambda: receiver.requests, 60, "the job.preempted webhook")
+        except AssertionError:
+            sent = cluster.client.get(deliveries, headers=cluster.auth()).get_json()
+            history = [(e.type, e.data, e.created_at) for e in cluster.events(train_id)]
+            raise AssertionError(f"{job}\n{sent}\n{history}") from None
     finally:
         server.shutdown()
         server.server_close()
