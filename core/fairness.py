@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, func, or_, select, text, tuple_, update
+from sqlalchemy import Integer, String, bindparam, column, func, or_, select, text, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -159,36 +159,47 @@ HEADS_SQL = text(
 )
 
 
-# The same, with when each tenant's first job in line (best priority, then oldest) was created.
-_OLDEST_AT = (
-    select(func.min(Job.created_at))
-    .where(
-        Job.state == JobState.QUEUED,
-        Job.queue == bindparam("queue"),
-        Job.tenant_id == bindparam("tenant_id"),
-        Job.priority == bindparam("priority"),
+# The same, with when each tenant's first job in line (best priority, then oldest) was
+# created, the usage policy's tie-break: one more probe of the claim index per tenant.
+HEADS_AGED_SQL = text(
+    """
+    WITH RECURSIVE tenants(tenant_id) AS (
+        SELECT min(tenant_id) FROM job WHERE state = :state AND queue = :queue
+        UNION ALL
+        SELECT (
+            SELECT min(tenant_id) FROM job
+            WHERE state = :state AND queue = :queue AND tenant_id > tenants.tenant_id
+        )
+        FROM tenants WHERE tenants.tenant_id IS NOT NULL
+    ),
+    heads(tenant_id, priority) AS (
+        SELECT tenant_id, (
+            SELECT max(priority) FROM job
+            WHERE state = :state AND queue = :queue AND tenant_id = tenants.tenant_id
+        )
+        FROM tenants WHERE tenant_id IS NOT NULL
     )
-    .scalar_subquery()
+    SELECT tenant_id, priority, (
+        SELECT min(created_at) FROM job
+        WHERE state = :state AND queue = :queue AND tenant_id = heads.tenant_id
+            AND priority = heads.priority
+    ) AS oldest_at
+    FROM heads
+    """
+).columns(
+    column("tenant_id", String), column("priority", Integer), column("oldest_at", UTCDateTime())
 )
 
 
 def _usage_heads(
-    session: Session,
-    queue: str,
-    rows: Sequence[Any],
-    limits: dict[str, TenantLimits],
-    now: datetime,
+    session: Session, rows: Sequence[Any], limits: dict[str, TenantLimits], now: datetime
 ) -> list[Head]:
     """Heads in the usage policy's order: priority, usage / weight, then the oldest job."""
     usage = usage_of(session, [r[0] for r in rows], now)
     heads = []
-    for tenant_id, priority in rows:
+    for tenant_id, priority, oldest_at in rows:
         weight = limits[tenant_id].weight if tenant_id in limits else 1
         u = usage[tenant_id]
-        oldest_at = session.scalar(
-            select(_OLDEST_AT),
-            {"queue": queue, "tenant_id": tenant_id, "priority": priority},
-        )
         cost = u.mean_attempt_gpu_seconds or 1.0
         heads.append(
             Head(tenant_id, int(priority), u.gpu_seconds / weight, cost / weight, oldest_at)
@@ -201,12 +212,14 @@ def _heads(
     session: Session, queue: str, clock: int, now: datetime
 ) -> tuple[list[Head], dict[str, TenantLimits]]:
     """Every tenant with queued jobs in `queue`, in claim order, and those tenants' limits."""
-    rows = session.execute(HEADS_SQL, {"state": str(JobState.QUEUED), "queue": queue}).all()
+    is_usage = policy_of(session) == "usage"
+    params = {"state": str(JobState.QUEUED), "queue": queue}
+    rows = session.execute(HEADS_AGED_SQL if is_usage else HEADS_SQL, params).all()
     if not rows:
         return [], {}
     limits = load_limits(session, [r[0] for r in rows])
-    if policy_of(session) == "usage":
-        return _usage_heads(session, queue, rows, limits, now), limits
+    if is_usage:
+        return _usage_heads(session, rows, limits, now), limits
     passes = _passes(session, queue, [r[0] for r in rows])
     heads = []
     for tenant_id, priority in rows:

@@ -163,6 +163,9 @@ class Job(Base):
         Index("ix_job_finished_at", "finished_at"),
         # The claim order (core/fairness.py): each tenant's queued jobs by priority and age.
         Index("ix_job_claim", "state", "queue", "tenant_id", "priority", "created_at", "id"),
+        # The usage-based fair share (core/usage.py): what the running jobs cost, read from
+        # the index alone.
+        Index("ix_job_running_usage", "state", "tenant_id", "started_at", "num_gpus"),
         # The ETA: a model's recent run times.
         Index("ix_job_model_finished", "model_id", "state", "finished_at"),
         # A schedule fires each slot once, whatever the number of scheduler processes.

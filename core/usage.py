@@ -10,9 +10,9 @@ is 7 days, ours 1 day).
 Each tenant's row in `tenant_usage` holds its decayed GPU-seconds as of `as_of`. An attempt is
 added when it ends (finished, given back to the queue, preempted, or reaped), integrated with
 the decay over the time it ran; attempts still running are added whenever usage is read, from
-their `started_at` to now. So a long job's tenant falls back while it runs, not only when it
-ends, and reading usage costs one indexed read of the running jobs (as many as there are
-slots) and one primary-key read per tenant.
+their `started_at` to now (undecayed until they end). So a long job's tenant falls back while
+it runs, not only when it ends, and reading usage costs one aggregate over the running jobs
+(as many as there are slots) and one primary-key read per tenant.
 
 The half-life and the policy are settings; `core.db.Database` puts them in each session's
 `info`, so the job services that charge an attempt (core/jobs.py, core/recovery.py) and the
@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import bindparam, case, func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -77,10 +77,30 @@ _STORED = select(TenantUsage).where(
     TenantUsage.tenant_id.in_(bindparam("tenant_ids", expanding=True))
 )
 _STORED_ONE = select(TenantUsage).where(TenantUsage.tenant_id == bindparam("tenant_id"))
-# Every running attempt: as many rows as busy slots, read through ix_job_state_id.
-_RUNNING = select(Job.tenant_id, Job.started_at, Job.num_gpus).where(
-    Job.state.in_([str(s) for s in ACTIVE]), Job.started_at.is_not(None)
-)
+_RATE = case((Job.num_gpus > 0, Job.num_gpus), else_=1.0)
+
+
+def _running(session: Session, tenant_ids: list[str] | None, now: datetime) -> dict[str, float]:
+    """GPU-seconds of the attempts running now, per tenant (as many rows as busy slots,
+    through the state index): rate x (now - started_at), that is without their
+    decay while they run (a run of an hour under a 1-day half-life counts 1.4% more until it
+    ends, when `charge_attempt` adds it decayed)."""
+    if session.get_bind().dialect.name == "sqlite":
+        started_s = (func.julianday(Job.started_at) - 2440587.5) * 86400.0
+    else:
+        started_s = func.extract("epoch", Job.started_at)
+    # Summed here rather than with GROUP BY, which SQLite would answer by walking the tenant
+    # index over every job instead of the state index over the running ones.
+    stmt = select(Job.tenant_id, _RATE, started_s).where(
+        Job.state.in_([str(s) for s in ACTIVE]), Job.started_at.is_not(None)
+    )
+    if tenant_ids is not None:
+        stmt = stmt.where(Job.tenant_id.in_(tenant_ids))
+    now_s = now.timestamp()
+    out: dict[str, float] = {}
+    for tenant_id, rate, started in session.execute(stmt):
+        out[tenant_id] = out.get(tenant_id, 0.0) + max(0.0, float(rate) * (now_s - float(started)))
+    return out
 
 
 def charge_attempt(session: Session, job: Job, ended_at: datetime) -> float:
@@ -136,10 +156,7 @@ def usage_of(session: Session, tenant_ids: Iterable[str], now: datetime) -> dict
         return {}
     half_life_s = half_life_of(session)
     stored = {r.tenant_id: r for r in session.scalars(_STORED, {"tenant_ids": ids})}
-    running: dict[str, float] = dict.fromkeys(ids, 0.0)
-    for tenant_id, started_at, num_gpus in session.execute(_RUNNING):
-        if tenant_id in running and started_at is not None and started_at < now:
-            running[tenant_id] += attempt_cost(rate_of(num_gpus), started_at, now, now, half_life_s)
+    running = dict.fromkeys(ids, 0.0) | _running(session, ids, now)
     out = {}
     for tenant_id in ids:
         row = stored.get(tenant_id)
@@ -163,7 +180,7 @@ def fair_share_report(
     tenants that have usage: `weights` lists every tenant), its share of the usage, and the
     ratio of the two (below 1: under its share, so it goes first)."""
     ids = set(session.scalars(select(TenantUsage.tenant_id)))
-    ids |= {row[0] for row in session.execute(_RUNNING)}
+    ids |= set(_running(session, None, now))
     ids &= set(weights)
     usage = usage_of(session, ids, now)
     active = {t for t, u in usage.items() if u.gpu_seconds > 1e-6}

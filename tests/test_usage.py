@@ -152,14 +152,19 @@ def test_running_jobs_are_charged_as_they_run(db) -> None:  # type: ignore[no-un
     with db.read() as session:
         usage = usage_of(session, list(db.tenants.values()), sim.at(50.0))
     a, b = usage[db.tenants["a"]], usage[db.tenants["b"]]
-    expected = attempt_cost(1.0, t0, sim.at(50.0), sim.at(50.0), HALF_LIFE_S)
-    # 50 s of one slot, decayed with a 600 s half-life while it ran: 48.6 GPU-seconds now.
-    assert math.isclose(a.running_gpu_seconds, expected) and 48 < expected < 50
+    # 50 s of one slot so far (a running attempt is decayed once it ends).
+    assert math.isclose(a.running_gpu_seconds, 50.0, abs_tol=0.01), a
     assert b.gpu_seconds == 0.0
     # a's queued jobs are older, but a is 50 GPU-seconds into its long job: b goes first.
     sim.now = 50.0
     sim.fill()
     assert [name for name, _, _ in sim.runs] == ["a", "b"]
+    # Once it ends, its run is charged decayed: 50 s with a 600 s half-life is 48.6 now.
+    sim.drain()
+    with db.read() as session:
+        usage = usage_of(session, [db.tenants["a"]], sim.at(1000.0))
+    expected = attempt_cost(1.0, t0, sim.at(1000.0), sim.at(1000.0), HALF_LIFE_S)
+    assert math.isclose(usage[db.tenants["a"]].gpu_seconds, expected)
 
 
 def test_a_tenant_whose_usage_decayed_returns_to_its_share(db) -> None:  # type: ignore[no-untyped-def]

@@ -1,7 +1,8 @@
 """Usage-based fair share and preemption at checkpoints: the `tenant_usage` table (decayed
 GPU-seconds per tenant), the tenant's preemption settings (`preemptible`, `may_opt_out`) and the
-job's (`preemptible`, `preempt_count`, `preempted_by`, `preempt_requested_at`). Existing tenants
-and jobs are preemptible, none may opt out, and no usage is recorded yet.
+job's (`preemptible`, `preempt_count`, `preempted_by`, `preempt_requested_at`), and the index
+the claim reads running jobs' cost from. Existing tenants and jobs are preemptible, none may
+opt out, and no usage is recorded yet.
 
 Revision ID: 0007
 Revises: 0006
@@ -46,10 +47,14 @@ def upgrade() -> None:
         batch_op.add_column(
             sa.Column("preempt_requested_at", sa.DateTime(timezone=True), nullable=True)
         )
+        batch_op.create_index(
+            "ix_job_running_usage", ["state", "tenant_id", "started_at", "num_gpus"], unique=False
+        )
 
 
 def downgrade() -> None:
     with op.batch_alter_table("job", schema=None) as batch_op:
+        batch_op.drop_index("ix_job_running_usage")
         batch_op.drop_column("preempt_requested_at")
         batch_op.drop_column("preempted_by")
         batch_op.drop_column("preempt_count")
