@@ -7,6 +7,7 @@ with a real trainer, is in tests/test_preemption_stack.py."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from sqlalchemy import select, update
 import migrations
 from core.catalog import ensure_builtins, resolve_model
 from core.db import Database
+from core.events import Event, Log, Progress
 from core.fairness import claim_next
 from core.jobs import Lease, NewJob, claim_job, create_job
 from core.keys import get_or_create_tenant
@@ -23,6 +25,8 @@ from core.preemption import preempt_for_waiting, requeue_preempted
 from core.settings import Settings
 from core.states import JobKind, JobState
 from core.tables import Job, JobEvent, Tenant, WebhookDelivery, utcnow
+from workers.families.base import PreemptedError
+from workers.preemption import NOTICE, CheckpointStop
 
 
 @pytest.fixture
@@ -179,3 +183,38 @@ def test_a_job_is_preempted_at_most_max_preemptions_times(db) -> None:  # type: 
         lease = again
     _job(db, "b", JobKind.GENERATE, 8)
     assert _round(db, max_preemptions=2) == []
+
+
+def test_a_trainer_stops_right_after_its_next_checkpoint(tmp_path: Path) -> None:
+    """workers/preemption.py, on a stand-in family loop that checkpoints every 3 steps by
+    write-then-rename, as the families do."""
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    closed = []
+
+    def family() -> Iterator[Event]:
+        try:
+            for step in range(1, 31):
+                if step % 3 == 0:
+                    tmp = folder / "checkpoint.safetensors.tmp"
+                    tmp.write_bytes(str(step).encode())
+                    tmp.rename(folder / "checkpoint.safetensors")
+                yield Progress(step, 30, "training")
+        finally:
+            closed.append(True)
+
+    stop = CheckpointStop(folder)
+    steps = []
+    with pytest.raises(PreemptedError):
+        for event in stop.until_checkpoint(family(), "job-1"):
+            if isinstance(event, Progress):
+                steps.append(event.step)
+                if event.step == 7:  # the request arrives mid-way between checkpoints
+                    stop.request()
+            else:
+                assert isinstance(event, Log) and event.message == NOTICE
+    assert steps == list(range(1, 10))  # it went on to the checkpoint at 9, then stopped
+    assert (folder / "checkpoint.safetensors").read_bytes() == b"9"
+    assert closed == [True]
+    # Without a request nothing stops.
+    assert len(list(CheckpointStop(folder).until_checkpoint(family(), "job-2"))) == 30
