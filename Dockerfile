@@ -11,6 +11,8 @@ COPY api api
 COPY scheduler scheduler
 COPY workers workers
 COPY migrations migrations
+# The Python client (genq_client), which the `genq` command line uses.
+COPY client client
 RUN pip install ".[worker]"
 RUN useradd --create-home genq && mkdir -p /data && chown genq /data
 USER genq

@@ -58,6 +58,7 @@ def create_app(
     from api import (
         artifacts,
         auth,
+        batches,
         catalog,
         deliveries,
         events,
@@ -70,6 +71,7 @@ def create_app(
         tenants,
     )
     from api import datasets as dataset_uploads
+    from api.openai_compat import routes as openai_routes
 
     app = Flask("genq", static_folder=None)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
@@ -85,6 +87,7 @@ def create_app(
         health.bp,
         openapi.bp,
         jobs.bp,
+        batches.bp,
         events.bp,
         artifacts.bp,
         catalog.bp,
@@ -92,6 +95,7 @@ def create_app(
         dataset_uploads.bp,
         tenants.bp,
         schedules.bp,
+        openai_routes.bp,
     ):
         app.register_blueprint(blueprint)
     auth.install(app)

@@ -10,14 +10,14 @@ import json
 import logging
 import os
 import sys
-import time
-import urllib.error
-import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import click
 
 from core.settings import Settings
+from genq_client import APIError, Client, GenqClientError, Job
 
 
 def _settings() -> Settings:
@@ -159,44 +159,30 @@ def keys_revoke(prefix: str) -> None:
     click.echo(f"revoked {found[0].prefix}…")
 
 
-# -- the HTTP client side ------------------------------------------------------------------------
+# -- the HTTP client side: genq_client (client/) ----------------------------------------------
 
 
-class ApiClient:
-    def __init__(self, url: str, key: str) -> None:
-        self.url, self.key = url.rstrip("/"), key
-
-    def call(self, method: str, path: str, body: Any = None) -> Any:
-        data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(
-            self.url + path,
-            data=data,
-            method=method,
-            headers={"Authorization": f"Bearer {self.key}", "Content-Type": "application/json"},
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                return json.loads(response.read() or b"null")
-        except urllib.error.HTTPError as err:
-            try:
-                problem = json.loads(err.read())
-            except ValueError:
-                problem = {"detail": err.reason}
-            detail = problem.get("detail", "")
-            for e in problem.get("errors", []):
-                detail += f"\n  {e.get('field')}: {e.get('message')}"
-            raise click.ClickException(f"{err.code}: {detail}") from None
-        except urllib.error.URLError as err:
-            raise click.ClickException(f"cannot reach {self.url}: {err.reason}") from None
-
-
-def _client(url: str | None, key: str | None) -> ApiClient:
+def _client(url: str | None, key: str | None) -> Client:
     settings = Settings()
     url = url or os.environ.get("GENQ_URL") or f"http://127.0.0.1:{settings.port}"
     key = key or os.environ.get("GENQ_API_KEY") or settings.admin_key
     if not key:
         raise click.ClickException("no API key: pass --key or set GENQ_API_KEY")
-    return ApiClient(url, key)
+    return Client(url, key)
+
+
+@contextmanager
+def _api_errors() -> Iterator[None]:
+    """The client's exceptions as the command line's errors."""
+    try:
+        yield
+    except APIError as err:
+        detail = err.detail
+        for e in err.errors:
+            detail += f"\n  {e.get('field')}: {e.get('message')}"
+        raise click.ClickException(f"{err.status}: {detail}") from None
+    except GenqClientError as err:
+        raise click.ClickException(str(err)) from None
 
 
 _client_options = [
@@ -248,36 +234,36 @@ def submit(
     ):
         if value is not None:
             body[field] = value
-    client = _client(url, key)
-    job = client.call("POST", "/v1/jobs", body)
-    if not wait:
-        click.echo(json.dumps(job, indent=2))
-        return
-    click.echo(f"job {job['id']} {job['state']}", err=True)
-    job = _wait(client, job)
-    click.echo(json.dumps(job, indent=2))
-    if job["state"] != "succeeded":
+    with _client(url, key) as client, _api_errors():
+        job = client.submit(**body)
+        if not wait:
+            click.echo(json.dumps(job.raw, indent=2))
+            return
+        click.echo(f"job {job.id} {job.state}", err=True)
+        job = _wait(client, job)
+    click.echo(json.dumps(job.raw, indent=2))
+    if job.state != "succeeded":
         sys.exit(1)
 
 
-def _wait(client: ApiClient, job: dict[str, Any]) -> dict[str, Any]:
-    terminal = {"succeeded", "failed", "canceled"}
-    with click.progressbar(length=1000, label=job["state"], file=sys.stderr) as bar:
+def _wait(client: Client, job: Job) -> Job:
+    with click.progressbar(length=1000, label=job.state, file=sys.stderr) as bar:
         done = 0
-        while job["state"] not in terminal:
-            time.sleep(0.5)
-            job = client.call("GET", f"/v1/jobs/{job['id']}")
-            progress = job.get("progress") or {}
+
+        def show(current: Job) -> None:
+            nonlocal done
+            progress = current.progress
             total = progress.get("total") or 0
             fraction = (progress.get("step") or 0) / total if total else 0.0
+            if current.state == "succeeded":
+                fraction = 1.0
             target = int(1000 * fraction)
-            bar.label = f"{job['state']:<9} {progress.get('message') or ''}"[:40]
+            bar.label = f"{current.state:<9} {progress.get('message') or ''}"[:40]
             if target > done:
                 bar.update(target - done)
                 done = target
-        if job["state"] == "succeeded" and done < 1000:
-            bar.update(1000 - done)
-    return job
+
+        return client.wait(job, poll_s=0.5, max_poll_s=0.5, on_update=show, raise_on_failure=False)
 
 
 @main.command()
@@ -285,7 +271,8 @@ def _wait(client: ApiClient, job: dict[str, Any]) -> dict[str, Any]:
 @client_options
 def status(job_id: str, url: str | None, key: str | None) -> None:
     """Print a job."""
-    click.echo(json.dumps(_client(url, key).call("GET", f"/v1/jobs/{job_id}"), indent=2))
+    with _client(url, key) as client, _api_errors():
+        click.echo(json.dumps(client.get_job(job_id).raw, indent=2))
 
 
 if __name__ == "__main__":

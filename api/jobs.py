@@ -15,22 +15,22 @@ import uuid
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 from werkzeug.exceptions import UnsupportedMediaType
 
 from api.app import genq
 from api.auth import principal, tenant_scope
 from api.inputs import refuse_nul
+from api.intake import check_outside, publish_jobs
 from api.payloads import event_payload, render_job, render_jobs
 from api.submissions import (
     build_new_job,
-    check_fits_cluster,
     check_idempotency_key,
-    check_webhook_target,
     parse_submission,
     request_hash,
 )
+from api.waits import prefer_wait_s, wait_for_jobs, wait_slot
 from core.audit import Actor, record_action
 from core.errors import (
     BadRequestError,
@@ -101,41 +101,8 @@ def find_job(session: Session, job_id: str, *, lock: bool = False) -> Job:
 
 
 def publish(job_id: str, queue: str, priority: int) -> None:
-    """Hand a committed, queued job to the broker; never fails the request. The job was
-    committed already marked as published (one transaction fewer per submit); if the broker
-    did not take it, the mark is cleared so that the reconciler publishes it on its next round.
-    Were that clearing to fail too, the reconciler still finds the job once the mark is older
-    than `republish_after_s` and its Redis marker is missing."""
-    state = genq()
-    sent: list[str] = []
-    try:
-        sent = state.publisher.publish(
-            state.database, [Publication(job_id, queue, priority)], mark=False
-        )
-    except Exception:
-        log.exception("publish failed after commit", extra={"job_id": job_id})
-    if sent:
-        return
-    try:
-        with state.database.transaction() as session:
-            session.execute(
-                update(Job)
-                .where(Job.id == job_id, Job.state == JobState.QUEUED)
-                .values(published_at=None)
-            )
-    except Exception:
-        log.exception("could not clear the publish mark", extra={"job_id": job_id})
-
-
-def _cluster_nodes() -> list[dict[str, float]]:
-    """The Ray nodes the workers last reported (empty when unknown or Redis is away)."""
-    from scheduler.snapshot import node_resources
-
-    try:
-        return node_resources(genq().publisher.redis)
-    except Exception:  # unknown: the trainer's placement refuses what cannot fit
-        log.warning("no cluster snapshot to check a job's resources against", exc_info=True)
-        return []
+    """Hand a committed, queued job to the broker; never fails the request (api.intake)."""
+    publish_jobs([Publication(job_id, queue, priority)])
 
 
 def _job_response(body: dict[str, Any], status: int) -> Response:
@@ -152,16 +119,19 @@ def submit() -> Response:
     With an `Idempotency-Key` header, a repeat of the same request (same tenant, same key,
     same body) returns the job the first request created, as it is now, with status 200 and
     `Idempotency-Replayed: true`; the same key with a different body is a 409.
+
+    With `Prefer: wait` (60 s) or `Prefer: wait=N` (capped at settings.sync_wait_max_s) the
+    call waits for the job: 200 with the finished job if it ends in time, else the usual 202
+    with the job as it is then. `Preference-Applied` says how long it waited at most.
     """
     body = read_json_body()
     key = check_idempotency_key(request.headers.get("Idempotency-Key"))
+    state = genq()
+    wait_s = prefer_wait_s(request.headers.get("Prefer"), state.settings.sync_wait_max_s)
     submission = parse_submission(body)
     digest = request_hash(body)
     tenant_id = principal().tenant_id
-    state = genq()
-    check_webhook_target(submission, allow_private=state.settings.webhook_allow_private)
-    if submission.resources is not None:
-        check_fits_cluster(submission.resources, _cluster_nodes())
+    check_outside(submission)
     with state.database.transaction() as session:
         existing = find_by_idempotency_key(session, tenant_id, key) if key else None
         if existing is None:
@@ -188,15 +158,25 @@ def submit() -> Response:
         job_id, queue, priority = job.id, job.queue, job.priority
     if to_publish:
         publish(job_id, queue, priority)
+    finished, applied = False, None
+    if wait_s is not None:
+        with wait_slot(state.streams) as waiting:
+            if waiting:
+                applied = wait_s
+                finished = wait_for_jobs(
+                    state.database, [job_id], timeout_s=wait_s, poll_s=state.stream_poll_s
+                )
     # Rendered after the commit and the publish, in a read transaction: its queue position and
     # ETA queries must neither hold SQLite's single write lock, which every other submit and
     # claim waits for, nor delay the job's start. A worker may have started it already, and
     # the body says so.
     with state.database.read() as session:
         payload = render_job(session, get_job(session, job_id))
-    response = _job_response(payload, 202 if created else 200)
+    response = _job_response(payload, 202 if created and not finished else 200)
     if not created:
         response.headers["Idempotency-Replayed"] = "true"
+    if applied is not None:
+        response.headers["Preference-Applied"] = f"wait={applied}"
     return response
 
 
@@ -259,6 +239,8 @@ def list_jobs() -> Response:
             allowed = ", ".join(JobKind)
             raise InvalidInputError.one("kind", f"unknown kind {kind!r} (one of: {allowed})")
         stmt = stmt.where(Job.kind == kind)
+    if (batch := _list_param("batch")) is not None:
+        stmt = stmt.where(Job.batch_id == batch)
     if (cursor := _list_param("cursor")) is not None:
         stmt = stmt.where(Job.id < decode_cursor(cursor))
     model_name = _list_param("model")

@@ -121,6 +121,7 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
             "preemption": _object(
                 {"count": INT, "by": _nullable(STRING), "requested_at": _nullable(TIME)}
             ),
+            "batch": _nullable(_object({"id": STRING, "item": STRING})),
         }
     ),
     "JobPage": _page("Job", cursor=True),
@@ -332,7 +333,15 @@ def _paths(limit_max: int) -> dict[str, Any]:
                         "schema": {"type": "string", "minLength": 1, "maxLength": 255},
                         "description": "A repeat with the same key and body returns the job "
                         "the first request created (200); a different body is a 409.",
-                    }
+                    },
+                    {
+                        "name": "Prefer",
+                        "in": "header",
+                        "required": False,
+                        "schema": {"type": "string", "pattern": "^wait(=[1-9][0-9]{0,4})?$"},
+                        "description": "`wait` (60 s) or `wait=N` seconds (at most "
+                        "GENQ_SYNC_WAIT_MAX_S): hold the call until the job ends.",
+                    },
                 ],
                 "requestBody": {
                     "required": True,
@@ -341,7 +350,10 @@ def _paths(limit_max: int) -> dict[str, Any]:
                 "responses": {
                     "202": _json("The job was accepted.", "Job", LOCATION),
                     "200": _json(
-                        "A repeat of an earlier request (Idempotency-Key).", "Job", LOCATION
+                        "A repeat of an earlier request (Idempotency-Key), or a job that ended "
+                        "within `Prefer: wait` (header `Preference-Applied: wait=N`).",
+                        "Job",
+                        LOCATION,
                     ),
                     "400": _problem("The body is not valid JSON."),
                     "401": UNAUTHORIZED,
@@ -364,6 +376,7 @@ def _paths(limit_max: int) -> dict[str, Any]:
                     ),
                     _query("kind", "generate, train or finetune.", {"enum": list(JobKind)}),
                     _query("model", "A model name.", FILTER),
+                    _query("batch", "A batch id (POST /v1/batches).", FILTER),
                     _limit(limit_max),
                     _query("cursor", "`next_cursor` of the previous page.", FILTER),
                 ],
@@ -725,14 +738,16 @@ def _with_links(paths: dict[str, Any]) -> dict[str, Any]:
 
 
 @functools.cache
-def document(limit_max: int) -> dict[str, Any]:
-    """`limit_max`: GENQ_PAGE_SIZE_MAX, the largest page a list operation answers."""
+def document(limit_max: int, max_jobs: int = 1000) -> dict[str, Any]:
+    """`limit_max`: GENQ_PAGE_SIZE_MAX, the largest page a list operation answers; `max_jobs`:
+    GENQ_BATCH_MAX_JOBS, the most jobs in one batch."""
     schemas: dict[str, Any] = dict(RESPONSE_SCHEMAS)
     _add_model(schemas, JobSubmission, "JobSubmission")
     _add_model(schemas, ModelRegistration, "ModelRegistration")
-    from api import openapi_scheduling  # it builds on the helpers above
+    from api import openapi_batches, openapi_scheduling  # they build on the helpers above
 
     openapi_scheduling.add_schemas(schemas)
+    openapi_batches.add_schemas(schemas, max_jobs)
     for family in FAMILIES.values():
         for kind in JobKind:
             spec = family.params_for(kind)
@@ -749,7 +764,9 @@ def document(limit_max: int) -> dict[str, Any]:
         "servers": [{"url": "/"}],
         "security": [{"bearer": []}],
         "paths": _with_links(
-            _with_input_problems({**_paths(limit_max), **openapi_scheduling.paths()})
+            _with_input_problems(
+                {**_paths(limit_max), **openapi_scheduling.paths(), **openapi_batches.paths()}
+            )
         ),
         "components": {
             "schemas": schemas,
@@ -762,4 +779,5 @@ def document(limit_max: int) -> dict[str, Any]:
 @bp.get("/openapi.json")
 @public
 def openapi() -> Response:
-    return jsonify(document(genq().settings.page_size_max))
+    settings = genq().settings
+    return jsonify(document(settings.page_size_max, settings.batch_max_jobs))

@@ -201,6 +201,9 @@ def job_payload(job: Job, ctx: JobContext) -> dict[str, Any]:
             "by": job.preempted_by,
             "requested_at": iso(job.preempt_requested_at),
         },
+        # The batch it was submitted in (POST /v1/batches, an OpenAI batch file) and its item
+        # there: the index, or the line's custom_id.
+        "batch": {"id": job.batch_id, "item": job.batch_item or ""} if job.batch_id else None,
     }
 
 

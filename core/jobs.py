@@ -69,6 +69,8 @@ class NewJob:
     schedule_id: str | None = None
     slot_at: datetime | None = None
     preemptible: bool = True
+    batch_id: str | None = None
+    batch_item: str | None = None
 
 
 def retry_backoff_s(attempt: int, *, base_s: float, cap_s: float) -> float:
@@ -137,6 +139,8 @@ def create_job(session: Session, new: NewJob) -> tuple[Job, bool]:
         schedule_id=new.schedule_id,
         slot_at=new.slot_at,
         preemptible=new.preemptible,
+        batch_id=new.batch_id,
+        batch_item=new.batch_item,
         created_at=now,
         updated_at=now,
     )

@@ -145,16 +145,19 @@ def blocked_tenants(
     return blocked
 
 
-def check_submission(session: Session, tenant_id: str) -> None:
-    """Refuse (429) a new job of `tenant_id` that its quotas do not admit; see the module."""
+def check_submission(session: Session, tenant_id: str, count: int = 1) -> None:
+    """Refuse (429) `count` new jobs of `tenant_id` that its quotas do not admit (all or
+    none: a batch is admitted whole); see the module."""
     lim = load_limits(session, [tenant_id]).get(tenant_id)
     if lim is None:
         return
     if lim.max_queued is not None:
         waiting = waiting_count(session, tenant_id)
-        if waiting >= lim.max_queued:
+        if waiting + count > lim.max_queued:
+            more = f" and {count} more asked for" if count > 1 else ""
             raise QuotaExceededError(
-                f"this tenant already has {waiting} jobs waiting; its limit is {lim.max_queued}",
+                f"this tenant already has {waiting} jobs waiting{more}; its limit is "
+                f"{lim.max_queued}",
                 limit="max_queued",
                 current=waiting,
                 allowed=lim.max_queued,

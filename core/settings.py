@@ -131,6 +131,16 @@ class Settings(BaseSettings):
     dataset_max_unpacked_bytes: int = Field(1024 * 1024 * 1024, ge=1024)
     dataset_max_pixels: int = Field(16 * 1024 * 1024, ge=1)
     page_size_max: int = Field(200, ge=1, le=10_000)
+    # Synchronous calls. `POST /v1/jobs` with `Prefer: wait=N` waits at most this many
+    # seconds (`Prefer: wait` alone: 60, or this if lower); an OpenAI-compatible call waits
+    # for its job this long, then answers 504 naming the job. Each waiting call holds one of
+    # the process's stream slots (api_max_streams).
+    sync_wait_max_s: int = Field(300, ge=1, le=3600)
+    openai_wait_s: int = Field(600, ge=1, le=24 * 3600)
+    # POST /v1/batches: jobs per batch. OpenAI batch files: lines per file, bytes per file.
+    batch_max_jobs: int = Field(1000, ge=1, le=10_000)
+    openai_batch_max_lines: int = Field(50_000, ge=1, le=1_000_000)
+    openai_file_max_bytes: int = Field(200 * 1024 * 1024, ge=1024)
     # POST /v1/models (admin): folders, separated by ':', under which a pretrained model may be
     # registered by its absolute path. Unset: any folder this machine can read. A relative path
     # is always taken under the artifact root.

@@ -150,6 +150,42 @@ class Model(Base):
         return f"{self.name}:{self.version}"
 
 
+class JobBatch(Base):
+    """Jobs submitted together: one transaction, one idempotency key. An OpenAI batch
+    (`/openai/v1/batches`) also keeps the endpoint its lines call and its input file."""
+
+    __tablename__ = "job_batch"
+    __table_args__ = (UniqueConstraint("tenant_id", "idempotency_key"),)
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True, default=new_id)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenant.id"), index=True)
+    # `jobs` (genq's own) or `openai` (an OpenAI batch file).
+    kind: Mapped[str] = mapped_column(String(16), default="jobs")
+    size: Mapped[int] = mapped_column(Integer)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    request_hash: Mapped[str | None] = mapped_column(String(64))
+    endpoint: Mapped[str | None] = mapped_column(String(64))
+    input_file_id: Mapped[str | None] = mapped_column(String(64))
+    meta: Mapped[dict[str, Any]] = mapped_column(JsonType, default=dict)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    canceled_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class UploadedFile(Base):
+    """A file uploaded through `/openai/v1/files` (an OpenAI batch's input lines), kept in
+    the artifact store at `path`."""
+
+    __tablename__ = "uploaded_file"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenant.id"), index=True)
+    purpose: Mapped[str] = mapped_column(String(32))
+    filename: Mapped[str] = mapped_column(String(255))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    path: Mapped[str] = mapped_column(String(1024))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
 class Job(Base):
     __tablename__ = "job"
     __table_args__ = (
@@ -222,6 +258,10 @@ class Job(Base):
     preempt_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     preempted_by: Mapped[str | None] = mapped_column(String(36))
     preempt_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Set on jobs submitted together (POST /v1/batches, or an OpenAI batch file): which batch,
+    # and the item's name in it (its index, or the line's custom_id).
+    batch_id: Mapped[str | None] = mapped_column(ForeignKey("job_batch.id"), index=True)
+    batch_item: Mapped[str | None] = mapped_column(String(64))
 
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     # When the job's id was last handed to the broker; the reconciler reads it.

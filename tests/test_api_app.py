@@ -132,6 +132,11 @@ def test_every_route_is_in_the_openapi_document(app: Flask, client: FlaskClient)
     for rule in app.url_map.iter_rules():
         if rule.rule.startswith("/admin"):  # the dashboard's HTML pages are not the API
             continue
+        if rule.rule.startswith("/openai/"):
+            # OpenAI's API, in OpenAI's shapes: OpenAI's own description covers it, and genq's
+            # document leaves it out (README, "Use the OpenAI client").
+            assert not any(p.startswith("/openai/") for p in doc["paths"])
+            continue
         path = rule.rule.replace("<", "{").replace(">", "}")
         assert path in doc["paths"], path
         for method in rule.methods - {"HEAD", "OPTIONS"}:

@@ -97,6 +97,8 @@ def settings(request: pytest.FixtureRequest, tmp_path: Path, pg_schema: str | No
         max_request_bytes=64 * 1024,
         page_size_max=20,
         max_attempts=3,
+        # No worker runs here: a `Prefer: wait` the contract tests send waits this long.
+        sync_wait_max_s=1,
     )
 
 

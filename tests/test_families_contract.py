@@ -136,6 +136,23 @@ def test_charlm_streams_the_text_it_returns(trained):
     )
 
 
+def test_charlm_stops_before_a_stop_string(trained):
+    case, _, _, _, _, model = trained
+    if case.family != "charlm":
+        pytest.skip("stop strings here are charlm's")
+    free = {**case.generate, "seed": 5}
+    (whole,) = outputs(model, free)
+    text = whole.data.decode()
+    assert whole.meta["finish_reason"] == "length"
+    stop = text[5:7]
+    cut_at = text.find(stop)
+    events = list(model.generate({**free, "stop": [stop]}, RunContext("g", "cpu")))
+    deltas = "".join(e.text for e in events if isinstance(e, TextDelta))
+    assert deltas == text[:cut_at] == events[-1].data.decode()
+    assert events[-1].meta["finish_reason"] == "stop"
+    assert events[-1].meta["completion_tokens"] < whole.meta["completion_tokens"]
+
+
 def test_bad_parameters_are_refused(trained):
     case, impl, _, _, _, model = trained
     family = get_family(case.family)

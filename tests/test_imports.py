@@ -28,3 +28,13 @@ def test_torch_is_really_detected() -> None:
     code = "import sys, workers.families.ddpm\nprint('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"
+
+
+def test_the_client_imports_nothing_of_the_server() -> None:
+    code = (
+        "import sys, genq_client\n"
+        "server = ('core', 'api', 'scheduler', 'workers', 'torch', 'ray', 'flask')\n"
+        "print(','.join(sorted(m for m in server if m in sys.modules)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", f"import genq_client loaded {out.stdout.strip()}"

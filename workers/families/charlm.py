@@ -268,7 +268,9 @@ class CharLm:
         prompt = list(p.prompt.encode("utf-8"))
         tokens = list(prompt) or [ord("\n")]  # an empty prompt starts after a newline
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        pieces: list[str] = []
+        # Text that could be the start of a stop string is held back until it is not.
+        hold = max((len(s) for s in p.stop), default=1) - 1
+        text, sent, finish, made = "", 0, "length", 0
         T = self.model.block_size
         for i in range(p.max_tokens):
             if ctx.is_canceled():
@@ -278,19 +280,27 @@ class CharLm:
                 logits = self.model(context)[0, -1].float().cpu()  # (V,)
             token = pick(logits, p, gen)
             tokens.append(token)
-            piece = decoder.decode(bytes([token]))
-            if piece:
-                pieces.append(piece)
-                yield TextDelta(i, piece)
-        tail = decoder.decode(b"", final=True)
-        if tail:
-            pieces.append(tail)
-            yield TextDelta(p.max_tokens, tail)
-        text = "".join(pieces)
+            made = i + 1
+            text += decoder.decode(bytes([token]))
+            cut = min(
+                (j for s in p.stop if (j := text.find(s, max(0, sent - hold))) >= 0), default=-1
+            )
+            if cut >= 0:
+                text, finish = text[:cut], "stop"
+                break
+            ready = len(text) - hold
+            if ready > sent:
+                yield TextDelta(i, text[sent:ready])
+                sent = ready
+        if finish != "stop":
+            text += decoder.decode(b"", final=True)
+        if len(text) > sent:
+            yield TextDelta(made, text[sent:])
         meta = {
             "seed": seed,
             "prompt_tokens": len(prompt),
-            "completion_tokens": p.max_tokens,
+            "completion_tokens": made,
+            "finish_reason": finish,
             "params": {**p.model_dump(exclude={"prompt"}), "seed": seed},
         }
         yield Output("output.txt", "text", "text/plain; charset=utf-8", text.encode(), meta)

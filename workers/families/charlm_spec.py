@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from workers.families.base import Family, Resources
 
@@ -44,9 +44,21 @@ class CharlmGenerateParams(BaseModel):
     top_p: float = Field(
         1.0, gt=0, le=1, description="Sample among the likeliest whose probability sums to p."
     )
+    stop: list[str] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Generation ends before the first of these strings (not included).",
+    )
     seed: int | None = Field(
         None, ge=0, le=SEED_MAX, description="Same seed, same text. Unset: a random seed."
     )
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings(cls, stop: list[str]) -> list[str]:
+        if any(not s or len(s) > 256 for s in stop):
+            raise ValueError("each stop string has 1-256 characters")
+        return stop
 
 
 FAMILY = Family(
