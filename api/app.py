@@ -67,6 +67,7 @@ def create_app(
         jobs,
         openapi,
         problems,
+        scaling,
         schedules,
         tenants,
     )
@@ -80,7 +81,7 @@ def create_app(
         settings=settings,
         database=database or Database(settings),
         publisher=publisher or Publisher(settings),
-        artifacts=ArtifactStore(settings.artifacts),
+        artifacts=ArtifactStore.from_settings(settings),
     )
     problems.install(app)
     for blueprint in (
@@ -95,6 +96,7 @@ def create_app(
         dataset_uploads.bp,
         tenants.bp,
         schedules.bp,
+        scaling.bp,
         openai_routes.bp,
     ):
         app.register_blueprint(blueprint)

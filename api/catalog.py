@@ -29,6 +29,7 @@ from api.auth import principal, tenant_scope
 from api.jobs import read_json_body
 from api.payloads import dataset_payload, render_models
 from api.submissions import errors_from
+from core.artifactcache import FolderCache
 from core.audit import Actor, record_action
 from core.catalog import (
     FAILED,
@@ -92,9 +93,10 @@ LAYOUT_CHECKS = {"diffusers": sd_spec.check_layout, "transformers": causal_lm_sp
 
 
 def pretrained_folder(settings: Settings, given: str) -> tuple[Path, str]:
-    """(the folder, what Model.path stores): an absolute path as it is (inside one of
-    GENQ_PRETRAINED_ROOTS when set), a relative one under the artifact root; 422 naming
-    `path` for a folder that is not there or not allowed."""
+    """(the folder on this machine, what Model.path stores): an absolute path as it is
+    (inside one of GENQ_PRETRAINED_ROOTS when set), an `s3://bucket/folder` URL or a path
+    relative to the artifact store (downloaded into this machine's cache to check it); 422
+    naming `path` for a folder that is not there or not allowed."""
     if Path(given).is_absolute():
         folder = Path(given).resolve()
         roots = settings.pretrained_root_paths
@@ -103,12 +105,23 @@ def pretrained_folder(settings: Settings, given: str) -> tuple[Path, str]:
                 "path", "not under a folder GENQ_PRETRAINED_ROOTS allows models from"
             )
         stored = str(folder)
-    else:
+    elif given.startswith("s3://") or not genq().artifacts.is_local:
         try:
-            folder = genq().artifacts.resolve(given)
+            folder = FolderCache(settings.cache_path).model_folder(genq().artifacts, given)
+        except ValueError as exc:
+            raise InvalidInputError.one("path", str(exc)) from None
+        except Exception as exc:  # nothing there, no access, no endpoint
+            raise InvalidInputError.one(
+                "path", f"cannot be read from object storage: {type(exc).__name__}: {exc}"
+            ) from None
+        stored = given
+    else:
+        store = genq().artifacts
+        try:
+            folder = store.resolve(given)
         except ValueError:
             raise InvalidInputError.one("path", "escapes the artifact root") from None
-        stored = str(folder.relative_to(genq().artifacts.root))
+        stored = str(folder.relative_to(store.root))
     try:
         is_folder = folder.is_dir()
     except OSError as exc:  # a name too long for the file system, a folder it may not read
@@ -201,7 +214,7 @@ def check_model_again(name: str, version: str) -> tuple[Response, int, dict[str,
     with app.database.transaction() as session:
         model = find_version(session, tenant_scope(), name, number)
         recheck_model(session, model)
-        folder = app.artifacts.model_folder(model.path or "")
+        folder = pretrained_folder(app.settings, model.path or "")[0]
         layout = check_layout(model.family, folder)
         model.config = {**(model.config or {}), **layout}
         record_action(

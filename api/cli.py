@@ -66,6 +66,23 @@ def worker(queues: str, hostname: str) -> None:
 
 
 @main.command()
+@click.option("--head", is_flag=True, help="Start the cluster's head (GCS) on GENQ_RAY_HEAD_PORT.")
+def node(head: bool) -> None:
+    """Run this machine's Ray node in the foreground: the head, or a node that joins
+    GENQ_RAY_ADDRESS declaring this machine's GPUs and their memory (gpu_memory_gb), bound to
+    GENQ_NODE_IP. Needs RAY_AUTH_MODE=token and the cluster's RAY_AUTH_TOKEN."""
+    from scheduler.raynode import gpu_node_argv
+
+    settings = _settings()
+    try:
+        argv = gpu_node_argv(settings, head=head)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    click.echo(" ".join(argv), err=True)
+    os.execv(argv[0], argv)
+
+
+@main.command()
 def api() -> None:
     """Serve the HTTP API with gunicorn (GENQ_HOST, GENQ_PORT, GENQ_API_WORKERS/THREADS)."""
     settings = _settings()

@@ -176,16 +176,17 @@ def upload_dataset() -> tuple[Response, int]:
 
     dataset_id = new_id()
     relative = state.artifacts.dataset_dir(dataset_id)
-    final = state.artifacts.resolve(relative)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{dataset_id}."))
+    # Unpacked and checked on this machine first, then stored whole (a rename into a local
+    # store; an upload and its manifest to object storage), then recorded.
+    tmp = Path(tempfile.mkdtemp(dir=state.artifacts.upload_dir(), prefix=f".{dataset_id}."))
+    stored = False
     try:
         if kind == "images":
             meta = _unpack_images(upload.stream, tmp, settings)
         else:
             meta = _store_text(upload.stream, tmp)
-        size = sum(f.stat().st_size for f in tmp.rglob("*") if f.is_file())
-        tmp.rename(final)
+        manifest = state.artifacts.put_folder(tmp, relative, move=True)
+        stored = True
         with state.database.transaction() as session:
             dataset = Dataset(
                 id=dataset_id,
@@ -193,7 +194,7 @@ def upload_dataset() -> tuple[Response, int]:
                 name=name,
                 kind=kind,
                 path=relative,
-                size_bytes=size,
+                size_bytes=manifest.size_bytes,
                 num_items=meta.pop("num_items"),
                 meta={**meta, "filename": upload.filename or ""},
             )
@@ -202,6 +203,7 @@ def upload_dataset() -> tuple[Response, int]:
             payload = dataset_payload(dataset)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(final, ignore_errors=True)
+        if stored:
+            state.artifacts.delete_prefix(relative)
         raise
     return jsonify(payload), 201

@@ -107,7 +107,11 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
             "created_at": TIME,
             "started_at": _nullable(TIME),
             "finished_at": _nullable(TIME),
-            "metrics": OBJECT,
+            "metrics": {
+                **OBJECT,
+                "description": "The job's last metrics; `load_s`: seconds it waited for its "
+                "model server to load (a cold start), absent when the server was warm.",
+            },
             "result_model": _nullable(STRING),
             "webhook": _nullable(STRING),
             "webhook_events": _nullable({"type": "array", "items": STRING}),
@@ -120,6 +124,17 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
             "preemptible": {"type": "boolean"},
             "preemption": _object(
                 {"count": INT, "by": _nullable(STRING), "requested_at": _nullable(TIME)}
+            ),
+            "placement": _nullable(
+                _object(
+                    {
+                        "node_id": STRING,
+                        "node_ip": STRING,
+                        "hostname": STRING,
+                        "gpu_ids": {"type": "array", "items": STRING},
+                        "replica": STRING,
+                    }
+                )
             ),
             "batch": _nullable(_object({"id": STRING, "item": STRING})),
         }
@@ -186,6 +201,20 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
                     "job": _nullable(STRING),
                 }
             ),
+            "scaling": {
+                **_object(
+                    {
+                        "min_replicas": INT,
+                        "max_replicas": INT,
+                        "target_jobs_per_replica": {"type": "number"},
+                        "idle_unload_s": _nullable({"type": "number"}),
+                        "last_idle_unload_s": _nullable({"type": "number"}),
+                        "overrides": OBJECT,
+                    }
+                ),
+                "description": "The replica policy in force; `overrides`: the fields this"
+                " version sets itself (the rest are its family's defaults).",
+            },
         }
     ),
     "ModelList": _page("Model"),
@@ -575,6 +604,50 @@ def _paths(limit_max: int) -> dict[str, Any]:
                     "200": _json("Versions, oldest first.", "ModelList"),
                     "401": UNAUTHORIZED,
                     "404": NOT_FOUND,
+                },
+            },
+            "patch": {
+                "summary": "Set the replica policy of every version of a model (admin)",
+                "description": "Only the fields sent change; null goes back to the family's"
+                " default. Audited; the scaler applies it at its next look.",
+                "operationId": "changeModelScaling",
+                "parameters": [_path_id("name")],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("ScalingChange")}},
+                },
+                "responses": {
+                    "200": _json("The versions changed.", "ModelList"),
+                    "401": UNAUTHORIZED,
+                    "403": _problem("Not an admin key."),
+                    "404": NOT_FOUND,
+                    "422": INVALID,
+                },
+            },
+        },
+        "/v1/models/{name}/{version}": {
+            "patch": {
+                "summary": "Set the replica policy of one version of a model (admin)",
+                "operationId": "changeModelVersionScaling",
+                "parameters": [
+                    _path_id("name"),
+                    {
+                        "name": "version",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "integer", "minimum": 1, "maximum": INT32_MAX},
+                    },
+                ],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref("ScalingChange")}},
+                },
+                "responses": {
+                    "200": _json("The version.", "ModelList"),
+                    "401": UNAUTHORIZED,
+                    "403": _problem("Not an admin key."),
+                    "404": NOT_FOUND,
+                    "422": INVALID,
                 },
             }
         },

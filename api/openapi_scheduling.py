@@ -25,6 +25,7 @@ from api.openapi import (
 )
 from api.schedules import ScheduleBody, ScheduleChange
 from api.tenants import PurgeRequest, QuotaChange
+from core.scaling import PolicyChange
 
 FORBIDDEN = _problem("This needs an admin key.")
 NUMBER = {"type": "number"}
@@ -109,6 +110,7 @@ def add_schemas(schemas: dict[str, Any]) -> None:
         (PurgeRequest, "PurgeRequest"),
         (ScheduleBody, "Schedule"),
         (ScheduleChange, "ScheduleChange"),
+        (PolicyChange, "ScalingChange"),
     ):
         _add_model(schemas, model, name)
 

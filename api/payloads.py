@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 from core.eta import estimate_eta_s, mean_run_s, running_in
 from core.fairness import queue_positions
 from core.jobs import priority_class
+from core.scaling import model_policy
 from core.states import JobState
 from core.tables import Artifact, Dataset, Job, JobEvent, Model
 
@@ -201,6 +202,8 @@ def job_payload(job: Job, ctx: JobContext) -> dict[str, Any]:
             "by": job.preempted_by,
             "requested_at": iso(job.preempt_requested_at),
         },
+        # Where its last attempt ran; null until an actor took it.
+        "placement": job.placement,
         # The batch it was submitted in (POST /v1/batches, an OpenAI batch file) and its item
         # there: the index, or the line's custom_id.
         "batch": {"id": job.batch_id, "item": job.batch_item or ""} if job.batch_id else None,
@@ -253,7 +256,22 @@ def model_payload(
             "parent": parent.ref if parent else None,
             "job": model.job_id,
         },
+        "scaling": scaling_payload(model),
     }
+
+
+def scaling_payload(model: Model) -> dict[str, Any]:
+    """The version's replica policy in force, and which fields it sets itself (the others
+    are its family's defaults and the deployment's idle delays)."""
+    from flask import has_app_context
+
+    from api.app import genq
+    from core.settings import Settings
+    from workers.registry import get_family
+
+    settings = genq().settings if has_app_context() else Settings()
+    policy = model_policy(get_family(model.family).scaling.as_dict(), model.serving, settings)
+    return {**policy.as_dict(), "overrides": dict(model.serving or {})}
 
 
 def render_models(session: Session, models: Sequence[Model]) -> list[dict[str, Any]]:

@@ -53,14 +53,40 @@ class TextDelta:
 
 @dataclass(frozen=True)
 class ModelSaved:
-    """A training job saved its model: `path` is a folder relative to the artifact root."""
+    """A training job saved its model: `path` is its folder (key) in the artifact store."""
 
     path: str
     config: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-Event = Progress | Log | Metric | Output | ModelSaved | TextDelta
+@dataclass(frozen=True)
+class Placement:
+    """Where a job runs, sent first by the model server (replica) or trainer that took it: the
+    Ray node (id, IP, hostname), the GPU ids Ray gave the actor and the actor's name. A server
+    adds when it finished loading (`loaded_at`, Unix time) and how long that took (`load_s`),
+    so a job that waited for the load reports a cold start."""
+
+    node_id: str
+    node_ip: str
+    hostname: str
+    gpu_ids: list[str]
+    replica: str
+    load_s: float | None = None
+    loaded_at: float | None = None
+
+    def as_row(self) -> dict[str, Any]:
+        """What the job row keeps (GET /v1/jobs/{id} `placement`)."""
+        return {
+            "node_id": self.node_id,
+            "node_ip": self.node_ip,
+            "hostname": self.hostname,
+            "gpu_ids": list(self.gpu_ids),
+            "replica": self.replica,
+        }
+
+
+Event = Progress | Log | Metric | Output | ModelSaved | TextDelta | Placement
 
 
 def event_type(event: Event) -> str:
@@ -71,6 +97,7 @@ def event_type(event: Event) -> str:
         Output: "output",
         ModelSaved: "model",
         TextDelta: "text_delta",
+        Placement: "placement",
     }[type(event)]
 
 

@@ -307,6 +307,12 @@ def record_events(session: Session, lease: Lease, events: Sequence[Event]) -> No
         _add_event(session, job, event_type(event), event_data(event))
 
 
+def record_placement(session: Session, lease: Lease, placement: dict[str, Any]) -> None:
+    """Where this attempt runs (the node, GPUs and replica that took it), on the job row."""
+    job = _fenced(session, lease)
+    job.placement = without_nul(placement)
+
+
 def record_output(session: Session, lease: Lease, output: Output, stored: StoredFile) -> Artifact:
     """Record one output file once: a second record of the same name returns the first."""
     job = _fenced(session, lease)

@@ -29,6 +29,17 @@ class Settings(BaseSettings):
     ray_address: str | None = None
     # Root folder of job outputs, checkpoints, trained models and uploaded data sets.
     artifact_root: Path | None = None
+    # Artifacts in S3-compatible object storage instead: s3://bucket/prefix. Endpoint, region
+    # and credentials come from the standard AWS_* variables of each machine. Unset: the
+    # folder above (one machine, or a disk every machine mounts).
+    artifact_url: str | None = Field(None, pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$")
+    # GET /v1/artifacts/{id} on object storage: answer 307 to a presigned URL of the object
+    # (valid this long) instead of streaming it through the API.
+    artifact_redirect: bool = False
+    artifact_redirect_ttl_s: int = Field(300, ge=1, le=7 * 24 * 3600)
+    # This machine's copies of stored models and data sets (trainers and model servers
+    # download them here). Unset: var_dir/cache.
+    cache_dir: Path | None = None
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -101,13 +112,26 @@ class Settings(BaseSettings):
     # Event streams one API process keeps open at once (default: half its threads, so that
     # the other half always answer); one more is a 503 with Retry-After.
     api_max_streams: int | None = Field(None, ge=1, le=1024)
-    # Local Ray head started by `genq up`.
-    ray_num_cpus: int | None = Field(None, ge=1)
-    ray_num_gpus: int | None = Field(None, ge=0)
-    # GPU memory (GB) the local Ray head declares as the custom resource `gpu_memory_gb`, which
-    # training jobs that ask for `resources.gpu_memory_gb` reserve. Unset: none declared.
-    ray_gpu_memory_gb: float | None = Field(None, gt=0)
+    # What the Ray node started here declares: the local head of `genq up`, or `genq node`
+    # (unset: `genq up` lets Ray count; `genq node` counts this machine's GPUs, and a head
+    # declares no CPU so that no model runs beside the GCS).
+    ray_num_cpus: int | None = Field(None, ge=0, le=4096)
+    ray_num_gpus: int | None = Field(None, ge=0, le=1024)
+    # GPU memory (GB) that node declares as the custom resource `gpu_memory_gb`, which training
+    # jobs that ask for `resources.gpu_memory_gb` reserve. Unset: `genq up` declares none,
+    # `genq node` the total memory of the GPUs it declares.
+    ray_gpu_memory_gb: float | None = Field(None, gt=0, le=1_000_000)
     ray_dashboard: bool = False
+    # This machine's address on the cluster network: the Ray node that `genq node` or
+    # `genq worker` starts binds to it, and drivers connect from it. Unset: Ray picks one.
+    node_ip: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9.:-]{0,252}$")
+    # Whether `genq worker` starts a Ray node of its own (no CPU, no GPU) that joins
+    # GENQ_RAY_ADDRESS: a driver reaches Ray only through a raylet on its own machine.
+    # auto: start one unless a Ray node already runs on this machine; start: always;
+    # local: never (a node of this machine is used, as under `genq up`).
+    worker_ray_node: Literal["auto", "start", "local"] = "auto"
+    # Port of the head that `genq node --head` starts (its GCS; other nodes join <ip>:port).
+    ray_head_port: int = Field(6379, ge=1, le=65535)
     # Model servers (workers/server.py, workers/pool.py). Generate jobs with the same batch
     # key share a batch, which starts once no more have arrived for this long (at most ten
     # such waits after its first job).
@@ -118,6 +142,14 @@ class Settings(BaseSettings):
     batch_min_rows: int = Field(16, ge=1, le=4096)
     # A model server with no job for this long unloads (frees its GPU). Unset: never.
     model_idle_unload_s: float | None = Field(900.0, gt=0)
+    # The last replica of a model (1 -> 0) unloads after this long without a job (never longer
+    # than model_idle_unload_s); a model's policy may set both (PATCH /v1/models/{name}).
+    model_last_idle_unload_s: float | None = Field(300.0, gt=0)
+    # The replica scaler (scheduler/scaling.py) reads each model's queued and running jobs this
+    # often, and lowers a model's replica count only after this long of lower need (never less
+    # than one interval: the window is never shorter than what it looks back on).
+    scale_interval_s: float = Field(5.0, ge=0.5, le=30)
+    scale_cooldown_s: float = Field(60.0, ge=0, le=3600)
     # GPU memory each node may give to warm model servers (their families' gpu_memory_gb);
     # starting one more evicts the least recently used idle servers there. Unset: no budget.
     gpu_memory_budget_gb: float | None = Field(None, gt=0)
@@ -155,6 +187,9 @@ class Settings(BaseSettings):
         if self.artifact_root is None:
             self.artifact_root = self.var_dir / "artifacts"
         self.artifact_root = self.artifact_root.resolve()
+        if self.cache_dir is None:
+            self.cache_dir = self.var_dir / "cache"
+        self.cache_dir = self.cache_dir.resolve()
         if self.heartbeat_interval_s >= self.lease_ttl_s:
             raise ValueError("heartbeat_interval_s must be shorter than lease_ttl_s")
         return self
@@ -168,6 +203,11 @@ class Settings(BaseSettings):
     def artifacts(self) -> Path:
         assert self.artifact_root is not None
         return self.artifact_root
+
+    @property
+    def cache_path(self) -> Path:
+        assert self.cache_dir is not None
+        return self.cache_dir
 
     @property
     def pretrained_root_paths(self) -> list[Path]:

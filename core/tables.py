@@ -110,7 +110,7 @@ class Dataset(Base):
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenant.id"), index=True)
     name: Mapped[str] = mapped_column(String(128))
     kind: Mapped[str] = mapped_column(String(16))  # images | text
-    # Relative to the artifact root; None for built-in data sets that ship with a package.
+    # Its key (folder) in the artifact store; None for built-in data sets shipped in a package.
     path: Mapped[str | None] = mapped_column(String(1024))
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     num_items: Mapped[int] = mapped_column(Integer, default=0)
@@ -130,7 +130,8 @@ class Model(Base):
     name: Mapped[str] = mapped_column(String(128))
     version: Mapped[int] = mapped_column(Integer)
     family: Mapped[str] = mapped_column(String(64))
-    # Folder of weights relative to the artifact root (None for weightless built-ins).
+    # Folder of weights: a key in the artifact store, an s3:// URL or an absolute local path
+    # (None for weightless built-ins).
     path: Mapped[str | None] = mapped_column(String(1024))
     config: Mapped[dict[str, Any]] = mapped_column(JsonType, default=dict)
     metrics: Mapped[dict[str, Any]] = mapped_column(JsonType, default=dict)
@@ -144,6 +145,8 @@ class Model(Base):
     # loaded it, then `ready` or `failed` (status_detail says why); jobs need `ready`.
     status: Mapped[str] = mapped_column(String(16), default="ready", server_default="ready")
     status_detail: Mapped[str | None] = mapped_column(Text)
+    # This version's replica policy over its family's defaults (core/scaling.py); None: none.
+    serving: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
 
     @property
     def ref(self) -> str:
@@ -235,6 +238,8 @@ class Job(Base):
     error_detail: Mapped[str | None] = mapped_column(Text)
     metrics: Mapped[dict[str, Any]] = mapped_column(JsonType, default=dict)
     result_model_id: Mapped[str | None] = mapped_column(ForeignKey("model.id"))
+    # Where the last attempt ran: {node_id, node_ip, hostname, gpu_ids, replica}; None before.
+    placement: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
 
     webhook: Mapped[str | None] = mapped_column(String(2048))
     webhook_events: Mapped[list[str] | None] = mapped_column(JsonType)
@@ -297,7 +302,7 @@ class Artifact(Base):
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenant.id"), index=True)
     name: Mapped[str] = mapped_column(String(255))
     kind: Mapped[str] = mapped_column(String(16))  # image | text | grid | file
-    path: Mapped[str] = mapped_column(String(1024))  # relative to the artifact root
+    path: Mapped[str] = mapped_column(String(1024))  # its key in the artifact store
     content_type: Mapped[str] = mapped_column(String(128))
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     sha256: Mapped[str] = mapped_column(String(64))

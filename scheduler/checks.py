@@ -28,6 +28,7 @@ from core.tables import Model
 from scheduler.broker import CHECK_MODEL_TASK
 from scheduler.runner import RAY_TRANSIENT, Runner
 from workers.registry import get_family
+from workers.staging import Staging, store_errors
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +36,20 @@ MAX_RETRIES = 3
 RETRY_DELAY_S = 10.0
 
 
-def load_model(family: str, folder: str, config: dict[str, Any]) -> dict[str, Any]:
-    """Load the model as a model server would; what the check reports about it."""
+def load_model(
+    family: str, path: str, config: dict[str, Any], artifact_url: str | None = None
+) -> dict[str, Any]:
+    """Load the model as a model server would (on whichever machine Ray runs this, so its
+    folder comes from the artifact store); what the check reports about it."""
     import torch
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     started = time.perf_counter()
-    loaded = get_family(family).load_implementation().load(Path(folder), config, device)
+    folder = Path(path)
+    if artifact_url:
+        with store_errors():
+            folder = Staging.for_url(artifact_url).model_folder(path)
+    loaded = get_family(family).load_implementation().load(folder, config, device)
     load_s = time.perf_counter() - started
     modules = [m for m in vars(loaded).values() if isinstance(m, torch.nn.Module)]
     pipe = getattr(loaded, "pipe", None)
@@ -61,12 +69,12 @@ def check_model(settings: Settings, database: Database, runner: Runner, model_id
         if model is None or model.status != "checking":
             return "skipped"
         family = get_family(model.family)
-        folder = str(ArtifactStore(settings.artifacts).model_folder(model.path or ""))
+        path = model.path or ""
         config = dict(model.config or {})
     runner.connect_ray()
     num_gpus = family.resources.num_gpus if ray.cluster_resources().get("GPU", 0) > 0 else 0
     ref = _load_remote.options(num_cpus=family.resources.num_cpus, num_gpus=num_gpus).remote(
-        family.name, folder, config
+        family.name, path, config, ArtifactStore.from_settings(settings).url
     )
     try:
         info = ray.get(ref)

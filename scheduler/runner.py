@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,19 +24,16 @@ from ray.exceptions import (
     RayTaskError,
 )
 from sqlalchemy import bindparam, select
-from sqlalchemy.orm import Session
 
-from core.artifacts import ArtifactStore, StoredFile
+from core.artifacts import ArtifactStore
 from core.catalog import register_model
 from core.db import Database
 from core.errors import GenqError, JobFailedError, LeaseLostError
-from core.events import Event, Log, Metric, ModelSaved, Output, Progress, TextDelta
+from core.events import Event, Log
 from core.fairness import claim_next
 from core.jobs import (
     Lease,
     finish_job,
-    record_events,
-    record_output,
     release_job,
     retry_backoff_s,
 )
@@ -48,13 +44,18 @@ from core.tables import Dataset, Job, Model, Tenant, utcnow
 from scheduler.enqueue import Publication, Publisher
 from scheduler.lease import LeaseKeeper
 from scheduler.preemption import TrainerPreempter
+from scheduler.recorder import EventRecorder
 from workers.families.base import CanceledError, Family
 from workers.registry import get_family
+from workers.room import free_by_node, is_unplaced, waiting_for
 from workers.server import ServingOptions
 
 log = logging.getLogger(__name__)
 
 _QUEUE_OF = select(Job.queue).where(Job.id == bindparam("job_id"))
+# While a job's actor has sent nothing yet, the runner looks this often at why (its progress
+# message says "waiting for a GPU" while Ray cannot place the actor).
+START_LOOK_S = 1.0
 
 # Failures of the Ray machinery itself (an actor or node died): worth another attempt.
 RAY_TRANSIENT = (ActorDiedError, ActorUnavailableError, RayActorError, ObjectLostError)
@@ -92,18 +93,21 @@ class Runner:
         self.settings = settings
         self.database = database
         self.publisher = publisher
-        self.store = ArtifactStore(settings.artifacts)
+        self.store = ArtifactStore.from_settings(settings)
         self._ray_lock = threading.Lock()
         self.serving = ServingOptions.from_settings(settings)
 
     def connect_ray(self) -> None:
         with self._ray_lock:
             if not ray.is_initialized():
+                # With GENQ_NODE_IP set, the driver uses this machine's node at that address
+                # (a machine may have several addresses; Ray would guess).
                 ray.init(
                     address=self.settings.ray_address or "auto",
                     namespace="genq",
                     log_to_driver=False,
                     configure_logging=False,
+                    _node_ip_address=self.settings.node_ip,
                 )
 
     # -- the task body -----------------------------------------------------------------------
@@ -219,12 +223,14 @@ class Runner:
             snap.model_config = dict(model.config or {})
         if job.dataset_id:
             ds = session.get(Dataset, job.dataset_id)
-            path = str(self.store.resolve(ds.path)) if ds.path else None
-            snap.dataset = {"name": ds.name, "kind": ds.kind, "path": path}
+            # `path`: the data set's key in the store; the trainer fetches it where it runs.
+            snap.dataset = {"name": ds.name, "kind": ds.kind, "path": ds.path}
         return snap
 
     def _drive(self, job: JobSnapshot, lease: Lease, keeper: LeaseKeeper) -> str:
-        from workers.actors import start_trainer
+        from workers.actors import start_trainer, trainer_resources
+        from workers.room import trainer_need
+        from workers.routing import admit_trainer
 
         family = get_family(job.family)
         recorder = EventRecorder(self, job, lease)
@@ -233,7 +239,7 @@ class Runner:
         try:
             self.connect_ray()
             if job.kind == JobKind.GENERATE:
-                stream = self._generate(job, family, keeper)
+                stream = self._generate(job, family, keeper, recorder)
             else:
                 trainer = start_trainer(
                     job.id, family, num_gpus=job.num_gpus, gpu_memory_gb=job.gpu_memory_gb
@@ -241,11 +247,16 @@ class Runner:
                 keeper.on_cancel = _trainer_stopper(trainer, self.settings.cancel_grace_s)
                 preempter = TrainerPreempter(trainer, self.settings.preemption_grace_s, job.id)
                 keeper.on_preempt = preempter
+                need = trainer_need(trainer_resources(family, job.num_gpus, job.gpu_memory_gb))
+                actor_id = trainer._actor_id.hex()
+                # The pool unloads idle servers if the trainer fits nowhere, and keeps doing so
+                # until Ray places it.
+                recorder.waiting(admit_trainer(f"trainer-{job.id}", actor_id, need, job.priority))
                 ctx = self._train_ctx(job)
                 refs: Any = trainer.train.remote(job.id, str(job.kind), job.params, ctx)
                 if keeper.cancel_requested.is_set():  # canceled while the actor was starting
                     keeper.on_cancel()
-                stream = (ray.get(ref) for ref in refs)
+                stream = self._started(refs, actor_id, need, recorder, "")
             for event in stream:
                 recorder.record(event)
             if keeper.lost.is_set():
@@ -262,26 +273,55 @@ class Runner:
             if trainer is not None:
                 ray.kill(trainer)
 
-    def _generate(self, job: JobSnapshot, family: Family, keeper: LeaseKeeper) -> Iterator[Event]:
-        """The events of a generate job from its model's warm server. A server found dead
-        before it sent anything (it crashed, or was evicted, just after the pool handed it
-        out) is replaced once, within the attempt: the job had not started on it."""
-        from workers.actors import get_model_server
+    def _started(
+        self,
+        refs: Any,
+        actor_id: str,
+        need: dict[str, float],
+        recorder: EventRecorder,
+        loading: str,
+    ) -> Iterator[Event]:
+        """The events of `refs`; until the first comes, the job's progress message says what
+        it waits for: the resource Ray lacks to place the actor, else `loading`."""
+        while not ray.wait([refs], timeout=START_LOOK_S)[0]:
+            unplaced = is_unplaced(actor_id)
+            recorder.waiting(waiting_for(need, free_by_node()) if unplaced else loading)
+        for ref in refs:
+            yield ray.get(ref)
+
+    def _generate(
+        self, job: JobSnapshot, family: Family, keeper: LeaseKeeper, recorder: EventRecorder
+    ) -> Iterator[Event]:
+        """The events of a generate job from a replica of its model (the one with the fewest
+        jobs in hand). A replica found dead before it sent anything (it crashed, or was
+        unloaded, just after the pool handed it out) is replaced once, within the attempt: the
+        job had not started on it."""
+        from workers.room import server_need
+        from workers.routing import choose_server
 
         assert job.model_id is not None
-        model_dir = str(self.store.model_folder(job.model_path)) if job.model_path else None
+        # The model's path as registered: the server fetches the folder on its own machine.
+        model_dir = job.model_path or None
+        need = server_need(family, family.resources.num_gpus)
         for verify in (False, True):
-            actor = get_model_server(
-                job.model_id, family, model_dir, job.model_config, self.serving, verify=verify
+            choice = choose_server(
+                job.model_id,
+                family.name,
+                model_dir,
+                job.model_config,
+                self.serving,
+                verify=verify,
+                priority=job.priority,
             )
+            actor = choice.handle
             keeper.on_cancel = lambda actor=actor: actor.cancel.remote(job.id)
             if keeper.cancel_requested.is_set():  # canceled while the server was starting
                 keeper.on_cancel()
             started = False
             try:
                 refs: Any = actor.generate.remote(job.id, job.params)
-                for ref in refs:
-                    event = ray.get(ref)
+                actor_id = actor._actor_id.hex()
+                for event in self._started(refs, actor_id, need, recorder, "loading the model"):
                     started = True
                     yield event
                 return
@@ -294,17 +334,19 @@ class Runner:
                     "running the job on a live server",
                     level="warning",
                 )
+            finally:
+                choice.done()
 
     def _train_ctx(self, job: JobSnapshot) -> dict[str, Any]:
-        model_rel = self.store.model_dir(job.id)
+        """What a trainer on any machine needs: the store's URL and keys in it (never a path
+        on this machine; see workers/staging.py)."""
         ctx: dict[str, Any] = {
+            "artifact_url": self.store.url,
             "dataset": job.dataset,
-            "checkpoint_dir": str(self.store.checkpoint_dir(job.id)),
-            "model_dir": str(self.store.resolve(model_rel)),
-            "model_dir_rel": model_rel,
+            "model_dir_rel": self.store.model_dir(job.id),
         }
         if job.kind == JobKind.FINETUNE and job.model_path:
-            ctx["parent_model_dir"] = str(self.store.model_folder(job.model_path))
+            ctx["parent_model_path"] = job.model_path
             ctx["parent_config"] = job.model_config
         return ctx
 
@@ -464,65 +506,3 @@ def _trainer_stopper(trainer: Any, grace_s: float) -> Callable[[], None]:
         timer.start()
 
     return stop
-
-
-class EventRecorder:
-    """Writes a job's events to SQL: logs, metrics and model saves as they come, progress at most
-    once per `progress_interval_s` (the last one always), and each output as soon as the next
-    event arrives — or, when it is the job's last event (a generate job's usual case), in the
-    transaction that finishes the job, which saves a write per job. An output's file is
-    written the moment it arrives either way."""
-
-    def __init__(self, runner: Runner, job: JobSnapshot, lease: Lease) -> None:
-        self.runner, self.job, self.lease = runner, job, lease
-        self.pending_progress: Progress | None = None
-        self.pending_output: tuple[Output, StoredFile] | None = None
-        self.last_progress_at = 0.0
-        self.model_saved: ModelSaved | None = None
-        self.final_metrics: dict[str, Any] = {}
-
-    def record(self, event: Event) -> None:
-        db = self.runner.database
-        if self.pending_output is not None:
-            with db.transaction() as session:
-                self._write_output(session)
-        if isinstance(event, Progress):
-            self.pending_progress = event
-            if time.monotonic() - self.last_progress_at >= self.runner.settings.progress_interval_s:
-                self.flush()
-            return
-        if isinstance(event, Output):
-            stored = self.runner.store.write_output(
-                self.job.tenant_id, self.job.id, event.name, event.data
-            )
-            self.pending_output = (event, stored)
-            return
-        if isinstance(event, ModelSaved):
-            self.model_saved = event
-            self.final_metrics.update(event.metrics)
-        if isinstance(event, Metric):
-            self.final_metrics.update(event.values)
-        assert isinstance(event, Log | Metric | ModelSaved | TextDelta)
-        with db.transaction() as session:
-            record_events(session, self.lease, [event])
-
-    def flush(self) -> None:
-        if self.pending_progress is None:
-            return
-        with self.runner.database.transaction() as session:
-            record_events(session, self.lease, [self.pending_progress])
-        self.pending_progress = None
-        self.last_progress_at = time.monotonic()
-
-    def write_pending(self, session: Session) -> None:
-        """The last progress and a held output, in the caller's (finishing) transaction."""
-        if self.pending_progress is not None:
-            record_events(session, self.lease, [self.pending_progress])
-            self.pending_progress = None
-        self._write_output(session)
-
-    def _write_output(self, session: Session) -> None:
-        if self.pending_output is not None:
-            event, stored = self.pending_output
-            record_output(session, self.lease, event, stored)
-            self.pending_output = None

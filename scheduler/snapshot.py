@@ -4,8 +4,10 @@ process shows workers, nodes, GPUs and warm models without importing Ray; a work
 expired is no longer alive.
 
 The snapshot holds the worker's hostname, pid, concurrency and the ids of the jobs it is running,
-Ray's nodes with their declared and available resources, and the genq model servers (named
-`model-<model id>` in the `genq` namespace) with the device and resources each one holds. Only
+Ray's nodes with their declared and available resources, the genq model servers (named
+`model-<model id>`, or `model-<model id>@<n>` for further replicas, in the `genq` namespace)
+with the device and resources each one holds, and the model pool's view: replicas per model
+(node, GPU, jobs in hand, batch sizes, load time), policies, and scale events. Only
 what Ray reports is shown: a cluster without GPUs reports none, and no figure is made up.
 """
 
@@ -66,7 +68,9 @@ def _ray_view() -> dict[str, Any]:
     for entry in ray.util.list_named_actors(all_namespaces=True):
         if entry.get("namespace") != "genq" or not entry["name"].startswith(MODEL_SERVER_PREFIX):
             continue
-        server: dict[str, Any] = {"model_id": entry["name"][len(MODEL_SERVER_PREFIX) :]}
+        # `model-<id>` is a model's first replica, `model-<id>@<n>` its n-th.
+        model_id = entry["name"][len(MODEL_SERVER_PREFIX) :].split("@")[0]
+        server: dict[str, Any] = {"model_id": model_id, "replica": entry["name"]}
         try:
             actor = ray.get_actor(entry["name"], namespace="genq")
             server.update(ray.get(actor.info.remote(), timeout=INFO_TIMEOUT_S))
@@ -75,11 +79,26 @@ def _ray_view() -> dict[str, Any]:
         servers.append(server)
     return {
         "connected": True,
+        "pool": _pool_view(),
         "nodes": nodes,
         "cluster_resources": ray.cluster_resources(),
         "available_resources": ray.available_resources(),
         "model_servers": servers,
     }
+
+
+def _pool_view() -> dict[str, Any]:
+    """The model pool's replicas, policies and scale events (workers/pool.py); empty while no
+    pool runs (no job has asked for a server yet)."""
+    import ray
+
+    from workers.pool import POOL_NAME
+
+    try:
+        pool = ray.get_actor(POOL_NAME, namespace="genq")
+    except ValueError:
+        return {}
+    return dict(ray.get(pool.info.remote(), timeout=INFO_TIMEOUT_S))
 
 
 def take_snapshot(hostname: str, concurrency: int) -> dict[str, Any]:

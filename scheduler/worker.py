@@ -3,7 +3,8 @@
 The task body is `Runner.run` (and `scheduler.webhooks.deliver` on the `webhooks` queue); the
 worker runs a thread pool because tasks only wait on Ray.
 Before it consumes anything the worker checks that the broker's visibility timeout and the
-lease settings agree and that Ray answers.
+lease settings agree, joins the Ray cluster with a node of its own when none runs on its
+machine (scheduler/raynode.py), and checks that Ray answers.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from core.settings import Settings
 from scheduler.broker import QUEUES, RUN_JOB_TASK, make_celery
 from scheduler.checks import register as register_checks
 from scheduler.enqueue import Publisher
+from scheduler.raynode import start_worker_node
 from scheduler.runner import Runner
+from scheduler.scaling import Scaler
 from scheduler.snapshot import SnapshotWriter
 from scheduler.webhooks import register as register_webhooks
 
@@ -59,8 +62,19 @@ def create_worker(settings: Settings) -> tuple[Celery, Runner]:
 
 def main(settings: Settings, queues: tuple[str, ...] = QUEUES, hostname: str = "") -> None:
     check_settings(settings)
-    app, runner = create_worker(settings)
-    runner.connect_ray()
+    node = start_worker_node(settings)  # before any thread starts: it forks
+    try:
+        app, runner = create_worker(settings)
+        runner.connect_ray()
+        _run(app, runner, settings, queues, hostname)
+    finally:
+        if node is not None:
+            node.stop()
+
+
+def _run(
+    app: Celery, runner: Runner, settings: Settings, queues: tuple[str, ...], hostname: str
+) -> None:
     argv = [
         "worker",
         f"--queues={','.join(queues)}",
@@ -76,7 +90,11 @@ def main(settings: Settings, queues: tuple[str, ...] = QUEUES, hostname: str = "
     # The dashboard's view of this worker and of Ray (scheduler/snapshot.py).
     snapshots = SnapshotWriter(settings, runner.publisher.redis, hostname)
     snapshots.start()
+    # Replicas per model from each model's queue (scheduler/scaling.py).
+    scaler = Scaler(settings, runner)
+    scaler.start()
     try:
         app.worker_main(argv)
     finally:
+        scaler.stop()
         snapshots.stop()

@@ -2,14 +2,20 @@
 
 PostgreSQL comes from GENQ_TEST_DATABASE_URL (a server where we may CREATE DATABASE); each test
 that asks for it gets a database of its own, dropped afterwards. Without a reachable server the
-PostgreSQL cases are skipped, except under CI, where they fail.
+PostgreSQL cases are skipped, except under CI, where they fail. Object storage is a real
+`moto_server` process started once per session (`s3_server`), with a new bucket per test.
 """
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -75,3 +81,117 @@ def redis_server_url() -> str:
             pytest.fail(f"Redis at {REDIS_URL} is required under CI: {exc}")
         pytest.skip(f"Redis unreachable: {exc}")
     return REDIS_URL
+
+
+@dataclass
+class S3Server:
+    """A real S3-compatible server process (moto's standalone server) for this test session,
+    and the AWS_* settings that point boto3 at it."""
+
+    url: str
+    pid: int
+    env: dict[str, str]
+
+    def new_bucket(self) -> str:
+        import boto3
+
+        name = f"genq-{uuid.uuid4().hex[:12]}"
+        boto3.client("s3").create_bucket(Bucket=name)
+        return name
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """Starts `moto_server` on a free port (never moto's in-process mock), exports the AWS_*
+    variables every genq process and Ray node of the session inherits, and stops the server
+    by its PID at the end."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path_factory.mktemp("s3") / "moto_server.log"
+    moto = Path(sys.executable).with_name("moto_server")
+    with open(log, "wb") as out:
+        process = subprocess.Popen(
+            [str(moto), "-H", "127.0.0.1", "-p", str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/moto-api/", timeout=2):
+                break
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                pytest.fail(f"moto_server did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.2)
+    env = {
+        "AWS_ENDPOINT_URL": url,
+        "AWS_ACCESS_KEY_ID": "genq-test",
+        "AWS_SECRET_ACCESS_KEY": "genq-test-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield S3Server(url, process.pid, env)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+@pytest.fixture
+def s3_url(s3_server: S3Server) -> str:
+    """A new, empty bucket for this test, as an artifact store URL with a prefix."""
+    return f"s3://{s3_server.new_bucket()}/genq"
+
+
+@pytest.fixture(scope="session")
+def tiny_ddpm(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict]:
+    """A tiny ddpm model folder (seeded random weights, as `train` would save it) and its
+    config: a model server that takes a CPU (or a GPU share) and loads in a second."""
+    import json
+
+    import torch
+    from diffusers import UNet2DModel
+
+    from workers.families import ddpm
+
+    folder = tmp_path_factory.mktemp("tiny-ddpm")
+    config = {
+        "family": "ddpm",
+        "preset": "tiny",
+        "image_size": 16,
+        "channels": 1,
+        "num_classes": 10,
+        "null_label": 10,
+        "class_names": [str(i) for i in range(10)],
+        "num_train_timesteps": 200,
+        "scheduler": dict(ddpm.SCHEDULE),
+        "unet": {
+            "sample_size": 16,
+            "in_channels": 1,
+            "out_channels": 1,
+            "num_class_embeds": 11,
+            **ddpm.PRESETS["tiny"]["unet"],
+        },
+    }
+    torch.manual_seed(0)
+    UNet2DModel(**config["unet"]).save_pretrained(folder, safe_serialization=True)
+    (folder / "genq.json").write_text(json.dumps(config))
+    return str(folder), config

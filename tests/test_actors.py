@@ -14,7 +14,7 @@ ray = pytest.importorskip("ray")
 from ray.exceptions import ActorDiedError, RayTaskError  # noqa: E402
 
 from core.errors import InvalidInputError, ModelError  # noqa: E402
-from core.events import Log, ModelSaved, Output, Progress  # noqa: E402
+from core.events import Log, ModelSaved, Output, Placement, Progress  # noqa: E402
 from workers.actors import get_model_server, start_trainer  # noqa: E402
 from workers.families.base import CanceledError  # noqa: E402
 from workers.registry import get_family  # noqa: E402
@@ -41,7 +41,8 @@ def ray_cluster():
 
 
 def collect(stream) -> list:
-    return [ray.get(ref) for ref in stream]
+    """The job's events, less the Placement that opens them (test_placement_comes_first)."""
+    return [e for e in (ray.get(ref) for ref in stream) if not isinstance(e, Placement)]
 
 
 def train_ctx(root, job_id: str) -> dict:
@@ -73,6 +74,7 @@ def test_echo_server_streams_events_and_stays_warm():
 def test_cancel_stops_a_running_generate_with_canceled_error():
     server = get_model_server("echo-cancel", ECHO, None, {})
     stream = server.generate.remote("job-c", {"delay_s": 60, "progress_steps": 600})
+    assert isinstance(ray.get(next(stream)), Placement)
     assert ray.get(next(stream)) == Progress(1, 600)
     assert ray.get(server.cancel.remote("job-c")) is True  # it was running
     with pytest.raises(CanceledError) as info:
@@ -127,6 +129,7 @@ def test_trainer_cancel_then_a_new_attempt_resumes(tmp_path):
     params = {**TINY, "steps": 1000, "checkpoint_every": 2}
     trainer = start_trainer("job-r", DDPM)
     stream = trainer.train.remote("job-r", "train", params, ctx)
+    assert isinstance(ray.get(next(stream)), Placement)
     step = 0
     with pytest.raises(CanceledError):
         for ref in stream:
@@ -180,3 +183,21 @@ def test_a_trainer_reserves_the_gpu_memory_its_job_asked_for(tmp_path):
     with pytest.raises(InvalidInputError) as refused:
         start_trainer("job-huge", DDPM, gpu_memory_gb=80)
     assert refused.value.errors[0]["field"] == "resources.gpu_memory_gb"
+
+
+def test_placement_comes_first_and_says_where_the_job_runs(tmp_path):
+    server = get_model_server("echo-where", ECHO, None, {})
+    first = ray.get(next(server.generate.remote("job-w", {"message": "x"})))
+    assert isinstance(first, Placement)
+    node = ray.get_runtime_context().get_node_id()
+    assert first.node_id == node and first.node_ip and first.hostname
+    assert first.replica == "model-echo-where" and first.gpu_ids == []
+    assert first.load_s is not None and first.loaded_at is not None
+    ray.kill(server)
+
+    trainer = start_trainer("job-pl", DDPM)
+    stream = trainer.train.remote("job-pl", "train", TINY, train_ctx(tmp_path, "job-pl"))
+    where = ray.get(next(stream))
+    assert isinstance(where, Placement) and where.replica == "trainer-job-pl"
+    assert where.gpu_ids == ["0"] and where.load_s is None  # the declared GPU's id
+    ray.kill(trainer)

@@ -474,7 +474,12 @@ def test_overview_shows_gpus_and_warm_models_as_the_snapshot_reports_them(
                     "node_id": "abc123",
                     "address": "10.0.0.7",
                     "alive": True,
-                    "resources": {"CPU": 16.0, "GPU": 1.0, "memory": 64 * 2**30},
+                    "resources": {
+                        "CPU": 16.0,
+                        "GPU": 1.0,
+                        "gpu_memory_gb": 141.0,
+                        "memory": 64 * 2**30,
+                    },
                 }
             ],
             "cluster_resources": {"CPU": 16.0, "GPU": 1.0},
@@ -499,6 +504,7 @@ def test_overview_shows_gpus_and_warm_models_as_the_snapshot_reports_them(
     assert "GPUs: 1.0 declared to Ray, 0.25 in use" in page
     assert "NVIDIA H200" in page and "3.0 of 140.0 GiB reserved" in page and "37% busy" in page
     assert "echo:1" in page and "celery@gpu-1" in page
+    assert "141.0 GB" in page and "10.0.0.7" in page  # the node's declared GPU memory
     assert "no GPUs" not in page
 
 

@@ -8,7 +8,9 @@ text are refused with the documented status, and leave no folder, no file and no
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import os
 import stat
 import zipfile
@@ -135,8 +137,16 @@ def test_an_image_zip_is_stored_by_class_and_trains(client, keys: Keys, settings
     assert (body["name"], body["kind"], body["num_items"]) == ("mine", "images", 6)
     assert body["meta"]["classes"] == {"cats": 3, "dogs": 3}
     folder = settings.artifacts / "datasets" / body["id"]
-    assert sorted(p.name for p in folder.iterdir()) == ["cats", "dogs"]
-    assert body["size_bytes"] == sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    assert sorted(p.name for p in folder.iterdir()) == ["cats", "dogs", "genq-manifest.json"]
+    files = {f for f in folder.rglob("*") if f.is_file() and f.name != "genq-manifest.json"}
+    assert body["size_bytes"] == sum(f.stat().st_size for f in files)
+    # The manifest records each stored file's size and SHA-256.
+    manifest = json.loads((folder / "genq-manifest.json").read_text())["files"]
+    assert {folder / name for name in manifest} == files
+    for name, entry in manifest.items():
+        data = (folder / name).read_bytes()
+        assert entry["size_bytes"] == len(data)
+        assert entry["sha256"] == hashlib.sha256(data).hexdigest()
     listed = client.get("/v1/datasets", headers=bearer(keys.acme)).get_json()["items"]
     assert "mine" in [d["name"] for d in listed]
     # A second upload under the same name is a conflict, and leaves the first alone.

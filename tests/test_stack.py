@@ -99,6 +99,10 @@ def test_train_then_generate_digits(stack: StackProcess) -> None:
     assert done["result_model"] == "digits-e2e:1"
     assert done["attempt"] == 1
     assert "loss" in done["metrics"]
+    # Where it ran: the local Ray node, its trainer (no GPU here).
+    where = done["placement"]
+    assert where["replica"] == f"trainer-{job['id']}" and where["gpu_ids"] == []
+    assert where["node_id"] and where["node_ip"] and where["hostname"]
 
     versions = stack.call("GET", "/v1/models/digits-e2e").json()
     assert [v["version"] for v in versions["items"]] == [1]
@@ -112,6 +116,10 @@ def test_train_then_generate_digits(stack: StackProcess) -> None:
     second = stack.wait(stack.submit(body)["id"])
     assert first["state"] == second["state"] == "succeeded"
     assert len(first["outputs"]) == 3
+    # The first job started the model's server and waited for it to load; the second did not.
+    assert first["metrics"]["load_s"] > 0 and "load_s" not in second["metrics"]
+    assert first["placement"]["replica"].startswith("model-")
+    assert second["placement"] == first["placement"]
     digests = []
     for job in (first, second):
         for output in job["outputs"]:

@@ -35,14 +35,15 @@ import ray
 from ray.actor import ActorHandle
 
 from core.errors import InvalidInputError
-from core.events import Event
+from core.events import Event, Log, ModelSaved
 from core.states import JobKind
 from workers.batching import job_error
 from workers.families.base import GPU_MEMORY_RESOURCE, DatasetRef, Family, TrainContext
 from workers.preemption import CheckpointStop
 from workers.registry import get_family
 from workers.server import ModelServer as BaseModelServer
-from workers.server import ServingOptions, device_name, ray_placement
+from workers.server import ServingOptions, device_name, placement_event, ray_placement
+from workers.staging import Staging, store_errors
 
 log = logging.getLogger(__name__)
 
@@ -71,13 +72,29 @@ class Trainer:
     def train(
         self, job_id: str, kind: str, params: dict[str, Any], ctx: dict[str, Any]
     ) -> Iterator[Event]:
-        """`ctx`: dataset {name, kind, path}, checkpoint_dir, model_dir, model_dir_rel and for
-        a fine-tune parent_model_dir and parent_config; paths absolute, as strings."""
+        """`ctx` from the runner: artifact_url (the store), dataset {name, kind, path: its key
+        or None}, model_dir_rel (the key the model is stored under) and for a fine-tune
+        parent_model_path (the parent's Model.path) and parent_config. Without artifact_url
+        (tests and benchmarks that drive a trainer directly): checkpoint_dir, model_dir,
+        dataset path and parent_model_dir are absolute local paths, used as they are."""
         if self.family.params_for(JobKind(kind)) is None:
             raise InvalidInputError.one("kind", f"the {self.family.name} family cannot {kind}")
+        implementation = self.family.load_implementation()
+        placement = placement_event()
+        if placement is not None:
+            yield placement
+        if "artifact_url" not in ctx:
+            train_ctx = self._local_ctx(job_id, ctx)
+            self._preempt.folder = train_ctx.checkpoint_dir
+            events = self._preempt.until_checkpoint(implementation.train(params, train_ctx), job_id)
+            yield from _guarded(events, job_id)
+            return
+        yield from _guarded(self._staged(implementation, job_id, params, ctx), job_id)
+
+    def _local_ctx(self, job_id: str, ctx: dict[str, Any]) -> TrainContext:
         dataset = ctx.get("dataset")
         parent = ctx.get("parent_model_dir")
-        train_ctx = TrainContext(
+        return TrainContext(
             job_id=job_id,
             device=self.device,
             is_canceled=self._canceled.is_set,
@@ -94,12 +111,61 @@ class Trainer:
             model_dir=Path(ctx["model_dir"]),
             model_dir_rel=ctx["model_dir_rel"],
             parent_model_dir=Path(parent) if parent else None,
+            parent_model_path=parent,
             parent_config=dict(ctx.get("parent_config") or {}),
         )
-        implementation = self.family.load_implementation()
-        self._preempt.folder = train_ctx.checkpoint_dir
-        events = self._preempt.until_checkpoint(implementation.train(params, train_ctx), job_id)
-        yield from _guarded(events, job_id)
+
+    def _staged(
+        self, implementation: Any, job_id: str, params: dict[str, Any], ctx: dict[str, Any]
+    ) -> Iterator[Event]:
+        """Training on any machine: the data set, the parent model and the latest checkpoint
+        come from the store; each new checkpoint and the model go back to it."""
+        with store_errors():
+            staging = Staging.for_url(ctx["artifact_url"])
+            sync = staging.checkpoints(job_id)
+            pulled = sync.pull()
+            dataset = ctx.get("dataset")
+            data_path = staging.folder(dataset["path"]) if dataset and dataset["path"] else None
+            parent = ctx.get("parent_model_path")
+            parent_dir = staging.model_folder(parent) if parent else None
+            model_dir = staging.model_dir(job_id)
+        if pulled is not None:
+            yield Log(
+                f"resuming from checkpoint v{pulled.version} downloaded from the artifact store"
+                f" ({pulled.size_bytes} bytes)"
+            )
+        train_ctx = TrainContext(
+            job_id=job_id,
+            device=self.device,
+            is_canceled=self._canceled.is_set,
+            dataset=(
+                DatasetRef(name=dataset["name"], kind=dataset["kind"], path=data_path)
+                if dataset
+                else None
+            ),
+            checkpoint_dir=sync.local_dir,
+            model_dir=model_dir,
+            model_dir_rel=ctx["model_dir_rel"],
+            parent_model_dir=parent_dir,
+            parent_model_path=parent,
+            parent_config=dict(ctx.get("parent_config") or {}),
+        )
+        # A preemption stops it after the next checkpoint has gone to the store.
+        self._preempt.folder = sync.local_dir
+        for event in self._preempt.until_checkpoint(
+            implementation.train(params, train_ctx), job_id
+        ):
+            with store_errors():
+                sync.push_if_changed()
+                if isinstance(event, ModelSaved):
+                    saved = staging.put_model(model_dir, event.path)
+            if isinstance(event, ModelSaved):
+                yield Log(
+                    f"stored the model: {len(saved.files)} files, {saved.size_bytes} bytes",
+                    level="debug",
+                )
+            yield event
+        staging.clean(job_id)
 
     def cancel(self) -> None:
         self._canceled.set()
@@ -143,22 +209,24 @@ def num_gpus_for(family: Family) -> float:
     return family.resources.num_gpus if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
 
 
-def model_server_name(model_id: str) -> str:
-    return f"model-{model_id}"
+def model_server_name(model_id: str, replica: int = 1) -> str:
+    """The Ray name of a model's server: `model-<id>` for its first replica, `model-<id>@<n>`
+    for the n-th (scheduler/snapshot.py reads the model id back)."""
+    return f"model-{model_id}" if replica == 1 else f"model-{model_id}@{replica}"
 
 
 def start_model_server(
-    model_id: str,
+    name: str,
     family: Family,
     model_dir: str | None,
     config: dict[str, Any],
     options: ServingOptions,
     scheduling_strategy: Any = None,
 ) -> ActorHandle:
-    """Start (or find, by name) the server of a model; it loads in the background. Detached:
-    it outlives its caller, so the next job on the model pays no load time."""
+    """Start (or find, by name) a server (replica) of a model; it loads in the background.
+    Detached: it outlives its caller, so the next job on the model pays no load time."""
     return _ServerActor.options(
-        name=model_server_name(model_id),
+        name=name,
         namespace=NAMESPACE,
         get_if_exists=True,
         lifetime="detached",
@@ -179,13 +247,13 @@ def get_model_server(
     verify: bool = False,
 ) -> ActorHandle:
     """The warm server of a registered model, started (and loading) if it does not exist.
-    The model pool (workers/pool.py) places new servers and evicts the least recently used
-    ones when a GPU's memory budget would be exceeded. `verify`: the handle last returned was
+    The model pool (workers/pool.py) places new servers and makes room for them (unloading
+    idle ones) when they fit nowhere. `verify`: the handle last returned was
     dead; make sure this one is not."""
-    from workers.pool import acquire_server  # the pool module builds on this one
+    from workers.routing import acquire_server  # it builds on this module
 
     return acquire_server(
-        model_id, family, model_dir, config, options or ServingOptions(), verify=verify
+        model_id, family.name, model_dir, config, options or ServingOptions(), verify=verify
     )
 
 

@@ -1,20 +1,23 @@
-"""The model pool: one small detached Ray actor that starts model servers, decides which node
-each goes to, and evicts the least recently used ones when a GPU memory budget would be
-exceeded.
+"""The model pool: one small detached Ray actor that starts the replicas (model servers) of each
+model, places them, makes room for servers and trainers that fit nowhere, and unloads idle ones.
 
-Every generate job asks the pool for its model's server (`acquire_server`); the pool answers
-with the warm server's handle, or starts one. Because every request passes through it, the pool
-knows when each server was last wanted (least-recently-used order) without asking them. A new
-server that needs a GPU share goes to a node where both fit: the GPU resource Ray will account
-(`num_gpus`, fractional for small models, so several share one GPU) and the node's memory
-budget (`gpu_memory_budget_gb`, summed from the families' declared `gpu_memory_gb`). Where no
-node has room, idle servers are evicted, least recently used first; servers with jobs running
-are never evicted. If even that is not enough, the server is started anyway and Ray holds it
-until a GPU share frees up. Servers that unloaded themselves after idling are forgotten at the
-next look. On a cluster without GPUs there is nothing to budget and Ray places servers itself.
+Every generate job asks for its model's replicas (`acquire_server`); the pool answers with the
+ready ones, or starts one (a model with none starts at once). The worker process sends the job
+to the replica with the fewest jobs in hand. A model may run on several replicas: the scaler
+(scheduler/scaling.py) sets how many it wants from the model's queue (`scale`), and the pool
+starts them where there is room, spread over nodes, and unloads replicas that stayed idle past
+their policy's delay (a shorter one for the last replica).
 
-The pool runs serialised (one acquire at a time) so two jobs cannot both start, or both evict
-for, the same room; it holds no model and needs no CPU of its own.
+Room for everyone. A new server, or a trainer the runner registered (`admit`), that fits on no
+node (CPU, GPU share, the `gpu_memory_gb` resource, or a node's `gpu_memory_budget_gb` of warm
+servers) makes room: idle servers are unloaded, lowest priority of what they served first,
+then least recently used, on the node where the fewest must go; a server with a job in hand is
+never unloaded. The pool's watcher repeats this every WATCH_S for every actor Ray still holds
+back, so a job never waits on a server that has gone idle since, and it keeps the reason (e.g.
+"waiting for a GPU") for the job's progress message (workers/room.py).
+
+The pool serialises its decisions (one lock) so two jobs cannot both start, or both evict for,
+the same room; it holds no model and needs no CPU of its own.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import ray
@@ -30,22 +33,37 @@ from ray.actor import ActorHandle
 from ray.exceptions import RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from core.scaling import Policy, resolve_policy
 from workers.actors import NAMESPACE, model_server_name, num_gpus_for, start_model_server
-from workers.families.base import Family
 from workers.registry import get_family
+from workers.room import (
+    CLAIM_S,
+    Candidate,
+    Claim,
+    actor_node,
+    free_by_node,
+    is_dead,
+    is_unplaced,
+    plan_room,
+    server_need,
+    waiting_for,
+)
 from workers.server import ServingOptions
 
 log = logging.getLogger(__name__)
 
 POOL_NAME = "genq-model-pool"  # not `model-...`: the dashboard lists those as servers
 INFO_TIMEOUT_S = 2.0
-EPS = 1e-9
+# The watcher's period: unplaced actors get room, replicas report, idle ones unload.
+WATCH_S = 0.25
+# A replica's in-hand count and batch figures are refreshed this often.
+INFO_EVERY_S = 1.0
 # A server handed out less than this long ago is handed out again without asking Ray whether
-# it is still alive (a lookup per job costs more than a small job). It cannot have unloaded
-# itself for idling in that time (the window is capped at its idle time, counted from its last
-# job); it may have crashed, but a server can die just after any check, so that case is
-# handled anyway: the job sees ActorDiedError and is retried, and the next acquire looks.
+# it is still alive (a lookup per job costs more than a small job). It may have crashed since,
+# but a server can die just after any check, so that case is handled anyway: the job sees
+# ActorDiedError and is retried, and the next acquire looks.
 ALIVE_TRUST_S = 1.0
+MAX_EVENTS = 200
 
 
 def trust_s(options: ServingOptions) -> float:
@@ -53,22 +71,64 @@ def trust_s(options: ServingOptions) -> float:
 
 
 @dataclass
-class ServerRecord:
+class ModelSpec:
+    model_id: str
+    family: str
+    model_dir: str | None
+    config: dict[str, Any]
+    options: ServingOptions
+    policy: Policy
+    desired: int = 0  # the scaler's wish; 0: one replica is started when a job comes
+    scaled_at: float = 0.0  # monotonic: the last replica started or unloaded
+
+
+@dataclass
+class Replica:
+    key: str  # the actor's name
     model_id: str
     family: str
     handle: ActorHandle
-    node_id: str | None
-    num_gpus: float
+    need: dict[str, float]
     memory_gb: float
-    last_used: float  # monotonic, of the pool's process
-    started_at: float
+    node_id: str | None
+    started_at: float  # wall clock
+    last_used: float  # monotonic: handed out, or seen with a job in hand
+    priority: int = 0
+    ready: bool = False  # loaded: its info() answered
+    waiting: str = ""  # why Ray has not placed it yet
+    in_hand: int = 0
+    info: dict[str, Any] = field(default_factory=dict)
+    info_ref: Any = None
+    info_at: float = 0.0
+    room_at: float = 0.0  # monotonic: when room was last made for it
+
+
+@dataclass
+class Waiter:
+    """A trainer the runner started: watched until Ray places it."""
+
+    key: str
+    actor_id: str
+    need: dict[str, float]
+    priority: int
+    since: float
+    waiting: str = ""
+    room_at: float = 0.0  # monotonic: when room was last made for it
 
 
 class ModelPool:
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._servers: dict[str, ServerRecord] = {}
+        self._lock = threading.RLock()
+        self._models: dict[str, ModelSpec] = {}
+        self._replicas: dict[str, Replica] = {}
+        self._waiters: dict[str, Waiter] = {}
+        self._claims: list[Claim] = []
         self.evictions: list[dict[str, Any]] = []
+        self.events: list[dict[str, Any]] = []
+        self._watcher = threading.Thread(target=self._watch, name="pool-watch", daemon=True)
+        self._watcher.start()
+
+    # -- the job side ------------------------------------------------------------------------
 
     def acquire(
         self,
@@ -78,145 +138,393 @@ class ModelPool:
         config: dict[str, Any],
         options: ServingOptions,
         verify: bool = False,
-    ) -> list[ActorHandle]:
-        """[the server's handle] (a list: a handle inside a container is passed as is).
-        `verify`: ask Ray whether the server lives even if it was handed out just now (the
-        caller found the last handle dead)."""
+        priority: int = 0,
+    ) -> list[tuple[ActorHandle, str, int]]:
+        """The model's replicas to send a job to: (handle, name, jobs in hand) of each ready
+        one, else of those loading; a model with none gets one now. `verify`: ask Ray whether
+        they live (the caller found a handle dead)."""
         with self._lock:
-            record = self._servers.get(model_id)
+            spec = self._spec(model_id, family_name, model_dir, config, options)
+            mine = self._of(model_id)
+            if verify:
+                for replica in mine:
+                    if not self._is_alive(replica):
+                        self._forget(replica, "found dead")
+                mine = self._of(model_id)
+            if not mine:
+                mine = [self._start(spec, reason="a job is waiting")]
+            ready = [r for r in mine if r.ready] or mine
             now = time.monotonic()
-            recent = record is not None and not verify and now - record.last_used < trust_s(options)
-            if record is not None and (recent or self._is_alive(record)):
-                record.last_used = now
-                return [record.handle]
-            self._servers.pop(model_id, None)
-            self._forget_dead()
-            family = get_family(family_name)
-            node_id = self._place(family, options)
-            strategy = NodeAffinitySchedulingStrategy(node_id, soft=False) if node_id else None
-            handle = start_model_server(model_id, family, model_dir, config, options, strategy)
-            num_gpus = num_gpus_for(family)
-            self._servers[model_id] = ServerRecord(
-                model_id=model_id,
-                family=family.name,
-                handle=handle,
-                node_id=node_id,
-                num_gpus=num_gpus,
-                memory_gb=family.resources.gpu_memory_gb if num_gpus else 0.0,
-                last_used=time.monotonic(),
-                started_at=time.time(),
+            for replica in ready:
+                replica.last_used = now
+                replica.priority = max(replica.priority, priority)
+            return [(r.handle, r.key, r.in_hand) for r in ready]
+
+    def admit(self, key: str, actor_id: str, need: dict[str, float], priority: int) -> str:
+        """A trainer the runner just started: make room for it now if it fits nowhere, and keep
+        making room until Ray places it. Returns what it waits for ("" if it fits)."""
+        with self._lock:
+            waiter = Waiter(key, actor_id, need, priority, since=time.monotonic())
+            self._waiters[key] = waiter
+            plan = self._make_room(need, 0.0, f"room for {key}", priority, key=key)
+            if plan is None:
+                waiter.waiting = waiting_for(need, free_by_node(self._claims))
+            else:
+                waiter.room_at = time.monotonic()
+                self._claims.append(Claim(plan, need, +1, key))
+            return waiter.waiting
+
+    def scale(
+        self,
+        model_id: str,
+        family_name: str,
+        model_dir: str | None,
+        config: dict[str, Any],
+        options: ServingOptions,
+        policy: Policy,
+        desired: int,
+    ) -> int:
+        """Set the model's policy and the replicas the scaler wants (within the policy's
+        bounds); the watcher starts them where there is room. Returns the replicas it has."""
+        with self._lock:
+            spec = self._spec(model_id, family_name, model_dir, config, options)
+            spec.policy = policy
+            spec.desired = max(policy.min_replicas, min(policy.max_replicas, desired))
+            self._grow(spec)
+            return len(self._of(model_id))
+
+    # -- starting and unloading ----------------------------------------------------------------
+
+    def _spec(
+        self,
+        model_id: str,
+        family_name: str,
+        model_dir: str | None,
+        config: dict[str, Any],
+        options: ServingOptions,
+    ) -> ModelSpec:
+        spec = self._models.get(model_id)
+        if spec is None:
+            policy = resolve_policy(
+                get_family(family_name).scaling.as_dict(),
+                None,
+                idle_unload_s=options.idle_unload_s,
+                last_idle_unload_s=options.last_idle_unload_s,
             )
-            log.info("started the server of model %s on node %s", model_id, node_id)
-            return [handle]
+            spec = ModelSpec(model_id, family_name, model_dir, config, options, policy)
+            self._models[model_id] = spec
+        else:
+            spec.model_dir, spec.config, spec.options = model_dir, config, options
+        return spec
 
-    # -- placement ---------------------------------------------------------------------------
+    def _of(self, model_id: str) -> list[Replica]:
+        return [r for r in self._replicas.values() if r.model_id == model_id]
 
-    def _place(self, family: Family, options: ServingOptions) -> str | None:
-        """The node for a new server of `family`, after evicting what must go; None where
-        Ray should choose (no GPU needed)."""
-        need_gpus = num_gpus_for(family)
-        if need_gpus <= 0:
-            return None
-        need_gb = family.resources.gpu_memory_gb
-        budget = options.gpu_memory_budget_gb
-        nodes = {
-            n["NodeID"]: float(n["Resources"].get("GPU", 0))
-            for n in ray.nodes()
-            if n.get("Alive") and n.get("Resources", {}).get("GPU", 0) > 0
-        }
-        if not nodes:
-            return None
-
-        def free(node_id: str, without: set[str] = frozenset()) -> tuple[float, float]:
-            mine = [
-                r
-                for r in self._servers.values()
-                if r.node_id == node_id and r.model_id not in without
-            ]
-            gpus = nodes[node_id] - sum(r.num_gpus for r in mine)
-            gb = (budget - sum(r.memory_gb for r in mine)) if budget is not None else float("inf")
-            return gpus, gb
-
-        def fits(node_id: str, without: set[str] = frozenset()) -> bool:
-            gpus, gb = free(node_id, without)
-            return gpus + EPS >= need_gpus and gb + EPS >= need_gb
-
-        room = [n for n in nodes if fits(n)]
-        if room:
-            return max(room, key=lambda n: free(n))
-        # Evict idle servers, least recently used first, on the node that needs the fewest.
-        plans = []
-        for node_id in nodes:
-            victims: list[ServerRecord] = []
-            for record in sorted(self._servers.values(), key=lambda r: r.last_used):
-                if record.node_id != node_id or fits(node_id, {v.model_id for v in victims}):
-                    continue
-                if self._is_idle(record):
-                    victims.append(record)
-            if fits(node_id, {v.model_id for v in victims}):
-                plans.append(
-                    (len(victims), victims[0].last_used if victims else 0.0, node_id, victims)
-                )
-        if not plans:
-            log.warning(
-                "no node has room for a %s server (%.2f GPU, %.1f GB), even after evicting idle"
-                " servers: Ray starts it when a GPU share frees up",
-                family.name,
-                need_gpus,
-                need_gb,
-            )
-            return max(nodes, key=lambda n: free(n))
-        _, _, node_id, victims = min(plans, key=lambda p: (p[0], p[1]))
-        for victim in victims:
-            self._evict(victim, reason=f"room for a {family.name} server")
-        return node_id
-
-    def _evict(self, record: ServerRecord, reason: str) -> None:
-        log.info(
-            "evicting the server of model %s (least recently used): %s", record.model_id, reason
+    def _start(self, spec: ModelSpec, reason: str, must: bool = True) -> Replica:
+        """A new replica of `spec`'s model, after making room for it (`must`: start it even
+        where no room can be made; Ray holds it until some frees)."""
+        family = get_family(spec.family)
+        num_gpus = num_gpus_for(family)
+        need = server_need(family, num_gpus)
+        memory_gb = family.resources.gpu_memory_gb if num_gpus else 0.0
+        mine = self._of(spec.model_id)
+        nodes_used = [r.node_id for r in mine]
+        taken = {r.key for r in self._replicas.values()}
+        index = next(
+            i for i in range(1, len(taken) + 2) if model_server_name(spec.model_id, i) not in taken
         )
-        ray.kill(record.handle, no_restart=True)
-        self._servers.pop(record.model_id, None)
-        self.evictions.append({"model_id": record.model_id, "at": time.time(), "reason": reason})
-        del self.evictions[:-100]
+        key = model_server_name(spec.model_id, index)
+        plan = self._make_room(
+            need,
+            memory_gb,
+            f"room for a {family.name} server",
+            max((r.priority for r in mine), default=0),
+            budget_gb=spec.options.gpu_memory_budget_gb,
+            prefer=lambda node: (-nodes_used.count(node),),
+            key=key,
+        )
+        strategy = NodeAffinitySchedulingStrategy(plan, soft=True) if plan else None
+        # The pool unloads idle replicas itself (per the model's policy), so servers don't.
+        options = replace(spec.options, idle_unload_s=None)
+        handle = start_model_server(key, family, spec.model_dir, spec.config, options, strategy)
+        replica = Replica(
+            key=key,
+            model_id=spec.model_id,
+            family=family.name,
+            handle=handle,
+            need=need,
+            memory_gb=memory_gb,
+            node_id=plan,
+            started_at=time.time(),
+            last_used=time.monotonic(),
+            room_at=time.monotonic(),
+        )
+        if plan is None:
+            replica.waiting = waiting_for(need, free_by_node(self._claims))
+        self._claims.append(Claim(plan, need, +1, key))
+        self._replicas[key] = replica
+        spec.scaled_at = time.monotonic()
+        self._event(spec.model_id, "scale-up", key, reason, len(self._of(spec.model_id)))
+        log.info("started %s on node %s: %s", key, plan, reason)
+        return replica
 
-    def _is_idle(self, record: ServerRecord) -> bool:
+    def _make_room(
+        self,
+        need: dict[str, float],
+        memory_gb: float,
+        reason: str,
+        priority: int,
+        budget_gb: float | None = None,
+        prefer: Any = lambda node: (),
+        key: str = "",
+    ) -> str | None:
+        """The node for `need` (of the actor `key`), after unloading what must go there; None
+        if none can be made. Idle servers go, lowest priority then least recently used first."""
+        free = free_by_node(self._claims, without=key)
+
+        def used_gb(node: str) -> float:
+            return sum(r.memory_gb for r in self._replicas.values() if r.node_id == node)
+
+        room = {"memory_gb": memory_gb, "budget_gb": budget_gb, "used_gb": used_gb}
+        plan = plan_room(need, free, [], prefer=prefer, **room)
+        if plan is None:  # only now ask which servers are idle (a call to each)
+            candidates = [
+                Candidate(r.key, r.node_id, r.need, r.memory_gb, (r.priority, r.last_used))
+                for r in self._replicas.values()
+                if r.node_id is not None and self._is_idle(r)
+            ]
+            plan = plan_room(need, free, candidates, prefer=prefer, **room)
+        if plan is None:
+            return None
+        node, victims = plan
+        for victim in victims:
+            self._unload(self._replicas[victim.key], reason, eviction=True)
+        return node
+
+    def _unload(self, replica: Replica, reason: str, eviction: bool = False) -> None:
+        log.info("unloading %s: %s", replica.key, reason)
+        ray.kill(replica.handle, no_restart=True)
+        self._forget(replica, reason)
+        victim_id = replica.handle._actor_id.hex()
+        self._claims.append(
+            Claim(replica.node_id, replica.need, -1, replica.key, actor_id=victim_id)
+        )
+        spec = self._models.get(replica.model_id)
+        if spec is not None:
+            spec.scaled_at = time.monotonic()
+        left = len(self._of(replica.model_id))
+        self._event(
+            replica.model_id, "evict" if eviction else "scale-down", replica.key, reason, left
+        )
+        if eviction:
+            self.evictions.append(
+                {
+                    "model_id": replica.model_id,
+                    "replica": replica.key,
+                    "at": time.time(),
+                    "reason": reason,
+                }
+            )
+            del self.evictions[:-MAX_EVENTS]
+
+    def _forget(self, replica: Replica, reason: str) -> None:
+        self._replicas.pop(replica.key, None)
+
+    def _event(self, model_id: str, kind: str, replica: str, reason: str, replicas: int) -> None:
+        self.events.append(
+            {
+                "model_id": model_id,
+                "event": kind,
+                "replica": replica,
+                "reason": reason,
+                "replicas": replicas,
+                "at": time.time(),
+            }
+        )
+        del self.events[:-MAX_EVENTS]
+
+    def _is_idle(self, replica: Replica) -> bool:
+        """No job in hand now (asked), and none handed out within two trust windows (a worker
+        process may still send it one it took from its cache)."""
+        spec = self._models.get(replica.model_id)
+        window = 2 * trust_s(spec.options) if spec else 2 * ALIVE_TRUST_S
+        if not replica.ready or time.monotonic() - replica.last_used < window:
+            return False
         try:
-            info = ray.get(record.handle.info.remote(), timeout=INFO_TIMEOUT_S)
-        except Exception:  # still loading (busy) or gone: not a victim to pick now
+            info = ray.get(replica.handle.info.remote(), timeout=INFO_TIMEOUT_S)
+        except Exception:  # busy loading, or gone: not a victim to pick now
             return False
         return not info["active_jobs"]
 
-    def _is_alive(self, record: ServerRecord) -> bool:
+    def _is_alive(self, replica: Replica) -> bool:
         try:
-            current = ray.get_actor(model_server_name(record.model_id), namespace=NAMESPACE)
-        except ValueError:  # no such actor: it unloaded itself or was killed
+            current = ray.get_actor(replica.key, namespace=NAMESPACE)
+        except ValueError:  # no such actor: it was killed or died
             return False
-        return bool(current._actor_id == record.handle._actor_id)
+        return bool(current._actor_id == replica.handle._actor_id)
 
-    def _forget_dead(self) -> None:
-        for record in list(self._servers.values()):
-            if not self._is_alive(record):
-                del self._servers[record.model_id]
+    # -- the watcher -------------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(WATCH_S)
+            try:
+                with self._lock:
+                    self._tick()
+            except Exception:  # the next tick tries again
+                log.exception("the pool's watcher failed")
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        for claim in self._claims:
+            if claim.sign < 0 and claim.gone_at is None and is_dead(claim.actor_id):
+                claim.gone_at = now
+        self._claims = [c for c in self._claims if c.is_current(now) and now - c.at < 120]
+        for waiter in list(self._waiters.values()):
+            if not is_unplaced(waiter.actor_id):
+                self._waiters.pop(waiter.key, None)
+            elif now - waiter.since > 2 * WATCH_S and now - waiter.room_at >= CLAIM_S:
+                # (Room made less than CLAIM_S ago is still being freed: Ray places it then.)
+                node = self._make_room(
+                    waiter.need, 0.0, f"room for {waiter.key}", waiter.priority, key=waiter.key
+                )
+                if node is None:
+                    waiter.waiting = waiting_for(waiter.need, free_by_node(self._claims))
+                else:
+                    waiter.room_at = now
+                    self._claims.append(Claim(node, waiter.need, +1, waiter.key))
+                    waiter.waiting = ""
+            if now - waiter.since > 3600:
+                self._waiters.pop(waiter.key, None)
+        for replica in list(self._replicas.values()):
+            self._refresh(replica, now)
+        for spec in list(self._models.values()):
+            self._grow(spec)
+            self._shrink(spec, now)
+
+    def _refresh(self, replica: Replica, now: float) -> None:
+        """Collect the replica's last info() answer (without waiting) and ask again."""
+        actor_id = replica.handle._actor_id.hex()
+        age_s = time.time() - replica.started_at
+        settled = now - replica.room_at >= CLAIM_S  # room made just now is still being freed
+        if not replica.ready and age_s > 2 * WATCH_S and settled and is_unplaced(actor_id):
+            spec = self._models.get(replica.model_id)
+            node = self._make_room(
+                replica.need,
+                replica.memory_gb,
+                f"room for {replica.key}",
+                replica.priority,
+                budget_gb=spec.options.gpu_memory_budget_gb if spec else None,
+                key=replica.key,
+            )
+            if node is None:
+                replica.waiting = waiting_for(replica.need, free_by_node(self._claims))
+            else:
+                replica.waiting = ""
+                replica.room_at = now
+                self._claims.append(Claim(node, replica.need, +1, replica.key))
+        elif not replica.ready:
+            replica.node_id = actor_node(actor_id) or replica.node_id
+        if replica.info_ref is not None:
+            ready, _ = ray.wait([replica.info_ref], timeout=0)
+            if not ready:
+                return
+            try:
+                info = ray.get(replica.info_ref)
+            except RayActorError:
+                log.info("%s died", replica.key)
+                self._forget(replica, "died")
+                return
+            replica.info_ref = None
+            replica.info = info
+            if not replica.ready:  # placed and loaded: Ray's own report counts it now
+                self._claims = [c for c in self._claims if c.key != replica.key or c.sign < 0]
+            replica.ready = True
+            replica.waiting = ""
+            replica.node_id = info.get("node_id") or replica.node_id
+            replica.in_hand = len(info["active_jobs"])
+            if replica.in_hand:
+                replica.last_used = now
+        if now - replica.info_at >= INFO_EVERY_S:
+            replica.info_ref = replica.handle.info.remote()
+            replica.info_at = now
+
+    def _grow(self, spec: ModelSpec) -> None:
+        """Start the replicas the scaler wants, all at once, but only into free room (a scale-up
+        never unloads another model's server) and not while one still waits for room."""
+        family = get_family(spec.family)
+        num_gpus = num_gpus_for(family)
+        memory_gb = family.resources.gpu_memory_gb if num_gpus else 0.0
+        while True:
+            mine = self._of(spec.model_id)
+            if len(mine) >= spec.desired or any(r.waiting for r in mine):
+                return
+            plan = plan_room(
+                server_need(family, num_gpus),
+                free_by_node(self._claims),
+                [],
+                memory_gb=memory_gb,
+                budget_gb=spec.options.gpu_memory_budget_gb,
+                used_gb=lambda node: sum(
+                    r.memory_gb for r in self._replicas.values() if r.node_id == node
+                ),
+            )
+            if plan is None:
+                return
+            self._start(spec, reason=f"{len(mine)} replicas for the queue; wanted {spec.desired}")
+
+    def _shrink(self, spec: ModelSpec, now: float) -> None:
+        """Unload one replica idle past its delay: above the floor and the scaler's wish after
+        `idle_unload_s`, the last one (floor 0) after `last_idle_unload_s`."""
+        mine = self._of(spec.model_id)
+        policy = spec.policy
+        if not mine or len(mine) <= max(policy.min_replicas, spec.desired):
+            return
+        delay = policy.last_idle_unload_s if len(mine) == 1 else policy.idle_unload_s
+        if delay is None:
+            return
+        quiet = [r for r in mine if r.ready and r.in_hand == 0 and now - r.last_used >= delay]
+        if not quiet:
+            return
+        victim = min(quiet, key=lambda r: r.last_used)
+        if self._is_idle(victim):
+            self._unload(victim, f"idle for {delay:g} s")
 
     def info(self) -> dict[str, Any]:
         with self._lock:
-            self._forget_dead()
             now = time.monotonic()
             return {
                 "servers": [
                     {
                         "model_id": r.model_id,
+                        "replica": r.key,
                         "family": r.family,
                         "node_id": r.node_id,
-                        "num_gpus": r.num_gpus,
+                        "num_gpus": r.need.get("GPU", 0.0),
                         "memory_gb": r.memory_gb,
                         "idle_s": now - r.last_used,
                         "started_at": r.started_at,
+                        "ready": r.ready,
+                        "waiting": r.waiting,
+                        "in_hand": r.in_hand,
+                        "load_s": r.info.get("load_s"),
+                        "gpu_ids": r.info.get("gpu_ids", []),
+                        "node_ip": r.info.get("node_ip"),
+                        "batching": r.info.get("batching", {}),
                     }
-                    for r in sorted(self._servers.values(), key=lambda r: r.last_used)
+                    for r in sorted(self._replicas.values(), key=lambda r: r.key)
                 ],
+                "models": {
+                    m.model_id: {
+                        "policy": vars(m.policy),
+                        "desired": m.desired,
+                        "replicas": len(self._of(m.model_id)),
+                    }
+                    for m in self._models.values()
+                },
+                "waiting": {w.key: w.waiting for w in self._waiters.values()},
                 "evictions": list(self.evictions),
+                "events": list(self.events),
             }
 
 
@@ -230,63 +538,5 @@ def get_pool() -> ActorHandle:
         get_if_exists=True,
         lifetime="detached",
         num_cpus=0,
-        max_concurrency=8,  # acquire is serialised by its lock; info may run beside it
+        max_concurrency=8,  # decisions are serialised by its lock; info may run beside them
     ).remote()
-
-
-# The pool's handle for this process's Ray connection: (session name, job id) -> handle.
-# Looking it up by name asks Ray's GCS each time; a new connection (tests reconnect) or a pool
-# that died gets a fresh lookup.
-_pool_handles: dict[tuple[str, str], ActorHandle] = {}
-_pool_lock = threading.Lock()
-
-
-def _pool_handle(fresh: bool = False) -> ActorHandle:
-    context = ray.get_runtime_context()
-    key = (context.get_session_name(), context.get_job_id())
-    with _pool_lock:
-        handle = None if fresh else _pool_handles.get(key)
-        if handle is None:
-            _pool_handles.clear()
-            handle = _pool_handles[key] = get_pool()
-        return handle
-
-
-# Servers this process got from the pool: model id -> (handle, when, Ray connection). Within
-# the pool's trust window a job takes its server from here, without a call to the pool: at
-# most one call per model and second per process, however many jobs run. The pool's
-# least-recently-used order is then a second stale at most.
-_recent_servers: dict[str, tuple[ActorHandle, float, tuple[str, str]]] = {}
-
-
-def acquire_server(
-    model_id: str,
-    family: Family,
-    model_dir: str | None,
-    config: dict[str, Any],
-    options: ServingOptions,
-    *,
-    verify: bool = False,
-) -> ActorHandle:
-    """The model's warm server. `verify`: the last handle was found dead; have the pool check
-    and start a new server if so."""
-    context = ray.get_runtime_context()
-    connection = (context.get_session_name(), context.get_job_id())
-    now = time.monotonic()
-    with _pool_lock:
-        recent = _recent_servers.get(model_id)
-    if (
-        not verify
-        and recent is not None
-        and recent[2] == connection
-        and now - recent[1] < trust_s(options)
-    ):
-        return recent[0]
-    args = (model_id, family.name, model_dir, config, options, verify)
-    try:
-        [handle] = ray.get(_pool_handle().acquire.remote(*args))
-    except RayActorError:  # the pool was killed or restarted: find (or start) it again
-        [handle] = ray.get(_pool_handle(fresh=True).acquire.remote(*args))
-    with _pool_lock:
-        _recent_servers[model_id] = (handle, now, connection)
-    return handle

@@ -10,18 +10,21 @@ core.events; errors reach the caller as genq errors or CanceledError (see worker
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from core.events import Event
+from core.artifacts import ArtifactStore
+from core.events import Event, Placement
 from core.settings import Settings
 from workers.batching import Batcher
 from workers.families.base import CanceledError, RunContext
 from workers.registry import get_family
+from workers.staging import Staging, store_errors
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +40,14 @@ class ServingOptions:
     batch_max_wait_ms: float = 10.0
     batch_min_rows: int = 16
     idle_unload_s: float | None = 900.0
+    # The last replica of a model unloads after this long idle (None: as idle_unload_s).
+    last_idle_unload_s: float | None = None
     gpu_memory_budget_gb: float | None = None
     # Progress events are passed on to a job at most this often (its last one always).
     progress_interval_s: float = 0.0
+    # The artifact store that a model's path is a key of (core/artifacts.py); the server
+    # downloads the folder into its machine's cache. None: model paths are local folders.
+    artifact_url: str | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ServingOptions:
@@ -47,10 +55,12 @@ class ServingOptions:
             batch_max_wait_ms=settings.batch_max_wait_ms,
             batch_min_rows=settings.batch_min_rows,
             idle_unload_s=settings.model_idle_unload_s,
+            last_idle_unload_s=settings.model_last_idle_unload_s,
             gpu_memory_budget_gb=settings.gpu_memory_budget_gb,
             # The runner writes progress this often at most: sending more is wasted (each event
             # is a Ray message per job; a batch of 16 jobs would send 16 per interval).
             progress_interval_s=settings.progress_interval_s,
+            artifact_url=ArtifactStore.from_settings(settings).url,
         )
 
 
@@ -96,7 +106,28 @@ def ray_placement() -> dict[str, Any]:
         "resources": dict(context.get_assigned_resources()),
         "gpu_ids": [str(i) for i in context.get_accelerator_ids().get("GPU", [])],
         "node_id": context.get_node_id(),
+        "node_ip": ray.util.get_node_ip_address(),
+        "hostname": socket.gethostname(),
+        "replica": context.get_actor_name() or "",
     }
+
+
+def placement_event(
+    load_s: float | None = None, loaded_at: float | None = None
+) -> Placement | None:
+    """Where this actor runs, as the first event of a job; None outside Ray."""
+    where = ray_placement()
+    if not where:
+        return None
+    return Placement(
+        node_id=where["node_id"],
+        node_ip=where["node_ip"],
+        hostname=where["hostname"],
+        gpu_ids=where["gpu_ids"],
+        replica=where["replica"],
+        load_s=load_s,
+        loaded_at=loaded_at,
+    )
 
 
 class ModelServer:
@@ -114,12 +145,17 @@ class ModelServer:
     ) -> None:
         self.family = get_family(family)
         self.options = options or ServingOptions()
-        self.device = device_name()
+        # A family that asks for no GPU runs on the CPU: no torch import (echo starts in a
+        # second, which is what a new replica of it costs).
+        self.device = device_name() if self.family.resources.num_gpus > 0 else "cpu"
         started = time.perf_counter()
+        self._placement = placement_event()
         implementation = self.family.load_implementation()
-        self.model = implementation.load(
-            Path(model_dir) if model_dir else None, config, self.device
-        )
+        folder = Path(model_dir) if model_dir else None
+        if model_dir and self.options.artifact_url:  # on any machine: from the store
+            with store_errors():
+                folder = Staging.for_url(self.options.artifact_url).model_folder(model_dir)
+        self.model = implementation.load(folder, config, self.device)
         self.load_s = time.perf_counter() - started
         self.jobs_served = 0
         self.loaded_at = time.time()
@@ -140,6 +176,8 @@ class ModelServer:
                 target=self._watch_idle, args=(on_idle,), name="idle-unload", daemon=True
             )
             watcher.start()
+        if self._placement is not None:
+            self._placement = replace(self._placement, load_s=self.load_s, loaded_at=self.loaded_at)
         log.info("loaded %s model on %s in %.2f s", family, self.device, self.load_s)
 
     def _is_canceled(self, job_id: str) -> Callable[[], bool]:
@@ -156,6 +194,8 @@ class ModelServer:
             self._active.add(job_id)
             self._touch()
         try:
+            if self._placement is not None:
+                yield self._placement
             if ctx.is_canceled():
                 raise CanceledError(f"job {job_id} was canceled")
             yield from self.batcher.run(self.batcher.request(job_id, params, ctx))
@@ -205,6 +245,7 @@ class ModelServer:
             "active_jobs": active,
             "loaded_at": self.loaded_at,
             "last_used_at": self.last_used_at,
+            "idle_s": 0.0 if active else time.monotonic() - self._last_used,
             "batching": {
                 "max_batch_size": self.batcher.max_rows,
                 "max_wait_ms": self.options.batch_max_wait_ms,

@@ -40,6 +40,7 @@ def install(app: Flask, settings: Settings) -> None:
         actions,
         pages,
         scheduling,
+        serving,
         session,
     )
 

@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from flask import Response, jsonify, redirect, render_template, request, send_file, url_for
+from flask import Response, jsonify, redirect, render_template, request, url_for
 from markupsafe import Markup
 from sqlalchemy import select
 
 from api.app import genq
+from api.artifacts import send_artifact
 from api.dashboard import bp, charts, queries
 from api.dashboard.session import admin
 from core.audit import recent_actions
@@ -33,7 +34,7 @@ HOUR_AXIS: dict[str, Any] = {"x_range": (-60.0, 0.0), "x_labels": ("-60 min", "n
 TEXT_PREVIEW_BYTES = 20_000
 
 
-def _cluster() -> tuple[list[dict[str, Any]], str | None]:
+def cluster() -> tuple[list[dict[str, Any]], str | None]:
     """Live workers' snapshots (scheduler/snapshot.py), or an error to show instead."""
     from scheduler.snapshot import read_snapshots
 
@@ -43,7 +44,7 @@ def _cluster() -> tuple[list[dict[str, Any]], str | None]:
         return [], f"{type(exc).__name__}: {exc}"
 
 
-def _ray_view(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
+def ray_view_of(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
     """Nodes, model servers and GPU totals as the freshest snapshot that reached Ray reports
     them (GPUs in use = declared minus available, as Ray counts them)."""
     for snap in sorted(snapshots, key=lambda s: -float(s.get("taken_at", 0))):
@@ -54,22 +55,24 @@ def _ray_view(snapshots: list[dict[str, Any]]) -> dict[str, Any]:
             return {
                 "nodes": list(ray.get("nodes", [])),
                 "servers": list(ray.get("model_servers", [])),
+                "pool": dict(ray.get("pool") or {}),
                 "gpu_total": total,
                 "gpu_used": max(0.0, total - free),
             }
-    return {"nodes": [], "servers": [], "gpu_total": 0.0, "gpu_used": 0.0}
+    return {"nodes": [], "servers": [], "pool": {}, "gpu_total": 0.0, "gpu_used": 0.0}
 
 
 @bp.get("/")
 def overview() -> str:
-    snapshots, cluster_error = _cluster()
-    ray_view = _ray_view(snapshots)
+    snapshots, cluster_error = cluster()
+    ray_view = ray_view_of(snapshots)
     servers = ray_view["servers"]
     with genq().database.transaction() as db:
         counts = queries.jobs_by_state(db)
         depths = queries.queue_depths(db)
         hour = queries.last_hour(db)
         model_ids = [s.get("model_id") for s in servers]
+        model_ids += list((ray_view["pool"].get("models") or {}).keys())
         refs = {m.id: m.ref for m in db.scalars(select(Model).where(Model.id.in_(model_ids)))}
     wait = {
         "p50": _bucket_series(hour.wait_s, 50),
@@ -256,11 +259,10 @@ def _latest(curves: dict[str, list[tuple[int, float]]]) -> list[dict[str, Any]]:
 
 
 def _text_preview(artifact: Artifact) -> str:
-    path = genq().artifacts.resolve(artifact.path)
     try:
-        with open(path, "rb") as f:
+        with genq().artifacts.open(artifact.path) as f:
             return f.read(TEXT_PREVIEW_BYTES).decode("utf-8", errors="replace")
-    except OSError:
+    except Exception:  # gone, or the object store is unreachable: the page still shows
         return "(the file is gone)"
 
 
@@ -272,41 +274,13 @@ def artifact(artifact_id: str) -> Response:
         found = db.get(Artifact, artifact_id)
     if found is None:
         raise NotFoundError(f"no artifact {artifact_id}")
-    path = state.artifacts.resolve(found.path)
-    if not path.is_file():
-        raise NotFoundError(f"the file of artifact {artifact_id} is gone")
-    response = send_file(path, mimetype=found.content_type, download_name=found.name)
-    response.headers["Cache-Control"] = "private, max-age=3600"
+    # The same bytes as the API sends, presigned redirect included (its CSP allows no other
+    # origin for images, so the dashboard always streams).
+    response = send_artifact(found, allow_redirect=False)
     # An output is shown, never run: no script in an SVG or HTML output can act as the admin.
     response.headers["Content-Security-Policy"] = "default-src 'none'; img-src 'self'; sandbox"
     response.headers["X-Content-Type-Options"] = "nosniff"
     return response
-
-
-@bp.get("/models")
-def models() -> str:
-    with genq().database.transaction() as db:
-        rows = list(db.scalars(select(Model).order_by(Model.name, Model.version.desc())))
-        by_id = {m.id: m for m in rows}
-        datasets = {d.id: d.name for d in db.scalars(select(Dataset))}
-        tenants = dict(db.execute(select(Tenant.id, Tenant.name)).all())
-        job_ids = [m.job_id for m in rows if m.job_id]
-        grids: dict[str, Artifact] = {}
-        if job_ids:
-            for a in db.scalars(
-                select(Artifact)
-                .where(Artifact.job_id.in_(job_ids), Artifact.kind == "grid")
-                .order_by(Artifact.created_at)
-            ):
-                grids[a.job_id] = a  # the last grid a training job saved
-    return render_template(
-        "dashboard/models.html",
-        models=rows,
-        by_id=by_id,
-        datasets=datasets,
-        tenants=tenants,
-        grids=grids,
-    )
 
 
 @bp.get("/datasets")
@@ -443,7 +417,7 @@ def _log_line(e: JobEvent) -> dict[str, Any]:
 
 @bp.get("/live/overview")
 def live_overview() -> Response:
-    snapshots, error = _cluster()
+    snapshots, error = cluster()
     with genq().database.transaction() as db:
         counts = queries.jobs_by_state(db)
         depths = queries.queue_depths(db)

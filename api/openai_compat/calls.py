@@ -170,7 +170,8 @@ def results(job_ids: list[str]) -> list[Result]:
 
 
 def read_output(artifact: Artifact) -> bytes:
-    return genq().artifacts.resolve(artifact.path).read_bytes()
+    with genq().artifacts.open(artifact.path) as f:
+        return f.read()
 
 
 def absolute_url(path: str) -> str:

@@ -15,7 +15,6 @@ from sqlalchemy import select
 from api.app import genq
 from api.auth import principal, tenant_scope
 from api.openai_compat.batch_results import batch_file
-from core.artifacts import write_atomic
 from core.errors import InvalidInputError, NotFoundError
 from core.tables import UploadedFile
 
@@ -49,7 +48,8 @@ def find_file(file_id: str) -> UploadedFile:
 
 
 def read_file(row: UploadedFile) -> bytes:
-    return genq().artifacts.resolve(row.path).read_bytes()
+    with genq().artifacts.open(row.path) as f:  # at most openai_file_max_bytes
+        return f.read()
 
 
 @bp.post("/files")
@@ -68,7 +68,7 @@ def upload() -> tuple[Response, int]:
     tenant_id = principal().tenant_id
     file_id = f"file-{secrets.token_hex(12)}"
     path = f"files/{tenant_id}/{file_id}.jsonl"
-    write_atomic(state.artifacts.resolve(path), data)
+    state.artifacts.put_bytes(path, data)
     row = UploadedFile(
         id=file_id,
         tenant_id=tenant_id,
@@ -131,5 +131,5 @@ def delete(file_id: str) -> Response:
         found = session.get(UploadedFile, row.id)
         if found is not None:
             session.delete(found)
-    genq().artifacts.resolve(row.path).unlink(missing_ok=True)
+    genq().artifacts.delete(row.path)
     return jsonify({"id": file_id, "object": "file", "deleted": True})

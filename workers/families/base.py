@@ -51,6 +51,23 @@ class Resources:
 
 
 @dataclass(frozen=True)
+class Scaling:
+    """The default replica policy of the family's models (core/scaling.py); an admin may
+    override it per model. One replica of a family that batches takes many jobs at once."""
+
+    min_replicas: int = 0
+    max_replicas: int = 1
+    target_jobs_per_replica: float = 4.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "min_replicas": self.min_replicas,
+            "max_replicas": self.max_replicas,
+            "target_jobs_per_replica": self.target_jobs_per_replica,
+        }
+
+
+@dataclass(frozen=True)
 class Family:
     name: str
     description: str
@@ -61,6 +78,7 @@ class Family:
     # Data set kinds a training job of this family accepts (images, text).
     dataset_kinds: tuple[str, ...] = ()
     resources: Resources = field(default_factory=Resources)
+    scaling: Scaling = field(default_factory=Scaling)
     # Checks validated params against one registered model's config (what its folder can do,
     # e.g. whether its tokenizer has a chat template) at submit; raises InvalidInputError.
     check_model_params: Callable[[JobKind, dict[str, Any], dict[str, Any]], None] | None = None
@@ -112,12 +130,14 @@ class TrainContext(RunContext):
 
     dataset: DatasetRef | None = None
     checkpoint_dir: Path = Path()
-    # Absolute folder to save the model into, and the same relative to the artifact root
-    # (what the ModelSaved event reports).
+    # Local folder to save the model into, and its key in the artifact store (what the
+    # ModelSaved event reports; the trainer stores the folder there).
     model_dir: Path = Path()
     model_dir_rel: str = ""
-    # For finetune: the registered model it starts from.
+    # For finetune: the registered model it starts from (its folder on this machine, and
+    # its Model.path: a store key, an s3:// URL or an absolute path, valid on every machine).
     parent_model_dir: Path | None = None
+    parent_model_path: str | None = None
     parent_config: dict[str, Any] = field(default_factory=dict)
 
 

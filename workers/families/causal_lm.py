@@ -42,6 +42,7 @@ from workers.families.causal_lm_spec import (
 )
 from workers.families.causal_lm_spec import context_length as spec_context_length
 from workers.families.checkpoints import CONFIG_NAME
+from workers.staging import local_model_folder
 
 ADAPTER_CONFIG = "adapter_config.json"
 PARENTS_DIR = "parents"
@@ -110,7 +111,7 @@ def load_model(model_dir: Path, config: dict[str, Any], dtype: torch.dtype) -> t
     base_path = config.get("base_path")
     if not base_path:
         raise ModelError(f"{model_dir} is a LoRA adapter without the base_path of its model")
-    model, _ = load_base(Path(base_path), dtype)
+    model, _ = load_base(local_model_folder(base_path), dtype)
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)

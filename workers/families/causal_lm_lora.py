@@ -159,7 +159,8 @@ def train(params: dict[str, Any], ctx: TrainContext) -> Iterator[Event]:
     p = CausalLmFinetuneParams.model_validate(params)
     parent_dir = Path(ctx.parent_model_dir)
     parent_config = dict(ctx.parent_config)
-    base_path = parent_config.get("base_path") or str(parent_dir)
+    # As registered (a store key, an s3:// URL or an absolute path): valid on every machine.
+    base_path = parent_config.get("base_path") or ctx.parent_model_path or str(parent_dir)
     # The frozen base may be half precision on a GPU; the adapters peft adds stay fp32.
     model, tokenizer = load_model(parent_dir, parent_config, dtype_for(ctx.device))
     model_type = str(model.config.model_type)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from workers.families.base import Family, Resources
+from workers.families.base import Family, Resources, Scaling
 
 
 class EchoParams(BaseModel):
@@ -25,4 +25,5 @@ FAMILY = Family(
     implementation="workers.families.echo",
     generate_params=EchoParams,
     resources=Resources(num_gpus=0.0, num_cpus=0.0),
+    scaling=Scaling(max_replicas=4, target_jobs_per_replica=2.0),
 )

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from workers.families.base import Family, Resources
+from workers.families.base import Family, Resources, Scaling
 
 SEED_MAX = 2**32 - 1
 
@@ -56,6 +56,7 @@ FAMILY = Family(
     finetune_params=GanFinetuneParams,
     dataset_kinds=("images",),
     resources=Resources(num_gpus=0.25, num_cpus=1.0, gpu_memory_gb=1.0),
+    scaling=Scaling(max_replicas=2, target_jobs_per_replica=16.0),
     max_batch_size=256,
     batch_key=batch_key,
 )

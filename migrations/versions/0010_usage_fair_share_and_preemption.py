@@ -4,8 +4,8 @@ job's (`preemptible`, `preempt_count`, `preempted_by`, `preempt_requested_at`), 
 the claim reads running jobs' cost from. Existing tenants and jobs are preemptible, none may
 opt out, and no usage is recorded yet.
 
-Revision ID: 0008
-Revises: 0007
+Revision ID: 0010
+Revises: 0009
 Create Date: 2026-12-05 01:45:00.000000
 """
 
@@ -14,8 +14,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0008"
-down_revision: str | None = "0007"
+revision: str = "0010"
+down_revision: str | None = "0009"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
