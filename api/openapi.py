@@ -121,6 +121,10 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
             "resources": _object(
                 {"num_gpus": {"type": "number"}, "gpu_memory_gb": _nullable({"type": "number"})}
             ),
+            "preemptible": {"type": "boolean"},
+            "preemption": _object(
+                {"count": INT, "by": _nullable(STRING), "requested_at": _nullable(TIME)}
+            ),
             "placement": _nullable(
                 _object(
                     {
@@ -139,7 +143,10 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
     "Delivery": _object(
         {
             "id": STRING,
-            "event": {"type": "string", "enum": ["start", "progress", "output", "completed"]},
+            "event": {
+                "type": "string",
+                "enum": ["start", "progress", "output", "completed", "preempted"],
+            },
             "type": STRING,
             "url": STRING,
             "state": {"type": "string", "enum": ["pending", "delivered", "failed"]},

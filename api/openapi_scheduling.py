@@ -29,6 +29,7 @@ from core.scaling import PolicyChange
 
 FORBIDDEN = _problem("This needs an admin key.")
 NUMBER = {"type": "number"}
+BOOL = {"type": "boolean"}
 
 
 def _body(schema: str) -> dict[str, Any]:
@@ -52,6 +53,16 @@ RESPONSE_SCHEMAS: dict[str, Any] = {
             ),
             "rate_limit": _ref("TenantRateLimit"),  # api/openapi_security.py
             "usage": _object({"running": INT, "waiting": INT, "gpu_seconds": NUMBER}),
+            "fair_share": _object(
+                {
+                    "gpu_seconds": NUMBER,
+                    "running_gpu_seconds": NUMBER,
+                    "share": NUMBER,
+                    "usage_share": NUMBER,
+                    "ratio": NUMBER,
+                }
+            ),
+            "preemption": _object({"preemptible": BOOL, "may_opt_out": BOOL}),
         }
     ),
     "TenantList": _object({"items": {"type": "array", "items": _ref("Tenant")}}),

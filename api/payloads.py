@@ -16,7 +16,8 @@ from typing import Any
 from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
-from core.fairness import estimate_eta_s, mean_run_s, queue_positions, running_in
+from core.eta import estimate_eta_s, mean_run_s, running_in
+from core.fairness import queue_positions
 from core.jobs import priority_class
 from core.scaling import model_policy
 from core.states import JobState
@@ -193,6 +194,14 @@ def job_payload(job: Job, ctx: JobContext) -> dict[str, Any]:
         "run_at": iso(job.run_at),
         "timeout_s": job.timeout_s,
         "resources": {"num_gpus": job.num_gpus, "gpu_memory_gb": job.gpu_memory_gb},
+        # Preemption (core/preemption.py): how often it went back to the queue to make room,
+        # for which job last, and whether it is being stopped for it now.
+        "preemptible": job.preemptible,
+        "preemption": {
+            "count": job.preempt_count,
+            "by": job.preempted_by,
+            "requested_at": iso(job.preempt_requested_at),
+        },
         # Where its last attempt ran; null until an actor took it.
         "placement": job.placement,
         # The batch it was submitted in (POST /v1/batches, an OpenAI batch file) and its item

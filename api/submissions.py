@@ -21,6 +21,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    StrictBool,
     StrictInt,
     ValidationError,
     field_validator,
@@ -31,13 +32,13 @@ from core.catalog import resolve_dataset, resolve_model
 from core.errors import InvalidInputError
 from core.jobs import PRIORITY_CLASSES, NewJob, parse_priority
 from core.states import JobKind
-from core.tables import Dataset, Model, utcnow
+from core.tables import Dataset, Model, Tenant, utcnow
 from core.webhooks import UnresolvedTargetError, UnsafeTargetError, check_target
 from scheduler.broker import queue_for_kind
 from workers.families.base import GPU_MEMORY_RESOURCE, Family
 from workers.registry import FAMILIES
 
-WebhookEvent = Literal["start", "progress", "output", "completed"]
+WebhookEvent = Literal["start", "progress", "output", "completed", "preempted"]
 IDEMPOTENCY_KEY_MAX = 255
 
 
@@ -117,7 +118,7 @@ class JobSubmission(BaseModel):
     )
     webhook_events: list[WebhookEvent] | None = Field(
         None,
-        max_length=4,
+        max_length=5,
         description="Which events the webhook receives (default: all).",
         json_schema_extra={"uniqueItems": True},
     )
@@ -139,6 +140,11 @@ class JobSubmission(BaseModel):
         None,
         description="What a train or finetune job needs of its node: it runs only where "
         "they fit. Generate jobs run on their model's warm server, placed by the family.",
+    )
+    preemptible: StrictBool = Field(
+        True,
+        description="false: a train or finetune job is never stopped for a job of a higher "
+        "priority class (only for tenants an admin allows to opt out: may_opt_out).",
     )
 
     @field_validator("priority", mode="before")
@@ -369,6 +375,13 @@ def build_new_job(
         dataset = resolve_dataset(session, tenant_id, sub.dataset)
         _check_dataset(dataset, family)
     params = validate_params(family, sub.kind, sub.params)
+    if not sub.preemptible:
+        tenant = session.get(Tenant, tenant_id)
+        if tenant is None or not tenant.may_opt_out:
+            raise InvalidInputError.one(
+                "preemptible",
+                "this tenant may not opt out of preemption (an admin allows it: may_opt_out)",
+            )
     if model is not None and family.check_model_params is not None:
         family.check_model_params(sub.kind, params, dict(model.config or {}))
     return NewJob(
@@ -391,6 +404,7 @@ def build_new_job(
         timeout_s=sub.timeout_s,
         num_gpus=_wanted_gpus(sub, family),
         gpu_memory_gb=sub.resources.gpu_memory_gb if sub.resources else None,
+        preemptible=sub.preemptible,
     )
 
 

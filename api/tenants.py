@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from flask import Blueprint, Response, jsonify
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
@@ -23,7 +23,8 @@ from core.audit import Actor, record_action
 from core.errors import ForbiddenError, InvalidInputError, NotFoundError
 from core.purge import purge_waiting
 from core.quotas import usage
-from core.tables import Tenant
+from core.tables import Tenant, utcnow
+from core.usage import fair_share_report
 from scheduler.broker import QUEUES, WEBHOOK_QUEUE, read_dropped
 
 bp = Blueprint("tenants", __name__, url_prefix="/v1")
@@ -32,7 +33,7 @@ JOB_QUEUES = tuple(q for q in QUEUES if q != WEBHOOK_QUEUE)
 
 
 # Fields that may not be null (they have a value whatever the limits).
-NOT_NULL = ("weight", "budget_period_s", "over_quota")
+NOT_NULL = ("weight", "budget_period_s", "over_quota", "preemptible", "may_opt_out")
 
 
 class QuotaChange(BaseModel):
@@ -60,9 +61,24 @@ class QuotaChange(BaseModel):
     rate_limit_burst: StrictInt | None = Field(
         None, ge=1, le=1_000_000, description="Most requests in a burst; null: the default."
     )
+    preemptible: StrictBool | None = Field(
+        None, description="false: no training job of this tenant is ever preempted."
+    )
+    may_opt_out: StrictBool | None = Field(
+        None, description="Whether this tenant's jobs may be submitted with preemptible: false."
+    )
 
 
-def tenant_payload(session: Session, tenant: Tenant) -> dict[str, Any]:
+def fair_shares(session: Session) -> dict[str, dict[str, float | None]]:
+    """Every tenant's usage-based fair share now (core/usage.py)."""
+    weights = {t: w for t, w in session.execute(select(Tenant.id, Tenant.weight))}
+    return fair_share_report(session, utcnow(), weights)
+
+
+def tenant_payload(
+    session: Session, tenant: Tenant, shares: dict[str, dict[str, float | None]] | None = None
+) -> dict[str, Any]:
+    shares = shares if shares is not None else fair_shares(session)
     return {
         "id": tenant.id,
         "name": tenant.name,
@@ -76,6 +92,9 @@ def tenant_payload(session: Session, tenant: Tenant) -> dict[str, Any]:
         },
         "rate_limit": rate_limit_payload(tenant),
         "usage": usage(session, tenant.id),
+        # Decayed GPU-seconds and the share they are of everyone's, against its weighted share.
+        "fair_share": shares.get(tenant.id),
+        "preemption": {"preemptible": tenant.preemptible, "may_opt_out": tenant.may_opt_out},
     }
 
 
@@ -116,7 +135,8 @@ def list_tenants() -> Response:
         stmt = select(Tenant).order_by(Tenant.name)
         if scope is not None:
             stmt = stmt.where(Tenant.id == scope)
-        items = [tenant_payload(session, t) for t in session.scalars(stmt)]
+        shares = fair_shares(session)
+        items = [tenant_payload(session, t, shares) for t in session.scalars(stmt)]
     return jsonify({"items": items})
 
 

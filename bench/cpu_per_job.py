@@ -4,6 +4,7 @@ the model pool and server, the embedded or local Redis) and of this load generat
 /proc before and after, divided by the number of jobs.
 
     .venv/bin/python bench/cpu_per_job.py [--jobs 400] [--clients 8] [--database-url URL]
+                                          [--fair-share usage|starts]
 
 Unlike bench/throughput.py this does not depend on how busy the machine is: it counts CPU,
 not seconds. PostgreSQL's own server processes are not children of the stack and are left out
@@ -121,11 +122,13 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=400)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--database-url", default=None, help="default: SQLite in a temp dir")
+    parser.add_argument("--fair-share", choices=["usage", "starts"], default="usage")
     args = parser.parse_args()
 
     broker = f"{REDIS}/12"
     redis.Redis.from_url(broker).flushdb()
     env = {"GENQ_REDIS_URL": broker, "GENQ_LOG_LEVEL": "WARNING", "GENQ_API_WORKERS": "2"}
+    env["GENQ_FAIR_SHARE"] = args.fair_share
     if args.database_url:
         env["GENQ_DATABASE_URL"] = args.database_url
     stack = StackProcess(Path(tempfile.mkdtemp(prefix="genq-cpu-")) / "var", env)

@@ -1,15 +1,27 @@
-"""Fair share against plain FIFO on the same workload, with the real claim SQL.
+"""Usage-based fair share against start-based fair share and plain FIFO on the same workload,
+and the wait of an interactive job behind a training backlog with and without preemption,
+with the real claim SQL.
 
     .venv/bin/python bench/fairness.py [--slots 4] [--only sqlite|postgres]
 
 Three tenants with different backlogs share `--slots` GPU slots: `big` queues 240 jobs of 1 s
 at time 0, `mid` queues 40 jobs of 2 s at time 0, and `solo` submits a single 0.5 s job at
-time 10 s. Time is simulated (a job "runs" for its duration in a discrete-event loop), so the
-figures do not depend on the machine's load; every start is a real claim in SQL:
-`core.fairness.claim_next` (priority, weighted fair share, age) against FIFO (the oldest queued
-job, by `core.jobs.claim_job` on it). Prints, per 20 s window, each tenant's share of slot time,
-the worst wait of the single-job tenant (seconds, and jobs started before it after it
-arrived), and each tenant's mean wait; writes bench/results/fairness-<UTC time>.json.
+time 10 s. Time is simulated (a job "runs" for its duration in a discrete-event loop, and the
+claim and the finish are given the simulated time), so the figures do not depend on the
+machine's load; every start is a real claim in SQL: `core.fairness.claim_next` under
+`fair_share=usage` (GPU-seconds, decayed) and `fair_share=starts` (start-time fair queuing),
+against FIFO (the oldest queued job, by `core.jobs.claim_job` on it). Prints, per 20 s window,
+each tenant's share of slot time, the worst wait of the single-job tenant (seconds, and jobs
+started before it after it arrived), and each tenant's mean wait.
+
+Then preemption: tenant `lab` fills every slot with batch training jobs of 600 s (a checkpoint
+every 60 s of training) and queues as many again; at 100 s an `interactive` generation job of
+2 s arrives. Without preemption it waits for the first training job to end; with it, the
+periodic round (`core.preemption.preempt_for_waiting`, each simulated second) asks a trainer to
+stop at its next checkpoint once the job has waited `preempt_after_s` (10 s here), and the
+trainer resumes later from that checkpoint (`requeue_preempted`). Prints the interactive job's
+wait and the training work lost (none: it stops at a checkpoint). Writes
+bench/results/fairness-<UTC time>.json.
 """
 
 from __future__ import annotations
@@ -17,11 +29,12 @@ from __future__ import annotations
 import argparse
 import heapq
 import json
+import math
 import os
 import sys
 import tempfile
 from collections import defaultdict
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -36,24 +49,35 @@ from core.db import Database  # noqa: E402
 from core.fairness import claim_next  # noqa: E402
 from core.jobs import Lease, NewJob, claim_job, create_job, finish_job  # noqa: E402
 from core.keys import get_or_create_tenant  # noqa: E402
+from core.preemption import preempt_for_waiting, requeue_preempted  # noqa: E402
 from core.settings import Settings  # noqa: E402
 from core.states import JobKind, JobState  # noqa: E402
-from core.tables import Job  # noqa: E402
+from core.tables import Job, utcnow  # noqa: E402
 
 PG = os.environ.get("GENQ_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 # tenant: (jobs, seconds each, arrival time)
 WORKLOAD = {"big": (240, 1.0, 0.0), "mid": (40, 2.0, 0.0), "solo": (1, 0.5, 10.0)}
 WINDOW_S = 20.0
+POLICIES = ("fifo", "starts", "usage")
+# The preemption scenario (seconds of simulated time).
+TRAIN_S, CHECKPOINT_S, INTERACTIVE_AT, INTERACTIVE_S = 600.0, 60.0, 100.0, 2.0
+PREEMPT_AFTER_S, GRACE_S = 10.0, 30.0
 
 
-def _fifo(session: Any, queue: str) -> Lease | None:
+def _fifo(session: Any, queue: str, now: datetime) -> Lease | None:
     job_id = session.scalar(
         sa.select(Job.id)
         .where(Job.state == JobState.QUEUED, Job.queue == queue)
         .order_by(Job.priority.desc(), Job.created_at, Job.id)
         .limit(1)
     )
-    return claim_job(session, job_id, lease_ttl_s=600) if job_id else None
+    return claim_job(session, job_id, lease_ttl_s=86400, now=now) if job_id else None
+
+
+def _claim(session: Any, policy: str, queue: str, now: datetime) -> Lease | None:
+    if policy == "fifo":
+        return _fifo(session, queue, now)
+    return claim_next(session, queue, lease_ttl_s=86400, now=now)
 
 
 def simulate(database: Database, policy: str, slots: int) -> dict[str, Any]:
@@ -68,6 +92,10 @@ def simulate(database: Database, policy: str, slots: int) -> dict[str, Any]:
     starts: list[tuple[float, str, str]] = []  # (time, tenant, job id)
     running: list[tuple[float, str, Lease]] = []  # heap of (end, job, lease)
     now, free = 0.0, slots
+    t0 = utcnow()
+
+    def at(t: float) -> datetime:
+        return t0 + timedelta(seconds=t)
 
     def submit(name: str, at: float) -> None:
         with database.transaction() as session:
@@ -90,10 +118,7 @@ def simulate(database: Database, policy: str, slots: int) -> dict[str, Any]:
             submit(arrivals.pop(0)[1], now)
         while free > 0:
             with database.transaction() as session:
-                if policy == "fair":
-                    lease = claim_next(session, "generate", lease_ttl_s=600)
-                else:
-                    lease = _fifo(session, "generate")
+                lease = _claim(session, policy, "generate", at(now))
                 tenant_id = (
                     session.scalar(sa.select(Job.tenant_id).where(Job.id == lease.job_id))
                     if lease
@@ -111,7 +136,7 @@ def simulate(database: Database, policy: str, slots: int) -> dict[str, Any]:
         if running and (next_arrival is None or running[0][0] <= next_arrival):
             now, _, lease = heapq.heappop(running)
             with database.transaction() as session:
-                finish_job(session, lease, JobState.SUCCEEDED)
+                finish_job(session, lease, JobState.SUCCEEDED, now=at(now))
             free += 1
         else:
             assert next_arrival is not None
@@ -155,35 +180,159 @@ def report(
     }
 
 
-def run_backend(backend: str, slots: int, tmp: Path) -> dict[str, Any]:
-    results = {}
-    for policy in ("fifo", "fair"):
-        if backend == "sqlite":
-            url = f"sqlite:///{tmp / f'{policy}.db'}"
-            cleanup = None
-        else:
-            name = f"genq_bench_fair_{policy}_{os.getpid()}"
-            admin = sa.create_engine(
-                PG.replace("postgresql://", "postgresql+psycopg://", 1),
-                isolation_level="AUTOCOMMIT",
+def simulate_preemption(database: Database, slots: int, preempt: bool) -> dict[str, Any]:
+    """The interactive job behind a training backlog (module docstring), stepping simulated
+    time by one second; ends and stops are recorded at their exact times."""
+    with database.transaction() as session:
+        ensure_builtins(session)
+        lab = get_or_create_tenant(session, "lab").id
+        user = get_or_create_tenant(session, "user").id
+        echo = resolve_model(session, user, "echo").id
+        for _ in range(2 * slots):
+            create_job(
+                session,
+                NewJob(
+                    tenant_id=lab,
+                    kind=JobKind.TRAIN,
+                    family="charlm",
+                    queue="train",
+                    params={},
+                    priority=2,
+                ),
             )
-            with admin.connect() as conn:
-                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
-                conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-            url = str(sa.engine.make_url(PG).set(database=name).render_as_string(False))
-            cleanup = (admin, name)
-        settings = Settings(var_dir=tmp / "var", database_url=url)
-        migrations.upgrade(settings)
-        database = Database(settings)
+    t0 = utcnow()
+
+    def at(t: float) -> datetime:
+        return t0 + timedelta(seconds=t)
+
+    saved: dict[str, float] = defaultdict(float)  # training seconds kept in a checkpoint
+    running: dict[str, dict[str, Any]] = {}
+    interactive: str | None = None
+    started_at: float | None = None
+    lost_s, preemptions, now = 0.0, 0, 0.0
+    training_done: list[float] = []
+    while now == 0.0 or running or started_at is None:
+        if interactive is None and now >= INTERACTIVE_AT:
+            with database.transaction() as session:
+                job, _ = create_job(
+                    session,
+                    NewJob(
+                        tenant_id=user,
+                        kind=JobKind.GENERATE,
+                        family="echo",
+                        queue="generate",
+                        params={},
+                        model_id=echo,
+                        priority=8,
+                    ),
+                )
+                job.created_at = at(INTERACTIVE_AT)
+                interactive = job.id
+        for job_id, run in sorted(running.items(), key=lambda kv: kv[1]["end"]):
+            if run["end"] > now:
+                continue
+            with database.transaction() as session:
+                if run.get("stop") is not None:  # preempted: back to the queue
+                    requeue_preempted(
+                        session, run["lease"], hold_s=PREEMPT_AFTER_S, now=at(run["end"])
+                    )
+                    lost_s += run["done"] - run["stop"]
+                    saved[job_id] = run["stop"]
+                    preemptions += 1
+                else:
+                    finish_job(session, run["lease"], JobState.SUCCEEDED, now=at(run["end"]))
+                    if job_id != interactive:
+                        training_done.append(run["end"])
+            del running[job_id]
+        if preempt and interactive is not None and started_at is None:
+            with database.transaction() as session:
+                made = preempt_for_waiting(
+                    session,
+                    preempt_after_s=PREEMPT_AFTER_S,
+                    grace_s=GRACE_S,
+                    max_preemptions=3,
+                    now=at(now),
+                )
+            for p in made:
+                run = running[p.job_id]
+                work = saved[p.job_id] + now - run["start"]
+                checkpoint = math.ceil(work / CHECKPOINT_S) * CHECKPOINT_S
+                if checkpoint - work > GRACE_S:  # killed at the grace's end
+                    work += GRACE_S
+                    checkpoint = math.floor(work / CHECKPOINT_S) * CHECKPOINT_S
+                else:
+                    work = checkpoint
+                run.update(
+                    stop=checkpoint,
+                    done=work,
+                    end=now + (work - (saved[p.job_id] + now - run["start"])),
+                )
+        while len(running) < slots:
+            with database.transaction() as session:
+                lease = claim_next(session, "generate", lease_ttl_s=86400, now=at(now))
+                lease = lease or claim_next(session, "train", lease_ttl_s=86400, now=at(now))
+            if lease is None:
+                break
+            if lease.job_id == interactive:
+                started_at = now
+                end = now + INTERACTIVE_S
+            else:
+                end = now + TRAIN_S - saved[lease.job_id]
+            running[lease.job_id] = {"lease": lease, "start": now, "end": end}
+        now += 1.0
+    return {
+        "interactive_wait_s": round((started_at or 0.0) - INTERACTIVE_AT, 1),
+        "preemptions": preemptions,
+        "training_lost_s": round(lost_s, 1),
+        "training_makespan_s": max(training_done),
+    }
+
+
+def _database(backend: str, tmp: Path, label: str, policy: str) -> tuple[Database, Any]:
+    """A fresh migrated database for one run; returns it and what `_drop` needs."""
+    if backend == "sqlite":
+        url = f"sqlite:///{tmp / f'{label}.db'}"
+        cleanup = None
+    else:
+        name = f"genq_bench_fair_{label}_{os.getpid()}"
+        admin = sa.create_engine(
+            PG.replace("postgresql://", "postgresql+psycopg://", 1), isolation_level="AUTOCOMMIT"
+        )
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        url = str(sa.engine.make_url(PG).set(database=name).render_as_string(False))
+        cleanup = (admin, name)
+    fair_share = "starts" if policy == "starts" else "usage"
+    settings = Settings(var_dir=tmp / "var", database_url=url, fair_share=fair_share)
+    migrations.upgrade(settings)
+    return Database(settings), cleanup
+
+
+def _drop(database: Database, cleanup: Any) -> None:
+    database.dispose()
+    if cleanup is not None:
+        admin, name = cleanup
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def run_backend(backend: str, slots: int, tmp: Path) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for policy in POLICIES:
+        database, cleanup = _database(backend, tmp, policy, policy)
         try:
             results[policy] = simulate(database, policy, slots)
         finally:
-            database.dispose()
-            if cleanup is not None:
-                admin, name = cleanup
-                with admin.connect() as conn:
-                    conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-                admin.dispose()
+            _drop(database, cleanup)
+    for preempt in (False, True):
+        label = "preemption" if preempt else "no_preemption"
+        database, cleanup = _database(backend, tmp, label, "usage")
+        try:
+            results[label] = simulate_preemption(database, slots, preempt)
+        finally:
+            _drop(database, cleanup)
     return results
 
 
@@ -199,7 +348,7 @@ def main() -> None:
             res = run_backend(backend, args.slots, Path(tmp) / backend)
             out["backends"][backend] = res
             print(f"== {backend}: {args.slots} slots; share of slot time per {WINDOW_S:.0f} s")
-            for policy in ("fifo", "fair"):
+            for policy in POLICIES:
                 r = res[policy]
                 print(f"-- {policy}: makespan {r['makespan_s']} s")
                 print("   window      " + "  ".join(f"{n:>5}" for n in WORKLOAD))
@@ -211,13 +360,14 @@ def main() -> None:
                     f"{r['solo_jobs_started_before_it']} jobs started before it; "
                     f"mean waits {r['mean_wait_s']}"
                 )
-            fifo, fair = res["fifo"], res["fair"]
-            ratio = fifo["solo_wait_s"] / fair["solo_wait_s"] if fair["solo_wait_s"] else None
-            print(
-                f"   worst wait of the single-job tenant: fifo {fifo['solo_wait_s']} s vs fair "
-                f"{fair['solo_wait_s']} s"
-                + (f" ({ratio:.0f}x shorter)" if ratio else " (fair: no wait at all)")
-            )
+            for label in ("no_preemption", "preemption"):
+                r = res[label]
+                print(
+                    f"-- interactive job behind {2 * args.slots} training jobs, {label}: waited "
+                    f"{r['interactive_wait_s']} s; {r['preemptions']} preemptions, "
+                    f"{r['training_lost_s']} s of training lost, training done at "
+                    f"{r['training_makespan_s']} s"
+                )
     stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H%M%S")
     path = ROOT / "bench" / "results" / f"fairness-{stamp}.json"
     path.write_text(json.dumps(out, indent=2))

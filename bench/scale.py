@@ -7,9 +7,10 @@ every state, 7 days) plus a deep backlog of queued jobs, on SQLite and on Postgr
 Times, server-side and in-process (p50 / p99 over `--requests` after 3 warm-up ones):
 `GET /v1/jobs` (a page, and `state=queued`: every job on it gets its queue position and ETA),
 `GET /v1/jobs/{id}` of a queued job deep in the backlog, the dashboard's overview and tenants
-pages, and the claim itself (`core.fairness.claim_next`, rolled back each time) against the
-plain FIFO claim it replaced (the oldest queued job by priority, `claim_job`), side by side on
-the same rows. Writes bench/results/scale-<UTC time>.json. Redis DB 10 backs the publisher.
+pages, and the claim itself (`core.fairness.claim_next` by usage and by starts, rolled back
+each time) against the plain FIFO claim it replaced (the oldest queued job by priority,
+`claim_job`), side by side on the same rows. Writes bench/results/scale-<UTC time>.json.
+Redis DB 10 backs the publisher.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from core.jobs import claim_job  # noqa: E402
 from core.settings import Settings  # noqa: E402
 from core.states import JobState  # noqa: E402
 from core.tables import Job, Model, Tenant  # noqa: E402
+from core.usage import POLICY_INFO  # noqa: E402
 from scheduler.enqueue import Publisher  # noqa: E402
 
 
@@ -117,10 +119,15 @@ def claim_times(database: Database, n: int) -> dict[str, dict[str, float]]:
 
         return once
 
+    def by_starts(session: Any) -> Any:
+        session.info[POLICY_INFO] = "starts"
+        return claim_next(session, "generate", lease_ttl_s=60)
+
     return {
-        "claim: fair share (claim_next)": timed(
+        "claim: fair share by usage (claim_next)": timed(
             rolled_back(lambda s: claim_next(s, "generate", lease_ttl_s=60)), n
         ),
+        "claim: fair share by starts (claim_next)": timed(rolled_back(by_starts), n),
         "claim: plain FIFO (baseline)": timed(rolled_back(_fifo), n),
     }
 
@@ -168,7 +175,7 @@ def run(kind: str, url: str, n_jobs: int, backlog: int, n: int, var_dir: Path) -
     position = client.get(f"/v1/jobs/{deep}", headers=headers).get_json()["queue_position"]
     publisher.close()
     database.dispose()
-    fair = results["claim: fair share (claim_next)"]["p50_ms"]
+    fair = results["claim: fair share by usage (claim_next)"]["p50_ms"]
     fifo = results["claim: plain FIFO (baseline)"]["p50_ms"]
     print(f"\n{kind}: {total} jobs, {queued} queued (deep job at position {position})")
     print(f"  {'query':52} {'p50 ms':>8} {'p99 ms':>8}")

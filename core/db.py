@@ -25,6 +25,7 @@ from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.settings import Settings
+from core.usage import HALF_LIFE_INFO, POLICY_INFO
 
 # Connection execution option: this connection's transactions only read.
 READ_ONLY = "genq_read_only"
@@ -107,9 +108,14 @@ class Database:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.writers = WriterQueue(path.with_name(path.name + ".lock"))
         self.engine = make_engine(settings.db_url)
-        self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # The fair share's policy and half-life travel in each session's info (core/usage.py).
+        info = {
+            POLICY_INFO: settings.fair_share,
+            HALF_LIFE_INFO: settings.fair_share_half_life_s,
+        }
+        self.sessions = sessionmaker(self.engine, expire_on_commit=False, info=info)
         self._read_sessions = sessionmaker(
-            self.engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False
+            self.engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False, info=info
         )
 
     @contextmanager

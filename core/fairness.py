@@ -1,9 +1,20 @@
 """Which queued job runs next: priority first, then weighted fair share between tenants, then
 age. The runner's claim (`claim_next`) and the API's `queue_position` use the same order.
 
-The fair share is start-time fair queuing. Each tenant has a *pass* per queue (its row in
-`fair_share`): the virtual start time of its next job. A tenant's k-th queued job (its own jobs
-ordered by priority, then age) starts at `pass + (k - 1) * stride`, where `stride =
+The fair share has two policies (the setting `fair_share`):
+
+- `usage` (the default): the tenant furthest below its weighted share of GPU-seconds goes
+  first, that is the one with the lowest `usage / weight` (core/usage.py: a job's GPUs x its
+  running time, CPU-only jobs by their slot time, decayed with a half-life, running jobs
+  included). Ties (two tenants without usage) go to the oldest waiting job. A tenant of long
+  jobs falls back while its jobs run, so tenants get equal GPU time, not equal starts. The
+  order of `queue_position` under this policy is an estimate: it assumes each start costs the
+  tenant its mean attempt cost so far (1 GPU-second without history).
+- `starts`: start-time fair queuing, below; every start costs the same.
+
+Under `starts` the fair share is start-time fair queuing. Each tenant has a *pass* per queue
+(its row in `fair_share`): the virtual start time of its next job. A tenant's k-th queued job
+(its own jobs ordered by priority, then age) starts at `pass + (k - 1) * stride`, where `stride =
 STRIDE_UNIT // weight`, so a tenant of weight 2 gets two starts for every one of a tenant of
 weight 1. The whole order is
 
@@ -17,18 +28,20 @@ lowest virtual start among the tenants with work; a tenant that was idle starts 
 not at its old pass, so idle time is not saved up into a burst, and a tenant arriving with one
 job waits behind at most one job of each tenant that already has work (per free slot).
 
-Fair share is counted in job starts, not in run time (a tenant of long jobs gets as many starts
-as one of short jobs); the running cap and the GPU-seconds budget (`core.quotas`) bound time.
+Under `starts` fair share is counted in job starts, not in run time (a tenant of long jobs
+gets as many starts as one of short jobs); the running cap and the GPU-seconds budget
+(`core.quotas`) bound time.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, func, or_, select, text, tuple_, update
+from sqlalchemy import Integer, String, bindparam, column, func, or_, select, text, tuple_, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -36,6 +49,7 @@ from core.jobs import Lease, claim_job
 from core.quotas import TenantLimits, blocked_tenants, load_limits
 from core.states import JobState
 from core.tables import FairShare, Job, UTCDateTime, utcnow
+from core.usage import policy_of, usage_of
 
 # lcm(1..16): strides are exact for weights 1-16 (and integral, so consistent, for 17-100).
 STRIDE_UNIT = 720720
@@ -112,12 +126,15 @@ def _passes(session: Session, queue: str, tenant_ids: list[str]) -> dict[str, Fa
 
 @dataclass(frozen=True)
 class Head:
-    """A tenant with queued work in a queue: its best priority and virtual start."""
+    """A tenant with queued work in a queue: its best priority and virtual start (its pass, or
+    under the usage policy its usage / weight), and what one start adds to it."""
 
     tenant_id: str
     priority: int
-    start: int
-    stride: int
+    start: float
+    stride: float
+    # Under the usage policy: when its first job in line was created (the tie-break).
+    oldest_at: datetime | None = None
 
 
 # Each tenant with queued jobs in a queue and its best priority, by a skip scan of the claim
@@ -142,12 +159,67 @@ HEADS_SQL = text(
 )
 
 
-def _heads(session: Session, queue: str, clock: int) -> tuple[list[Head], dict[str, TenantLimits]]:
+# The same, with when each tenant's first job in line (best priority, then oldest) was
+# created, the usage policy's tie-break: one more probe of the claim index per tenant.
+HEADS_AGED_SQL = text(
+    """
+    WITH RECURSIVE tenants(tenant_id) AS (
+        SELECT min(tenant_id) FROM job WHERE state = :state AND queue = :queue
+        UNION ALL
+        SELECT (
+            SELECT min(tenant_id) FROM job
+            WHERE state = :state AND queue = :queue AND tenant_id > tenants.tenant_id
+        )
+        FROM tenants WHERE tenants.tenant_id IS NOT NULL
+    ),
+    heads(tenant_id, priority) AS (
+        SELECT tenant_id, (
+            SELECT max(priority) FROM job
+            WHERE state = :state AND queue = :queue AND tenant_id = tenants.tenant_id
+        )
+        FROM tenants WHERE tenant_id IS NOT NULL
+    )
+    SELECT tenant_id, priority, (
+        SELECT min(created_at) FROM job
+        WHERE state = :state AND queue = :queue AND tenant_id = heads.tenant_id
+            AND priority = heads.priority
+    ) AS oldest_at
+    FROM heads
+    """
+).columns(
+    column("tenant_id", String), column("priority", Integer), column("oldest_at", UTCDateTime())
+)
+
+
+def _usage_heads(
+    session: Session, rows: Sequence[Any], limits: dict[str, TenantLimits], now: datetime
+) -> list[Head]:
+    """Heads in the usage policy's order: priority, usage / weight, then the oldest job."""
+    usage = usage_of(session, [r[0] for r in rows], now)
+    heads = []
+    for tenant_id, priority, oldest_at in rows:
+        weight = limits[tenant_id].weight if tenant_id in limits else 1
+        u = usage[tenant_id]
+        cost = u.mean_attempt_gpu_seconds or 1.0
+        heads.append(
+            Head(tenant_id, int(priority), u.gpu_seconds / weight, cost / weight, oldest_at)
+        )
+    heads.sort(key=lambda h: (-h.priority, h.start, h.oldest_at or now, h.tenant_id))
+    return heads
+
+
+def _heads(
+    session: Session, queue: str, clock: int, now: datetime
+) -> tuple[list[Head], dict[str, TenantLimits]]:
     """Every tenant with queued jobs in `queue`, in claim order, and those tenants' limits."""
-    rows = session.execute(HEADS_SQL, {"state": str(JobState.QUEUED), "queue": queue}).all()
+    is_usage = policy_of(session) == "usage"
+    params = {"state": str(JobState.QUEUED), "queue": queue}
+    rows = session.execute(HEADS_AGED_SQL if is_usage else HEADS_SQL, params).all()
     if not rows:
         return [], {}
     limits = load_limits(session, [r[0] for r in rows])
+    if is_usage:
+        return _usage_heads(session, rows, limits, now), limits
     passes = _passes(session, queue, [r[0] for r in rows])
     heads = []
     for tenant_id, priority in rows:
@@ -164,14 +236,17 @@ def _first_due(session: Session, queue: str, tenant_id: str, now: datetime) -> s
     return session.scalar(_FIRST_DUE, {"queue": queue, "tenant_id": tenant_id, "now": now})
 
 
-def claim_next(session: Session, queue: str, *, lease_ttl_s: float) -> Lease | None:
+def claim_next(
+    session: Session, queue: str, *, lease_ttl_s: float, now: datetime | None = None
+) -> Lease | None:
     """Claim the best queued job of `queue` that may start now, or return None when there is
     none (the queue is empty, every tenant with work is at a quota, or every job waits for its
     backoff). One conditional UPDATE decides each claim (`core.jobs.claim_job`), so two
-    callers never get the same job; a lost race moves on to the next candidate."""
-    now = utcnow()
+    callers never get the same job; a lost race moves on to the next candidate. `now`: the
+    time of the claim (a simulation's clock; the real one otherwise)."""
+    now = now or utcnow()
     clock = _clock_row(session, queue)
-    heads, limits = _heads(session, queue, clock.pass_value)
+    heads, limits = _heads(session, queue, clock.pass_value, now)
     blocked = blocked_tenants(session, [h.tenant_id for h in heads], limits, now=now)
     tries = 0
     for head in heads:
@@ -182,10 +257,11 @@ def claim_next(session: Session, queue: str, *, lease_ttl_s: float) -> Lease | N
             job_id = _first_due(session, queue, head.tenant_id, now)
             if job_id is None:
                 break
-            lease = claim_job(session, job_id, lease_ttl_s=lease_ttl_s)
+            lease = claim_job(session, job_id, lease_ttl_s=lease_ttl_s, now=now)
             if lease is None:  # its deadline passed, or another caller won it: next one
                 continue
-            _advance(session, queue, head, clock, min(h.start for h in heads))
+            if head.oldest_at is None:  # the starts policy: the tenant's pass moves on
+                _advance(session, queue, head, clock, int(min(h.start for h in heads)))
             return lease
     return None
 
@@ -195,14 +271,12 @@ def _advance(session: Session, queue: str, head: Head, clock: FairShare, lowest_
     and the clock to the lowest start of any tenant with work (never past one, so that no
     waiting tenant is moved and the order already reported stays true)."""
     clock.pass_value = max(clock.pass_value, lowest_start)
+    new_pass = int(head.start + head.stride)
     updated = session.execute(
-        _SET_PASS,
-        {"in_queue": queue, "of_tenant": head.tenant_id, "new_pass": head.start + head.stride},
+        _SET_PASS, {"in_queue": queue, "of_tenant": head.tenant_id, "new_pass": new_pass}
     )
     if getattr(updated, "rowcount", 0) == 0:
-        session.add(
-            FairShare(queue=queue, tenant_id=head.tenant_id, pass_value=head.start + head.stride)
-        )
+        session.add(FairShare(queue=queue, tenant_id=head.tenant_id, pass_value=new_pass))
     session.flush()
 
 
@@ -245,7 +319,7 @@ class QueueOrder:
             offset = start - head.start - higher * head.stride
             if offset < 0 or (offset == 0 and u > t):
                 continue
-            before = offset // head.stride + 1 if u < t else -(-offset // head.stride)
+            before = int(offset // head.stride + 1 if u < t else -(-offset // head.stride))
             ahead += min(n_same, before)
         return ahead
 
@@ -257,6 +331,15 @@ def queue_order(session: Session, queue: str) -> QueueOrder:
     if not counts:
         return QueueOrder(queue, {}, counts)
     limits = load_limits(session, list(counts))
+    if policy_of(session) == "usage":
+        usage = usage_of(session, list(counts), utcnow())
+        heads = {}
+        for tenant_id, per in counts.items():
+            weight = limits[tenant_id].weight if tenant_id in limits else 1
+            cost = usage[tenant_id].mean_attempt_gpu_seconds or 1.0
+            start = usage[tenant_id].gpu_seconds / weight
+            heads[tenant_id] = Head(tenant_id, max(per), start, cost / weight)
+        return QueueOrder(queue, heads, counts)
     # The clock and the passes of the tenants with work, in one read.
     rows = session.execute(_PASS_VALUES, {"queue": queue, "tenant_ids": [CLOCK, *counts]})
     passes: dict[str, int] = {tenant_id: int(value) for tenant_id, value in rows}
@@ -368,53 +451,3 @@ def queue_positions(session: Session, jobs: list[Job]) -> dict[str, int]:
         ahead = own_ahead(session, queued)
     orders = {q: queue_order(session, q) for q in {j.queue for j in queued}}
     return {j.id: orders[j.queue].position(j, ahead[j.id]) for j in queued}
-
-
-# -- estimated times ---------------------------------------------------------------------------
-
-# How many of a model's latest successful runs its mean run time is taken over.
-ETA_SAMPLE = 50
-
-
-_SUCCEEDED = select(Job.started_at, Job.finished_at).where(Job.state == JobState.SUCCEEDED)
-_LATEST_RUNS_OF_MODEL = (
-    _SUCCEEDED.where(Job.model_id == bindparam("model_id"))
-    .order_by(Job.finished_at.desc())
-    .limit(ETA_SAMPLE)
-)
-_LATEST_RUNS_OF_FAMILY = (
-    _SUCCEEDED.where(Job.model_id.is_(None), Job.family == bindparam("family"))
-    .order_by(Job.finished_at.desc())
-    .limit(ETA_SAMPLE)
-)
-_RUNNING_IN = (
-    select(func.count())
-    .select_from(Job)
-    .where(Job.state.in_([JobState.RUNNING, JobState.CANCELING]), Job.queue == bindparam("queue"))
-)
-
-
-def mean_run_s(session: Session, model_id: str | None, family: str) -> float | None:
-    """Mean run time of the model's latest successful jobs (the family's, for training jobs
-    that name no model); None without history."""
-    if model_id is not None:
-        rows = session.execute(_LATEST_RUNS_OF_MODEL, {"model_id": model_id}).all()
-    else:
-        rows = session.execute(_LATEST_RUNS_OF_FAMILY, {"family": family}).all()
-    runs = [(f - s).total_seconds() for s, f in rows if s is not None and f is not None]
-    return sum(runs) / len(runs) if runs else None
-
-
-def running_in(session: Session, queue: str) -> int:
-    return int(session.scalar(_RUNNING_IN, {"queue": queue}) or 0)
-
-
-def estimate_eta_s(
-    *, position: int, running: int, slots: int, mean_s: float | None
-) -> float | None:
-    """Seconds until a queued job is expected to finish: the jobs running and ahead of it
-    drain through `slots` slots (each taking the mean run time), then it runs once."""
-    if mean_s is None or slots < 1:
-        return None
-    waves = max(0, running + position + 1 - slots) / slots
-    return round(mean_s * (waves + 1), 3)

@@ -28,6 +28,7 @@ from core.events import Event, Output, Progress, event_data, event_type, without
 from core.ids import new_id
 from core.states import ACTIVE, JobKind, JobState, check_transition
 from core.tables import Artifact, Job, JobEvent, UTCDateTime, utcnow
+from core.usage import charge_attempt
 from core.webhooks import enqueue_delivery
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class NewJob:
     gpu_memory_gb: float | None = None
     schedule_id: str | None = None
     slot_at: datetime | None = None
+    preemptible: bool = True
     batch_id: str | None = None
     batch_item: str | None = None
 
@@ -136,6 +138,7 @@ def create_job(session: Session, new: NewJob) -> tuple[Job, bool]:
         gpu_memory_gb=new.gpu_memory_gb,
         schedule_id=new.schedule_id,
         slot_at=new.slot_at,
+        preemptible=new.preemptible,
         batch_id=new.batch_id,
         batch_item=new.batch_item,
         created_at=now,
@@ -199,11 +202,13 @@ def get_job(session: Session, job_id: str, *, lock: bool = False) -> Job:
     return job
 
 
-def claim_job(session: Session, job_id: str, *, lease_ttl_s: float) -> Lease | None:
+def claim_job(
+    session: Session, job_id: str, *, lease_ttl_s: float, now: datetime | None = None
+) -> Lease | None:
     """Move a queued job to running for the caller, or return None when another caller (or an
     earlier delivery) already has it, it is no longer queued, or its deadline has passed (it
-    fails then)."""
-    now = utcnow()
+    fails then). `now`: the time of the claim (a simulation's clock; the real one otherwise)."""
+    now = now or utcnow()
     token = new_id()
     job = session.scalars(
         _CLAIM,
@@ -268,6 +273,21 @@ def _fenced(session: Session, lease: Lease) -> Job:
     return job
 
 
+def held_job(session: Session, lease: Lease) -> Job:
+    """The job row `lease` holds, locked (LeaseLostError when it no longer holds it)."""
+    return _fenced(session, lease)
+
+
+def change_state(session: Session, job: Job, new: JobState, **data: Any) -> None:
+    """Change a job's state through the transition table, with its event (and webhook)."""
+    _set_state(session, job, new, **data)
+
+
+def add_event(session: Session, job: Job, type_: str, data: dict[str, Any]) -> None:
+    """Add an event to a job's history (and its webhook, when one wants it)."""
+    _add_event(session, job, type_, data)
+
+
 def heartbeat(session: Session, lease: Lease, *, lease_ttl_s: float) -> JobState:
     """Renew the lease; returns the job's state, so the holder learns of a cancel request."""
     job = _fenced(session, lease)
@@ -330,15 +350,19 @@ def finish_job(
     error_detail: str | None = None,
     metrics: dict[str, Any] | None = None,
     result_model_id: str | None = None,
+    now: datetime | None = None,
 ) -> JobState:
-    """End the attempt held by `lease`. A job whose cancel was requested ends canceled
-    whatever the attempt's outcome. Returns the state written."""
+    """End the attempt held by `lease` (at `now`, the real time unless a simulation gives
+    one). A job whose cancel was requested ends canceled whatever the attempt's outcome.
+    The attempt's cost is charged to its tenant's usage. Returns the state written."""
     job = _fenced(session, lease)
     if job.state == JobState.CANCELING:
         state = JobState.CANCELED
     _set_state(session, job, state, attempt=job.attempt, error_type=error_type)
-    now = utcnow()
+    now = now or utcnow()
+    charge_attempt(session, job, now)
     job.finished_at = now
+    job.preempt_requested_at = None
     job.lease_token = None
     job.lease_expires_at = None
     if state != JobState.CANCELED:
@@ -375,6 +399,8 @@ def release_job(
         job.params = params
     else:
         _set_state(session, job, JobState.QUEUED, reason=reason)
+    charge_attempt(session, job, utcnow())
+    job.preempt_requested_at = None
     job.lease_token = None
     job.lease_expires_at = None
     job.published_at = None

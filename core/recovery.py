@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from core.jobs import _set_state
 from core.states import JobState
 from core.tables import Job, utcnow
+from core.usage import charge_attempt
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,9 @@ def reap_expired(
     ).all()
     reaped = []
     for job in jobs:
+        # The attempt held its slot until its lease ran out, at the latest.
+        charge_attempt(session, job, min(now, job.lease_expires_at or now))
+        job.preempt_requested_at = None
         if job.state == JobState.CANCELING:
             _set_state(session, job, JobState.CANCELED, reason="lease expired while canceling")
             job.finished_at = now

@@ -72,6 +72,24 @@ class Settings(BaseSettings):
     retry_backoff_base_s: float = Field(2.0, ge=0)
     retry_backoff_max_s: float = Field(300.0, ge=0)
 
+    # Fair share between tenants (core/fairness.py): `usage` starts the tenant furthest below
+    # its weighted share of GPU-seconds (decayed, running jobs included); `starts` counts job
+    # starts instead (every job costs the same).
+    fair_share: Literal["usage", "starts"] = "usage"
+    # Usage halves every this many seconds, so old usage fades (Slurm's default is 7 days;
+    # ours is 1 day: a team's heavy day is forgiven by the next one).
+    fair_share_half_life_s: float = Field(86400.0, ge=60, le=366 * 86400)
+    # Preemption (core/preemption.py): a queued job of a higher priority class that has waited
+    # this long asks a running training job of a lower class to stop at its next checkpoint.
+    # `preemption=false` turns it off.
+    preemption: bool = True
+    preempt_after_s: float = Field(60.0, gt=0, le=86400)
+    # How long a preempted job may take to reach its checkpoint before it is stopped (it then
+    # resumes from its last checkpoint); as Slurm's KillWait and Kubernetes' grace period.
+    preemption_grace_s: float = Field(30.0, gt=0, le=3600)
+    # A job is preempted at most this many times; after that it runs to its end.
+    max_preemptions: int = Field(3, ge=0, le=100)
+
     # Webhooks: allow loopback/private/link-local targets (local development only).
     webhook_allow_private: bool = False
     # Each send: connect+read timeout; attempts per message; backoff between attempts.

@@ -3,7 +3,8 @@
 scheduled ──▶ queued ──▶ running ──▶ succeeded
                  ▲          │  ├───▶ failed
                  └──────────┘  └───▶ canceling ──▶ canceled
-(lease lost or transient error: back to queued with attempt+1; queued ──▶ canceled directly;
+(lease lost or transient error: back to queued with attempt+1; preempted at a checkpoint:
+ back to queued without using an attempt (core/preemption.py); queued ──▶ canceled directly;
  a failed or canceled job may be retried: back to queued)
 """
 

@@ -20,6 +20,8 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
+    true,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -82,6 +84,10 @@ class Tenant(Base):
     # tenant as a whole (api/ratelimits.py). None: the defaults in settings.
     rate_limit_per_s: Mapped[float | None] = mapped_column(Float)
     rate_limit_burst: Mapped[int | None] = mapped_column(Integer)
+    # Preemption (core/preemption.py), both set by admins: False exempts every job of the
+    # tenant; `may_opt_out` lets its jobs be submitted with `preemptible: false`.
+    preemptible: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
+    may_opt_out: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class ApiKey(Base):
@@ -217,6 +223,9 @@ class Job(Base):
         Index("ix_job_finished_at", "finished_at"),
         # The claim order (core/fairness.py): each tenant's queued jobs by priority and age.
         Index("ix_job_claim", "state", "queue", "tenant_id", "priority", "created_at", "id"),
+        # The usage-based fair share (core/usage.py): what the running jobs cost, read from
+        # the index alone.
+        Index("ix_job_running_usage", "state", "tenant_id", "started_at", "num_gpus"),
         # The ETA: a model's recent run times.
         Index("ix_job_model_finished", "model_id", "state", "finished_at"),
         # A schedule fires each slot once, whatever the number of scheduler processes.
@@ -268,6 +277,13 @@ class Job(Base):
     # Set on jobs a schedule created: which schedule, and for which of its slots.
     schedule_id: Mapped[str | None] = mapped_column(String(36))
     slot_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Preemption (core/preemption.py): whether a training job may be stopped at a checkpoint
+    # for a job of a higher priority class; how often it was; the job it last made room for,
+    # and when that stop was asked (None once the attempt has ended).
+    preemptible: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
+    preempt_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    preempted_by: Mapped[str | None] = mapped_column(String(36))
+    preempt_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # Set on jobs submitted together (POST /v1/batches, or an OpenAI batch file): which batch,
     # and the item's name in it (its index, or the line's custom_id).
     batch_id: Mapped[str | None] = mapped_column(ForeignKey("job_batch.id"), index=True)
@@ -368,6 +384,19 @@ class FairShare(Base):
     queue: Mapped[str] = mapped_column(String(32), primary_key=True)
     tenant_id: Mapped[str] = mapped_column(String(36), primary_key=True)
     pass_value: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class TenantUsage(Base):
+    """What a tenant's jobs have cost, for the usage-based fair share (core/usage.py):
+    GPU-seconds and attempts charged, both decayed to `as_of` (running attempts are added when
+    read, from their start)."""
+
+    __tablename__ = "tenant_usage"
+
+    tenant_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    gpu_seconds: Mapped[float] = mapped_column(Float, default=0.0)
+    attempts: Mapped[float] = mapped_column(Float, default=0.0)
+    as_of: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
 class Schedule(Base):

@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session
 from core.ids import new_id
 from core.tables import Job, WebhookDelivery, utcnow
 
-EVENTS = ("start", "progress", "output", "completed")
+EVENTS = ("start", "progress", "output", "completed", "preempted")
 TERMINAL_STATES = ("succeeded", "failed", "canceled")
 # Cloud metadata services that are not covered by the private and link-local ranges.
 METADATA_ADDRESSES = frozenset(
@@ -42,10 +42,13 @@ class UnresolvedTargetError(OSError):
 
 
 def webhook_event_for(type_: str, data: dict[str, Any]) -> str | None:
-    """The webhook event (start, progress, output, completed) a job event is, or None."""
+    """The webhook event (start, progress, output, completed, preempted) a job event is, or
+    None. `preempted`: a running job went back to the queue to make room (core/preemption.py)."""
     if type_ == "state":
         if data.get("to") == "running":
             return "start"
+        if data.get("to") == "queued" and data.get("reason") == "preempted":
+            return "preempted"
         if data.get("to") in TERMINAL_STATES:
             return "completed"
         return None

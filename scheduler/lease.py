@@ -1,6 +1,7 @@
 """The lease keeper: the thread beside each running job that renews its lease and notices,
 within about a second, a cancel request, a lost lease or an attempt that ran past its
-`timeout_s`; each of those asks the actor to stop.
+`timeout_s`; each of those asks the actor to stop. It also notices a preemption request
+(core/preemption.py) and asks the trainer to stop at its next checkpoint (`on_preempt`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from core.errors import LeaseLostError
 from core.jobs import Lease, get_job, heartbeat
 from core.settings import Settings
 from core.states import JobState
+from core.tables import Job
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +40,11 @@ class LeaseKeeper(threading.Thread):
         self.cancel_requested = threading.Event()
         self.lost = threading.Event()
         self.timed_out = threading.Event()
-        # Set by the runner once the actor is known: asks it to stop.
+        self.preempt_requested = threading.Event()
+        # Set by the runner once the actor is known: asks it to stop; for a trainer, asks it
+        # to stop at its next checkpoint.
         self.on_cancel: Callable[[], None] | None = None
+        self.on_preempt: Callable[[], None] | None = None
 
     def run(self) -> None:
         poll_s = min(1.0, self.settings.heartbeat_interval_s)
@@ -57,6 +62,8 @@ class LeaseKeeper(threading.Thread):
                         state = heartbeat(
                             session, self.lease, lease_ttl_s=self.settings.lease_ttl_s
                         )
+                        held = session.get(Job, self.lease.job_id)  # the row heartbeat locked
+                        preempting = held is not None and held.preempt_requested_at is not None
                     last_renewal = time.monotonic()
                 else:
                     # Only a look at the row: a snapshot read, which on SQLite does not queue
@@ -66,6 +73,7 @@ class LeaseKeeper(threading.Thread):
                         if job.lease_token != self.lease.token:
                             raise LeaseLostError(self.lease.job_id)
                         state = JobState(job.state)
+                        preempting = job.preempt_requested_at is not None
             except LeaseLostError:
                 log.warning("lease lost; stopping the attempt", extra={"job_id": self.lease.job_id})
                 self.lost.set()
@@ -76,6 +84,8 @@ class LeaseKeeper(threading.Thread):
                 continue
             if state == JobState.CANCELING:
                 self._request_cancel()
+            elif preempting:
+                self._request_preempt()
 
     def _request_cancel(self) -> None:
         if self.cancel_requested.is_set():
@@ -88,6 +98,17 @@ class LeaseKeeper(threading.Thread):
                 log.exception(
                     "could not ask the actor to stop", extra={"job_id": self.lease.job_id}
                 )
+
+    def _request_preempt(self) -> None:
+        if self.preempt_requested.is_set() or self.on_preempt is None:
+            return
+        self.preempt_requested.set()
+        log.info("preemption requested; stopping at the next checkpoint",
+                 extra={"job_id": self.lease.job_id})  # fmt: skip
+        try:
+            self.on_preempt()
+        except Exception:
+            log.exception("could not ask the trainer to stop", extra={"job_id": self.lease.job_id})
 
     def stop(self) -> None:
         self.stopped.set()

@@ -1,8 +1,9 @@
 """The periodic scheduler: submits the jobs of due schedule slots, starts delayed jobs whose
-time has come, fails waiting jobs whose
-deadline passed, reaps jobs whose lease expired (requeued after a backoff, so a job that kills
-its worker every time is spaced out until its attempts run out), re-publishes queued jobs whose
-broker message is gone, and hands due webhook messages to their queue.
+time has come, fails waiting jobs whose deadline passed, asks running training jobs to make
+room for jobs of a higher priority class that waited too long (scheduler/preemption.py), reaps
+jobs whose lease expired (requeued after a backoff, so a job that kills its worker every time
+is spaced out until its attempts run out), re-publishes queued jobs whose broker message is
+gone, and hands due webhook messages to their queue.
 
 It is a plain loop in its own process rather than Celery beat, because its main duty is to
 repair the broker: it must keep working while the broker is empty, restarted or unreachable.
@@ -31,6 +32,7 @@ from core.settings import Settings
 from core.states import JobState
 from core.tables import Job, utcnow
 from scheduler.enqueue import Publication, Publisher
+from scheduler.preemption import preempt_round
 from scheduler.webhooks import dispatch
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,7 @@ class TickReport:
     expired: int = 0
     webhooks: int = 0
     scheduled: int = 0
+    preempted: int = 0
 
 
 class Periodic:
@@ -77,6 +80,9 @@ class Periodic:
         with self.database.transaction() as session:
             ids = promote_due(session)
         return self._publish(ids)
+
+    def preempt(self) -> int:
+        return len(preempt_round(self.settings, self.database))
 
     def reap(self) -> tuple[int, int]:
         # A worker crash is a transient failure: the next attempt waits like any other retry
@@ -122,6 +128,7 @@ class Periodic:
         report.scheduled = self.fire_schedules()
         report.promoted = self.promote()
         report.expired = self.expire()
+        report.preempted = self.preempt()
         report.reaped, report.requeued = self.reap()
         report.republished = self.reconcile()
         report.webhooks = self.webhooks()
@@ -138,6 +145,7 @@ class Periodic:
                 if time.monotonic() >= next_reap:
                     self.promote()
                     self.expire()
+                    self.preempt()
                     self.reap()
                     next_reap = time.monotonic() + self.settings.reap_interval_s
                 if time.monotonic() >= next_reconcile:

@@ -37,11 +37,13 @@ from core.jobs import (
     release_job,
     retry_backoff_s,
 )
+from core.preemption import requeue_preempted
 from core.settings import Settings
 from core.states import JobKind, JobState
 from core.tables import Dataset, Job, Model, Tenant, utcnow
 from scheduler.enqueue import Publication, Publisher
 from scheduler.lease import LeaseKeeper
+from scheduler.preemption import TrainerPreempter
 from scheduler.recorder import EventRecorder
 from workers.families.base import CanceledError, Family
 from workers.registry import get_family
@@ -232,7 +234,7 @@ class Runner:
 
         family = get_family(job.family)
         recorder = EventRecorder(self, job, lease)
-        trainer = None
+        trainer = preempter = None
         stream: Iterator[Event]
         try:
             self.connect_ray()
@@ -243,6 +245,8 @@ class Runner:
                     job.id, family, num_gpus=job.num_gpus, gpu_memory_gb=job.gpu_memory_gb
                 )
                 keeper.on_cancel = _trainer_stopper(trainer, self.settings.cancel_grace_s)
+                preempter = TrainerPreempter(trainer, self.settings.preemption_grace_s, job.id)
+                keeper.on_preempt = preempter
                 need = trainer_need(trainer_resources(family, job.num_gpus, job.gpu_memory_gb))
                 actor_id = trainer._actor_id.hex()
                 # The pool unloads idle servers if the trainer fits nowhere, and keeps doing so
@@ -264,6 +268,8 @@ class Runner:
         except BaseException as exc:  # noqa: BLE001 - every outcome must end the attempt
             return self._fail(job, lease, keeper, exc, recorder)
         finally:
+            if preempter is not None:
+                preempter.cancel()
             if trainer is not None:
                 ray.kill(trainer)
 
@@ -400,6 +406,10 @@ class Runner:
         )
         if keeper.lost.is_set():
             return "lease-lost"
+        # Preempted (core/preemption.py): back to the queue without using an attempt, held
+        # off for a while so that the slot goes to the job it made room for.
+        preempted = keeper.preempt_requested.is_set() and not keeper.cancel_requested.is_set()
+        hold_s = self.settings.preempt_after_s
         try:
             with self.database.transaction() as session:
                 if recorder is not None:  # what the attempt made before it failed is kept
@@ -412,6 +422,8 @@ class Runner:
                         error_type="timeout",
                         error_detail=f"the attempt ran longer than timeout_s={job.timeout_s:g}",
                     )
+                elif preempted:  # before CanceledError: PreemptedError is one
+                    state = requeue_preempted(session, lease, hold_s=hold_s)
                 elif isinstance(cause, CanceledError) or keeper.cancel_requested.is_set():
                     state = finish_job(session, lease, JobState.CANCELED)
                 elif is_out_of_memory(cause):
@@ -454,7 +466,14 @@ class Runner:
             # Its token arrives when the backoff is over (not_before holds other tokens off).
             self.publisher.publish(
                 self.database,
-                [Publication(job.id, job.queue, job.priority, countdown_s=backoff_s)],
+                [
+                    Publication(
+                        job.id,
+                        job.queue,
+                        job.priority,
+                        countdown_s=hold_s if preempted else backoff_s,
+                    )
+                ],
             )
         log.info("attempt ended: %s (%s)", state, type(cause).__name__, extra={"job_id": job.id})
         if isinstance(exc, KeyboardInterrupt | SystemExit):

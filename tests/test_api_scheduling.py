@@ -18,7 +18,7 @@ from sqlalchemy import select, update
 
 from core.db import Database
 from core.settings import Settings
-from core.tables import AuditEntry, Job, JobEvent, Tenant, utcnow
+from core.tables import AuditEntry, Job, JobEvent, utcnow
 from tests.test_api_support import (  # noqa: F401 (fixtures)
     PG_URL,
     Keys,
@@ -107,6 +107,42 @@ def test_quotas_are_set_by_admins_and_refuse_with_429_naming_the_limit(
     assert submit(client, keys.acme, echo()).status_code == 202
 
 
+def test_opting_out_of_preemption_needs_an_admin_and_usage_is_shown(
+    client: FlaskClient, keys: Keys, database: Database, settings: Settings
+) -> None:
+    opt_out = {**echo(), "preemptible": False}
+    body = assert_problem(submit(client, keys.acme, opt_out), 422)
+    assert body["errors"][0]["field"] == "preemptible"
+    body = assert_problem(submit(client, keys.acme, {**echo(), "preemptible": "no"}), 422)
+    assert body["errors"][0]["field"] == "preemptible"
+    path = "/v1/tenants/acme"
+    assert_problem(client.patch(path, json={"may_opt_out": True}, headers=bearer(keys.acme)), 403)
+    body = assert_problem(
+        client.patch(path, json={"may_opt_out": None}, headers=bearer(keys.admin)), 422
+    )
+    assert body["errors"][0]["field"] == "may_opt_out"
+    done = client.patch(
+        path, json={"may_opt_out": True, "preemptible": False}, headers=bearer(keys.admin)
+    )
+    assert done.get_json()["preemption"] == {"preemptible": False, "may_opt_out": True}
+    job = submit(client, keys.acme, opt_out).get_json()
+    assert job["preemptible"] is False
+    assert job["preemption"] == {"count": 0, "by": None, "requested_at": None}
+    # Usage-based fair share: acme's job ran for 4 s; globex has used nothing.
+    run_job(database, settings, job["id"])
+    with database.transaction() as session:
+        now = utcnow()
+        row = session.get(Job, job["id"])
+        assert row is not None
+        started = row.started_at
+    assert started is not None
+    listed = client.get("/v1/tenants", headers=bearer(keys.admin)).get_json()["items"]
+    shares = {t["name"]: t["fair_share"] for t in listed}
+    assert shares["acme"]["gpu_seconds"] > 0 and shares["acme"]["usage_share"] == 1.0
+    assert shares["globex"]["gpu_seconds"] == 0.0 and shares["globex"]["ratio"] == 0.0
+    assert (now - started).total_seconds() >= shares["acme"]["gpu_seconds"]
+
+
 def test_purge_cancels_a_tenants_waiting_jobs_with_a_reason(
     client: FlaskClient, keys: Keys, database: Database
 ) -> None:
@@ -153,15 +189,11 @@ def test_queue_position_and_eta_follow_fair_share(
     backlog = [submit(client, keys.acme, echo()).get_json() for _ in range(4)]
     late = submit(client, keys.globex, echo()).get_json()
     get = lambda j, k: client.get(f"/v1/jobs/{j['id']}", headers=bearer(k)).get_json()  # noqa: E731
-    # globex arrives last but goes ahead of acme's backlog after acme's first start. Its one
-    # job and acme's next have the same virtual start; such a tie goes by tenant id, and the
-    # two tenants were created in the same instant, so either may come first.
-    with database.read() as session:
-        ids = dict(session.execute(select(Tenant.name, Tenant.id)).all())
-    acme_first = ids["acme"] < ids["globex"]
-    assert get(late, keys.globex)["queue_position"] == (1 if acme_first else 0)
+    # globex arrives last but goes ahead of acme's backlog: under the usage-based fair share
+    # (the default) acme has used GPU time and globex none.
+    assert get(late, keys.globex)["queue_position"] == 0
     positions = [get(j, keys.acme)["queue_position"] for j in backlog]
-    assert positions == ([0, 2, 3, 4] if acme_first else [1, 2, 3, 4])
+    assert positions == [1, 2, 3, 4]
     # Two slots (worker_concurrency=2), 4 s per echo job: position 4 waits two waves.
     assert get(backlog[0], keys.acme)["eta_s"] == 4.0
     assert get(backlog[3], keys.acme)["eta_s"] == 4.0 * (1 + 1.5)
@@ -243,6 +275,13 @@ def test_dashboard_quotas_purge_and_schedules(
                                 "budget_period_s": 3600, "over_quota": "hold"}  # fmt: skip
     [entry] = audit(database, "tenant.quotas")
     assert entry.detail["via"] == "dashboard" and entry.detail["to"]["max_running"] == 1
+    assert 'data-fair-share="acme"' in page and "GPU-s used" in page
+    bad = client.post(quotas, data={"csrf_token": token, "may_opt_out": "maybe"})
+    assert bad.status_code == 422 and "may_opt_out" in bad.get_data(as_text=True)
+    form = {"csrf_token": token, "preemptible": "no", "may_opt_out": "yes"}
+    assert client.post(quotas, data=form).status_code == 302
+    tenant = client.get("/v1/tenants/acme", headers=bearer(keys.acme)).get_json()
+    assert tenant["preemption"] == {"preemptible": False, "may_opt_out": True}
 
     jobs = [submit(client, keys.acme, echo()).get_json()["id"] for _ in range(2)]
     other = submit(client, keys.globex, echo()).get_json()["id"]

@@ -29,7 +29,9 @@ from core.tables import Job, Tenant, utcnow
 
 @pytest.fixture
 def db(database_url: str, tmp_path: Path):  # type: ignore[no-untyped-def]
-    settings = Settings(var_dir=tmp_path / "var", database_url=database_url)
+    # The start-based policy: its order does not depend on how long the test's jobs run
+    # (tests/test_usage.py covers the usage-based one with a clock of its own).
+    settings = Settings(var_dir=tmp_path / "var", database_url=database_url, fair_share="starts")
     migrations.upgrade(settings)
     database = Database(settings)
     with database.transaction() as session:

@@ -39,6 +39,7 @@ from core.events import Event, Log, ModelSaved
 from core.states import JobKind
 from workers.batching import job_error
 from workers.families.base import GPU_MEMORY_RESOURCE, DatasetRef, Family, TrainContext
+from workers.preemption import CheckpointStop
 from workers.registry import get_family
 from workers.server import ModelServer as BaseModelServer
 from workers.server import ServingOptions, device_name, placement_event, ray_placement
@@ -66,6 +67,7 @@ class Trainer:
         self.family = get_family(family)
         self.device = device_name()
         self._canceled = threading.Event()
+        self._preempt = CheckpointStop()
 
     def train(
         self, job_id: str, kind: str, params: dict[str, Any], ctx: dict[str, Any]
@@ -82,7 +84,9 @@ class Trainer:
         if placement is not None:
             yield placement
         if "artifact_url" not in ctx:
-            events = implementation.train(params, self._local_ctx(job_id, ctx))
+            train_ctx = self._local_ctx(job_id, ctx)
+            self._preempt.folder = train_ctx.checkpoint_dir
+            events = self._preempt.until_checkpoint(implementation.train(params, train_ctx), job_id)
             yield from _guarded(events, job_id)
             return
         yield from _guarded(self._staged(implementation, job_id, params, ctx), job_id)
@@ -146,7 +150,11 @@ class Trainer:
             parent_model_path=parent,
             parent_config=dict(ctx.get("parent_config") or {}),
         )
-        for event in implementation.train(params, train_ctx):
+        # A preemption stops it after the next checkpoint has gone to the store.
+        self._preempt.folder = sync.local_dir
+        for event in self._preempt.until_checkpoint(
+            implementation.train(params, train_ctx), job_id
+        ):
             with store_errors():
                 sync.push_if_changed()
                 if isinstance(event, ModelSaved):
@@ -161,6 +169,10 @@ class Trainer:
 
     def cancel(self) -> None:
         self._canceled.set()
+
+    def preempt(self) -> None:
+        """Stop at the next checkpoint (workers/preemption.py)."""
+        self._preempt.request()
 
     def info(self) -> dict[str, Any]:
         return {
@@ -287,6 +299,6 @@ def start_trainer(
     return _TrainerActor.options(
         name=name,
         namespace=NAMESPACE,
-        max_concurrency=2,  # train and cancel
+        max_concurrency=3,  # train, and cancel or preempt
         **placement,
     ).remote(family.name)

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from core.states import JobState
 from core.tables import ApiKey, Artifact, Job, JobEvent, Model, Tenant, utcnow
+from core.usage import fair_share_report
 
 STATES = list(JobState)
 
@@ -348,9 +349,11 @@ def tenant_usage(session: Session, now: datetime | None = None) -> list[dict[str
     keys: dict[str, list[ApiKey]] = defaultdict(list)
     for key in session.scalars(select(ApiKey).order_by(ApiKey.created_at)):
         keys[key.tenant_id].append(key)
+    shares = fair_share_report(session, now or utcnow(), {t.id: t.weight for t in tenants})
     return [
         {
             "tenant": t,
+            "fair_share": shares[t.id],
             "total": int(totals.get(t.id, 0)),
             "last_day": recent.get(t.id, {}),
             "active": active.get(t.id, {}),

@@ -28,6 +28,7 @@ from core.tables import Schedule, Tenant, utcnow
 
 QUOTA_FIELDS = tuple(QuotaChange.model_fields)
 INT_FIELDS = ("weight", "max_running", "max_queued", "budget_period_s")
+BOOL_FIELDS = ("preemptible", "may_opt_out")
 
 
 @bp.get("/schedules")
@@ -84,6 +85,10 @@ def _quota_form() -> dict[str, Any]:
             if number is None:
                 raise InvalidInputError.one(name, "must be a whole number")
             raw[name] = number
+        elif name in BOOL_FIELDS:
+            if value not in ("yes", "no"):
+                raise InvalidInputError.one(name, "must be yes or no")
+            raw[name] = value == "yes"
         elif name == "gpu_seconds_budget":
             try:
                 raw[name] = float(value)

@@ -145,6 +145,11 @@ class CanceledError(Exception):
     """Raised inside an implementation's loop when its job's cancel was requested."""
 
 
+class PreemptedError(CanceledError):
+    """A training attempt stopped at a checkpoint to make room for another job
+    (workers/preemption.py); it resumes from that checkpoint in its next attempt."""
+
+
 BatchItem = tuple[int | None, Event | BaseException]
 
 

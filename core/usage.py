@@ -1,0 +1,202 @@
+"""What each tenant's jobs have cost: the currency of the usage-based fair share
+(core/fairness.py) and of the usage the API, the dashboard and the metrics show.
+
+A running attempt costs `rate x seconds`, where the rate is the GPUs the job holds (a fraction
+for a shared GPU) or, for a job that holds no GPU, 1: a CPU-only job is charged its slot time.
+Usage decays exponentially with the half-life `fair_share_half_life_s`, so a second of use
+`age` seconds ago counts `2^(-age / half_life)` (Slurm's decayed usage; its default half-life
+is 7 days, ours 1 day).
+
+Each tenant's row in `tenant_usage` holds its decayed GPU-seconds as of `as_of`. An attempt is
+added when it ends (finished, given back to the queue, preempted, or reaped), integrated with
+the decay over the time it ran; attempts still running are added whenever usage is read, from
+their `started_at` to now (undecayed until they end). So a long job's tenant falls back while
+it runs, not only when it ends, and reading usage costs one aggregate over the running jobs
+(as many as there are slots) and one primary-key read per tenant.
+
+The half-life and the policy are settings; `core.db.Database` puts them in each session's
+`info`, so the job services that charge an attempt (core/jobs.py, core/recovery.py) and the
+claim need no extra argument.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import bindparam, case, func, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from core.states import ACTIVE
+from core.tables import Job, TenantUsage
+
+HALF_LIFE_INFO = "fair_share_half_life_s"
+POLICY_INFO = "fair_share"
+DEFAULT_HALF_LIFE_S = 86400.0
+
+
+def half_life_of(session: Session) -> float:
+    """The half-life the session's Database was built with (the default for bare sessions)."""
+    return float(session.info.get(HALF_LIFE_INFO, DEFAULT_HALF_LIFE_S))
+
+
+def policy_of(session: Session) -> str:
+    """The fair-share policy the session's Database was built with: `usage` or `starts`."""
+    return str(session.info.get(POLICY_INFO, "usage"))
+
+
+def rate_of(num_gpus: float | None) -> float:
+    """GPU-seconds per second of running: the job's GPUs, or 1 for a CPU-only job."""
+    return float(num_gpus) if num_gpus else 1.0
+
+
+def decayed(value: float, elapsed_s: float, half_life_s: float) -> float:
+    """`value` measured `elapsed_s` ago, as it counts now."""
+    return value * 2.0 ** (-max(0.0, elapsed_s) / half_life_s)
+
+
+def attempt_cost(
+    rate: float, started_at: datetime, ended_at: datetime, now: datetime, half_life_s: float
+) -> float:
+    """Decayed GPU-seconds at `now` of running at `rate` from `started_at` to `ended_at`:
+    the integral of rate x 2^(-(now - t) / half_life) over the run."""
+    run_s = (ended_at - started_at).total_seconds()
+    if run_s <= 0:
+        return 0.0
+    k = math.log(2) / half_life_s
+    since_end = max(0.0, (now - ended_at).total_seconds())
+    # rate/k * (e^(-k since_end) - e^(-k (since_end + run_s))), without cancellation for
+    # short runs: e^(-k since_end) * (1 - e^(-k run_s)) = e^(-k since_end) * -expm1(-k run_s).
+    return rate / k * math.exp(-k * since_end) * -math.expm1(-k * run_s)
+
+
+_STORED = select(TenantUsage).where(
+    TenantUsage.tenant_id.in_(bindparam("tenant_ids", expanding=True))
+)
+_STORED_ONE = select(TenantUsage).where(TenantUsage.tenant_id == bindparam("tenant_id"))
+_RATE = case((Job.num_gpus > 0, Job.num_gpus), else_=1.0)
+
+
+def _running(session: Session, tenant_ids: list[str] | None, now: datetime) -> dict[str, float]:
+    """GPU-seconds of the attempts running now, per tenant (as many rows as busy slots,
+    through the state index): rate x (now - started_at), that is without their
+    decay while they run (a run of an hour under a 1-day half-life counts 1.4% more until it
+    ends, when `charge_attempt` adds it decayed)."""
+    if session.get_bind().dialect.name == "sqlite":
+        started_s = (func.julianday(Job.started_at) - 2440587.5) * 86400.0
+    else:
+        started_s = func.extract("epoch", Job.started_at)
+    # Summed here rather than with GROUP BY, which SQLite would answer by walking the tenant
+    # index over every job instead of the state index over the running ones.
+    stmt = select(Job.tenant_id, _RATE, started_s).where(
+        Job.state.in_([str(s) for s in ACTIVE]), Job.started_at.is_not(None)
+    )
+    if tenant_ids is not None:
+        stmt = stmt.where(Job.tenant_id.in_(tenant_ids))
+    now_s = now.timestamp()
+    out: dict[str, float] = {}
+    for tenant_id, rate, started in session.execute(stmt):
+        out[tenant_id] = out.get(tenant_id, 0.0) + max(0.0, float(rate) * (now_s - float(started)))
+    return out
+
+
+def charge_attempt(session: Session, job: Job, ended_at: datetime) -> float:
+    """Add the attempt of `job` that ran from its `started_at` to `ended_at` to its tenant's
+    usage; returns the attempt's GPU-seconds (undecayed). The tenant's row is locked, so two
+    attempts ending at once both count."""
+    if job.started_at is None or ended_at <= job.started_at:
+        return 0.0
+    half_life_s = half_life_of(session)
+    rate = rate_of(job.num_gpus)
+    row = session.scalar(_STORED_ONE.with_for_update(), {"tenant_id": job.tenant_id})
+    if row is None:
+        try:
+            with session.begin_nested():
+                session.add(
+                    TenantUsage(
+                        tenant_id=job.tenant_id, gpu_seconds=0.0, attempts=0.0, as_of=ended_at
+                    )
+                )
+        except IntegrityError:  # another attempt of the tenant ended first
+            pass
+        row = session.scalar(_STORED_ONE.with_for_update(), {"tenant_id": job.tenant_id})
+        assert row is not None
+    # Both terms are brought to the later of the two times (ends may be recorded out of order).
+    at = max(row.as_of, ended_at)
+    since_s = (at - row.as_of).total_seconds()
+    row.gpu_seconds = decayed(row.gpu_seconds, since_s, half_life_s) + attempt_cost(
+        rate, job.started_at, ended_at, at, half_life_s
+    )
+    row.attempts = decayed(row.attempts, since_s, half_life_s) + decayed(
+        1.0, (at - ended_at).total_seconds(), half_life_s
+    )
+    row.as_of = at
+    return rate * (ended_at - job.started_at).total_seconds()
+
+
+@dataclass(frozen=True)
+class Usage:
+    """A tenant's decayed usage now: GPU-seconds (running attempts included), the part of it
+    that running attempts make, and the decayed mean cost of one attempt (None without
+    history)."""
+
+    tenant_id: str
+    gpu_seconds: float
+    running_gpu_seconds: float
+    mean_attempt_gpu_seconds: float | None
+
+
+def usage_of(session: Session, tenant_ids: Iterable[str], now: datetime) -> dict[str, Usage]:
+    """Each tenant's usage at `now` (tenants without any are at 0)."""
+    ids = list(tenant_ids)
+    if not ids:
+        return {}
+    half_life_s = half_life_of(session)
+    stored = {r.tenant_id: r for r in session.scalars(_STORED, {"tenant_ids": ids})}
+    running = dict.fromkeys(ids, 0.0) | _running(session, ids, now)
+    out = {}
+    for tenant_id in ids:
+        row = stored.get(tenant_id)
+        past = mean = None
+        if row is not None:
+            since_s = (now - row.as_of).total_seconds()
+            past = decayed(row.gpu_seconds, since_s, half_life_s)
+            attempts = decayed(row.attempts, since_s, half_life_s)
+            mean = past / attempts if attempts > 1e-9 else None
+        out[tenant_id] = Usage(
+            tenant_id, (past or 0.0) + running[tenant_id], running[tenant_id], mean
+        )
+    return out
+
+
+def fair_share_report(
+    session: Session, now: datetime, weights: dict[str, int]
+) -> dict[str, dict[str, float | None]]:
+    """For the API, the dashboard and the metrics: each tenant's decayed GPU-seconds (running
+    attempts included, and apart), its weighted share (its weight over the weights of the
+    tenants that have usage: `weights` lists every tenant), its share of the usage, and the
+    ratio of the two (below 1: under its share, so it goes first)."""
+    ids = set(session.scalars(select(TenantUsage.tenant_id)))
+    ids |= set(_running(session, None, now))
+    ids &= set(weights)
+    usage = usage_of(session, ids, now)
+    active = {t for t, u in usage.items() if u.gpu_seconds > 1e-6}
+    total_weight = sum(weights[t] for t in active) or 1
+    total_usage = sum(usage[t].gpu_seconds for t in active)
+    out: dict[str, dict[str, float | None]] = {}
+    for tenant_id, weight in weights.items():
+        u = usage.get(tenant_id)
+        used = u.gpu_seconds if u is not None else 0.0
+        share = weight / (total_weight + (0 if tenant_id in active else weight))
+        used_share = used / total_usage if total_usage > 0 else 0.0
+        out[tenant_id] = {
+            "gpu_seconds": round(used, 3),
+            "running_gpu_seconds": round(u.running_gpu_seconds, 3) if u is not None else 0.0,
+            "share": round(share, 4),
+            "usage_share": round(used_share, 4),
+            "ratio": round(used_share / share, 4),
+        }
+    return out
