@@ -36,9 +36,11 @@ log = logging.getLogger(__name__)
 ADMIN_TENANT = "admin"
 # Secrets and the children that need them: the admin key is used by `genq up` itself (at
 # bootstrap) and by no child; the secret key signs dashboard sessions (api) and webhooks
-# (worker). Ray's processes (model servers, trainers) get no GENQ_* variable at all: they take
-# what they need from the task, and run model code that should not see credentials.
+# (worker). Ray's processes (model servers, trainers) run model code that should not see
+# credentials: they get only the node-local settings below (where this machine keeps its state
+# and its copies of stored models and data sets); everything else comes with the task.
 SECRET_USERS = {"GENQ_ADMIN_KEY": frozenset(), "GENQ_SECRET_KEY": frozenset({"api", "worker"})}
+RAY_NODE_SETTINGS = frozenset({"GENQ_VAR_DIR", "GENQ_CACHE_DIR", "GENQ_LOG_LEVEL"})
 
 
 def bootstrap(settings: Settings) -> str | None:
@@ -92,7 +94,11 @@ class Stack:
     def child_env(self, name: str) -> dict[str, str]:
         """The environment of one child: only the secrets it needs."""
         if name == "ray":
-            return {k: v for k, v in self.env.items() if not k.startswith("GENQ_")}
+            return {
+                k: v
+                for k, v in self.env.items()
+                if not k.startswith("GENQ_") or k in RAY_NODE_SETTINGS
+            }
         return {
             k: v for k, v in self.env.items() if k not in SECRET_USERS or name in SECRET_USERS[k]
         }
