@@ -10,8 +10,6 @@ import logging
 import threading
 from typing import Any
 
-import ray
-
 from core.db import Database
 from core.preemption import Preemption, preempt_for_waiting
 from core.settings import Settings
@@ -54,6 +52,10 @@ class TrainerPreempter:
     def _kill(self) -> None:
         if self._ended.is_set():
             return
+        # Imported here: the periodic scheduler imports this module for preempt_round and runs
+        # on the API host, which has no Ray node and must not load Ray (tests/test_multihost.py).
+        import ray
+
         log.warning("no checkpoint within the grace; stopping the trainer",
                     extra={"job_id": self.job_id})  # fmt: skip
         ray.kill(self.trainer)
