@@ -29,7 +29,7 @@ from core.artifacts import ArtifactStore
 from core.catalog import register_model
 from core.db import Database
 from core.errors import GenqError, JobFailedError, LeaseLostError
-from core.events import Event, Log
+from core.events import Event, Log, Placement
 from core.fairness import claim_next
 from core.jobs import (
     Lease,
@@ -322,7 +322,9 @@ class Runner:
                 refs: Any = actor.generate.remote(job.id, job.params)
                 actor_id = actor._actor_id.hex()
                 for event in self._started(refs, actor_id, need, recorder, "loading the model"):
-                    started = True
+                    # Where the job landed comes first and is no work done: a server that dies
+                    # after it has still not started the job, which then runs on a live one.
+                    started = started or not isinstance(event, Placement)
                     yield event
                 return
             except (ActorDiedError, ActorUnavailableError) as exc:

@@ -387,7 +387,8 @@ def test_training_longer_than_the_visibility_timeout_runs_once(
         # However fast the machine, the job must still be running when the broker hands its
         # unacknowledged message out again: the trainer is paused (its lease is renewed by the
         # worker meanwhile) until the re-delivery has been seen, then resumed.
-        (pid,) = wait_until(trainer_pids, 10, "the trainer's process")
+        # (A trainer of an earlier test may still be on its way out: wait for this one alone.)
+        (pid,) = wait_until(lambda: len(p := trainer_pids()) == 1 and p, 30, "one trainer")
         os.kill(pid, signal.SIGSTOP)
         try:
             wait_until(lambda: "skipped:running" in cluster.logs(), 90, "the re-delivery")
