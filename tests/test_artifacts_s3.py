@@ -72,12 +72,15 @@ def cluster(tmp_path: Path, ray_head: RayHead, s3_url: str) -> Iterator[Cluster]
 
 def stop_model_servers(head: RayHead) -> None:
     """Kill the warm (detached) model servers a test left on the module's Ray head: they hold
-    GPU shares that the next test's whole-GPU model (transformers) needs."""
+    GPU shares that the next test's whole-GPU model (transformers) needs. The model pool goes
+    first, so that it cannot start replacements for the servers killed after it; the next job
+    starts a fresh pool."""
     code = (
         "import ray, sys\n"
         "ray.init(address=sys.argv[1], namespace='genq', log_to_driver=False)\n"
-        "for name in ray.util.list_named_actors():\n"
-        "    if name.startswith('model-'):\n"
+        "names = ray.util.list_named_actors()\n"
+        "for name in sorted(names, key=lambda n: n != 'genq-model-pool'):\n"
+        "    if name.startswith('model-') or name == 'genq-model-pool':\n"
         "        ray.kill(ray.get_actor(name), no_restart=True)\n"
     )
     done = subprocess.run(
