@@ -7,7 +7,6 @@ batch."""
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Iterator
@@ -52,35 +51,10 @@ def ray_cluster() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, Any]]:
-    """A tiny ddpm model folder (seeded random weights, as `train` would save it)."""
-    from diffusers import UNet2DModel
-
-    from workers.families import ddpm
-
-    folder = tmp_path_factory.mktemp("ddpm-model")
-    config = {
-        "family": "ddpm",
-        "preset": "tiny",
-        "image_size": 16,
-        "channels": 1,
-        "num_classes": 10,
-        "null_label": 10,
-        "class_names": [str(i) for i in range(10)],
-        "num_train_timesteps": 200,
-        "scheduler": dict(ddpm.SCHEDULE),
-        "unet": {
-            "sample_size": 16,
-            "in_channels": 1,
-            "out_channels": 1,
-            "num_class_embeds": 11,
-            **ddpm.PRESETS["tiny"]["unet"],
-        },
-    }
-    torch.manual_seed(0)
-    UNet2DModel(**config["unet"]).save_pretrained(folder, safe_serialization=True)
-    (folder / "genq.json").write_text(json.dumps(config))
-    return str(folder), config
+def model(tiny_ddpm: tuple[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """The tiny ddpm model folder of tests/conftest.py (seeded random weights, as `train`
+    would save it)."""
+    return tiny_ddpm
 
 
 def run_job(server: Any, job_id: str, params: dict[str, Any]) -> list[Any]:
