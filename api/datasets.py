@@ -1,7 +1,11 @@
-"""`POST /v1/datasets`: upload a data set — a zip of images (one folder per class) or a text
-file — for training jobs to name.
+"""`POST /v1/datasets`: upload a data set — a zip of images (one folder per class), a zip of
+captioned images, or a text file — for training jobs to name.
 
-The request is `multipart/form-data` with `name`, `kind` (`images` or `text`) and `file`.
+The request is `multipart/form-data` with `name`, `kind` (`images`, `captioned_images` or
+`text`) and `file`. A `captioned_images` zip holds images (in any folders) and their captions:
+a `captions.jsonl` at its root (`{"file": "a/b.png", "text": "..."}` per line) or a `.txt`
+beside each image (`b.png` -> `b.txt`); every image needs a non-empty caption, and a caption
+for a file that is not in the zip is refused.
 Every limit answers before anything is kept: an upload over GENQ_DATASET_MAX_BYTES is 413; a
 zip is unpacked by core/archives.py, which streams each entry to disk and answers 413 for more
 entries than GENQ_DATASET_MAX_ENTRIES, an entry over GENQ_DATASET_MAX_ENTRY_BYTES or a total
@@ -19,6 +23,7 @@ Preprocessing (resize, normalise, tokenise) happens in the training job.
 from __future__ import annotations
 
 import codecs
+import json
 import shutil
 import tempfile
 import zipfile
@@ -44,6 +49,9 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 # What zip tools add on their own; skipped rather than refused.
 IGNORED_PARTS = ("__MACOSX", ".DS_Store")
 TEXT_FILE = "text.txt"  # workers.datasets reads this name
+CAPTIONS_FILE = "captions.jsonl"  # and this one
+CAPTION_MAX_CHARS = 4000
+KINDS = ("images", "captioned_images", "text")
 CHUNK_BYTES = 1024 * 1024
 DATASET_NAME_MAX = 128  # Dataset.name's length
 
@@ -64,6 +72,90 @@ def _check_entry(path: PurePosixPath) -> None:
         )
     for part in path.parts:
         check_name(part, "file")
+
+
+def _check_captioned_entry(path: PurePosixPath) -> None:
+    """An image, its `.txt` caption, or `captions.jsonl` at the root, with portable names."""
+    name = str(path)
+    if name != CAPTIONS_FILE and path.suffix.lower() not in (*IMAGE_SUFFIXES, ".txt"):
+        raise InvalidInputError.one(
+            "file", f"{name!r} is not an image, a .txt caption or {CAPTIONS_FILE}"
+        )
+    for part in path.parts:
+        check_name(part, "file")
+
+
+def _caption(text: Any, where: str) -> str:
+    if not isinstance(text, str) or not text.strip():
+        raise InvalidInputError.one("file", f"{where}: the caption is empty")
+    if len(text) > CAPTION_MAX_CHARS or "\x00" in text:
+        raise InvalidInputError.one(
+            "file", f"{where}: a caption is at most {CAPTION_MAX_CHARS} characters, without NUL"
+        )
+    return text.strip()
+
+
+def _read_captions_jsonl(file: Path, images: set[str]) -> dict[str, str]:
+    captions: dict[str, str] = {}
+    with open(file, "rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            where = f"{CAPTIONS_FILE} line {number}"
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw)
+            except ValueError as exc:
+                raise InvalidInputError.one("file", f"{where} is not JSON: {exc}") from None
+            if not isinstance(row, dict) or not isinstance(row.get("file"), str):
+                raise InvalidInputError.one("file", f'{where}: needs {{"file": ..., "text": ...}}')
+            if row["file"] not in images:
+                raise InvalidInputError.one("file", f"{where}: no image {row['file']!r} in the zip")
+            if row["file"] in captions:
+                raise InvalidInputError.one("file", f"{where}: {row['file']!r} is captioned twice")
+            captions[row["file"]] = _caption(row.get("text"), where)
+    return captions
+
+
+def _unpack_captioned(upload: IO[bytes], folder: Path, settings: Settings) -> dict[str, Any]:
+    entries = extract_zip(
+        upload, folder, archive_limits(settings), skip=_skip_entry, check=_check_captioned_entry
+    )
+    images = {str(e.path): e for e in entries if e.path.suffix.lower() in IMAGE_SUFFIXES}
+    texts = {str(e.path): e for e in entries if e.path.suffix.lower() == ".txt"}
+    if not images:
+        raise InvalidInputError.one("file", "no images in the zip")
+    for name, entry in images.items():
+        _check_image(entry.file, name, settings)
+    if CAPTIONS_FILE in {str(e.path) for e in entries}:
+        if texts:
+            raise InvalidInputError.one(
+                "file", f"give captions either in {CAPTIONS_FILE} or as .txt files, not both"
+            )
+        captions = _read_captions_jsonl(folder / CAPTIONS_FILE, set(images))
+    else:
+        captions = {}
+        for name, entry in texts.items():
+            image = [i for i in images if PurePosixPath(i).with_suffix(".txt") == entry.path]
+            if not image:
+                raise InvalidInputError.one("file", f"{name!r} captions no image in the zip")
+            if len(image) > 1:
+                raise InvalidInputError.one("file", f"{name!r} would caption {len(image)} images")
+            try:
+                text = entry.file.read_text("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InvalidInputError.one("file", f"{name!r} is not UTF-8: {exc}") from None
+            captions[image[0]] = _caption(text, name)
+    missing = sorted(set(images) - set(captions))
+    if missing:
+        raise InvalidInputError.one(
+            "file", f"{len(missing)} images have no caption, e.g. {missing[0]!r}"
+        )
+    # One file the trainer reads, whatever form the captions came in.
+    rows = [json.dumps({"file": f, "text": captions[f]}) for f in sorted(captions)]
+    (folder / CAPTIONS_FILE).write_text("\n".join(rows) + "\n")
+    for entry in texts.values():
+        entry.file.unlink()
+    return {"num_items": len(images)}
 
 
 def _check_image(file: Path, name: str, settings: Settings) -> None:
@@ -145,8 +237,8 @@ def upload_dataset() -> tuple[Response, int]:
     if len(name) > DATASET_NAME_MAX:  # (PostgreSQL refuses a longer one: it was a 500)
         raise InvalidInputError.one("name", f"must be at most {DATASET_NAME_MAX} characters")
     kind = _form_field("kind")
-    if kind not in ("images", "text"):
-        raise InvalidInputError.one("kind", "must be images or text")
+    if kind not in KINDS:
+        raise InvalidInputError.one("kind", f"must be one of {', '.join(KINDS)}")
     upload = request.files.get("file")
     if upload is None:
         raise InvalidInputError.one("file", "required (multipart/form-data)")
@@ -167,6 +259,8 @@ def upload_dataset() -> tuple[Response, int]:
     try:
         if kind == "images":
             meta = _unpack_images(upload.stream, tmp, settings)
+        elif kind == "captioned_images":
+            meta = _unpack_captioned(upload.stream, tmp, settings)
         else:
             meta = _store_text(upload.stream, tmp)
         manifest = state.artifacts.put_folder(tmp, relative, move=True)

@@ -147,6 +147,8 @@ class Batcher:
             try:
                 p = self.family.generate_params.model_validate(params)
                 key = self.family.batch_key(p)
+                if key is not None and ctx.adapter is not None:
+                    key = (ctx.adapter["id"], key)  # one call runs one adapter
                 rows = int(getattr(p, "num_images", 1))
             except ValidationError:
                 key = None  # runs alone, where the implementation reports the bad field

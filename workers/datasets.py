@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ast
 import functools
+import json
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,9 @@ MAX_IMAGES = 100_000
 MAX_CLASSES = 1000
 PYDOCS_MAX_BYTES = 4_000_000  # the corpus is cut here: enough text, bounded memory
 TEXT_FILE = "text.txt"
+CAPTIONS_FILE = "captions.jsonl"
+# Held decoded in memory for a LoRA run: a few dozen is typical, this many is the most.
+MAX_CAPTIONED = 10_000
 
 
 @dataclass(frozen=True)
@@ -181,3 +185,35 @@ def load_text(ref: DatasetRef | None) -> bytes:
     if not data:
         raise InvalidInputError.one("dataset", "the text is empty")
     return data
+
+
+def load_captioned(ref: DatasetRef | None, size: int) -> tuple[torch.Tensor, list[str]]:
+    """A captioned-images data set (its `captions.jsonl`, written at upload): images centre-
+    cropped and resized to size x size, RGB in [-1, 1] (N, 3, size, size), and their captions."""
+    if ref is None or ref.path is None:
+        raise InvalidInputError.one("dataset", "a captioned_images data set is required")
+    if ref.kind != "captioned_images":
+        raise InvalidInputError.one("dataset", f"expected captioned_images, got {ref.kind}")
+    root = Path(ref.path)
+    captions_file = root / CAPTIONS_FILE
+    if not captions_file.is_file():
+        raise InvalidInputError.one("dataset", f"the data set has no {CAPTIONS_FILE}")
+    arrays, texts = [], []
+    for line in captions_file.read_text("utf-8").splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if len(texts) >= MAX_CAPTIONED:
+            raise InvalidInputError.one("dataset", f"more than {MAX_CAPTIONED} images")
+        file = root / row["file"]
+        try:
+            with Image.open(file) as image:
+                rgb = _square(image.convert("RGB")).resize((size, size), Image.Resampling.BICUBIC)
+        except (OSError, Image.DecompressionBombError) as exc:
+            raise InvalidInputError.one("dataset", f"{row['file']}: {exc}") from exc
+        arrays.append(np.asarray(rgb, dtype=np.uint8))
+        texts.append(str(row["text"]))
+    if not texts:
+        raise InvalidInputError.one("dataset", "the data set has no captioned images")
+    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (N, 3, size, size) uint8
+    return (x.float() / 127.5 - 1.0).contiguous(), texts

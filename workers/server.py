@@ -183,12 +183,22 @@ class ModelServer:
     def _is_canceled(self, job_id: str) -> Callable[[], bool]:
         return lambda: job_id in self._canceled
 
-    def generate(self, job_id: str, params: dict[str, Any]) -> Iterator[Event]:
+    def generate(
+        self,
+        job_id: str,
+        params: dict[str, Any],
+        adapter: dict[str, str] | None = None,
+        inputs: dict[str, bytes] | None = None,
+    ) -> Iterator[Event]:
+        """`adapter`: {"id", "path"} of an adapter version this base serves (its path as
+        registered, fetched to this machine); `inputs`: the bytes of the files the params name."""
         ctx = RunContext(
             job_id=job_id,
             device=self.device,
             is_canceled=self._is_canceled(job_id),
             min_rows=self.options.batch_min_rows,
+            adapter=self._adapter_folder(adapter) if adapter else None,
+            inputs=dict(inputs or {}),
         )
         with self._state_lock:
             self._active.add(job_id)
@@ -205,6 +215,13 @@ class ModelServer:
                 self._active.discard(job_id)
                 self._canceled.pop(job_id, None)
                 self._touch()
+
+    def _adapter_folder(self, adapter: dict[str, str]) -> dict[str, str]:
+        folder = Path(adapter["path"])
+        if self.options.artifact_url:  # on any machine: from the store
+            with store_errors():
+                folder = Staging.for_url(self.options.artifact_url).model_folder(adapter["path"])
+        return {"id": adapter["id"], "dir": str(folder)}
 
     def _touch(self) -> None:
         self._last_used = time.monotonic()

@@ -88,6 +88,9 @@ class Family:
     # guidance, sampler...; seed, label and count may differ), from the validated params;
     # None for a job that cannot batch. Unset: the family never batches.
     batch_key: Callable[[Any], Hashable | None] | None = None
+    # Params that name an input file by id (an upload, an output artifact, a data set item):
+    # the API checks the id at submit, the runner sends the bytes in RunContext.inputs.
+    input_fields: tuple[str, ...] = ()
 
     @property
     def is_batching(self) -> bool:
@@ -115,6 +118,11 @@ class RunContext:
     # Model calls with fewer sample rows are padded up to this many, so that a sample's result
     # does not depend on how many others it was computed with (workers/batching.py).
     min_rows: int = 1
+    # A job on an adapter version served by its base's server: {"id": the version's model
+    # id, "dir": its folder on this machine}; None on the model itself.
+    adapter: dict[str, str] | None = None
+    # Input files the job's params name (`Family.input_fields`), as bytes, by param name.
+    inputs: dict[str, bytes] = field(default_factory=dict)
 
 
 @dataclass

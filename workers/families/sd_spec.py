@@ -1,5 +1,8 @@
-"""The `diffusers` family: any diffusers text-to-image pipeline a self-hoster has on disk
-(Stable Diffusion 1.x / 2.x and XL layouts), registered with `POST /v1/models`.
+"""The `diffusers` family: any diffusers Stable Diffusion pipeline a self-hoster has on disk
+(1.x / 2.x and XL layouts), registered with `POST /v1/models`: text-to-image, image-to-image
+(`image` + `strength`) and inpainting (`image` + `mask`), and LoRA fine-tuning on a data set of
+captioned images, whose result is a version holding only the adapter (served by its base
+model's servers, the adapter switched per job).
 
 Besides the parameter schema, this module checks a pipeline folder's layout without torch,
 so the API can refuse a wrong folder at once: `model_index.json` names a supported pipeline
@@ -13,9 +16,10 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from core.errors import InvalidInputError
+from core.states import JobKind
 from workers.families.base import Family, Resources
 
 SEED_MAX = 2**32 - 1
@@ -36,6 +40,14 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
     "unipc": ("UniPCMultistepScheduler", {}),
 }
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
+# An input picture's id: `file-<24 hex>`, an artifact id, or `<dataset id>/<path>`.
+INPUT_REF_MAX = 1100
+# The params that name input pictures (resolved to their bytes by the runner).
+INPUT_FIELDS = ("image", "mask")
+# A fine-tuned version's genq.json `kind`: a LoRA adapter served with its base.
+LORA_KIND = "lora"
+DATASET_KIND = "captioned_images"
+LoraTarget = Literal["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.2"]
 SchedulerName = Literal[
     "default",
     "ddim",
@@ -84,6 +96,86 @@ class SdGenerateParams(BaseModel):
         le=SEED_MAX,
         description="Image i uses seed + i, so the same seed gives the same images. Unset: random.",
     )
+    image: str | None = Field(
+        None,
+        min_length=1,
+        max_length=INPUT_REF_MAX,
+        description="Image-to-image or inpainting: the input picture, by id: an uploaded input"
+        " file (`POST /v1/files`, `file-...`), an output artifact of a job, or a data set"
+        " item (`<dataset id>/<path in the data set>`). Unset: text-to-image.",
+    )
+    mask: str | None = Field(
+        None,
+        min_length=1,
+        max_length=INPUT_REF_MAX,
+        description="Inpainting: a black-and-white picture (same forms of id as `image`); white"
+        " pixels are repainted, black ones keep the input's pixels. Needs `image`.",
+    )
+    strength: float = Field(
+        0.8,
+        ge=0,
+        le=1,
+        description="With `image`: how much of the input is noised away (0 returns the input,"
+        " 1 ignores it). Runs about steps x strength denoising steps.",
+    )
+    lora_scale: float = Field(
+        1.0,
+        ge=0,
+        le=4,
+        description="On a LoRA version: the adapter's weight (0 draws as the base model).",
+    )
+    preview_every: int | None = Field(
+        None,
+        ge=1,
+        le=500,
+        description="Send a small preview PNG (at most 128 pixels a side; output"
+        " `preview-SSSS.png`, kind `preview`) of the first image every this many steps."
+        " Unset: none.",
+    )
+
+    @field_validator("mask")
+    @classmethod
+    def _mask_needs_image(cls, mask: str | None, info: ValidationInfo) -> str | None:
+        if mask is not None and info.data.get("image") is None:
+            raise ValueError("`mask` needs `image` (inpainting repaints part of an input)")
+        return mask
+
+    @property
+    def mode(self) -> str:
+        """text2img, img2img or inpaint."""
+        if self.image is None:
+            return "text2img"
+        return "img2img" if self.mask is None else "inpaint"
+
+
+class SdFinetuneParams(BaseModel):
+    """LoRA (Hu et al. 2021) on the UNet's attention projections; the rest frozen."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rank: int = Field(4, ge=1, le=256, description="LoRA rank.")
+    alpha: float = Field(4.0, gt=0, le=1024, description="LoRA scale numerator (alpha / rank).")
+    target_modules: list[LoraTarget] = Field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+        min_length=1,
+        max_length=8,
+        description="The UNet attention projections that get adapters.",
+    )
+    steps: int = Field(500, ge=1, le=1_000_000, description="Optimizer steps.")
+    learning_rate: float = Field(1e-4, gt=0, le=1.0)
+    batch_size: int = Field(1, ge=1, le=64, description="Images per step.")
+    resolution: int | None = Field(
+        None,
+        ge=16,
+        le=2048,
+        multiple_of=8,
+        description="Training images are centre-cropped and resized to this square."
+        " Unset: the model's native size.",
+    )
+    seed: int = Field(0, ge=0, le=SEED_MAX)
+    checkpoint_every: int = Field(
+        100, ge=1, le=1_000_000, description="Steps between checkpoints (resume points)."
+    )
 
 
 def _weight_files(folder: Path) -> tuple[list[Path], list[Path]]:
@@ -129,18 +221,46 @@ def check_layout(path: Path, field: str = "path") -> dict[str, Any]:
     return {"pipeline": class_name, "layout": PIPELINES[class_name], "components": components}
 
 
-def batch_key(p: SdGenerateParams) -> tuple[int, float, int | None, int | None, str]:
-    """Jobs share a pipeline call when they take the same steps, guidance, size and sampler;
-    prompts, negative prompts, seeds and num_images are per job."""
-    return (p.steps, p.guidance, p.width, p.height, p.scheduler)
+def batch_key(
+    p: SdGenerateParams,
+) -> tuple[int, float, int | None, int | None, str, float] | None:
+    """Jobs share a pipeline call when they take the same steps, guidance, size, sampler and
+    adapter weight; prompts, negative prompts, seeds and num_images are per job. (The server
+    adds the adapter itself to the key: one call runs one adapter.) Image-to-image and
+    inpainting jobs run alone."""
+    if p.image is not None:
+        return None
+    return (p.steps, p.guidance, p.width, p.height, p.scheduler, p.lora_scale)
+
+
+def is_adapter(config: dict[str, Any]) -> bool:
+    """A registered version that holds only a LoRA adapter (served on its base's servers)."""
+    return config.get("kind") == LORA_KIND and config.get("family") == "diffusers"
+
+
+def check_model_params(kind: JobKind, params: dict[str, Any], config: dict[str, Any]) -> None:
+    """At submit: what the registered version cannot do is a 422 now, not a failed job."""
+    if kind == JobKind.FINETUNE and is_adapter(config):
+        raise InvalidInputError.one(
+            "model", "this version is a LoRA adapter: fine-tune its base model instead"
+        )
+    if kind == JobKind.FINETUNE and config.get("layout") == "sdxl":
+        raise InvalidInputError.one(
+            "model", "LoRA fine-tuning is for Stable Diffusion 1.x/2.x layouts, not XL"
+        )
 
 
 FAMILY = Family(
     name="diffusers",
-    description="Any diffusers text-to-image pipeline on disk (Stable Diffusion 1.x/2.x, XL),"
-    " registered with POST /v1/models.",
+    description="Any diffusers Stable Diffusion pipeline on disk (1.x/2.x, XL), registered"
+    " with POST /v1/models: text-to-image, image-to-image, inpainting; LoRA fine-tuning on"
+    " captioned images.",
     implementation="workers.families.sd_pipeline",
     generate_params=SdGenerateParams,
+    finetune_params=SdFinetuneParams,
+    dataset_kinds=(DATASET_KIND,),
+    check_model_params=check_model_params,
+    input_fields=INPUT_FIELDS,
     resources=Resources(num_gpus=1.0, num_cpus=1.0, gpu_memory_gb=8.0),
     max_batch_size=16,
     batch_key=batch_key,
