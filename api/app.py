@@ -105,6 +105,7 @@ def create_app(
         scaling,
         schedules,
         tenants,
+        uploads,
     )
     from api import datasets as dataset_uploads
     from api.openai_compat import routes as openai_routes
@@ -129,6 +130,7 @@ def create_app(
         catalog.bp,
         deliveries.bp,
         dataset_uploads.bp,
+        uploads.bp,
         tenants.bp,
         schedules.bp,
         keys.bp,

@@ -30,6 +30,7 @@ from sqlalchemy.orm import Session
 
 from core.catalog import resolve_dataset, resolve_model
 from core.errors import InvalidInputError
+from core.inputfiles import resolve_input
 from core.jobs import PRIORITY_CLASSES, NewJob, parse_priority
 from core.states import JobKind
 from core.tables import Dataset, Model, Tenant, utcnow
@@ -384,6 +385,9 @@ def build_new_job(
             )
     if model is not None and family.check_model_params is not None:
         family.check_model_params(sub.kind, params, dict(model.config or {}))
+    for name in family.input_fields if sub.kind == JobKind.GENERATE else ():
+        if isinstance(ref := params.get(name), str):
+            resolve_input(session, tenant_id, ref, f"params.{name}")
     return NewJob(
         tenant_id=tenant_id,
         kind=sub.kind,

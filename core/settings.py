@@ -181,6 +181,13 @@ class Settings(BaseSettings):
     dataset_max_entry_bytes: int = Field(256 * 1024 * 1024, ge=1024)
     dataset_max_path_chars: int = Field(1024, ge=16, le=3072)
     dataset_max_pixels: int = Field(16 * 1024 * 1024, ge=1)
+    # Input pictures (`POST /v1/files`, for image-to-image and inpainting): bytes per file.
+    input_max_bytes: int = Field(
+        20 * 1024 * 1024,
+        ge=1024,
+        le=512 * 1024 * 1024,
+        description="Largest input picture POST /v1/files takes (PNG, JPEG or WebP), in bytes.",
+    )
     page_size_max: int = Field(200, ge=1, le=10_000)
     # Synchronous calls. `POST /v1/jobs` with `Prefer: wait=N` waits at most this many
     # seconds (`Prefer: wait` alone: 60, or this if lower); an OpenAI-compatible call waits

@@ -28,9 +28,10 @@ from sqlalchemy import bindparam, select
 from core.artifacts import ArtifactStore
 from core.catalog import register_model
 from core.db import Database
-from core.errors import GenqError, JobFailedError, LeaseLostError
+from core.errors import GenqError, InvalidInputError, JobFailedError, LeaseLostError
 from core.events import Event, Log, Placement
 from core.fairness import claim_next
+from core.inputfiles import resolve_input
 from core.jobs import (
     Lease,
     finish_job,
@@ -83,6 +84,15 @@ class JobSnapshot:
     gpu_memory_gb: float | None = None
     # The tenant has a running cap or a budget: its held jobs may need a token when this ends.
     has_quota: bool = False
+    # A generate job on an adapter version (config `served_by_base`) runs on its base model's
+    # servers: the base's id, path and config, and the adapter {"id", "path"} sent per job.
+    serve_model_id: str | None = None
+    serve_model_path: str | None = None
+    serve_model_config: dict[str, Any] = field(default_factory=dict)
+    adapter: dict[str, str] | None = None
+    # Input files the params name (Family.input_fields): param -> key in the artifact store.
+    input_keys: dict[str, str] = field(default_factory=dict)
+    input_error: GenqError | None = None
 
 
 class Runner:
@@ -221,6 +231,22 @@ class Runner:
             model = session.get(Model, job.model_id)
             snap.model_path = model.path
             snap.model_config = dict(model.config or {})
+            snap.serve_model_id, snap.serve_model_path = model.id, model.path
+            snap.serve_model_config = snap.model_config
+            base = session.get(Model, model.parent_id) if model.parent_id else None
+            if snap.model_config.get("served_by_base") and base is not None:
+                snap.serve_model_id, snap.serve_model_path = base.id, base.path
+                snap.serve_model_config = dict(base.config or {})
+                snap.adapter = {"id": model.id, "path": model.path or ""}
+        if snap.kind == JobKind.GENERATE:
+            try:
+                for name in get_family(job.family).input_fields:
+                    if isinstance(ref := snap.params.get(name), str):
+                        snap.input_keys[name] = resolve_input(
+                            session, job.tenant_id, ref, f"params.{name}"
+                        )
+            except GenqError as exc:  # deleted since submit: the attempt fails on it
+                snap.input_error = exc
         if job.dataset_id:
             ds = session.get(Dataset, job.dataset_id)
             # `path`: the data set's key in the store; the trainer fetches it where it runs.
@@ -299,16 +325,17 @@ class Runner:
         from workers.room import server_need
         from workers.routing import choose_server
 
-        assert job.model_id is not None
+        assert job.serve_model_id is not None
         # The model's path as registered: the server fetches the folder on its own machine.
-        model_dir = job.model_path or None
+        model_dir = job.serve_model_path or None
         need = server_need(family, family.resources.num_gpus)
+        inputs = self._read_inputs(job)
         for verify in (False, True):
             choice = choose_server(
-                job.model_id,
+                job.serve_model_id,
                 family.name,
                 model_dir,
-                job.model_config,
+                job.serve_model_config,
                 self.serving,
                 verify=verify,
                 priority=job.priority,
@@ -319,7 +346,7 @@ class Runner:
                 keeper.on_cancel()
             started = False
             try:
-                refs: Any = actor.generate.remote(job.id, job.params)
+                refs: Any = actor.generate.remote(job.id, job.params, job.adapter, inputs)
                 actor_id = actor._actor_id.hex()
                 for event in self._started(refs, actor_id, need, recorder, "loading the model"):
                     # Where the job landed comes first and is no work done: a server that dies
@@ -338,6 +365,25 @@ class Runner:
                 )
             finally:
                 choice.done()
+
+    def _read_inputs(self, job: JobSnapshot) -> dict[str, bytes]:
+        """The bytes of the input files the job names (each at most input_max_bytes)."""
+        if job.input_error is not None:
+            raise job.input_error
+        inputs = {}
+        limit = self.settings.input_max_bytes
+        for name, key in job.input_keys.items():
+            try:
+                with self.store.open(key) as stream:
+                    data = stream.read(limit + 1)
+            except FileNotFoundError:
+                raise InvalidInputError.one(f"params.{name}", "the input file is gone") from None
+            if len(data) > limit:
+                raise InvalidInputError.one(
+                    f"params.{name}", f"the input file is over {limit} bytes"
+                )
+            inputs[name] = data
+        return inputs
 
     def _train_ctx(self, job: JobSnapshot) -> dict[str, Any]:
         """What a trainer on any machine needs: the store's URL and keys in it (never a path

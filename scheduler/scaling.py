@@ -57,6 +57,16 @@ class Scaler(threading.Thread):
                     select(Model).where(Model.id.in_(known) | Model.serving.is_not(None))
                 )
             )
+            # An adapter version's jobs run on its base's replicas: they count for the base.
+            for m in [m for m in models if (m.config or {}).get("served_by_base")]:
+                models.remove(m)
+                if m.parent_id is None:
+                    continue
+                depth[m.parent_id] = depth.get(m.parent_id, 0) + depth.pop(m.id, 0)
+                if all(other.id != m.parent_id for other in models):
+                    base = session.get(Model, m.parent_id)
+                    if base is not None:
+                        models.append(base)
             found: list[dict[str, Any]] = [
                 {
                     "id": m.id,

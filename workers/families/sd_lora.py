@@ -178,6 +178,8 @@ def train(params: dict[str, Any], ctx: TrainContext) -> Iterator[Event]:
     config = {
         "family": "diffusers",
         "kind": LORA_KIND,
+        # Generate jobs on this version run on its parent's servers (scheduler/runner.py).
+        "served_by_base": True,
         "base_path": base_path,
         "pipeline": layout["pipeline"],
         "layout": layout["layout"],
