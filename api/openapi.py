@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from api.app import genq
 from api.auth import public
 from api.catalog import ModelRegistration
-from api.datasets import DATASET_NAME_MAX
+from api.datasets import DATASET_NAME_MAX, KINDS
 from api.submissions import JobSubmission
 from core.artifacts import NAME_PATTERN
 from core.numbers import INT32_MAX
@@ -681,7 +681,8 @@ def _paths(limit_max: int) -> dict[str, Any]:
         "/v1/datasets": {
             **_list("Visible data sets", "listDatasets", "DatasetList"),
             "post": {
-                "summary": "Upload a data set: a zip of class folders of images, or a text file",
+                "summary": "Upload a data set: a zip of class folders of images, a zip of"
+                " captioned images (captions.jsonl or .txt files), or a text file",
                 "operationId": "uploadDataset",
                 "requestBody": {
                     "required": True,
@@ -694,7 +695,7 @@ def _paths(limit_max: int) -> dict[str, Any]:
                                         "pattern": NAME_PATTERN,
                                         "maxLength": DATASET_NAME_MAX,
                                     },
-                                    "kind": {"type": "string", "enum": ["images", "text"]},
+                                    "kind": {"type": "string", "enum": list(KINDS)},
                                     "file": {"type": "string", "format": "binary"},
                                 },
                                 ["name", "kind", "file"],
@@ -818,11 +819,12 @@ def document(limit_max: int, max_jobs: int = 1000) -> dict[str, Any]:
     _add_model(schemas, JobSubmission, "JobSubmission")
     _add_model(schemas, ModelRegistration, "ModelRegistration")
     # They build on the helpers above.
-    from api import openapi_batches, openapi_scheduling, openapi_security
+    from api import openapi_batches, openapi_inputs, openapi_scheduling, openapi_security
 
     openapi_scheduling.add_schemas(schemas)
     openapi_batches.add_schemas(schemas, max_jobs)
     openapi_security.add_schemas(schemas)
+    openapi_inputs.add_schemas(schemas)
     for family in FAMILIES.values():
         for kind in JobKind:
             spec = family.params_for(kind)
@@ -846,6 +848,7 @@ def document(limit_max: int, max_jobs: int = 1000) -> dict[str, Any]:
                         **openapi_scheduling.paths(),
                         **openapi_batches.paths(),
                         **openapi_security.paths(),
+                        **openapi_inputs.paths(),
                     }
                 )
             )

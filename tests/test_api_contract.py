@@ -277,3 +277,20 @@ def test_a_data_set_name_longer_than_its_column_is_a_422(
     assert count_rows(database, Dataset) == built_in
     assert not list(settings.artifacts.rglob("d" * 129))
     assert upload_text(client, keys.acme, "d" * 128, b"a poem").status_code == 201
+
+
+def test_the_diffusion_parameters_and_the_input_upload_are_documented() -> None:
+    doc = document(limit_max=20)
+    schemas = doc["components"]["schemas"]
+    generate = schemas["DiffusersGenerateParams"]["properties"]
+    assert {"image", "mask", "strength", "negative_prompt", "scheduler", "preview_every"} <= set(
+        generate
+    )
+    assert {"ddim", "euler", "dpm++_2m"} <= set(generate["scheduler"]["enum"])
+    finetune = schemas["DiffusersFinetuneParams"]["properties"]
+    assert {"rank", "alpha", "steps", "learning_rate", "batch_size", "resolution", "seed"} <= set(
+        finetune
+    )
+    assert "post" in doc["paths"]["/v1/files"] and "get" in doc["paths"]["/v1/files/{file_id}"]
+    kinds = doc["paths"]["/v1/datasets"]["post"]["requestBody"]["content"]
+    assert "captioned_images" in str(kinds)
