@@ -10,6 +10,7 @@ a downloaded model folder looks. Each builder is seeded, so a folder is the same
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 CORPUS = [
@@ -204,3 +205,22 @@ def build_tiny_lm(path: Path, chat_template: bool = True) -> Path:
     model.save_pretrained(str(path), safe_serialization=True)
     tokenizer.save_pretrained(str(path))
     return path
+
+
+CAPTIONS = ["a red square", "a blue circle", "a green stripe", "a yellow dot"]
+COLOURS = [(220, 30, 30), (30, 30, 220), (30, 200, 30), (230, 220, 40)]
+
+
+def captioned_folder(root: Path) -> Path:
+    """A captioned_images data set as the upload leaves it: images and captions.jsonl."""
+    from PIL import Image
+
+    root.mkdir(parents=True)
+    rows = []
+    for i, (text, colour) in enumerate(zip(CAPTIONS, COLOURS, strict=True)):
+        image = Image.new("RGB", (40, 40), colour)
+        image.paste((255, 255, 255), (10 + i, 10, 25 + i, 30))
+        image.save(root / f"pic-{i}.png")
+        rows.append(json.dumps({"file": f"pic-{i}.png", "text": text}))
+    (root / "captions.jsonl").write_text("\n".join(rows) + "\n")
+    return root

@@ -156,8 +156,8 @@ def test_trainer_cancel_then_a_new_attempt_resumes(tmp_path):
 
 
 def test_finetune_is_refused_where_the_family_has_no_finetune(tmp_path):
-    # Pretrained pipelines are served, never trained here: `diffusers` has no finetune.
-    trainer = start_trainer("job-ft", get_family("diffusers"))
+    # `echo` trains nothing.
+    trainer = start_trainer("job-ft", ECHO)
     with pytest.raises(InvalidInputError):
         collect(trainer.train.remote("job-ft", "finetune", TINY, train_ctx(tmp_path, "job-ft")))
     ray.kill(trainer)

@@ -19,26 +19,10 @@ from PIL import Image
 from core.errors import InvalidInputError
 from core.events import Event, ModelSaved, Output
 from core.states import JobKind
-from tests.pretrained_models import build_tiny_sd
+from tests.pretrained_models import build_tiny_sd, captioned_folder
 from workers.families import sd_lora, sd_pipeline, sd_spec
 from workers.families.base import DatasetRef, RunContext, TrainContext
 from workers.server import ModelServer, ServingOptions
-
-CAPTIONS = ["a red square", "a blue circle", "a green stripe", "a yellow dot"]
-COLOURS = [(220, 30, 30), (30, 30, 220), (30, 200, 30), (230, 220, 40)]
-
-
-def captioned_folder(root: Path) -> Path:
-    """A captioned_images data set as the upload leaves it: images and captions.jsonl."""
-    root.mkdir(parents=True)
-    rows = []
-    for i, (text, colour) in enumerate(zip(CAPTIONS, COLOURS, strict=True)):
-        image = Image.new("RGB", (40, 40), colour)
-        image.paste((255, 255, 255), (10 + i, 10, 25 + i, 30))
-        image.save(root / f"pic-{i}.png")
-        rows.append(json.dumps({"file": f"pic-{i}.png", "text": text}))
-    (root / "captions.jsonl").write_text("\n".join(rows) + "\n")
-    return root
 
 
 def train_adapter(

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -179,6 +180,7 @@ class Trainer:
             "family": self.family.name,
             "device": self.device,
             "resources": ray_placement().get("resources", {}),
+            "pid": os.getpid(),  # fault tests kill this process, and no other
         }
 
 
