@@ -19,7 +19,7 @@ from flask import Blueprint, Response, jsonify, request
 from api.app import genq
 from api.auth import principal, tenant_scope
 from api.payloads import iso
-from core.errors import InvalidInputError, NotFoundError
+from core.errors import InvalidInputError, NotFoundError, PayloadTooLargeError
 from core.inputfiles import INPUT_PURPOSE
 from core.tables import UploadedFile
 
@@ -78,7 +78,7 @@ def upload_file() -> tuple[Response, int]:
     if not data:
         raise InvalidInputError.one("file", "is empty")
     if len(data) > limit:
-        raise InvalidInputError.one("file", f"is over {limit} bytes (GENQ_INPUT_MAX_BYTES)")
+        raise PayloadTooLargeError(f"the file is over {limit} bytes (GENQ_INPUT_MAX_BYTES)")
     content_type, width, height = check_picture(data, state.settings.dataset_max_pixels)
     tenant_id = principal().tenant_id
     file_id = f"file-{secrets.token_hex(12)}"
