@@ -186,6 +186,7 @@ def test_generate_names_inputs_of_its_own_tenant(
     assert refused({**params, "image": f"{dataset['id']}/captions.jsonl"}) == "params.image"
     assert refused({"prompt": "a fox", "mask": mine}) == "params.mask"
     assert refused({**params, "strength": 2}) == "params.strength"
+    assert refused({**params, "strength": 0.2, "steps": 4}) == "params.strength"
     assert refused({**params, "preview_every": 0}) == "params.preview_every"
     assert refused({**params, "scheduler": "karras-magic"}) == "params.scheduler"
 

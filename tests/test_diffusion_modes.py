@@ -19,7 +19,7 @@ from PIL import Image
 from core.errors import InvalidInputError
 from core.events import Event, ModelSaved, Output
 from core.states import JobKind
-from tests.pretrained_models import build_tiny_sd, captioned_folder
+from tests.pretrained_models import build_tiny_sd, build_tiny_sdxl, captioned_folder
 from workers.families import sd_lora, sd_pipeline, sd_spec
 from workers.families.base import DatasetRef, RunContext, TrainContext
 from workers.server import ModelServer, ServingOptions
@@ -213,3 +213,16 @@ def test_spec_checks_name_the_field() -> None:
     a = sd_spec.batch_key(sd_spec.SdGenerateParams(prompt="x"))
     b = sd_spec.batch_key(sd_spec.SdGenerateParams(prompt="y", lora_scale=0.5))
     assert a is not None and a != b
+
+
+def test_xl_pipelines_take_images_and_masks_too(tmp_path: Path) -> None:
+    model = sd_pipeline.load(build_tiny_sdxl(tmp_path / "sdxl"), {}, "cpu")
+    source = Image.effect_noise((32, 32), 60).convert("RGB")
+    mask = Image.new("L", (32, 32), 0)
+    mask.paste(255, (0, 0, 32, 12))
+    inputs = {"image": png(source), "mask": png(mask)}
+    params = {"prompt": "a fox", "image": "f", "strength": 0.6, "steps": 3, "seed": 2}
+    (redrawn,) = images_of(iter(run(model, params, inputs=inputs)))
+    assert redrawn.shape == (32, 32, 3) and not np.array_equal(redrawn, np.asarray(source))
+    (painted,) = images_of(iter(run(model, {**params, "mask": "m"}, inputs=inputs)))
+    assert np.abs(painted.astype(int) - np.asarray(source).astype(int))[12:].max() <= 2

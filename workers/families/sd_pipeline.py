@@ -332,7 +332,8 @@ class SdModel:
         cancels of jobs in the batch); returns the images of the batch's real rows."""
         batch = [requests[i] for i in order]
         first = batch[0]
-        min_rows = first.ctx.min_rows
+        # Padding keeps a row's bits independent of its batch; an image job never shares one.
+        min_rows = first.ctx.min_rows if first.p.mode == "text2img" else 1
         seeds = [s for r in batch for s in r.seeds]
         rows = len(seeds)
         generators = [torch.Generator().manual_seed(s) for s in seeds]

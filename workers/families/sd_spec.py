@@ -115,6 +115,7 @@ class SdGenerateParams(BaseModel):
         0.8,
         ge=0,
         le=1,
+        validate_default=True,
         description="With `image`: how much of the input is noised away (0 returns the input,"
         " 1 ignores it). Runs about steps x strength denoising steps.",
     )
@@ -132,6 +133,16 @@ class SdGenerateParams(BaseModel):
         " `preview-SSSS.png`, kind `preview`) of the first image every this many steps."
         " Unset: none.",
     )
+
+    @field_validator("strength")
+    @classmethod
+    def _some_step(cls, strength: float, info: ValidationInfo) -> float:
+        steps = info.data.get("steps")
+        if info.data.get("image") is None or strength == 0 or not isinstance(steps, int):
+            return strength
+        if int(steps * strength) < 1:
+            raise ValueError(f"steps x strength must reach 1 (or strength 0): {steps} x {strength}")
+        return strength
 
     @field_validator("mask")
     @classmethod
