@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     secret_key: str | None = None
     # When set, this admin key is created at first start (for automation).
     admin_key: str | None = None
+    # Bearer token that may read GET /metrics (Prometheus' scrape), besides any admin key.
+    # Unset: only admin keys may read it.
+    metrics_token: str | None = Field(None, min_length=16)
 
     # Leases: a running job's claim expires unless renewed by heartbeats.
     lease_ttl_s: float = Field(60.0, gt=0, le=3600)
