@@ -16,6 +16,8 @@ from typing import Any
 import pytest
 import requests
 
+from core.settings import Settings
+from scheduler.broker import make_celery
 from tests.stackproc import StackProcess, free_port
 
 pytestmark = pytest.mark.stack
@@ -32,8 +34,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackProcess]:
         "GENQ_RAY_NUM_CPUS": "2",
         "GENQ_API_WORKERS": "2",
         "GENQ_METRICS_TOKEN": TOKEN,
-        # A held job is looked at again this often once its tenant's limit lifts.
-        "GENQ_HELD_RECHECK_S": "1",
     }
     proc = StackProcess(base / "var", env)
     try:
@@ -121,36 +121,39 @@ def wait_for(prometheus: str, promql: str, expected: float) -> None:
 
 def test_prometheus_sees_what_the_stack_did(stack: StackProcess, prometheus: str) -> None:
     wait_for(prometheus, 'up{job="genq"}', 1)
+    celery = make_celery(Settings(_env_file=None, var_dir=stack.var_dir))  # type: ignore[call-arg]
 
-    # A tenant held at zero running jobs: its jobs wait queued, and the depth rises.
-    made = stack.call("POST", "/v1/keys", json={"tenant": "held"})
-    assert made.status_code == 201, made.text
-    held_key, held_tenant = made.json()["key"], made.json()["tenant_id"]
-    limited = stack.call("PATCH", f"/v1/tenants/{held_tenant}", json={"max_running": 0})
-    assert limited.status_code == 200, limited.text
-    held = [stack.submit({"kind": "generate", "model": "echo", "params": {"message": f"h{i}"}},
-                         key=held_key)["id"] for i in range(3)]  # fmt: skip
-    depth = 'sum(genq_queue_depth{tenant="held"}) or vector(0)'
+    # No worker consumes the generate queue: jobs submitted now wait, and the depth rises.
+    stopped = celery.control.cancel_consumer("generate", reply=True, timeout=10)
+    assert stopped, "no worker answered: the consumer was not stopped"
+    echo = {"kind": "generate", "model": "echo"}
+    waiting = [stack.submit({**echo, "params": {"message": f"w{i}"}})["id"] for i in range(3)]
+    depth = 'sum(genq_queue_depth{queue="generate"}) or vector(0)'
     wait_for(prometheus, depth, 3)
+    assert {stack.call("GET", f"/v1/jobs/{j}").json()["state"] for j in waiting} == {"queued"}
 
-    # Other echo jobs run meanwhile.
-    free = [stack.submit({"kind": "generate", "model": "echo", "params": {"message": f"f{i}"}})
-            for i in range(2)]  # fmt: skip
-    for job in free:
-        assert stack.wait(job["id"])["state"] == "succeeded"
-
-    # The limit lifts: the held jobs run, and the depth falls back to zero.
-    lifted = stack.call("PATCH", f"/v1/tenants/{held_tenant}", json={"max_running": None})
-    assert lifted.status_code == 200, lifted.text
-    for job_id in held:
-        assert stack.wait(job_id, key=held_key)["state"] == "succeeded"
+    # The worker consumes again: the jobs run and the depth falls back to zero.
+    started = celery.control.add_consumer("generate", reply=True, timeout=10)
+    assert started, "no worker answered: the consumer was not started"
+    for job_id in waiting:
+        assert stack.wait(job_id)["state"] == "succeeded"
     wait_for(prometheus, depth, 0)
     assert query(prometheus, f"max_over_time(({depth})[10m:1s])") == 3
 
+    # Two more echo jobs, one of another tenant.
+    made = stack.call("POST", "/v1/keys", json={"tenant": "other"})
+    assert made.status_code == 201, made.text
+    other_key = made.json()["key"]
+    more = [stack.submit({**echo, "params": {"message": "m"}}),
+            stack.submit({**echo, "params": {"message": "o"}}, key=other_key)]  # fmt: skip
+    for job, key in zip(more, (None, other_key), strict=True):
+        assert stack.wait(job["id"], key=key)["state"] == "succeeded"
+
     succeeded = 'sum(genq_jobs_finished_total{kind="generate",family="echo",state="succeeded"})'
     wait_for(prometheus, succeeded, 5)
+    wait_for(prometheus, 'sum(genq_jobs_finished_total{tenant="other"})', 1)
     wait_for(prometheus, 'sum(genq_job_queue_wait_seconds_count{family="echo"})', 5)
-    # The held jobs waited at least as long as the other jobs ran: the histogram shows it.
+    wait_for(prometheus, 'sum(genq_job_queue_wait_seconds_bucket{family="echo",le="+Inf"})', 5)
     assert (query(prometheus, 'sum(genq_job_queue_wait_seconds_sum{family="echo"})') or 0) > 0
     # Five submissions, answered by either gunicorn worker, counted once each.
     posts = 'sum(genq_http_requests_total{route="/v1/jobs",method="POST",status="202"})'
