@@ -17,9 +17,11 @@ The collectors are in api/collectors.py. Protected: `Authorization: Bearer
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 
+import redis
 from flask import Blueprint, Response, request
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -30,12 +32,17 @@ from api.auth import public, rate_guarded
 from api.collectors import ClusterCollector, SqlCollector
 from api.ratelimits import client_address
 from core import census, tally
+from core.db import Database
 from core.errors import ForbiddenError, UnauthorizedError
 from core.keys import authenticate
+from core.settings import Settings
 
 log = logging.getLogger(__name__)
 
 bp = Blueprint("metrics", __name__)
+
+# The SQL figures' text, shared by every API process for `metrics_cache_s`.
+SQL_CACHE_KEY = "genq:metrics:sql"
 
 
 def _check_access() -> None:
@@ -64,8 +71,29 @@ def _check_access() -> None:
         raise ForbiddenError("GET /metrics needs the metrics token or an admin key")
 
 
+def _sql_text(settings: Settings, database: Database, client: redis.Redis) -> bytes:
+    """The SQL figures' text, shared through Redis for `metrics_cache_s`: every API process
+    and host scraped within that time answers the same text from one set of queries."""
+    ttl_s = settings.metrics_cache_s
+    if ttl_s > 0:
+        try:
+            cached = client.get(SQL_CACHE_KEY)
+        except redis.RedisError:
+            cached = None
+        if isinstance(cached, bytes):
+            return cached
+    registry = CollectorRegistry(auto_describe=False)
+    with database.read() as session:
+        registry.register(SqlCollector(session))
+        text = generate_latest(registry)
+    if ttl_s > 0:
+        with contextlib.suppress(redis.RedisError):
+            client.set(SQL_CACHE_KEY, text, px=max(1, round(ttl_s * 1000)))
+    return text
+
+
 def exposition() -> bytes:
-    """The text of one scrape."""
+    """The text of one scrape: this host's per-process figures, the cluster's and SQL's."""
     from scheduler.snapshot import read_snapshots
 
     state = genq()
@@ -78,13 +106,13 @@ def exposition() -> bytes:
     client = state.publisher.redis
     try:
         snapshots, counters = read_snapshots(client), tally.read(client)
-    except Exception:  # Redis away: the SQL figures still answer, the cluster's do not
+    except redis.RedisError:  # Redis away: the SQL figures still answer, the cluster's do not
         log.warning("metrics: Redis did not answer; cluster figures left out", exc_info=True)
         snapshots, counters = [], {}
     with state.database.read() as session:
-        registry.register(SqlCollector(session))
-        registry.register(ClusterCollector(snapshots, counters, census.model_refs(session)))
-        return generate_latest(registry)
+        models = census.model_refs(session)
+    registry.register(ClusterCollector(snapshots, counters, models))
+    return generate_latest(registry) + _sql_text(state.settings, state.database, client)
 
 
 @bp.get("/metrics")

@@ -23,6 +23,7 @@ from flask.testing import FlaskClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from api.app import create_app
+from api.metrics import SQL_CACHE_KEY
 from core.db import Database
 from core.jobs import claim_job
 from core.settings import Settings
@@ -52,7 +53,10 @@ TOKEN = "scrape-token-0123456789"
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def settings(request: pytest.FixtureRequest, tmp_path: Any, pg_schema: str | None) -> Settings:
-    return make_settings(request, tmp_path, pg_schema, REDIS_URL, metrics_token=TOKEN)
+    # Every scrape queries SQL (no shared text), so each test sees its own changes at once.
+    return make_settings(
+        request, tmp_path, pg_schema, REDIS_URL, metrics_token=TOKEN, metrics_cache_s=0
+    )
 
 
 @pytest.fixture
@@ -283,3 +287,18 @@ def test_cluster_figures_come_from_the_workers_snapshots(
     assert value(samples, "genq_batch_jobs_total", model=ref, mode="batched") == 8
     assert value(samples, "genq_cluster_resources", resource="GPU", kind="available") == 1
     assert value(samples, "genq_node_gpus", node="10.0.0.7") == 2
+
+
+def test_the_sql_figures_are_shared_for_the_cache_time(
+    settings: Settings, database: Database, publisher: Publisher, broker: redis.Redis, keys: Keys
+) -> None:
+    shared = settings.model_copy(update={"metrics_cache_s": 60})
+    first = create_app(shared, database=database, publisher=publisher).test_client()
+    second = create_app(shared, database=database, publisher=publisher).test_client()
+    assert value(scrape(first), "genq_jobs_submitted_total") == 0
+    assert submit(first, keys.acme, echo(message="x")).status_code == 202
+    # Another process within the cache time answers the shared text: no new query.
+    assert value(scrape(second), "genq_jobs_submitted_total") == 0
+    assert 0 < broker.pttl(SQL_CACHE_KEY) <= 60_000
+    broker.delete(SQL_CACHE_KEY)
+    assert value(scrape(second), "genq_jobs_submitted_total") == 1
