@@ -44,6 +44,19 @@ def _histogram(
     return family
 
 
+def _merged(
+    parts: Iterable[tuple[tuple[str, ...], census.Histogram]],
+) -> list[census.Histogram]:
+    """The groups' histograms added up under the given labels (empty ones left out)."""
+    found: dict[tuple[str, ...], census.Histogram] = {}
+    for labels, histogram in parts:
+        if histogram.count == 0:
+            continue
+        labelled = census.Histogram(labels, histogram.buckets, histogram.count, histogram.sum_s)
+        found[labels] = found[labels].plus(labelled) if labels in found else labelled
+    return [found[labels] for labels in sorted(found)]
+
+
 class SqlCollector(Collector):
     """Jobs, queues, waits, run times, usage and webhooks, read from SQL when scraped."""
 
@@ -57,7 +70,7 @@ class SqlCollector(Collector):
         def tenant(tenant_id: str) -> str:
             return names.get(tenant_id, tenant_id)
 
-        by_state = census.jobs_by_state(s)
+        groups = census.job_groups(s)
         jobs = GaugeMetricFamily(
             "genq_jobs",
             "Jobs by state, kind and tenant (every row).",
@@ -75,11 +88,11 @@ class SqlCollector(Collector):
         )
         gauge_sum: dict[tuple[str, str, str], int] = defaultdict(int)
         submitted_sum: dict[tuple[str, str, str], int] = defaultdict(int)
-        for state, kind, family, tenant_id, n in by_state:
-            gauge_sum[(state, kind, tenant(tenant_id))] += n
-            submitted_sum[(kind, family, tenant(tenant_id))] += n
-            if state in TERMINAL:
-                finished.add_metric([kind, family, state, tenant(tenant_id)], n)
+        for g in groups:
+            gauge_sum[(g.state, g.kind, tenant(g.tenant_id))] += g.jobs
+            submitted_sum[(g.kind, g.family, tenant(g.tenant_id))] += g.jobs
+            if g.state in TERMINAL:
+                finished.add_metric([g.kind, g.family, g.state, tenant(g.tenant_id)], g.jobs)
         for labels, n in sorted(gauge_sum.items()):
             jobs.add_metric(list(labels), n)
         for labels, n in sorted(submitted_sum.items()):
@@ -112,7 +125,10 @@ class SqlCollector(Collector):
             "Attempts after a job's first (transient failures, reaped leases, retries asked for).",
             labels=["kind", "family"],
         )
-        for kind, family, n in census.retried_attempts(s):
+        retried: dict[tuple[str, str], int] = defaultdict(int)
+        for g in groups:
+            retried[(g.kind, g.family)] += g.retries
+        for (kind, family), n in sorted(retried.items()):
             retries.add_metric([kind, family], n)
         yield retries
 
@@ -121,8 +137,12 @@ class SqlCollector(Collector):
             "Failed jobs that used up their attempts (GET /v1/dead-letter), by tenant.",
             labels=["tenant"],
         )
-        for tenant_id, n in census.dead_letter(s):
-            dead.add_metric([tenant(tenant_id)], n)
+        dead_sum: dict[str, int] = defaultdict(int)
+        for g in groups:
+            if g.dead_letter:
+                dead_sum[tenant(g.tenant_id)] += g.dead_letter
+        for name, n in sorted(dead_sum.items()):
+            dead.add_metric([name], n)
         yield dead
 
         deliveries = CounterMetricFamily(
@@ -144,13 +164,13 @@ class SqlCollector(Collector):
             "genq_job_queue_wait_seconds",
             "Seconds from submit to start (of the latest attempt), by family and kind.",
             ["family", "kind"],
-            census.queue_waits(s),
+            _merged(((g.family, g.kind), g.wait) for g in groups),
         )
         yield _histogram(
             "genq_job_run_seconds",
             "Seconds from start to end of finished jobs' last attempt, by family, kind, state.",
             ["family", "kind", "state"],
-            census.run_times(s),
+            _merged(((g.family, g.kind, g.state), g.run) for g in groups),
         )
         yield _histogram(
             "genq_model_cold_start_seconds",

@@ -4,7 +4,9 @@ deliveries, and the histograms of queue wait (submit to start), run time and col
 
 Each figure is read from the rows when Prometheus scrapes, so every API process (and every
 API host of a cluster) answers the same, and nothing is lost when a process restarts: the job
-table is the counter. Each function is one aggregate query; the caller owns the session.
+table is the counter. Each function is one aggregate query; `job_groups`, the one that reads
+every job row, does it in one scan (its cost: bench/metrics_scrape.py). The caller owns the
+session.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import ColumnElement, case, func, select
+from sqlalchemy import ColumnElement, and_, case, func, select
 from sqlalchemy.orm import Session
 
 from core.states import ACTIVE, TERMINAL, JobState
@@ -35,6 +37,29 @@ class Histogram:
     count: int
     sum_s: float
 
+    def plus(self, other: Histogram) -> Histogram:
+        """The two series added up (same bounds), under this one's labels."""
+        buckets = [(b, n + m) for (b, n), (_, m) in zip(self.buckets, other.buckets, strict=True)]
+        return Histogram(self.labels, buckets, self.count + other.count, self.sum_s + other.sum_s)
+
+
+@dataclass(frozen=True)
+class JobGroup:
+    """The jobs of one (state, kind, family, tenant): how many, their attempts after the
+    first, how many are dead letters (failed with their attempts used up), and the
+    histograms of their queue wait (submit to the latest start, over the jobs that started)
+    and run time (start to end of the last attempt, over the finished jobs that ran)."""
+
+    state: str
+    kind: str
+    family: str
+    tenant_id: str
+    jobs: int
+    retries: int
+    dead_letter: int
+    wait: Histogram
+    run: Histogram
+
 
 def tenant_names(session: Session) -> dict[str, str]:
     """Tenant id -> name (the metrics' `tenant` label)."""
@@ -51,12 +76,79 @@ def model_refs(session: Session) -> dict[str, tuple[str, str]]:
     return {row.id: (f"{row.name}:{row.version}", row.family) for row in rows}
 
 
-def jobs_by_state(session: Session) -> list[tuple[str, str, str, str, int]]:
-    """(state, kind, family, tenant id, jobs) over every job row."""
-    stmt = select(Job.state, Job.kind, Job.family, Job.tenant_id, func.count()).group_by(
-        Job.state, Job.kind, Job.family, Job.tenant_id
+def job_groups(session: Session) -> list[JobGroup]:
+    """Every job row, grouped by (state, kind, family, tenant), in one scan of the table."""
+    ran = and_(
+        Job.state.in_([str(s) for s in TERMINAL]),
+        Job.started_at.is_not(None),
+        Job.finished_at.is_not(None),
     )
-    return [(r[0], r[1], r[2], r[3], int(r[4])) for r in session.execute(stmt)]
+    # SQLite computes each row's two durations once in a materialized CTE (inlined, it would
+    # parse the dates again for every bucket); PostgreSQL's arithmetic is cheap to repeat.
+    rows = (
+        select(
+            Job.state,
+            Job.kind,
+            Job.family,
+            Job.tenant_id,
+            Job.attempt,
+            Job.max_attempts,
+            _seconds(session, Job.created_at, Job.started_at).label("wait_s"),
+            case((ran, _seconds(session, Job.started_at, Job.finished_at))).label("run_s"),
+        )
+        .cte("job_seconds")
+        .prefix_with("MATERIALIZED", dialect="sqlite")
+    )
+    keys = (rows.c.state, rows.c.kind, rows.c.family, rows.c.tenant_id)
+    stmt = select(
+        *keys,
+        func.count(),
+        func.sum(case((rows.c.attempt > 1, rows.c.attempt - 1), else_=0)),
+        func.sum(
+            case(
+                (and_(rows.c.state == JobState.FAILED, rows.c.attempt >= rows.c.max_attempts), 1),
+                else_=0,
+            )
+        ),
+        *_histogram_columns(rows.c.wait_s, QUEUE_WAIT_BUCKETS_S),
+        *_histogram_columns(rows.c.run_s, RUN_TIME_BUCKETS_S),
+    ).group_by(*keys)
+    groups = []
+    for row in session.execute(stmt):
+        at = len(keys) + 3
+        wait_h, at = _histogram_of(row, at, QUEUE_WAIT_BUCKETS_S)
+        run_h, _ = _histogram_of(row, at, RUN_TIME_BUCKETS_S)
+        groups.append(
+            JobGroup(
+                state=row[0],
+                kind=row[1],
+                family=row[2],
+                tenant_id=row[3],
+                jobs=int(row[4]),
+                retries=int(row[5] or 0),
+                dead_letter=int(row[6] or 0),
+                wait=wait_h,
+                run=run_h,
+            )
+        )
+    return groups
+
+
+def _histogram_columns(seconds: Any, bounds: Sequence[float]) -> list[ColumnElement[Any]]:
+    """count, sum, then one cumulative count per bound, over the rows where `seconds` is not
+    NULL."""
+    return [
+        func.count(seconds),
+        func.coalesce(func.sum(seconds), 0.0),
+        *(func.sum(case((seconds <= b, 1), else_=0)) for b in bounds),
+    ]
+
+
+def _histogram_of(row: Any, at: int, bounds: Sequence[float]) -> tuple[Histogram, int]:
+    count, total = int(row[at] or 0), float(row[at + 1] or 0.0)
+    cumulative = [int(n or 0) for n in row[at + 2 : at + 2 + len(bounds)]]
+    histogram = Histogram((), list(zip(bounds, cumulative, strict=True)), count, total)
+    return histogram, at + 2 + len(bounds)
 
 
 def queue_depth(session: Session) -> list[tuple[str, int, str, int]]:
@@ -77,27 +169,6 @@ def running_jobs(session: Session) -> list[tuple[str, str, str, int]]:
         .group_by(Job.queue, Job.kind, Job.tenant_id)
     )
     return [(r[0], r[1], r[2], int(r[3])) for r in session.execute(stmt)]
-
-
-def retried_attempts(session: Session) -> list[tuple[str, str, int]]:
-    """(kind, family, attempts after each job's first): retries after transient failures and
-    reaped leases, and retries asked for."""
-    stmt = (
-        select(Job.kind, Job.family, func.sum(Job.attempt - 1))
-        .where(Job.attempt > 1)
-        .group_by(Job.kind, Job.family)
-    )
-    return [(r[0], r[1], int(r[2] or 0)) for r in session.execute(stmt)]
-
-
-def dead_letter(session: Session) -> list[tuple[str, int]]:
-    """(tenant id, failed jobs that used up their attempts): GET /v1/dead-letter's list."""
-    stmt = (
-        select(Job.tenant_id, func.count())
-        .where(Job.state == JobState.FAILED, Job.attempt >= Job.max_attempts)
-        .group_by(Job.tenant_id)
-    )
-    return [(r[0], int(r[1])) for r in session.execute(stmt)]
 
 
 def webhook_deliveries(session: Session) -> list[tuple[str, str, int, int]]:
@@ -140,33 +211,6 @@ def _histogram(
         cumulative = [int(n or 0) for n in row[len(keys) + 2 :]]
         found.append(Histogram(labels, list(zip(bounds, cumulative, strict=True)), count, total))
     return found
-
-
-def queue_waits(session: Session) -> list[Histogram]:
-    """Submit to start (of the latest attempt) of every job that started, by (family, kind)."""
-    return _histogram(
-        session,
-        _seconds(session, Job.created_at, Job.started_at),
-        [Job.started_at.is_not(None)],
-        [Job.family, Job.kind],
-        QUEUE_WAIT_BUCKETS_S,
-    )
-
-
-def run_times(session: Session) -> list[Histogram]:
-    """Start to finish (of the last attempt) of every finished job that ran, by (family, kind,
-    state)."""
-    return _histogram(
-        session,
-        _seconds(session, Job.started_at, Job.finished_at),
-        [
-            Job.state.in_([str(s) for s in TERMINAL]),
-            Job.started_at.is_not(None),
-            Job.finished_at.is_not(None),
-        ],
-        [Job.family, Job.kind, Job.state],
-        RUN_TIME_BUCKETS_S,
-    )
 
 
 def cold_starts(session: Session) -> list[Histogram]:
