@@ -1,7 +1,9 @@
-"""What every model family provides, and what the actors hand to its implementation.
+"""The family interface, version `GENQ_FAMILY_API`: what every model family provides, built in
+or installed as a plug-in, and what the actors hand to its implementation.
 
-A family's spec module builds one `Family`; its implementation module (named by
-`Family.implementation`, imported only inside a worker) defines
+A family's spec module builds one `Family` (no torch: the API process imports it) and names it
+in the `genq.families` entry point group (workers/registry.py discovers them); its
+implementation module (named by `Family.implementation`, imported only inside a worker) defines
 
     load(model_dir: Path | None, config: dict, device: str) -> a loaded model with
         .generate(params: dict, ctx: RunContext) -> Iterator[Event]
@@ -19,6 +21,11 @@ would get alone with its seed (workers/batching.py says how that is kept).
 
 `params` arrive already validated against the family's spec (the API checked them); the
 implementation parses them again with the same pydantic class to get typed values.
+
+The interface version changes when any of the above changes incompatibly (a field removed or
+its meaning changed, a new required function); a family declares the version it was written
+for in `Family.api_version`, and one declaring another version is reported, not loaded.
+workers/familytest.py holds the checks and contract tests every family passes.
 """
 
 from __future__ import annotations
@@ -34,6 +41,9 @@ from pydantic import BaseModel
 
 from core.events import Event
 from core.states import JobKind
+
+# The version of the family interface this genq implements (the docstring above).
+GENQ_FAMILY_API = 1
 
 # The Ray custom resource, in GB, through which nodes declare their GPU memory and training
 # jobs reserve it (`ray start --resources='{"gpu_memory_gb": 141}'`).
@@ -88,6 +98,13 @@ class Family:
     # guidance, sampler...; seed, label and count may differ), from the validated params;
     # None for a job that cannot batch. Unset: the family never batches.
     batch_key: Callable[[Any], Hashable | None] | None = None
+    # Families whose models are folders an admin registers (POST /v1/models): checks the
+    # folder's layout without loading it (no torch) and returns what goes into the model's
+    # config; raises InvalidInputError naming `path` for what it refuses.
+    check_layout: Callable[[Path], dict[str, Any]] | None = None
+    # The interface version the family was written for: a plug-in sets it to the
+    # GENQ_FAMILY_API it was built against.
+    api_version: int = GENQ_FAMILY_API
 
     @property
     def is_batching(self) -> bool:
