@@ -31,6 +31,7 @@ workers/familytest.py holds the checks and contract tests every family passes.
 from __future__ import annotations
 
 import importlib
+import time
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +40,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from core.events import Event
+from core.events import Event, Progress
 from core.states import JobKind
 
 # The version of the family interface this genq implements (the docstring above).
@@ -165,6 +166,29 @@ class CanceledError(Exception):
 class PreemptedError(CanceledError):
     """A training attempt stopped at a checkpoint to make room for another job
     (workers/preemption.py); it resumes from that checkpoint in its next attempt."""
+
+
+class TokenProgress:
+    """A language model's progress while it generates: tokens made of `max_tokens`, as a
+    Progress event at most every `interval_s` (a Ray message and a SQL write per token would
+    cost more than the token), and always the last one, whose total is what was made (a job
+    that stopped early at a stop string or end of text is complete)."""
+
+    def __init__(self, max_tokens: int, interval_s: float = 0.1) -> None:
+        self.max_tokens = max_tokens
+        self.interval_s = interval_s
+        self.sent_at = time.monotonic()
+
+    def after(self, made: int) -> Progress | None:
+        """The event to send once `made` tokens are done, or None if one went out just now."""
+        now = time.monotonic()
+        if made >= self.max_tokens or now - self.sent_at < self.interval_s:
+            return None
+        self.sent_at = now
+        return Progress(made, self.max_tokens, "tokens")
+
+    def done(self, made: int) -> Progress:
+        return Progress(made, made, "tokens")
 
 
 BatchItem = tuple[int | None, Event | BaseException]
