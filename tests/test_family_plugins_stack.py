@@ -54,9 +54,8 @@ def test_families_lists_the_plugin_and_the_broken_ones(stack: StackProcess) -> N
     assert "written for family interface 99" in future["error"]
     assert "model family 'crashes' from genq-test-plugins 1.0 is not loaded" in stack.log_text()
     # A job naming a broken family is refused with the reason, naming the field.
-    refused = stack.call(
-        "POST", "/v1/jobs", json={"kind": "train", "family": "crashes", "params": {}}
-    )
+    body = {"kind": "train", "family": "crashes", "dataset": "pydocs", "name": "x", "params": {}}
+    refused = stack.call("POST", "/v1/jobs", json=body)
     assert refused.status_code == 422
     (error,) = [e for e in refused.json()["errors"] if e["field"] == "family"]
     assert "is broken: ImportError: libfoo" in error["message"]
