@@ -3,7 +3,8 @@ time has come, fails waiting jobs whose deadline passed, asks running training j
 room for jobs of a higher priority class that waited too long (scheduler/preemption.py), reaps
 jobs whose lease expired (requeued after a backoff, so a job that kills its worker every time
 is spaced out until its attempts run out), re-publishes queued jobs whose broker message is
-gone, and hands due webhook messages to their queue.
+gone, hands due webhook messages to their queue, and every retention_interval_s runs the
+retention pass (core/retention.py: expired outputs, events and finished jobs).
 
 It is a plain loop in its own process rather than Celery beat, because its main duty is to
 repair the broker: it must keep working while the broker is empty, restarted or unreachable.
@@ -18,7 +19,9 @@ import threading
 import time
 from dataclasses import dataclass
 
+from core.artifacts import ArtifactStore
 from core.db import Database
+from core.deletion import Freed
 from core.jobs import retry_backoff_s
 from core.recovery import (
     expire_deadlines,
@@ -27,6 +30,7 @@ from core.recovery import (
     reap_expired,
     unpublished_jobs,
 )
+from core.retention import Retention
 from core.schedules import fire_due
 from core.settings import Settings
 from core.states import JobState
@@ -53,6 +57,7 @@ class TickReport:
 class Periodic:
     def __init__(self, settings: Settings, database: Database, publisher: Publisher) -> None:
         self.settings, self.database, self.publisher = settings, database, publisher
+        self.retention = Retention(settings, database, ArtifactStore.from_settings(settings))
 
     def _publish(self, job_ids: list[str], delays: dict[str, float] | None = None) -> int:
         if not job_ids:
@@ -83,6 +88,10 @@ class Periodic:
 
     def preempt(self) -> int:
         return len(preempt_round(self.settings, self.database))
+
+    def retain(self) -> Freed:
+        """The retention pass: delete what has outlived its tenant's retention."""
+        return self.retention.run()
 
     def reap(self) -> tuple[int, int]:
         # A worker crash is a transient failure: the next attempt waits like any other retry
@@ -135,9 +144,10 @@ class Periodic:
         return report
 
     def run_forever(self, stop: threading.Event) -> None:
-        """Send webhooks every webhook_poll_s, reap every reap_interval_s and reconcile every
-        reconcile_interval_s until `stop`."""
-        next_reap = next_reconcile = 0.0
+        """Send webhooks every webhook_poll_s, reap every reap_interval_s, reconcile every
+        reconcile_interval_s and run the retention pass every retention_interval_s until
+        `stop`."""
+        next_reap = next_reconcile = next_retention = 0.0
         while not stop.is_set():
             try:
                 self.webhooks()
@@ -151,6 +161,11 @@ class Periodic:
                 if time.monotonic() >= next_reconcile:
                     self.reconcile()
                     next_reconcile = time.monotonic() + self.settings.reconcile_interval_s
+                if time.monotonic() >= next_retention:
+                    # Set first: a pass that fails waits for the next interval like one that
+                    # succeeded, rather than retrying every round.
+                    next_retention = time.monotonic() + self.settings.retention_interval_s
+                    self.retain()
             except Exception:  # the database or broker is down: try again next round
                 log.exception("periodic round failed")
             stop.wait(min(self.settings.webhook_poll_s, self.settings.reap_interval_s))
