@@ -12,7 +12,8 @@ batches of settings.retention_batch_size rows, each batch in a transaction of it
 files deleted outside any transaction (core/deletion.py), so a large backlog never holds a lock
 for long. The pass also measures the weights of model versions not measured yet (for the
 tenants' disk use), then writes one audit entry (`retention.purge`, its `detail` the counts
-and bytes freed; written when some retention is set) and adds the same figures to `retention_counter` (source `retention`).
+and bytes freed; written when some retention is set) and adds the same figures to
+`retention_counter` (source `retention`).
 Several passes at once do no harm: a batch finds only what is still there.
 """
 
