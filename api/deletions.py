@@ -17,6 +17,7 @@ and built-in models and data sets.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from flask import Blueprint, request
 from sqlalchemy import or_, select
@@ -121,15 +122,12 @@ def delete_artifact(artifact_id: str, scope: str | None, actor: Actor, via: str)
 
 
 def delete_model(
-    name: str, version: str, scope: str | None, actor: Actor, via: str, *, force: bool
+    find: Callable[[Session], Model], scope: str | None, actor: Actor, via: str, *, force: bool
 ) -> Freed:
-    """A model version: its row (after the in-use checks), then its weights."""
-    number = parse_whole(version, minimum=1, maximum=INT32_MAX)
-    if number is None:
-        raise NotFoundError(f"no model {name}:{version}")
+    """The version `find` returns: its row (after the in-use checks), then its weights."""
     app = genq()
     with app.database.transaction() as session:
-        model = find_version(session, scope, name, number)
+        model = find(session)
         check_owner("model", model.tenant_id, scope, model.ref)
         model_id, ref = model.id, model.ref
         children = [
@@ -194,8 +192,20 @@ def delete_artifact_view(artifact_id: str) -> tuple[str, int]:
 
 @bp.delete("/models/<name>/<version>")
 def delete_model_view(name: str, version: str) -> tuple[str, int]:
+    """A version, when no waiting or running job uses it (`?force=true`: even if other
+    versions were fine-tuned from it)."""
     force = parse_force()
-    delete_model(name, version, tenant_scope(), _actor(), "api", force=force)
+    number = parse_whole(version, minimum=1, maximum=INT32_MAX)
+    if number is None:
+        raise NotFoundError(f"no model {name}:{version}")
+    scope = tenant_scope()
+    delete_model(
+        lambda session: find_version(session, scope, name, number),
+        scope,
+        _actor(),
+        "api",
+        force=force,
+    )
     return "", 204
 
 
