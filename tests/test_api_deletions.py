@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
 from flask.testing import FlaskClient
 
@@ -353,3 +354,34 @@ def test_the_tenants_page_shows_disk_use_and_keeps_retention_across_a_save(
         f"/admin/tenants/{keys.acme_tenant}/quotas", data={**form, "retain_jobs_days": "x"}
     )
     assert bad.status_code == 422 and "retain_jobs_days" in bad.get_data(as_text=True)
+
+
+# -- the Python client ---------------------------------------------------------------------------
+
+
+def test_the_client_deletes_through_the_api(
+    app: Any, client: FlaskClient, keys: Keys, database: Database, settings: Settings
+) -> None:
+    import httpx
+
+    from genq_client import Client
+    from genq_client.errors import Conflict, NotFound
+
+    job_id = finished_job(client, database, settings, keys.acme)
+    trained_model(database, settings, keys.acme_tenant, "poet")
+    transport = httpx.WSGITransport(app=app)
+    with Client("http://genq", keys.acme, transport=transport, max_retries=0) as genq:
+        job = genq.get_job(job_id)
+        genq.delete_output(job.outputs[0])
+        assert len(genq.get_job(job_id).outputs) == 1
+        genq.delete_job(job_id)
+        with pytest.raises(NotFound):
+            genq.get_job(job_id)
+        queued = genq.submit(model="poet:1")
+        with pytest.raises(Conflict):
+            genq.delete_model("poet", 1)
+        genq.cancel(queued.id)
+        genq.delete_model("poet", 1, force=True)
+        assert "poet" not in [m.name for m in genq.list_models()]
+        with pytest.raises(NotFound):
+            genq.delete_dataset("no-such-id")
