@@ -186,6 +186,8 @@ def test_a_model_version_in_use_or_with_children_is_refused_until_asked(
         assert kept.parent_id is None
         # The canceled job that named it is kept, without the link.
         assert session.get_one(Job, job.get_json()["id"]).model_id is None
+    shown = client.get(f"/v1/jobs/{job.get_json()['id']}", headers=acme).get_json()
+    assert shown["state"] == "canceled" and shown["model"] is None
     (entry,) = audit(database, "model.delete")
     assert entry.detail["ref"] == "poet:1" and entry.detail["orphaned"] == ["poet:2"]
     assert entry.detail["files"] == 2 and entry.detail["models"] == 1
