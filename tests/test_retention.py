@@ -263,7 +263,7 @@ def test_the_periodic_scheduler_runs_the_pass(world: World, redis_server_url: st
     from scheduler.enqueue import Publisher
     from scheduler.periodic import Periodic
 
-    settings = world.settings.model_copy(update={"redis_url": f"{redis_server_url}/13"})
+    settings = world.settings.model_copy(update={"redis_url": f"{redis_server_url.rstrip('/')}/15"})
     old = world.job("acme", 10)
     publisher = Publisher(settings)
     try:
