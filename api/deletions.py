@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 from flask import Blueprint, request
 from sqlalchemy import or_, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api.app import genq
@@ -126,14 +127,17 @@ def delete_model(
 ) -> Freed:
     """The version `find` returns: its row (after the in-use checks), then its weights."""
     app = genq()
-    with app.database.transaction() as session:
-        model = find(session)
-        check_owner("model", model.tenant_id, scope, model.ref)
-        model_id, ref = model.id, model.ref
-        children = [
-            c.ref for c in session.scalars(select(Model).where(Model.parent_id == model_id))
-        ]
-        folders = delete_model_rows(session, model, force=force)
+    try:
+        with app.database.transaction() as session:
+            model = find(session)
+            check_owner("model", model.tenant_id, scope, model.ref)
+            model_id, ref = model.id, model.ref
+            children = [
+                c.ref for c in session.scalars(select(Model).where(Model.parent_id == model_id))
+            ]
+            folders = delete_model_rows(session, model, force=force)
+    except IntegrityError:  # a job or a fine-tune named it while it was being deleted
+        raise ConflictError("the model was taken into use meanwhile; try again") from None
     freed = Freed(models=1)
     for folder in folders:
         freed.add(free_prefix(app.artifacts, folder))
@@ -147,13 +151,16 @@ def delete_dataset(dataset_id: str, scope: str | None, actor: Actor, via: str) -
     stmt = select(Dataset).where(Dataset.id == dataset_id)
     if scope is not None:
         stmt = stmt.where(or_(Dataset.tenant_id == scope, Dataset.tenant_id == SYSTEM_TENANT_ID))
-    with app.database.transaction() as session:
-        dataset = session.scalar(stmt.with_for_update())
-        if dataset is None:
-            raise NotFoundError(f"no data set {dataset_id}")
-        check_owner("data set", dataset.tenant_id, scope, dataset.name)
-        name = dataset.name
-        folders = delete_dataset_rows(session, dataset)
+    try:
+        with app.database.transaction() as session:
+            dataset = session.scalar(stmt.with_for_update())
+            if dataset is None:
+                raise NotFoundError(f"no data set {dataset_id}")
+            check_owner("data set", dataset.tenant_id, scope, dataset.name)
+            name = dataset.name
+            folders = delete_dataset_rows(session, dataset)
+    except IntegrityError:  # a training job named it while it was being deleted
+        raise ConflictError("the data set was taken into use meanwhile; try again") from None
     freed = Freed(datasets=1)
     for folder in folders:
         freed.add(free_prefix(app.artifacts, folder))
@@ -199,8 +206,15 @@ def delete_model_view(name: str, version: str) -> tuple[str, int]:
     if number is None:
         raise NotFoundError(f"no model {name}:{version}")
     scope = tenant_scope()
+
+    def find(session: Session) -> Model:
+        # A tenant's own version of the name wins over a built-in one, as in a submission.
+        own = select(Model).where(Model.name == name, Model.version == number)
+        found = None if scope is None else session.scalar(own.where(Model.tenant_id == scope))
+        return found or find_version(session, scope, name, number)
+
     delete_model(
-        lambda session: find_version(session, scope, name, number),
+        find,
         scope,
         _actor(),
         "api",

@@ -205,6 +205,17 @@ def test_built_in_models_and_data_sets_are_not_deleted(
     assert_problem(client.delete(f"/v1/datasets/{digits}", headers=bearer(keys.admin)), 409)
 
 
+def test_a_tenants_own_version_wins_over_a_built_in_of_the_same_name(
+    client: FlaskClient, keys: Keys, database: Database, settings: Settings
+) -> None:
+    own = trained_model(database, settings, keys.acme_tenant, "echo")
+    assert own.version == 1
+    assert client.delete("/v1/models/echo/1", headers=bearer(keys.acme)).status_code == 204
+    with database.read() as session:
+        left = session.scalars(sa.select(Model).where(Model.name == "echo")).all()
+    assert [m.tenant_id for m in left] == ["system"]
+
+
 def test_a_data_set_in_use_is_refused_then_deleted_with_its_files(
     client: FlaskClient, keys: Keys, database: Database, settings: Settings
 ) -> None:
