@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -398,3 +399,83 @@ def test_the_client_deletes_through_the_api(
         assert "poet" not in [m.name for m in genq.list_models()]
         with pytest.raises(NotFound):
             genq.delete_dataset("no-such-id")
+
+
+# -- object storage ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def s3_app(
+    tmp_path: Path, s3_url: str, broker: Any
+) -> Iterator[tuple[Any, Database, ArtifactStore]]:
+    """The API on SQLite with its artifact store in a new bucket of the moto server."""
+    from api.app import create_app
+    from core.catalog import ensure_builtins
+    from core.tables import Base
+    from scheduler.enqueue import Publisher
+    from tests.test_api_support import REDIS_URL
+
+    settings = Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        var_dir=tmp_path / "var",
+        database_url=f"sqlite:///{tmp_path / 'genq.db'}",
+        redis_url=REDIS_URL,
+        artifact_url=s3_url,
+        rate_limits=False,
+    )
+    db = Database(settings)
+    Base.metadata.create_all(db.engine)
+    with db.transaction() as session:
+        ensure_builtins(session)
+    publisher = Publisher(settings)
+    app = create_app(settings, database=db, publisher=publisher)
+    yield app, db, ArtifactStore.from_settings(settings)
+    publisher.close()
+    db.dispose()
+
+
+def test_deleting_on_object_storage_removes_the_objects_from_the_bucket(
+    s3_app: tuple[Any, Database, ArtifactStore],
+) -> None:
+    import boto3
+
+    from core.events import Output
+    from core.jobs import claim_job, finish_job, record_output
+    from core.keys import create_key, get_or_create_tenant
+
+    app, database, store = s3_app
+    bucket = store.backend.bucket  # type: ignore[attr-defined]
+
+    def objects() -> set[str]:
+        pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(Bucket=bucket)
+        return {item["Key"] for page in pages for item in page.get("Contents", [])}
+
+    with database.transaction() as session:
+        tenant = get_or_create_tenant(session, "acme")
+        _, key = create_key(session, tenant)
+        tenant_id = tenant.id
+    client = app.test_client()
+    jobs = [submit(client, key, echo()).get_json()["id"] for _ in range(2)]
+    for job_id in jobs:
+        with database.transaction() as session:
+            lease = claim_job(session, job_id, lease_ttl_s=60)
+        assert lease is not None
+        for name in ("a.txt", "b.txt"):
+            stored = store.write_output(tenant_id, job_id, name, name.encode() * 3)
+            with database.transaction() as session:
+                record_output(session, lease, Output(name, "text", "text/plain", b""), stored)
+        store.put_bytes(f"{store.checkpoint_prefix(job_id)}/step-1.pt", b"c" * 10)
+        with database.transaction() as session:
+            finish_job(session, lease, JobState.SUCCEEDED)
+    before = objects()
+    assert len(before) == 6
+
+    first, second = jobs
+    (output, _) = client.get(f"/v1/jobs/{second}", headers=bearer(key)).get_json()["outputs"]
+    assert client.delete(f"/v1/artifacts/{output['id']}", headers=bearer(key)).status_code == 204
+    assert client.delete(f"/v1/jobs/{first}", headers=bearer(key)).status_code == 204
+    # Left: the second job's other output and its checkpoint.
+    assert objects() == {k for k in before if second in k and not k.endswith(output["name"])}
+    assert len(objects()) == 2
+    (entry,) = audit(database, "job.delete")
+    assert entry.detail["files"] == 3 and entry.detail["bytes"] == 15 + 15 + 10
