@@ -147,7 +147,14 @@ class Periodic:
         """Send webhooks every webhook_poll_s, reap every reap_interval_s, reconcile every
         reconcile_interval_s and run the retention pass every retention_interval_s until
         `stop`."""
-        next_reap = next_reconcile = next_retention = 0.0
+        next_reap = next_reconcile = 0.0
+        # The retention pass runs in a thread of its own: the first pass after retention is
+        # turned on may take long over a big backlog, and reaping, webhooks and schedules
+        # must not wait for it.
+        retention = threading.Thread(
+            target=self.retain_forever, args=(stop,), name="genq-retention", daemon=True
+        )
+        retention.start()
         while not stop.is_set():
             try:
                 self.webhooks()
@@ -161,14 +168,21 @@ class Periodic:
                 if time.monotonic() >= next_reconcile:
                     self.reconcile()
                     next_reconcile = time.monotonic() + self.settings.reconcile_interval_s
-                if time.monotonic() >= next_retention:
-                    # Set first: a pass that fails waits for the next interval like one that
-                    # succeeded, rather than retrying every round.
-                    next_retention = time.monotonic() + self.settings.retention_interval_s
-                    self.retain()
             except Exception:  # the database or broker is down: try again next round
                 log.exception("periodic round failed")
             stop.wait(min(self.settings.webhook_poll_s, self.settings.reap_interval_s))
+        # A pass stopped between two batches loses nothing: each batch commits on its own.
+        retention.join(timeout=10)
+
+    def retain_forever(self, stop: threading.Event) -> None:
+        """The retention pass every retention_interval_s (the first at once) until `stop`; a
+        pass that fails waits for the next interval like one that succeeded."""
+        while not stop.is_set():
+            try:
+                self.retain()
+            except Exception:
+                log.exception("retention pass failed")
+            stop.wait(self.settings.retention_interval_s)
 
 
 def main(settings: Settings) -> None:

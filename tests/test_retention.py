@@ -260,17 +260,32 @@ def test_without_retention_nothing_is_deleted(world: World, tmp_path: Path) -> N
 
 
 def test_the_periodic_scheduler_runs_the_pass(world: World, redis_server_url: str) -> None:
+    import threading
+    import time
+
     from scheduler.enqueue import Publisher
     from scheduler.periodic import Periodic
 
     settings = world.settings.model_copy(update={"redis_url": f"{redis_server_url.rstrip('/')}/15"})
     old = world.job("acme", 10)
     publisher = Publisher(settings)
+    stop = threading.Event()
+    loop = threading.Thread(
+        target=Periodic(settings, world.database, publisher).run_forever, args=(stop,)
+    )
+    loop.start()
     try:
-        freed = Periodic(settings, world.database, publisher).retain()
+        deadline = time.monotonic() + 60
+        while world.count(AuditEntry, AuditEntry.action == "retention.purge") == 0:
+            assert time.monotonic() < deadline, "no retention pass within a minute"
+            time.sleep(0.1)
     finally:
+        stop.set()
+        loop.join(timeout=30)
         publisher.close()
-    assert freed.artifacts == 2 and not any(old in f for f in world.files())
+    assert not loop.is_alive()
+    assert not any(old in f for f in world.files())
+    assert world.count(Artifact, Artifact.job_id == old) == 0
 
 
 def test_retention_days_count_from_the_end_of_the_job(world: World) -> None:
