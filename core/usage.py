@@ -32,7 +32,8 @@ from sqlalchemy import bindparam, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from core.tables import Job, TenantUsage
+from core.states import ACTIVE
+from core.tables import Job, TenantUsage, utcnow
 
 HALF_LIFE_INFO = "fair_share_half_life_s"
 POLICY_INFO = "fair_share"
@@ -134,6 +135,28 @@ def _end_running(row: TenantUsage, job: Job) -> None:
     rate = rate_of(job.num_gpus)
     row.running_rate = max(0.0, row.running_rate - rate)
     row.running_rate_start -= rate * job.started_at.timestamp()
+
+
+def recount_running(session: Session) -> int:
+    """Set every tenant's running totals from the job rows (for rows written other than by
+    the claim: a bulk load, a repair); returns the attempts counted."""
+    totals: dict[str, tuple[int, float, float]] = {}
+    rows = session.execute(
+        select(Job.tenant_id, Job.num_gpus, Job.started_at).where(
+            Job.state.in_([str(s) for s in ACTIVE]), Job.started_at.is_not(None)
+        )
+    )
+    for tenant_id, num_gpus, started_at in rows:
+        count, rates, rate_start = totals.get(tenant_id, (0, 0.0, 0.0))
+        rate = rate_of(num_gpus)
+        totals[tenant_id] = (count + 1, rates + rate, rate_start + rate * started_at.timestamp())
+    now = utcnow()
+    for row in session.scalars(select(TenantUsage).with_for_update()):
+        row.running_attempts, row.running_rate, row.running_rate_start = 0, 0.0, 0.0
+    for tenant_id, (count, rates, rate_start) in totals.items():
+        row = _locked_row(session, tenant_id, now)
+        row.running_attempts, row.running_rate, row.running_rate_start = count, rates, rate_start
+    return sum(count for count, _, _ in totals.values())
 
 
 def charge_attempt(session: Session, job: Job, ended_at: datetime) -> float:

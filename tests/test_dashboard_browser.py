@@ -359,14 +359,17 @@ def test_a_preempted_trainings_page_shows_when_for_which_job_and_where_it_resume
         with database.transaction() as session:
             record_placement(session, leases[victim_id], {"node_id": "n1", "gpu_ids": ["0"]})
             record_events(session, leases[victim_id], [Progress(20, 40, "training")])
-            record_waiting(session, leases[waiter_id], "GPU", now=utcnow() - timedelta(seconds=120))
+            record_waiting(session, leases[waiter_id], "GPU")
         page.goto(f"{stack.url}/admin/jobs/{victim_id}")
         assert page.inner_text("[data-preemption]").strip() == "never preempted"
 
-        # The stack's own periodic scheduler may make the same round first: either way the
-        # training is asked to stop for the waiting job.
+        # (Were the stack's own periodic scheduler to make the round first, the training
+        # would be asked to stop for the same job.)
         with database.transaction() as session:
-            preempt_for_waiting(session, preempt_after_s=60, grace_s=30, max_preemptions=3)
+            later = utcnow() + timedelta(seconds=120)  # it has waited 2 minutes
+            preempt_for_waiting(
+                session, preempt_after_s=60, grace_s=30, max_preemptions=3, now=later
+            )
         with database.read() as session:
             row = session.get(Job, victim_id)
             assert row is not None and row.preempted_by == waiter_id
