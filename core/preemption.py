@@ -110,6 +110,7 @@ def _placement_waiters(session: Session, now: datetime, preempt_after_s: float) 
                 Job.waiting_for.in_(GPU_WAITS),
                 Job.waiting_since <= cutoff,
                 Job.waiting_since >= Job.started_at,  # this attempt's wait
+                Job.preempt_requested_at.is_(None),  # being stopped itself: it leaves
             )
             .order_by(Job.priority.desc(), Job.waiting_since, Job.id)
             .limit(WAITERS_PER_ROUND)

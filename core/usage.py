@@ -147,6 +147,7 @@ def recount_running(session: Session) -> int:
         )
     )
     for tenant_id, num_gpus, started_at in rows:
+        assert started_at is not None  # the query's condition
         count, rates, rate_start = totals.get(tenant_id, (0, 0.0, 0.0))
         rate = rate_of(num_gpus)
         totals[tenant_id] = (count + 1, rates + rate, rate_start + rate * started_at.timestamp())
