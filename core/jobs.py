@@ -183,7 +183,7 @@ _CLAIM = (
         error_type=None,
         error_detail=None,
         waiting_for=None,
-        waiting_since=None,
+        waiting_since=bindparam("now", type_=UTCDateTime()),  # not placed yet
     )
     # The claimed row comes back from the UPDATE itself (a copy the session held is
     # refreshed): no second read.
@@ -321,8 +321,8 @@ def record_waiting(
     session: Session, lease: Lease, resource: str | None, now: datetime | None = None
 ) -> None:
     """This attempt's actor waits for Ray to place it, lacking `resource` (`GPU`,
-    `gpu_memory_gb`, `CPU`), or no longer waits (None). The wait counts from when it began,
-    whatever resource it lacks meanwhile."""
+    `gpu_memory_gb`, `CPU`), or has been placed (None). The wait counts from the claim, which
+    sets `waiting_since`, whatever resource it lacks meanwhile."""
     job = _fenced(session, lease)
     if resource is None:
         job.waiting_for = job.waiting_since = None

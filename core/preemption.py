@@ -136,7 +136,7 @@ def _making_room(waiter: Job, candidates: list[Job]) -> list[Job]:
     for c in candidates:
         if class_rank(c.priority) >= rank or _held(c, resource) <= 0:
             continue
-        if c.waiting_for is not None:  # not placed itself: it holds nothing
+        if c.waiting_since is not None:  # not placed in this attempt: it holds nothing
             continue
         node = str((c.placement or {}).get("node_id") or "")
         by_node.setdefault(node, []).append(c)

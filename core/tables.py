@@ -284,9 +284,10 @@ class Job(Base):
     preempt_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     preempted_by: Mapped[str | None] = mapped_column(String(36))
     preempt_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
-    # While this attempt's actor waits for Ray to place it: the resource it lacks (`GPU`,
-    # `gpu_memory_gb`, `CPU`) and since when; None once placed. Preemption reads it
-    # (core/preemption.py: a claimed job can wait for a GPU that training holds).
+    # Until this attempt's actor is placed by Ray: since when (the claim), and the resource
+    # Ray lacks to place it (`GPU`, `gpu_memory_gb`, `CPU`) once the runner sees it wait; both
+    # None once placed. Preemption reads them (core/preemption.py: a claimed job can wait for
+    # a GPU that training holds, and a training not placed yet holds none).
     waiting_for: Mapped[str | None] = mapped_column(String(32))
     waiting_since: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # Set on jobs submitted together (POST /v1/batches, or an OpenAI batch file): which batch,
