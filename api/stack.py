@@ -40,7 +40,9 @@ ADMIN_TENANT = "admin"
 # credentials: they get only the node-local settings below (where this machine keeps its state
 # and its copies of stored models and data sets); everything else comes with the task.
 SECRET_USERS = {"GENQ_ADMIN_KEY": frozenset(), "GENQ_SECRET_KEY": frozenset({"api", "worker"})}
-RAY_NODE_SETTINGS = frozenset({"GENQ_VAR_DIR", "GENQ_CACHE_DIR", "GENQ_LOG_LEVEL"})
+RAY_NODE_SETTINGS = frozenset(
+    {"GENQ_VAR_DIR", "GENQ_CACHE_DIR", "GENQ_LOG_LEVEL", "GENQ_LOG_FORMAT"}
+)
 
 
 def bootstrap(settings: Settings) -> str | None:

@@ -32,6 +32,7 @@ from core.settings import Settings
 from core.states import JobState
 from core.tables import Job, utcnow
 from scheduler.enqueue import Publication, Publisher
+from scheduler.heartbeats import SchedulerHeartbeat
 from scheduler.preemption import preempt_round
 from scheduler.webhooks import dispatch
 
@@ -138,6 +139,7 @@ class Periodic:
         """Send webhooks every webhook_poll_s, reap every reap_interval_s and reconcile every
         reconcile_interval_s until `stop`."""
         next_reap = next_reconcile = 0.0
+        heartbeat = SchedulerHeartbeat(self.settings, self.publisher.redis)
         while not stop.is_set():
             try:
                 self.webhooks()
@@ -151,9 +153,13 @@ class Periodic:
                 if time.monotonic() >= next_reconcile:
                     self.reconcile()
                     next_reconcile = time.monotonic() + self.settings.reconcile_interval_s
-            except Exception:  # the database or broker is down: try again next round
+            except Exception as exc:  # the database or broker is down: try again next round
                 log.exception("periodic round failed")
+                heartbeat.beat(f"{type(exc).__name__}: {exc}"[:500])
+            else:
+                heartbeat.beat()
             stop.wait(min(self.settings.webhook_poll_s, self.settings.reap_interval_s))
+        heartbeat.stop()
 
 
 def main(settings: Settings) -> None:

@@ -183,7 +183,13 @@ class ModelServer:
     def _is_canceled(self, job_id: str) -> Callable[[], bool]:
         return lambda: job_id in self._canceled
 
-    def generate(self, job_id: str, params: dict[str, Any]) -> Iterator[Event]:
+    def generate(
+        self, job_id: str, params: dict[str, Any], log_context: dict[str, Any] | None = None
+    ) -> Iterator[Event]:
+        """The job's events. `log_context`: what this server's lines about the job carry
+        (job_id, tenant, attempt, request_id; core/logs.py)."""
+        about = {**(log_context or {}), "job_id": job_id}
+        log.info("job received (%s)", self.family.name, extra=about)
         ctx = RunContext(
             job_id=job_id,
             device=self.device,
@@ -200,6 +206,10 @@ class ModelServer:
                 raise CanceledError(f"job {job_id} was canceled")
             yield from self.batcher.run(self.batcher.request(job_id, params, ctx))
             self.jobs_served += 1
+            log.info("job done", extra=about)
+        except BaseException as exc:
+            log.info("job ended: %s", type(exc).__name__, extra=about)
+            raise
         finally:
             with self._state_lock:
                 self._active.discard(job_id)
