@@ -22,8 +22,9 @@ from sqlalchemy import text
 from api.app import genq
 from api.auth import public
 from api.problems import problem_response
-from scheduler.broker import QUEUES, WEBHOOK_QUEUE
+from scheduler.broker import QUEUES
 from scheduler.heartbeats import (
+    RAY_QUEUES,
     SCHEDULER_PATTERN,
     WORKER_PATTERN,
     read_heartbeats,
@@ -33,9 +34,6 @@ from scheduler.heartbeats import (
 log = logging.getLogger(__name__)
 
 bp = Blueprint("health", __name__, url_prefix="/v1")
-
-# Queues whose jobs run on Ray: only a worker that reaches Ray serves them.
-RAY_QUEUES = tuple(q for q in QUEUES if q != WEBHOOK_QUEUE)
 
 # When this process last reached its database and broker (for age_s while they are away).
 _last_ok: dict[str, float] = {}

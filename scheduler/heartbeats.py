@@ -35,6 +35,7 @@ from typing import Any
 import redis
 
 from core.settings import Settings
+from scheduler.broker import QUEUES, WEBHOOK_QUEUE
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +44,8 @@ WORKER_PATTERN = "genq:health:worker:*"
 SCHEDULER_KEY = "genq:health:scheduler:{hostname}:{pid}"
 SCHEDULER_PATTERN = "genq:health:scheduler:*"
 SEEN_KEY = "genq:health:seen"
+# Queues whose jobs run on Ray: only a worker that reaches Ray serves them.
+RAY_QUEUES = tuple(q for q in QUEUES if q != WEBHOOK_QUEUE)
 
 
 def heartbeat_ttl_s(settings: Settings) -> int:
@@ -83,7 +86,8 @@ class WorkerHeartbeat:
         self.stopped = threading.Event()
         self.ray_ok_at: float | None = None
         self.ray_error: str | None = "not probed yet"
-        self._threads: list[threading.Thread] = []
+        self._prober: threading.Thread | None = None
+        self._writer: threading.Thread | None = None
 
     def keys(self) -> list[str]:
         pid = os.getpid()
@@ -113,7 +117,7 @@ class WorkerHeartbeat:
         pipe = self.client.pipeline(transaction=False)
         for key in self.keys():
             pipe.set(key, raw, ex=ttl_s)
-        seen = {f"queue:{q}": now for q in self.queues} if ray_ok else {}
+        seen = {f"queue:{q}": now for q in self.queues if ray_ok or q not in RAY_QUEUES}
         if ray_ok:
             seen["ray"] = self.ray_ok_at or now
         if seen:
@@ -131,15 +135,21 @@ class WorkerHeartbeat:
                 return
 
     def start(self) -> None:
-        for target, what in ((self.probe_once, "the Ray probe"), (self.write_once, "write")):
-            thread = threading.Thread(
-                target=self._loop, args=(target, what), name=f"health-{what}", daemon=True
-            )
-            thread.start()
-            self._threads.append(thread)
+        self._prober = threading.Thread(
+            target=self._loop, args=(self.probe_once, "the Ray probe"), daemon=True
+        )
+        self._writer = threading.Thread(
+            target=self._loop, args=(self.write_once, "write"), daemon=True
+        )
+        self._prober.start()
+        self._writer.start()
 
     def stop(self) -> None:
+        """Stop writing and delete the keys (a probe stuck in Ray is left to its daemon
+        thread)."""
         self.stopped.set()
+        if self._writer is not None:
+            self._writer.join(timeout=10)
         with contextlib.suppress(redis.RedisError):
             self.client.delete(*self.keys())
 
