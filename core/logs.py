@@ -109,6 +109,7 @@ def configure_logging(settings: Settings, *, process: str, node: str = "") -> No
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(settings.log_level.upper())
+    logging.captureWarnings(True)  # warnings become lines of the same format
 
 
 def gunicorn_log_config(settings: Settings, *, node: str = "") -> dict[str, Any]:

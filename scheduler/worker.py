@@ -94,6 +94,8 @@ def _run(
     ]
     if hostname:
         argv.append(f"--hostname={hostname}")
+    if settings.log_format == "json":  # no text banner among the JSON lines
+        argv.insert(0, "--quiet")
     log.info("starting the Celery worker on queues %s", ",".join(queues))
     # The dashboard's view of this worker and of Ray (scheduler/snapshot.py).
     snapshots = SnapshotWriter(settings, runner.publisher.redis, hostname)
