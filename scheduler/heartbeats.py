@@ -120,8 +120,8 @@ class WorkerHeartbeat:
         seen = {f"queue:{q}": now for q in self.queues if ray_ok or q not in RAY_QUEUES}
         if ray_ok:
             seen["ray"] = self.ray_ok_at or now
-        if seen:
-            pipe.hset(SEEN_KEY, mapping=seen)
+        for part, at in seen.items():
+            pipe.hset(SEEN_KEY, part, at)
         pipe.execute()
         return beat
 
