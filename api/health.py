@@ -16,7 +16,7 @@ import threading
 import time
 from typing import Any
 
-from flask import Blueprint, Response, jsonify
+from flask import Blueprint, Response, current_app, jsonify
 from sqlalchemy import text
 
 from api.app import genq
@@ -35,8 +35,8 @@ log = logging.getLogger(__name__)
 
 bp = Blueprint("health", __name__, url_prefix="/v1")
 
-# When this process last reached its database and broker (for age_s while they are away).
-_last_ok: dict[str, float] = {}
+# Where an app keeps when it last reached its database and broker (age_s while they are away).
+LAST_OK = "genq.health.last_ok"
 _last_ok_lock = threading.Lock()
 
 
@@ -65,9 +65,10 @@ def _age(now: float, seen_at: float | None) -> float | None:
 
 def _direct(name: str, status: str, now: float) -> dict[str, Any]:
     with _last_ok_lock:
+        last_ok: dict[str, float] = current_app.extensions.setdefault(LAST_OK, {})
         if status == "ok":
-            _last_ok[name] = now
-        seen = _last_ok.get(name)
+            last_ok[name] = now
+        seen = last_ok.get(name)
     return {"status": status, "age_s": _age(now, seen)}
 
 
