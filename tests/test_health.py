@@ -211,3 +211,25 @@ def test_the_old_health_endpoint_still_checks_only_the_database_and_broker(app: 
     response = app.test_client().get("/v1/health")
     assert response.status_code == 200  # no worker runs, and it does not look
     assert response.get_json() == {"status": "ok", "checks": {"database": "ok", "broker": "ok"}}
+
+
+def test_a_scheduler_whose_rounds_fail_is_failing(
+    app: Flask, settings: Settings, publisher: Publisher
+) -> None:
+    # Its own database is away (as when the scheduler's host cannot reach it): every round
+    # raises, the heartbeat says so, and readiness names it although the API's database is up.
+    dead = Database(settings.model_copy(update={"database_url": f"{PG_URL.rsplit(':', 1)[0]}:1/x"}))
+    periodic = Periodic(settings, dead, publisher)
+    stop = threading.Event()
+    thread = threading.Thread(target=periodic.run_forever, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        body = _wait_ready_part(app, "scheduler", "failing")
+    finally:
+        stop.set()
+        thread.join(30)
+        dead.dispose()
+    assert body["parts"]["database"]["status"] == "ok"
+    assert body["parts"]["scheduler"]["running"] == 1
+    assert body["parts"]["scheduler"]["age_s"] is None  # never seen succeeding
+    assert "scheduler (failing)" in body["detail"]

@@ -145,24 +145,50 @@ def test_a_request_id_joins_the_logs_of_api_worker_and_model_server(stack: Stack
         assert line["tenant"]
         assert line["node"] and line["level"] and line["time"] and line["logger"]
     # The model server's, in its Ray worker's log (the actor's stderr, which Ray keeps).
-    ray_root = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray"
-    deadline = time.monotonic() + 60
-    while True:
-        server_lines = []
-        for path in ray_root.glob("session_*/logs/worker-*.err"):
-            if path.stat().st_mtime < started - 5:
-                continue
-            text = path.read_text(errors="replace")
-            if request_id in text:
-                server_lines += [
-                    line for line in _json_lines(text) if line.get("request_id") == request_id
-                ]
-        messages = [line["message"] for line in server_lines]
-        if "job done" in messages:
-            break
-        assert time.monotonic() < deadline, messages
-        time.sleep(0.5)
+    server_lines = _ray_lines(request_id, started, "job done")
     for line in server_lines:
         assert line["process"] == "model-server"
         assert line["job_id"] == job["id"] and line["attempt"] == 1
         assert line["node"] == "127.0.0.1"
+
+
+def _ray_lines(request_id: str, since: float, last_message: str) -> list[dict[str, Any]]:
+    """The JSON lines with `request_id` in the logs of Ray's workers (actors), once one says
+    `last_message` (Ray writes an actor's stderr to its session's worker-*.err files)."""
+    ray_root = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray"
+    deadline = time.monotonic() + 60
+    while True:
+        found = []
+        for path in ray_root.glob("session_*/logs/worker-*.err"):
+            if path.stat().st_mtime < since - 5:
+                continue
+            text = path.read_text(errors="replace")
+            if request_id in text:
+                found += [
+                    line for line in _json_lines(text) if line.get("request_id") == request_id
+                ]
+        messages = [line["message"] for line in found]
+        if last_message in messages:
+            return found
+        assert time.monotonic() < deadline, messages
+        time.sleep(0.5)
+
+
+def test_a_training_jobs_trainer_lines_carry_its_request_id(stack: StackProcess) -> None:
+    started = time.time()
+    request_id = f"ops-train-{uuid.uuid4().hex}"
+    job = stack.submit(
+        {
+            "kind": "train",
+            "family": "ddpm",
+            "dataset": "digits",
+            "name": "ops-logs",
+            "params": {"preset": "tiny", "steps": 4, "batch_size": 8, "seed": 1},
+        },
+        headers={"X-Request-ID": request_id},
+    )
+    done = stack.wait(job["id"])
+    assert done["state"] == "succeeded", done
+    lines = _ray_lines(request_id, started, "training attempt done")
+    assert {line["process"] for line in lines} == {"trainer"}
+    assert all(line["job_id"] == job["id"] and line["attempt"] == 1 for line in lines)
