@@ -25,8 +25,8 @@ from api.problems import problem_response
 from scheduler.broker import QUEUES
 from scheduler.heartbeats import (
     RAY_QUEUES,
-    SCHEDULER_PATTERN,
-    WORKER_PATTERN,
+    SCHEDULER_INDEX,
+    WORKER_INDEX,
     read_heartbeats,
     read_seen,
 )
@@ -126,7 +126,7 @@ def _scheduler(beats: list[dict[str, Any]], seen: dict[str, float], now: float) 
 def worker_heartbeats() -> list[dict[str, Any]]:
     """Each live worker once (its heartbeat for one queue; all carry the same fields)."""
     by_process: dict[tuple[str, int], dict[str, Any]] = {}
-    for beat in read_heartbeats(genq().publisher.redis, WORKER_PATTERN):
+    for beat in read_heartbeats(genq().publisher.redis, WORKER_INDEX):
         by_process[(str(beat.get("hostname")), int(beat.get("pid", 0)))] = beat
     return sorted(by_process.values(), key=lambda b: (str(b.get("hostname")), b.get("pid", 0)))
 
@@ -143,7 +143,7 @@ def readiness() -> tuple[bool, dict[str, Any]]:
             client = genq().publisher.redis
             seen = read_seen(client)
             workers = worker_heartbeats()
-            schedulers = read_heartbeats(client, SCHEDULER_PATTERN)
+            schedulers = read_heartbeats(client, SCHEDULER_INDEX)
             parts["workers"] = _workers(workers, seen, now)
             parts["ray"] = _ray(workers, seen, now)
             parts["scheduler"] = _scheduler(schedulers, seen, now)

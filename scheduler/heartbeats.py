@@ -11,6 +11,7 @@ Keys (JSON values):
                                                    ray_error, ray_ok_at, at}
     genq:health:scheduler:<hostname>:<pid>        {hostname, pid, ok, error, at}
     genq:health:seen                              hash: part -> last time it was seen healthy
+    genq:health:workers, genq:health:schedulers   sorted sets: heartbeat key -> expiry time
 
 The last hash never expires (a handful of fields), so readiness can say how long a part has
 been down: `queue:<name>` (a worker with Ray consumed it), `ray` (a worker reached Ray) and
@@ -40,9 +41,11 @@ from scheduler.broker import QUEUES, WEBHOOK_QUEUE
 log = logging.getLogger(__name__)
 
 WORKER_KEY = "genq:health:worker:{queue}:{hostname}:{pid}"
-WORKER_PATTERN = "genq:health:worker:*"
 SCHEDULER_KEY = "genq:health:scheduler:{hostname}:{pid}"
-SCHEDULER_PATTERN = "genq:health:scheduler:*"
+# Sorted sets of the heartbeat keys, scored by when each expires: readiness reads a handful of
+# keys, never a SCAN over a broker that may hold a marker per queued job.
+WORKER_INDEX = "genq:health:workers"
+SCHEDULER_INDEX = "genq:health:schedulers"
 SEEN_KEY = "genq:health:seen"
 # Queues whose jobs run on Ray: only a worker that reaches Ray serves them.
 RAY_QUEUES = tuple(q for q in QUEUES if q != WEBHOOK_QUEUE)
@@ -117,6 +120,7 @@ class WorkerHeartbeat:
         pipe = self.client.pipeline(transaction=False)
         for key in self.keys():
             pipe.set(key, raw, ex=ttl_s)
+            _index(pipe, WORKER_INDEX, key, now + ttl_s)
         seen = {f"queue:{q}": now for q in self.queues if ray_ok or q not in RAY_QUEUES}
         if ray_ok:
             seen["ray"] = self.ray_ok_at or now
@@ -152,6 +156,7 @@ class WorkerHeartbeat:
             self._writer.join(timeout=10)
         with contextlib.suppress(redis.RedisError):
             self.client.delete(*self.keys())
+            self.client.zrem(WORKER_INDEX, *self.keys())
 
 
 class SchedulerHeartbeat:
@@ -176,7 +181,9 @@ class SchedulerHeartbeat:
         }
         try:
             pipe = self.client.pipeline(transaction=False)
-            pipe.set(self.key, json.dumps(beat), ex=heartbeat_ttl_s(self.settings))
+            ttl_s = heartbeat_ttl_s(self.settings)
+            pipe.set(self.key, json.dumps(beat), ex=ttl_s)
+            _index(pipe, SCHEDULER_INDEX, self.key, now + ttl_s)
             if error is None:
                 pipe.hset(SEEN_KEY, "scheduler", now)
             pipe.execute()
@@ -187,17 +194,27 @@ class SchedulerHeartbeat:
     def stop(self) -> None:
         with contextlib.suppress(redis.RedisError):
             self.client.delete(self.key)
+            self.client.zrem(SCHEDULER_INDEX, self.key)
 
 
-def read_heartbeats(client: redis.Redis, pattern: str) -> list[dict[str, Any]]:
-    """Every live heartbeat matching `pattern` (expired ones are gone), with its key."""
+def _index(pipe: Any, index: str, key: str, expires_at: float) -> None:
+    """List `key` in `index` until `expires_at`; drop entries that expired an hour ago (their
+    processes died without deleting them)."""
+    pipe.zadd(index, {key: expires_at})
+    pipe.zremrangebyscore(index, "-inf", expires_at - 3600)
+
+
+def read_heartbeats(client: redis.Redis, index: str) -> list[dict[str, Any]]:
+    """Every live heartbeat listed in `index` (WORKER_INDEX or SCHEDULER_INDEX), with its
+    key; expired ones are gone."""
+    keys = [
+        k.decode() if isinstance(k, bytes) else str(k)
+        for k in client.zrangebyscore(index, time.time(), "+inf")
+    ]
     found = []
-    for key in client.scan_iter(match=pattern, count=200):
-        raw = client.get(key)
+    for key, raw in zip(keys, client.mget(keys) if keys else [], strict=True):
         if raw is not None:
-            beat = json.loads(raw)
-            beat["key"] = key.decode() if isinstance(key, bytes) else str(key)
-            found.append(beat)
+            found.append({**json.loads(raw), "key": key})
     return found
 
 

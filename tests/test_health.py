@@ -25,7 +25,7 @@ from core.settings import Settings
 from core.tables import Base
 from scheduler.broker import QUEUES
 from scheduler.enqueue import Publisher
-from scheduler.heartbeats import WORKER_PATTERN, WorkerHeartbeat
+from scheduler.heartbeats import WORKER_INDEX, WorkerHeartbeat
 from scheduler.periodic import Periodic
 
 REDIS_URL = os.environ.get("GENQ_TEST_REDIS_URL", "redis://127.0.0.1:6379").rstrip("/") + "/7"
@@ -201,7 +201,9 @@ def test_a_worker_that_cannot_reach_ray_is_not_ready(
         assert beat["ray_ok"] is False and beat["ray_error"] == "not connected to Ray"
     finally:
         heartbeat.stop()
-    assert list(broker.scan_iter(match=WORKER_PATTERN)) == []  # gone at once when it stops
+    # Gone at once when it stops.
+    assert list(broker.scan_iter(match="genq:health:worker:*")) == []
+    assert broker.zcard(WORKER_INDEX) == 0
     body = _wait_ready_part(app, "ray", "unknown: no worker reports")
     assert body["parts"]["workers"]["queues"]["webhooks"]["status"] == "no worker"
     assert body["parts"]["workers"]["queues"]["webhooks"]["age_s"] is not None

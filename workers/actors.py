@@ -215,7 +215,12 @@ def configure_actor_logging(process: str) -> None:
     reads its own node's settings."""
     if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
         return
-    configure_logging(Settings(), process=process, node=ray.util.get_node_ip_address())
+    try:
+        settings = Settings()
+    except ValueError:  # a bad GENQ_* on this node must not stop the model: Ray's logging stays
+        log.exception("the log settings of this node are invalid; logging as Ray does")
+        return
+    configure_logging(settings, process=process, node=ray.util.get_node_ip_address())
 
 
 _ServerActor = ray.remote(ModelServer)

@@ -14,7 +14,7 @@ from flask import render_template
 from api.app import genq
 from api.dashboard import bp
 from api.health import readiness, worker_heartbeats
-from scheduler.heartbeats import SCHEDULER_PATTERN, read_heartbeats
+from scheduler.heartbeats import SCHEDULER_INDEX, read_heartbeats
 
 
 @bp.get("/health")
@@ -25,7 +25,7 @@ def health() -> str:
     if parts["broker"]["status"] == "ok":
         try:
             workers = worker_heartbeats()
-            schedulers = read_heartbeats(genq().publisher.redis, SCHEDULER_PATTERN)
+            schedulers = read_heartbeats(genq().publisher.redis, SCHEDULER_INDEX)
         except Exception:  # the broker went away since: the parts above say so
             workers, schedulers = [], []
     now = time.time()
