@@ -98,8 +98,10 @@ def create_app(
         events,
         health,
         inputs,
+        instruments,
         jobs,
         keys,
+        metrics,
         openapi,
         problems,
         scaling,
@@ -119,8 +121,10 @@ def create_app(
         artifacts=ArtifactStore.from_settings(settings),
     )
     problems.install(app, log_requests=settings.log_format == "json")
+    instruments.install(app)
     for blueprint in (
         health.bp,
+        metrics.bp,
         openapi.bp,
         jobs.bp,
         batches.bp,

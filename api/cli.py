@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -85,6 +86,12 @@ def api() -> None:
     """Serve the HTTP API with gunicorn (GENQ_HOST, GENQ_PORT, GENQ_API_WORKERS/THREADS)."""
     settings = _settings("api")
     gunicorn = os.path.join(os.path.dirname(sys.executable), "gunicorn")
+    # The workers' metrics (api/instruments.py) live in files here, summed by any worker that
+    # answers GET /metrics; a new start begins from an empty folder.
+    metrics_dir = (settings.var_dir / "metrics" / f"api-{settings.port}").resolve()
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     # gunicorn's own lines in genq's format (core/logs.py); in JSON the app writes the access
     # lines itself (api/problems.py), with the request id, instead of gunicorn's text ones.
     log_dir = settings.var_dir / "logs"
@@ -94,6 +101,8 @@ def api() -> None:
     access = [] if settings.log_format == "json" else ["--access-logfile", "-"]
     argv = [
         gunicorn,
+        "--config",
+        "python:api.gunicorn_conf",
         "--bind",
         f"{settings.host}:{settings.port}",
         "--workers",

@@ -781,6 +781,22 @@ def _paths(limit_max: int) -> dict[str, Any]:
                 },
             }
         },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics of the whole stack",
+                "description": 'The Prometheus text format (README, "Metrics"). Bearer: '
+                "the metrics token (GENQ_METRICS_TOKEN) or an admin key.",
+                "operationId": "metrics",
+                "responses": {
+                    "200": {
+                        "description": "Every metric, one scrape.",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
+                    "401": _problem("No metrics token or key, or a wrong one."),
+                    "403": _problem("A key that is not an admin key."),
+                },
+            }
+        },
         "/v1/openapi.json": {
             "get": {
                 "summary": "This document",

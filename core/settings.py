@@ -47,6 +47,13 @@ class Settings(BaseSettings):
     secret_key: str | None = None
     # When set, this admin key is created at first start (for automation).
     admin_key: str | None = None
+    # Bearer token that may read GET /metrics (Prometheus' scrape), besides any admin key.
+    # Unset: only admin keys may read it.
+    metrics_token: str | None = Field(None, min_length=16)
+    # The job figures of GET /metrics come from SQL queries over the job table; their text is
+    # shared through Redis this long, so the API processes, hosts and Prometheus replicas
+    # that scrape within it cost one set of queries. 0: every scrape queries.
+    metrics_cache_s: float = Field(5.0, ge=0, le=300)
 
     # Leases: a running job's claim expires unless renewed by heartbeats.
     lease_ttl_s: float = Field(60.0, gt=0, le=3600)

@@ -18,9 +18,11 @@ import threading
 import time
 from dataclasses import dataclass
 
+from core import tally
 from core.db import Database
 from core.jobs import retry_backoff_s
 from core.recovery import (
+    Reaped,
     expire_deadlines,
     mark_published,
     promote_due,
@@ -105,7 +107,20 @@ class Periodic:
             if r.not_before is not None
         }
         self._publish([r.job_id for r in requeued], delays)
+        self._tally_reaped(reaped)
         return len(reaped), len(requeued)
+
+    def _tally_reaped(self, reaped: list[Reaped]) -> None:
+        """Count the reaped leases (GET /metrics `genq_leases_reaped_total`); a Redis that
+        does not answer loses the count, never the round."""
+        outcomes: dict[str, int] = {}
+        for r in reaped:
+            outcomes[str(r.state)] = outcomes.get(str(r.state), 0) + 1
+        try:
+            for outcome, n in outcomes.items():
+                tally.count(self.publisher.redis, "leases_reaped", {"outcome": outcome}, n)
+        except Exception:
+            log.warning("could not count %d reaped leases", len(reaped), exc_info=True)
 
     def reconcile(self) -> int:
         """Publish queued jobs that have no message; confirm the ones that do, so the next
