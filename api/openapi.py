@@ -892,11 +892,12 @@ def document(limit_max: int, max_jobs: int = 1000) -> dict[str, Any]:
     _add_model(schemas, JobSubmission, "JobSubmission")
     _add_model(schemas, ModelRegistration, "ModelRegistration")
     # They build on the helpers above.
-    from api import openapi_batches, openapi_scheduling, openapi_security
+    from api import openapi_batches, openapi_retention, openapi_scheduling, openapi_security
 
     openapi_scheduling.add_schemas(schemas)
     openapi_batches.add_schemas(schemas, max_jobs)
     openapi_security.add_schemas(schemas)
+    openapi_retention.add_schemas(schemas)
     for family in FAMILIES.values():
         # A plug-in's nested schema may clash with another family's name for a different one:
         # its params are then left out of the document, not the whole document.
@@ -923,12 +924,14 @@ def document(limit_max: int, max_jobs: int = 1000) -> dict[str, Any]:
         "paths": _with_links(
             openapi_security.with_abuse_limits(
                 _with_input_problems(
-                    {
-                        **_paths(limit_max),
-                        **openapi_scheduling.paths(),
-                        **openapi_batches.paths(),
-                        **openapi_security.paths(),
-                    }
+                    openapi_retention.add_paths(
+                        {
+                            **_paths(limit_max),
+                            **openapi_scheduling.paths(),
+                            **openapi_batches.paths(),
+                            **openapi_security.paths(),
+                        }
+                    )
                 )
             )
         ),

@@ -107,6 +107,19 @@ class Settings(BaseSettings):
     # How often the periodic scheduler looks for webhook messages to send.
     webhook_poll_s: float = Field(1.0, gt=0)
 
+    # Retention (core/retention.py): days the outputs (files, checkpoints, unregistered model
+    # folders), the events and the rows of finished jobs are kept, counted from when each job
+    # finished. 0 or unset: kept forever (the default). A tenant may have its own
+    # (PATCH /v1/tenants/{id}). Registered models and data sets are never expired.
+    retain_outputs_days: int | None = Field(None, ge=0, le=36500)
+    retain_events_days: int | None = Field(None, ge=0, le=36500)
+    retain_jobs_days: int | None = Field(None, ge=0, le=36500)
+    # How often the periodic scheduler runs the retention pass, and the most jobs, events or
+    # models one of its transactions touches (each batch commits on its own, so no lock is
+    # held for long).
+    retention_interval_s: float = Field(3600.0, gt=0, le=7 * 86400)
+    retention_batch_size: int = Field(500, ge=1, le=100_000)
+
     # Celery worker: thread-pool size (tasks only wait on Ray).
     worker_concurrency: int = Field(8, ge=1, le=512)
     # How often each worker writes its cluster snapshot (workers, Ray nodes, warm models) to

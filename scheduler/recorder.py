@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 
 from core.artifacts import StoredFile
 from core.events import Event, Log, Metric, ModelSaved, Output, Placement, Progress, TextDelta
-from core.jobs import Lease, record_events, record_output, record_placement
+from core.jobs import Lease, record_events, record_output, record_placement, record_waiting
 
 if TYPE_CHECKING:
     from scheduler.runner import JobSnapshot, Runner
@@ -38,6 +38,9 @@ class EventRecorder:
         # a cold start for this job.
         self.asked_at = time.time()
         self.waiting_said = ""
+        # The resource Ray lacks to place the job's actor, as written on the row (preemption
+        # reads it: core/preemption.py).
+        self.waiting_resource: str | None = None
         self.pending_placement: dict[str, Any] | None = None
 
     def record(self, event: Event) -> None:
@@ -52,6 +55,8 @@ class EventRecorder:
             self.waiting("")
             return
         if isinstance(event, Progress):
+            if self.waiting_resource is not None:  # running: it was placed
+                self.waiting("")
             self.waiting_said = ""
             self.pending_progress = event
             if time.monotonic() - self.last_progress_at >= self.runner.settings.progress_interval_s:
@@ -73,8 +78,13 @@ class EventRecorder:
             self._write_placement(session)
             record_events(session, self.lease, [event])
 
-    def waiting(self, message: str) -> None:
-        """Say on the job what it waits for ("waiting for a GPU"); "" once it no longer does."""
+    def waiting(self, message: str, resource: str | None = None) -> None:
+        """Say on the job what it waits for ("waiting for a GPU"); "" once it no longer does.
+        `resource`: the Ray resource it lacks while its actor is unplaced (None otherwise)."""
+        if resource != self.waiting_resource:
+            self.waiting_resource = resource
+            with self.runner.database.transaction() as session:
+                record_waiting(session, self.lease, resource)
         if message == self.waiting_said:
             return
         self.waiting_said = message

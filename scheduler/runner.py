@@ -48,7 +48,7 @@ from scheduler.preemption import TrainerPreempter
 from scheduler.recorder import EventRecorder
 from workers.families.base import CanceledError, Family
 from workers.registry import get_family
-from workers.room import free_by_node, is_unplaced, waiting_for
+from workers.room import free_by_node, is_unplaced, resource_of, waiting_for
 from workers.server import ServingOptions
 
 log = logging.getLogger(__name__)
@@ -262,7 +262,8 @@ class Runner:
                 actor_id = trainer._actor_id.hex()
                 # The pool unloads idle servers if the trainer fits nowhere, and keeps doing so
                 # until Ray places it.
-                recorder.waiting(admit_trainer(f"trainer-{job.id}", actor_id, need, job.priority))
+                said = admit_trainer(f"trainer-{job.id}", actor_id, need, job.priority)
+                recorder.waiting(said, resource_of(said))
                 ctx = self._train_ctx(job)
                 refs: Any = trainer.train.remote(job.id, str(job.kind), job.params, ctx)
                 if keeper.cancel_requested.is_set():  # canceled while the actor was starting
@@ -295,8 +296,11 @@ class Runner:
         """The events of `refs`; until the first comes, the job's progress message says what
         it waits for: the resource Ray lacks to place the actor, else `loading`."""
         while not ray.wait([refs], timeout=START_LOOK_S)[0]:
-            unplaced = is_unplaced(actor_id)
-            recorder.waiting(waiting_for(need, free_by_node()) if unplaced else loading)
+            if is_unplaced(actor_id):
+                said = waiting_for(need, free_by_node())
+                recorder.waiting(said, resource_of(said))
+            else:
+                recorder.waiting(loading)
         for ref in refs:
             yield ray.get(ref)
 
