@@ -94,6 +94,7 @@ def create_app(
         auth,
         batches,
         catalog,
+        deletions,
         deliveries,
         events,
         health,
@@ -121,7 +122,7 @@ def create_app(
         publisher=publisher or Publisher(settings),
         artifacts=ArtifactStore.from_settings(settings),
     )
-    problems.install(app)
+    problems.install(app, log_requests=settings.log_format == "json")
     instruments.install(app)
     for blueprint in (
         health.bp,
@@ -132,6 +133,7 @@ def create_app(
         events.bp,
         artifacts.bp,
         catalog.bp,
+        deletions.bp,
         deliveries.bp,
         dataset_uploads.bp,
         uploads.bp,

@@ -25,6 +25,7 @@ from prometheus_client.registry import Collector
 from sqlalchemy.orm import Session
 
 from core import census
+from core.deletion import read_counters
 from core.jobs import priority_class
 from core.states import TERMINAL
 from core.tables import utcnow
@@ -194,6 +195,17 @@ class SqlCollector(Collector):
             usage.add_metric([tenant(tenant_id)], float(figures["gpu_seconds"] or 0.0))
             share.add_metric([tenant(tenant_id)], float(figures["ratio"] or 0.0))
         yield from (usage, share)
+
+        freed = CounterMetricFamily(
+            "genq_retention_freed",
+            "What retention's purge (source=retention) and the DELETE endpoints (source=api) "
+            "freed: files, bytes, artifacts, events, jobs, models, datasets, runs.",
+            labels=["source", "item"],
+        )
+        for source, items in sorted(read_counters(s).items()):
+            for item, total in sorted(items.items()):
+                freed.add_metric([source, item], float(total))
+        yield freed
 
 
 class ClusterCollector(Collector):

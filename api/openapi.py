@@ -260,6 +260,27 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
     },
     "FamilyList": _page("Family"),
     "Health": _object({"status": STRING, "checks": {"type": "object"}}),
+    "Liveness": _object({"status": {"type": "string", "enum": ["alive"]}}),
+    "HealthPart": _object(
+        {
+            "status": {"type": "string", "description": "`ok`, or what is wrong."},
+            "age_s": {
+                "type": ["number", "null"],
+                "description": "Seconds since the part was last seen healthy (null: never).",
+            },
+        }
+    ),
+    "Readiness": _object(
+        {
+            "status": {"type": "string", "enum": ["ready"]},
+            "parts": {
+                "type": "object",
+                "description": "database, broker, workers (with `queues`: each queue's status, "
+                "worker count and age), ray, scheduler.",
+                "additionalProperties": _ref("HealthPart"),
+            },
+        }
+    ),
 }
 
 
@@ -738,6 +759,29 @@ def _paths(limit_max: int) -> dict[str, Any]:
                 },
             }
         },
+        "/v1/health/live": {
+            "get": {
+                "summary": "Liveness: this API process answers (nothing else is checked)",
+                "operationId": "healthLive",
+                "security": [],
+                "responses": {"200": _json("The process answers.", "Liveness")},
+            }
+        },
+        "/v1/health/ready": {
+            "get": {
+                "summary": "Readiness: database, broker, Ray, a worker on each queue, the "
+                "periodic scheduler",
+                "operationId": "healthReady",
+                "security": [],
+                "responses": {
+                    "200": _json("Every part is ok.", "Readiness"),
+                    "503": _problem(
+                        "A part is not ok; `parts` gives each part's status and age_s, "
+                        "`detail` names the failing ones."
+                    ),
+                },
+            }
+        },
         "/metrics": {
             "get": {
                 "summary": "Prometheus metrics of the whole stack",
@@ -849,11 +893,18 @@ def document(limit_max: int, max_jobs: int = 1000) -> dict[str, Any]:
     _add_model(schemas, JobSubmission, "JobSubmission")
     _add_model(schemas, ModelRegistration, "ModelRegistration")
     # They build on the helpers above.
-    from api import openapi_batches, openapi_inputs, openapi_scheduling, openapi_security
+    from api import (
+        openapi_batches,
+        openapi_inputs,
+        openapi_retention,
+        openapi_scheduling,
+        openapi_security,
+    )
 
     openapi_scheduling.add_schemas(schemas)
     openapi_batches.add_schemas(schemas, max_jobs)
     openapi_security.add_schemas(schemas)
+    openapi_retention.add_schemas(schemas)
     openapi_inputs.add_schemas(schemas)
     for family in FAMILIES.values():
         # A plug-in's nested schema may clash with another family's name for a different one:
@@ -881,13 +932,15 @@ def document(limit_max: int, max_jobs: int = 1000) -> dict[str, Any]:
         "paths": _with_links(
             openapi_security.with_abuse_limits(
                 _with_input_problems(
-                    {
-                        **_paths(limit_max),
-                        **openapi_scheduling.paths(),
-                        **openapi_batches.paths(),
-                        **openapi_security.paths(),
-                        **openapi_inputs.paths(),
-                    }
+                    openapi_retention.add_paths(
+                        {
+                            **_paths(limit_max),
+                            **openapi_scheduling.paths(),
+                            **openapi_batches.paths(),
+                            **openapi_security.paths(),
+                            **openapi_inputs.paths(),
+                        }
+                    )
                 )
             )
         ),

@@ -28,7 +28,7 @@ from core.events import Event, Output, Progress, event_data, event_type, without
 from core.ids import new_id
 from core.states import ACTIVE, JobKind, JobState, check_transition
 from core.tables import Artifact, Job, JobEvent, UTCDateTime, utcnow
-from core.usage import charge_attempt
+from core.usage import charge_attempt, start_attempt
 from core.webhooks import enqueue_delivery
 
 log = logging.getLogger(__name__)
@@ -71,6 +71,7 @@ class NewJob:
     preemptible: bool = True
     batch_id: str | None = None
     batch_item: str | None = None
+    request_id: str | None = None
 
 
 def retry_backoff_s(attempt: int, *, base_s: float, cap_s: float) -> float:
@@ -141,6 +142,7 @@ def create_job(session: Session, new: NewJob) -> tuple[Job, bool]:
         preemptible=new.preemptible,
         batch_id=new.batch_id,
         batch_item=new.batch_item,
+        request_id=new.request_id,
         created_at=now,
         updated_at=now,
     )
@@ -182,6 +184,8 @@ _CLAIM = (
         updated_at=bindparam("now", type_=UTCDateTime()),
         error_type=None,
         error_detail=None,
+        waiting_for=None,
+        waiting_since=bindparam("now", type_=UTCDateTime()),  # not placed yet
     )
     # The claimed row comes back from the UPDATE itself (a copy the session held is
     # refreshed): no second read.
@@ -223,6 +227,7 @@ def claim_job(
         _fail_past_deadline(session, job_id, now)
         return None
     _held_leases(session)[token] = job
+    start_attempt(session, job)
     _add_event(session, job, "state", {"from": "queued", "to": "running", "attempt": job.attempt})
     return Lease(job_id, token, job.attempt)
 
@@ -311,6 +316,22 @@ def record_placement(session: Session, lease: Lease, placement: dict[str, Any]) 
     """Where this attempt runs (the node, GPUs and replica that took it), on the job row."""
     job = _fenced(session, lease)
     job.placement = without_nul(placement)
+    job.waiting_for = job.waiting_since = None
+
+
+def record_waiting(
+    session: Session, lease: Lease, resource: str | None, now: datetime | None = None
+) -> None:
+    """This attempt's actor waits for Ray to place it, lacking `resource` (`GPU`,
+    `gpu_memory_gb`, `CPU`), or has been placed (None). The wait counts from the claim, which
+    sets `waiting_since`, whatever resource it lacks meanwhile."""
+    job = _fenced(session, lease)
+    if resource is None:
+        job.waiting_for = job.waiting_since = None
+        return
+    if job.waiting_since is None:
+        job.waiting_since = now or utcnow()
+    job.waiting_for = resource
 
 
 def record_output(session: Session, lease: Lease, output: Output, stored: StoredFile) -> Artifact:
@@ -339,6 +360,14 @@ def record_output(session: Session, lease: Lease, output: Output, stored: Stored
         {"artifact_id": artifact.id, **event_data(output)},
     )
     return artifact
+
+
+def has_succeeded(session: Session, lease: Lease) -> bool:
+    """Whether the attempt of `lease` finished the job as succeeded: what a finishing
+    transaction whose commit was lost in flight (the connection died) leaves behind. Only
+    the holder of a lease ever marks a job succeeded, so the attempt number tells."""
+    job = session.scalar(_JOB, {"job_id": lease.job_id})
+    return job is not None and job.state == JobState.SUCCEEDED and job.attempt == lease.attempt
 
 
 def finish_job(
@@ -381,24 +410,31 @@ def release_job(
     reason: str,
     params: dict[str, Any] | None = None,
     backoff_s: float = 0.0,
+    counted: bool = True,
 ) -> JobState:
     """Give a running job back to the queue (a transient failure) while attempts remain; a
     job whose cancel was requested ends canceled instead. Returns the state written.
     `params`, when given, replaces the job's parameters for the next attempt (the
     smaller-batch policy after an out-of-memory error); the change is in the state event.
-    The job is not claimed again for `backoff_s` seconds (`not_before`)."""
+    The job is not claimed again for `backoff_s` seconds (`not_before`). `counted=False`: the
+    failure was not the job's (a database or broker error), so the attempt does not use up
+    one of its `max_attempts` (the cap grows by one; the state event says so)."""
     job = _fenced(session, lease)
     if job.state == JobState.CANCELING:
         return finish_job(session, lease, JobState.CANCELED)
-    if job.attempt >= job.max_attempts:
+    if counted and job.attempt >= job.max_attempts:
         return finish_job(
             session, lease, JobState.FAILED, error_type="transient", error_detail=reason
         )
+    data: dict[str, Any] = {"reason": reason}
+    if not counted:
+        job.max_attempts = max(job.max_attempts, job.attempt) + 1
+        data["counted"] = False
     if params is not None:
-        _set_state(session, job, JobState.QUEUED, reason=reason, params=params)
+        _set_state(session, job, JobState.QUEUED, **data, params=params)
         job.params = params
     else:
-        _set_state(session, job, JobState.QUEUED, reason=reason)
+        _set_state(session, job, JobState.QUEUED, **data)
     charge_attempt(session, job, utcnow())
     job.preempt_requested_at = None
     job.lease_token = None
@@ -429,6 +465,7 @@ def retry_job(session: Session, job: Job, *, extra_attempts: int) -> None:
     job.finished_at = None
     job.published_at = None
     job.not_before = None
+    job.outputs_purged_at = None  # its new outputs are kept again, from its new end
     job.progress_step = job.progress_total = 0
     job.progress_message = ""
 

@@ -78,6 +78,10 @@ class Settings(BaseSettings):
     # base * 2^(attempt-1) seconds, capped, with jitter, before the next attempt.
     retry_backoff_base_s: float = Field(2.0, ge=0)
     retry_backoff_max_s: float = Field(300.0, ge=0)
+    # A database error that says nothing about the work (a lost connection) is retried inside
+    # the attempt for up to this long; then the attempt is released to the queue, and that
+    # release does not use up one of the job's attempts.
+    transient_retry_s: float = Field(10.0, ge=0, le=600)
 
     # Fair share between tenants (core/fairness.py): `usage` starts the tenant furthest below
     # its weighted share of GPU-seconds (decayed, running jobs included); `starts` counts job
@@ -106,6 +110,19 @@ class Settings(BaseSettings):
     webhook_backoff_max_s: float = Field(3600.0, ge=0)
     # How often the periodic scheduler looks for webhook messages to send.
     webhook_poll_s: float = Field(1.0, gt=0)
+
+    # Retention (core/retention.py): days the outputs (files, checkpoints, unregistered model
+    # folders), the events and the rows of finished jobs are kept, counted from when each job
+    # finished. 0 or unset: kept forever (the default). A tenant may have its own
+    # (PATCH /v1/tenants/{id}). Registered models and data sets are never expired.
+    retain_outputs_days: int | None = Field(None, ge=0, le=36500)
+    retain_events_days: int | None = Field(None, ge=0, le=36500)
+    retain_jobs_days: int | None = Field(None, ge=0, le=36500)
+    # How often the periodic scheduler runs the retention pass, and the most jobs, events or
+    # models one of its transactions touches (each batch commits on its own, so no lock is
+    # held for long).
+    retention_interval_s: float = Field(3600.0, gt=0, le=7 * 86400)
+    retention_batch_size: int = Field(500, ge=1, le=100_000)
 
     # Celery worker: thread-pool size (tasks only wait on Ray).
     worker_concurrency: int = Field(8, ge=1, le=512)
@@ -212,6 +229,13 @@ class Settings(BaseSettings):
     pretrained_roots: str = ""
     # Log level of every genq process.
     log_level: str = "INFO"
+    # Log lines of every genq process (API, Celery worker, periodic scheduler, Ray model
+    # servers and trainers): `text`, or `json`: one object per line with time, level, logger,
+    # message, process, node and, on lines about a job, job_id, tenant, attempt, request_id.
+    log_format: Literal["text", "json"] = "text"
+    # Health (GET /v1/health/ready): each Celery worker and the periodic scheduler write a
+    # heartbeat to Redis this often; one missing for three of these counts as down.
+    health_heartbeat_interval_s: float = Field(5.0, gt=0, le=300)
 
     @model_validator(mode="after")
     def _derive_paths(self) -> Settings:

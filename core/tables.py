@@ -88,6 +88,11 @@ class Tenant(Base):
     # tenant; `may_opt_out` lets its jobs be submitted with `preemptible: false`.
     preemptible: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
     may_opt_out: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # Retention (core/retention.py): days the outputs, the events and the rows of this
+    # tenant's finished jobs are kept. None: the default in settings; 0: kept forever.
+    retain_outputs_days: Mapped[int | None] = mapped_column(Integer)
+    retain_events_days: Mapped[int | None] = mapped_column(Integer)
+    retain_jobs_days: Mapped[int | None] = mapped_column(Integer)
 
 
 class ApiKey(Base):
@@ -168,6 +173,9 @@ class Model(Base):
     status_detail: Mapped[str | None] = mapped_column(Text)
     # This version's replica policy over its family's defaults (core/scaling.py); None: none.
     serving: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
+    # Bytes of its weights folder, measured by the periodic retention pass (core/retention.py)
+    # for the tenants' disk use; None until measured.
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger)
 
     @property
     def ref(self) -> str:
@@ -284,10 +292,19 @@ class Job(Base):
     preempt_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     preempted_by: Mapped[str | None] = mapped_column(String(36))
     preempt_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Until this attempt's actor is placed by Ray: since when (the claim), and the resource
+    # Ray lacks to place it (`GPU`, `gpu_memory_gb`, `CPU`) once the runner sees it wait; both
+    # None once placed. Preemption reads them (core/preemption.py: a claimed job can wait for
+    # a GPU that training holds, and a training not placed yet holds none).
+    waiting_for: Mapped[str | None] = mapped_column(String(32))
+    waiting_since: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # Set on jobs submitted together (POST /v1/batches, or an OpenAI batch file): which batch,
     # and the item's name in it (its index, or the line's custom_id).
     batch_id: Mapped[str | None] = mapped_column(ForeignKey("job_batch.id"), index=True)
     batch_item: Mapped[str | None] = mapped_column(String(64))
+    # The X-Request-ID of the request that submitted the job (api/problems.py); every log
+    # line about the job carries it (core/logs.py). None: not submitted over HTTP.
+    request_id: Mapped[str | None] = mapped_column(String(128))
 
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     # When the job's id was last handed to the broker; the reconciler reads it.
@@ -295,6 +312,9 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    # When retention removed the job's outputs, checkpoints and unregistered model folder
+    # (core/retention.py); None while they are kept.
+    outputs_purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class JobEvent(Base):
@@ -388,8 +408,8 @@ class FairShare(Base):
 
 class TenantUsage(Base):
     """What a tenant's jobs have cost, for the usage-based fair share (core/usage.py):
-    GPU-seconds and attempts charged, both decayed to `as_of` (running attempts are added when
-    read, from their start)."""
+    GPU-seconds and attempts charged, both decayed to `as_of`, and the attempts running now
+    (added when read, from their start)."""
 
     __tablename__ = "tenant_usage"
 
@@ -397,6 +417,12 @@ class TenantUsage(Base):
     gpu_seconds: Mapped[float] = mapped_column(Float, default=0.0)
     attempts: Mapped[float] = mapped_column(Float, default=0.0)
     as_of: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # The attempts running now, kept as they start and end so that reading their cost does
+    # not read them: how many, the sum of their rates (GPU-seconds per second), and the sum
+    # of rate x start (Unix seconds). They have cost `running_rate * now - running_rate_start`.
+    running_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    running_rate: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    running_rate_start: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
 
 
 class Schedule(Base):
@@ -424,4 +450,18 @@ class Schedule(Base):
     # Why the last slot did not submit its job (a quota refused it), or None.
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class RetentionCounter(Base):
+    """What deletion has freed since the database was made, by source (`retention`: the
+    periodic purge; `api`: DELETE requests and dashboard buttons) and item (`files`, `bytes`,
+    `events`, `jobs`, `artifacts`, `models`, `datasets`, `runs`): monotonic counters that
+    /metrics exposes."""
+
+    __tablename__ = "retention_counter"
+
+    source: Mapped[str] = mapped_column(String(16), primary_key=True)
+    item: Mapped[str] = mapped_column(String(16), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger, default=0)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)

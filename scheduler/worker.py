@@ -12,12 +12,14 @@ from __future__ import annotations
 import logging
 
 from celery import Celery
+from celery.signals import worker_ready, worker_shutting_down
 
 from core.db import Database
 from core.settings import Settings
 from scheduler.broker import QUEUES, RUN_JOB_TASK, make_celery, record_dropped
 from scheduler.checks import register as register_checks
 from scheduler.enqueue import Publisher
+from scheduler.heartbeats import WorkerHeartbeat
 from scheduler.raynode import start_worker_node
 from scheduler.runner import Runner
 from scheduler.scaling import Scaler
@@ -55,9 +57,9 @@ def create_worker(settings: Settings) -> tuple[Celery, Runner]:
 
     @app.task(name=RUN_JOB_TASK, acks_late=True, ignore_result=True)
     def run_job(job_id: str) -> str:
-        outcome = runner.run(job_id)
+        queue = (run_job.request.delivery_info or {}).get("routing_key")
+        outcome = runner.run(job_id, queue)
         if outcome == "skipped:missing":  # a well-formed message for a job that never existed
-            queue = run_job.request.delivery_info.get("routing_key")
             record_dropped(runner.publisher.redis, "unknown_job", f"no job {job_id}", queue)
         return outcome
 
@@ -92,6 +94,8 @@ def _run(
     ]
     if hostname:
         argv.append(f"--hostname={hostname}")
+    if settings.log_format == "json":  # no text banner among the JSON lines
+        argv.insert(0, "--quiet")
     log.info("starting the Celery worker on queues %s", ",".join(queues))
     # The dashboard's view of this worker and of Ray (scheduler/snapshot.py).
     snapshots = SnapshotWriter(settings, runner.publisher.redis, hostname)
@@ -99,8 +103,14 @@ def _run(
     # Replicas per model from each model's queue (scheduler/scaling.py).
     scaler = Scaler(settings, runner)
     scaler.start()
+    # Readiness (scheduler/heartbeats.py): from the moment the consumer takes messages until
+    # the worker starts shutting down.
+    heartbeat = WorkerHeartbeat(settings, runner.publisher.redis, hostname, queues)
+    worker_ready.connect(lambda **_: heartbeat.start(), weak=False)
+    worker_shutting_down.connect(lambda **_: heartbeat.stop(), weak=False)
     try:
         app.worker_main(argv)
     finally:
+        heartbeat.stop()
         scaler.stop()
         snapshots.stop()

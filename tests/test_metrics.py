@@ -174,6 +174,18 @@ def test_job_figures_are_the_rows(
     assert {lab["tenant"] for lab, _ in samples["genq_jobs"]} == {"acme", "globex"}
 
 
+def test_deletions_are_counted_as_freed(
+    client: FlaskClient, database: Database, settings: Settings, keys: Keys
+) -> None:
+    job_id = submit(client, keys.acme, echo(message="x")).get_json()["id"]
+    run_job(database, settings, job_id, outputs={"out.txt": b"12345"})
+    assert value(scrape(client), "genq_retention_freed_total", source="api") == 0
+    assert client.delete(f"/v1/jobs/{job_id}", headers=bearer(keys.acme)).status_code == 204
+    samples = scrape(client)
+    assert value(samples, "genq_retention_freed_total", source="api", item="jobs") == 1
+    assert value(samples, "genq_retention_freed_total", source="api", item="bytes") == 5
+
+
 def test_histogram_buckets_place_each_wait(
     client: FlaskClient, database: Database, keys: Keys
 ) -> None:

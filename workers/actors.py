@@ -7,7 +7,7 @@ run them without Ray); `get_model_server` and `start_trainer` turn them into Ray
 its own ObjectRef, so the caller reads events while the model runs:
 
     server = get_model_server(model_id, family, model_dir, config)
-    for ref in server.generate.remote(job_id, params):
+    for ref in server.generate.remote(job_id, params, attempt=lease_token):
         event = ray.get(ref)   # Progress, Log, Metric, Output, ModelSaved
 
 An error raised while the model runs comes out of the `ray.get` of the next ref as a
@@ -37,6 +37,8 @@ from ray.actor import ActorHandle
 
 from core.errors import InvalidInputError
 from core.events import Event, Log, ModelSaved
+from core.logs import configure_logging
+from core.settings import Settings
 from core.states import JobKind
 from workers.batching import job_error
 from workers.families.base import GPU_MEMORY_RESOURCE, DatasetRef, Family, TrainContext
@@ -64,8 +66,12 @@ def _guarded(events: Iterator[Event], job_id: str) -> Iterator[Event]:
 class Trainer:
     """One training attempt of one job; killing the actor frees what it held."""
 
-    def __init__(self, family: str) -> None:
+    def __init__(self, family: str, attempt: str = "") -> None:
+        configure_actor_logging("trainer")
         self.family = get_family(family)
+        # The attempt (its lease token) this trainer belongs to: a cancel or preemption that
+        # names another attempt of the job is ignored.
+        self.attempt = attempt
         self.device = device_name()
         self._canceled = threading.Event()
         self._preempt = CheckpointStop()
@@ -80,6 +86,8 @@ class Trainer:
         dataset path and parent_model_dir are absolute local paths, used as they are."""
         if self.family.params_for(JobKind(kind)) is None:
             raise InvalidInputError.one("kind", f"the {self.family.name} family cannot {kind}")
+        about = {**ctx.get("log_context", {}), "job_id": job_id}
+        log.info("training attempt started (%s, %s)", self.family.name, kind, extra=about)
         implementation = self.family.load_implementation()
         placement = placement_event()
         if placement is not None:
@@ -91,6 +99,7 @@ class Trainer:
             yield from _guarded(events, job_id)
             return
         yield from _guarded(self._staged(implementation, job_id, params, ctx), job_id)
+        log.info("training attempt done", extra=about)
 
     def _local_ctx(self, job_id: str, ctx: dict[str, Any]) -> TrainContext:
         dataset = ctx.get("dataset")
@@ -168,12 +177,28 @@ class Trainer:
             yield event
         staging.clean(job_id)
 
-    def cancel(self) -> None:
-        self._canceled.set()
+    def _is_mine(self, attempt: str) -> bool:
+        if attempt and attempt != self.attempt:
+            log.warning("ignoring a request of attempt %s: this trainer runs %s",
+                        attempt, self.attempt or "an unnamed attempt")  # fmt: skip
+            return False
+        return True
 
-    def preempt(self) -> None:
-        """Stop at the next checkpoint (workers/preemption.py)."""
+    def cancel(self, attempt: str = "") -> bool:
+        """Stop at the next step; False (and nothing stops) when `attempt` is not this
+        trainer's."""
+        if not self._is_mine(attempt):
+            return False
+        self._canceled.set()
+        return True
+
+    def preempt(self, attempt: str = "") -> bool:
+        """Stop at the next checkpoint (workers/preemption.py); False when `attempt` is not
+        this trainer's."""
+        if not self._is_mine(attempt):
+            return False
         self._preempt.request()
+        return True
 
     def info(self) -> dict[str, Any]:
         return {
@@ -195,11 +220,28 @@ class ModelServer(BaseModelServer):
         config: dict[str, Any],
         options: ServingOptions | None = None,
     ) -> None:
+        configure_actor_logging("model-server")
         super().__init__(family, model_dir, config, options, on_idle=self._unload)
 
     def _unload(self) -> None:
         # no_restart: the pool starts a fresh one when the model is next wanted.
         ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+
+
+def configure_actor_logging(process: str) -> None:
+    """Inside a Ray actor, log as every genq process does (GENQ_LOG_FORMAT, GENQ_LOG_LEVEL of
+    this node: api/stack.py passes them to Ray), to the actor's stderr, which Ray keeps in its
+    session's logs folder (worker-*.err). Outside an actor (a test or a benchmark driving the
+    class directly) the caller's logging is left alone. A Ray actor is an entry point, so it
+    reads its own node's settings."""
+    if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+        return
+    try:
+        settings = Settings()
+    except ValueError:  # a bad GENQ_* on this node must not stop the model: Ray's logging stays
+        log.exception("the log settings of this node are invalid; logging as Ray does")
+        return
+    configure_logging(settings, process=process, node=ray.util.get_node_ip_address())
 
 
 _ServerActor = ray.remote(ModelServer)
@@ -290,8 +332,10 @@ def start_trainer(
     *,
     num_gpus: float | None = None,
     gpu_memory_gb: float | None = None,
+    attempt: str = "",
 ) -> ActorHandle:
-    """A new trainer for one attempt of a training job; kill it (ray.kill) to stop it hard.
+    """A new trainer for one attempt of a training job (`attempt`: its lease token, which
+    every cancel or preemption sent to it names); kill it (ray.kill) to stop it hard.
     A trainer left over from an earlier attempt of the job is killed first. Ray starts it on a
     node where the job's GPUs and GPU memory fit (see trainer_resources)."""
     name = f"trainer-{job_id}"
@@ -303,4 +347,4 @@ def start_trainer(
         namespace=NAMESPACE,
         max_concurrency=3,  # train, and cancel or preempt
         **placement,
-    ).remote(family.name)
+    ).remote(family.name, attempt)

@@ -232,6 +232,7 @@ def job(job_id: str) -> str:
         dataset = db.get(Dataset, found.dataset_id) if found.dataset_id else None
         audit = recent_actions(db, target_type="job", target_id=found.id)
         previews = {a.id: _text_preview(a) for a in history["outputs"] if a.kind == "text"}
+        preempted = queries.preemptions(db, found)
     curves = history["curves"]
     return render_template(
         "dashboard/job.html",
@@ -243,6 +244,7 @@ def job(job_id: str) -> str:
         dataset=dataset,
         audit=audit,
         previews=previews,
+        preempted=preempted,
         loss_chart=_loss_chart(curves),
         latest=_latest(curves),
         params=json.dumps(found.params or {}, indent=2, sort_keys=True),
@@ -303,8 +305,19 @@ def tenants() -> str:
         usage = queries.tenant_usage(db)
         audit = recent_actions(db, limit=50)
     names = {u["tenant"].id: u["tenant"].name for u in usage}
+    settings = genq().settings
+    # The retention days a tenant without its own keeps (placeholders of the form).
+    defaults = {
+        f: getattr(settings, f)
+        for f in ("retain_outputs_days", "retain_events_days", "retain_jobs_days")
+    }
     return render_template(
-        "dashboard/tenants.html", usage=usage, audit=audit, me=admin(), tenant_names=names
+        "dashboard/tenants.html",
+        usage=usage,
+        audit=audit,
+        me=admin(),
+        tenant_names=names,
+        defaults=defaults,
     )
 
 
