@@ -1,4 +1,5 @@
-"""The lease keeper: the thread beside each running job that renews its lease and notices,
+"""The lease keeper: the thread beside each running job that renews its lease (only while the
+work itself shows signs of life: scheduler/stall.py) and notices,
 within about a second, a cancel request, a lost lease or an attempt that ran past its
 `timeout_s`; each of those asks the actor to stop. It also notices a preemption request
 (core/preemption.py) and asks the trainer to stop at its next checkpoint (`on_preempt`).
@@ -45,6 +46,10 @@ class LeaseKeeper(threading.Thread):
         # to stop at its next checkpoint.
         self.on_cancel: Callable[[], None] | None = None
         self.on_preempt: Callable[[], None] | None = None
+        # Set by the runner: whether the actor doing the work has stalled (scheduler/stall.py).
+        # A stalled job's lease is not renewed, so the reaper takes it back even if the runner
+        # cannot.
+        self.is_stalled: Callable[[], bool] | None = None
 
     def run(self) -> None:
         poll_s = min(1.0, self.settings.heartbeat_interval_s)
@@ -56,6 +61,10 @@ class LeaseKeeper(threading.Thread):
                 self.timed_out.set()
                 self._request_cancel()
             due = time.monotonic() - last_renewal >= self.settings.heartbeat_interval_s
+            if due and self.is_stalled is not None and self.is_stalled():
+                log.warning("the work is stalled: lease not renewed",
+                            extra={"job_id": self.lease.job_id})  # fmt: skip
+                due = False
             try:
                 if due:
                     with self.database.transaction() as session:

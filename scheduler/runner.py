@@ -5,6 +5,11 @@ The task only orchestrates: it waits on Ray, so the Celery worker runs a thread 
 work ever happens in its process. A second thread per job renews the lease and watches for a
 cancel request; every write is fenced by the lease token, so an attempt whose lease was taken
 over (it was too slow to renew, and the reaper requeued it) changes nothing.
+
+The runner watches the actor doing the work (scheduler/stall.py): one that sends nothing and
+answers no ping for GENQ_STALL_TIMEOUT_S is killed and its job goes back to the queue
+(`stalled`). When the worker shuts down (`stopping`), each running attempt is released within
+about a second, its job back in the queue.
 """
 
 from __future__ import annotations
@@ -28,7 +33,13 @@ from sqlalchemy import bindparam, select
 from core.artifacts import ArtifactStore
 from core.catalog import register_model
 from core.db import Database
-from core.errors import GenqError, JobFailedError, LeaseLostError
+from core.errors import (
+    GenqError,
+    JobFailedError,
+    LeaseLostError,
+    StalledError,
+    WorkerStoppingError,
+)
 from core.events import Event, Log, Placement
 from core.fairness import claim_next
 from core.jobs import (
@@ -45,6 +56,7 @@ from scheduler.enqueue import Publication, Publisher
 from scheduler.lease import LeaseKeeper
 from scheduler.preemption import TrainerPreempter
 from scheduler.recorder import EventRecorder
+from scheduler.stall import Liveness
 from workers.families.base import CanceledError, Family
 from workers.registry import get_family
 from workers.room import free_by_node, is_unplaced, waiting_for
@@ -96,6 +108,8 @@ class Runner:
         self.store = ArtifactStore.from_settings(settings)
         self._ray_lock = threading.Lock()
         self.serving = ServingOptions.from_settings(settings)
+        # Set when the worker shuts down: running attempts give their jobs back at once.
+        self.stopping = threading.Event()
 
     def connect_ray(self) -> None:
         with self._ray_lock:
@@ -256,7 +270,9 @@ class Runner:
                 refs: Any = trainer.train.remote(job.id, str(job.kind), job.params, ctx)
                 if keeper.cancel_requested.is_set():  # canceled while the actor was starting
                     keeper.on_cancel()
-                stream = self._started(refs, actor_id, need, recorder, "")
+                liveness = Liveness(trainer, self.settings.stall_timeout_s, "trainer", job.id)
+                keeper.is_stalled = liveness.is_stalled
+                stream = self._started(refs, trainer, need, recorder, "", liveness)
             for event in stream:
                 recorder.record(event)
             if keeper.lost.is_set():
@@ -276,18 +292,40 @@ class Runner:
     def _started(
         self,
         refs: Any,
-        actor_id: str,
+        actor: Any,
         need: dict[str, float],
         recorder: EventRecorder,
         loading: str,
+        liveness: Liveness,
     ) -> Iterator[Event]:
         """The events of `refs`; until the first comes, the job's progress message says what
-        it waits for: the resource Ray lacks to place the actor, else `loading`."""
+        it waits for: the resource Ray lacks to place the actor, else `loading`. Between
+        events it checks that the actor lives (a stalled one is killed: StalledError) and that
+        the worker is not stopping (WorkerStoppingError)."""
+        actor_id = actor._actor_id.hex()
         while not ray.wait([refs], timeout=START_LOOK_S)[0]:
+            self._check_stopping()
             unplaced = is_unplaced(actor_id)
             recorder.waiting(waiting_for(need, free_by_node()) if unplaced else loading)
-        for ref in refs:
-            yield ray.get(ref)
+        while True:
+            while not ray.wait([refs], timeout=START_LOOK_S)[0]:
+                self._check_stopping()
+                try:
+                    liveness.check()
+                except StalledError:
+                    ray.kill(actor, no_restart=True)
+                    raise
+            try:
+                ref = next(refs)
+            except StopIteration:
+                return
+            event = ray.get(ref)
+            liveness.saw_event()
+            yield event
+
+    def _check_stopping(self) -> None:
+        if self.stopping.is_set():
+            raise WorkerStoppingError("the worker is shutting down; the job goes back to the queue")
 
     def _generate(
         self, job: JobSnapshot, family: Family, keeper: LeaseKeeper, recorder: EventRecorder
@@ -314,14 +352,16 @@ class Runner:
                 priority=job.priority,
             )
             actor = choice.handle
+            liveness = Liveness(actor, self.settings.stall_timeout_s, "model server", job.id)
+            keeper.is_stalled = liveness.is_stalled
             keeper.on_cancel = lambda actor=actor: actor.cancel.remote(job.id)
             if keeper.cancel_requested.is_set():  # canceled while the server was starting
                 keeper.on_cancel()
             started = False
             try:
                 refs: Any = actor.generate.remote(job.id, job.params)
-                actor_id = actor._actor_id.hex()
-                for event in self._started(refs, actor_id, need, recorder, "loading the model"):
+                loading = "loading the model"
+                for event in self._started(refs, actor, need, recorder, loading, liveness):
                     # Where the job landed comes first and is no work done: a server that dies
                     # after it has still not started the job, which then runs on a live one.
                     started = started or not isinstance(event, Placement)
@@ -435,6 +475,19 @@ class Runner:
                         reason=f"out of memory: {cause}"[:2000],
                         params=smaller_batch(job.params),
                         backoff_s=backoff_s,
+                    )
+                elif (
+                    isinstance(cause, StalledError | WorkerStoppingError) or self.stopping.is_set()
+                ):
+                    # A stall or a shutdown: no fault of the job's (a Ray error while the
+                    # worker stops is its Ray connection going away).
+                    stopping = not isinstance(cause, StalledError)
+                    detail = cause.detail if isinstance(cause, GenqError) else str(cause)
+                    state = release_job(
+                        session,
+                        lease,
+                        reason=detail[:2000],
+                        backoff_s=0.0 if stopping else backoff_s,
                     )
                 elif isinstance(cause, RAY_TRANSIENT) or (
                     isinstance(cause, JobFailedError) and cause.transient

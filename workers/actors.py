@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -174,6 +175,10 @@ class Trainer:
         """Stop at the next checkpoint (workers/preemption.py)."""
         self._preempt.request()
 
+    def ping(self) -> int:
+        """Liveness, answered beside `train` (scheduler/stall.py). Returns this process's id."""
+        return os.getpid()
+
     def info(self) -> dict[str, Any]:
         return {
             "family": self.family.name,
@@ -299,6 +304,6 @@ def start_trainer(
     return _TrainerActor.options(
         name=name,
         namespace=NAMESPACE,
-        max_concurrency=3,  # train, and cancel or preempt
+        max_concurrency=4,  # train, cancel or preempt, and a liveness ping
         **placement,
     ).remote(family.name)
