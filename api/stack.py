@@ -384,8 +384,15 @@ class Stack:
         import redis
 
         try:
-            client = redis.Redis.from_url(
-                self.settings.broker_url, socket_timeout=1, socket_connect_timeout=1
+            url = self.settings.broker_url
+            client = (
+                redis.Redis(
+                    unix_socket_path=url[len("redis+socket://") :],
+                    socket_timeout=1,
+                    socket_connect_timeout=1,
+                )
+                if url.startswith("redis+socket://")
+                else redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
             )
             try:
                 mapping = {name: json.dumps(state) for name, state in self.states().items()}

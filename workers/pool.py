@@ -7,7 +7,7 @@ to the replica with the fewest jobs in hand. A model may run on several replicas
 (scheduler/scaling.py) sets how many it wants from the model's queue (`scale`), and the pool
 starts them where there is room, spread over nodes, and unloads replicas that stayed idle past
 their policy's delay (a shorter one for the last replica). A loaded replica that answers no
-info() call for `stall_timeout_s` (paused or hung) is killed and forgotten, so the next job
+info() call for twice `stall_timeout_s` (paused or hung) is killed and forgotten, so the next job
 gets a fresh one.
 
 Room for everyone. A new server, or a trainer the runner registered (`admit`), that fits on no
@@ -432,7 +432,8 @@ class ModelPool:
             if not ready:
                 spec = self._models.get(replica.model_id)
                 stall_s = spec.options.stall_timeout_s if spec else ServingOptions.stall_timeout_s
-                if replica.ready and now - replica.info_at > stall_s:
+                # Twice the runners' bound: a job's own runner sees the stall first and says so.
+                if replica.ready and now - replica.info_at > 2 * stall_s:
                     self._replace_stalled(replica, now - replica.info_at)
                 return
             try:
