@@ -146,6 +146,9 @@ class Stack:
                 stderr=subprocess.STDOUT if out else None,
                 start_new_session=True,
                 cwd=os.getcwd(),
+                # The supervisor blocks SIGINT and SIGTERM around this call; a child would
+                # inherit that mask and ignore its own stop signal.
+                preexec_fn=_unblock_stop_signals,  # noqa: PLW1509 - `genq up` runs no threads
             )
         finally:
             if out is not None:
@@ -423,6 +426,10 @@ class Stack:
         self.children.clear()
         if not self.settings.redis_url:
             self.settings.embedded_redis_socket.unlink(missing_ok=True)
+
+
+def _unblock_stop_signals() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 class ChildExitedError(RuntimeError):
