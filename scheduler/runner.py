@@ -308,13 +308,14 @@ class Runner:
             unplaced = is_unplaced(actor_id)
             recorder.waiting(waiting_for(need, free_by_node()) if unplaced else loading)
         while True:
-            while not ray.wait([refs], timeout=START_LOOK_S)[0]:
-                self._check_stopping()
+            self._check_stopping()
+            if not ray.wait([refs], timeout=START_LOOK_S)[0]:
                 try:
                     liveness.check()
                 except StalledError:
                     ray.kill(actor, no_restart=True)
                     raise
+                continue
             try:
                 ref = next(refs)
             except StopIteration:
