@@ -101,10 +101,11 @@ def events(stack: StackProcess, job_id: str) -> list[tuple[str, dict[str, Any], 
 
 
 def requeue_reasons(stack: StackProcess, job_id: str) -> list[str]:
+    """Why the job went back to the queue, for each time it did (not its first `queued`)."""
     return [
         data.get("reason", "")
         for kind, data, _ in events(stack, job_id)
-        if kind == "state" and data.get("to") == "queued"
+        if kind == "state" and data.get("to") == "queued" and data.get("from") == "running"
     ]
 
 
