@@ -87,6 +87,10 @@ def pids_of(stack: StackProcess, marker: bytes) -> list[int]:
     return sorted(found)
 
 
+def is_stopped(pid: int) -> bool:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+
+
 def worker_pid(stack: StackProcess, other_than: int = 0) -> int:
     pids = [p for p in pids_of(stack, b"api.cli\x00worker") if p != other_than]
     return pids[0] if len(pids) == 1 else 0
@@ -178,7 +182,7 @@ def test_a_paused_model_server_is_detected_as_stalled_and_replaced(stack: StackP
     (pid,) = pids_of(stack, b"ray::ModelServer")
     os.kill(pid, signal.SIGSTOP)
     try:
-        assert Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+        wait_until(lambda: is_stopped(pid), 10, "the server paused")
         reasons = wait_until(
             lambda: requeue_reasons(stack, job_id), 4 * STALL_TIMEOUT_S, "the stall seen"
         )
@@ -204,6 +208,7 @@ def test_a_paused_trainer_is_detected_as_stalled_and_resumes_from_its_checkpoint
     (pid,) = pids_of(stack, b"ray::Trainer")
     os.kill(pid, signal.SIGSTOP)
     try:
+        wait_until(lambda: is_stopped(pid), 10, "the trainer paused")
         stopped_at = max(step for _, step in progress_steps(stack, job_id))
         reasons = wait_until(
             lambda: requeue_reasons(stack, job_id), 4 * STALL_TIMEOUT_S, "the stall seen"
