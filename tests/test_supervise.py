@@ -126,7 +126,7 @@ def progress_steps(stack: StackProcess, job_id: str) -> list[tuple[int, int]]:
     for kind, data, _ in events(stack, job_id):
         if kind == "state" and data.get("to") == "running":
             attempt = data["attempt"]
-        elif kind == "progress":
+        elif kind == "progress" and data["step"] > 0:  # step 0: "waiting for a GPU" and such
             out.append((attempt, data["step"]))
     return out
 
