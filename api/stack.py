@@ -249,6 +249,9 @@ class Stack:
 
         _wait_for(started, 60, "the Ray head")
         self.env["GENQ_RAY_ADDRESS"] = f"127.0.0.1:{port}"
+        # The worker drives Ray through the head's own node (a single-node cluster admits no
+        # other); after a restart of the head it waits for that node to be back.
+        self.env["GENQ_WORKER_RAY_NODE"] = "local"
 
     def start(self) -> str | None:
         self.var_dir.mkdir(parents=True, exist_ok=True)

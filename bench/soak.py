@@ -343,6 +343,7 @@ def main() -> None:
         "GENQ_REPUBLISH_AFTER_S": "10",
         "GENQ_RETRY_BACKOFF_BASE_S": "0.5",
         "GENQ_RETRY_BACKOFF_MAX_S": "10",
+        "GENQ_RESTART_BACKOFF_MAX_S": "8",
     }
     stack = StackProcess(tmp / "var", env)
     settings = Settings(_env_file=None, database_url=url, var_dir=tmp / "var")  # type: ignore[call-arg]

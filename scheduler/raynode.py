@@ -137,13 +137,27 @@ def needs_own_node(settings: Settings) -> bool:
         return False
     if settings.worker_ray_node == "start":
         return True
-    wanted = resolve_address(settings.ray_address)
+    return not has_local_raylet(settings.ray_address)
+
+
+def has_local_raylet(address: str) -> bool:
+    """Whether a raylet of the cluster whose head is at `address` runs on this machine."""
+    wanted = resolve_address(address)
     local = {resolve_address(a) for a in local_gcs_addresses()}
     if wanted.startswith("127."):
         # Ray registers a node started on 127.0.0.1 under the machine's own address.
         port = wanted.rpartition(":")[2]
-        return not any(a.rpartition(":")[2] == port for a in local)
-    return wanted not in local
+        return any(a.rpartition(":")[2] == port for a in local)
+    return wanted in local
+
+
+def wait_for_local_raylet(address: str, timeout_s: float) -> None:
+    """Wait until the node this driver uses (the head's own, on `genq up`) is up again."""
+    deadline = time.monotonic() + timeout_s
+    while not has_local_raylet(address):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no raylet of the Ray cluster at {address} runs on this machine")
+        time.sleep(0.5)
 
 
 def _die_with_parent() -> None:

@@ -27,7 +27,12 @@ from core.settings import Settings
 from scheduler.broker import QUEUES, RUN_JOB_TASK, make_celery, record_dropped
 from scheduler.checks import register as register_checks
 from scheduler.enqueue import Publisher
-from scheduler.raynode import RayWatch, start_worker_node, wait_for_gcs
+from scheduler.raynode import (
+    RayWatch,
+    start_worker_node,
+    wait_for_gcs,
+    wait_for_local_raylet,
+)
 from scheduler.runner import Runner
 from scheduler.scaling import Scaler
 from scheduler.snapshot import SnapshotWriter
@@ -89,6 +94,8 @@ def main(settings: Settings, queues: tuple[str, ...] = QUEUES, hostname: str = "
     check_settings(settings)
     if settings.ray_address:
         wait_for_gcs(settings.ray_address, RAY_WAIT_S)
+        if settings.worker_ray_node == "local":  # e.g. the head of `genq up`, restarting
+            wait_for_local_raylet(settings.ray_address, RAY_WAIT_S)
     node = start_worker_node(settings)  # before any thread starts: it forks
     try:
         app, runner = create_worker(settings)
