@@ -22,7 +22,8 @@ Trainers and model servers get `store.url` (ServingOptions.artifact_url, the tra
 `artifact_url`), never a path on the caller's disk; each machine brings its own AWS_* settings
 and GENQ_CACHE_DIR.
 
-Keys (relative POSIX paths) are laid out by the methods below: `outputs/<tenant>/<job>/<name>`,
+Keys (relative POSIX paths) are laid out by the methods below:
+`outputs/<tenant>/<job>/<attempt's lease token>/<name>`,
 `checkpoints/<job>/...`, `models/<job>/...`, `datasets/<id>/...`, `files/<tenant>/<id>.jsonl`
 (OpenAI batch input files). Files are addressed by ids
 from SQL, never by a client-given path. A reader never sees half an object: the local backend
@@ -267,11 +268,19 @@ class ArtifactStore:
 
     # -- where genq keeps what ---------------------------------------------------------------
 
-    def output_path(self, tenant_id: str, job_id: str, name: str) -> str:
-        return f"outputs/{tenant_id}/{job_id}/{check_name(name)}"
+    def output_path(self, tenant_id: str, job_id: str, name: str, attempt: str = "") -> str:
+        """Where an output is stored: under the attempt that wrote it (its lease token), so
+        that two attempts of a job never write the same file; the job's outputs are the files
+        its artifact rows name, recorded by a fenced write (core/jobs.py:record_output)."""
+        folder = f"outputs/{tenant_id}/{job_id}"
+        if attempt:
+            folder = f"{folder}/{check_name(attempt, 'attempt')}"
+        return f"{folder}/{check_name(name)}"
 
-    def write_output(self, tenant_id: str, job_id: str, name: str, data: bytes) -> StoredFile:
-        return self.put_bytes(self.output_path(tenant_id, job_id, name), data)
+    def write_output(
+        self, tenant_id: str, job_id: str, name: str, data: bytes, attempt: str = ""
+    ) -> StoredFile:
+        return self.put_bytes(self.output_path(tenant_id, job_id, name, attempt), data)
 
     def checkpoint_prefix(self, job_id: str) -> str:
         """Where a training job keeps its checkpoints; stable across attempts so it resumes."""

@@ -15,17 +15,25 @@ PostgreSQL needs none of this: both kinds of transaction are ordinary ones.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
+import random
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.settings import Settings
 from core.usage import HALF_LIFE_INFO, POLICY_INFO
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Connection execution option: this connection's transactions only read.
 READ_ONLY = "genq_read_only"
@@ -56,6 +64,33 @@ def make_engine(url: str, *, echo: bool = False) -> Engine:
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url[len("postgresql://") :]
     return create_engine(url, echo=echo, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+
+def is_transient_db_error(exc: BaseException) -> bool:
+    """A database error that says nothing about the work: the connection was lost or closed
+    (a restart, `pg_terminate_backend`, a network cut), the server refused a connection, or
+    SQLite was busy. Another try, on a fresh connection, may well succeed."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, OperationalError | InterfaceError)
+
+
+def retry_transient(work: Callable[[], T], *, within_s: float, what: str, base_s: float = 0.1) -> T:
+    """Run `work` (which opens its own transaction) and run it again, after a growing pause
+    with jitter, while it fails with a transient database error and `within_s` has not passed;
+    then the last error is raised. Only for work that is safe to repeat: a try whose commit was
+    lost in flight may have been applied."""
+    deadline = time.monotonic() + within_s
+    pause_s = base_s
+    while True:
+        try:
+            return work()
+        except Exception as exc:
+            if not is_transient_db_error(exc) or time.monotonic() + pause_s > deadline:
+                raise
+            log.warning("%s: transient database error, trying again: %s", what, exc)
+        time.sleep(pause_s * (0.5 + random.random() / 2))
+        pause_s = min(pause_s * 2, 2.0)
 
 
 class WriterQueue:

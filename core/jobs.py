@@ -341,6 +341,14 @@ def record_output(session: Session, lease: Lease, output: Output, stored: Stored
     return artifact
 
 
+def has_succeeded(session: Session, lease: Lease) -> bool:
+    """Whether the attempt of `lease` finished the job as succeeded: what a finishing
+    transaction whose commit was lost in flight (the connection died) leaves behind. Only
+    the holder of a lease ever marks a job succeeded, so the attempt number tells."""
+    job = session.scalar(_JOB, {"job_id": lease.job_id})
+    return job is not None and job.state == JobState.SUCCEEDED and job.attempt == lease.attempt
+
+
 def finish_job(
     session: Session,
     lease: Lease,
@@ -381,24 +389,31 @@ def release_job(
     reason: str,
     params: dict[str, Any] | None = None,
     backoff_s: float = 0.0,
+    counted: bool = True,
 ) -> JobState:
     """Give a running job back to the queue (a transient failure) while attempts remain; a
     job whose cancel was requested ends canceled instead. Returns the state written.
     `params`, when given, replaces the job's parameters for the next attempt (the
     smaller-batch policy after an out-of-memory error); the change is in the state event.
-    The job is not claimed again for `backoff_s` seconds (`not_before`)."""
+    The job is not claimed again for `backoff_s` seconds (`not_before`). `counted=False`: the
+    failure was not the job's (a database or broker error), so the attempt does not use up
+    one of its `max_attempts` (the cap grows by one; the state event says so)."""
     job = _fenced(session, lease)
     if job.state == JobState.CANCELING:
         return finish_job(session, lease, JobState.CANCELED)
-    if job.attempt >= job.max_attempts:
+    if counted and job.attempt >= job.max_attempts:
         return finish_job(
             session, lease, JobState.FAILED, error_type="transient", error_detail=reason
         )
+    data: dict[str, Any] = {"reason": reason}
+    if not counted:
+        job.max_attempts = max(job.max_attempts, job.attempt) + 1
+        data["counted"] = False
     if params is not None:
-        _set_state(session, job, JobState.QUEUED, reason=reason, params=params)
+        _set_state(session, job, JobState.QUEUED, **data, params=params)
         job.params = params
     else:
-        _set_state(session, job, JobState.QUEUED, reason=reason)
+        _set_state(session, job, JobState.QUEUED, **data)
     charge_attempt(session, job, utcnow())
     job.preempt_requested_at = None
     job.lease_token = None

@@ -82,6 +82,10 @@ class Settings(BaseSettings):
     # base * 2^(attempt-1) seconds, capped, with jitter, before the next attempt.
     retry_backoff_base_s: float = Field(2.0, ge=0)
     retry_backoff_max_s: float = Field(300.0, ge=0)
+    # A database error that says nothing about the work (a lost connection) is retried inside
+    # the attempt for up to this long; then the attempt is released to the queue, and that
+    # release does not use up one of the job's attempts.
+    transient_retry_s: float = Field(10.0, ge=0, le=600)
 
     # Fair share between tenants (core/fairness.py): `usage` starts the tenant furthest below
     # its weighted share of GPU-seconds (decayed, running jobs included); `starts` counts job

@@ -7,6 +7,7 @@ nor torch. A failed publish is not an error for the caller: the row stays `queue
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,9 +55,10 @@ class Publisher:
         mark=False and clears it for the ids that did not get through (see api/jobs.py)."""
         sent = []
         for item in items:
+            marker = PUBLISHED_KEY.format(job_id=item.job_id)
             try:
                 self.redis.set(
-                    PUBLISHED_KEY.format(job_id=item.job_id),
+                    marker,
                     "1",
                     ex=self.settings.visibility_timeout_s * 2,
                 )
@@ -75,6 +77,10 @@ class Publisher:
                     exc,
                     extra={"job_id": item.job_id},
                 )
+                # No message went out: a marker left behind would make the reconciler
+                # believe one had.
+                with contextlib.suppress(Exception):
+                    self.redis.delete(marker)
         if sent and mark:
             with database.transaction() as session:
                 mark_published(session, sent)

@@ -1,7 +1,8 @@
 """The lease keeper: the thread beside each running job that renews its lease (only while the
 work itself shows signs of life: scheduler/stall.py) and notices,
 within about a second, a cancel request, a lost lease or an attempt that ran past its
-`timeout_s`; each of those asks the actor to stop. It also notices a preemption request
+`timeout_s`; each of those asks the actor to stop (the request names the attempt, so it can
+only stop this attempt's work). It also notices a preemption request
 (core/preemption.py) and asks the trainer to stop at its next checkpoint (`on_preempt`).
 """
 
@@ -84,6 +85,10 @@ class LeaseKeeper(threading.Thread):
                         state = JobState(job.state)
                         preempting = job.preempt_requested_at is not None
             except LeaseLostError:
+                if self.stopped.is_set():
+                    # The runner is finishing the attempt (its own finish cleared the token):
+                    # nothing was lost, and nothing is to be stopped.
+                    return
                 log.warning("lease lost; stopping the attempt", extra={"job_id": self.lease.job_id})
                 self.lost.set()
                 self._request_cancel()
@@ -91,6 +96,8 @@ class LeaseKeeper(threading.Thread):
             except Exception:  # a database hiccup: try again at the next tick
                 log.exception("heartbeat failed", extra={"job_id": self.lease.job_id})
                 continue
+            if self.stopped.is_set():
+                return
             if state == JobState.CANCELING:
                 self._request_cancel()
             elif preempting:
@@ -119,5 +126,24 @@ class LeaseKeeper(threading.Thread):
         except Exception:
             log.exception("could not ask the trainer to stop", extra={"job_id": self.lease.job_id})
 
+    def abandon(self) -> None:
+        """The runner found the lease gone: stop, and ask this attempt's actor to stop."""
+        self.stop()
+        self.lost.set()
+        self._request_cancel()
+
+    def stop_actor(self) -> None:
+        """The attempt ended without its actor's last event (an error on this side): ask the
+        actor to stop this attempt's work, unless that was asked already."""
+        if self.on_cancel is None or self.cancel_requested.is_set():
+            return
+        try:
+            self.on_cancel()
+        except Exception:
+            log.exception("could not ask the actor to stop", extra={"job_id": self.lease.job_id})
+
     def stop(self) -> None:
+        """The attempt is ending: stop renewing, and raise no alarm from here on. The runner
+        calls this before its finishing transaction, so a look at the row that finds the
+        token gone after that is the runner's own finish, not a lost lease."""
         self.stopped.set()

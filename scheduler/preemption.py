@@ -38,13 +38,14 @@ class TrainerPreempter:
     and kill it if it has not after `grace_s` (the attempt ends as preempted either way;
     scheduler/runner.py requeues it). `cancel()` once the attempt has ended."""
 
-    def __init__(self, trainer: Any, grace_s: float, job_id: str) -> None:
+    def __init__(self, trainer: Any, grace_s: float, job_id: str, attempt: str = "") -> None:
         self.trainer, self.grace_s, self.job_id = trainer, grace_s, job_id
+        self.attempt = attempt  # the lease token the request names
         self._timer: threading.Timer | None = None
         self._ended = threading.Event()
 
     def __call__(self) -> None:
-        self.trainer.preempt.remote()
+        self.trainer.preempt.remote(self.attempt)
         self._timer = threading.Timer(self.grace_s, self._kill)
         self._timer.daemon = True
         self._timer.start()

@@ -20,7 +20,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import kombu.exceptions
 import ray
+import redis
 from ray.exceptions import (
     ActorDiedError,
     ActorUnavailableError,
@@ -32,7 +34,7 @@ from sqlalchemy import bindparam, select
 
 from core.artifacts import ArtifactStore
 from core.catalog import register_model
-from core.db import Database
+from core.db import Database, is_transient_db_error, retry_transient
 from core.errors import (
     GenqError,
     JobFailedError,
@@ -45,6 +47,7 @@ from core.fairness import claim_next
 from core.jobs import (
     Lease,
     finish_job,
+    has_succeeded,
     release_job,
     retry_backoff_s,
 )
@@ -71,6 +74,14 @@ START_LOOK_S = 1.0
 
 # Failures of the Ray machinery itself (an actor or node died): worth another attempt.
 RAY_TRANSIENT = (ActorDiedError, ActorUnavailableError, RayActorError, ObjectLostError)
+# The broker (Redis) could not be reached.
+BROKER_ERRORS = (redis.ConnectionError, redis.TimeoutError, kombu.exceptions.OperationalError)
+
+
+def is_infrastructure_error(exc: BaseException) -> bool:
+    """A database or broker error: it says nothing about the job, so the attempt is released
+    without using up one of the job's attempts (and is never a `model-error`)."""
+    return is_transient_db_error(exc) or isinstance(exc, BROKER_ERRORS)
 
 
 @dataclass
@@ -126,24 +137,30 @@ class Runner:
 
     # -- the task body -----------------------------------------------------------------------
 
-    def run(self, job_id: str) -> str:
+    def run(self, job_id: str, queue_hint: str | None = None) -> str:
         """A message for `job_id` says that a slot on its queue is free: claim the best queued
         job of that queue (core/fairness.py), which may be another one, and run it. Returns
-        what happened (for logs)."""
-        with self.database.transaction() as session:
-            queue = session.scalar(_QUEUE_OF, {"job_id": job_id})
-            if queue is None:
-                log.info("not claimed (state missing)", extra={"job_id": job_id})
-                return "skipped:missing"
-            lease = claim_next(session, queue, lease_ttl_s=self.settings.lease_ttl_s)
-            if lease is not None:
-                snapshot = self._snapshot(session, lease.job_id)
+        what happened (for logs). `queue_hint`: the queue the message came from."""
+        try:
+            with self.database.transaction() as session:
+                queue = session.scalar(_QUEUE_OF, {"job_id": job_id})
+                if queue is None:
+                    log.info("not claimed (state missing)", extra={"job_id": job_id})
+                    return "skipped:missing"
+                lease = claim_next(session, queue, lease_ttl_s=self.settings.lease_ttl_s)
+                if lease is not None:
+                    snapshot = self._snapshot(session, lease.job_id)
+        except Exception as exc:
+            return self._claim_failed(job_id, queue_hint, exc)
         if lease is None:
             return self._unused_token(job_id, queue)
         # The claimed job no longer needs a message. When it is not the token's own job, its
         # message is still in the broker and will serve the token's job (which keeps its
         # marker) in turn, so the number of messages still matches the queued jobs.
-        self.publisher.forget(lease.job_id)
+        try:
+            self.publisher.forget(lease.job_id)
+        except BROKER_ERRORS as exc:  # the marker expires by itself; the job runs regardless
+            log.warning("could not drop the message marker: %s", exc, extra={"job_id": job_id})
         if lease.job_id != job_id:
             log.info("claimed %s with the token of %s", lease.job_id, job_id)
         log.info("claimed, attempt %d", lease.attempt, extra={"job_id": lease.job_id})
@@ -155,6 +172,24 @@ class Runner:
             keeper.stop()
             if snapshot.has_quota:
                 self._wake_held(snapshot.tenant_id, queue)
+
+    def _claim_failed(self, job_id: str, queue: str | None, exc: Exception) -> str:
+        """The claim's transaction failed (nothing of it was written): the message that
+        carried the token is consumed, so the job gets a new one, after the first backoff;
+        where that cannot be sent (or the queue is not known) its marker is dropped, and the
+        reconciler re-publishes it within GENQ_REPUBLISH_AFTER_S."""
+        log.warning("the claim failed; the job stays queued: %s: %s", type(exc).__name__, exc,
+                    extra={"job_id": job_id})  # fmt: skip
+        sent = []
+        if queue:
+            again = Publication(job_id, queue, countdown_s=self.settings.retry_backoff_base_s)
+            sent = self.publisher.publish(self.database, [again], mark=False)
+        if not sent:
+            try:
+                self.publisher.forget(job_id)
+            except BROKER_ERRORS:
+                log.exception("could not drop the message marker", extra={"job_id": job_id})
+        return "claim-failed"
 
     def _unused_token(self, job_id: str, queue: str) -> str:
         """A token that found nothing to start: every queued job of the queue waits for its
@@ -249,6 +284,7 @@ class Runner:
         family = get_family(job.family)
         recorder = EventRecorder(self, job, lease)
         trainer = preempter = None
+        succeeded = False
         stream: Iterator[Event]
         try:
             self.connect_ray()
@@ -256,10 +292,18 @@ class Runner:
                 stream = self._generate(job, family, keeper, recorder)
             else:
                 trainer = start_trainer(
-                    job.id, family, num_gpus=job.num_gpus, gpu_memory_gb=job.gpu_memory_gb
+                    job.id,
+                    family,
+                    num_gpus=job.num_gpus,
+                    gpu_memory_gb=job.gpu_memory_gb,
+                    attempt=lease.token,
                 )
-                keeper.on_cancel = _trainer_stopper(trainer, self.settings.cancel_grace_s)
-                preempter = TrainerPreempter(trainer, self.settings.preemption_grace_s, job.id)
+                keeper.on_cancel = _trainer_stopper(
+                    trainer, self.settings.cancel_grace_s, lease.token
+                )
+                preempter = TrainerPreempter(
+                    trainer, self.settings.preemption_grace_s, job.id, lease.token
+                )
                 keeper.on_preempt = preempter
                 need = trainer_need(trainer_resources(family, job.num_gpus, job.gpu_memory_gb))
                 actor_id = trainer._actor_id.hex()
@@ -275,19 +319,29 @@ class Runner:
                 stream = self._started(refs, trainer, need, recorder, "", liveness)
             for event in stream:
                 recorder.record(event)
+            # From here the attempt ends: the keeper raises no alarm about the token that the
+            # finish itself clears.
+            keeper.stop()
             if keeper.lost.is_set():
                 return "lease-lost"
-            return self._succeed(job, lease, recorder)
+            outcome = self._succeed(job, lease, recorder)
+            succeeded = outcome == JobState.SUCCEEDED
+            return outcome
         except LeaseLostError:
             log.warning("lease lost while recording", extra={"job_id": job.id})
+            keeper.abandon()
             return "lease-lost"
         except BaseException as exc:  # noqa: BLE001 - every outcome must end the attempt
+            keeper.stop()
             return self._fail(job, lease, keeper, exc, recorder)
         finally:
             if preempter is not None:
                 preempter.cancel()
             if trainer is not None:
                 ray.kill(trainer)
+            # Files of this attempt that are not the job's outputs (a stale attempt's, a
+            # failed one's, a duplicate of an earlier attempt's) are deleted.
+            recorder.discard_unrecorded(succeeded=succeeded)
 
     def _started(
         self,
@@ -355,12 +409,14 @@ class Runner:
             actor = choice.handle
             liveness = Liveness(actor, self.settings.stall_timeout_s, "model server", job.id)
             keeper.is_stalled = liveness.is_stalled
-            keeper.on_cancel = lambda actor=actor: actor.cancel.remote(job.id)
+            # Every message names the attempt (its lease token; workers/server.py).
+            token = keeper.lease.token
+            keeper.on_cancel = lambda actor=actor, token=token: actor.cancel.remote(job.id, token)
             if keeper.cancel_requested.is_set():  # canceled while the server was starting
                 keeper.on_cancel()
             started = False
             try:
-                refs: Any = actor.generate.remote(job.id, job.params)
+                refs: Any = actor.generate.remote(job.id, job.params, token)
                 loading = "loading the model"
                 for event in self._started(refs, actor, need, recorder, loading, liveness):
                     # Where the job landed comes first and is no work done: a server that dies
@@ -396,6 +452,25 @@ class Runner:
     # -- endings -----------------------------------------------------------------------------
 
     def _succeed(self, job: JobSnapshot, lease: Lease, recorder: EventRecorder) -> str:
+        """The fenced finish: the outputs, the model and the state in one transaction, tried
+        again on a lost connection. A try whose commit was lost in flight but applied shows
+        as a lease no longer held by a job this attempt marked succeeded."""
+        try:
+            state = retry_transient(
+                lambda: self._finish_succeeded(job, lease, recorder),
+                within_s=self.settings.transient_retry_s,
+                what=f"job {job.id}: finishing",
+            )
+        except LeaseLostError:
+            with self.database.read() as session:
+                if not has_succeeded(session, lease):
+                    raise
+            recorder.committed()
+            state = JobState.SUCCEEDED
+        log.info("finished: %s", state, extra={"job_id": job.id})
+        return str(state)
+
+    def _finish_succeeded(self, job: JobSnapshot, lease: Lease, recorder: EventRecorder) -> str:
         with self.database.transaction() as session:
             recorder.write_pending(session)
             result_model_id = None
@@ -430,7 +505,7 @@ class Runner:
                 metrics=recorder.final_metrics,
                 result_model_id=result_model_id,
             )
-        log.info("finished: %s", state, extra={"job_id": job.id})
+        recorder.committed()
         return str(state)
 
     def _fail(
@@ -454,87 +529,141 @@ class Runner:
         preempted = keeper.preempt_requested.is_set() and not keeper.cancel_requested.is_set()
         hold_s = self.settings.preempt_after_s
         try:
-            with self.database.transaction() as session:
-                if recorder is not None:  # what the attempt made before it failed is kept
-                    recorder.write_pending(session)
-                if keeper.timed_out.is_set():
-                    state = finish_job(
-                        session,
-                        lease,
-                        JobState.FAILED,
-                        error_type="timeout",
-                        error_detail=f"the attempt ran longer than timeout_s={job.timeout_s:g}",
-                    )
-                elif preempted:  # before CanceledError: PreemptedError is one
-                    state = requeue_preempted(session, lease, hold_s=hold_s)
-                elif isinstance(cause, CanceledError) or keeper.cancel_requested.is_set():
-                    state = finish_job(session, lease, JobState.CANCELED)
-                elif is_out_of_memory(cause):
-                    state = release_job(
-                        session,
-                        lease,
-                        reason=f"out of memory: {cause}"[:2000],
-                        params=smaller_batch(job.params),
-                        backoff_s=backoff_s,
-                    )
-                elif (
-                    isinstance(cause, StalledError | WorkerStoppingError) or self.stopping.is_set()
-                ):
-                    # A stall or a shutdown: no fault of the job's (a Ray error while the
-                    # worker stops is its Ray connection going away).
-                    stopping = not isinstance(cause, StalledError)
-                    detail = cause.detail if isinstance(cause, GenqError) else str(cause)
-                    state = release_job(
-                        session,
-                        lease,
-                        reason=detail[:2000],
-                        backoff_s=0.0 if stopping else backoff_s,
-                    )
-                elif isinstance(cause, RAY_TRANSIENT) or (
-                    isinstance(cause, JobFailedError) and cause.transient
-                ):
-                    state = release_job(
-                        session,
-                        lease,
-                        reason=f"{type(cause).__name__}: {cause}",
-                        backoff_s=backoff_s,
-                    )
-                elif isinstance(cause, GenqError):
-                    state = finish_job(
-                        session,
-                        lease,
-                        JobState.FAILED,
-                        error_type=cause.type,
-                        error_detail=cause.detail,
-                    )
-                else:
-                    log.error("job raised", exc_info=cause, extra={"job_id": job.id})
-                    state = finish_job(
-                        session,
-                        lease,
-                        JobState.FAILED,
-                        error_type="model-error",
-                        error_detail=f"{type(cause).__name__}: {cause}"[:4000],
-                    )
+            state = retry_transient(
+                lambda: self._end_attempt(job, lease, keeper, cause, recorder, backoff_s),
+                within_s=self.settings.transient_retry_s,
+                what=f"job {job.id}: ending the attempt",
+            )
         except LeaseLostError:
             return "lease-lost"
+        except Exception:
+            # The database stayed out of reach: the lease expires and the reaper gives the
+            # job back to the queue (or fails it `lost` once its attempts are used up).
+            log.exception("could not end the attempt; its lease will expire",
+                          extra={"job_id": job.id})  # fmt: skip
+            state = JobState.RUNNING
+        finally:
+            keeper.stop_actor()  # what still runs for this attempt (nothing, usually)
         if state == JobState.QUEUED:
             # Its token arrives when the backoff is over (not_before holds other tokens off).
-            self.publisher.publish(
-                self.database,
-                [
-                    Publication(
-                        job.id,
-                        job.queue,
-                        job.priority,
-                        countdown_s=hold_s if preempted else backoff_s,
-                    )
-                ],
-            )
+            try:
+                self.publisher.publish(
+                    self.database,
+                    [
+                        Publication(
+                            job.id,
+                            job.queue,
+                            job.priority,
+                            countdown_s=hold_s if preempted else backoff_s,
+                        )
+                    ],
+                )
+            except Exception:  # the row says queued and unpublished: the reconciler sends it
+                log.exception("could not publish the job again", extra={"job_id": job.id})
         log.info("attempt ended: %s (%s)", state, type(cause).__name__, extra={"job_id": job.id})
         if isinstance(exc, KeyboardInterrupt | SystemExit):
             raise exc
-        return str(state)
+        return "abandoned" if state == JobState.RUNNING else str(state)
+
+    def _end_attempt(
+        self,
+        job: JobSnapshot,
+        lease: Lease,
+        keeper: LeaseKeeper,
+        cause: BaseException,
+        recorder: EventRecorder | None,
+        backoff_s: float,
+    ) -> JobState:
+        """One transaction that ends a failed attempt: canceled, failed, or back to the queue.
+        An output that was still held is recorded only when the job ends canceled (what it
+        made before it was stopped); a failed or released attempt records none."""
+        preempted = keeper.preempt_requested.is_set() and not keeper.cancel_requested.is_set()
+        canceled = (
+            not preempted and keeper.cancel_requested.is_set() and not keeper.timed_out.is_set()
+        )
+        with self.database.transaction() as session:
+            if recorder is not None:  # where it ran and how far it got are kept
+                recorder.write_pending(session, outputs=canceled)
+            if keeper.timed_out.is_set():
+                state = finish_job(
+                    session,
+                    lease,
+                    JobState.FAILED,
+                    error_type="timeout",
+                    error_detail=f"the attempt ran longer than timeout_s={job.timeout_s:g}",
+                )
+            elif preempted:  # before CanceledError: PreemptedError is one
+                state = requeue_preempted(session, lease, hold_s=self.settings.preempt_after_s)
+            elif canceled:
+                state = finish_job(session, lease, JobState.CANCELED)
+            elif isinstance(cause, CanceledError):
+                # The actor stopped this attempt though nobody here asked it to: the work was
+                # not done and not the job's fault, so the job goes back to the queue (or ends
+                # canceled, if a cancel was requested meanwhile).
+                state = release_job(
+                    session,
+                    lease,
+                    reason="the attempt was stopped by its actor without a cancel request",
+                    backoff_s=backoff_s,
+                    counted=False,
+                )
+            elif isinstance(cause, StalledError | WorkerStoppingError) or self.stopping.is_set():
+                # A stall (counted: the job may be what hangs) or a shutdown (not counted; a
+                # Ray error while the worker stops is its Ray connection going away).
+                stopping = not isinstance(cause, StalledError)
+                detail = cause.detail if isinstance(cause, GenqError) else str(cause)
+                state = release_job(
+                    session,
+                    lease,
+                    reason=detail[:2000],
+                    backoff_s=0.0 if stopping else backoff_s,
+                    counted=not stopping,
+                )
+            elif is_infrastructure_error(cause):
+                state = release_job(
+                    session,
+                    lease,
+                    reason=f"{type(cause).__name__}: {cause}"[:2000],
+                    backoff_s=backoff_s,
+                    counted=False,
+                )
+            elif is_out_of_memory(cause):
+                state = release_job(
+                    session,
+                    lease,
+                    reason=f"out of memory: {cause}"[:2000],
+                    params=smaller_batch(job.params),
+                    backoff_s=backoff_s,
+                )
+            elif isinstance(cause, RAY_TRANSIENT) or (
+                isinstance(cause, JobFailedError) and cause.transient
+            ):
+                state = release_job(
+                    session,
+                    lease,
+                    reason=f"{type(cause).__name__}: {cause}",
+                    backoff_s=backoff_s,
+                )
+            elif isinstance(cause, GenqError):
+                state = finish_job(
+                    session,
+                    lease,
+                    JobState.FAILED,
+                    error_type=cause.type,
+                    error_detail=cause.detail,
+                )
+            else:
+                log.error("job raised", exc_info=cause, extra={"job_id": job.id})
+                state = finish_job(
+                    session,
+                    lease,
+                    JobState.FAILED,
+                    error_type="model-error",
+                    error_detail=f"{type(cause).__name__}: {cause}"[:4000],
+                )
+        if recorder is not None:
+            recorder.committed()
+        return state
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -551,12 +680,12 @@ def smaller_batch(params: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def _trainer_stopper(trainer: Any, grace_s: float) -> Callable[[], None]:
-    """Ask a trainer to stop at its next step; kill it if it has not after `grace_s` (its GPU
-    is freed either way, and the attempt ends canceled)."""
+def _trainer_stopper(trainer: Any, grace_s: float, attempt: str) -> Callable[[], None]:
+    """Ask a trainer to stop at its next step (the request names the attempt); kill it if it
+    has not after `grace_s` (its GPU is freed either way, and the attempt ends canceled)."""
 
     def stop() -> None:
-        trainer.cancel.remote()
+        trainer.cancel.remote(attempt)
         timer = threading.Timer(grace_s, lambda: ray.kill(trainer))
         timer.daemon = True
         timer.start()

@@ -73,9 +73,9 @@ def create_worker(settings: Settings) -> tuple[Celery, Runner]:
 
     @app.task(name=RUN_JOB_TASK, acks_late=True, ignore_result=True)
     def run_job(job_id: str) -> str:
-        outcome = runner.run(job_id)
+        queue = (run_job.request.delivery_info or {}).get("routing_key")
+        outcome = runner.run(job_id, queue)
         if outcome == "skipped:missing":  # a well-formed message for a job that never existed
-            queue = run_job.request.delivery_info.get("routing_key")
             record_dropped(runner.publisher.redis, "unknown_job", f"no job {job_id}", queue)
         return outcome
 

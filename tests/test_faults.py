@@ -50,12 +50,13 @@ POSTGRES = pytest.mark.parametrize(
 
 
 def progress_steps(cluster: Cluster, job_id: str) -> list[tuple[int, int]]:
-    """(attempt, step) for each recorded progress event, in order."""
+    """(attempt, step) for each recorded progress event of the work, in order."""
     attempt, out = 0, []
     for event in cluster.events(job_id):
         if event.type == "state" and event.data.get("to") == "running":
             attempt = event.data["attempt"]
-        elif event.type == "progress":
+        elif event.type == "progress" and event.data.get("total"):
+            # (A progress of total 0 only says what the attempt waits for, at step 0.)
             out.append((attempt, event.data["step"]))
     return out
 
@@ -162,19 +163,9 @@ def test_hung_worker_is_detected_by_its_stale_heartbeat_and_fenced(cluster: Clus
     cluster.check_invariants(job_id)
 
 
-def trainer_pids() -> set[int]:
-    """PIDs of Ray worker processes that host a trainer actor (by their process title)."""
-    pids = set()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if b"ray::_TrainerActor" in cmdline or b"ray::Trainer" in cmdline:
-            pids.add(int(proc.name))
-    return pids
+def trainer_pids(head: RayHead) -> set[int]:
+    """PIDs of the test's Ray worker processes that host a trainer actor."""
+    return head.actor_pids(b"ray::_TrainerActor", b"ray::Trainer")
 
 
 @SQLITE
@@ -183,7 +174,7 @@ def test_sigkill_ray_actor_mid_training_resumes(cluster: Cluster) -> None:
     cluster.scheduler()
     job_id = cluster.submit(TRAIN)
     wait_until(lambda: cluster.get(job_id)["progress"]["step"] >= 12, 120, "training progress")
-    (pid,) = wait_until(trainer_pids, 10, "the trainer's process")
+    (pid,) = wait_until(lambda: trainer_pids(cluster.ray), 10, "the trainer's process")
     os.kill(pid, signal.SIGKILL)
     killed_at = max(step for _, step in progress_steps(cluster, job_id))
     wait_until(lambda: not is_alive(pid), 10, "the trainer to die")
@@ -199,19 +190,9 @@ def test_sigkill_ray_actor_mid_training_resumes(cluster: Cluster) -> None:
     assert not probe["trainer_alive"] and probe["gpu_free"] == probe["gpu_total"] == 1
 
 
-def model_server_pids() -> set[int]:
-    """PIDs of Ray worker processes that host a model server actor."""
-    pids = set()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes()
-        except OSError:
-            continue
-        if cmdline.startswith(b"ray::ModelServer"):
-            pids.add(int(proc.name))
-    return pids
+def model_server_pids(head: RayHead) -> set[int]:
+    """PIDs of the test's Ray worker processes that host a model server actor."""
+    return head.actor_pids(b"ray::ModelServer")
 
 
 @SQLITE
@@ -219,10 +200,10 @@ def test_model_server_killed_before_its_first_event_is_replaced_within_the_attem
     cluster: Cluster,
 ) -> None:
     cluster.worker()
-    others = model_server_pids()  # servers of earlier tests on this Ray head
+    others = model_server_pids(cluster.ray)  # servers of earlier tests on this Ray head
     warm = cluster.submit({"kind": "generate", "model": "echo", "params": {"message": "warm"}})
     assert cluster.wait(warm, 60)["state"] == "succeeded"
-    (pid,) = model_server_pids() - others
+    (pid,) = model_server_pids(cluster.ray) - others
     job_id = cluster.submit(
         {"kind": "generate", "model": "echo", "params": {"message": "again", "delay_s": 3}}
     )
@@ -236,7 +217,9 @@ def test_model_server_killed_before_its_first_event_is_replaced_within_the_attem
     assert len(job["outputs"]) == 1
     warnings = [e.data["message"] for e in cluster.events(job_id, "log")]
     assert any("model server stopped before this job's first event" in m for m in warnings)
-    assert len(model_server_pids() - others) == 1 and pid not in model_server_pids()
+    assert len(model_server_pids(cluster.ray) - others) == 1 and pid not in model_server_pids(
+        cluster.ray
+    )
     cluster.check_invariants(job_id)
 
 
@@ -388,7 +371,9 @@ def test_training_longer_than_the_visibility_timeout_runs_once(
         # unacknowledged message out again: the trainer is paused (its lease is renewed by the
         # worker meanwhile) until the re-delivery has been seen, then resumed.
         # (A trainer of an earlier test may still be on its way out: wait for this one alone.)
-        (pid,) = wait_until(lambda: len(p := trainer_pids()) == 1 and p, 30, "one trainer")
+        (pid,) = wait_until(
+            lambda: len(p := trainer_pids(cluster.ray)) == 1 and p, 30, "one trainer"
+        )
         os.kill(pid, signal.SIGSTOP)
         try:
             wait_until(lambda: "skipped:running" in cluster.logs(), 90, "the re-delivery")

@@ -93,6 +93,26 @@ class RayHead:
             if k.startswith("RAY_") or k == "GENQ_RAY_ADDRESS"
         }
 
+    def actor_pids(self, *titles: bytes) -> set[int]:
+        """PIDs of this head's Ray worker processes whose title starts with one of `titles`
+        (`ray::ModelServer`...). Only this head's: each Ray process inherits the head's own
+        auth token in its environment, so the processes of another Ray on the machine (another
+        test run's) are never picked, and never signalled."""
+        mark = f"RAY_AUTH_TOKEN={self.stack.env['RAY_AUTH_TOKEN']}".encode()
+        pids = set()
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                if not (proc / "cmdline").read_bytes().startswith(titles):
+                    continue
+                environ = (proc / "environ").read_bytes().split(b"\0")
+            except OSError:  # gone, or not ours to read
+                continue
+            if mark in environ:
+                pids.add(int(proc.name))
+        return pids
+
     def probe(self, job_id: str) -> dict[str, Any]:
         """Ask Ray (from a separate driver) whether the job's trainer lives, and the GPUs."""
         code = (

@@ -7,7 +7,7 @@ run them without Ray); `get_model_server` and `start_trainer` turn them into Ray
 its own ObjectRef, so the caller reads events while the model runs:
 
     server = get_model_server(model_id, family, model_dir, config)
-    for ref in server.generate.remote(job_id, params):
+    for ref in server.generate.remote(job_id, params, attempt=lease_token):
         event = ray.get(ref)   # Progress, Log, Metric, Output, ModelSaved
 
 An error raised while the model runs comes out of the `ray.get` of the next ref as a
@@ -64,8 +64,11 @@ def _guarded(events: Iterator[Event], job_id: str) -> Iterator[Event]:
 class Trainer:
     """One training attempt of one job; killing the actor frees what it held."""
 
-    def __init__(self, family: str) -> None:
+    def __init__(self, family: str, attempt: str = "") -> None:
         self.family = get_family(family)
+        # The attempt (its lease token) this trainer belongs to: a cancel or preemption that
+        # names another attempt of the job is ignored.
+        self.attempt = attempt
         self.device = device_name()
         self._canceled = threading.Event()
         self._preempt = CheckpointStop()
@@ -168,12 +171,28 @@ class Trainer:
             yield event
         staging.clean(job_id)
 
-    def cancel(self) -> None:
-        self._canceled.set()
+    def _is_mine(self, attempt: str) -> bool:
+        if attempt and attempt != self.attempt:
+            log.warning("ignoring a request of attempt %s: this trainer runs %s",
+                        attempt, self.attempt or "an unnamed attempt")  # fmt: skip
+            return False
+        return True
 
-    def preempt(self) -> None:
-        """Stop at the next checkpoint (workers/preemption.py)."""
+    def cancel(self, attempt: str = "") -> bool:
+        """Stop at the next step; False (and nothing stops) when `attempt` is not this
+        trainer's."""
+        if not self._is_mine(attempt):
+            return False
+        self._canceled.set()
+        return True
+
+    def preempt(self, attempt: str = "") -> bool:
+        """Stop at the next checkpoint (workers/preemption.py); False when `attempt` is not
+        this trainer's."""
+        if not self._is_mine(attempt):
+            return False
         self._preempt.request()
+        return True
 
     def ping(self) -> int:
         """Liveness, answered beside `train` (scheduler/stall.py). Returns this process's id."""
@@ -293,8 +312,10 @@ def start_trainer(
     *,
     num_gpus: float | None = None,
     gpu_memory_gb: float | None = None,
+    attempt: str = "",
 ) -> ActorHandle:
-    """A new trainer for one attempt of a training job; kill it (ray.kill) to stop it hard.
+    """A new trainer for one attempt of a training job (`attempt`: its lease token, which
+    every cancel or preemption sent to it names); kill it (ray.kill) to stop it hard.
     A trainer left over from an earlier attempt of the job is killed first. Ray starts it on a
     node where the job's GPUs and GPU memory fit (see trainer_resources)."""
     name = f"trainer-{job_id}"
@@ -306,4 +327,4 @@ def start_trainer(
         namespace=NAMESPACE,
         max_concurrency=4,  # train, cancel or preempt, and a liveness ping
         **placement,
-    ).remote(family.name)
+    ).remote(family.name, attempt)

@@ -134,6 +134,11 @@ def placement_event(
     )
 
 
+def attempt_key(job_id: str, attempt: str) -> str:
+    """How a server tells attempts of one job apart (`attempt`: the lease token)."""
+    return f"{job_id}#{attempt}" if attempt else job_id
+
+
 class ModelServer:
     """One model, loaded once and kept warm. Concurrent jobs with the same batch key run as
     one batch; a job waiting for its turn can still be canceled. `on_idle` is called once the
@@ -166,8 +171,9 @@ class ModelServer:
         self.last_used_at = self.loaded_at
         self._last_used = time.monotonic()
         self._state_lock = threading.Lock()
-        self._canceled: dict[str, float] = {}  # job_id -> when cancel was asked
-        self._active: set[str] = set()
+        # attempt_key -> when its cancel was asked; the attempts running or waiting here.
+        self._canceled: dict[str, float] = {}
+        self._active: set[str] = set()  # attempt keys
         self.batcher = Batcher(
             self.model,
             self.family,
@@ -184,18 +190,22 @@ class ModelServer:
             self._placement = replace(self._placement, load_s=self.load_s, loaded_at=self.loaded_at)
         log.info("loaded %s model on %s in %.2f s", family, self.device, self.load_s)
 
-    def _is_canceled(self, job_id: str) -> Callable[[], bool]:
-        return lambda: job_id in self._canceled
+    def _is_canceled(self, key: str) -> Callable[[], bool]:
+        return lambda: key in self._canceled
 
-    def generate(self, job_id: str, params: dict[str, Any]) -> Iterator[Event]:
+    def generate(self, job_id: str, params: dict[str, Any], attempt: str = "") -> Iterator[Event]:
+        """Run one attempt of a job. `attempt` (the attempt's lease token) names it: a cancel
+        must name the same attempt to stop it, so a stale attempt of a job (its worker was
+        paused past its lease) cannot stop the attempt that took over."""
+        key = attempt_key(job_id, attempt)
         ctx = RunContext(
             job_id=job_id,
             device=self.device,
-            is_canceled=self._is_canceled(job_id),
+            is_canceled=self._is_canceled(key),
             min_rows=self.options.batch_min_rows,
         )
         with self._state_lock:
-            self._active.add(job_id)
+            self._active.add(key)
             self._touch()
         try:
             if self._placement is not None:
@@ -206,8 +216,8 @@ class ModelServer:
             self.jobs_served += 1
         finally:
             with self._state_lock:
-                self._active.discard(job_id)
-                self._canceled.pop(job_id, None)
+                self._active.discard(key)
+                self._canceled.pop(key, None)
                 self._touch()
 
     def _touch(self) -> None:
@@ -226,17 +236,19 @@ class ModelServer:
             on_idle()
             return
 
-    def cancel(self, job_id: str) -> bool:
-        """Ask a job to stop; True if it is running or waiting here now. A cancel for a job
-        that has not arrived yet is kept for CANCEL_TTL_S, so a cancel that overtakes its
-        generate call still works."""
+    def cancel(self, job_id: str, attempt: str = "") -> bool:
+        """Ask an attempt of a job to stop; True if it is running or waiting here now. Only
+        the attempt named stops: another attempt of the same job is not touched. A cancel for
+        an attempt that has not arrived yet is kept for CANCEL_TTL_S, so a cancel that
+        overtakes its generate call still works."""
+        key = attempt_key(job_id, attempt)
         now = time.monotonic()
         with self._state_lock:
             for stale in [j for j, at in self._canceled.items() if now - at > CANCEL_TTL_S]:
                 if stale not in self._active:
                     del self._canceled[stale]
-            self._canceled[job_id] = now
-            return job_id in self._active
+            self._canceled[key] = now
+            return key in self._active
 
     def ping(self) -> int:
         """Liveness: answered by any thread of a live, unpaused server (the runner's stall watch,
@@ -245,7 +257,7 @@ class ModelServer:
 
     def info(self) -> dict[str, Any]:
         with self._state_lock:
-            active = sorted(self._active)
+            active = sorted(key.partition("#")[0] for key in self._active)
         return {
             "family": self.family.name,
             "device": self.device,

@@ -1,0 +1,55 @@
+"""The model server tells attempts of one job apart (workers/server.py): a cancel names the
+attempt it stops, so a stale attempt's cancel leaves its successor running. The server runs
+here as the plain class (no Ray), with the echo family.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from core.events import Event, Output, Progress
+from workers.families.base import CanceledError
+from workers.server import ModelServer
+
+
+def run(events: Iterator[Event], into: list[Any]) -> None:
+    try:
+        into.extend(events)
+    except CanceledError as exc:
+        into.append(exc)
+
+
+def test_a_cancel_stops_only_the_attempt_it_names() -> None:
+    server = ModelServer("echo", None, {})
+    slow = {"message": "x", "delay_s": 1.0, "progress_steps": 4}
+    stale: list[Any] = []
+    current: list[Any] = []
+    threads = [
+        threading.Thread(target=run, args=(server.generate("job", slow, "attempt-1"), stale)),
+        threading.Thread(target=run, args=(server.generate("job", slow, "attempt-2"), current)),
+    ]
+    for thread in threads:
+        thread.start()
+    # Both attempts are in hand before the cancel (the stale one's, which finds it running).
+    while len(server.info()["active_jobs"]) < 2:
+        threading.Event().wait(0.01)
+    assert server.cancel("job", "attempt-1") is True
+    for thread in threads:
+        thread.join(30)
+    assert isinstance(stale[-1], CanceledError)
+    assert isinstance(current[-1], Output) and current[-1].data == b"x"
+    assert [e.step for e in current if isinstance(e, Progress)] == [1, 2, 3, 4]
+
+
+def test_a_cancel_for_an_attempt_not_here_touches_no_other() -> None:
+    server = ModelServer("echo", None, {})
+    assert server.cancel("job", "old-attempt") is False
+    events = list(server.generate("job", {"message": "y"}, "new-attempt"))
+    assert isinstance(events[-1], Output) and events[-1].data == b"y"
+    # The remembered cancel still stops its own attempt should it arrive late.
+    with pytest.raises(CanceledError):
+        list(server.generate("job", {"message": "z"}, "old-attempt"))
