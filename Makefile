@@ -9,11 +9,14 @@ PYTEST_ARGS ?=
 
 .PHONY: run test lint fmt install bench clean
 
-$(BIN)/genq: pyproject.toml
+$(BIN)/genq: pyproject.toml examples/genq-family-ngram/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet -e ".[all,dev]"
+	# The example plug-in family, which the tests run through genq (README: Write a family).
+	# --no-deps: it runs on genq's own packages.
+	$(BIN)/python -m pip install --quiet --no-deps -e examples/genq-family-ngram
 	touch $(BIN)/genq
 
 install: $(BIN)/genq

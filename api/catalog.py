@@ -1,23 +1,25 @@
 """`/v1/models`, `/v1/datasets` and `/v1/families`: what a job can name.
 
 Models and data sets are those the caller's tenant owns plus the system tenant's built-ins
-(all of them for an admin). Families come from the one registry in `workers.registry`, each
-with the JSON schema of its parameters for every job kind it supports.
+(all of them for an admin). Families come from the one registry in `workers.registry` (built-in
+and plug-in alike), each with the JSON schema of its parameters for every job kind it supports;
+a plug-in that failed to load is listed too, `"status": "broken"` with its error.
 
-`POST /v1/models` (admin) registers a pretrained `diffusers` pipeline or `transformers` model
-folder where it lies on the server's disk (an absolute path; a relative one is under the
-artifact root), so a self-hoster points genq at the models already downloaded. The API process
-has no torch: it checks the folder's layout (the family's `check_layout`: the files a loader
-needs, safetensors weights only) and registers the next version of the name as `checking`;
-a worker then loads it (`scheduler/checks.py`) and marks it `ready` or `failed`. Jobs on a
-model that is not ready answer 409.
+`POST /v1/models` (admin) registers a pretrained model folder where it lies on the server's
+disk (an absolute path; a relative one is under the artifact root), for a family that has a
+layout check (`diffusers` pipelines, `transformers` models, plug-ins that define one), so a
+self-hoster points genq at the models already downloaded. The API process has no torch: it
+checks the folder's layout (the family's `check_layout`: the files a loader needs) and
+registers the next version of the name as `checking`; a worker then loads it
+(`scheduler/checks.py`) and marks it `ready` or `failed`. Jobs on a model that is not ready
+answer 409.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from flask import Blueprint, Response, jsonify
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -45,9 +47,8 @@ from core.numbers import INT32_MAX, parse_whole
 from core.settings import Settings
 from core.states import JobKind
 from core.tables import SYSTEM_TENANT_ID, Model, Tenant
-from workers.families import causal_lm_spec, sd_spec
 from workers.families.base import Family
-from workers.registry import FAMILIES
+from workers.registry import BROKEN, FAMILIES, REGISTRY, BrokenFamily
 
 bp = Blueprint("catalog", __name__, url_prefix="/v1")
 
@@ -72,8 +73,11 @@ class ModelRegistration(BaseModel):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$",
         description="The model name jobs use; registering it again adds the next version.",
     )
-    family: Literal["diffusers", "transformers"] = Field(
-        ..., description="`diffusers` (a text-to-image pipeline) or `transformers` (a causal LM)."
+    family: str = Field(
+        ...,
+        max_length=64,
+        description="A family whose models are folders: `diffusers` (a text-to-image pipeline),"
+        " `transformers` (a causal LM), or a plug-in family with a layout check.",
     )
     path: str = Field(
         ...,
@@ -89,7 +93,16 @@ class ModelRegistration(BaseModel):
     )
 
 
-LAYOUT_CHECKS = {"diffusers": sd_spec.check_layout, "transformers": causal_lm_spec.check_layout}
+def registrable(name: str) -> Family:
+    """The family a folder may be registered for; 422 naming `family` otherwise."""
+    family = FAMILIES.get(name)
+    if family is None or family.check_layout is None:
+        known = ", ".join(sorted(n for n, f in FAMILIES.items() if f.check_layout is not None))
+        detail = f"family {name!r} is broken: {BROKEN[name].error}" if name in BROKEN else ""
+        raise InvalidInputError.one(
+            "family", detail or f"not a family whose models are folders (one of: {known})"
+        )
+    return family
 
 
 def pretrained_folder(settings: Settings, given: str) -> tuple[Path, str]:
@@ -138,8 +151,10 @@ def pretrained_folder(settings: Settings, given: str) -> tuple[Path, str]:
 def check_layout(family: str, folder: Path) -> dict[str, Any]:
     """The family's layout check of `folder` (422 naming `path` for what it refuses), with a
     file it cannot read refused the same way."""
+    check = registrable(family).check_layout
+    assert check is not None
     try:
-        return LAYOUT_CHECKS[family](folder)
+        return check(folder)
     except OSError as exc:
         raise InvalidInputError.one("path", f"cannot be read on the server: {exc}") from None
 
@@ -164,6 +179,7 @@ def register_model() -> tuple[Response, int, dict[str, str]]:
     except ValidationError as exc:
         raise InvalidInputError(errors_from(exc)) from None
     app = genq()
+    registrable(body.family)
     folder, stored = pretrained_folder(app.settings, body.path)
     layout = check_layout(body.family, folder)
     config = {"source": "pretrained", "description": body.description, **layout}
@@ -255,14 +271,30 @@ def family_payload(family: Family) -> dict[str, Any]:
             params[str(kind)] = spec.model_json_schema()
     return {
         "name": family.name,
+        "status": "ok",
+        "source": REGISTRY.sources.get(family.name, ""),
+        "api_version": family.api_version,
         "description": family.description,
         "kinds": list(params),
         "dataset_kinds": list(family.dataset_kinds),
         "resources": asdict(family.resources),
+        "registers_folders": family.check_layout is not None,
         "params": params,
+    }
+
+
+def broken_payload(broken: BrokenFamily) -> dict[str, Any]:
+    return {
+        "name": broken.name,
+        "status": "broken",
+        "source": broken.source,
+        "error": broken.error,
     }
 
 
 @bp.get("/families")
 def families() -> Response:
-    return jsonify({"items": [family_payload(f) for f in FAMILIES.values()]})
+    """Every family genq loaded, then every one it found but could not load."""
+    items = [family_payload(f) for f in FAMILIES.values()]
+    items += [broken_payload(b) for b in BROKEN.values()]
+    return jsonify({"items": items})

@@ -9,6 +9,7 @@ serializers they describe (`api.payloads`).
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any
 
 from flask import Blueprint, Response, jsonify
@@ -23,6 +24,8 @@ from core.artifacts import NAME_PATTERN
 from core.numbers import INT32_MAX
 from core.states import JobKind, JobState
 from workers.registry import FAMILIES
+
+log = logging.getLogger(__name__)
 
 bp = Blueprint("openapi", __name__, url_prefix="/v1")
 
@@ -230,20 +233,31 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
         }
     ),
     "DatasetList": _page("Dataset"),
-    "Family": _object(
-        {
-            "name": STRING,
-            "description": STRING,
-            "kinds": {"type": "array", "items": STRING},
-            "dataset_kinds": {"type": "array", "items": STRING},
-            "resources": OBJECT,
-            "params": {
-                "type": "object",
-                "description": "JSON schema of the params of each kind the family supports.",
-                "additionalProperties": OBJECT,
+    "Family": {
+        **_object(
+            {
+                "name": STRING,
+                "status": {"type": "string", "enum": ["ok", "broken"]},
+                "source": STRING,
+                "error": STRING,
+                "api_version": INT,
+                "description": STRING,
+                "kinds": {"type": "array", "items": STRING},
+                "dataset_kinds": {"type": "array", "items": STRING},
+                "resources": OBJECT,
+                "registers_folders": {"type": "boolean"},
+                "params": {
+                    "type": "object",
+                    "description": "JSON schema of the params of each kind the family supports.",
+                    "additionalProperties": OBJECT,
+                },
             },
-        }
-    ),
+            required=["name", "status", "source"],
+        ),
+        "description": "A loaded family (`status` ok) has every field but `error`; one found"
+        " but not loaded (`status` broken: its import failed, it declares another interface"
+        " version or fails the checks) has `name`, `source` and `error`.",
+    },
     "FamilyList": _page("Family"),
     "Health": _object({"status": STRING, "checks": {"type": "object"}}),
 }
@@ -824,11 +838,19 @@ def document(limit_max: int, max_jobs: int = 1000) -> dict[str, Any]:
     openapi_batches.add_schemas(schemas, max_jobs)
     openapi_security.add_schemas(schemas)
     for family in FAMILIES.values():
-        for kind in JobKind:
-            spec = family.params_for(kind)
-            if spec is not None:
-                name = f"{family.name.title()}{str(kind).title()}Params"
-                _add_model(schemas, spec, name)
+        # A plug-in's nested schema may clash with another family's name for a different one:
+        # its params are then left out of the document, not the whole document.
+        family_schemas = dict(schemas)
+        try:
+            for kind in JobKind:
+                spec = family.params_for(kind)
+                if spec is not None:
+                    name = f"{family.name.title()}{str(kind).title()}Params"
+                    _add_model(family_schemas, spec, name)
+        except ValueError as exc:
+            log.warning("the OpenAPI document leaves out family %r's params: %s", family.name, exc)
+            continue
+        schemas = family_schemas
     return {
         "openapi": "3.1.0",
         "info": {

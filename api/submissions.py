@@ -36,7 +36,7 @@ from core.tables import Dataset, Model, Tenant, utcnow
 from core.webhooks import UnresolvedTargetError, UnsafeTargetError, check_target
 from scheduler.broker import queue_for_kind
 from workers.families.base import GPU_MEMORY_RESOURCE, Family
-from workers.registry import FAMILIES
+from workers.registry import BROKEN, FAMILIES
 
 WebhookEvent = Literal["start", "progress", "output", "completed", "preempted"]
 IDEMPOTENCY_KEY_MAX = 255
@@ -310,8 +310,10 @@ def check_idempotency_key(key: str | None) -> str | None:
 def _family_for_model(model: Model, kind: JobKind) -> Family:
     family = FAMILIES.get(model.family)
     if family is None:
+        why = f"is broken: {BROKEN[model.family].error}" if model.family in BROKEN else ""
         raise InvalidInputError.one(
-            "model", f"model {model.ref} needs family {model.family!r}, which is not installed"
+            "model",
+            f"model {model.ref} needs family {model.family!r}, which {why or 'is not installed'}",
         )
     if family.params_for(kind) is None:
         raise InvalidInputError.one(
@@ -323,6 +325,10 @@ def _family_for_model(model: Model, kind: JobKind) -> Family:
 def _family_by_name(name: str, kind: JobKind) -> Family:
     family = FAMILIES.get(name)
     if family is None:
+        if name in BROKEN:
+            raise InvalidInputError.one(
+                "family", f"family {name!r} is broken: {BROKEN[name].error}"
+            )
         known = ", ".join(sorted(FAMILIES))
         raise InvalidInputError.one("family", f"unknown family {name!r} (known: {known})")
     if family.params_for(kind) is None:

@@ -134,6 +134,11 @@ def test_stop_strings_end_the_text_and_are_never_streamed(folders: dict[str, Pat
     assert output.data.decode() == deltas == full[: full.index(stop)]
     assert output.meta["finish_reason"] == "stop"
     assert free[0].meta["finish_reason"] == "length"
+    # Progress is tokens made of max_tokens; a text cut by its stop string ends complete.
+    progress = [e for e in events if isinstance(e, Progress)]
+    made = output.meta["completion_tokens"]
+    assert progress[-1] == Progress(made, made, "tokens") and made < 16
+    assert all(p.total == 16 for p in progress[:-1])
 
 
 def test_lm_refuses_what_does_not_fit(folders: dict[str, Path]) -> None:

@@ -27,7 +27,7 @@ from core.numbers import parse_whole
 from core.scaling import POLICY_FIELDS, PolicyChange, check_policy, model_policy
 from core.states import JobKind, JobState
 from core.tables import Artifact, Dataset, Job, Model, Tenant
-from workers.registry import get_family
+from workers.registry import BROKEN, FAMILIES, REGISTRY, get_family
 
 INT_FIELDS = ("min_replicas", "max_replicas")
 
@@ -75,6 +75,7 @@ def models() -> str:
     events = list(reversed(pool.get("events", [])))[:30]
     return render_template(
         "dashboard/models.html",
+        families=family_rows(),
         models=rows,
         by_id=by_id,
         datasets=datasets,
@@ -87,6 +88,26 @@ def models() -> str:
         cluster_error=cluster_error,
         fields=POLICY_FIELDS,
     )
+
+
+def family_rows() -> list[dict[str, Any]]:
+    """Every family this API process loaded, then those it found broken (a plug-in that fails
+    to import, declares another interface version or fails the checks), with the error."""
+    rows: list[dict[str, Any]] = [
+        {
+            "name": f.name,
+            "status": "ok",
+            "source": REGISTRY.sources.get(f.name, ""),
+            "kinds": [str(k) for k in JobKind if f.params_for(k) is not None],
+            "description": f.description,
+        }
+        for f in FAMILIES.values()
+    ]
+    rows += [
+        {"name": b.name, "status": "broken", "source": b.source, "kinds": [], "error": b.error}
+        for b in BROKEN.values()
+    ]
+    return rows
 
 
 def _policy_form() -> dict[str, Any]:

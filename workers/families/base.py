@@ -1,7 +1,9 @@
-"""What every model family provides, and what the actors hand to its implementation.
+"""The family interface, version `GENQ_FAMILY_API`: what every model family provides, built in
+or installed as a plug-in, and what the actors hand to its implementation.
 
-A family's spec module builds one `Family`; its implementation module (named by
-`Family.implementation`, imported only inside a worker) defines
+A family's spec module builds one `Family` (no torch: the API process imports it) and names it
+in the `genq.families` entry point group (workers/registry.py discovers them); its
+implementation module (named by `Family.implementation`, imported only inside a worker) defines
 
     load(model_dir: Path | None, config: dict, device: str) -> a loaded model with
         .generate(params: dict, ctx: RunContext) -> Iterator[Event]
@@ -19,11 +21,17 @@ would get alone with its seed (workers/batching.py says how that is kept).
 
 `params` arrive already validated against the family's spec (the API checked them); the
 implementation parses them again with the same pydantic class to get typed values.
+
+The interface version changes when any of the above changes incompatibly (a field removed or
+its meaning changed, a new required function); a family declares the version it was written
+for in `Family.api_version`, and one declaring another version is reported, not loaded.
+workers/familytest.py holds the checks and contract tests every family passes.
 """
 
 from __future__ import annotations
 
 import importlib
+import time
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,8 +40,11 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from core.events import Event
+from core.events import Event, Progress
 from core.states import JobKind
+
+# The version of the family interface this genq implements (the docstring above).
+GENQ_FAMILY_API = 1
 
 # The Ray custom resource, in GB, through which nodes declare their GPU memory and training
 # jobs reserve it (`ray start --resources='{"gpu_memory_gb": 141}'`).
@@ -88,6 +99,13 @@ class Family:
     # guidance, sampler...; seed, label and count may differ), from the validated params;
     # None for a job that cannot batch. Unset: the family never batches.
     batch_key: Callable[[Any], Hashable | None] | None = None
+    # Families whose models are folders an admin registers (POST /v1/models): checks the
+    # folder's layout without loading it (no torch) and returns what goes into the model's
+    # config; raises InvalidInputError naming `path` for what it refuses.
+    check_layout: Callable[[Path], dict[str, Any]] | None = None
+    # The interface version the family was written for: a plug-in sets it to the
+    # GENQ_FAMILY_API it was built against.
+    api_version: int = GENQ_FAMILY_API
 
     @property
     def is_batching(self) -> bool:
@@ -148,6 +166,29 @@ class CanceledError(Exception):
 class PreemptedError(CanceledError):
     """A training attempt stopped at a checkpoint to make room for another job
     (workers/preemption.py); it resumes from that checkpoint in its next attempt."""
+
+
+class TokenProgress:
+    """A language model's progress while it generates: tokens made of `max_tokens`, as a
+    Progress event at most every `interval_s` (a Ray message and a SQL write per token would
+    cost more than the token), and always the last one, whose total is what was made (a job
+    that stopped early at a stop string or end of text is complete)."""
+
+    def __init__(self, max_tokens: int, interval_s: float = 0.1) -> None:
+        self.max_tokens = max_tokens
+        self.interval_s = interval_s
+        self.sent_at = time.monotonic()
+
+    def after(self, made: int) -> Progress | None:
+        """The event to send once `made` tokens are done, or None if one went out just now."""
+        now = time.monotonic()
+        if made >= self.max_tokens or now - self.sent_at < self.interval_s:
+            return None
+        self.sent_at = now
+        return Progress(made, self.max_tokens, "tokens")
+
+    def done(self, made: int) -> Progress:
+        return Progress(made, made, "tokens")
 
 
 BatchItem = tuple[int | None, Event | BaseException]

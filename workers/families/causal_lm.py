@@ -30,7 +30,7 @@ import torch
 
 from core.errors import InvalidInputError, ModelError
 from core.events import Event, Output, TextDelta
-from workers.families.base import CanceledError, RunContext
+from workers.families.base import CanceledError, RunContext, TokenProgress
 from workers.families.causal_lm_lora import (
     peft_quiet,
     train,  # noqa: F401 - the family's `train`
@@ -204,6 +204,7 @@ class CausalLm:
         sent, text, finish = 0, "", "length"
         cache = KvCache(self.model)
         step_input = torch.tensor([ids], device=self.device)  # (1, T)
+        progress = TokenProgress(p.max_tokens)
         for _ in range(p.max_tokens):
             if ctx.is_canceled():
                 raise CanceledError(f"job {ctx.job_id} was canceled")
@@ -228,10 +229,13 @@ class CausalLm:
             if ready > sent:
                 yield TextDelta(len(completion) - 1, text[sent:ready])
                 sent = ready
+            if (event := progress.after(len(completion))) is not None:
+                yield event
         if finish != "stop":
             text = self.tokenizer.decode(completion, skip_special_tokens=True)
         if len(text) > sent:
             yield TextDelta(len(completion), text[sent:])
+        yield progress.done(len(completion))
         meta = {
             "seed": seed,
             "prompt_tokens": len(ids),

@@ -177,4 +177,5 @@ FAMILY = Family(
     dataset_kinds=("text",),
     resources=Resources(num_gpus=1.0, num_cpus=1.0, gpu_memory_gb=8.0),
     check_model_params=check_model_params,
+    check_layout=check_layout,
 )

@@ -32,7 +32,7 @@ from torch import nn
 from core.errors import ModelError
 from core.events import Event, Log, Metric, ModelSaved, Output, Progress, TextDelta
 from workers.datasets import load_text
-from workers.families.base import CanceledError, RunContext, TrainContext
+from workers.families.base import CanceledError, RunContext, TokenProgress, TrainContext
 from workers.families.charlm_spec import (
     SEED_MAX,
     CharlmFinetuneParams,
@@ -272,6 +272,7 @@ class CharLm:
         hold = max((len(s) for s in p.stop), default=1) - 1
         text, sent, finish, made = "", 0, "length", 0
         T = self.model.block_size
+        progress = TokenProgress(p.max_tokens)
         for i in range(p.max_tokens):
             if ctx.is_canceled():
                 raise CanceledError(f"job {ctx.job_id} was canceled")
@@ -292,10 +293,13 @@ class CharLm:
             if ready > sent:
                 yield TextDelta(i, text[sent:ready])
                 sent = ready
+            if (event := progress.after(made)) is not None:
+                yield event
         if finish != "stop":
             text += decoder.decode(b"", final=True)
         if len(text) > sent:
             yield TextDelta(made, text[sent:])
+        yield progress.done(made)
         meta = {
             "seed": seed,
             "prompt_tokens": len(prompt),

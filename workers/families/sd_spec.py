@@ -144,4 +144,5 @@ FAMILY = Family(
     resources=Resources(num_gpus=1.0, num_cpus=1.0, gpu_memory_gb=8.0),
     max_batch_size=16,
     batch_key=batch_key,
+    check_layout=check_layout,
 )
