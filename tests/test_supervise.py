@@ -24,6 +24,7 @@ import pytest
 import redis
 import requests
 
+from api.stack import restart_delay_s
 from tests.stackproc import StackProcess, descendants, is_alive
 
 pytestmark = [pytest.mark.faults, pytest.mark.stack]
@@ -137,6 +138,11 @@ def echo(delay_s: float, steps: int = 0) -> dict[str, Any]:
         "model": "echo",
         "params": {"delay_s": delay_s, "progress_steps": steps},
     }
+
+
+def test_the_restart_delay_doubles_per_restart_in_a_row_up_to_its_cap() -> None:
+    assert [restart_delay_s(n, 1.0, 8.0) for n in range(1, 7)] == [1, 2, 4, 8, 8, 8]
+    assert restart_delay_s(3, 0.5, 30.0) == 2.0
 
 
 def test_a_killed_worker_is_restarted_with_backoff_and_counted(stack: StackProcess) -> None:
