@@ -189,7 +189,7 @@ def submit(stack: StackProcess, body: dict[str, Any]) -> str:
     for _ in range(600):
         try:
             response = stack.call("POST", "/v1/jobs", json=body, headers={"Idempotency-Key": key})
-            if response.status_code == 202:
+            if response.status_code in (200, 202):  # 200: a retry found the job made
                 return str(response.json()["id"])
         except OSError:
             pass
