@@ -94,12 +94,15 @@ def create_app(
         auth,
         batches,
         catalog,
+        deletions,
         deliveries,
         events,
         health,
         inputs,
+        instruments,
         jobs,
         keys,
+        metrics,
         openapi,
         problems,
         scaling,
@@ -119,14 +122,17 @@ def create_app(
         artifacts=ArtifactStore.from_settings(settings),
     )
     problems.install(app)
+    instruments.install(app)
     for blueprint in (
         health.bp,
+        metrics.bp,
         openapi.bp,
         jobs.bp,
         batches.bp,
         events.bp,
         artifacts.bp,
         catalog.bp,
+        deletions.bp,
         deliveries.bp,
         dataset_uploads.bp,
         tenants.bp,

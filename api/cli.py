@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -87,8 +88,16 @@ def api() -> None:
     """Serve the HTTP API with gunicorn (GENQ_HOST, GENQ_PORT, GENQ_API_WORKERS/THREADS)."""
     settings = _settings()
     gunicorn = os.path.join(os.path.dirname(sys.executable), "gunicorn")
+    # The workers' metrics (api/instruments.py) live in files here, summed by any worker that
+    # answers GET /metrics; a new start begins from an empty folder.
+    metrics_dir = (settings.var_dir / "metrics" / f"api-{settings.port}").resolve()
+    shutil.rmtree(metrics_dir, ignore_errors=True)
+    metrics_dir.mkdir(parents=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
     argv = [
         gunicorn,
+        "--config",
+        "python:api.gunicorn_conf",
         "--bind",
         f"{settings.host}:{settings.port}",
         "--workers",

@@ -737,6 +737,22 @@ def _paths(limit_max: int) -> dict[str, Any]:
                 },
             }
         },
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics of the whole stack",
+                "description": 'The Prometheus text format (README, "Metrics"). Bearer: '
+                "the metrics token (GENQ_METRICS_TOKEN) or an admin key.",
+                "operationId": "metrics",
+                "responses": {
+                    "200": {
+                        "description": "Every metric, one scrape.",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
+                    "401": _problem("No metrics token or key, or a wrong one."),
+                    "403": _problem("A key that is not an admin key."),
+                },
+            }
+        },
         "/v1/openapi.json": {
             "get": {
                 "summary": "This document",
@@ -832,11 +848,12 @@ def document(limit_max: int, max_jobs: int = 1000) -> dict[str, Any]:
     _add_model(schemas, JobSubmission, "JobSubmission")
     _add_model(schemas, ModelRegistration, "ModelRegistration")
     # They build on the helpers above.
-    from api import openapi_batches, openapi_scheduling, openapi_security
+    from api import openapi_batches, openapi_retention, openapi_scheduling, openapi_security
 
     openapi_scheduling.add_schemas(schemas)
     openapi_batches.add_schemas(schemas, max_jobs)
     openapi_security.add_schemas(schemas)
+    openapi_retention.add_schemas(schemas)
     for family in FAMILIES.values():
         # A plug-in's nested schema may clash with another family's name for a different one:
         # its params are then left out of the document, not the whole document.
@@ -863,12 +880,14 @@ def document(limit_max: int, max_jobs: int = 1000) -> dict[str, Any]:
         "paths": _with_links(
             openapi_security.with_abuse_limits(
                 _with_input_problems(
-                    {
-                        **_paths(limit_max),
-                        **openapi_scheduling.paths(),
-                        **openapi_batches.paths(),
-                        **openapi_security.paths(),
-                    }
+                    openapi_retention.add_paths(
+                        {
+                            **_paths(limit_max),
+                            **openapi_scheduling.paths(),
+                            **openapi_batches.paths(),
+                            **openapi_security.paths(),
+                        }
+                    )
                 )
             )
         ),

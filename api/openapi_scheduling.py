@@ -63,6 +63,8 @@ RESPONSE_SCHEMAS: dict[str, Any] = {
                 }
             ),
             "preemption": _object({"preemptible": BOOL, "may_opt_out": BOOL}),
+            "retention": _ref("TenantRetention"),  # api/openapi_retention.py
+            "disk": _ref("DiskUse"),
         }
     ),
     "TenantList": _object({"items": {"type": "array", "items": _ref("Tenant")}}),

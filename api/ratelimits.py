@@ -28,6 +28,7 @@ from limits import RateLimitItem, RateLimitItemPerMinute, RateLimitItemPerSecond
 from limits.storage import RedisStorage
 from limits.strategies import MovingWindowRateLimiter
 
+from api.instruments import RATE_LIMITED
 from core.errors import RateLimitedError
 from core.keys import Principal
 from core.settings import Settings
@@ -119,6 +120,7 @@ class RateLimits:
 
 
 def refusal(standing: Standing, what: str) -> RateLimitedError:
+    RATE_LIMITED.labels(standing.policy.name).inc()
     error = RateLimitedError(
         f"too many requests for {what}: at most {standing.policy.quota} in"
         f" {standing.policy.window_s} s; retry in {standing.reset_s} s",

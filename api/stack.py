@@ -46,7 +46,11 @@ ADMIN_TENANT = "admin"
 # (worker). Ray's processes (model servers, trainers) run model code that should not see
 # credentials: they get only the node-local settings below (where this machine keeps its state
 # and its copies of stored models and data sets); everything else comes with the task.
-SECRET_USERS = {"GENQ_ADMIN_KEY": frozenset(), "GENQ_SECRET_KEY": frozenset({"api", "worker"})}
+SECRET_USERS = {
+    "GENQ_ADMIN_KEY": frozenset(),
+    "GENQ_SECRET_KEY": frozenset({"api", "worker"}),
+    "GENQ_METRICS_TOKEN": frozenset({"api"}),
+}
 RAY_NODE_SETTINGS = frozenset({"GENQ_VAR_DIR", "GENQ_CACHE_DIR", "GENQ_LOG_LEVEL"})
 
 

@@ -1,4 +1,5 @@
-"""`/v1/tenants` (a tenant's quotas and what it uses now; admins set them),
+"""`/v1/tenants` (a tenant's quotas, retention and what it uses now, disk included; admins
+set them),
 `POST /v1/admin/purge` (cancel a tenant's or a queue's waiting jobs) and
 `GET /v1/admin/dropped-messages` (malformed broker messages the workers dropped).
 
@@ -20,9 +21,11 @@ from api.auth import principal, tenant_scope
 from api.jobs import read_json_body
 from api.submissions import errors_from, patch_schema
 from core.audit import Actor, record_action
+from core.deletion import disk_use
 from core.errors import ForbiddenError, InvalidInputError, NotFoundError
 from core.purge import purge_waiting
 from core.quotas import usage
+from core.retention import policies
 from core.tables import Tenant, utcnow
 from core.usage import fair_share_report
 from scheduler.broker import QUEUES, WEBHOOK_QUEUE, read_dropped
@@ -34,6 +37,7 @@ JOB_QUEUES = tuple(q for q in QUEUES if q != WEBHOOK_QUEUE)
 
 # Fields that may not be null (they have a value whatever the limits).
 NOT_NULL = ("weight", "budget_period_s", "over_quota", "preemptible", "may_opt_out")
+RETENTION_DAYS_MAX = 36500
 
 
 class QuotaChange(BaseModel):
@@ -67,6 +71,24 @@ class QuotaChange(BaseModel):
     may_opt_out: StrictBool | None = Field(
         None, description="Whether this tenant's jobs may be submitted with preemptible: false."
     )
+    retain_outputs_days: StrictInt | None = Field(
+        None,
+        ge=0,
+        le=RETENTION_DAYS_MAX,
+        description="Days the outputs of finished jobs are kept; 0: forever; null: the default.",
+    )
+    retain_events_days: StrictInt | None = Field(
+        None,
+        ge=0,
+        le=RETENTION_DAYS_MAX,
+        description="Days the events of finished jobs are kept; 0: forever; null: the default.",
+    )
+    retain_jobs_days: StrictInt | None = Field(
+        None,
+        ge=0,
+        le=RETENTION_DAYS_MAX,
+        description="Days finished jobs are kept; 0: forever; null: the default.",
+    )
 
 
 def fair_shares(session: Session) -> dict[str, dict[str, float | None]]:
@@ -76,9 +98,13 @@ def fair_shares(session: Session) -> dict[str, dict[str, float | None]]:
 
 
 def tenant_payload(
-    session: Session, tenant: Tenant, shares: dict[str, dict[str, float | None]] | None = None
+    session: Session,
+    tenant: Tenant,
+    shares: dict[str, dict[str, float | None]] | None = None,
+    disk: dict[str, dict[str, int]] | None = None,
 ) -> dict[str, Any]:
     shares = shares if shares is not None else fair_shares(session)
+    disk = disk if disk is not None else disk_use(session, [tenant.id])
     return {
         "id": tenant.id,
         "name": tenant.name,
@@ -95,6 +121,26 @@ def tenant_payload(
         # Decayed GPU-seconds and the share they are of everyone's, against its weighted share.
         "fair_share": shares.get(tenant.id),
         "preemption": {"preemptible": tenant.preemptible, "may_opt_out": tenant.may_opt_out},
+        "retention": retention_payload(tenant),
+        # Bytes in the artifact store: outputs, uploaded data sets, model weights (measured
+        # by the retention pass).
+        "disk": disk.get(tenant.id, {"outputs_bytes": 0, "datasets_bytes": 0, "models_bytes": 0}),
+    }
+
+
+def retention_payload(tenant: Tenant) -> dict[str, Any]:
+    """Days kept in force for each (null: forever), and the tenant's own (null: the default)."""
+    settings = genq().settings
+    policy = policies(settings, [tenant])[0]
+    return {
+        "outputs_days": policy.outputs_days,
+        "events_days": policy.events_days,
+        "jobs_days": policy.jobs_days,
+        "own": {
+            "outputs_days": tenant.retain_outputs_days,
+            "events_days": tenant.retain_events_days,
+            "jobs_days": tenant.retain_jobs_days,
+        },
     }
 
 
@@ -136,7 +182,8 @@ def list_tenants() -> Response:
         if scope is not None:
             stmt = stmt.where(Tenant.id == scope)
         shares = fair_shares(session)
-        items = [tenant_payload(session, t, shares) for t in session.scalars(stmt)]
+        disk = disk_use(session, None if scope is None else [scope])
+        items = [tenant_payload(session, t, shares, disk) for t in session.scalars(stmt)]
     return jsonify({"items": items})
 
 

@@ -444,6 +444,7 @@ def retry_job(session: Session, job: Job, *, extra_attempts: int) -> None:
     job.finished_at = None
     job.published_at = None
     job.not_before = None
+    job.outputs_purged_at = None  # its new outputs are kept again, from its new end
     job.progress_step = job.progress_total = 0
     job.progress_message = ""
 

@@ -47,6 +47,13 @@ class Settings(BaseSettings):
     secret_key: str | None = None
     # When set, this admin key is created at first start (for automation).
     admin_key: str | None = None
+    # Bearer token that may read GET /metrics (Prometheus' scrape), besides any admin key.
+    # Unset: only admin keys may read it.
+    metrics_token: str | None = Field(None, min_length=16)
+    # The job figures of GET /metrics come from SQL queries over the job table; their text is
+    # shared through Redis this long, so the API processes, hosts and Prometheus replicas
+    # that scrape within it cost one set of queries. 0: every scrape queries.
+    metrics_cache_s: float = Field(5.0, ge=0, le=300)
 
     # Leases: a running job's claim expires unless renewed by heartbeats.
     lease_ttl_s: float = Field(60.0, gt=0, le=3600)
@@ -114,6 +121,19 @@ class Settings(BaseSettings):
     webhook_backoff_max_s: float = Field(3600.0, ge=0)
     # How often the periodic scheduler looks for webhook messages to send.
     webhook_poll_s: float = Field(1.0, gt=0)
+
+    # Retention (core/retention.py): days the outputs (files, checkpoints, unregistered model
+    # folders), the events and the rows of finished jobs are kept, counted from when each job
+    # finished. 0 or unset: kept forever (the default). A tenant may have its own
+    # (PATCH /v1/tenants/{id}). Registered models and data sets are never expired.
+    retain_outputs_days: int | None = Field(None, ge=0, le=36500)
+    retain_events_days: int | None = Field(None, ge=0, le=36500)
+    retain_jobs_days: int | None = Field(None, ge=0, le=36500)
+    # How often the periodic scheduler runs the retention pass, and the most jobs, events or
+    # models one of its transactions touches (each batch commits on its own, so no lock is
+    # held for long).
+    retention_interval_s: float = Field(3600.0, gt=0, le=7 * 86400)
+    retention_batch_size: int = Field(500, ge=1, le=100_000)
 
     # Celery worker: thread-pool size (tasks only wait on Ray).
     worker_concurrency: int = Field(8, ge=1, le=512)

@@ -88,6 +88,11 @@ class Tenant(Base):
     # tenant; `may_opt_out` lets its jobs be submitted with `preemptible: false`.
     preemptible: Mapped[bool] = mapped_column(Boolean, default=True, server_default=true())
     may_opt_out: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # Retention (core/retention.py): days the outputs, the events and the rows of this
+    # tenant's finished jobs are kept. None: the default in settings; 0: kept forever.
+    retain_outputs_days: Mapped[int | None] = mapped_column(Integer)
+    retain_events_days: Mapped[int | None] = mapped_column(Integer)
+    retain_jobs_days: Mapped[int | None] = mapped_column(Integer)
 
 
 class ApiKey(Base):
@@ -168,6 +173,9 @@ class Model(Base):
     status_detail: Mapped[str | None] = mapped_column(Text)
     # This version's replica policy over its family's defaults (core/scaling.py); None: none.
     serving: Mapped[dict[str, Any] | None] = mapped_column(JsonType)
+    # Bytes of its weights folder, measured by the periodic retention pass (core/retention.py)
+    # for the tenants' disk use; None until measured.
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger)
 
     @property
     def ref(self) -> str:
@@ -295,6 +303,9 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    # When retention removed the job's outputs, checkpoints and unregistered model folder
+    # (core/retention.py); None while they are kept.
+    outputs_purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class JobEvent(Base):
@@ -424,4 +435,18 @@ class Schedule(Base):
     # Why the last slot did not submit its job (a quota refused it), or None.
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class RetentionCounter(Base):
+    """What deletion has freed since the database was made, by source (`retention`: the
+    periodic purge; `api`: DELETE requests and dashboard buttons) and item (`files`, `bytes`,
+    `events`, `jobs`, `artifacts`, `models`, `datasets`, `runs`): monotonic counters that
+    /metrics exposes."""
+
+    __tablename__ = "retention_counter"
+
+    source: Mapped[str] = mapped_column(String(16), primary_key=True)
+    item: Mapped[str] = mapped_column(String(16), primary_key=True)
+    value: Mapped[int] = mapped_column(BigInteger, default=0)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)

@@ -3,7 +3,8 @@ time has come, fails waiting jobs whose deadline passed, asks running training j
 room for jobs of a higher priority class that waited too long (scheduler/preemption.py), reaps
 jobs whose lease expired (requeued after a backoff, so a job that kills its worker every time
 is spaced out until its attempts run out), re-publishes queued jobs whose broker message is
-gone, and hands due webhook messages to their queue.
+gone, hands due webhook messages to their queue, and every retention_interval_s runs the
+retention pass (core/retention.py: expired outputs, events and finished jobs).
 
 It is a plain loop in its own process rather than Celery beat, because its main duty is to
 repair the broker: it must keep working while the broker is empty, restarted or unreachable.
@@ -18,15 +19,20 @@ import threading
 import time
 from dataclasses import dataclass
 
+from core import tally
+from core.artifacts import ArtifactStore
 from core.db import Database
+from core.deletion import Freed
 from core.jobs import retry_backoff_s
 from core.recovery import (
+    Reaped,
     expire_deadlines,
     mark_published,
     promote_due,
     reap_expired,
     unpublished_jobs,
 )
+from core.retention import Retention
 from core.schedules import fire_due
 from core.settings import Settings
 from core.states import JobState
@@ -53,6 +59,7 @@ class TickReport:
 class Periodic:
     def __init__(self, settings: Settings, database: Database, publisher: Publisher) -> None:
         self.settings, self.database, self.publisher = settings, database, publisher
+        self.retention = Retention(settings, database, ArtifactStore.from_settings(settings))
 
     def _publish(self, job_ids: list[str], delays: dict[str, float] | None = None) -> int:
         if not job_ids:
@@ -84,6 +91,10 @@ class Periodic:
     def preempt(self) -> int:
         return len(preempt_round(self.settings, self.database))
 
+    def retain(self) -> Freed:
+        """The retention pass: delete what has outlived its tenant's retention."""
+        return self.retention.run()
+
     def reap(self) -> tuple[int, int]:
         # A worker crash is a transient failure: the next attempt waits like any other retry
         # (not_before on the row holds every token off it; its own token comes when it is due).
@@ -104,7 +115,20 @@ class Periodic:
             if r.not_before is not None
         }
         self._publish([r.job_id for r in requeued], delays)
+        self._tally_reaped(reaped)
         return len(reaped), len(requeued)
+
+    def _tally_reaped(self, reaped: list[Reaped]) -> None:
+        """Count the reaped leases (GET /metrics `genq_leases_reaped_total`); a Redis that
+        does not answer loses the count, never the round."""
+        outcomes: dict[str, int] = {}
+        for r in reaped:
+            outcomes[str(r.state)] = outcomes.get(str(r.state), 0) + 1
+        try:
+            for outcome, n in outcomes.items():
+                tally.count(self.publisher.redis, "leases_reaped", {"outcome": outcome}, n)
+        except Exception:
+            log.warning("could not count %d reaped leases", len(reaped), exc_info=True)
 
     def reconcile(self) -> int:
         """Publish queued jobs that have no message; confirm the ones that do, so the next
@@ -135,9 +159,17 @@ class Periodic:
         return report
 
     def run_forever(self, stop: threading.Event) -> None:
-        """Send webhooks every webhook_poll_s, reap every reap_interval_s and reconcile every
-        reconcile_interval_s until `stop`."""
+        """Send webhooks every webhook_poll_s, reap every reap_interval_s, reconcile every
+        reconcile_interval_s and run the retention pass every retention_interval_s until
+        `stop`."""
         next_reap = next_reconcile = 0.0
+        # The retention pass runs in a thread of its own: the first pass after retention is
+        # turned on may take long over a big backlog, and reaping, webhooks and schedules
+        # must not wait for it.
+        retention = threading.Thread(
+            target=self.retain_forever, args=(stop,), name="genq-retention", daemon=True
+        )
+        retention.start()
         while not stop.is_set():
             try:
                 self.webhooks()
@@ -154,6 +186,18 @@ class Periodic:
             except Exception:  # the database or broker is down: try again next round
                 log.exception("periodic round failed")
             stop.wait(min(self.settings.webhook_poll_s, self.settings.reap_interval_s))
+        # A pass stopped between two batches loses nothing: each batch commits on its own.
+        retention.join(timeout=10)
+
+    def retain_forever(self, stop: threading.Event) -> None:
+        """The retention pass every retention_interval_s (the first at once) until `stop`; a
+        pass that fails waits for the next interval like one that succeeded."""
+        while not stop.is_set():
+            try:
+                self.retain()
+            except Exception:
+                log.exception("retention pass failed")
+            stop.wait(self.settings.retention_interval_s)
 
 
 def main(settings: Settings) -> None:

@@ -543,7 +543,8 @@ class Runner:
                           extra={"job_id": job.id})  # fmt: skip
             state = JobState.RUNNING
         finally:
-            keeper.stop_actor()  # what still runs for this attempt (nothing, usually)
+            if job.kind == JobKind.GENERATE:  # (a trainer is killed when the attempt ends)
+                keeper.stop_actor()  # what still runs for this attempt (nothing, usually)
         if state == JobState.QUEUED:
             # Its token arrives when the backoff is over (not_before holds other tokens off).
             try:
@@ -575,15 +576,16 @@ class Runner:
         backoff_s: float,
     ) -> JobState:
         """One transaction that ends a failed attempt: canceled, failed, or back to the queue.
-        An output that was still held is recorded only when the job ends canceled (what it
-        made before it was stopped); a failed or released attempt records none."""
+        An output that was still held is recorded only when the job ends canceled or is
+        preempted (what it made before it was stopped); a failed or released attempt records
+        none."""
         preempted = keeper.preempt_requested.is_set() and not keeper.cancel_requested.is_set()
         canceled = (
             not preempted and keeper.cancel_requested.is_set() and not keeper.timed_out.is_set()
         )
         with self.database.transaction() as session:
             if recorder is not None:  # where it ran and how far it got are kept
-                recorder.write_pending(session, outputs=canceled)
+                recorder.write_pending(session, outputs=canceled or preempted)
             if keeper.timed_out.is_set():
                 state = finish_job(
                     session,

@@ -6,6 +6,8 @@ join Ray with a node of their own."""
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import yaml
@@ -104,3 +106,92 @@ def test_env_example_documents_every_setting() -> None:
     text = (ROOT / ".env.example").read_text()
     for name in Settings.model_fields:
         assert f"GENQ_{name.upper()}" in text, f"GENQ_{name.upper()} missing from .env.example"
+
+
+# -- monitoring: Prometheus and Grafana -----------------------------------------------------
+
+
+def _dashboard() -> dict:  # type: ignore[type-arg]
+    return json.loads((ROOT / "deploy/grafana/dashboards/genq.json").read_text())
+
+
+def _exposed_names(tmp_path: Path) -> set[str]:
+    """Every metric name GET /metrics writes (HELP and TYPE lines, even for empty families),
+    from an app on an empty SQLite file; the cluster's figures need no live Redis to name."""
+    from api.app import create_app
+    from core.db import Database
+    from core.keys import create_key, get_or_create_tenant
+    from core.tables import Base
+
+    settings = Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        var_dir=tmp_path,
+        database_url=f"sqlite:///{tmp_path / 'genq.db'}",
+        redis_url="redis://127.0.0.1:1/0",  # nothing listens: the scrape still names them all
+        artifact_root=tmp_path / "artifacts",
+        rate_limits=False,
+    )
+    database = Database(settings)
+    Base.metadata.create_all(database.engine)
+    with database.transaction() as session:
+        _, key = create_key(session, get_or_create_tenant(session, "ops"), is_admin=True)
+    client = create_app(settings, database=database).test_client()
+    response = client.get("/metrics", headers={"Authorization": f"Bearer {key}"})
+    assert response.status_code == 200, response.get_data(as_text=True)
+    names = set()
+    for line in response.get_data(as_text=True).splitlines():
+        if line.startswith(("# HELP ", "# TYPE ")):
+            names.add(line.split()[2])
+    database.dispose()
+    return names
+
+
+def test_prometheus_and_grafana_are_provisioned() -> None:
+    services = _compose()["services"]
+    prometheus, grafana = services["prometheus"], services["grafana"]
+    mounts = {str(v).split(":")[0]: str(v).split(":")[1] for v in prometheus["volumes"]}
+    config_path = mounts["./deploy/prometheus/prometheus.yml"]
+    assert f"--config.file={config_path}" in prometheus["command"]
+    assert prometheus["secrets"] == ["metrics_token"]
+    assert _compose()["secrets"]["metrics_token"]["environment"] == "GENQ_METRICS_TOKEN"
+    assert services["api"]["environment"]["GENQ_METRICS_TOKEN"]
+    config = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())
+    (job,) = config["scrape_configs"]
+    assert job["metrics_path"] == "/metrics"
+    assert job["authorization"]["credentials_file"] == "/run/secrets/metrics_token"
+    assert job["static_configs"][0]["targets"] == ["api:8000"]
+
+    grafana_mounts = {str(v).split(":")[0]: str(v).split(":")[1] for v in grafana["volumes"]}
+    assert grafana_mounts["./deploy/grafana/provisioning"] == "/etc/grafana/provisioning"
+    provider = yaml.safe_load(
+        (ROOT / "deploy/grafana/provisioning/dashboards/genq.yaml").read_text()
+    )["providers"][0]
+    assert grafana_mounts["./deploy/grafana/dashboards"] == provider["options"]["path"]
+    source = yaml.safe_load(
+        (ROOT / "deploy/grafana/provisioning/datasources/genq.yaml").read_text()
+    )["datasources"][0]
+    assert source["url"] == "http://prometheus:9090"
+    uids = {
+        target["datasource"]["uid"]
+        for panel in _dashboard()["panels"]
+        for target in panel.get("targets", [])
+    }
+    assert uids == {source["uid"]}
+
+
+def test_every_metric_the_dashboard_queries_exists(tmp_path: Path) -> None:
+    exprs = [
+        target["expr"] for panel in _dashboard()["panels"] for target in panel.get("targets", [])
+    ]
+    wanted = {name for expr in exprs for name in re.findall(r"\bgenq_[a-z_]+", expr)}
+    titles = {panel["title"] for panel in _dashboard()["panels"] if panel["type"] == "row"}
+    assert {"Queues", "Waits and run times", "GPUs and model servers", "Failures",
+            "Tenants"} <= titles  # fmt: skip
+    exposed = _exposed_names(tmp_path)
+    missing = set()
+    for name in wanted:
+        family = re.sub(r"_(bucket|count|sum)$", "", name)
+        if name not in exposed and family not in exposed:
+            missing.add(name)
+    assert not missing, f"the dashboard queries metrics genq does not expose: {missing}"
+    assert len(wanted) >= 20

@@ -2,7 +2,8 @@
 a real `genq up`: log in (a wrong key is refused), watch a job's progress bar move without a
 reload, watch a job's timeline, attempt, logs and outputs follow a reaped and retried attempt
 without a reload, watch a training job's loss chart and latest metrics grow without a reload,
-cancel a running job and see it become canceled, open an image output full size, create a key
+cancel a running job and see it become canceled, delete a finished job once the
+confirmation is accepted, open an image output full size, create a key
 and revoke it. Screenshots go to test-output/dashboard/ (and the test's tmp
 dir) for a person to look at.
 """
@@ -334,6 +335,23 @@ def test_cancel_a_running_job(page: Any, stack: StackProcess) -> None:
     assert "job.cancel" in page.inner_text("main")  # the audit row, with who did it
     assert stack.admin_key[:11] in page.inner_text("main")
     shot(page, "job-canceled")
+
+
+def test_delete_a_finished_job_after_confirming(page: Any, stack: StackProcess) -> None:
+    job = stack.submit({"kind": "generate", "model": "echo", "params": {"message": "bye"}})
+    assert stack.wait(job["id"], timeout_s=60)["state"] == "succeeded"
+    page.goto(f"{stack.url}/admin/jobs/{job['id']}")
+    # The confirmation comes from dashboard.js (no inline script: the CSP forbids it).
+    page.once("dialog", lambda dialog: dialog.dismiss())
+    page.click("#delete-job")
+    assert stack.call("GET", f"/v1/jobs/{job['id']}", stack.admin_key).status_code == 200
+    page.once("dialog", lambda dialog: dialog.accept())
+    page.click("#delete-job")
+    page.wait_for_url(f"{stack.url}/admin/jobs")
+    assert stack.call("GET", f"/v1/jobs/{job['id']}", stack.admin_key).status_code == 404
+    page.goto(f"{stack.url}/admin/tenants")
+    assert "job.delete" in page.inner_text("main")  # the audit row
+    shot(page, "job-deleted")
 
 
 def test_train_with_live_logs_then_open_an_image_output_full_size(

@@ -62,6 +62,7 @@ def install(app: Flask, settings: Settings) -> None:
     exempt its views from the `/v1` Bearer check (they check the session instead)."""
     from api.dashboard import (  # noqa: F401  (they register routes)
         actions,
+        deletions,
         pages,
         scheduling,
         serving,

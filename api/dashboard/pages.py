@@ -303,8 +303,19 @@ def tenants() -> str:
         usage = queries.tenant_usage(db)
         audit = recent_actions(db, limit=50)
     names = {u["tenant"].id: u["tenant"].name for u in usage}
+    settings = genq().settings
+    # The retention days a tenant without its own keeps (placeholders of the form).
+    defaults = {
+        f: getattr(settings, f)
+        for f in ("retain_outputs_days", "retain_events_days", "retain_jobs_days")
+    }
     return render_template(
-        "dashboard/tenants.html", usage=usage, audit=audit, me=admin(), tenant_names=names
+        "dashboard/tenants.html",
+        usage=usage,
+        audit=audit,
+        me=admin(),
+        tenant_names=names,
+        defaults=defaults,
     )
 
 

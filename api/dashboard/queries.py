@@ -19,6 +19,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from core.deletion import disk_use
 from core.states import JobState
 from core.tables import ApiKey, Artifact, Job, JobEvent, Model, Tenant, utcnow
 from core.usage import fair_share_report
@@ -350,6 +351,7 @@ def tenant_usage(session: Session, now: datetime | None = None) -> list[dict[str
     for key in session.scalars(select(ApiKey).order_by(ApiKey.created_at)):
         keys[key.tenant_id].append(key)
     shares = fair_share_report(session, now or utcnow(), {t.id: t.weight for t in tenants})
+    disk = disk_use(session, [t.id for t in tenants])
     return [
         {
             "tenant": t,
@@ -358,6 +360,7 @@ def tenant_usage(session: Session, now: datetime | None = None) -> list[dict[str
             "last_day": recent.get(t.id, {}),
             "active": active.get(t.id, {}),
             "keys": keys.get(t.id, []),
+            "disk": disk[t.id],
         }
         for t in tenants
     ]

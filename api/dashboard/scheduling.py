@@ -27,7 +27,15 @@ from core.schedules import resume
 from core.tables import Schedule, Tenant, utcnow
 
 QUOTA_FIELDS = tuple(QuotaChange.model_fields)
-INT_FIELDS = ("weight", "max_running", "max_queued", "budget_period_s")
+INT_FIELDS = (
+    "weight",
+    "max_running",
+    "max_queued",
+    "budget_period_s",
+    "retain_outputs_days",
+    "retain_events_days",
+    "retain_jobs_days",
+)
 BOOL_FIELDS = ("preemptible", "may_opt_out")
 
 

@@ -261,6 +261,28 @@ class AsyncClient:
     async def list_models(self) -> list[Model]:
         return [Model.from_json(m) for m in (await self._json("GET", "/v1/models"))["items"]]
 
+    # -- deleting ------------------------------------------------------------------------------
+
+    async def delete_job(self, job_id: str) -> None:
+        """Delete a finished job with its events and outputs (`Conflict` if it has not
+        finished: cancel it first)."""
+        await self.request("DELETE", f"/v1/jobs/{job_id}")
+
+    async def delete_output(self, output: Output | str) -> None:
+        """Delete one output of a finished job (an Output, or its id)."""
+        output_id = output.id if isinstance(output, Output) else output
+        await self.request("DELETE", f"/v1/artifacts/{output_id}")
+
+    async def delete_model(self, name: str, version: int, *, force: bool = False) -> None:
+        """Delete a model version (`Conflict` while jobs wait for or run on it, or while other
+        versions were fine-tuned from it unless `force`: they are kept, without the link)."""
+        params = {"force": "true"} if force else None
+        await self.request("DELETE", f"/v1/models/{name}/{version}", params=params)
+
+    async def delete_dataset(self, dataset_id: str) -> None:
+        """Delete a data set (`Conflict` while a waiting or running job trains on it)."""
+        await self.request("DELETE", f"/v1/datasets/{dataset_id}")
+
     async def submit_batch(
         self, jobs: list[dict[str, Any]], *, idempotency_key: str | None = None
     ) -> Batch:

@@ -260,6 +260,28 @@ class Client:
     def list_models(self) -> list[Model]:
         return [Model.from_json(m) for m in self._json("GET", "/v1/models")["items"]]
 
+    # -- deleting ------------------------------------------------------------------------------
+
+    def delete_job(self, job_id: str) -> None:
+        """Delete a finished job with its events and outputs (`Conflict` if it has not
+        finished: cancel it first)."""
+        self.request("DELETE", f"/v1/jobs/{job_id}")
+
+    def delete_output(self, output: Output | str) -> None:
+        """Delete one output of a finished job (an Output, or its id)."""
+        output_id = output.id if isinstance(output, Output) else output
+        self.request("DELETE", f"/v1/artifacts/{output_id}")
+
+    def delete_model(self, name: str, version: int, *, force: bool = False) -> None:
+        """Delete a model version (`Conflict` while jobs wait for or run on it, or while other
+        versions were fine-tuned from it unless `force`: they are kept, without the link)."""
+        params = {"force": "true"} if force else None
+        self.request("DELETE", f"/v1/models/{name}/{version}", params=params)
+
+    def delete_dataset(self, dataset_id: str) -> None:
+        """Delete a data set (`Conflict` while a waiting or running job trains on it)."""
+        self.request("DELETE", f"/v1/datasets/{dataset_id}")
+
     def submit_batch(
         self, jobs: list[dict[str, Any]], *, idempotency_key: str | None = None
     ) -> Batch:
