@@ -20,7 +20,12 @@ every 60 s of training) and queues as many again; at 100 s an `interactive` gene
 periodic round (`core.preemption.preempt_for_waiting`, each simulated second) asks a trainer to
 stop at its next checkpoint once the job has waited `preempt_after_s` (10 s here), and the
 trainer resumes later from that checkpoint (`requeue_preempted`). Prints the interactive job's
-wait and the training work lost (none: it stops at a checkpoint). Writes
+wait and the training work lost (none: it stops at a checkpoint).
+
+Last, what one claim costs (wall time, not simulated) as the running jobs grow: 20 tenants with
+100 queued jobs each, and 0, then 3,056 running jobs (claimed on another queue); the claim by
+usage, by starts and FIFO, each rolled back, p50 / p99 over `--claims` claims. (`--claims-only`
+runs this part alone, which also runs against an older checkout to compare.) Writes
 bench/results/fairness-<UTC time>.json.
 """
 
@@ -31,8 +36,10 @@ import heapq
 import json
 import math
 import os
+import statistics
 import sys
 import tempfile
+import time
 from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -62,6 +69,9 @@ POLICIES = ("fifo", "starts", "usage")
 # The preemption scenario (seconds of simulated time).
 TRAIN_S, CHECKPOINT_S, INTERACTIVE_AT, INTERACTIVE_S = 600.0, 60.0, 100.0, 2.0
 PREEMPT_AFTER_S, GRACE_S = 10.0, 30.0
+# The claim's cost: tenants, queued jobs each, and the running jobs it is measured with (the
+# last is what bench/scale.py's seed has).
+COST_TENANTS, COST_QUEUED_EACH, COST_RUNNING = 20, 100, (0, 3056)
 
 
 def _fifo(session: Any, queue: str, now: datetime) -> Lease | None:
@@ -288,6 +298,68 @@ def simulate_preemption(database: Database, slots: int, preempt: bool) -> dict[s
     }
 
 
+def _add_jobs(database: Database, tenants: list[str], queue: str, n_each: int) -> list[str]:
+    ids = []
+    with database.transaction() as session:
+        echo = resolve_model(session, tenants[0], "echo").id
+        for _ in range(n_each):
+            for tenant_id in tenants:
+                job, _ = create_job(
+                    session,
+                    NewJob(
+                        tenant_id=tenant_id,
+                        kind=JobKind.GENERATE,
+                        family="echo",
+                        queue=queue,
+                        params={},
+                        model_id=echo,
+                        priority=5,
+                    ),
+                )
+                ids.append(job.id)
+    return ids
+
+
+def _timed_claims(database: Database, policy: str, n: int) -> dict[str, float]:
+    times = []
+    for i in range(n + 3):
+        with database.sessions() as session:
+            session.begin()
+            started = time.perf_counter()
+            if policy == "starts":
+                session.info["fair_share"] = "starts"
+            assert _claim(session, policy, "generate", utcnow()) is not None
+            elapsed = time.perf_counter() - started
+            session.rollback()
+        if i >= 3:
+            times.append(elapsed * 1000)
+    times.sort()
+    return {
+        "p50_ms": round(statistics.median(times), 2),
+        "p99_ms": round(times[min(len(times) - 1, round(0.99 * (len(times) - 1)))], 2),
+    }
+
+
+def claim_cost(database: Database, n: int) -> dict[str, Any]:
+    """The claim's wall time at each count of running jobs (module docstring)."""
+    with database.transaction() as session:
+        ensure_builtins(session)
+        tenants = [get_or_create_tenant(session, f"t{i:02d}").id for i in range(COST_TENANTS)]
+    _add_jobs(database, tenants, "generate", COST_QUEUED_EACH)
+    out: dict[str, Any] = {}
+    running = 0
+    for target in COST_RUNNING:
+        more = target - running
+        if more > 0:
+            ids = _add_jobs(database, tenants, "train", -(-more // len(tenants)))[:more]
+            with database.transaction() as session:
+                for job_id in ids:
+                    assert claim_job(session, job_id, lease_ttl_s=86400) is not None
+            running = target
+        out[str(target)] = {p: _timed_claims(database, p, n) for p in ("usage", "starts", "fifo")}
+    return out
+
+
 def _database(backend: str, tmp: Path, label: str, policy: str) -> tuple[Database, Any]:
     """A fresh migrated database for one run; returns it and what `_drop` needs."""
     if backend == "sqlite":
@@ -318,6 +390,21 @@ def _drop(database: Database, cleanup: Any) -> None:
         admin.dispose()
 
 
+def run_claim_cost(backend: str, tmp: Path, n: int) -> dict[str, Any]:
+    database, cleanup = _database(backend, tmp, "claim_cost", "usage")
+    try:
+        return claim_cost(database, n)
+    finally:
+        _drop(database, cleanup)
+
+
+def print_claim_cost(cost: dict[str, Any]) -> None:
+    print(f"-- one claim, {COST_TENANTS} tenants x {COST_QUEUED_EACH} queued (p50 / p99 ms)")
+    for running, by_policy in cost.items():
+        row = "   ".join(f"{p} {r['p50_ms']:.1f} / {r['p99_ms']:.1f}" for p, r in by_policy.items())
+        print(f"   {int(running):>5} running:  {row}")
+
+
 def run_backend(backend: str, slots: int, tmp: Path) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for policy in POLICIES:
@@ -340,12 +427,22 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--slots", type=int, default=4)
     parser.add_argument("--only", choices=["sqlite", "postgres"])
+    parser.add_argument("--claims", type=int, default=200)
+    parser.add_argument("--claims-only", action="store_true")
     args = parser.parse_args()
     backends = [args.only] if args.only else ["sqlite", "postgres"]
     out: dict[str, Any] = {"slots": args.slots, "workload": WORKLOAD, "backends": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for backend in backends:
+            (Path(tmp) / backend).mkdir(parents=True, exist_ok=True)
+            cost = run_claim_cost(backend, Path(tmp) / backend, args.claims)
+            if args.claims_only:
+                out["backends"][backend] = {"claim_cost": cost}
+                print(f"== {backend}")
+                print_claim_cost(cost)
+                continue
             res = run_backend(backend, args.slots, Path(tmp) / backend)
+            res["claim_cost"] = cost
             out["backends"][backend] = res
             print(f"== {backend}: {args.slots} slots; share of slot time per {WINDOW_S:.0f} s")
             for policy in POLICIES:
@@ -368,6 +465,7 @@ def main() -> None:
                     f"{r['training_lost_s']} s of training lost, training done at "
                     f"{r['training_makespan_s']} s"
                 )
+            print_claim_cost(cost)
     stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H%M%S")
     path = ROOT / "bench" / "results" / f"fairness-{stamp}.json"
     path.write_text(json.dumps(out, indent=2))

@@ -41,7 +41,7 @@ from core.jobs import claim_job  # noqa: E402
 from core.settings import Settings  # noqa: E402
 from core.states import JobState  # noqa: E402
 from core.tables import Job, Model, Tenant  # noqa: E402
-from core.usage import POLICY_INFO  # noqa: E402
+from core.usage import POLICY_INFO, recount_running  # noqa: E402
 from scheduler.enqueue import Publisher  # noqa: E402
 
 
@@ -145,6 +145,8 @@ def run(kind: str, url: str, n_jobs: int, backlog: int, n: int, var_dir: Path) -
     database = Database(settings)
     seed = populate(database, n_jobs)
     deep = add_backlog(database, backlog)
+    with database.transaction() as session:  # the seed writes running rows without a claim
+        recount_running(session)
     with database.transaction() as session:
         total = session.scalar(sa.select(sa.func.count()).select_from(Job))
         queued = session.scalar(

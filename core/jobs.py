@@ -28,7 +28,7 @@ from core.events import Event, Output, Progress, event_data, event_type, without
 from core.ids import new_id
 from core.states import ACTIVE, JobKind, JobState, check_transition
 from core.tables import Artifact, Job, JobEvent, UTCDateTime, utcnow
-from core.usage import charge_attempt
+from core.usage import charge_attempt, start_attempt
 from core.webhooks import enqueue_delivery
 
 log = logging.getLogger(__name__)
@@ -182,6 +182,8 @@ _CLAIM = (
         updated_at=bindparam("now", type_=UTCDateTime()),
         error_type=None,
         error_detail=None,
+        waiting_for=None,
+        waiting_since=bindparam("now", type_=UTCDateTime()),  # not placed yet
     )
     # The claimed row comes back from the UPDATE itself (a copy the session held is
     # refreshed): no second read.
@@ -223,6 +225,7 @@ def claim_job(
         _fail_past_deadline(session, job_id, now)
         return None
     _held_leases(session)[token] = job
+    start_attempt(session, job)
     _add_event(session, job, "state", {"from": "queued", "to": "running", "attempt": job.attempt})
     return Lease(job_id, token, job.attempt)
 
@@ -311,6 +314,22 @@ def record_placement(session: Session, lease: Lease, placement: dict[str, Any]) 
     """Where this attempt runs (the node, GPUs and replica that took it), on the job row."""
     job = _fenced(session, lease)
     job.placement = without_nul(placement)
+    job.waiting_for = job.waiting_since = None
+
+
+def record_waiting(
+    session: Session, lease: Lease, resource: str | None, now: datetime | None = None
+) -> None:
+    """This attempt's actor waits for Ray to place it, lacking `resource` (`GPU`,
+    `gpu_memory_gb`, `CPU`), or has been placed (None). The wait counts from the claim, which
+    sets `waiting_since`, whatever resource it lacks meanwhile."""
+    job = _fenced(session, lease)
+    if resource is None:
+        job.waiting_for = job.waiting_since = None
+        return
+    if job.waiting_since is None:
+        job.waiting_since = now or utcnow()
+    job.waiting_for = resource
 
 
 def record_output(session: Session, lease: Lease, output: Output, stored: StoredFile) -> Artifact:

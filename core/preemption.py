@@ -4,7 +4,14 @@ higher priority class, and how a preempted attempt goes back to the queue.
 The periodic scheduler calls `preempt_for_waiting` (scheduler/preemption.py). A queued job
 *waits for resources* when it could start now (not in a retry backoff, its tenant under its
 quotas, attempts left) and has not for `preempt_after_s`: a free slot would have claimed it.
-For each such job, highest priority first then oldest, one running job is asked to stop, if
+A job may also wait *for a GPU* once claimed: its slot is free but Ray cannot place its actor
+(trainer or model server) because the GPUs are held, which the runner writes on the row
+(`waiting_for` `GPU` or `gpu_memory_gb`, `waiting_since`). Such a job, running and waiting
+longer than `preempt_after_s`, gets as many running trainings stopped as hold what it asks
+(its `num_gpus`, or its `gpu_memory_gb` when memory is short) on one node; only trainings that
+hold that resource and are placed themselves qualify, and none is stopped if no node's
+qualifying trainings would hold enough. For each waiting job, highest priority first then
+oldest, running jobs are asked to stop if
 
 - it is a training job (`train` or `finetune`; generation is never preempted),
 - its priority class (batch 0-3 < normal 4-6 < interactive 7-9) is lower than the waiter's,
@@ -52,6 +59,9 @@ CLASS_RANK = {"batch": 0, "normal": 1, "interactive": 2}
 TRAINING_KINDS = (str(JobKind.TRAIN), str(JobKind.FINETUNE))
 # Waiting jobs looked at per round (the highest priorities, then the oldest).
 WAITERS_PER_ROUND = 50
+# What a claimed job's actor may wait for that stopping training frees (Job.waiting_for).
+GPU_WAITS = ("GPU", "gpu_memory_gb")
+EPS = 1e-9
 
 
 def class_rank(priority: int) -> int:
@@ -86,6 +96,54 @@ def _waiters(session: Session, now: datetime, preempt_after_s: float) -> list[Jo
     tenants = {j.tenant_id for j in waiting}
     blocked = blocked_tenants(session, tenants, load_limits(session, tenants), now=now)
     return [j for j in waiting if j.tenant_id not in blocked]
+
+
+def _placement_waiters(session: Session, now: datetime, preempt_after_s: float) -> list[Job]:
+    """Claimed jobs whose actor has waited for a GPU (or GPU memory) since before the cutoff."""
+    cutoff = now - timedelta(seconds=preempt_after_s)
+    return list(
+        session.scalars(
+            select(Job)
+            .where(
+                Job.state == JobState.RUNNING,
+                Job.priority >= 4,
+                Job.waiting_for.in_(GPU_WAITS),
+                Job.waiting_since <= cutoff,
+                Job.waiting_since >= Job.started_at,  # this attempt's wait
+                Job.preempt_requested_at.is_(None),  # being stopped itself: it leaves
+            )
+            .order_by(Job.priority.desc(), Job.waiting_since, Job.id)
+            .limit(WAITERS_PER_ROUND)
+        )
+    )
+
+
+def _held(job: Job, resource: str) -> float:
+    """How much of `resource` a running job holds."""
+    if resource == "GPU":
+        return float(job.num_gpus or 0.0)
+    return float(job.gpu_memory_gb or 0.0)
+
+
+def _making_room(waiter: Job, candidates: list[Job]) -> list[Job]:
+    """The victims for a job waiting for a GPU: best first, the trainings of a lower class on
+    one node that together hold what it asks; none when no node has enough."""
+    resource = waiter.waiting_for or "GPU"
+    need = _held(waiter, resource) or EPS
+    rank = class_rank(waiter.priority)
+    by_node: dict[str, list[Job]] = {}
+    held: dict[str, float] = {}
+    for c in candidates:
+        if class_rank(c.priority) >= rank or _held(c, resource) <= 0:
+            continue
+        if c.waiting_since is not None:  # not placed in this attempt: it holds nothing
+            continue
+        node = str((c.placement or {}).get("node_id") or "")
+        by_node.setdefault(node, []).append(c)
+        held[node] = held.get(node, 0.0) + _held(c, resource)
+        if held[node] + EPS >= need:
+            return by_node[node]
+    return []
 
 
 def _candidates(session: Session, max_preemptions: int, now: datetime) -> list[Job]:
@@ -131,8 +189,10 @@ def preempt_for_waiting(
     docstring); returns the requests made this round."""
     now = now or utcnow()
     waiters = _waiters(session, now, preempt_after_s)
+    waiters += _placement_waiters(session, now, preempt_after_s)
     if not waiters:
         return []
+    waiters.sort(key=lambda w: -w.priority)  # stable: each kind stays oldest first
     candidates = _candidates(session, max_preemptions, now)
     if not candidates:
         return []
@@ -158,26 +218,33 @@ def preempt_for_waiting(
     for waiter in waiters:
         if waiter.id in helped:
             continue
-        rank = class_rank(waiter.priority)
-        victim = next((c for c in candidates if class_rank(c.priority) < rank), None)
-        if victim is None:
-            continue
-        candidates.remove(victim)
-        victim.preempt_requested_at = now
-        victim.preempted_by = waiter.id
-        add_event(
-            session,
-            victim,
-            "preemption",
-            {
-                "by": waiter.id,
-                "grace_s": grace_s,
-                "message": f"job {waiter.id} (priority {waiter.priority}) needs the resources; "
-                f"stopping at the next checkpoint (within {grace_s:g} s)",
-            },
-        )
-        made.append(Preemption(victim.id, waiter.id, victim.tenant_id))
+        if waiter.state == JobState.RUNNING:  # claimed: it waits for a GPU, not a slot
+            victims = _making_room(waiter, candidates)
+        else:
+            rank = class_rank(waiter.priority)
+            victims = [c for c in candidates if class_rank(c.priority) < rank][:1]
+        for victim in victims:
+            candidates.remove(victim)
+            _ask_to_stop(session, victim, waiter, grace_s, now)
+            made.append(Preemption(victim.id, waiter.id, victim.tenant_id))
     return made
+
+
+def _ask_to_stop(session: Session, victim: Job, waiter: Job, grace_s: float, now: datetime) -> None:
+    victim.preempt_requested_at = now
+    victim.preempted_by = waiter.id
+    wants = "a GPU" if waiter.state == JobState.RUNNING else "the resources"
+    add_event(
+        session,
+        victim,
+        "preemption",
+        {
+            "by": waiter.id,
+            "grace_s": grace_s,
+            "message": f"job {waiter.id} (priority {waiter.priority}) needs {wants}; "
+            f"stopping at the next checkpoint (within {grace_s:g} s)",
+        },
+    )
 
 
 def requeue_preempted(

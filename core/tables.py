@@ -292,6 +292,12 @@ class Job(Base):
     preempt_count: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     preempted_by: Mapped[str | None] = mapped_column(String(36))
     preempt_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    # Until this attempt's actor is placed by Ray: since when (the claim), and the resource
+    # Ray lacks to place it (`GPU`, `gpu_memory_gb`, `CPU`) once the runner sees it wait; both
+    # None once placed. Preemption reads them (core/preemption.py: a claimed job can wait for
+    # a GPU that training holds, and a training not placed yet holds none).
+    waiting_for: Mapped[str | None] = mapped_column(String(32))
+    waiting_since: Mapped[datetime | None] = mapped_column(UTCDateTime)
     # Set on jobs submitted together (POST /v1/batches, or an OpenAI batch file): which batch,
     # and the item's name in it (its index, or the line's custom_id).
     batch_id: Mapped[str | None] = mapped_column(ForeignKey("job_batch.id"), index=True)
@@ -399,8 +405,8 @@ class FairShare(Base):
 
 class TenantUsage(Base):
     """What a tenant's jobs have cost, for the usage-based fair share (core/usage.py):
-    GPU-seconds and attempts charged, both decayed to `as_of` (running attempts are added when
-    read, from their start)."""
+    GPU-seconds and attempts charged, both decayed to `as_of`, and the attempts running now
+    (added when read, from their start)."""
 
     __tablename__ = "tenant_usage"
 
@@ -408,6 +414,12 @@ class TenantUsage(Base):
     gpu_seconds: Mapped[float] = mapped_column(Float, default=0.0)
     attempts: Mapped[float] = mapped_column(Float, default=0.0)
     as_of: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # The attempts running now, kept as they start and end so that reading their cost does
+    # not read them: how many, the sum of their rates (GPU-seconds per second), and the sum
+    # of rate x start (Unix seconds). They have cost `running_rate * now - running_rate_start`.
+    running_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    running_rate: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    running_rate_start: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
 
 
 class Schedule(Base):

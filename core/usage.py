@@ -9,10 +9,12 @@ is 7 days, ours 1 day).
 
 Each tenant's row in `tenant_usage` holds its decayed GPU-seconds as of `as_of`. An attempt is
 added when it ends (finished, given back to the queue, preempted, or reaped), integrated with
-the decay over the time it ran; attempts still running are added whenever usage is read, from
-their `started_at` to now (undecayed until they end). So a long job's tenant falls back while
-it runs, not only when it ends, and reading usage costs one aggregate over the running jobs
-(as many as there are slots) and one primary-key read per tenant.
+the decay over the time it ran. The attempts still running are kept in the same row as totals,
+updated when one starts (the claim) and when it ends: their number, the sum of their rates and
+the sum of rate x start time, so that what they have cost by now is `rate_sum x now -
+rate_start_sum` (undecayed until they end). So a long job's tenant falls back while it runs,
+not only when it ends, and reading a tenant's usage is one primary-key read whatever the
+number of running jobs (the claim reads it for every tenant with queued work).
 
 The half-life and the policy are settings; `core.db.Database` puts them in each session's
 `info`, so the job services that charge an attempt (core/jobs.py, core/recovery.py) and the
@@ -26,12 +28,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import bindparam, case, func, select
+from sqlalchemy import bindparam, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from core.states import ACTIVE
-from core.tables import Job, TenantUsage
+from core.tables import Job, TenantUsage, utcnow
 
 HALF_LIFE_INFO = "fair_share_half_life_s"
 POLICY_INFO = "fair_share"
@@ -77,53 +79,100 @@ _STORED = select(TenantUsage).where(
     TenantUsage.tenant_id.in_(bindparam("tenant_ids", expanding=True))
 )
 _STORED_ONE = select(TenantUsage).where(TenantUsage.tenant_id == bindparam("tenant_id"))
-_RATE = case((Job.num_gpus > 0, Job.num_gpus), else_=1.0)
 
 
-def _running(session: Session, tenant_ids: list[str] | None, now: datetime) -> dict[str, float]:
-    """GPU-seconds of the attempts running now, per tenant (as many rows as busy slots,
-    through the state index): rate x (now - started_at), that is without their
-    decay while they run (a run of an hour under a 1-day half-life counts 1.4% more until it
-    ends, when `charge_attempt` adds it decayed)."""
-    if session.get_bind().dialect.name == "sqlite":
-        started_s = (func.julianday(Job.started_at) - 2440587.5) * 86400.0
-    else:
-        started_s = func.extract("epoch", Job.started_at)
-    # Summed here rather than with GROUP BY, which SQLite would answer by walking the tenant
-    # index over every job instead of the state index over the running ones.
-    stmt = select(Job.tenant_id, _RATE, started_s).where(
-        Job.state.in_([str(s) for s in ACTIVE]), Job.started_at.is_not(None)
+def _locked_row(session: Session, tenant_id: str, at: datetime) -> TenantUsage:
+    """The tenant's usage row, locked (created empty as of `at` if it has none), so that two
+    attempts starting or ending at once both count."""
+    row = session.scalar(_STORED_ONE.with_for_update(), {"tenant_id": tenant_id})
+    if row is not None:
+        return row
+    try:
+        with session.begin_nested():
+            session.add(
+                TenantUsage(
+                    tenant_id=tenant_id,
+                    gpu_seconds=0.0,
+                    attempts=0.0,
+                    as_of=at,
+                    running_attempts=0,
+                    running_rate=0.0,
+                    running_rate_start=0.0,
+                )
+            )
+    except IntegrityError:  # another attempt of the tenant got there first
+        pass
+    row = session.scalar(_STORED_ONE.with_for_update(), {"tenant_id": tenant_id})
+    assert row is not None
+    return row
+
+
+def running_cost(row: TenantUsage, now: datetime) -> float:
+    """GPU-seconds of the tenant's attempts running now: rate x (now - started_at) summed,
+    without their decay while they run (a run of an hour under a 1-day half-life counts 1.4%
+    more until it ends, when `charge_attempt` adds it decayed)."""
+    if not row.running_attempts:
+        return 0.0
+    return max(0.0, row.running_rate * now.timestamp() - row.running_rate_start)
+
+
+def start_attempt(session: Session, job: Job) -> None:
+    """The claim started an attempt of `job` (its `started_at` set): count it as running."""
+    assert job.started_at is not None
+    row = _locked_row(session, job.tenant_id, job.started_at)
+    rate = rate_of(job.num_gpus)
+    row.running_attempts += 1
+    row.running_rate += rate
+    row.running_rate_start += rate * job.started_at.timestamp()
+
+
+def _end_running(row: TenantUsage, job: Job) -> None:
+    assert job.started_at is not None
+    row.running_attempts = max(0, row.running_attempts - 1)
+    if row.running_attempts == 0:  # exact zeros, so that rounding never accumulates
+        row.running_rate = row.running_rate_start = 0.0
+        return
+    rate = rate_of(job.num_gpus)
+    row.running_rate = max(0.0, row.running_rate - rate)
+    row.running_rate_start -= rate * job.started_at.timestamp()
+
+
+def recount_running(session: Session) -> int:
+    """Set every tenant's running totals from the job rows (for rows written other than by
+    the claim: a bulk load, a repair); returns the attempts counted."""
+    totals: dict[str, tuple[int, float, float]] = {}
+    rows = session.execute(
+        select(Job.tenant_id, Job.num_gpus, Job.started_at).where(
+            Job.state.in_([str(s) for s in ACTIVE]), Job.started_at.is_not(None)
+        )
     )
-    if tenant_ids is not None:
-        stmt = stmt.where(Job.tenant_id.in_(tenant_ids))
-    now_s = now.timestamp()
-    out: dict[str, float] = {}
-    for tenant_id, rate, started in session.execute(stmt):
-        out[tenant_id] = out.get(tenant_id, 0.0) + max(0.0, float(rate) * (now_s - float(started)))
-    return out
+    for tenant_id, num_gpus, started_at in rows:
+        assert started_at is not None  # the query's condition
+        count, rates, rate_start = totals.get(tenant_id, (0, 0.0, 0.0))
+        rate = rate_of(num_gpus)
+        totals[tenant_id] = (count + 1, rates + rate, rate_start + rate * started_at.timestamp())
+    now = utcnow()
+    for row in session.scalars(select(TenantUsage).with_for_update()):
+        row.running_attempts, row.running_rate, row.running_rate_start = 0, 0.0, 0.0
+    for tenant_id, (count, rates, rate_start) in totals.items():
+        row = _locked_row(session, tenant_id, now)
+        row.running_attempts, row.running_rate, row.running_rate_start = count, rates, rate_start
+    return sum(count for count, _, _ in totals.values())
 
 
 def charge_attempt(session: Session, job: Job, ended_at: datetime) -> float:
-    """Add the attempt of `job` that ran from its `started_at` to `ended_at` to its tenant's
-    usage; returns the attempt's GPU-seconds (undecayed). The tenant's row is locked, so two
-    attempts ending at once both count."""
-    if job.started_at is None or ended_at <= job.started_at:
+    """The attempt of `job` that ran from its `started_at` to `ended_at` ended: it no longer
+    counts as running, and its cost is added to its tenant's usage; returns the attempt's
+    GPU-seconds (undecayed). The tenant's row is locked, so two attempts ending at once both
+    count."""
+    if job.started_at is None:
+        return 0.0
+    row = _locked_row(session, job.tenant_id, ended_at)
+    _end_running(row, job)
+    if ended_at <= job.started_at:
         return 0.0
     half_life_s = half_life_of(session)
     rate = rate_of(job.num_gpus)
-    row = session.scalar(_STORED_ONE.with_for_update(), {"tenant_id": job.tenant_id})
-    if row is None:
-        try:
-            with session.begin_nested():
-                session.add(
-                    TenantUsage(
-                        tenant_id=job.tenant_id, gpu_seconds=0.0, attempts=0.0, as_of=ended_at
-                    )
-                )
-        except IntegrityError:  # another attempt of the tenant ended first
-            pass
-        row = session.scalar(_STORED_ONE.with_for_update(), {"tenant_id": job.tenant_id})
-        assert row is not None
     # Both terms are brought to the later of the two times (ends may be recorded out of order).
     at = max(row.as_of, ended_at)
     since_s = (at - row.as_of).total_seconds()
@@ -156,19 +205,18 @@ def usage_of(session: Session, tenant_ids: Iterable[str], now: datetime) -> dict
         return {}
     half_life_s = half_life_of(session)
     stored = {r.tenant_id: r for r in session.scalars(_STORED, {"tenant_ids": ids})}
-    running = dict.fromkeys(ids, 0.0) | _running(session, ids, now)
     out = {}
     for tenant_id in ids:
         row = stored.get(tenant_id)
-        past = mean = None
+        past = running = 0.0
+        mean = None
         if row is not None:
             since_s = (now - row.as_of).total_seconds()
             past = decayed(row.gpu_seconds, since_s, half_life_s)
             attempts = decayed(row.attempts, since_s, half_life_s)
             mean = past / attempts if attempts > 1e-9 else None
-        out[tenant_id] = Usage(
-            tenant_id, (past or 0.0) + running[tenant_id], running[tenant_id], mean
-        )
+            running = running_cost(row, now)
+        out[tenant_id] = Usage(tenant_id, past + running, running, mean)
     return out
 
 
@@ -179,9 +227,7 @@ def fair_share_report(
     attempts included, and apart), its weighted share (its weight over the weights of the
     tenants that have usage: `weights` lists every tenant), its share of the usage, and the
     ratio of the two (below 1: under its share, so it goes first)."""
-    ids = set(session.scalars(select(TenantUsage.tenant_id)))
-    ids |= set(_running(session, None, now))
-    ids &= set(weights)
+    ids = set(session.scalars(select(TenantUsage.tenant_id))) & set(weights)
     usage = usage_of(session, ids, now)
     active = {t for t, u in usage.items() if u.gpu_seconds > 1e-6}
     total_weight = sum(weights[t] for t in active) or 1

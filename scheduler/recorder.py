@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from core.artifacts import StoredFile
 from core.db import retry_transient
 from core.events import Event, Log, Metric, ModelSaved, Output, Placement, Progress, TextDelta
-from core.jobs import Lease, record_events, record_output, record_placement
+from core.jobs import Lease, record_events, record_output, record_placement, record_waiting
 from core.tables import Artifact
 
 if TYPE_CHECKING:
@@ -53,6 +53,9 @@ class EventRecorder:
         # a cold start for this job.
         self.asked_at = time.time()
         self.waiting_said = ""
+        # The resource Ray lacks to place the job's actor, as written on the row (preemption
+        # reads it: core/preemption.py).
+        self.waiting_resource: str | None = None
         self.pending_placement: dict[str, Any] | None = None
         # Keys of the files this attempt wrote, and those of them that an earlier attempt's
         # output of the same name made redundant.
@@ -71,6 +74,8 @@ class EventRecorder:
             self.waiting("")
             return
         if isinstance(event, Progress):
+            if self.waiting_resource is not None:  # running: it was placed
+                self.waiting("")
             self.waiting_said = ""
             self.pending_progress = event
             if time.monotonic() - self.last_progress_at >= self.runner.settings.progress_interval_s:
@@ -96,8 +101,15 @@ class EventRecorder:
 
         self.transact(write, "recording an event")
 
-    def waiting(self, message: str) -> None:
-        """Say on the job what it waits for ("waiting for a GPU"); "" once it no longer does."""
+    def waiting(self, message: str, resource: str | None = None) -> None:
+        """Say on the job what it waits for ("waiting for a GPU"); "" once it no longer does.
+        `resource`: the Ray resource it lacks while its actor is unplaced (None otherwise)."""
+        if resource != self.waiting_resource:
+            self.waiting_resource = resource
+            self.transact(
+                lambda session: record_waiting(session, self.lease, resource),
+                "recording what the job waits for",
+            )
         if message == self.waiting_said:
             return
         self.waiting_said = message

@@ -62,7 +62,7 @@ from scheduler.recorder import EventRecorder
 from scheduler.stall import Liveness
 from workers.families.base import CanceledError, Family
 from workers.registry import get_family
-from workers.room import free_by_node, is_unplaced, waiting_for
+from workers.room import free_by_node, is_unplaced, resource_of, waiting_for
 from workers.server import ServingOptions
 
 log = logging.getLogger(__name__)
@@ -309,7 +309,8 @@ class Runner:
                 actor_id = trainer._actor_id.hex()
                 # The pool unloads idle servers if the trainer fits nowhere, and keeps doing so
                 # until Ray places it.
-                recorder.waiting(admit_trainer(f"trainer-{job.id}", actor_id, need, job.priority))
+                said = admit_trainer(f"trainer-{job.id}", actor_id, need, job.priority)
+                recorder.waiting(said, resource_of(said))
                 ctx = self._train_ctx(job)
                 refs: Any = trainer.train.remote(job.id, str(job.kind), job.params, ctx)
                 if keeper.cancel_requested.is_set():  # canceled while the actor was starting
@@ -359,8 +360,11 @@ class Runner:
         actor_id = actor._actor_id.hex()
         while not ray.wait([refs], timeout=START_LOOK_S)[0]:
             self._check_stopping()
-            unplaced = is_unplaced(actor_id)
-            recorder.waiting(waiting_for(need, free_by_node()) if unplaced else loading)
+            if is_unplaced(actor_id):
+                said = waiting_for(need, free_by_node())
+                recorder.waiting(said, resource_of(said))
+            else:
+                recorder.waiting(loading)
         while True:
             self._check_stopping()
             if not ray.wait([refs], timeout=START_LOOK_S)[0]:

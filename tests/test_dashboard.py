@@ -3,8 +3,8 @@
 never authenticating `/v1`, cancel / retry / priority / keys through the core services with an
 audit row each, `PATCH /v1/jobs/{id}`, the jobs table's filters and keyset pages, the job page,
 the live endpoints (a job page's poll brings only what came after its cursor, from index ranges,
-and a redrawn loss chart only when metric points came)
-and the workers' cluster snapshot.
+and a redrawn loss chart only when metric points came),
+a preempted training's preemption record, and the workers' cluster snapshot.
 """
 
 # The fixtures come from tests.test_api_support; pytest passes them in by name.
@@ -30,7 +30,15 @@ from api.dashboard import queries
 from core.artifacts import ArtifactStore
 from core.db import Database
 from core.events import Log, Metric, Output, Progress
-from core.jobs import Lease, claim_job, record_events, record_output
+from core.jobs import (
+    Lease,
+    claim_job,
+    record_events,
+    record_output,
+    record_placement,
+    record_waiting,
+)
+from core.preemption import preempt_for_waiting, requeue_preempted
 from core.recovery import reap_expired
 from core.settings import Settings
 from core.states import JobState
@@ -392,6 +400,68 @@ def test_job_page_shows_timeline_outputs_logs_and_loss(
     for path in ("/admin/models", "/admin/datasets", "/admin/tenants"):
         assert client.get(path).status_code == 200, path
     assert "digits" in client.get("/admin/datasets").get_data(as_text=True)
+
+
+def test_job_page_shows_the_preemption_record(
+    client: FlaskClient, keys: Keys, database: Database
+) -> None:
+    """A batch training holds the GPU an interactive job waits for (both claimed through the
+    core services, as workers do): a preemption round asks it to stop, it goes back to the
+    queue at step 20 and resumes from that checkpoint; the page says so at each stage."""
+    train = {
+        "kind": "train",
+        "family": "ddpm",
+        "dataset": "digits",
+        "name": "preempted",
+        "priority": "batch",
+        "params": {"preset": "tiny", "steps": 40, "checkpoint_every": 20},
+    }
+    victim_id = submit(client, keys.acme, train).get_json()["id"]
+    waiter_id = submit(client, keys.globex, {**echo(), "priority": "interactive"}).get_json()["id"]
+    leases = {}
+    with database.transaction() as session:
+        for job_id in (victim_id, waiter_id):
+            row = session.get(Job, job_id)
+            assert row is not None
+            row.num_gpus = 1.0  # both want the whole GPU
+            lease = claim_job(session, job_id, lease_ttl_s=300)
+            assert lease is not None
+            leases[job_id] = lease
+    with database.transaction() as session:
+        record_placement(session, leases[victim_id], {"node_id": "n1", "gpu_ids": ["0"]})
+        record_events(session, leases[victim_id], [Progress(20, 40, "training")])
+        record_waiting(session, leases[waiter_id], "GPU")
+    login(client, keys.admin)
+    page = client.get(f"/admin/jobs/{victim_id}").get_data(as_text=True)
+    assert "never preempted" in page and "data-preempted=" not in page
+
+    with database.transaction() as session:
+        later = utcnow() + timedelta(seconds=120)  # it has waited 2 minutes
+        made = preempt_for_waiting(
+            session, preempt_after_s=60, grace_s=30, max_preemptions=3, now=later
+        )
+    assert [(p.job_id, p.by_job_id) for p in made] == [(victim_id, waiter_id)]
+    page = client.get(f"/admin/jobs/{victim_id}").get_data(as_text=True)
+    asked = re.search(r"<p data-preempt-requested>(.*?)</p>", page, re.S)
+    assert asked is not None and f"/admin/jobs/{waiter_id}" in asked.group(1)
+
+    with database.transaction() as session:
+        requeue_preempted(session, leases[victim_id], hold_s=3600)
+    page = client.get(f"/admin/jobs/{victim_id}").get_data(as_text=True)
+    assert "preempted <span data-preempt-count>1</span> time<" in page
+    assert re.search(r"<td data-resumed-step>\s*not yet\s*</td>", page)
+    with database.transaction() as session:
+        again = claim_job(session, victim_id, lease_ttl_s=300)
+        assert again is not None and again.attempt == 1  # the preemption used no attempt
+        record_events(session, again, [Log("resumed from step 20"), Progress(21, 40, "")])
+    page = client.get(f"/admin/jobs/{victim_id}").get_data(as_text=True)
+    assert "data-preempt-requested" not in page
+    assert page.count("<tr data-preempted=") == 1
+    assert f'data-preempted-by="{waiter_id}"' in page
+    assert re.search(r"<td data-stopped-step>\s*20\s*</td>", page)
+    assert re.search(r"<td data-resumed-step>\s*step 20\s*</td>", page)
+    # A generation job's page has no such section.
+    assert "data-preemption" not in client.get(f"/admin/jobs/{waiter_id}").get_data(as_text=True)
 
 
 def test_live_jobs_reports_progress(

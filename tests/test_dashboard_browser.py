@@ -3,9 +3,9 @@ a real `genq up`: log in (a wrong key is refused), watch a job's progress bar mo
 reload, watch a job's timeline, attempt, logs and outputs follow a reaped and retried attempt
 without a reload, watch a training job's loss chart and latest metrics grow without a reload,
 cancel a running job and see it become canceled, delete a finished job once the
-confirmation is accepted, open an image output full size, create a key
-and revoke it. Screenshots go to test-output/dashboard/ (and the test's tmp
-dir) for a person to look at.
+confirmation is accepted, open an image output full size, create a key and revoke it, read a
+preempted training's preemption record. Screenshots go to test-output/dashboard/ (and the
+test's tmp dir) for a person to look at.
 """
 
 from __future__ import annotations
@@ -22,8 +22,16 @@ import pytest
 
 from core.artifacts import ArtifactStore
 from core.db import Database
-from core.events import Log, Metric, Output
-from core.jobs import claim_job, finish_job, record_events, record_output
+from core.events import Log, Metric, Output, Progress
+from core.jobs import (
+    claim_job,
+    finish_job,
+    record_events,
+    record_output,
+    record_placement,
+    record_waiting,
+)
+from core.preemption import preempt_for_waiting, requeue_preempted
 from core.recovery import promote_due, reap_expired
 from core.settings import Settings
 from core.states import JobState
@@ -316,6 +324,80 @@ def test_a_training_jobs_loss_chart_and_metrics_grow_in_place(
         with page.expect_event("load"), database.transaction() as session:
             finish_job(session, lease, JobState.SUCCEEDED)
         wait_js(page, f"{points} === 3")  # the reloaded page draws the same chart
+    finally:
+        database.dispose()
+
+
+def test_a_preempted_trainings_page_shows_when_for_which_job_and_where_it_resumed(
+    page: Any, stack: StackProcess
+) -> None:
+    # A batch training and an interactive job that no worker of the stack takes (run_at); this
+    # test plays their workers through the core services: the training holds the GPU, the
+    # interactive job is claimed and waits for it, a preemption round asks the training to
+    # stop, it goes back to the queue at its checkpoint and resumes from it.
+    run_at = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    train = {"kind": "train", "family": "ddpm", "dataset": "digits", "name": "digits-preempted"}
+    victim_id = stack.submit(
+        {**train, "params": TINY_TRAIN, "priority": "batch", "run_at": run_at}
+    )["id"]
+    waiter_id = stack.submit(
+        {"kind": "generate", "model": "echo", "params": {}, "priority": 9, "run_at": run_at}
+    )["id"]
+    settings = Settings(_env_file=None, var_dir=stack.var_dir)  # type: ignore[call-arg]
+    database = Database(settings)
+    try:
+        with database.transaction() as session:
+            leases = {}
+            for job_id in (victim_id, waiter_id):
+                job = session.get(Job, job_id)
+                assert job is not None
+                job.run_at, job.num_gpus = utcnow(), 1.0  # both want the whole GPU
+            assert sorted(promote_due(session)) == sorted([victim_id, waiter_id])
+            for job_id in (victim_id, waiter_id):
+                lease = claim_job(session, job_id, lease_ttl_s=300)
+                assert lease is not None
+                leases[job_id] = lease
+        with database.transaction() as session:
+            record_placement(session, leases[victim_id], {"node_id": "n1", "gpu_ids": ["0"]})
+            record_events(session, leases[victim_id], [Progress(20, 40, "training")])
+            record_waiting(session, leases[waiter_id], "GPU")
+        page.goto(f"{stack.url}/admin/jobs/{victim_id}")
+        assert page.inner_text("[data-preemption]").strip() == "never preempted"
+
+        # (Were the stack's own periodic scheduler to make the round first, the training
+        # would be asked to stop for the same job.)
+        with database.transaction() as session:
+            later = utcnow() + timedelta(seconds=120)  # it has waited 2 minutes
+            preempt_for_waiting(
+                session, preempt_after_s=60, grace_s=30, max_preemptions=3, now=later
+            )
+        with database.read() as session:
+            row = session.get(Job, victim_id)
+            assert row is not None and row.preempted_by == waiter_id
+        page.goto(f"{stack.url}/admin/jobs/{victim_id}")
+        assert waiter_id[:13] in page.inner_text("[data-preempt-requested]")
+
+        # It stopped at its checkpoint (step 20): back to the queue, then it resumes.
+        with database.transaction() as session:
+            requeue_preempted(session, leases[victim_id], hold_s=3600)
+        with database.transaction() as session:
+            again = claim_job(session, victim_id, lease_ttl_s=300)
+            assert again is not None and again.attempt == 1
+            record_events(session, again, [Log("resumed from step 20"), Progress(21, 40, "")])
+        page.goto(f"{stack.url}/admin/jobs/{victim_id}")
+        record = page.inner_text("[data-preemption]")
+        assert "preempted 1 time" in record and page.locator("[data-preempted]").count() == 1
+        assert page.get_attribute("[data-preempted-by]", "data-preempted-by") == waiter_id
+        assert page.inner_text("[data-stopped-step]") == "20"
+        assert page.inner_text("[data-resumed-step]") == "step 20"
+        assert page.locator("[data-preempt-requested]").count() == 0
+        assert "preempted" in page.inner_text("[data-timeline]")
+        shot(page, "job-preempted")
+        page.click("[data-preempted-by]")  # the job it made room for
+        page.wait_for_url(f"{stack.url}/admin/jobs/{waiter_id}")
+        with database.transaction() as session:
+            finish_job(session, again, JobState.SUCCEEDED)
+            finish_job(session, leases[waiter_id], JobState.SUCCEEDED)
     finally:
         database.dispose()
 

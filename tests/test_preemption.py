@@ -2,7 +2,8 @@
 real SQLite and PostgreSQL: the lowest priority class and the tenant furthest over its share
 first, never a generation job, never a job or tenant that opted out, at most
 `max_preemptions` times, one job per waiter; a preempted attempt goes back to `queued` without
-using an attempt, says by which job, and sends the `job.preempted` webhook. The stop itself,
+using an attempt, says by which job, and sends the `job.preempted` webhook. A claimed job whose
+actor waits for a GPU that lower-class training holds makes room too. The stop itself,
 with a real trainer, is in tests/test_preemption_stack.py."""
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from core.catalog import ensure_builtins, resolve_model
 from core.db import Database
 from core.events import Event, Log, Progress
 from core.fairness import claim_next
-from core.jobs import Lease, NewJob, claim_job, create_job
+from core.jobs import Lease, NewJob, claim_job, create_job, record_placement, record_waiting
 from core.keys import get_or_create_tenant
 from core.preemption import preempt_for_waiting, requeue_preempted
 from core.settings import Settings
@@ -62,12 +63,24 @@ def _job(db, tenant: str, kind: JobKind, priority: int, **over: object) -> str: 
         return job.id
 
 
-def _running(db, tenant: str, kind: JobKind, priority: int, **over: object) -> Lease:  # type: ignore[no-untyped-def]
+def _running(  # type: ignore[no-untyped-def]
+    db, tenant: str, kind: JobKind, priority: int, at: datetime | None = None, **over: object
+) -> Lease:
     job_id = _job(db, tenant, kind, priority, **over)
     with db.transaction() as session:
-        lease = claim_job(session, job_id, lease_ttl_s=600)
+        lease = claim_job(session, job_id, lease_ttl_s=7200, now=at)
     assert lease is not None
     return lease
+
+
+def _placed(db, lease: Lease, node: str) -> None:  # type: ignore[no-untyped-def]
+    with db.transaction() as session:
+        record_placement(session, lease, {"node_id": node, "gpu_ids": ["0"]})
+
+
+def _waits(db, lease: Lease, resource: str, since: datetime) -> None:  # type: ignore[no-untyped-def]
+    with db.transaction() as session:
+        record_waiting(session, lease, resource, now=since)
 
 
 def _round(db, now: datetime | None = None, max_preemptions: int = 3) -> list[tuple[str, str]]:  # type: ignore[no-untyped-def]
@@ -123,16 +136,10 @@ def test_opted_out_jobs_and_tenants_are_not_preempted(db) -> None:  # type: igno
 
 
 def test_the_tenant_furthest_over_its_share_goes_first(db) -> None:  # type: ignore[no-untyped-def]
-    light = _running(db, "a", JobKind.TRAIN, 2)
-    heavy = _running(db, "b", JobKind.TRAIN, 2)
-    with db.transaction() as session:  # b's trainer has run for an hour, a's for a minute
-        now = utcnow()
-        for lease, age_s in ((light, 60), (heavy, 3600)):
-            session.execute(
-                update(Job)
-                .where(Job.id == lease.job_id)
-                .values(started_at=now - timedelta(seconds=age_s))
-            )
+    # b's trainer has run for an hour, a's for a minute.
+    now = utcnow()
+    _running(db, "a", JobKind.TRAIN, 2, at=now - timedelta(seconds=60))
+    heavy = _running(db, "b", JobKind.TRAIN, 2, at=now - timedelta(seconds=3600))
     _job(db, "c", JobKind.GENERATE, 8)
     assert [victim for victim, _ in _round(db)] == [heavy.job_id]
 
@@ -218,3 +225,53 @@ def test_a_trainer_stops_right_after_its_next_checkpoint(tmp_path: Path) -> None
     assert closed == [True]
     # Without a request nothing stops.
     assert len(list(CheckpointStop(folder).until_checkpoint(family(), "job-2"))) == 30
+
+
+def test_a_claimed_job_waiting_for_a_gpu_makes_room(db) -> None:  # type: ignore[no-untyped-def]
+    """Its slot is free but the GPUs are held: the trainings of a lower class that together
+    hold the GPUs it asks for, on one node, are asked to stop; a training still waiting to
+    be placed itself holds nothing and is left alone."""
+    now = utcnow()
+    batch = [_running(db, "a", JobKind.TRAIN, 2, num_gpus=0.5) for _ in range(2)]
+    for lease in batch:
+        _placed(db, lease, "node-1")
+    other_node = _running(db, "b", JobKind.TRAIN, 1, num_gpus=0.5)
+    _placed(db, other_node, "node-2")
+    unplaced = _running(db, "b", JobKind.TRAIN, 0, num_gpus=1.0)
+    _waits(db, unplaced, "GPU", now)
+    interactive = _running(db, "c", JobKind.TRAIN, 8, num_gpus=1.0)
+    _waits(db, interactive, "GPU", now + timedelta(seconds=5))
+    # A claimed job that has not waited preempt_after_s yet makes no room.
+    assert _round(db, now=now + timedelta(seconds=20)) == []
+    made = _round(db, now=now + timedelta(seconds=40))
+    assert sorted(made) == sorted((b.job_id, interactive.job_id) for b in batch)
+    assert _round(db, now=now + timedelta(seconds=41)) == []  # they are stopping for it
+    with db.read() as session:
+        for lease in (other_node, unplaced):
+            row = session.get(Job, lease.job_id)
+            assert row is not None and row.preempt_requested_at is None
+        event = session.scalar(
+            select(JobEvent).where(
+                JobEvent.type == "preemption", JobEvent.job_id == batch[0].job_id
+            )
+        )
+        assert event is not None and "needs a GPU" in event.data["message"]
+
+
+def test_a_gpu_wait_that_lower_trainings_cannot_cover_preempts_none(db) -> None:  # type: ignore[no-untyped-def]
+    """Half a GPU of batch training on each of two nodes cannot make room for a whole GPU on
+    either; and a job that was placed no longer waits."""
+    now = utcnow()
+    for node in ("node-1", "node-2"):
+        _placed(db, _running(db, "a", JobKind.TRAIN, 2, num_gpus=0.5), node)
+    waiter = _running(db, "c", JobKind.GENERATE, 8, num_gpus=1.0)
+    _waits(db, waiter, "GPU", now)
+    assert _round(db, now=now + timedelta(seconds=40)) == []
+    # Placed: a wait of a past attempt or of before the placement never counts.
+    small = _running(db, "b", JobKind.GENERATE, 8, num_gpus=0.25)
+    _waits(db, small, "GPU", now)
+    _placed(db, small, "node-1")
+    with db.read() as session:
+        row = session.get(Job, small.job_id)
+        assert row is not None and row.waiting_for is None and row.waiting_since is None
+    assert _round(db, now=now + timedelta(seconds=40)) == []

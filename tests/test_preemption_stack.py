@@ -6,6 +6,11 @@ harness, tests/test_faults_support.py).
   interval of the training: the trainer stops at its next checkpoint, goes back to `queued`
   without using an attempt, then resumes from that checkpoint and ends as an uninterrupted
   run does (every step, one model version). The owner is told by webhook and in the events.
+- A trainer that cannot reach a checkpoint within the grace (its process is paused) is stopped
+  at the grace's end and resumes from its last checkpoint, without using an attempt.
+- With a free slot but the only GPU held by batch training, an interactive training is
+  claimed and waits for Ray to place it; the batch training stops at its next checkpoint for
+  it, and both end as uninterrupted runs do.
 - Two tenants of equal weight, one of long jobs and one of short ones, get GPU time within 10%
   of equal while both are backlogged.
 
@@ -148,7 +153,12 @@ def test_an_interactive_job_preempts_batch_training_at_a_checkpoint(
     steps_after = [
         e.data["step"] for e in events if e.type == "progress" and told.id < e.id < requeued.id
     ]
-    resumed = [e.data["step"] for e in events if e.type == "progress" and e.id > requeued.id]
+    # (Step 0: what the next attempt says while its trainer starts, e.g. waiting for a CPU.)
+    resumed = [
+        e.data["step"]
+        for e in events
+        if e.type == "progress" and e.id > requeued.id and e.data["step"] > 0
+    ]
     # It stopped within one checkpoint interval of learning of the request, right after a
     # checkpoint, and resumed from that checkpoint: no step lost, none done twice.
     at_request = max(steps_before)
@@ -177,6 +187,152 @@ def test_an_interactive_job_preempts_batch_training_at_a_checkpoint(
     stream = cluster.client.get(f"/v1/jobs/{train_id}/events", headers=cluster.auth())
     text = stream.get_data(as_text=True)
     assert "event: preemption" in text and '"reason":"preempted"' in text
+
+
+def test_a_trainer_that_misses_the_grace_is_stopped_and_resumes_from_its_last_checkpoint(
+    tmp_path: Path, ray_head: RayHead
+) -> None:
+    cluster = _cluster(
+        tmp_path,
+        ray_head,
+        f"sqlite:///{tmp_path / 'genq.db'}",
+        GENQ_WORKER_CONCURRENCY="1",
+        GENQ_PREEMPT_AFTER_S="1",
+        GENQ_PREEMPTION_GRACE_S="2",
+    )
+    try:
+        cluster.worker()
+        cluster.scheduler()
+        train_id = cluster.submit(TRAIN)
+        wait_until(
+            lambda: cluster.get(train_id)["progress"]["step"] > CHECKPOINT_EVERY,
+            180,
+            "training past its first checkpoint",
+        )
+        (pid,) = wait_until(lambda: trainer_pids(ray_head), 30, "the trainer's process")
+        # The fault: the trainer's process is paused, so no checkpoint can come in the grace.
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            gen_id = cluster.submit(
+                {"kind": "generate", "model": "echo", "priority": "interactive", "params": {}}
+            )
+            wait_until(
+                lambda: "no checkpoint within the grace" in cluster.logs(),
+                90,
+                "the stop at the grace's end",
+            )
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        wait_until(lambda: pid not in trainer_pids(ray_head), 60, "the trainer's process to end")
+        assert cluster.wait(gen_id, 180)["state"] == "succeeded"
+        job = cluster.wait(train_id, 300)
+    finally:
+        cluster.close()
+    assert job["state"] == "succeeded", job
+    assert job["attempt"] == 1 and job["preemption"]["count"] == 1, job
+    events = cluster.events(train_id)
+    asked = next(e for e in events if e.type == "preemption")
+    requeued = next(e for e in events if e.type == "state" and e.data.get("reason") == "preempted")
+    before = [e.data["step"] for e in events if e.type == "progress" and e.id < requeued.id]
+    resumed = [
+        e.data["step"]
+        for e in events
+        if e.type == "progress" and e.id > requeued.id and e.data["step"] > 0
+    ]
+    # (Step 0: what the new attempt said while its trainer started.) It resumed right after a
+    # checkpoint it had written before it was stopped, and ran every step to the end: one
+    # model version, as an uninterrupted run.
+    assert asked.id < requeued.id
+    assert (resumed[0] - 1) % CHECKPOINT_EVERY == 0, resumed[:3]
+    assert CHECKPOINT_EVERY < resumed[0] <= max(before) + 1, (max(before), resumed[:3])
+    assert max(resumed) == TRAIN["params"]["steps"]  # type: ignore[index]
+    with cluster.database.read() as session:
+        versions = session.scalars(select(Model.version).where(Model.name == "preempted")).all()
+        assert versions == [1] and job["result_model"] == "preempted:1"
+
+
+def test_a_job_waiting_for_a_gpu_held_by_batch_training_preempts_it(
+    tmp_path: Path, ray_head: RayHead
+) -> None:
+    # Two slots: the interactive job is claimed at once and then waits for the GPU (the
+    # head declares one), which the batch training holds whole.
+    cluster = _cluster(
+        tmp_path,
+        ray_head,
+        f"sqlite:///{tmp_path / 'genq.db'}",
+        GENQ_WORKER_CONCURRENCY="2",
+        GENQ_PREEMPT_AFTER_S="1",
+        GENQ_PREEMPTION_GRACE_S="300",
+    )
+    whole_gpu = {"resources": {"num_gpus": 1}}
+    try:
+        cluster.worker()
+        cluster.scheduler()
+        batch_id = cluster.submit({**TRAIN, **whole_gpu})
+        wait_until(
+            lambda: cluster.get(batch_id)["progress"]["step"] > CHECKPOINT_EVERY,
+            180,
+            "training past its first checkpoint",
+        )
+        (pid,) = wait_until(lambda: trainer_pids(ray_head), 30, "the trainer's process")
+        os.kill(pid, signal.SIGSTOP)  # it cannot end before the request reaches it
+        try:
+            urgent_id = cluster.submit(
+                {
+                    **TRAIN,
+                    **whole_gpu,
+                    "name": "urgent",
+                    "priority": "interactive",
+                    "params": {**TRAIN["params"], "steps": 10},  # type: ignore[dict-item]
+                }
+            )
+            wait_until(
+                lambda: "preemption requested" in cluster.logs(), 60, "the request at the worker"
+            )
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        urgent = cluster.wait(urgent_id, 180)
+        batch = cluster.wait(batch_id, 300)
+        logs = cluster.logs()
+    finally:
+        cluster.close()
+    assert urgent["state"] == "succeeded", urgent
+    assert batch["state"] == "succeeded", batch
+    assert batch["attempt"] == 1 and batch["preemption"]["count"] == 1, batch
+    assert batch["preemption"]["by"] == urgent_id
+    assert "no checkpoint within the grace" not in logs
+    # The interactive job held a slot and waited for the GPU before the batch job stopped:
+    # the preemption came from its wait for placement, not from a wait for a slot.
+    urgent_events = cluster.events(urgent_id)
+    claimed = next(e for e in urgent_events if e.type == "state" and e.data.get("to") == "running")
+    waited = next(
+        e
+        for e in urgent_events
+        if e.type == "progress" and e.data.get("message") == "waiting for a GPU"
+    )
+    events = cluster.events(batch_id)
+    asked = next(e for e in events if e.type == "preemption")
+    requeued = next(e for e in events if e.type == "state" and e.data.get("reason") == "preempted")
+    assert asked.data["by"] == urgent_id and "needs a GPU" in asked.data["message"]
+    assert claimed.id < waited.id < asked.id < requeued.id
+    assert claimed.data["attempt"] == 1  # one attempt: it waited, it was not requeued
+    # The batch training resumed from the checkpoint it stopped at: every step, one version.
+    told = next(e for e in events if e.type == "log" and e.data["message"] == NOTICE)
+    steps_before = [e.data["step"] for e in events if e.type == "progress" and e.id < told.id]
+    stopped = [
+        e.data["step"] for e in events if e.type == "progress" and told.id < e.id < requeued.id
+    ]
+    # (Resumed, it waits for the GPU the interactive job now holds: progress 0 meanwhile.)
+    resumed = [e.data["step"] for e in events if e.type == "progress" and e.id > requeued.id]
+    resumed = [step for step in resumed if step > 0]
+    stopped_at = max(stopped, default=max(steps_before))
+    assert stopped_at % CHECKPOINT_EVERY == 0 and resumed[0] == stopped_at + 1, resumed[:3]
+    assert max(resumed) == TRAIN["params"]["steps"]  # type: ignore[index]
+    with cluster.database.read() as session:
+        versions = session.scalars(select(Model.version).where(Model.name == "preempted")).all()
+        assert versions == [1]
+        row = session.get(Job, urgent_id)
+        assert row is not None and row.waiting_for is None  # placed, then finished
 
 
 def _run_windows(cluster: Cluster, job_ids: dict[str, list[str]]) -> dict[str, float]:

@@ -295,6 +295,11 @@ def test_a_job_that_cannot_be_placed_says_what_it_waits_for(stack: dict[str, Any
             return str(session.get(Job, job.id).progress_message)
 
     wait_until(lambda: message() == "waiting for GPU memory", "the job to say what it waits for")
+    with database.transaction() as session:  # what preemption reads (core/preemption.py)
+        waiting = session.get(Job, job.id)
+        assert waiting.waiting_for == "gpu_memory_gb"
+        assert waiting.waiting_since is not None and waiting.started_at is not None
+        assert waiting.waiting_since >= waiting.started_at
     ray.kill(holders[0])  # one node's memory frees: the trainer starts there
     thread.join()
     assert outcome == ["succeeded"]
@@ -303,5 +308,6 @@ def test_a_job_that_cannot_be_placed_says_what_it_waits_for(stack: dict[str, Any
         assert done.placement["replica"] == f"trainer-{job.id}"
         assert done.placement["gpu_ids"] == ["0"]
         assert done.progress_message != "waiting for GPU memory"
+        assert done.waiting_for is None and done.waiting_since is None  # placed
     for holder in holders[1:]:
         ray.kill(holder)

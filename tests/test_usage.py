@@ -1,6 +1,7 @@
 """The usage-based fair share on real SQLite and PostgreSQL (core/usage.py, core/fairness.py):
 tenants of long and of short jobs get equal GPU time, running jobs count as they run, old usage
-decays and its tenant returns to its share, and weights scale the shares. Time is a clock of
+decays and its tenant returns to its share, and weights scale the shares; the running totals the
+claim reads stay equal to the running rows through every way an attempt ends. Time is a clock of
 the test's own (the claim and the finish take `now`), so no result depends on the machine's
 speed; every start is a real claim in SQL."""
 
@@ -19,12 +20,14 @@ import migrations
 from core.catalog import ensure_builtins, resolve_model
 from core.db import Database
 from core.fairness import claim_next
-from core.jobs import Lease, NewJob, create_job, finish_job
+from core.jobs import Lease, NewJob, cancel_job, create_job, finish_job, release_job
 from core.keys import get_or_create_tenant
+from core.preemption import requeue_preempted
+from core.recovery import reap_expired
 from core.settings import Settings
 from core.states import JobKind, JobState
 from core.tables import Job, Tenant, utcnow
-from core.usage import attempt_cost, usage_of
+from core.usage import attempt_cost, recount_running, usage_of
 
 HALF_LIFE_S = 600.0
 
@@ -192,3 +195,85 @@ def test_weights_scale_the_shares_of_gpu_time(db) -> None:  # type: ignore[no-un
     sim = Sim(db, slots=3, t0=utcnow())
     sim.run_until(90.0)
     assert abs(sim.shares(0.0, 90.0)["a"] - 2 / 3) <= 0.05
+
+
+def _running_from_rows(db, at: datetime) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    """What the running attempts have cost by `at`, read from the job rows themselves."""
+    out = dict.fromkeys(db.tenants.values(), 0.0)
+    with db.read() as session:
+        for job in session.scalars(select(Job).where(Job.state.in_(["running", "canceling"]))):
+            assert job.started_at is not None
+            rate = job.num_gpus or 1.0
+            out[job.tenant_id] += rate * (at - job.started_at).total_seconds()
+    return out
+
+
+def test_the_running_totals_follow_every_start_and_end(db) -> None:  # type: ignore[no-untyped-def]
+    """The claim reads each tenant's running attempts from totals in its usage row (not the
+    running rows): after claims at different times and GPU shares, and after each way an
+    attempt ends (finished, released for a retry, preempted, canceled, reaped), they equal
+    what the rows say; `recount_running` rebuilds the same totals from the rows."""
+    t0 = utcnow()
+    _submit(db, "a", 4, 1.0)
+    _submit(db, "b", 3, 1.0)
+    with db.transaction() as session:
+        gpus = [0.25, 0.0, 1.0, 0.5, 0.0, 2.0, 0.25]
+        for job, num_gpus in zip(session.scalars(select(Job)), gpus, strict=True):
+            job.num_gpus = num_gpus
+    leases = []
+    for i in range(7):
+        with db.transaction() as session:
+            lease = claim_next(session, "generate", lease_ttl_s=60, now=t0 + timedelta(seconds=i))
+            assert lease is not None
+            leases.append(lease)
+
+    def check(at: datetime) -> None:
+        expected = _running_from_rows(db, at)
+        with db.read() as session:
+            usage = usage_of(session, list(db.tenants.values()), at)
+        for tenant_id, cost in expected.items():
+            assert math.isclose(usage[tenant_id].running_gpu_seconds, cost, abs_tol=1e-3)
+
+    check(t0 + timedelta(seconds=30))
+    ends = [
+        lambda s, lease: finish_job(s, lease, JobState.SUCCEEDED, now=t0 + timedelta(seconds=9)),
+        lambda s, lease: release_job(s, lease, reason="transient", backoff_s=0),
+        lambda s, lease: requeue_preempted(s, lease, hold_s=0),
+    ]
+    for lease, end in zip(leases, ends, strict=False):
+        with db.transaction() as session:
+            end(session, lease)
+        check(t0 + timedelta(seconds=40))
+    with db.transaction() as session:  # canceling still runs; canceled has ended
+        job = session.get(Job, leases[3].job_id)
+        assert job is not None and cancel_job(session, job) == JobState.CANCELING
+    check(t0 + timedelta(seconds=50))
+    with db.transaction() as session:
+        finish_job(session, leases[3], JobState.CANCELED)
+    with db.transaction() as session:  # the lease of the next one runs out: reaped
+        job = session.get(Job, leases[4].job_id)
+        assert job is not None
+        job.lease_expires_at = utcnow() - timedelta(seconds=1)
+        assert [r.job_id for r in reap_expired(session)] == [leases[4].job_id]
+    check(utcnow() + timedelta(seconds=60))
+    # Rebuilt from the rows, the totals are the same.
+    with db.read() as session:
+        kept = usage_of(session, list(db.tenants.values()), t0 + timedelta(seconds=500))
+    with db.transaction() as session:
+        assert recount_running(session) == 2
+    with db.read() as session:
+        rebuilt = usage_of(session, list(db.tenants.values()), t0 + timedelta(seconds=500))
+    for tenant_id in db.tenants.values():
+        assert math.isclose(
+            kept[tenant_id].running_gpu_seconds,
+            rebuilt[tenant_id].running_gpu_seconds,
+            abs_tol=1e-3,
+        )
+        assert kept[tenant_id].running_gpu_seconds > 0
+    # Once none runs, the totals are exactly zero (no rounding left over).
+    with db.transaction() as session:
+        for lease in leases[5:]:
+            finish_job(session, lease, JobState.SUCCEEDED)
+    with db.read() as session:
+        usage = usage_of(session, list(db.tenants.values()), t0 + timedelta(days=1))
+    assert all(u.running_gpu_seconds == 0.0 for u in usage.values())

@@ -167,6 +167,11 @@ def waiting_for(need: dict[str, float], free: dict[str, dict[str, float]]) -> st
     return WAITING_FOR.get(first, f"waiting for {first}")
 
 
+def resource_of(message: str) -> str | None:
+    """The resource a `waiting_for` message names (None for other messages)."""
+    return next((name for name, said in WAITING_FOR.items() if said == message), None)
+
+
 def is_unplaced(actor_id_hex: str) -> bool:
     """True while Ray has not given the actor a worker process: it waits for resources (an actor
     that is loading its model has a process, and a pid)."""

@@ -232,6 +232,7 @@ def job(job_id: str) -> str:
         dataset = db.get(Dataset, found.dataset_id) if found.dataset_id else None
         audit = recent_actions(db, target_type="job", target_id=found.id)
         previews = {a.id: _text_preview(a) for a in history["outputs"] if a.kind == "text"}
+        preempted = queries.preemptions(db, found)
     curves = history["curves"]
     return render_template(
         "dashboard/job.html",
@@ -243,6 +244,7 @@ def job(job_id: str) -> str:
         dataset=dataset,
         audit=audit,
         previews=previews,
+        preempted=preempted,
         loss_chart=_loss_chart(curves),
         latest=_latest(curves),
         params=json.dumps(found.params or {}, indent=2, sort_keys=True),

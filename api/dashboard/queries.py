@@ -9,6 +9,7 @@ id (keyset pagination: no OFFSET, each page costs the same however deep it is).
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections import defaultdict
 from collections.abc import Iterable
@@ -227,6 +228,62 @@ def job_history(
         "curves": _curves(e for e in events if e.type == "metric"),
         "outputs": outputs,
     }
+
+
+# What a training family logs when an attempt resumes from its last checkpoint.
+_RESUMED = re.compile(r"resumed from step (\d+)")
+# Log lines looked at after a preemption for the resume line (it is among the first).
+_RESUME_LOOKAHEAD = 20
+
+
+@dataclass(frozen=True)
+class Preempted:
+    """One preemption of a job: when it went back to the queue, for which job, the last step
+    it reported before it stopped, and the checkpoint step it resumed from (None: not yet)."""
+
+    at: datetime
+    by: str | None
+    stopped_step: int | None
+    resumed_step: int | None
+
+
+def preemptions(session: Session, job: Job) -> list[Preempted]:
+    """The job's preemptions, oldest first, from its events (core/preemption.py writes them):
+    a few indexed reads per preemption, and a job is preempted at most `max_preemptions`
+    times."""
+    if not job.preempt_count:
+        return []
+    requeues = [
+        e
+        for e in session.scalars(
+            select(JobEvent)
+            .where(JobEvent.job_id == job.id, JobEvent.type == "state")
+            .order_by(JobEvent.id)
+        )
+        if e.data.get("reason") == "preempted"
+    ]
+    out = []
+    for event in requeues:
+        last = session.scalar(
+            select(JobEvent)
+            .where(JobEvent.job_id == job.id, JobEvent.type == "progress", JobEvent.id < event.id)
+            .order_by(JobEvent.id.desc())
+            .limit(1)
+        )
+        resumed = None
+        for log in session.scalars(
+            select(JobEvent)
+            .where(JobEvent.job_id == job.id, JobEvent.type == "log", JobEvent.id > event.id)
+            .order_by(JobEvent.id)
+            .limit(_RESUME_LOOKAHEAD)
+        ):
+            found = _RESUMED.search(str(log.data.get("message", "")))
+            if found:
+                resumed = int(found.group(1))
+                break
+        stopped = int(last.data["step"]) if last is not None and last.data.get("step") else None
+        out.append(Preempted(event.created_at, event.data.get("by"), stopped, resumed))
+    return out
 
 
 def _curves(events: Iterable[JobEvent]) -> dict[str, list[tuple[int, float]]]:
