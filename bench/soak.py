@@ -54,11 +54,11 @@ TRAIN = {"preset": "tiny", "steps": 10, "batch_size": 8, "checkpoint_every": 5}
 FAULTS = {
     "worker": 3,
     "model_server": 3,
-    "trainer": 1,
+    "trainer": 3,  # often passed over: a trainer runs only now and then
     "ray_head": 1,
     "redis": 1,
     "postgres": 3,
-    "stall": 1,
+    "stall": 2,
 }
 STALL_TIMEOUT_S = 10.0
 
@@ -202,7 +202,7 @@ def submit_all(stack: StackProcess, n: int, model: str) -> list[tuple[str, str]]
     jobs = []
     for i in range(n):
         r = rng.random()
-        if r < 0.01:
+        if r < 0.02:
             kind = "train"
             body = {
                 "kind": "train",
@@ -211,7 +211,7 @@ def submit_all(stack: StackProcess, n: int, model: str) -> list[tuple[str, str]]
                 "name": f"soak-{i}",
                 "params": {**TRAIN, "seed": i},
             }
-        elif r < 0.06:
+        elif r < 0.07:
             kind = "generate"
             body = {
                 "kind": "generate",
