@@ -121,7 +121,7 @@ def create_app(
         publisher=publisher or Publisher(settings),
         artifacts=ArtifactStore.from_settings(settings),
     )
-    problems.install(app)
+    problems.install(app, log_requests=settings.log_format == "json")
     instruments.install(app)
     for blueprint in (
         health.bp,

@@ -17,16 +17,14 @@ from typing import Any
 
 import click
 
+from core.logs import configure_logging, gunicorn_log_config
 from core.settings import Settings
 from genq_client import APIError, Client, GenqClientError, Job
 
 
-def _settings() -> Settings:
+def _settings(process: str = "cli") -> Settings:
     settings = Settings()
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(settings, process=process)
     # Alembic lists each plugin it sets up at INFO; its migration lines stay.
     logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
     return settings
@@ -42,7 +40,7 @@ def up() -> None:
     """Start the whole stack in the foreground (Ctrl-C stops it)."""
     from api.stack import up as run_stack
 
-    sys.exit(run_stack(_settings()))
+    sys.exit(run_stack(_settings("up")))
 
 
 @main.command()
@@ -63,7 +61,7 @@ def worker(queues: str, hostname: str) -> None:
     """Run a Celery worker that runs jobs on Ray."""
     from scheduler.worker import main as worker_main
 
-    worker_main(_settings(), tuple(q for q in queues.split(",") if q), hostname)
+    worker_main(_settings("worker"), tuple(q for q in queues.split(",") if q), hostname)
 
 
 @main.command()
@@ -86,7 +84,7 @@ def node(head: bool) -> None:
 @main.command()
 def api() -> None:
     """Serve the HTTP API with gunicorn (GENQ_HOST, GENQ_PORT, GENQ_API_WORKERS/THREADS)."""
-    settings = _settings()
+    settings = _settings("api")
     gunicorn = os.path.join(os.path.dirname(sys.executable), "gunicorn")
     # The workers' metrics (api/instruments.py) live in files here, summed by any worker that
     # answers GET /metrics; a new start begins from an empty folder.
@@ -94,6 +92,13 @@ def api() -> None:
     shutil.rmtree(metrics_dir, ignore_errors=True)
     metrics_dir.mkdir(parents=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(metrics_dir)
+    # gunicorn's own lines in genq's format (core/logs.py); in JSON the app writes the access
+    # lines itself (api/problems.py), with the request id, instead of gunicorn's text ones.
+    log_dir = settings.var_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_config = log_dir / "gunicorn-logging.json"
+    log_config.write_text(json.dumps(gunicorn_log_config(settings)))
+    access = [] if settings.log_format == "json" else ["--access-logfile", "-"]
     argv = [
         gunicorn,
         "--config",
@@ -108,8 +113,9 @@ def api() -> None:
         str(settings.api_threads),
         "--graceful-timeout",
         "5",
-        "--access-logfile",
-        "-",
+        "--log-config-json",
+        str(log_config),
+        *access,
         "api.wsgi:create()",
     ]
     os.execv(gunicorn, argv)
@@ -120,7 +126,7 @@ def scheduler() -> None:
     """Run the periodic scheduler (reaper, reconciler, delayed jobs)."""
     from scheduler.periodic import main as periodic_main
 
-    periodic_main(_settings())
+    periodic_main(_settings("scheduler"))
 
 
 @main.group()

@@ -260,6 +260,27 @@ RESPONSE_SCHEMAS: dict[str, dict[str, Any]] = {
     },
     "FamilyList": _page("Family"),
     "Health": _object({"status": STRING, "checks": {"type": "object"}}),
+    "Liveness": _object({"status": {"type": "string", "enum": ["alive"]}}),
+    "HealthPart": _object(
+        {
+            "status": {"type": "string", "description": "`ok`, or what is wrong."},
+            "age_s": {
+                "type": ["number", "null"],
+                "description": "Seconds since the part was last seen healthy (null: never).",
+            },
+        }
+    ),
+    "Readiness": _object(
+        {
+            "status": {"type": "string", "enum": ["ready"]},
+            "parts": {
+                "type": "object",
+                "description": "database, broker, workers (with `queues`: each queue's status, "
+                "worker count and age), ray, scheduler.",
+                "additionalProperties": _ref("HealthPart"),
+            },
+        }
+    ),
 }
 
 
@@ -734,6 +755,29 @@ def _paths(limit_max: int) -> dict[str, Any]:
                 "responses": {
                     "200": _json("Everything answers.", "Health"),
                     "503": _problem("Something does not answer; `checks` says what."),
+                },
+            }
+        },
+        "/v1/health/live": {
+            "get": {
+                "summary": "Liveness: this API process answers (nothing else is checked)",
+                "operationId": "healthLive",
+                "security": [],
+                "responses": {"200": _json("The process answers.", "Liveness")},
+            }
+        },
+        "/v1/health/ready": {
+            "get": {
+                "summary": "Readiness: database, broker, Ray, a worker on each queue, the "
+                "periodic scheduler",
+                "operationId": "healthReady",
+                "security": [],
+                "responses": {
+                    "200": _json("Every part is ok.", "Readiness"),
+                    "503": _problem(
+                        "A part is not ok; `parts` gives each part's status and age_s, "
+                        "`detail` names the failing ones."
+                    ),
                 },
             }
         },

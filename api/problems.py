@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 import uuid
 from typing import Any
 
@@ -20,6 +21,9 @@ from werkzeug.exceptions import HTTPException
 from core.errors import BusyError, GenqError
 
 log = logging.getLogger(__name__)
+# One line per request (method, path, status, milliseconds) where gunicorn's text access log
+# is off (GENQ_LOG_FORMAT=json: api/cli.py), so that the line carries the request id.
+access_log = logging.getLogger("genq.access")
 
 PROBLEM_JSON = "application/problem+json"
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -128,6 +132,7 @@ def _render_unexpected(error: Exception) -> Response:
 
 
 def _start_request() -> None:
+    g.request_started = time.perf_counter()
     request_id()  # a before-request function that returns a value would be the response
 
 
@@ -136,10 +141,27 @@ def _add_request_id(response: Response) -> Response:
     return response
 
 
-def install(app: Flask) -> None:
-    """Render every failure of `app` as a problem and stamp every response with its id."""
+def _log_request(response: Response) -> Response:
+    started = g.get("request_started")
+    elapsed_ms = (time.perf_counter() - started) * 1000 if started is not None else 0.0
+    access_log.info(
+        "%s %s %d %.1f ms",
+        request.method,
+        request.path,
+        response.status_code,
+        elapsed_ms,
+        extra={"request_id": request_id()},
+    )
+    return response
+
+
+def install(app: Flask, *, log_requests: bool = False) -> None:
+    """Render every failure of `app` as a problem and stamp every response with its id;
+    `log_requests`: log one line per request too."""
     app.before_request(_start_request)
     app.after_request(_add_request_id)
+    if log_requests:
+        app.after_request(_log_request)
     app.register_error_handler(GenqError, _render_genq)
     app.register_error_handler(HTTPException, _render_http)
     app.register_error_handler(Exception, _render_unexpected)

@@ -51,7 +51,9 @@ SECRET_USERS = {
     "GENQ_SECRET_KEY": frozenset({"api", "worker"}),
     "GENQ_METRICS_TOKEN": frozenset({"api"}),
 }
-RAY_NODE_SETTINGS = frozenset({"GENQ_VAR_DIR", "GENQ_CACHE_DIR", "GENQ_LOG_LEVEL"})
+RAY_NODE_SETTINGS = frozenset(
+    {"GENQ_VAR_DIR", "GENQ_CACHE_DIR", "GENQ_LOG_LEVEL", "GENQ_LOG_FORMAT"}
+)
 
 
 def bootstrap(settings: Settings) -> str | None:

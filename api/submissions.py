@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from flask import has_request_context
 from pydantic import (
     AwareDatetime,
     BaseModel,
@@ -28,6 +29,7 @@ from pydantic import (
 )
 from sqlalchemy.orm import Session
 
+from api.problems import request_id
 from core.catalog import resolve_dataset, resolve_model
 from core.errors import InvalidInputError
 from core.jobs import PRIORITY_CLASSES, NewJob, parse_priority
@@ -411,6 +413,7 @@ def build_new_job(
         num_gpus=_wanted_gpus(sub, family),
         gpu_memory_gb=sub.resources.gpu_memory_gb if sub.resources else None,
         preemptible=sub.preemptible,
+        request_id=request_id() if has_request_context() else None,
     )
 
 

@@ -8,18 +8,14 @@ so run gunicorn with threads (gthread) rather than only sync workers.
 
 from __future__ import annotations
 
-import logging
-
 from flask import Flask
 
 from api.app import create_app
+from core.logs import configure_logging
 from core.settings import Settings
 
 
 def create() -> Flask:
     settings = Settings()
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    configure_logging(settings, process="api")
     return create_app(settings)

@@ -71,6 +71,7 @@ class NewJob:
     preemptible: bool = True
     batch_id: str | None = None
     batch_item: str | None = None
+    request_id: str | None = None
 
 
 def retry_backoff_s(attempt: int, *, base_s: float, cap_s: float) -> float:
@@ -141,6 +142,7 @@ def create_job(session: Session, new: NewJob) -> tuple[Job, bool]:
         preemptible=new.preemptible,
         batch_id=new.batch_id,
         batch_item=new.batch_item,
+        request_id=new.request_id,
         created_at=now,
         updated_at=now,
     )

@@ -233,6 +233,13 @@ class Settings(BaseSettings):
     pretrained_roots: str = ""
     # Log level of every genq process.
     log_level: str = "INFO"
+    # Log lines of every genq process (API, Celery worker, periodic scheduler, Ray model
+    # servers and trainers): `text`, or `json`: one object per line with time, level, logger,
+    # message, process, node and, on lines about a job, job_id, tenant, attempt, request_id.
+    log_format: Literal["text", "json"] = "text"
+    # Health (GET /v1/health/ready): each Celery worker and the periodic scheduler write a
+    # heartbeat to Redis this often; one missing for three of these counts as down.
+    health_heartbeat_interval_s: float = Field(5.0, gt=0, le=300)
 
     @model_validator(mode="after")
     def _derive_paths(self) -> Settings:

@@ -302,6 +302,9 @@ class Job(Base):
     # and the item's name in it (its index, or the line's custom_id).
     batch_id: Mapped[str | None] = mapped_column(ForeignKey("job_batch.id"), index=True)
     batch_item: Mapped[str | None] = mapped_column(String(64))
+    # The X-Request-ID of the request that submitted the job (api/problems.py); every log
+    # line about the job carries it (core/logs.py). None: not submitted over HTTP.
+    request_id: Mapped[str | None] = mapped_column(String(128))
 
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     # When the job's id was last handed to the broker; the reconciler reads it.

@@ -38,6 +38,7 @@ from core.settings import Settings
 from core.states import JobState
 from core.tables import Job, utcnow
 from scheduler.enqueue import Publication, Publisher
+from scheduler.heartbeats import SchedulerHeartbeat
 from scheduler.preemption import preempt_round
 from scheduler.webhooks import dispatch
 
@@ -163,6 +164,7 @@ class Periodic:
         reconcile_interval_s and run the retention pass every retention_interval_s until
         `stop`."""
         next_reap = next_reconcile = 0.0
+        heartbeat = SchedulerHeartbeat(self.settings, self.publisher.redis)
         # The retention pass runs in a thread of its own: the first pass after retention is
         # turned on may take long over a big backlog, and reaping, webhooks and schedules
         # must not wait for it.
@@ -183,9 +185,13 @@ class Periodic:
                 if time.monotonic() >= next_reconcile:
                     self.reconcile()
                     next_reconcile = time.monotonic() + self.settings.reconcile_interval_s
-            except Exception:  # the database or broker is down: try again next round
+            except Exception as exc:  # the database or broker is down: try again next round
                 log.exception("periodic round failed")
+                heartbeat.beat(f"{type(exc).__name__}: {exc}"[:500])
+            else:
+                heartbeat.beat()
             stop.wait(min(self.settings.webhook_poll_s, self.settings.reap_interval_s))
+        heartbeat.stop()
         # A pass stopped between two batches loses nothing: each batch commits on its own.
         retention.join(timeout=10)
 

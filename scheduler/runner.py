@@ -51,6 +51,7 @@ from core.jobs import (
     release_job,
     retry_backoff_s,
 )
+from core.logs import current_job_context, job_context
 from core.preemption import requeue_preempted
 from core.settings import Settings
 from core.states import JobKind, JobState
@@ -106,6 +107,8 @@ class JobSnapshot:
     gpu_memory_gb: float | None = None
     # The tenant has a running cap or a budget: its held jobs may need a token when this ends.
     has_quota: bool = False
+    # X-Request-ID of the submission (log lines carry it).
+    request_id: str | None = None
 
 
 class Runner:
@@ -161,17 +164,24 @@ class Runner:
             self.publisher.forget(lease.job_id)
         except BROKER_ERRORS as exc:  # the marker expires by itself; the job runs regardless
             log.warning("could not drop the message marker: %s", exc, extra={"job_id": job_id})
-        if lease.job_id != job_id:
-            log.info("claimed %s with the token of %s", lease.job_id, job_id)
-        log.info("claimed, attempt %d", lease.attempt, extra={"job_id": lease.job_id})
-        keeper = LeaseKeeper(self.database, self.settings, lease, timeout_s=snapshot.timeout_s)
-        keeper.start()
-        try:
-            return self._drive(snapshot, lease, keeper)
-        finally:
-            keeper.stop()
-            if snapshot.has_quota:
-                self._wake_held(snapshot.tenant_id, queue)
+        # Every line of this attempt (here and in the Ray actor) names the job (core/logs.py).
+        with job_context(
+            job_id=lease.job_id,
+            tenant=snapshot.tenant_id,
+            attempt=lease.attempt,
+            request_id=snapshot.request_id,
+        ):
+            if lease.job_id != job_id:
+                log.info("claimed %s with the token of %s", lease.job_id, job_id)
+            log.info("claimed, attempt %d", lease.attempt, extra={"job_id": lease.job_id})
+            keeper = LeaseKeeper(self.database, self.settings, lease, timeout_s=snapshot.timeout_s)
+            keeper.start()
+            try:
+                return self._drive(snapshot, lease, keeper)
+            finally:
+                keeper.stop()
+                if snapshot.has_quota:
+                    self._wake_held(snapshot.tenant_id, queue)
 
     def _claim_failed(self, job_id: str, queue: str | None, exc: Exception) -> str:
         """The claim's transaction failed (nothing of it was written): the message that
@@ -261,6 +271,7 @@ class Runner:
             timeout_s=job.timeout_s,
             num_gpus=job.num_gpus,
             gpu_memory_gb=job.gpu_memory_gb,
+            request_id=job.request_id,
         )
         tenant = session.get(Tenant, job.tenant_id)
         snap.has_quota = tenant is not None and (
@@ -420,7 +431,9 @@ class Runner:
                 keeper.on_cancel()
             started = False
             try:
-                refs: Any = actor.generate.remote(job.id, job.params, token)
+                refs: Any = actor.generate.remote(
+                    job.id, job.params, token, log_context=current_job_context()
+                )
                 loading = "loading the model"
                 for event in self._started(refs, actor, need, recorder, loading, liveness):
                     # Where the job landed comes first and is no work done: a server that dies
@@ -447,6 +460,8 @@ class Runner:
             "artifact_url": self.store.url,
             "dataset": job.dataset,
             "model_dir_rel": self.store.model_dir(job.id),
+            # What the trainer's log lines say about the job (core/logs.py).
+            "log_context": current_job_context(),
         }
         if job.kind == JobKind.FINETUNE and job.model_path:
             ctx["parent_model_path"] = job.model_path

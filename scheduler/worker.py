@@ -20,13 +20,14 @@ import signal
 
 import ray
 from celery import Celery
-from celery.signals import worker_shutting_down
+from celery.signals import worker_ready, worker_shutting_down
 
 from core.db import Database
 from core.settings import Settings
 from scheduler.broker import QUEUES, RUN_JOB_TASK, make_celery, record_dropped
 from scheduler.checks import register as register_checks
 from scheduler.enqueue import Publisher
+from scheduler.heartbeats import WorkerHeartbeat
 from scheduler.raynode import (
     RayWatch,
     start_worker_node,
@@ -120,6 +121,8 @@ def _run(
     ]
     if hostname:
         argv.append(f"--hostname={hostname}")
+    if settings.log_format == "json":  # no text banner among the JSON lines
+        argv.insert(0, "--quiet")
     log.info("starting the Celery worker on queues %s", ",".join(queues))
     # The dashboard's view of this worker and of Ray (scheduler/snapshot.py).
     snapshots = SnapshotWriter(settings, runner.publisher.redis, hostname)
@@ -134,9 +137,15 @@ def _run(
     # Replicas per model from each model's queue (scheduler/scaling.py).
     scaler = Scaler(settings, runner)
     scaler.start()
+    # Readiness (scheduler/heartbeats.py): from the moment the consumer takes messages until
+    # the worker starts shutting down.
+    heartbeat = WorkerHeartbeat(settings, runner.publisher.redis, hostname, queues)
+    worker_ready.connect(lambda **_: heartbeat.start(), weak=False)
+    worker_shutting_down.connect(lambda **_: heartbeat.stop(), weak=False)
     try:
         app.worker_main(argv)
     finally:
         watch.stop()
+        heartbeat.stop()
         scaler.stop()
         snapshots.stop()

@@ -65,16 +65,16 @@ def test_every_operation_answers_as_its_document_says(
     case: schemathesis.Case, app: Flask, keys: Keys
 ) -> None:
     # An admin key reaches every operation, the admin-only ones included.
-    case.call_and_validate(
-        app=app,
-        headers=bearer(keys.admin),
-        checks=[
-            not_a_server_error,
-            status_code_conformance,
-            content_type_conformance,
-            response_schema_conformance,
-        ],
-    )
+    checks = [
+        not_a_server_error,
+        status_code_conformance,
+        content_type_conformance,
+        response_schema_conformance,
+    ]
+    if case.path == "/v1/health/ready":
+        # No worker or scheduler runs here: its documented answer is the 503 problem.
+        checks.remove(not_a_server_error)
+    case.call_and_validate(app=app, headers=bearer(keys.admin), checks=checks)
 
 
 # -- numbers that arrive as text ------------------------------------------------------------------

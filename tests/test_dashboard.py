@@ -43,6 +43,7 @@ from core.recovery import reap_expired
 from core.settings import Settings
 from core.states import JobState
 from core.tables import ApiKey, AuditEntry, Job, Model, utcnow
+from scheduler.heartbeats import WorkerHeartbeat
 from scheduler.snapshot import SNAPSHOT_KEY, SnapshotWriter
 from tests.test_api_support import (  # noqa: F401 (fixtures)
     PG_URL,
@@ -493,6 +494,28 @@ def test_a_workers_snapshot_shows_on_the_overview_until_it_stops(
     writer.stop()
     assert broker.get(key) is None
     assert "celery@test-host" not in client.get("/admin/").get_data(as_text=True)
+
+
+def test_the_health_page_shows_each_worker_and_why_it_is_not_ready(
+    client: FlaskClient, keys: Keys, settings: Settings, broker: redis.Redis
+) -> None:
+    assert client.get("/admin/health").status_code in (302, 303)  # the login page first
+    login(client, keys.admin)
+    page = client.get("/admin/health").get_data(as_text=True)
+    assert 'data-ready="no"' in page
+    assert 'data-part="workers" data-status="down"' in page
+    assert "no worker is consuming" in page and "no periodic scheduler is running" in page
+    heartbeat = WorkerHeartbeat(settings, broker, "celery@health-host", ("generate",))
+    heartbeat.probe_once()  # this process never joined Ray
+    heartbeat.write_once()
+    try:
+        page = client.get("/admin/health").get_data(as_text=True)
+        assert "celery@health-host" in page and "not connected to Ray" in page
+        assert 'data-queue="generate" data-status="no worker reaches ray"' in page
+        assert 'data-part="ray" data-status="unreachable"' in page
+    finally:
+        heartbeat.stop()
+    assert "celery@health-host" not in client.get("/admin/health").get_data(as_text=True)
 
 
 def test_processes_starting_together_share_one_generated_secret_key(tmp_path: Path) -> None:

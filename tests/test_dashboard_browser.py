@@ -535,3 +535,29 @@ def test_overview_after_the_jobs_shows_warm_models_and_charts(
     assert len(heights) == 60 and sum(h > 0 for h in heights) >= 1
     assert int(page.inner_text("[data-count='succeeded']")) >= 3
     shot(page, "overview-after-jobs")
+
+
+def test_the_health_page_shows_readiness_queues_and_workers(page: Any, stack: StackProcess) -> None:
+    page.click("nav >> text=Health")
+    page.wait_for_url(stack.url + "/admin/health")
+    # The worker's heartbeat comes within seconds of its start; the page is drawn by the
+    # server, so it is loaded again until it shows it.
+    deadline = time.monotonic() + 60
+    while page.get_attribute("#readiness", "data-ready") != "yes":
+        assert time.monotonic() < deadline, page.inner_text("main")
+        page.wait_for_timeout(500)
+        page.reload()
+    statuses = {
+        row.get_attribute("data-part"): row.get_attribute("data-status")
+        for row in page.query_selector_all("#health-parts tr[data-part]")
+    }
+    assert statuses == dict.fromkeys(("database", "broker", "workers", "ray", "scheduler"), "ok")
+    queues = {
+        row.get_attribute("data-queue"): row.get_attribute("data-status")
+        for row in page.query_selector_all("#health-queues tr[data-queue]")
+    }
+    assert queues == dict.fromkeys(("generate", "train", "webhooks"), "ok")
+    workers = page.inner_text("#health-workers tbody")
+    assert "celery@" in workers and "generate, train, webhooks" in workers
+    assert "no periodic scheduler" not in page.inner_text("#health-schedulers")
+    shot(page, "health")

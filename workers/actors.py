@@ -37,6 +37,8 @@ from ray.actor import ActorHandle
 
 from core.errors import InvalidInputError
 from core.events import Event, Log, ModelSaved
+from core.logs import configure_logging
+from core.settings import Settings
 from core.states import JobKind
 from workers.batching import job_error
 from workers.families.base import GPU_MEMORY_RESOURCE, DatasetRef, Family, TrainContext
@@ -65,6 +67,7 @@ class Trainer:
     """One training attempt of one job; killing the actor frees what it held."""
 
     def __init__(self, family: str, attempt: str = "") -> None:
+        configure_actor_logging("trainer")
         self.family = get_family(family)
         # The attempt (its lease token) this trainer belongs to: a cancel or preemption that
         # names another attempt of the job is ignored.
@@ -83,6 +86,8 @@ class Trainer:
         dataset path and parent_model_dir are absolute local paths, used as they are."""
         if self.family.params_for(JobKind(kind)) is None:
             raise InvalidInputError.one("kind", f"the {self.family.name} family cannot {kind}")
+        about = {**ctx.get("log_context", {}), "job_id": job_id}
+        log.info("training attempt started (%s, %s)", self.family.name, kind, extra=about)
         implementation = self.family.load_implementation()
         placement = placement_event()
         if placement is not None:
@@ -94,6 +99,7 @@ class Trainer:
             yield from _guarded(events, job_id)
             return
         yield from _guarded(self._staged(implementation, job_id, params, ctx), job_id)
+        log.info("training attempt done", extra=about)
 
     def _local_ctx(self, job_id: str, ctx: dict[str, Any]) -> TrainContext:
         dataset = ctx.get("dataset")
@@ -217,11 +223,28 @@ class ModelServer(BaseModelServer):
         config: dict[str, Any],
         options: ServingOptions | None = None,
     ) -> None:
+        configure_actor_logging("model-server")
         super().__init__(family, model_dir, config, options, on_idle=self._unload)
 
     def _unload(self) -> None:
         # no_restart: the pool starts a fresh one when the model is next wanted.
         ray.kill(ray.get_runtime_context().current_actor, no_restart=True)
+
+
+def configure_actor_logging(process: str) -> None:
+    """Inside a Ray actor, log as every genq process does (GENQ_LOG_FORMAT, GENQ_LOG_LEVEL of
+    this node: api/stack.py passes them to Ray), to the actor's stderr, which Ray keeps in its
+    session's logs folder (worker-*.err). Outside an actor (a test or a benchmark driving the
+    class directly) the caller's logging is left alone. A Ray actor is an entry point, so it
+    reads its own node's settings."""
+    if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+        return
+    try:
+        settings = Settings()
+    except ValueError:  # a bad GENQ_* on this node must not stop the model: Ray's logging stays
+        log.exception("the log settings of this node are invalid; logging as Ray does")
+        return
+    configure_logging(settings, process=process, node=ray.util.get_node_ip_address())
 
 
 _ServerActor = ray.remote(ModelServer)

@@ -193,11 +193,20 @@ class ModelServer:
     def _is_canceled(self, key: str) -> Callable[[], bool]:
         return lambda: key in self._canceled
 
-    def generate(self, job_id: str, params: dict[str, Any], attempt: str = "") -> Iterator[Event]:
+    def generate(
+        self,
+        job_id: str,
+        params: dict[str, Any],
+        attempt: str = "",
+        log_context: dict[str, Any] | None = None,
+    ) -> Iterator[Event]:
         """Run one attempt of a job. `attempt` (the attempt's lease token) names it: a cancel
         must name the same attempt to stop it, so a stale attempt of a job (its worker was
-        paused past its lease) cannot stop the attempt that took over."""
+        paused past its lease) cannot stop the attempt that took over. `log_context`: what this
+        server's lines about the job carry (job_id, tenant, attempt, request_id; core/logs.py)."""
         key = attempt_key(job_id, attempt)
+        about = {**(log_context or {}), "job_id": job_id}
+        log.info("job received (%s)", self.family.name, extra=about)
         ctx = RunContext(
             job_id=job_id,
             device=self.device,
@@ -214,6 +223,10 @@ class ModelServer:
                 raise CanceledError(f"job {job_id} was canceled")
             yield from self.batcher.run(self.batcher.request(job_id, params, ctx))
             self.jobs_served += 1
+            log.info("job done", extra=about)
+        except BaseException as exc:
+            log.info("job ended: %s", type(exc).__name__, extra=about)
+            raise
         finally:
             with self._state_lock:
                 self._active.discard(key)

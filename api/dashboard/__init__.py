@@ -63,6 +63,7 @@ def install(app: Flask, settings: Settings) -> None:
     from api.dashboard import (  # noqa: F401  (they register routes)
         actions,
         deletions,
+        health,
         pages,
         scheduling,
         serving,
