@@ -3,8 +3,15 @@
 It migrates the database, creates the first admin key, then starts the embedded Redis (when
 GENQ_REDIS_URL is unset), a local Ray head (when GENQ_RAY_ADDRESS is unset), one Celery worker,
 the periodic scheduler and the API behind gunicorn, each as a child process in its own process
-group. Ctrl-C (or SIGTERM) stops them in reverse order, each by its PID; if any child exits on
-its own, the rest are stopped too and `genq up` exits non-zero.
+group. Ctrl-C (or SIGTERM) stops them in reverse order, each by its process group.
+
+It supervises them: a child that exits on its own (crashed, killed, or a worker that lost its
+Ray cluster) is started again after an exponential backoff (GENQ_RESTART_BACKOFF_S doubling up
+to GENQ_RESTART_BACKOFF_MAX_S; the streak resets once the child has run for a minute). Each
+restart is logged and counted, and the children's state is kept in Redis under
+`genq:stack:children` (one JSON value per child) for health and metrics to read. A restarted Ray
+head is a new cluster: the worker (a Ray driver of the old one) is restarted with it, and finds
+the model pool anew. The API does not depend on Ray, so it keeps answering meanwhile.
 """
 
 from __future__ import annotations
@@ -80,12 +87,34 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# Where `genq up` keeps its children's state (a hash: child name -> JSON).
+CHILDREN_KEY = "genq:stack:children"
+# A child that ran this long before it exited starts a new backoff streak.
+STABLE_S = 60.0
+# Children that are Ray drivers: restarted with the Ray head (a new cluster).
+RAY_DRIVERS = frozenset({"worker"})
+
+
 @dataclass
 class Child:
     name: str
     process: subprocess.Popen[bytes]
+    argv: list[str]
+    log_file: bool = False
     stop_signal: int = signal.SIGTERM
     grace_s: float = 15.0
+    started_at: float = 0.0  # monotonic
+    restarts: int = 0  # in all
+    streak: int = 0  # restarts in a row, each after less than STABLE_S of running
+    restart_at: float | None = None  # monotonic: when it is due to start again
+    stop_sent_at: float | None = None  # monotonic: the supervisor asked it to stop
+    last_exit_code: int | None = None
+    last_exit_at: float | None = None  # wall clock
+
+
+def restart_delay_s(streak: int, base_s: float, cap_s: float) -> float:
+    """The wait before the `streak`-th restart in a row: base, 2*base, 4*base..., capped."""
+    return float(min(cap_s, base_s * 2 ** max(0, streak - 1)))
 
 
 class Stack:
@@ -96,6 +125,7 @@ class Stack:
         self.children: list[Child] = []
         self.env = dict(os.environ)
         self.bin_dir = Path(sys.executable).parent
+        self._recorded = True
 
     def child_env(self, name: str) -> dict[str, str]:
         """The environment of one child: only the secrets it needs."""
@@ -109,21 +139,37 @@ class Stack:
             k: v for k, v in self.env.items() if k not in SECRET_USERS or name in SECRET_USERS[k]
         }
 
-    def _spawn(self, name: str, argv: list[str], *, log_file: bool = False, **kw: object) -> Child:
+    def _popen(self, name: str, argv: list[str], log_file: bool) -> subprocess.Popen[bytes]:
         out = None
         if log_file:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives with the child
-        process = subprocess.Popen(
-            argv,
-            env=self.child_env(name),
-            stdout=out,
-            stderr=subprocess.STDOUT if out else None,
-            start_new_session=True,
-            cwd=os.getcwd(),
-        )
-        child = Child(name, process, **kw)  # type: ignore[arg-type]
-        self.children.append(child)
+        try:
+            return subprocess.Popen(
+                argv,
+                env=self.child_env(name),
+                stdout=out,
+                stderr=subprocess.STDOUT if out else None,
+                start_new_session=True,
+                cwd=os.getcwd(),
+                # The supervisor blocks SIGINT and SIGTERM around this call; a child would
+                # inherit that mask and ignore its own stop signal.
+                preexec_fn=_unblock_stop_signals,  # noqa: PLW1509 - `genq up` runs no threads
+            )
+        finally:
+            if out is not None:
+                out.close()  # the child has its own copy
+
+    def _spawn(self, name: str, argv: list[str], *, log_file: bool = False, **kw: object) -> Child:
+        # Ctrl-C between the start and the bookkeeping would leave a child nobody stops.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            process = self._popen(name, argv, log_file)
+            child = Child(name, process, argv, log_file, **kw)  # type: ignore[arg-type]
+            child.started_at = time.monotonic()
+            self.children.append(child)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         log.info("started %s (pid %d)", name, process.pid)
         return child
 
@@ -209,6 +255,9 @@ class Stack:
 
         _wait_for(started, 60, "the Ray head")
         self.env["GENQ_RAY_ADDRESS"] = f"127.0.0.1:{port}"
+        # The worker drives Ray through the head's own node (a single-node cluster admits no
+        # other); after a restart of the head it waits for that node to be back.
+        self.env["GENQ_WORKER_RAY_NODE"] = "local"
 
     def start(self) -> str | None:
         self.var_dir.mkdir(parents=True, exist_ok=True)
@@ -243,10 +292,128 @@ class Stack:
         return f"http://{host}:{self.settings.port}"
 
     def check_children(self) -> None:
+        """While starting: a child that exits is an error (nothing is supervised yet)."""
         for child in self.children:
             code = child.process.poll()
             if code is not None:
                 raise ChildExitedError(f"{child.name} exited with code {code}")
+
+    # -- supervision ----------------------------------------------------------------------------
+
+    def supervise(self) -> None:
+        """One look at the children: schedule a restart for each that exited, start those that
+        are due, and kill those asked to stop that outlived their grace."""
+        now = time.monotonic()
+        changed = False
+        for child in list(self.children):
+            code = child.process.poll()
+            if code is None:
+                if child.stop_sent_at is not None and now - child.stop_sent_at > child.grace_s:
+                    log.warning("%s did not stop in %.0f s; killing it", child.name, child.grace_s)
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(child.process.pid, signal.SIGKILL)
+                continue
+            if child.restart_at is None:
+                self._on_exit(child, code, now)
+                changed = True
+            elif now >= child.restart_at:
+                self._restart(child)
+                changed = True
+        if changed:
+            self.record()
+
+    def _on_exit(self, child: Child, code: int, now: float) -> None:
+        # What the leader left in its group (a Ray head's GCS and raylet) goes with it.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.process.pid, signal.SIGKILL)
+        asked = child.stop_sent_at is not None
+        delay_s = 0.0  # a restart the supervisor asked for starts at once
+        if not asked:
+            child.streak = 1 if now - child.started_at >= STABLE_S else child.streak + 1
+            delay_s = restart_delay_s(
+                child.streak, self.settings.restart_backoff_s, self.settings.restart_backoff_max_s
+            )
+        child.restart_at = now + delay_s
+        child.last_exit_code, child.last_exit_at = code, time.time()
+        why = "stopped for a restart" if asked else f"exited with code {code}"
+        print(
+            f"genq: {child.name} (pid {child.process.pid}) {why}; "
+            f"restart {child.restarts + 1} in {delay_s:.1f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def _restart(self, child: Child) -> None:
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            if child.name == "redis":
+                self.settings.embedded_redis_socket.unlink(missing_ok=True)
+            child.process = self._popen(child.name, child.argv, child.log_file)
+            child.started_at = time.monotonic()
+            child.restarts += 1
+            child.restart_at = child.stop_sent_at = None
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        print(
+            f"genq: restarted {child.name} (pid {child.process.pid}); "
+            f"{child.restarts} restart(s) so far",
+            file=sys.stderr,
+            flush=True,
+        )
+        if child.name == "ray":
+            # The worker is a driver of the cluster that died: it starts again, and joins the
+            # new one (it waits until the head answers).
+            for driver in self.children:
+                if driver.name in RAY_DRIVERS and driver.process.poll() is None:
+                    self.request_restart(driver)
+
+    def request_restart(self, child: Child) -> None:
+        """Ask a child to stop (SIGTERM; SIGKILL after its grace); it is then started again."""
+        if child.stop_sent_at is None:
+            log.info("restarting %s (pid %d)", child.name, child.process.pid)
+            child.stop_sent_at = time.monotonic()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(child.process.pid, child.stop_signal)
+
+    def states(self) -> dict[str, dict[str, object]]:
+        return {
+            c.name: {
+                "pid": c.process.pid,
+                "running": c.process.poll() is None,
+                "restarts": c.restarts,
+                "last_exit_code": c.last_exit_code,
+                "last_exit_at": c.last_exit_at,
+                "restart_in_s": (
+                    max(0.0, c.restart_at - time.monotonic()) if c.restart_at is not None else None
+                ),
+            }
+            for c in self.children
+        }
+
+    def record(self) -> None:
+        """The children's state into Redis (best effort: Redis may be the child that is down;
+        the next change writes it all again)."""
+        import redis
+
+        try:
+            url = self.settings.broker_url
+            client = (
+                redis.Redis(
+                    unix_socket_path=url[len("redis+socket://") :],
+                    socket_timeout=1,
+                    socket_connect_timeout=1,
+                )
+                if url.startswith("redis+socket://")
+                else redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+            )
+            try:
+                mapping = {name: json.dumps(state) for name, state in self.states().items()}
+                client.hset(CHILDREN_KEY, mapping=mapping)  # type: ignore[arg-type]
+            finally:
+                client.close()
+            self._recorded = True
+        except (redis.RedisError, OSError):
+            self._recorded = False
 
     def stop(self) -> None:
         """Stop every child in reverse start order: SIGTERM, then SIGKILL after its grace."""
@@ -268,6 +435,10 @@ class Stack:
         self.children.clear()
         if not self.settings.redis_url:
             self.settings.embedded_redis_socket.unlink(missing_ok=True)
+
+
+def _unblock_stop_signals() -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
 
 
 class ChildExitedError(RuntimeError):
@@ -299,9 +470,12 @@ def up(settings: Settings) -> int:
     code = 0
     try:
         new_key = stack.start()
+        stack.record()
         _announce(stack, settings, new_key)
         while True:
-            stack.check_children()
+            stack.supervise()
+            if not stack._recorded:
+                stack.record()
             time.sleep(0.5)
     except KeyboardInterrupt:
         print("\ngenq: stopping…", flush=True)

@@ -15,6 +15,8 @@
     └── JobFailedError             500 job-failed      (a job's own failure; stored on the job)
         ├── ModelError             500 model-error     (the model code raised)
         └── TransientError         503 transient       (worth another attempt)
+            ├── StalledError       503 stalled         (the job's actor stopped answering)
+            └── WorkerStoppingError 503 worker-stopping (its worker shut down mid-attempt)
 
 Each class carries an HTTP status, a `type` slug and a title; the API renders any of them as
 `application/problem+json`, and a failed job stores the slug and the detail.
@@ -142,3 +144,16 @@ class ModelError(JobFailedError):
 class TransientError(JobFailedError):
     status, type, title = 503, "transient", "Transient failure"
     transient = True
+
+
+class StalledError(TransientError):
+    """The actor running the job (model server or trainer) sent no event and answered no
+    liveness ping for GENQ_STALL_TIMEOUT_S: it is killed and the job goes back to the queue."""
+
+    type, title = "stalled", "Stalled"
+
+
+class WorkerStoppingError(TransientError):
+    """The worker running the attempt is shutting down: the job goes back to the queue."""
+
+    type, title = "worker-stopping", "Worker stopping"

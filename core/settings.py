@@ -72,6 +72,17 @@ class Settings(BaseSettings):
     held_recheck_s: float = Field(60.0, gt=0)
     # At most one progress write per job per this many seconds.
     progress_interval_s: float = Field(0.5, ge=0)
+    # Stalls: a running job's actor (model server or trainer) that sends no event and answers
+    # no liveness ping for this long is stalled: it is killed (the pool starts a replacement),
+    # the attempt goes back to the queue, and the lease is no longer renewed for it.
+    stall_timeout_s: float = Field(30.0, gt=0, le=3600)
+    # `genq up` restarts a child that exits after base * 2^(n-1) seconds (n: its restarts in a
+    # row, reset once it has run for a minute), at most the cap.
+    restart_backoff_s: float = Field(1.0, ge=0, le=600)
+    restart_backoff_max_s: float = Field(30.0, ge=0, le=3600)
+    # A worker whose Ray cluster stays unreachable this long stops (releasing its running
+    # attempts), so that its supervisor starts it again against the cluster when it is back.
+    ray_lost_after_s: float = Field(10.0, gt=0, le=3600)
     # A trainer asked to cancel is killed if it has not stopped after this long.
     cancel_grace_s: float = Field(10.0, gt=0)
     # Transient failures (a lost actor, out of memory, a broker hiccup, a crashed worker) wait

@@ -4,8 +4,8 @@ Whoever can write to the broker's Redis can put any bytes on a queue list. Celer
 assume a well-formed message: a list item that is not a kombu envelope (the number 5, raw
 bytes) raises inside the transport, and a task message whose body is not `[args, kwargs,
 embed]` raises inside Celery's task strategy ("argument of type 'int' is not iterable"); either
-stops the worker's consumer, and `genq up` then stops the whole stack. With a persistent Redis
-the message is restored and stops the next worker too.
+stops the worker's consumer (`genq up` restarts the worker). With a persistent Redis the
+message is restored and stops the next worker too, for ever.
 
 Two guards stand in front of Celery, one per layer:
 

@@ -1,4 +1,5 @@
-"""The lease keeper: the thread beside each running job that renews its lease and notices,
+"""The lease keeper: the thread beside each running job that renews its lease (only while the
+work itself shows signs of life: scheduler/stall.py) and notices,
 within about a second, a cancel request, a lost lease or an attempt that ran past its
 `timeout_s`; each of those asks the actor to stop (the request names the attempt, so it can
 only stop this attempt's work). It also notices a preemption request
@@ -46,6 +47,10 @@ class LeaseKeeper(threading.Thread):
         # to stop at its next checkpoint.
         self.on_cancel: Callable[[], None] | None = None
         self.on_preempt: Callable[[], None] | None = None
+        # Set by the runner: whether the actor doing the work has stalled (scheduler/stall.py).
+        # A stalled job's lease is not renewed, so the reaper takes it back even if the runner
+        # cannot.
+        self.is_stalled: Callable[[], bool] | None = None
 
     def run(self) -> None:
         poll_s = min(1.0, self.settings.heartbeat_interval_s)
@@ -57,6 +62,10 @@ class LeaseKeeper(threading.Thread):
                 self.timed_out.set()
                 self._request_cancel()
             due = time.monotonic() - last_renewal >= self.settings.heartbeat_interval_s
+            if due and self.is_stalled is not None and self.is_stalled():
+                log.warning("the work is stalled: lease not renewed",
+                            extra={"job_id": self.lease.job_id})  # fmt: skip
+                due = False
             try:
                 if due:
                     with self.database.transaction() as session:

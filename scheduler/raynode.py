@@ -10,6 +10,11 @@ the actors it starts inherit that environment, AWS_* settings of the artifact st
 
 A worker's own node is started in its own process group, asks the kernel to stop it if the
 worker dies (PR_SET_PDEATHSIG), and is stopped with the worker, by its process group only.
+
+A Ray driver cannot outlive its cluster: when the head goes, the worker stops (`RayWatch`),
+giving its running attempts back, and whatever supervises it (`genq up`, compose's restart
+policy, systemd) starts it again; a new worker waits for the head to answer (`wait_for_gcs`)
+before it joins, and finds the model pool there anew (workers/routing.py).
 """
 
 from __future__ import annotations
@@ -24,7 +29,9 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from core.settings import Settings
@@ -130,13 +137,27 @@ def needs_own_node(settings: Settings) -> bool:
         return False
     if settings.worker_ray_node == "start":
         return True
-    wanted = resolve_address(settings.ray_address)
+    return not has_local_raylet(settings.ray_address)
+
+
+def has_local_raylet(address: str) -> bool:
+    """Whether a raylet of the cluster whose head is at `address` runs on this machine."""
+    wanted = resolve_address(address)
     local = {resolve_address(a) for a in local_gcs_addresses()}
     if wanted.startswith("127."):
         # Ray registers a node started on 127.0.0.1 under the machine's own address.
         port = wanted.rpartition(":")[2]
-        return not any(a.rpartition(":")[2] == port for a in local)
-    return wanted not in local
+        return any(a.rpartition(":")[2] == port for a in local)
+    return wanted in local
+
+
+def wait_for_local_raylet(address: str, timeout_s: float) -> None:
+    """Wait until the node this driver uses (the head's own, on `genq up`) is up again."""
+    deadline = time.monotonic() + timeout_s
+    while not has_local_raylet(address):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no raylet of the Ray cluster at {address} runs on this machine")
+        time.sleep(0.5)
 
 
 def _die_with_parent() -> None:
@@ -222,3 +243,56 @@ def start_worker_node(settings: Settings) -> RayNodeProcess | None:
                 raise
             log.warning("the Ray node did not start (attempt %d); starting it again", attempt)
     raise AssertionError("unreachable")
+
+
+def is_gcs_reachable(address: str, timeout_s: float = 1.0) -> bool:
+    """Whether the Ray head's GCS (host:port) accepts a TCP connection."""
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def wait_for_gcs(address: str, timeout_s: float) -> None:
+    """Wait until the head answers (it may be restarting); ray.init would hang meanwhile."""
+    deadline = time.monotonic() + timeout_s
+    logged = False
+    while not is_gcs_reachable(address):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the Ray head at {address} did not answer within {timeout_s:.0f} s")
+        if not logged:
+            log.warning("waiting for the Ray head at %s", address)
+            logged = True
+        time.sleep(0.5)
+
+
+class RayWatch(threading.Thread):
+    """Looks at the Ray head every `every_s`; once it has not answered for `lost_after_s`,
+    calls `on_lost` (once) and stops watching."""
+
+    def __init__(
+        self, address: str, lost_after_s: float, on_lost: Callable[[], None], every_s: float = 1.0
+    ) -> None:
+        super().__init__(name="ray-watch", daemon=True)
+        self.address, self.lost_after_s, self.on_lost = address, lost_after_s, on_lost
+        self.every_s = every_s
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        seen_at = time.monotonic()
+        while not self.stopped.wait(self.every_s):
+            if is_gcs_reachable(self.address):
+                seen_at = time.monotonic()
+            elif time.monotonic() - seen_at > self.lost_after_s:
+                log.error(
+                    "the Ray head at %s has not answered for %.0f s; stopping this worker",
+                    self.address,
+                    self.lost_after_s,
+                )
+                self.on_lost()
+                return
+
+    def stop(self) -> None:
+        self.stopped.set()

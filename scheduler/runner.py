@@ -5,6 +5,11 @@ The task only orchestrates: it waits on Ray, so the Celery worker runs a thread 
 work ever happens in its process. A second thread per job renews the lease and watches for a
 cancel request; every write is fenced by the lease token, so an attempt whose lease was taken
 over (it was too slow to renew, and the reaper requeued it) changes nothing.
+
+The runner watches the actor doing the work (scheduler/stall.py): one that sends nothing and
+answers no ping for GENQ_STALL_TIMEOUT_S is killed and its job goes back to the queue
+(`stalled`). When the worker shuts down (`stopping`), each running attempt is released within
+about a second, its job back in the queue.
 """
 
 from __future__ import annotations
@@ -30,7 +35,14 @@ from sqlalchemy import bindparam, select
 from core.artifacts import ArtifactStore
 from core.catalog import register_model
 from core.db import Database, is_transient_db_error, retry_transient
-from core.errors import GenqError, InvalidInputError, JobFailedError, LeaseLostError
+from core.errors import (
+    GenqError,
+    InvalidInputError,
+    JobFailedError,
+    LeaseLostError,
+    StalledError,
+    WorkerStoppingError,
+)
 from core.events import Event, Log, Placement
 from core.fairness import claim_next
 from core.inputfiles import resolve_input
@@ -50,6 +62,7 @@ from scheduler.enqueue import Publication, Publisher
 from scheduler.lease import LeaseKeeper
 from scheduler.preemption import TrainerPreempter
 from scheduler.recorder import EventRecorder
+from scheduler.stall import Liveness
 from workers.families.base import CanceledError, Family
 from workers.registry import get_family
 from workers.room import free_by_node, is_unplaced, resource_of, waiting_for
@@ -120,6 +133,8 @@ class Runner:
         self.store = ArtifactStore.from_settings(settings)
         self._ray_lock = threading.Lock()
         self.serving = ServingOptions.from_settings(settings)
+        # Set when the worker shuts down: running attempts give their jobs back at once.
+        self.stopping = threading.Event()
 
     def connect_ray(self) -> None:
         with self._ray_lock:
@@ -338,7 +353,9 @@ class Runner:
                 refs: Any = trainer.train.remote(job.id, str(job.kind), job.params, ctx)
                 if keeper.cancel_requested.is_set():  # canceled while the actor was starting
                     keeper.on_cancel()
-                stream = self._started(refs, actor_id, need, recorder, "")
+                liveness = Liveness(trainer, self.settings.stall_timeout_s, "trainer", job.id)
+                keeper.is_stalled = liveness.is_stalled
+                stream = self._started(refs, trainer, need, recorder, "", liveness)
             for event in stream:
                 recorder.record(event)
             # From here the attempt ends: the keeper raises no alarm about the token that the
@@ -368,21 +385,44 @@ class Runner:
     def _started(
         self,
         refs: Any,
-        actor_id: str,
+        actor: Any,
         need: dict[str, float],
         recorder: EventRecorder,
         loading: str,
+        liveness: Liveness,
     ) -> Iterator[Event]:
         """The events of `refs`; until the first comes, the job's progress message says what
-        it waits for: the resource Ray lacks to place the actor, else `loading`."""
+        it waits for: the resource Ray lacks to place the actor, else `loading`. Between
+        events it checks that the actor lives (a stalled one is killed: StalledError) and that
+        the worker is not stopping (WorkerStoppingError)."""
+        actor_id = actor._actor_id.hex()
         while not ray.wait([refs], timeout=START_LOOK_S)[0]:
+            self._check_stopping()
             if is_unplaced(actor_id):
                 said = waiting_for(need, free_by_node())
                 recorder.waiting(said, resource_of(said))
             else:
                 recorder.waiting(loading)
-        for ref in refs:
-            yield ray.get(ref)
+        while True:
+            self._check_stopping()
+            if not ray.wait([refs], timeout=START_LOOK_S)[0]:
+                try:
+                    liveness.check()
+                except StalledError:
+                    ray.kill(actor, no_restart=True)
+                    raise
+                continue
+            try:
+                ref = next(refs)
+            except StopIteration:
+                return
+            event = ray.get(ref)
+            liveness.saw_event()
+            yield event
+
+    def _check_stopping(self) -> None:
+        if self.stopping.is_set():
+            raise WorkerStoppingError("the worker is shutting down; the job goes back to the queue")
 
     def _generate(
         self, job: JobSnapshot, family: Family, keeper: LeaseKeeper, recorder: EventRecorder
@@ -410,6 +450,8 @@ class Runner:
                 priority=job.priority,
             )
             actor = choice.handle
+            liveness = Liveness(actor, self.settings.stall_timeout_s, "model server", job.id)
+            keeper.is_stalled = liveness.is_stalled
             # Every message names the attempt (its lease token; workers/server.py).
             token = keeper.lease.token
             keeper.on_cancel = lambda actor=actor, token=token: actor.cancel.remote(job.id, token)
@@ -425,8 +467,8 @@ class Runner:
                     adapter=job.adapter,
                     inputs=inputs,
                 )
-                actor_id = actor._actor_id.hex()
-                for event in self._started(refs, actor_id, need, recorder, "loading the model"):
+                loading = "loading the model"
+                for event in self._started(refs, actor, need, recorder, loading, liveness):
                     # Where the job landed comes first and is no work done: a server that dies
                     # after it has still not started the job, which then runs on a live one.
                     started = started or not isinstance(event, Placement)
@@ -637,6 +679,18 @@ class Runner:
                     reason="the attempt was stopped by its actor without a cancel request",
                     backoff_s=backoff_s,
                     counted=False,
+                )
+            elif isinstance(cause, StalledError | WorkerStoppingError) or self.stopping.is_set():
+                # A stall (counted: the job may be what hangs) or a shutdown (not counted; a
+                # Ray error while the worker stops is its Ray connection going away).
+                stopping = not isinstance(cause, StalledError)
+                detail = cause.detail if isinstance(cause, GenqError) else str(cause)
+                state = release_job(
+                    session,
+                    lease,
+                    reason=detail[:2000],
+                    backoff_s=0.0 if stopping else backoff_s,
+                    counted=not stopping,
                 )
             elif is_infrastructure_error(cause):
                 state = release_job(

@@ -4,13 +4,21 @@ The task body is `Runner.run` (and `scheduler.webhooks.deliver` on the `webhooks
 worker runs a thread pool because tasks only wait on Ray.
 Before it consumes anything the worker checks that the broker's visibility timeout and the
 lease settings agree, joins the Ray cluster with a node of its own when none runs on its
-machine (scheduler/raynode.py), and checks that Ray answers.
+machine (scheduler/raynode.py), and checks that Ray answers (waiting while the head restarts).
+
+SIGTERM (and Ctrl-C) stops it within seconds: Celery's warm shutdown waits for the running
+tasks, and each gives its job back to the queue at once (`Runner.stopping`). A worker whose Ray
+head stops answering for GENQ_RAY_LOST_AFTER_S stops itself the same way, to be started again
+by its supervisor (a Ray driver cannot join a new cluster in the same process).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 
+import ray
 from celery import Celery
 from celery.signals import worker_ready, worker_shutting_down
 
@@ -20,13 +28,22 @@ from scheduler.broker import QUEUES, RUN_JOB_TASK, make_celery, record_dropped
 from scheduler.checks import register as register_checks
 from scheduler.enqueue import Publisher
 from scheduler.heartbeats import WorkerHeartbeat
-from scheduler.raynode import start_worker_node
+from scheduler.raynode import (
+    RayWatch,
+    start_worker_node,
+    wait_for_gcs,
+    wait_for_local_raylet,
+)
 from scheduler.runner import Runner
 from scheduler.scaling import Scaler
 from scheduler.snapshot import SnapshotWriter
 from scheduler.webhooks import register as register_webhooks
 
 log = logging.getLogger(__name__)
+
+
+# How long a starting worker waits for its Ray head (which may be restarting).
+RAY_WAIT_S = 120.0
 
 
 class InconsistentSettingsError(ValueError):
@@ -65,11 +82,21 @@ def create_worker(settings: Settings) -> tuple[Celery, Runner]:
 
     register_webhooks(app, settings, database)
     register_checks(app, settings, database, runner)
+
+    def on_shutdown(**_: object) -> None:
+        runner.stopping.set()
+
+    # weak=False: the receiver is a closure that nothing else holds.
+    worker_shutting_down.connect(on_shutdown, weak=False)
     return app, runner
 
 
 def main(settings: Settings, queues: tuple[str, ...] = QUEUES, hostname: str = "") -> None:
     check_settings(settings)
+    if settings.ray_address:
+        wait_for_gcs(settings.ray_address, RAY_WAIT_S)
+        if settings.worker_ray_node == "local":  # e.g. the head of `genq up`, restarting
+            wait_for_local_raylet(settings.ray_address, RAY_WAIT_S)
     node = start_worker_node(settings)  # before any thread starts: it forks
     try:
         app, runner = create_worker(settings)
@@ -100,6 +127,13 @@ def _run(
     # The dashboard's view of this worker and of Ray (scheduler/snapshot.py).
     snapshots = SnapshotWriter(settings, runner.publisher.redis, hostname)
     snapshots.start()
+
+    def on_ray_lost() -> None:
+        runner.stopping.set()
+        os.kill(os.getpid(), signal.SIGTERM)  # Celery's warm shutdown, as from a supervisor
+
+    watch = RayWatch(ray.get_runtime_context().gcs_address, settings.ray_lost_after_s, on_ray_lost)
+    watch.start()
     # Replicas per model from each model's queue (scheduler/scaling.py).
     scaler = Scaler(settings, runner)
     scaler.start()
@@ -111,6 +145,7 @@ def _run(
     try:
         app.worker_main(argv)
     finally:
+        watch.stop()
         heartbeat.stop()
         scaler.stop()
         snapshots.stop()

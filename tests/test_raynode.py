@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,7 +22,9 @@ from api.cli import main as genq_cli
 from core.settings import Settings
 from scheduler.raynode import (
     RayNodeProcess,
+    RayWatch,
     gpu_node_argv,
+    is_gcs_reachable,
     local_gcs_addresses,
     needs_own_node,
     node_argv,
@@ -166,3 +170,24 @@ def test_a_sigkilled_worker_takes_its_node_with_it(tmp_path: Path) -> None:
 def test_bad_node_settings_are_refused(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):
         _settings(**{field: value})
+
+
+def test_the_ray_watch_calls_on_lost_once_the_head_stops_answering() -> None:
+    head = socket.socket()
+    head.bind(("127.0.0.1", 0))
+    head.listen()
+    address = f"127.0.0.1:{head.getsockname()[1]}"
+    assert is_gcs_reachable(address)
+    lost = threading.Event()
+    watch = RayWatch(address, lost_after_s=0.5, on_lost=lost.set, every_s=0.1)
+    watch.start()
+    try:
+        assert not lost.wait(1.0)  # answering: never lost
+        head.close()
+        assert not is_gcs_reachable(address)
+        assert lost.wait(10)
+        watch.join(5)
+        assert not watch.is_alive()  # it stops watching once it has said so
+    finally:
+        watch.stop()
+        head.close()

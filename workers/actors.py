@@ -200,6 +200,10 @@ class Trainer:
         self._preempt.request()
         return True
 
+    def ping(self) -> int:
+        """Liveness, answered beside `train` (scheduler/stall.py). Returns this process's id."""
+        return os.getpid()
+
     def info(self) -> dict[str, Any]:
         return {
             "family": self.family.name,
@@ -345,6 +349,6 @@ def start_trainer(
     return _TrainerActor.options(
         name=name,
         namespace=NAMESPACE,
-        max_concurrency=3,  # train, and cancel or preempt
+        max_concurrency=4,  # train, cancel or preempt, and a liveness ping
         **placement,
     ).remote(family.name, attempt)

@@ -6,7 +6,9 @@ ready ones, or starts one (a model with none starts at once). The worker process
 to the replica with the fewest jobs in hand. A model may run on several replicas: the scaler
 (scheduler/scaling.py) sets how many it wants from the model's queue (`scale`), and the pool
 starts them where there is room, spread over nodes, and unloads replicas that stayed idle past
-their policy's delay (a shorter one for the last replica).
+their policy's delay (a shorter one for the last replica). A loaded replica that answers no
+info() call for twice `stall_timeout_s` (paused or hung) is killed and forgotten, so the next job
+gets a fresh one.
 
 Room for everyone. A new server, or a trainer the runner registered (`admit`), that fits on no
 node (CPU, GPU share, the `gpu_memory_gb` resource, or a node's `gpu_memory_budget_gb` of warm
@@ -428,6 +430,11 @@ class ModelPool:
         if replica.info_ref is not None:
             ready, _ = ray.wait([replica.info_ref], timeout=0)
             if not ready:
+                spec = self._models.get(replica.model_id)
+                stall_s = spec.options.stall_timeout_s if spec else ServingOptions.stall_timeout_s
+                # Twice the runners' bound: a job's own runner sees the stall first and says so.
+                if replica.ready and now - replica.info_at > 2 * stall_s:
+                    self._replace_stalled(replica, now - replica.info_at)
                 return
             try:
                 info = ray.get(replica.info_ref)
@@ -448,6 +455,27 @@ class ModelPool:
         if now - replica.info_at >= INFO_EVERY_S:
             replica.info_ref = replica.handle.info.remote()
             replica.info_at = now
+
+    def _replace_stalled(self, replica: Replica, silent_s: float) -> None:
+        """A loaded replica that has not answered info() for the stall timeout (paused, hung):
+        kill it; the next job, or the scaler's wish, starts a replacement. Its jobs' runners
+        see it die (or stall) and put them back in the queue."""
+        log.warning("%s answered nothing for %.0f s: stalled; replacing it", replica.key, silent_s)
+        ray.kill(replica.handle, no_restart=True)
+        self._forget(replica, "stalled")
+        self._claims.append(
+            Claim(
+                replica.node_id,
+                replica.need,
+                -1,
+                replica.key,
+                actor_id=replica.handle._actor_id.hex(),
+            )
+        )
+        reason = f"stalled: no answer for {silent_s:.0f} s"
+        self._event(
+            replica.model_id, "stalled", replica.key, reason, len(self._of(replica.model_id))
+        )
 
     def _grow(self, spec: ModelSpec) -> None:
         """Start the replicas the scaler wants, all at once, but only into free room (a scale-up

@@ -10,6 +10,7 @@ core.events; errors reach the caller as genq errors or CanceledError (see worker
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 import time
@@ -48,6 +49,8 @@ class ServingOptions:
     # The artifact store that a model's path is a key of (core/artifacts.py); the server
     # downloads the folder into its machine's cache. None: model paths are local folders.
     artifact_url: str | None = None
+    # A ready replica that answers no info() call for this long is stalled: the pool kills it.
+    stall_timeout_s: float = 30.0
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ServingOptions:
@@ -61,6 +64,7 @@ class ServingOptions:
             # is a Ray message per job; a batch of 16 jobs would send 16 per interval).
             progress_interval_s=settings.progress_interval_s,
             artifact_url=ArtifactStore.from_settings(settings).url,
+            stall_timeout_s=settings.stall_timeout_s,
         )
 
 
@@ -271,6 +275,11 @@ class ModelServer:
                     del self._canceled[stale]
             self._canceled[key] = now
             return key in self._active
+
+    def ping(self) -> int:
+        """Liveness: answered by any thread of a live, unpaused server (the runner's stall watch,
+        scheduler/stall.py). Returns this process's id."""
+        return os.getpid()
 
     def info(self) -> dict[str, Any]:
         with self._state_lock:
