@@ -32,7 +32,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,8 @@ from sqlalchemy import create_engine, func, select, text  # noqa: E402
 
 from core.db import Database  # noqa: E402
 from core.settings import Settings  # noqa: E402
-from core.tables import Artifact, Job, JobEvent, Model  # noqa: E402
+from core.strays import GRACE as STRAY_GRACE  # noqa: E402
+from core.tables import Artifact, Job, JobEvent, Model, utcnow  # noqa: E402
 from tests.stackproc import StackProcess, descendants, is_alive  # noqa: E402
 
 PG_URL = os.environ.get("GENQ_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -389,7 +390,14 @@ def main() -> None:
         drain_s = time.monotonic() - started
         stop.set()
         thread.join()
-        time.sleep(5)  # let any late (fenced) writes of killed attempts land, if they could
+        # What killed attempts left in the store before the periodic scheduler's stray sweep
+        # (core/strays.py) ran over their jobs; then wait for the sweep to pass the last job.
+        strays_at_drain = audit(database, settings.artifacts, jobs)["stray_output_files"]
+        with database.read() as s:
+            last_end = s.scalar(select(func.max(Job.finished_at)).where(Job.id.in_(ids)))
+        swept_by = (last_end or utcnow()) + STRAY_GRACE + timedelta(seconds=2 * 5)
+        while utcnow() < swept_by:
+            time.sleep(1)
         client = redis.Redis(unix_socket_path=str(settings.embedded_redis_socket))
         children = {
             k.decode(): json.loads(v) for k, v in client.hgetall("genq:stack:children").items()
@@ -404,6 +412,7 @@ def main() -> None:
             "restarts": {k: v["restarts"] for k, v in children.items()},
             "submit_s": round(submitted_s, 1),
             "drain_s": round(drain_s, 1),
+            "stray_output_files_at_drain": strays_at_drain,
             **audit(database, settings.artifacts, jobs),
         }
         database.dispose()

@@ -4,7 +4,8 @@ room for jobs of a higher priority class that waited too long (scheduler/preempt
 jobs whose lease expired (requeued after a backoff, so a job that kills its worker every time
 is spaced out until its attempts run out), re-publishes queued jobs whose broker message is
 gone, hands due webhook messages to their queue, and every retention_interval_s runs the
-retention pass (core/retention.py: expired outputs, events and finished jobs).
+retention pass (core/retention.py: expired outputs, events and finished jobs) and, every
+reconcile_interval_s, the stray sweep (core/strays.py: files no artifact row names).
 
 It is a plain loop in its own process rather than Celery beat, because its main duty is to
 repair the broker: it must keep working while the broker is empty, restarted or unreachable.
@@ -36,6 +37,7 @@ from core.retention import Retention
 from core.schedules import fire_due
 from core.settings import Settings
 from core.states import JobState
+from core.strays import StraySweep
 from core.tables import Job, utcnow
 from scheduler.enqueue import Publication, Publisher
 from scheduler.heartbeats import SchedulerHeartbeat
@@ -60,7 +62,9 @@ class TickReport:
 class Periodic:
     def __init__(self, settings: Settings, database: Database, publisher: Publisher) -> None:
         self.settings, self.database, self.publisher = settings, database, publisher
-        self.retention = Retention(settings, database, ArtifactStore.from_settings(settings))
+        store = ArtifactStore.from_settings(settings)
+        self.retention = Retention(settings, database, store)
+        self.strays = StraySweep(database, store)
 
     def _publish(self, job_ids: list[str], delays: dict[str, float] | None = None) -> int:
         if not job_ids:
@@ -195,15 +199,27 @@ class Periodic:
         # A pass stopped between two batches loses nothing: each batch commits on its own.
         retention.join(timeout=10)
 
+    def sweep_strays(self) -> Freed:
+        """Delete output files of finished jobs that no artifact row names (core/strays.py)."""
+        return self.strays.run()
+
     def retain_forever(self, stop: threading.Event) -> None:
-        """The retention pass every retention_interval_s (the first at once) until `stop`; a
-        pass that fails waits for the next interval like one that succeeded."""
+        """The retention pass every retention_interval_s (the first at once) and the stray
+        sweep every reconcile_interval_s, until `stop`; a pass that fails waits for its next
+        turn like one that succeeded."""
+        next_retention = 0.0
         while not stop.is_set():
+            if time.monotonic() >= next_retention:
+                try:
+                    self.retain()
+                except Exception:
+                    log.exception("retention pass failed")
+                next_retention = time.monotonic() + self.settings.retention_interval_s
             try:
-                self.retain()
+                self.sweep_strays()
             except Exception:
-                log.exception("retention pass failed")
-            stop.wait(self.settings.retention_interval_s)
+                log.exception("stray sweep failed")
+            stop.wait(min(self.settings.reconcile_interval_s, next_retention - time.monotonic()))
 
 
 def main(settings: Settings) -> None:

@@ -2,7 +2,8 @@
 a local folder and in a real S3 server (moto_server): it frees what has outlived its tenant's
 retention and nothing else, counted in files (on disk, in the bucket) and rows before and
 after; it never deletes a registered model's weights; it works in bounded batches; it audits
-and counts what it freed. Also the periodic scheduler's call of it."""
+and counts what it freed. Also the periodic scheduler's call of it, and the stray sweep
+(core/strays.py) that deletes output files no artifact row names."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from core.keys import get_or_create_tenant
 from core.retention import Retention
 from core.settings import Settings
 from core.states import JobState
+from core.strays import GRACE, StraySweep
 from core.tables import Artifact, AuditEntry, Job, JobEvent, Model, Tenant, utcnow
 
 DAY = timedelta(days=1)
@@ -296,3 +298,42 @@ def test_retention_days_count_from_the_end_of_the_job(world: World) -> None:
     later: datetime = utcnow() + timedelta(hours=3)
     freed = Retention(world.settings, world.database, world.store).run(now=later)
     assert freed.files == 2
+
+
+def test_the_stray_sweep_deletes_files_no_row_names(world: World) -> None:
+    """What an attempt whose worker was killed wrote (a whole file, or a temporary one cut off
+    mid-write) is deleted once its job has finished and the grace has passed; the job's
+    recorded outputs and the files of jobs still running or just finished stay."""
+    tenant = world.tenants["acme"]
+    done = world.job("acme", 0.01)  # finished about a quarter of an hour ago
+    recent = world.job("acme", 0)  # finished just now: within the grace
+    running = world.job("acme", 0, state=JobState.RUNNING)
+    strays = {
+        job: world.store.write_output(tenant, job, "output.txt", b"stale", attempt="dead").path
+        for job in (done, recent, running)
+    }
+    half = world.store.local_path(f"outputs/{tenant}/{done}/dead")
+    if half is not None:  # a writer killed mid-write leaves its temporary file (hidden by list)
+        (half / ".output.txt.x1y2.tmp").write_bytes(b"hal")
+    before = world.files()
+    if not world.store.is_local:
+        assert len(bucket_keys(world.store)) == len(before)
+    recorded = world.count(Artifact)
+
+    sweep = StraySweep(world.database, world.store)
+    freed = sweep.run()
+
+    assert world.files() == before - {strays[done]}
+    assert len([f for f in world.files() if done in f]) == 2  # its two recorded outputs
+    if half is not None:
+        assert not half.exists()  # the attempt's folder went with its temporary file
+    else:
+        assert len(bucket_keys(world.store)) == len(before) - 1
+    assert freed.files == (2 if half is not None else 1)
+    assert freed.bytes == len(b"stale") + (3 if half is not None else 0)
+    assert world.count(Artifact) == recorded
+
+    # Past the grace the just-finished job is swept too; the running one never is.
+    sweep.run(now=utcnow() + 2 * GRACE)
+    assert world.files() == before - {strays[done], strays[recent]}
+    assert strays[running] in world.files()
