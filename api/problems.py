@@ -18,6 +18,7 @@ from typing import Any
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
 
+from core.db import is_transient_db_error
 from core.errors import BusyError, GenqError
 
 log = logging.getLogger(__name__)
@@ -117,11 +118,36 @@ def _render_http(error: HTTPException) -> Response:
     )
 
 
+def database_unavailable(error: Exception) -> BusyError | None:
+    """A lost database connection (a restart, a failover, `pg_terminate_backend`) is the
+    server's trouble for a moment, not the request's: 503 with Retry-After rather than 500.
+    Its transaction was rolled back unless the connection died during the commit itself, so a
+    client that retries a submission sends the same Idempotency-Key."""
+    if not is_transient_db_error(error):
+        return None
+    log.warning(
+        "database unavailable in %s %s: %s: %s",
+        request.method,
+        request.path,
+        type(error).__name__,
+        str(error).splitlines()[0] if str(error) else "",
+        extra={"request_id": request_id()},
+    )
+    return BusyError(
+        "the database connection was lost; try again (retry a submission with the same "
+        "Idempotency-Key)",
+        retry_after_s=1,
+    )
+
+
 def _render_unexpected(error: Exception) -> Response:
     if isinstance(error, HTTPException):  # Flask hands some of these to the generic handler
         return _render_http(error)
     if isinstance(error, GenqError):
         return _render_genq(error)
+    busy = database_unavailable(error)
+    if busy is not None:
+        return _render_genq(busy)
     rid = request_id()
     log.exception(
         "unhandled error in %s %s", request.method, request.path, extra={"request_id": rid}

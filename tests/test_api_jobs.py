@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 
+import pytest
 import redis
 from flask.testing import FlaskClient
 
@@ -396,3 +397,38 @@ def test_logs_lists_log_events_in_order(
     assert [i["message"] for i in items] == ["one", "two", "three"]
     assert all(i["type"] == "log" and i["level"] == "info" for i in items)
     assert [i["id"] for i in items] == sorted(i["id"] for i in items)
+
+
+# The first job insert kills its own connection, as a database restart or failover would.
+KILL_FIRST_INSERT = """
+DROP SEQUENCE IF EXISTS fault_inserts;
+CREATE SEQUENCE fault_inserts;
+CREATE OR REPLACE FUNCTION kill_first_insert() RETURNS trigger AS $$
+BEGIN
+  IF nextval('fault_inserts') = 1 THEN
+    PERFORM pg_terminate_backend(pg_backend_pid());
+  END IF;
+  RETURN NEW;
+END $$ LANGUAGE plpgsql;
+CREATE TRIGGER kill_first_insert BEFORE INSERT ON job
+  FOR EACH ROW EXECUTE FUNCTION kill_first_insert();
+"""
+
+
+@pytest.mark.parametrize(
+    "settings", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
+def test_a_lost_database_connection_is_503_and_the_retry_submits_once(
+    client: FlaskClient, keys: Keys, database: Database, broker: redis.Redis
+) -> None:
+    with database.engine.begin() as conn:
+        conn.exec_driver_sql(KILL_FIRST_INSERT)
+    body = echo(message="through a failover")
+    lost = submit(client, keys.acme, body, **{"Idempotency-Key": "failover-1"})
+    problem = assert_problem(lost, 503)
+    assert problem["type"].endswith("busy") and "Idempotency-Key" in problem["detail"]
+    assert lost.headers["Retry-After"] == "1"
+    assert count_rows(database, Job) == 0 and queue_depth(broker, "generate") == 0
+    again = submit(client, keys.acme, body, **{"Idempotency-Key": "failover-1"})
+    assert again.status_code == 202, again.get_json()
+    assert count_rows(database, Job) == 1 and queue_depth(broker, "generate") == 1

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from flask import Response, g
 from werkzeug.exceptions import HTTPException
 
-from api.problems import request_id
+from api.problems import database_unavailable, request_id
 from core.errors import (
     BusyError,
     ConflictError,
@@ -85,6 +85,7 @@ def render(error: Exception) -> Response:
     """Any failure of an OpenAI-compatible call as OpenAI's error body. A view that renames
     genq's fields (`num_images` is `n`) sets `g.openai_renames`."""
     renames: dict[str, str] = g.get("openai_renames") or {}
+    error = database_unavailable(error) or error
     if isinstance(error, InvalidInputError):
         first = error.errors[0]
         param = param_name(first["field"], renames)
