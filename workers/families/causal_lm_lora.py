@@ -38,6 +38,7 @@ from workers.families.causal_lm_spec import CausalLmFinetuneParams
 from workers.families.checkpoints import (
     CHECKPOINT_NAME,
     CONFIG_NAME,
+    AdapterWeights,
     load_checkpoint,
     save_checkpoint,
 )
@@ -56,23 +57,6 @@ def peft_quiet() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
         yield
-
-
-class AdapterWeights:
-    """The adapter part of a peft model, shaped like a module for save/load_checkpoint."""
-
-    def __init__(self, model: Any) -> None:
-        self.model = model
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        from peft import get_peft_model_state_dict
-
-        return dict(get_peft_model_state_dict(self.model))
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(self.model, state)
 
 
 def tokenize(tokenizer: Any, text: str) -> torch.Tensor:

@@ -126,3 +126,21 @@ def load_model_files(
     if config.get("family") != family:
         raise ModelError(f"{model_dir} holds a {config.get('family')} model, not {family}")
     return load_file(str(Path(model_dir) / WEIGHTS_NAME)), config
+
+
+class AdapterWeights:
+    """The adapter part of a peft-wrapped module (a language model, a UNet), shaped like a
+    module for save_checkpoint/load_checkpoint: only the LoRA weights are saved and loaded."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        from peft import get_peft_model_state_dict
+
+        return dict(get_peft_model_state_dict(self.model))
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(self.model, state)

@@ -36,6 +36,7 @@ from workers.families.base import CanceledError, TrainContext
 from workers.families.checkpoints import (
     CHECKPOINT_NAME,
     CONFIG_NAME,
+    AdapterWeights,
     load_checkpoint,
     save_checkpoint,
 )
@@ -45,23 +46,6 @@ CHECKPOINT_FORMAT = "genq-sd-lora-checkpoint/1"
 ADAPTER_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name for it
 METRIC_EVERY = 10
 ENCODE_BATCH = 8
-
-
-class AdapterWeights:
-    """The UNet's adapter weights, shaped like a module for save/load_checkpoint."""
-
-    def __init__(self, unet: Any) -> None:
-        self.unet = unet
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        from peft import get_peft_model_state_dict
-
-        return dict(get_peft_model_state_dict(self.unet))
-
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(self.unet, state)
 
 
 def is_adapter_folder(folder: Path) -> bool:
