@@ -1,0 +1,316 @@
+"""Issue #19's first target: `echo` jobs through the whole genq stack against the bare pipeline
+(bench/bare_pipeline.py) that takes the same hops without genq, side by side in one run, on
+the same Redis and the same kind of database.
+
+    .venv/bin/python bench/job_path.py [--jobs 400] [--clients 8] [--database-url URL]
+                                       [--label before]
+
+Each side gets a warm-up of 20 jobs, then `--jobs` jobs from `--clients` client threads; the
+time runs until the last one is finished, counted in SQL (not through the API being measured).
+Besides jobs/s it reads the CPU time of every process of each side from /proc before and after
+the burst (gunicorn, the Celery worker, Ray's processes, the Redis server on the benchmark's
+port), so the ratio can be told apart from how busy the machine was. SQLite: each side gets
+a fresh file; PostgreSQL: both use the URL given (genq's tables and `bare_job`). Figures are
+printed and written to bench/results/job-path-<database>-<UTC time>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import redis
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.cpu_per_job import process_cpu  # noqa: E402
+from tests.stackproc import StackProcess, descendants, free_port  # noqa: E402
+
+REDIS = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379")
+WARM_JOBS = 20
+
+
+def redis_server_pids(url: str) -> set[int]:
+    """The redis-server serving the benchmark's Redis (by its port), not the machine's others."""
+    port = url.rsplit(":", 1)[1].split("/")[0]
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"redis-server" in argv and f":{port}".encode() in argv:
+                pids.add(int(entry.name))
+    return pids
+
+
+def is_celery_worker(pid: int) -> bool:
+    """The bare pipeline's worker, whose command line process_cpu does not name."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"celery" in argv and b"worker" in argv
+
+
+def cpu_by_name(roots: list[int]) -> dict[int, tuple[str, float]]:
+    found = {}
+    pids = set(roots) | redis_server_pids(REDIS)
+    for root in roots:
+        pids |= descendants(root)
+    for pid in pids:
+        cpu = process_cpu(pid)
+        if cpu is not None:
+            name, cpu_s = cpu
+            if name.startswith("other:") and is_celery_worker(pid):
+                name = "celery worker"
+            found[pid] = (name, cpu_s)
+    return found
+
+
+def per_job_ms(
+    before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]], jobs: int
+) -> dict[str, float]:
+    per_name: dict[str, float] = {}
+    for pid, (name, cpu_s) in after.items():
+        used = cpu_s - before.get(pid, (name, 0.0))[1]
+        per_name[name] = per_name.get(name, 0.0) + used
+    return {
+        name: round(1000 * cpu_s / jobs, 2)
+        for name, cpu_s in sorted(per_name.items(), key=lambda kv: -kv[1])
+        if cpu_s > 0.005
+    }
+
+
+def burst(
+    submit: Callable[[], str], wait: Callable[[list[str]], None], jobs: int, clients: int
+) -> tuple[list[str], float, float]:
+    """Submit `jobs` from `clients` threads and wait until all are finished: (ids, seconds to
+    submit them all, seconds until the last finished)."""
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        ids = list(pool.map(lambda _: submit(), range(jobs)))
+    submitted_s = time.perf_counter() - start
+    wait(ids)
+    return ids, submitted_s, time.perf_counter() - start
+
+
+def measure(
+    roots: list[int],
+    submit: Callable[[], str],
+    wait: Callable[[list[str]], None],
+    jobs: int,
+    clients: int,
+) -> dict[str, Any]:
+    for _ in range(WARM_JOBS):  # warm: actor or model server up, connections open
+        wait([submit()])
+    time.sleep(1)
+    before = cpu_by_name(roots)
+    mine_before = resource.getrusage(resource.RUSAGE_SELF)
+    _, submitted_s, elapsed_s = burst(submit, wait, jobs, clients)
+    after = cpu_by_name(roots)
+    mine_after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = per_job_ms(before, after, jobs)
+    client_s = sum(
+        getattr(mine_after, f) - getattr(mine_before, f) for f in ("ru_utime", "ru_stime")
+    )
+    cpu["load generator (this process)"] = round(1000 * client_s / jobs, 2)
+    return {
+        "jobs": jobs,
+        "clients": clients,
+        "jobs_per_s": round(jobs / elapsed_s, 1),
+        "submit_per_s": round(jobs / submitted_s, 1),
+        "cpu_ms_per_job": cpu,
+        "cpu_ms_per_job_total": round(sum(cpu.values()), 1),
+    }
+
+
+def wait_in_sql(url: str, table: str, done_states: tuple[str, ...]) -> Callable[[list[str]], None]:
+    from sqlalchemy import bindparam, create_engine, text
+
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url[len("postgresql://") :]
+    engine = create_engine(url)
+    query = text(
+        f"SELECT count(*) FROM {table} WHERE id IN :ids AND state IN :states"  # noqa: S608
+    ).bindparams(bindparam("ids", expanding=True), bindparam("states", expanding=True))
+
+    def wait(ids: list[str]) -> None:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline:
+            with engine.connect() as conn:
+                done = conn.execute(query, {"ids": ids, "states": list(done_states)}).scalar()
+            if done == len(ids):
+                return
+            time.sleep(0.02 if len(ids) == 1 else 0.05)
+        raise TimeoutError(f"{len(ids)} jobs not done in 600 s")
+
+    return wait
+
+
+def bench_bare(database_url: str, jobs: int, clients: int, workers: int, threads: int) -> dict:
+    broker = f"{REDIS}/13"
+    redis.Redis.from_url(broker).flushdb()
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("GENQ_", "BARE_"))},
+        "BARE_DATABASE_URL": database_url,
+        "BARE_BROKER_URL": broker,
+        "PYTHONPATH": str(ROOT),
+    }
+    port = free_port()
+    bin_dir = Path(sys.executable).parent
+    log = open(Path(tempfile.gettempdir()) / f"bare-pipeline-{port}.log", "wb")  # noqa: SIM115
+    worker = subprocess.Popen(
+        [
+            str(bin_dir / "celery"),
+            "-A",
+            "bench.bare_pipeline:worker_app",
+            "worker",
+            "--queues=bare",
+            "--pool=threads",
+            "--concurrency=8",
+            "--loglevel=WARNING",
+            "--without-gossip",
+            "--without-mingle",
+        ],
+        env=env,
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    # The same gunicorn configuration `genq api` runs (api/cli.py): gthread workers.
+    server = subprocess.Popen(
+        [
+            str(bin_dir / "gunicorn"),
+            "--bind",
+            f"127.0.0.1:{port}",
+            "--workers",
+            str(workers),
+            "--worker-class",
+            "gthread",
+            "--threads",
+            str(threads),
+            "--graceful-timeout",
+            "5",
+            "bench.bare_pipeline:create_app()",
+        ],
+        env=env,
+        cwd=ROOT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    session = requests.Session()
+    try:
+        for _ in range(300):
+            try:
+                session.get(f"{base}/jobs/none", timeout=1)
+                break
+            except requests.RequestException:  # not listening, or the app still loading
+                time.sleep(0.1)
+
+        def submit() -> str:
+            reply = session.post(f"{base}/jobs", json={"message": "x"}, timeout=30)
+            reply.raise_for_status()
+            return str(reply.json()["id"])
+
+        wait = wait_in_sql(database_url, "bare_job", ("done",))
+        # The first job waits for the worker to start Ray and its actor.
+        wait([submit()])
+        return measure([worker.pid, server.pid], submit, wait, jobs, clients)
+    finally:
+        for child in (server, worker):
+            os.killpg(child.pid, signal.SIGTERM)
+        for child in (server, worker):
+            try:
+                child.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(child.pid, signal.SIGKILL)
+                child.wait()
+        log.close()
+
+
+def bench_genq(var_dir: Path, database_url: str | None, jobs: int, clients: int) -> dict:
+    broker = f"{REDIS}/12"
+    redis.Redis.from_url(broker).flushdb()
+    env = {"GENQ_REDIS_URL": broker, "GENQ_LOG_LEVEL": "WARNING", "GENQ_API_WORKERS": "2"}
+    if database_url:
+        env["GENQ_DATABASE_URL"] = database_url
+    stack = StackProcess(var_dir, env)
+    stack.env.update(env)
+    echo = {"kind": "generate", "model": "echo", "params": {"message": "x"}}
+    url = database_url or f"sqlite:///{(var_dir / 'genq.db').resolve()}"
+    try:
+        stack.start()
+        assert stack.process is not None
+        wait = wait_in_sql(url, "job", ("succeeded", "failed", "canceled"))
+        result = measure(
+            [stack.process.pid], lambda: str(stack.submit(echo)["id"]), wait, jobs, clients
+        )
+        stack.stop()
+        return result
+    finally:
+        stack.kill()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=400)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--database-url", default=None, help="default: SQLite in a temp dir")
+    parser.add_argument("--label", default="", help="a word for the result file, e.g. before")
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="genq-job-path-"))
+    bare_url = args.database_url or f"sqlite:///{tmp / 'bare.db'}"
+    # genq's defaults for `genq api`: GENQ_API_WORKERS=2 (as set above), GENQ_API_THREADS=16.
+    bare = bench_bare(bare_url, args.jobs, args.clients, workers=2, threads=16)
+    genq = bench_genq(tmp / "var", args.database_url, args.jobs, args.clients)
+    database = "postgresql" if args.database_url else "sqlite"
+    result = {
+        "at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{os.cpu_count()} cores",
+        "database": database,
+        "label": args.label,
+        "bare_pipeline": bare,
+        "genq_echo": genq,
+        "ratio_jobs_per_s": round(genq["jobs_per_s"] / bare["jobs_per_s"], 2),
+        "ratio_cpu_per_job": round(bare["cpu_ms_per_job_total"] / genq["cpu_ms_per_job_total"], 2),
+    }
+    for name, side in (("bare pipeline", bare), ("genq echo", genq)):
+        print(
+            f"{name:14s} {side['jobs_per_s']:7.1f} jobs/s (submits {side['submit_per_s']:.1f}/s), "
+            f"{side['cpu_ms_per_job_total']:.1f} ms of CPU per job"
+        )
+        for process, ms in side["cpu_ms_per_job"].items():
+            print(f"    {ms:8.2f} ms  {process}")
+    print(
+        f"genq / bare ({database}): {result['ratio_jobs_per_s']:.2f} in jobs/s, "
+        f"{result['ratio_cpu_per_job']:.2f} in CPU per job (target 0.5)"
+    )
+    label = f"-{args.label}" if args.label else ""
+    stamp = result["at"][:19].replace(":", "")
+    out = ROOT / "bench" / "results" / f"job-path{label}-{database}-{stamp}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"written to {out.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
