@@ -161,7 +161,8 @@ def _start_worker() -> dict[str, Any]:
         if not _worker:
             if not ray.is_initialized():
                 ray.init(
-                    address=os.environ.get("BARE_RAY_ADDRESS") or None,
+                    # "local": a Ray of its own, never a cluster found on the machine.
+                    address=os.environ.get("BARE_RAY_ADDRESS") or "local",
                     include_dashboard=False,
                     log_to_driver=False,
                 )
