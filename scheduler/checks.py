@@ -26,7 +26,8 @@ from core.errors import GenqError
 from core.settings import Settings
 from core.tables import Model
 from scheduler.broker import CHECK_MODEL_TASK
-from scheduler.runner import RAY_TRANSIENT, Runner
+from scheduler.outcomes import RAY_TRANSIENT
+from scheduler.runner import Runner
 from workers.registry import get_family
 from workers.staging import Staging, store_errors
 

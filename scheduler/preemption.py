@@ -36,7 +36,7 @@ def preempt_round(settings: Settings, database: Database) -> list[Preemption]:
 class TrainerPreempter:
     """The lease keeper's `on_preempt` for a trainer: ask it to stop at its next checkpoint,
     and kill it if it has not after `grace_s` (the attempt ends as preempted either way;
-    scheduler/runner.py requeues it). `cancel()` once the attempt has ended."""
+    scheduler/outcomes.py requeues it). `cancel()` once the attempt has ended."""
 
     def __init__(self, trainer: Any, grace_s: float, job_id: str, attempt: str = "") -> None:
         self.trainer, self.grace_s, self.job_id = trainer, grace_s, job_id

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -24,9 +24,7 @@ from core.db import retry_transient
 from core.events import Event, Log, Metric, ModelSaved, Output, Placement, Progress, TextDelta
 from core.jobs import Lease, record_events, record_output, record_placement, record_waiting
 from core.tables import Artifact
-
-if TYPE_CHECKING:
-    from scheduler.runner import JobSnapshot, Runner
+from scheduler.attempt import JobSnapshot, WorkerParts
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +40,7 @@ class EventRecorder:
     A write that meets a lost database connection is tried again (GENQ_TRANSIENT_RETRY_S);
     what it carries stays pending until a transaction holding it has committed."""
 
-    def __init__(self, runner: Runner, job: JobSnapshot, lease: Lease) -> None:
+    def __init__(self, runner: WorkerParts, job: JobSnapshot, lease: Lease) -> None:
         self.runner, self.job, self.lease = runner, job, lease
         self.pending_progress: Progress | None = None
         self.pending_output: tuple[Output, StoredFile] | None = None

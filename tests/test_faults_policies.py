@@ -24,7 +24,7 @@ from core.settings import Settings
 from core.states import JobKind, JobState
 from core.tables import Base, Job, utcnow
 from scheduler.enqueue import Publisher
-from scheduler.runner import is_out_of_memory, smaller_batch
+from scheduler.outcomes import is_out_of_memory, smaller_batch
 from tests.test_webhooks import REDIS_URL
 
 

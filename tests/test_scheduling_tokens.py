@@ -1,4 +1,4 @@
-"""What a broker token does when it finds nothing it may start (scheduler/runner.py), on real
+"""What a broker token does when it finds nothing it may start (scheduler/tokens.py), on real
 SQLite/PostgreSQL and Redis: a job held by its tenant's running cap keeps its marker only for
 `held_recheck_s` (then the reconciler sends a new token), and a job waiting for its retry
 backoff gets its token back with the remaining delay. Runner.run stops before Ray here: no job
