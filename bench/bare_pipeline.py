@@ -39,6 +39,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.exc import DBAPIError
 
 TASK = "bare.run"
 QUEUE = "bare"
@@ -83,6 +84,15 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
 
+def create_table(engine: Engine) -> None:
+    """Create `bare_job` if it is missing. gunicorn's workers start together: on PostgreSQL
+    two may create it at once, and the one that loses the race finds it made."""
+    try:
+        metadata.create_all(engine)
+    except DBAPIError:
+        metadata.create_all(engine)
+
+
 def make_celery(broker: str) -> Celery:
     """Celery configured as genq's (scheduler/broker.py): JSON, late acks, prefetch 1, a thread
     pool, priority queues on Redis."""
@@ -112,7 +122,7 @@ def make_celery(broker: str) -> Celery:
 def create_app() -> Flask:
     """The HTTP side: one insert transaction, then the publish (ids only, after the commit)."""
     engine = make_engine(database_url())
-    metadata.create_all(engine)
+    create_table(engine)
     celery = make_celery(broker_url())
     app = Flask("bare_pipeline")
 

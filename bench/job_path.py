@@ -172,6 +172,11 @@ def bench_bare(database_url: str, jobs: int, clients: int, workers: int, threads
         "BARE_BROKER_URL": broker,
         "PYTHONPATH": str(ROOT),
     }
+    from bench.bare_pipeline import create_table, make_engine
+
+    engine = make_engine(database_url)
+    create_table(engine)
+    engine.dispose()
     port = free_port()
     bin_dir = Path(sys.executable).parent
     log = open(Path(tempfile.gettempdir()) / f"bare-pipeline-{port}.log", "wb")  # noqa: SIM115
@@ -219,12 +224,15 @@ def bench_bare(database_url: str, jobs: int, clients: int, workers: int, threads
     base = f"http://127.0.0.1:{port}"
     session = requests.Session()
     try:
-        for _ in range(300):
+        deadline = time.monotonic() + 180  # a loaded machine starts gunicorn slowly
+        while True:
             try:
-                session.get(f"{base}/jobs/none", timeout=1)
+                session.get(f"{base}/jobs/none", timeout=5)  # 404 once the app answers
                 break
             except requests.RequestException:  # not listening, or the app still loading
-                time.sleep(0.1)
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise
+                time.sleep(0.2)
 
         def submit() -> str:
             reply = session.post(f"{base}/jobs", json={"message": "x"}, timeout=30)
