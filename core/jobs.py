@@ -337,7 +337,13 @@ def record_waiting(
 def record_output(session: Session, lease: Lease, output: Output, stored: StoredFile) -> Artifact:
     """Record one output file once: a second record of the same name returns the first."""
     job = _fenced(session, lease)
-    existing = session.scalar(_OUTPUT_NAMED, {"job_id": job.id, "name": output.name})
+    # Only an output added earlier in this transaction must be flushed for the lookup to see
+    # it; other pending changes (the placement, progress) are left for the commit's one flush.
+    if any(isinstance(pending, Artifact) for pending in session.new):
+        existing = session.scalar(_OUTPUT_NAMED, {"job_id": job.id, "name": output.name})
+    else:
+        with session.no_autoflush:
+            existing = session.scalar(_OUTPUT_NAMED, {"job_id": job.id, "name": output.name})
     if existing is not None:
         return existing
     artifact = Artifact(

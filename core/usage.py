@@ -84,7 +84,11 @@ _STORED_ONE = select(TenantUsage).where(TenantUsage.tenant_id == bindparam("tena
 def _locked_row(session: Session, tenant_id: str, at: datetime) -> TenantUsage:
     """The tenant's usage row, locked (created empty as of `at` if it has none), so that two
     attempts starting or ending at once both count."""
-    row = session.scalar(_STORED_ONE.with_for_update(), {"tenant_id": tenant_id})
+    # The lookup need not flush the transaction's pending changes first: they cannot change
+    # which usage row this is, and a row already in the session keeps its unflushed values.
+    # Without it, finishing a job flushed (and UPDATEd the job row) once more than needed.
+    with session.no_autoflush:
+        row = session.scalar(_STORED_ONE.with_for_update(), {"tenant_id": tenant_id})
     if row is not None:
         return row
     try:
