@@ -8,7 +8,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import event, func, select, update
 
 import migrations
 from core.artifacts import ArtifactStore
@@ -26,6 +26,7 @@ from core.jobs import (
     heartbeat,
     record_events,
     record_output,
+    record_placement,
     release_job,
 )
 from core.keys import get_or_create_tenant
@@ -210,6 +211,51 @@ def test_an_output_is_recorded_once(db, tmp_path: Path) -> None:  # type: ignore
         events = session.scalars(select(JobEvent.type).where(JobEvent.job_id == job_id)).all()
         assert events.count("output") == 1
     assert store.resolve(stored.path).read_bytes() == b"hi"
+
+
+def test_one_transaction_records_a_name_once(db, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The second record of a name in the same transaction finds the first, still unflushed."""
+    job_id = _new(db)
+    store = ArtifactStore(tmp_path / "artifacts")
+    with db.transaction() as session:
+        lease = claim_job(session, job_id, lease_ttl_s=30)
+    output = Output("output.txt", "text", "text/plain", b"hi")
+    stored = store.write_output(db.tenant_id, job_id, output.name, output.data)
+    with db.transaction() as session:
+        first = record_output(session, lease, output, stored)
+        assert record_output(session, lease, output, stored) is first
+    with db.read() as session:
+        assert session.scalar(select(func.count()).select_from(Artifact)) == 1
+
+
+def test_finishing_with_an_output_updates_the_job_row_once(db, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The runner's finish (placement, output, state and usage in one transaction) writes the
+    job row with one UPDATE: the lookups in it do not flush the pending changes first."""
+    job_id = _new(db)
+    store = ArtifactStore(tmp_path / "artifacts")
+    with db.transaction() as session:
+        lease = claim_job(session, job_id, lease_ttl_s=30)
+    assert lease is not None
+    output = Output("output.txt", "text", "text/plain", b"hi")
+    stored = store.write_output(db.tenant_id, job_id, output.name, output.data)
+    statements: list[str] = []
+
+    def seen(conn, cursor, statement, parameters, context, executemany):  # type: ignore[no-untyped-def]
+        statements.append(statement)
+
+    event.listen(db.engine, "before_cursor_execute", seen)
+    try:
+        with db.transaction() as session:
+            record_placement(session, lease, {"node": "n1"})
+            record_output(session, lease, output, stored)
+            assert finish_job(session, lease, JobState.SUCCEEDED) == JobState.SUCCEEDED
+    finally:
+        event.remove(db.engine, "before_cursor_execute", seen)
+    assert sum(s.lstrip().upper().startswith("UPDATE JOB ") for s in statements) == 1
+    with db.read() as session:
+        job = get_job(session, job_id)
+        assert job.state == JobState.SUCCEEDED and job.placement == {"node": "n1"}
+        assert session.scalar(select(func.count()).select_from(Artifact)) == 1
 
 
 def test_a_job_past_its_deadline_is_not_started(db) -> None:  # type: ignore[no-untyped-def]
