@@ -1,0 +1,129 @@
+"""CPU time of the transaction that finishes a generate job (its placement, its output and the
+finish with the tenant's usage, as scheduler/outcomes.py writes them), in-process, against
+the same transaction with the two flushes it made before (each lookup flushed the pending
+changes first, so the job row was UPDATEd three times). The two run interleaved in one
+process, so the ratio holds on a busy machine where the figures through the whole stack move.
+
+    .venv/bin/python bench/finish_cost.py [--jobs 300] [--database-url URL]
+
+Figures are printed and written to bench/results/finish-cost-<database>-<UTC time>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import migrations  # noqa: E402
+from core.artifacts import ArtifactStore  # noqa: E402
+from core.catalog import ensure_builtins, resolve_model  # noqa: E402
+from core.db import Database  # noqa: E402
+from core.events import Output  # noqa: E402
+from core.jobs import (  # noqa: E402
+    NewJob,
+    claim_job,
+    create_job,
+    finish_job,
+    record_output,
+    record_placement,
+)
+from core.keys import get_or_create_tenant  # noqa: E402
+from core.settings import Settings  # noqa: E402
+from core.states import JobKind, JobState  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=300)
+    parser.add_argument("--database-url", default=None, help="default: SQLite in a temp dir")
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="genq-finish-"))
+    settings = Settings(var_dir=tmp / "var", database_url=args.database_url)
+    migrations.upgrade(settings)
+    database = Database(settings)
+    store = ArtifactStore(tmp / "artifacts")
+    with database.transaction() as session:
+        ensure_builtins(session)
+        tenant_id = get_or_create_tenant(session, "bench").id
+        model_id = resolve_model(session, tenant_id, "echo").id
+    output = Output("output.txt", "text", "text/plain; charset=utf-8", b"x")
+
+    def one(flush_first: bool) -> float:
+        with database.transaction() as session:
+            job, _ = create_job(
+                session,
+                NewJob(
+                    tenant_id=tenant_id,
+                    kind=JobKind.GENERATE,
+                    family="echo",
+                    queue="generate",
+                    params={"message": "x"},
+                    model_id=model_id,
+                ),
+            )
+        with database.transaction() as session:
+            lease = claim_job(session, job.id, lease_ttl_s=60)
+        assert lease is not None
+        stored = store.write_output(tenant_id, job.id, output.name, output.data, lease.token)
+        started = time.process_time()
+        with database.transaction() as session:
+            record_placement(session, lease, {"node": "bench"})
+            if flush_first:  # what the output lookup's autoflush did
+                session.flush()
+            record_output(session, lease, output, stored)
+            if flush_first:  # what the usage row's locking lookup's autoflush did
+                session.flush()
+            finish_job(session, lease, JobState.SUCCEEDED, metrics={"load_s": 0.0})
+        return 1000 * (time.process_time() - started)
+
+    for _ in range(20):  # warm: statement caches, connections
+        one(True)
+        one(False)
+    before, after = [], []
+    for _ in range(args.jobs):
+        before.append(one(True))
+        after.append(one(False))
+    database.dispose()
+    database_name = "postgresql" if args.database_url else "sqlite"
+    result = {
+        "at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{os.cpu_count()} cores",
+        "database": database_name,
+        "jobs": args.jobs,
+        "finish_cpu_ms_three_flushes": {
+            "mean": round(statistics.fmean(before), 3),
+            "p50": round(statistics.median(before), 3),
+        },
+        "finish_cpu_ms_one_flush": {
+            "mean": round(statistics.fmean(after), 3),
+            "p50": round(statistics.median(after), 3),
+        },
+    }
+    result["ratio_mean"] = round(
+        result["finish_cpu_ms_one_flush"]["mean"] / result["finish_cpu_ms_three_flushes"]["mean"],
+        2,
+    )
+    print(
+        f"finish transaction ({database_name}), CPU per job: "
+        f"three flushes {result['finish_cpu_ms_three_flushes']['mean']:.2f} ms, "
+        f"one flush {result['finish_cpu_ms_one_flush']['mean']:.2f} ms "
+        f"(ratio {result['ratio_mean']:.2f})"
+    )
+    stamp = result["at"][:19].replace(":", "")
+    out = ROOT / "bench" / "results" / f"finish-cost-{database_name}-{stamp}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"written to {out.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
