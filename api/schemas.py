@@ -127,7 +127,7 @@ class Job(TypedDict):
     name: str | None
     params: Object
     priority: Annotated[int, Field(ge=0, le=9)]
-    priority_class: Literal["interactive", "normal", "batch"]
+    priority_class: Annotated[str, one_of("interactive", "normal", "batch")]
     progress: JobProgress
     queue_position: int | None
     eta_s: float | None
@@ -187,7 +187,7 @@ class DeliveryAttempt(TypedDict):
 
 class Delivery(TypedDict):
     id: str
-    event: Literal["start", "progress", "output", "completed", "preempted"]
+    event: Annotated[str, one_of("start", "progress", "output", "completed", "preempted")]
     type: str
     url: str
     state: Annotated[str, one_of("pending", "delivered", "failed")]
@@ -368,7 +368,7 @@ class TenantQuotas(TypedDict):
     max_queued: int | None
     gpu_seconds_budget: float | None
     budget_period_s: int
-    over_quota: Literal["reject", "hold"]
+    over_quota: Annotated[str, one_of("reject", "hold")]
 
 
 class TenantRateLimit(TypedDict):
