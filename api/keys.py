@@ -15,7 +15,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationErro
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api import schemas
+from api import schemas_admin as schemas
 from api.app import genq
 from api.auth import principal, tenant_scope
 from api.jobs import read_json_body
