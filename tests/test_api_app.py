@@ -131,8 +131,9 @@ def test_openapi_document_is_valid(client: FlaskClient) -> None:
 def test_the_openapi_document_and_the_url_map_name_the_same_operations(
     app: Flask, client: FlaskClient
 ) -> None:
-    # api/openapi_paths.py declares the operations apart from the views: this holds the two
-    # together both ways (a route nobody documented, a documented route nobody serves).
+    # api/openapi_jobs.py and openapi_admin.py declare the operations apart from the views:
+    # this holds them to the routes both ways (a route nobody documented, a documented route
+    # nobody serves).
     doc = client.get("/v1/openapi.json").get_json()
     served = set()
     for rule in app.url_map.iter_rules():
