@@ -178,8 +178,11 @@ def main() -> None:
     times: dict[str, list[float]] = {name: [] for name in variants}
     for name, run in variants.items():  # one untimed round each: caches, imports
         assert run() == args.jobs, name
-    for _ in range(args.rounds):
-        for name, run in variants.items():
+    names = list(variants)
+    for round_ in range(args.rounds):
+        # Each round starts with another variant, so none always runs first or last.
+        for name in names[round_ % len(names) :] + names[: round_ % len(names)]:
+            run = variants[name]
             gc.collect()  # no variant pays for another's garbage
             start = time.perf_counter()
             run()
