@@ -1,7 +1,8 @@
 """The MkDocs hook that makes genq's generated pages at build time, so that none can drift.
 
-- The front page is `README.md` and the benchmarks page `bench/README.md`, their links
-  rewritten to the site's pages (a link to a file outside `docs/` becomes its text).
+- The front page is `README.md` and the benchmarks page `bench/README.md` (with the pictures
+  in `bench/results/`), their links rewritten to the site's pages (a link to any other file
+  outside `docs/` becomes its text).
 - The settings table replaces the `<!-- settings-table -->` marker of `docs/settings.md`: one row
   per `Settings` field (core/settings.py), its `GENQ_*` variable, type, default and bounds taken
   from the class, its meaning from the field's `description` or the comment block above it.
@@ -21,6 +22,7 @@ import os
 import posixpath
 import re
 import tempfile
+import textwrap
 import typing
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,6 +36,9 @@ ROOT = Path(__file__).resolve().parents[2]
 SETTINGS_MARKER = "<!-- settings-table -->"
 # Repository files outside docs/ that have a page of their own on the site.
 SITE_PAGES = {"README.md": "index.md", "bench/README.md": "benchmarks.md"}
+# Pictures the benchmarks page shows, copied into the site under this folder.
+BENCH_PICTURES = "bench/results"
+SITE_PICTURES = "bench-results"
 _LINK = re.compile(r"(!?)\[([^\]\n]+)\]\(([^)\s]+)\)")
 
 
@@ -54,6 +59,8 @@ def site_links(markdown: str, source: str) -> str:
         repo_path = posixpath.normpath(posixpath.join(here, path))
         if repo_path in SITE_PAGES:
             page = SITE_PAGES[repo_path]
+        elif posixpath.dirname(repo_path) == BENCH_PICTURES and repo_path.endswith(".png"):
+            page = f"{SITE_PICTURES}/{posixpath.basename(repo_path)}"
         elif repo_path.startswith("docs/") and repo_path.endswith(".md"):
             page = repo_path.removeprefix("docs/")
         else:
@@ -79,18 +86,20 @@ def _outside_code(markdown: str, change: Any) -> str:
 # --- settings --------------------------------------------------------------------------------
 
 
-def settings_rows() -> list[dict[str, Any]]:
+def settings_rows(settings_class: type | None = None) -> list[dict[str, Any]]:
     """One entry per group of `Settings` fields that share a description, in the class's
-    order: `names` (the fields), `variables`, `types`, `defaults`, `bounds`, `description`."""
+    order: `names` (the fields), `variables`, `types`, `defaults`, `bounds`, `description`.
+    A field with no description stops the build: every setting is documented."""
     from core.settings import Settings
 
-    prefix = str(Settings.model_config.get("env_prefix", ""))
-    descriptions = _field_comments(Settings)
+    cls: Any = settings_class or Settings
+    prefix = str(cls.model_config.get("env_prefix", ""))
+    descriptions = _field_comments(cls)
     groups: list[dict[str, Any]] = []
-    for name, field in Settings.model_fields.items():
+    for name, field in cls.model_fields.items():
         text = field.description or descriptions.get(name)
         if text is None:
-            raise ValueError(f"Settings.{name} has no description: give it a comment or one")
+            raise ValueError(f"{cls.__name__}.{name} has no description: give it a comment")
         if groups and groups[-1]["description"] == text and not field.description:
             group = groups[-1]
         else:
@@ -110,7 +119,7 @@ def _field_comments(cls: type) -> dict[str, str]:
     the block of the field on the line above it (a block describes the fields under it up to
     a blank line or the next comment)."""
     lines, _ = inspect.getsourcelines(cls)
-    tree = ast.parse("".join(lines))
+    tree = ast.parse(textwrap.dedent("".join(lines)))
     body = tree.body[0]
     assert isinstance(body, ast.ClassDef)
     found: dict[str, str] = {}
@@ -178,7 +187,9 @@ def _bounds(field: FieldInfo) -> str:
                 number = getattr(rule, attribute)
                 if isinstance(number, float) and number.is_integer():
                     number = int(number)
-                shown.append(f"{sign} {number:,}" if isinstance(number, int) else f"{sign} {number}")
+                shown.append(
+                    f"{sign} {number:,}" if isinstance(number, int) else f"{sign} {number}"
+                )
         if isinstance(rule, annotated_types.MinLen):
             shown.append(f"at least {rule.min_length} characters")
         pattern = getattr(rule, "pattern", None)
@@ -314,7 +325,10 @@ def _operation(method: str, path: str, item: dict[str, Any], doc: dict[str, Any]
     if body:
         body = _resolve(body, doc)
         for media, content in body.get("content", {}).items():
-            out += [f"Body (`{media}`): {_type(content.get('schema', {}))}.", ""]
+            schema = content.get("schema", {})
+            out += [f"Body (`{media}`): {_type(schema)}.", ""]
+            if "$ref" not in schema and schema.get("properties"):
+                out += _fields(schema, here=False)
     responses = op.get("responses", {})
     if responses:
         out += ["| answer | meaning | body |", "|---|---|---|"]
@@ -340,12 +354,17 @@ def _schema_section(name: str, schema: dict[str, Any], schemas: dict[str, Any]) 
         extra = _constraints(schema)
         out += [f"{_type(schema, here=True)}{'; ' + extra if extra else ''}.", ""]
         return out
+    return out + _fields(schema, here=True)
+
+
+def _fields(schema: dict[str, Any], here: bool) -> list[str]:
+    """The table of an object schema's fields."""
     required = set(schema.get("required", []))
-    out += ["| field | type | required | meaning |", "|---|---|---|---|"]
-    for field, sub in properties.items():
+    out = ["| field | type | required | meaning |", "|---|---|---|---|"]
+    for field, sub in schema.get("properties", {}).items():
         meaning = _join(sub.get("description", ""), _constraints(sub))
         out.append(
-            f"| `{field}` | {_type(sub, here=True)} | {'yes' if field in required else 'no'} "
+            f"| `{field}` | {_type(sub, here)} | {'yes' if field in required else 'no'} "
             f"| {_cell(meaning)} |"
         )
     out.append("")
@@ -394,10 +413,10 @@ def _constraints(schema: dict[str, Any]) -> str:
         "exclusiveMinimum": "> {}",
         "maximum": "≤ {}",
         "exclusiveMaximum": "< {}",
-        "minLength": "at least {} characters",
-        "maxLength": "at most {} characters",
-        "minItems": "at least {} items",
-        "maxItems": "at most {} items",
+        "minLength": "length ≥ {}",
+        "maxLength": "length ≤ {}",
+        "minItems": "items ≥ {}",
+        "maxItems": "items ≤ {}",
         "pattern": "matches `{}`",
         "default": "default `{}`",
     }
@@ -449,6 +468,9 @@ def on_files(files: Any, config: Any) -> Any:
         if files.get_file_from_path(uri) is not None:
             files.remove(files.get_file_from_path(uri))
         files.append(File.generated(config, uri, content=content))
+    for picture in sorted((ROOT / BENCH_PICTURES).glob("*.png")):
+        uri = f"{SITE_PICTURES}/{picture.name}"
+        files.append(File.generated(config, uri, abs_src_path=str(picture)))
     return files
 
 
