@@ -302,7 +302,7 @@ def _resolve(node: dict[str, Any], doc: dict[str, Any]) -> dict[str, Any]:
 
 def _operation(method: str, path: str, item: dict[str, Any], doc: dict[str, Any]) -> list[str]:
     op = item[method]
-    anchor = op.get("operationId") or _slug(f"{method}-{path}")
+    anchor = _anchor(op.get("operationId") or f"{method}-{path}")
     out = [f"### {method.upper()} `{path}` {{#{anchor}}}", ""]
     if op.get("summary"):
         out += [_text(op["summary"]) + ".", ""]
@@ -346,7 +346,7 @@ def _operation(method: str, path: str, item: dict[str, Any], doc: dict[str, Any]
 
 
 def _schema_section(name: str, schema: dict[str, Any], schemas: dict[str, Any]) -> list[str]:
-    out = [f"## {name} {{#{name}}}", ""]
+    out = [f"## {name} {{#{_anchor(name)}}}", ""]
     if schema.get("description"):
         out += [_text(schema["description"]), ""]
     properties: dict[str, Any] = schema.get("properties", {})
@@ -382,7 +382,7 @@ def _type(schema: dict[str, Any], here: bool = False) -> str:
         name = ref.rsplit("/", 1)[-1]
         if not ref.startswith("#/components/schemas/"):
             return f"`{name}`"
-        return f"[{name}]({'' if here else 'schemas.md'}#{name})"
+        return f"[{name}]({'' if here else 'schemas.md'}#{_anchor(name)})"
     for key, word in (("oneOf", " or "), ("anyOf", " or "), ("allOf", " and ")):
         if key in schema:
             return word.join(_type(s, here) for s in schema[key])
@@ -433,8 +433,9 @@ def _join(*parts: str) -> str:
     return text
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+def _anchor(name: str) -> str:
+    """An HTML id for a schema or operation name (generated names may hold `[`, `.` or `/`)."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-")
 
 
 def _text(text: str) -> str:
