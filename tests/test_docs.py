@@ -149,7 +149,9 @@ def test_a_setting_without_a_description_stops_the_page(hooks: ModuleType) -> No
 
 
 def test_the_api_reference_has_every_operation_and_schema(hooks: ModuleType, site: Path) -> None:
-    doc = hooks.openapi_document()
+    # The document the build fetched from the app, published beside the pages.
+    doc = json.loads((site / "reference" / "openapi.json").read_text())
+    assert doc["openapi"].startswith("3.1") and doc["paths"]
     html = (site / "reference" / "index.html").read_text()
     operations = _text(site / "reference" / "index.html")
     schemas = (site / "reference" / "schemas" / "index.html").read_text()

@@ -263,7 +263,8 @@ def openapi_pages(doc: dict[str, Any]) -> dict[str, str]:
         "",
         f"Rendered from the OpenAPI {doc.get('openapi', '')} document that the API serves at "
         "`GET /v1/openapi.json` (no key needed), when this site was built: the document is the "
-        f"contract, this page a reading of it. {_text(info.get('description', ''))} "
+        "contract, this page a reading of it ([the document as built](openapi.json)). "
+        f"{_text(info.get('description', ''))} "
         "Conventions (keys, errors, limits) are in the [API overview](../api.md); the bodies' "
         "shapes are on the [schemas](schemas.md) page.",
         "",
@@ -464,7 +465,10 @@ def on_files(files: Any, config: Any) -> Any:
         "index.md": site_links((ROOT / "README.md").read_text(), "README.md"),
         "benchmarks.md": site_links((ROOT / "bench/README.md").read_text(), "bench/README.md"),
     }
-    made.update(openapi_pages(openapi_document()))
+    document = openapi_document()
+    made.update(openapi_pages(document))
+    # The document itself beside its pages, for readers and tools that want the JSON.
+    made["reference/openapi.json"] = json.dumps(document, indent=2) + "\n"
     for uri, content in made.items():
         if files.get_file_from_path(uri) is not None:
             files.remove(files.get_file_from_path(uri))
