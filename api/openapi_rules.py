@@ -129,6 +129,7 @@ class Op:
 def deletion(
     path: str, operation_id: str, summary: str, description: str, conflict: str, **more: Any
 ) -> Op:
+    """A DELETE: 204 when done, 409 (`conflict` says when) when something still needs it."""
     answers = {204: DELETED, 409: problem(conflict), **more.pop("answers", {})}
     return Op("delete", path, operation_id, summary, answers, description, **more)
 
@@ -217,6 +218,7 @@ def _responses(op: Op, parameters: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def operation(op: Op, limit_max: int) -> dict[str, Any]:
+    """The document's Operation Object of `op`."""
     parameters = _parameters(op, limit_max)
     built: dict[str, Any] = {"summary": op.summary}
     if op.description:
@@ -240,9 +242,15 @@ def operation(op: Op, limit_max: int) -> dict[str, Any]:
 def paths(ops: Iterable[Op], limit_max: int) -> dict[str, Any]:
     """The document's `paths`; `limit_max`: GENQ_PAGE_SIZE_MAX, the largest page a list
     operation answers."""
-    paths: dict[str, dict[str, Any]] = {}
+    built: dict[str, dict[str, Any]] = {}
+    ids: set[str] = set()
     for op in ops:
-        if op.method in paths.get(op.path, {}):
-            raise ValueError(f"{op.method} {op.path} is declared twice")
-        paths.setdefault(op.path, {})[op.method] = operation(op, limit_max)
-    return paths
+        if op.method in built.get(op.path, {}) or op.id in ids:
+            raise ValueError(f"{op.method} {op.path} ({op.id}) is declared twice")
+        ids.add(op.id)
+        built.setdefault(op.path, {})[op.method] = operation(op, limit_max)
+    # A link to an operation that is not there would be a broken document, not a missing link.
+    for (source, _), targets in LINKS.items():
+        if not {source, *targets} <= ids:
+            raise ValueError(f"LINKS names operations not declared: { ({source, *targets} - ids) }")
+    return built
