@@ -2,10 +2,10 @@
 
 They serve twice: pydantic turns each into the JSON schema `/v1/openapi.json` publishes under
 `components.schemas` (api/openapi.py), and the builders that make the answers (api/payloads.py
-and the views' `*_payload` functions) are typed to return them, so mypy refuses a builder that
-adds, drops or mistypes a field the document does not. Typed dicts, not pydantic models: a
-builder keeps making a plain dict, and a page of 1,000 jobs costs nothing more to render
-(bench/openapi_render.py measures what validating or constructing models would cost).
+and the views' `*_payload` functions) are typed to return them, so mypy refuses a builder
+whose fields differ from the document's. Typed dicts, not pydantic models: a builder keeps
+making a plain dict, and a page of 1,000 jobs costs nothing more to render
+(bench/openapi_render.py measures that, and what validating every answer would cost).
 
 A class's name is its name in the document; a field's `Annotated` metadata carries what the
 type alone cannot say (formats, enums, bounds, descriptions). A leaf module: it imports only
