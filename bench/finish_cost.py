@@ -6,7 +6,7 @@ process, so the ratio holds on a busy machine where the figures through the whol
 
     .venv/bin/python bench/finish_cost.py [--jobs 300] [--database-url URL]
 
-Figures are printed and written to bench/results/finish-cost-<database>-<UTC time>.json.
+Figures are printed and written to bench/results/finish-cost-<UTC time>.json.
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def main() -> None:
         f"(ratio {result['ratio_mean']:.2f})"
     )
     stamp = result["at"][:19].replace(":", "")
-    out = ROOT / "bench" / "results" / f"finish-cost-{database_name}-{stamp}.json"
+    out = ROOT / "bench" / "results" / f"finish-cost-{stamp}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"written to {out.relative_to(ROOT)}")
 

@@ -11,7 +11,8 @@ Besides jobs/s it reads the CPU time of every process of each side from /proc be
 the burst (gunicorn, the Celery worker, Ray's processes, the Redis server on the benchmark's
 port), so the ratio can be told apart from how busy the machine was. SQLite: each side gets
 a fresh file; PostgreSQL: both use the URL given (genq's tables and `bare_job`). Figures are
-printed and written to bench/results/job-path-<database>-<UTC time>.json.
+printed and written to bench/results/job-path-<UTC time>.json (`job-path-before-…` with
+`--label before`).
 """
 
 from __future__ import annotations
@@ -283,7 +284,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=400)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--database-url", default=None, help="default: SQLite in a temp dir")
-    parser.add_argument("--label", default="", help="a word for the result file, e.g. before")
+    parser.add_argument("--label", default="", help="`before` marks a baseline run")
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="genq-job-path-"))
@@ -313,9 +314,10 @@ def main() -> None:
         f"genq / bare ({database}): {result['ratio_jobs_per_s']:.2f} in jobs/s, "
         f"{result['ratio_cpu_per_job']:.2f} in CPU per job (target 0.5)"
     )
-    label = f"-{args.label}" if args.label else ""
+    # bench/report.py's naming: `-before-` marks a baseline run; the database is in the JSON.
+    before = "-before" if args.label == "before" else ""
     stamp = result["at"][:19].replace(":", "")
-    out = ROOT / "bench" / "results" / f"job-path{label}-{database}-{stamp}.json"
+    out = ROOT / "bench" / "results" / f"job-path{before}-{stamp}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"written to {out.relative_to(ROOT)}")
 
