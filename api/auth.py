@@ -14,8 +14,8 @@ from typing import Any, TypeVar
 
 from flask import Flask, current_app, g, request
 
-from api.app import genq
 from api.ratelimits import add_header_fields, client_address, is_redis_down, log_redis_down
+from api.state import genq
 from core.errors import ForbiddenError, RateLimitedError, UnauthorizedError
 from core.keys import Principal, authenticate, is_last_use_stale, touch_key
 from core.tables import utcnow

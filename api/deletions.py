@@ -24,8 +24,8 @@ from sqlalchemy import or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from api.app import genq
 from api.auth import principal, tenant_scope
+from api.state import genq
 from core.audit import Actor, record_action
 from core.catalog import find_version
 from core.deletion import (

@@ -12,10 +12,10 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, request
 from sqlalchemy import select
 
-from api.app import genq
 from api.auth import principal, tenant_scope
 from api.jobs import _parse_limit, decode_cursor, encode_cursor, find_job
 from api.payloads import iso, render_jobs
+from api.state import genq
 from core.states import JobState
 from core.tables import Job, WebhookDelivery
 from core.webhooks import deliveries_of, tenant_secret

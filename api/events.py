@@ -18,10 +18,10 @@ from collections.abc import Iterator
 from flask import Blueprint, Response, request
 from sqlalchemy import select
 
-from api.app import genq
 from api.auth import principal
 from api.jobs import find_job
 from api.payloads import event_payload
+from api.state import genq
 from core.db import Database
 from core.errors import BusyError, InvalidInputError, RateLimitedError
 from core.numbers import parse_whole

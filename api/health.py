@@ -19,9 +19,9 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify
 from sqlalchemy import text
 
-from api.app import genq
 from api.auth import public
 from api.problems import problem_response
+from api.state import genq
 from scheduler.broker import QUEUES
 from scheduler.heartbeats import (
     RAY_QUEUES,

@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from api.app import genq
+from api.state import genq
 from api.submissions import (
     JobSubmission,
     build_new_job,

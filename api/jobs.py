@@ -19,11 +19,11 @@ from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 from werkzeug.exceptions import UnsupportedMediaType
 
-from api.app import genq
 from api.auth import principal, tenant_scope
 from api.inputs import refuse_nul
 from api.intake import check_outside, publish_jobs
 from api.payloads import event_payload, render_job, render_jobs
+from api.state import genq
 from api.submissions import (
     build_new_job,
     check_idempotency_key,

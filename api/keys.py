@@ -16,10 +16,10 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationErro
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.app import genq
 from api.auth import principal, tenant_scope
 from api.jobs import read_json_body
 from api.payloads import iso
+from api.state import genq
 from api.submissions import errors_from
 from core.audit import Actor, record_action
 from core.errors import ForbiddenError, InvalidInputError, NotFoundError

@@ -15,10 +15,10 @@ from typing import Any
 from flask import Blueprint, Response, jsonify
 from pydantic import BaseModel
 
-from api.app import genq
 from api.auth import public
 from api.catalog import ModelRegistration
 from api.datasets import DATASET_NAME_MAX, KINDS
+from api.state import genq
 from api.submissions import JobSubmission
 from core.artifacts import NAME_PATTERN
 from core.numbers import INT32_MAX

@@ -37,7 +37,7 @@ def worker_slots() -> int:
 
     if not has_app_context():
         return 1
-    from api.app import genq
+    from api.state import genq
 
     state = genq()
     at, slots = _slots_cache.get(id(state), (0.0, 0))
@@ -265,7 +265,7 @@ def scaling_payload(model: Model) -> dict[str, Any]:
     are its family's defaults and the deployment's idle delays)."""
     from flask import has_app_context
 
-    from api.app import genq
+    from api.state import genq
     from core.settings import Settings
     from workers.registry import get_family
 

@@ -16,9 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Valida
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
-from api.app import genq
 from api.auth import principal, tenant_scope
 from api.jobs import read_json_body
+from api.state import genq
 from api.submissions import errors_from, patch_schema
 from core.audit import Actor, record_action
 from core.deletion import disk_use

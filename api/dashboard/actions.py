@@ -12,10 +12,10 @@ from flask import Response, redirect, render_template, request, url_for
 from sqlalchemy import select
 from werkzeug.wrappers import Response as BaseResponse
 
-from api.app import genq
 from api.dashboard import bp
 from api.dashboard.session import admin
 from api.jobs import publish
+from api.state import genq
 from core.audit import record_action
 from core.errors import IllegalTransitionError, InvalidInputError, NotFoundError
 from core.jobs import PRIORITY_CLASSES, cancel_job, retry_job, set_priority

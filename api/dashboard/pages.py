@@ -18,10 +18,10 @@ from flask import Response, jsonify, redirect, render_template, request, url_for
 from markupsafe import Markup
 from sqlalchemy import select
 
-from api.app import genq
 from api.artifacts import send_artifact
 from api.dashboard import bp, charts, queries
 from api.dashboard.session import admin
+from api.state import genq
 from core.audit import recent_actions
 from core.errors import InvalidInputError, NotFoundError
 from core.numbers import parse_whole

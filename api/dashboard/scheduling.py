@@ -14,9 +14,9 @@ from pydantic import ValidationError
 from sqlalchemy import select
 from werkzeug.wrappers import Response as BaseResponse
 
-from api.app import genq
 from api.dashboard import bp
 from api.dashboard.session import admin
+from api.state import genq
 from api.submissions import errors_from
 from api.tenants import JOB_QUEUES, NOT_NULL, QuotaChange
 from core.audit import record_action

@@ -19,7 +19,6 @@ from flask import Blueprint, Response, g, jsonify, request
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
-from api.app import genq
 from api.auth import principal, tenant_scope
 from api.intake import build_jobs, publications, publish_jobs
 from api.jobs import read_json_body
@@ -29,6 +28,7 @@ from api.openai_compat.errors import param_name
 from api.openai_compat.files import find_file, read_file
 from api.openai_compat.images import RENAMES, image_call
 from api.openai_compat.text import chat_call, completion_call
+from api.state import genq
 from api.submissions import JobSubmission, request_hash, validate_params
 from core.errors import ConflictError, InvalidInputError, NotFoundError
 from core.jobs import cancel_job

@@ -21,10 +21,10 @@ from flask import Blueprint, Response, g, jsonify, stream_with_context
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
-from api.app import genq
 from api.jobs import read_json_body
 from api.openai_compat import calls
 from api.openai_compat.errors import JOB_ID_HEADER, error_event
+from api.state import genq
 from core.errors import InvalidInputError
 from core.states import is_terminal
 from core.tables import Job, JobEvent, Model
