@@ -88,7 +88,7 @@ def main() -> None:
     if args.database_url:
         env["GENQ_DATABASE_URL"] = args.database_url
     migrate = subprocess.run(
-        [sys.executable, "-m", "api.cli", "migrate"],
+        [sys.executable, "-m", "stack.cli", "migrate"],
         env=env,
         cwd=ROOT,
         capture_output=True,

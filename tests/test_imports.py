@@ -14,7 +14,7 @@ import pytest
         "api",
         "api.app",
         "api.wsgi",
-        "api.cli",
+        "stack.cli",
         "workers.registry",
         "scheduler.enqueue",
         # The periodic scheduler runs on the API host of a cluster, which has no Ray node.
