@@ -22,8 +22,8 @@ from sqlalchemy import text
 from api.auth import public
 from api.problems import problem_response
 from api.state import genq
-from scheduler.broker import QUEUES
-from scheduler.heartbeats import (
+from scheduler.enqueue import (
+    QUEUES,
     RAY_QUEUES,
     SCHEDULER_INDEX,
     WORKER_INDEX,

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 def cluster_nodes() -> list[dict[str, float]]:
     """The Ray nodes the workers last reported (empty when unknown or Redis is away)."""
-    from scheduler.snapshot import node_resources
+    from scheduler.enqueue import node_resources
 
     try:
         return node_resources(genq().publisher.redis)

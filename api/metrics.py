@@ -94,7 +94,7 @@ def _sql_text(settings: Settings, database: Database, client: redis.Redis) -> by
 
 def exposition() -> bytes:
     """The text of one scrape: this host's per-process figures, the cluster's and SQL's."""
-    from scheduler.snapshot import read_snapshots
+    from scheduler.enqueue import read_snapshots
 
     state = genq()
     registry = CollectorRegistry(auto_describe=False)

@@ -45,7 +45,7 @@ def worker_slots() -> int:
         return slots
     slots = state.settings.worker_concurrency
     try:
-        from scheduler.snapshot import read_snapshots
+        from scheduler.enqueue import read_snapshots
 
         found = sum(int(s.get("concurrency") or 0) for s in read_snapshots(state.publisher.redis))
         slots = found or slots

@@ -28,7 +28,7 @@ from core.quotas import usage
 from core.retention import policies
 from core.tables import Tenant, utcnow
 from core.usage import fair_share_report
-from scheduler.broker import QUEUES, WEBHOOK_QUEUE, read_dropped
+from scheduler.enqueue import QUEUES, WEBHOOK_QUEUE, read_dropped
 
 bp = Blueprint("tenants", __name__, url_prefix="/v1")
 

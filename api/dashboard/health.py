@@ -14,7 +14,7 @@ from flask import render_template
 from api.dashboard import bp
 from api.health import readiness, worker_heartbeats
 from api.state import genq
-from scheduler.heartbeats import SCHEDULER_INDEX, read_heartbeats
+from scheduler.enqueue import SCHEDULER_INDEX, read_heartbeats
 
 
 @bp.get("/health")
