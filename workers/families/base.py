@@ -43,6 +43,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
+# DatasetRef is defined in core so that workers.datasets, which the families import, needs
+# nothing of this package; families and plug-ins keep importing it from here.
+from core.catalog import DatasetRef
 from core.events import Event, Progress
 from core.states import JobKind
 
@@ -144,13 +147,6 @@ class RunContext:
     adapter: dict[str, str] | None = None
     # Input files the job's params name (`Family.input_fields`), as bytes, by param name.
     inputs: dict[str, bytes] = field(default_factory=dict)
-
-
-@dataclass
-class DatasetRef:
-    name: str
-    kind: str  # images | text
-    path: Path | None  # None for a built-in data set
 
 
 @dataclass
