@@ -31,6 +31,8 @@ lint: $(BIN)/genq
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	# The import contracts of docs/architecture.md ([tool.importlinter] in pyproject.toml).
+	$(BIN)/lint-imports --no-logo
 
 fmt: $(BIN)/genq
 	$(BIN)/ruff format .
@@ -40,4 +42,4 @@ bench: $(BIN)/genq
 	$(BIN)/python bench/throughput.py
 
 clean:
-	rm -rf $(VENV) var .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) var .pytest_cache .ruff_cache .mypy_cache .import_linter_cache
