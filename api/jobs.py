@@ -208,7 +208,8 @@ def _parse_states(value: str) -> list[str]:
     return states
 
 
-def _parse_limit(value: str | None, maximum: int) -> int:
+def parse_limit(value: str | None, maximum: int) -> int:
+    """A list's `limit` query parameter: 50 (or `maximum`) when absent."""
     if value is None:
         return min(50, maximum)
     limit = parse_whole(value, minimum=1, maximum=maximum)
@@ -233,7 +234,7 @@ def decode_cursor(cursor: str) -> str:
 def list_jobs() -> Response:
     """Newest first. `next_cursor` is null on the last page."""
     settings = genq().settings
-    limit = _parse_limit(request.args.get("limit"), settings.page_size_max)
+    limit = parse_limit(request.args.get("limit"), settings.page_size_max)
     stmt = select(Job)
     scope = tenant_scope()
     if scope is not None:
