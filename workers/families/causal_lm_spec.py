@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from core.errors import InvalidInputError
 from core.states import JobKind
-from workers.families.base import Family, Resources
+from workers.families.base import Family, OpenAIShape, Resources
 
 SEED_MAX = 2**32 - 1
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -178,4 +178,5 @@ FAMILY = Family(
     resources=Resources(num_gpus=1.0, num_cpus=1.0, gpu_memory_gb=8.0),
     check_model_params=check_model_params,
     check_layout=check_layout,
+    openai=OpenAIShape.CHAT,
 )
