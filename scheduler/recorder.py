@@ -96,7 +96,7 @@ class EventRecorder:
         self._text_in_flight = 0
         self.text_lock = threading.Lock()
         self._timer: threading.Timer | None = None
-        # When the last write committed (monotonic): text waits until flush_s after it.
+        # When the last write began (monotonic): text waits until flush_s after it.
         self.last_write_at = 0.0
         self.has_text = False
         # Set once the attempt's last transaction has begun: no timer writes after it.
@@ -202,6 +202,8 @@ class EventRecorder:
                                 return None
                             self._timer_writing = True
                     self._in_flight, self._text_in_flight = [], 0
+                    with self.text_lock:  # writes begin at least an interval apart
+                        self.last_write_at = time.monotonic()
                     self._write_text(session, again=tries > 1)
                     result = work(session)
                 self.committed()
@@ -259,7 +261,6 @@ class EventRecorder:
         with self.text_lock:
             del self.pending_text[: self._text_in_flight]
             self._text_in_flight = 0
-            self.last_write_at = time.monotonic()
         announce(self.runner.publisher.redis, self.job.id)
 
     def discard_unrecorded(self, *, succeeded: bool) -> None:
