@@ -87,8 +87,10 @@ class EventRecorder:
         # output of the same name made redundant.
         self.written: list[str] = []
         self.redundant: list[str] = []
-        # What the transaction being built writes: cleared from pending once it commits.
-        self._in_flight: list[str] = []
+        # What the transaction being built writes (attribute -> the value written): cleared
+        # from pending once it commits, unless a newer value came meanwhile (the timer writes
+        # while the task's thread records).
+        self._in_flight: dict[str, Any] = {}
         # Streamed text not yet written, and how many of its pieces the transaction being
         # built writes. `text_lock` guards these, the timer and the fields after them.
         self.flush_s = runner.settings.token_flush_ms / 1000
@@ -201,7 +203,7 @@ class EventRecorder:
                             if self._closing:
                                 return None
                             self._timer_writing = True
-                    self._in_flight, self._text_in_flight = [], 0
+                    self._in_flight, self._text_in_flight = {}, 0
                     with self.text_lock:  # writes begin at least an interval apart
                         self.last_write_at = time.monotonic()
                     self._write_text(session, again=tries > 1)
@@ -243,7 +245,7 @@ class EventRecorder:
             self._stop_timer()
             while self._timer_writing:
                 self._timer_done.wait()
-        self._in_flight, self._text_in_flight = [], 0
+        self._in_flight, self._text_in_flight = {}, 0
         self._write_text(session, again=False)
         self._write_placement(session)
         self._write_progress(session)
@@ -253,11 +255,12 @@ class EventRecorder:
     def committed(self) -> None:
         """The transaction that wrote what `write_pending` (or a `transact` work) wrote has
         committed: none of it is pending any more, and the job's followers are woken."""
-        for what in self._in_flight:
+        for what, written in self._in_flight.items():
             if what == "pending_progress":
                 self.last_progress_at = time.monotonic()
-            setattr(self, what, None)
-        self._in_flight = []
+            if getattr(self, what) is written:
+                setattr(self, what, None)
+        self._in_flight = {}
         with self.text_lock:
             del self.pending_text[: self._text_in_flight]
             self._text_in_flight = 0
@@ -363,20 +366,23 @@ class EventRecorder:
 
     def _write_placement(self, session: Session) -> None:
         if self.pending_placement is not None and "pending_placement" not in self._in_flight:
-            record_placement(session, self.lease, self.pending_placement)
-            self._in_flight.append("pending_placement")
+            placement = self.pending_placement
+            record_placement(session, self.lease, placement)
+            self._in_flight["pending_placement"] = placement
 
     def _write_progress(self, session: Session) -> None:
-        if self.pending_progress is not None:
-            record_events(session, self.lease, [self.pending_progress])
-            self._in_flight.append("pending_progress")
+        progress = self.pending_progress
+        if progress is not None:
+            record_events(session, self.lease, [progress])
+            self._in_flight["pending_progress"] = progress
 
     def _write_output(self, session: Session) -> None:
         self._write_placement(session)
-        if self.pending_output is not None:
-            event, stored = self.pending_output
+        held = self.pending_output
+        if held is not None:
+            event, stored = held
             artifact = record_output(session, self.lease, event, stored)
             if artifact.path != stored.path and stored.path not in self.redundant:
                 # An earlier attempt recorded this name: its file stays the job's output.
                 self.redundant.append(stored.path)
-            self._in_flight.append("pending_output")
+            self._in_flight["pending_output"] = held
