@@ -152,9 +152,8 @@ def test_a_long_stream_costs_a_transaction_per_interval_and_arrives_whole(
     # write (it goes out at once) and the finishing one. Per token it would be 1,000.
     during = [t for t in commits if fed["from"] <= t <= fed["to"]]
     assert len(during) <= (fed["to"] - fed["from"]) / 0.1 + 2, (len(during), fed)
-    assert len(commits) < TOKENS / 10
     rows = stored_text(database, job_id)
-    assert 1 < len(rows) <= len(commits)
+    assert 1 < len(rows) <= len(commits) and len(rows) < TOKENS
     assert "".join(row["text"] for row in rows) == "".join(pieces)
     assert [row["index"] for row in rows] == sorted({row["index"] for row in rows})
     assert {row["attempt"] for row in rows} == {1}
@@ -207,7 +206,10 @@ def test_each_write_wakes_the_stream_at_once(
     assert next_text() == "first"
     recorder.record(TextDelta(1, " second"))  # within the interval: the timer writes it
     recorder.record(TextDelta(2, " third"))
-    assert next_text() == " second third"
+    text = next_text()  # both in one event, unless the timer fired between the two
+    if text == " second":
+        text += next_text()
+    assert text == " second third"
     end(database, recorder, lease, JobState.SUCCEEDED)
     while (event := seen.get(timeout=PATIENCE_S))["event"] != "state":
         pass
@@ -220,12 +222,13 @@ def test_a_cancel_mid_stream_keeps_the_text_made(
     client: FlaskClient, keys: Keys, database: Database, settings: Settings, publisher: Publisher
 ) -> None:
     job_id, lease = start(client, keys, database)
-    recorder = recorder_for(settings, database, publisher, job_id, lease)
+    # A long interval: whatever the machine's pace, the text after the first piece waits.
+    slow = settings.model_copy(update={"token_flush_ms": 10_000})
+    recorder = recorder_for(slow, database, publisher, job_id, lease)
     pieces = [f"<{i}>" for i in range(50)]
     for i, piece in enumerate(pieces):
         recorder.record(TextDelta(i, piece))
-    held = len(recorder.pending_text)
-    assert held > 0  # the first went out at once; the rest wait for the interval
+    assert len(recorder.pending_text) == 49  # the first went out at once
     assert client.post(f"/v1/jobs/{job_id}/cancel", headers=bearer(keys.acme)).status_code == 202
     end(database, recorder, lease, JobState.CANCELED)
     assert recorder.pending_text == []
