@@ -204,7 +204,10 @@ class EventRecorder:
                                 return None
                             self._timer_writing = True
                     self._in_flight, self._text_in_flight = {}, 0
-                    with self.text_lock:  # writes begin at least an interval apart
+                    # Writes begin at least an interval apart, counted from the transaction's
+                    # start on its connection (after the pool's checkout and ping).
+                    session.connection()
+                    with self.text_lock:
                         self.last_write_at = time.monotonic()
                     self._write_text(session, again=tries > 1)
                     result = work(session)
