@@ -6,9 +6,9 @@ nor torch. A failed publish is not an error for the caller: the row stays `queue
 `published_at`, and the reconciler publishes it later.
 
 `api/` imports nothing else of `scheduler/`: what it reads of the broker's queues, of the
-processes' heartbeats and of the workers' cluster snapshots is re-exported here (`__all__`), so
-the scheduler can move its modules about without touching the API (docs/architecture.md;
-`make lint` checks it).
+processes' heartbeats and of the workers' cluster snapshots, and the wake-ups its event streams
+wait on, are re-exported here (`__all__`), so the scheduler can move its modules about without
+touching the API (docs/architecture.md; `make lint` checks it).
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from scheduler.heartbeats import (
     read_seen,
 )
 from scheduler.snapshot import node_resources, read_snapshots
+from scheduler.wakeups import Wakeups
 
 __all__ = [
     "QUEUES",
@@ -54,6 +55,7 @@ __all__ = [
     "WORKER_INDEX",
     "Publication",
     "Publisher",
+    "Wakeups",
     "node_resources",
     "queue_for_kind",
     "read_dropped",
