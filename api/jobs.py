@@ -11,6 +11,7 @@ import base64
 import binascii
 import json
 import logging
+import time
 import uuid
 from typing import Any
 
@@ -19,11 +20,19 @@ from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 from werkzeug.exceptions import UnsupportedMediaType
 
+from api import polling
 from api.app import genq
 from api.auth import principal, tenant_scope
 from api.inputs import refuse_nul
 from api.intake import check_outside, publish_jobs
-from api.payloads import event_payload, render_job, render_jobs
+from api.payloads import (
+    event_payload,
+    job_payload,
+    load_context,
+    render_job,
+    render_jobs,
+    worker_slots,
+)
 from api.submissions import (
     build_new_job,
     check_idempotency_key,
@@ -188,8 +197,34 @@ def submit() -> Response:
 
 @bp.get("/<job_id>")
 def get(job_id: str) -> Response:
+    """The job, at most settings.status_staleness_s old (api/polling.py), with an ETag."""
+    docs = polling.documents()
+    if not docs.enabled:
+        with genq().database.read() as session:
+            return jsonify(render_job(session, find_job(session, job_id)))
+    found, epoch = docs.read(job_id)
+    if found is not None:
+        scope = tenant_scope()
+        if scope is not None and found.tenant_id != scope:
+            raise NotFoundError(f"no job {job_id}")
+        return polling.respond(found)
+    began = time.monotonic()
+    slots = worker_slots()
     with genq().database.read() as session:
-        return jsonify(render_job(session, find_job(session, job_id)))
+        job = find_job(session, job_id)
+        ctx = load_context(session, [job], slots, docs.figures)
+        payload = job_payload(job, ctx)
+        version, tenant_id = polling.version_of(job.updated_at), job.tenant_id
+    document = docs.write(
+        job_id,
+        version=version,
+        tenant_id=tenant_id,
+        payload=payload,
+        as_of=min(began, ctx.as_of),
+        epoch=epoch,
+    )
+    assert document is not None
+    return polling.respond(document)
 
 
 def _list_param(name: str) -> str | None:
@@ -271,6 +306,8 @@ def cancel(job_id: str) -> tuple[Response, int]:
         job = find_job(session, job_id, lock=True)
         cancel_job(session, job)
         payload = render_job(session, job)
+        version, tenant_id = polling.version_of(job.updated_at), job.tenant_id
+    polling.changed(job_id, version=version, tenant_id=tenant_id, payload=payload)
     return jsonify(payload), 202
 
 
@@ -288,6 +325,8 @@ def retry(job_id: str) -> tuple[Response, int]:
         job.published_at = utcnow()  # see publish()
         payload = render_job(session, job)
         queue, priority = job.queue, job.priority
+        version, tenant_id = polling.version_of(job.updated_at), job.tenant_id
+    polling.changed(job_id, version=version, tenant_id=tenant_id, payload=payload)
     publish(job_id, queue, priority)
     return jsonify(payload), 202
 
@@ -315,6 +354,8 @@ def change(job_id: str) -> Response:
             {"from": old, "to": job.priority, "via": "api"},
         )
         payload = render_job(session, job)
+        version, tenant_id = polling.version_of(job.updated_at), job.tenant_id
+    polling.changed(job_id, version=version, tenant_id=tenant_id, payload=payload)
     return jsonify(payload)
 
 
