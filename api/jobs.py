@@ -183,10 +183,15 @@ def submit() -> Response:
                 )
     # Rendered after the commit and the publish, in a read transaction: its queue position and
     # ETA queries must neither hold SQLite's single write lock, which every other submit and
-    # claim waits for, nor delay the job's start. A worker may have started it already, and
-    # the body says so.
+    # claim waits for, nor delay the job's start. The row is the one just committed (sessions
+    # keep their objects' values after a commit), read again only after a wait; its queue
+    # figures are the process's recent ones, as for a poll (api/polling.py).
+    docs = polling.documents()
     with state.database.read() as session:
-        payload = render_job(session, get_job(session, job_id))
+        if wait_s is not None:
+            job = get_job(session, job_id)
+        ctx = load_context(session, [job], worker_slots(), docs.figures if docs.enabled else None)
+        payload = job_payload(job, ctx)
     response = _job_response(payload, 202 if created and not finished else 200)
     if not created:
         response.headers["Idempotency-Replayed"] = "true"
