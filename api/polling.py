@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -142,7 +142,7 @@ class JobDocuments:
         *,
         version: int,
         tenant_id: str,
-        payload: dict[str, Any] | None,
+        payload: Mapping[str, object] | None,
         as_of: float,
         epoch: str = "",
     ) -> Document | None:
@@ -199,7 +199,9 @@ def documents() -> JobDocuments:
     return found
 
 
-def changed(job_id: str, *, version: int, tenant_id: str, payload: dict[str, Any] | None) -> None:
+def changed(
+    job_id: str, *, version: int, tenant_id: str, payload: Mapping[str, object] | None
+) -> None:
     """After a change to a job through the API has committed: the next poll shows it. With
     `payload` (the job as the change left it) that is what it answers; without, it reads SQL."""
     documents().write(
