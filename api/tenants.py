@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Valida
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
+from api import polling
 from api import schemas_admin as schemas
 from api.auth import principal, tenant_scope
 from api.jobs import read_json_body
@@ -286,6 +287,7 @@ def purge() -> Response:
             tenant_id or str(request.queue),
             {"tenant": tenant_id, "queue": request.queue, "count": len(ids), "via": "api"},
         )
+    polling.many_changed()  # their polls show them canceled at once
     return jsonify({"purged": len(ids), "job_ids": ids})
 
 

@@ -164,6 +164,24 @@ TARGETS = [
         at_least=True,
         goal=4,
     ),
+    Target(
+        "polling: `GET /v1/jobs/{id}` (queued, running and finished jobs) ≥ 40% of hello-JSON"
+        " on the same server",
+        "api-load",
+        "ratio_status_to_hello",
+        at_least=True,
+        goal=0.4,
+        percent=True,
+    ),
+    Target(
+        "submitting: `POST /v1/jobs` ≥ 50% of a bare insert-and-publish endpoint on the same"
+        " server",
+        "api-load",
+        "ratio_submit_to_bare",
+        at_least=True,
+        goal=0.5,
+        percent=True,
+    ),
 ]
 
 _NAME = re.compile(

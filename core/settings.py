@@ -210,6 +210,15 @@ class Settings(BaseSettings):
     # Requests with a wrong, expired or revoked key (and failed dashboard logins) from one
     # client address per minute; past it every request from there is a 429 until it falls.
     auth_failures_per_min: int = Field(30, ge=1, le=100_000)
+    # How old an answer to a poll (GET /v1/jobs/{id}) may be: the rendered job is kept in
+    # Redis, and the queue figures behind its queue_position and eta_s in the API process, for
+    # at most this long all told (api/polling.py). A change made through the API itself shows
+    # at once. 0: every poll reads SQL.
+    status_staleness_s: float = Field(1.0, ge=0, le=1)
+    # How long an API process trusts an API key it has checked (api/auth.py): a key revoked
+    # elsewhere stops working within this long, one revoked through this process at once.
+    # 0: every request reads the key.
+    auth_cache_s: float = Field(1.0, ge=0, le=1)
     # Event streams one tenant may hold in one API process (default: half of the process's
     # streams, at least 1), so that one tenant cannot take them all.
     api_max_streams_per_tenant: int | None = Field(None, ge=1, le=1024)

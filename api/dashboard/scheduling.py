@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from sqlalchemy import select
 from werkzeug.wrappers import Response as BaseResponse
 
+from api import polling
 from api.dashboard import bp
 from api.dashboard.session import admin
 from api.state import genq
@@ -152,4 +153,5 @@ def purge() -> BaseResponse:
             tenant_id or str(queue),
             {"tenant": tenant_id, "queue": queue, "count": len(ids), "via": "dashboard"},
         )
+    polling.many_changed()  # their polls show them canceled at once
     return redirect(url_for("dashboard.tenants"))

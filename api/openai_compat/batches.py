@@ -19,6 +19,7 @@ from flask import Blueprint, Response, g, jsonify, request
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
+from api import polling
 from api.auth import principal, tenant_scope
 from api.intake import build_jobs, publications, publish_jobs
 from api.jobs import read_json_body
@@ -212,6 +213,7 @@ def list_batches() -> Response:
 def cancel(batch_id: str) -> Response:
     """Cancel the batch's jobs that have not finished (running ones stop at their next
     heartbeat); the finished ones keep their results."""
+    canceled: list[tuple[str, int, str]] = []
     with genq().database.transaction() as session:
         batch = find_openai_batch(session, batch_id)
         if batch is None:
@@ -223,5 +225,9 @@ def cancel(batch_id: str) -> Response:
         ):
             if not is_terminal(job.state):
                 cancel_job(session, job)
+                canceled.append((job.id, polling.version_of(job.updated_at), job.tenant_id))
         session.flush()
-        return jsonify(batch_object(session, batch))
+        body = batch_object(session, batch)
+    for job_id, version, tenant_id in canceled:  # their next polls show it (api/polling.py)
+        polling.changed(job_id, version=version, tenant_id=tenant_id, payload=None)
+    return jsonify(body)
