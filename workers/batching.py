@@ -22,6 +22,13 @@ batch (tests/test_batching.py checks it). On other hardware, keep `GENQ_BATCH_MI
 above the size where its kernels stop changing (bench/gpu_batching.py measures it); 1 turns the
 padding off, faster for a lone small job, identical only where the kernels allow.
 
+Continuous batching. A model with `generate_continuous` (the `transformers` family) is not
+handed a fixed batch: the dispatcher starts it as soon as one job waits, and between two
+decode steps the model takes the jobs that have arrived since (up to `max_rows` running), so
+a job joins the running batch without waiting for it to end, and leaves it, ending its
+event stream, as soon as its own text ends. The model yields (index, None) once a job has
+sent its last event.
+
 A failure inside a batch (the model raising, out of memory) is not pinned on the whole batch:
 the jobs that had not finished are run again one at a time, so only a job that fails alone
 fails, and a batch too big for the accelerator's memory still completes job by job.
@@ -112,6 +119,9 @@ class BatchStats:
     solo_jobs: int = 0
     largest_batch_jobs: int = 0
     last_batch_jobs: int = 0
+    # Continuous batching: forward passes run, and those that two jobs or more shared.
+    steps: int = 0
+    shared_steps: int = 0
 
 
 class Batcher:
@@ -124,13 +134,21 @@ class Batcher:
         max_wait_s: float,
         min_rows: int,
         progress_interval_s: float = 0.0,
+        max_rows: int = 0,
     ) -> None:
         self.model = model
         self.progress_interval_s = progress_interval_s
         self.family = family
         self.max_wait_s = max_wait_s
         self.min_rows = min_rows
-        self.max_rows = family.max_batch_size if hasattr(model, "generate_batch") else 1
+        self.is_continuous = hasattr(model, "generate_continuous")
+        # The model may lower its family's limit (a language model whose cache cannot be
+        # padded says 1); `max_rows` (GENQ_BATCH_MAX_ROWS, 0: none) lowers it for a server.
+        self.max_rows = getattr(model, "max_batch_size", family.max_batch_size)
+        if not hasattr(model, "generate_batch") and not self.is_continuous:
+            self.max_rows = 1
+        if max_rows > 0:
+            self.max_rows = min(self.max_rows, max_rows)
         self.stats = BatchStats()
         self._cond = threading.Condition()
         self._waiting: list[Request] = []  # in arrival order
@@ -195,7 +213,8 @@ class Batcher:
                 while not self._waiting:
                     self._cond.wait()
                 first = self._waiting[0]
-                if first.key is None or first.rows >= self.max_rows:
+                # A continuous batch starts at once: the others join it between steps.
+                if first.key is None or first.rows >= self.max_rows or self.is_continuous:
                     batch = [first]
                     break
                 batch, rows = [], 0
@@ -226,7 +245,9 @@ class Batcher:
         while True:
             batch = self._take()
             try:
-                if len(batch) == 1:
+                if self.is_continuous and batch[0].key is not None:
+                    self._run_continuous(batch)
+                elif len(batch) == 1:
                     self._run_alone(batch[0])
                 else:
                     self._run_batch(batch)
@@ -253,6 +274,73 @@ class Batcher:
             request.put(Metric(0, {"batch_s": time.perf_counter() - started}))
         request.end()
 
+    def _join(self, joined: list[Request], key: Hashable, free: int) -> list[Any]:
+        """The jobs with `key` that have arrived, up to `free` rows, now part of the running
+        batch `joined` (their index: their place in it)."""
+        with self._cond:
+            running = sum(1 for r in joined if not r.finished)
+            room = min(free, self.max_rows - running)
+            new = [r for r in self._waiting if r.key == key][: max(room, 0)]
+            for r in new:
+                self._waiting.remove(r)
+                r.started = True
+            start = len(joined)
+            joined.extend(new)
+            self._running = joined
+        return [(start + n, r.params, r.ctx) for n, r in enumerate(new)]
+
+    def _stepped(self, rows: int) -> None:
+        self.stats.steps += 1
+        if rows > 1:
+            self.stats.shared_steps += 1
+        self.stats.last_batch_jobs = rows
+        self.stats.largest_batch_jobs = max(self.stats.largest_batch_jobs, rows)
+
+    def _run_continuous(self, first: list[Request]) -> None:
+        """Run jobs through the model's continuous batch until none runs and none waits."""
+        joined: list[Request] = []
+        key = first[0].key
+        with self._cond:
+            # _take already moved them out of the queue: back in front, in order, to join.
+            self._waiting[:0] = [r for r in first if r not in self._waiting]
+        assert key is not None
+        try:
+            items = self.model.generate_continuous(
+                lambda free: self._join(joined, key, free), self._stepped
+            )
+            for index, item in items:
+                r = joined[index]
+                if item is None:
+                    r.end()
+                elif isinstance(item, BaseException):
+                    r.end(item)
+                else:
+                    r.put(item)
+        except BaseException as exc:  # noqa: BLE001 - isolate it: rerun the rest alone
+            self._rerun_alone([r for r in joined if not r.finished], exc)
+            return
+        finally:
+            if len(joined) > 1:
+                self.stats.batches += 1
+                self.stats.batched_jobs += len(joined)
+            elif joined:
+                self.stats.solo_jobs += 1
+        for r in joined:  # a job the model forgot to end must not wait forever
+            r.end(ModelError("the model ended without finishing this job"))
+
+    def _rerun_alone(self, survivors: list[Request], exc: BaseException) -> None:
+        log.warning(
+            "a batch failed (%s: %s); running its %d unfinished jobs alone",
+            type(exc).__name__,
+            exc,
+            len(survivors),
+        )
+        for r in survivors:
+            if r.ctx.is_canceled():
+                r.end(CanceledError(f"job {r.job_id} was canceled"))
+            else:
+                self._run_alone(r)
+
     def _run_batch(self, batch: list[Request]) -> None:
         rows = sum(r.rows for r in batch)
         log.info("running %d jobs (%d rows) as one batch", len(batch), rows)
@@ -274,19 +362,7 @@ class Batcher:
                     else:
                         r.put(item)
         except BaseException as exc:  # noqa: BLE001 - isolate it: rerun the rest alone
-            survivors = [r for r in batch if not r.finished]
-            log.warning(
-                "a batch of %d jobs failed (%s: %s); running its %d unfinished jobs alone",
-                len(batch),
-                type(exc).__name__,
-                exc,
-                len(survivors),
-            )
-            for r in survivors:
-                if r.ctx.is_canceled():
-                    r.end(CanceledError(f"job {r.job_id} was canceled"))
-                else:
-                    self._run_alone(r)
+            self._rerun_alone([r for r in batch if not r.finished], exc)
             return
         # The model time of the whole batch, for each job (bench/batching.py reads it).
         done = Metric(0, {"batch_s": time.perf_counter() - started})
