@@ -47,7 +47,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from core.errors import GenqError, InvalidInputError, ModelError, TransientError
-from core.events import Event, Metric, Progress
+from core.events import Event, Metric, Progress, TextDelta
 from workers.families.base import CanceledError, Family, RunContext
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,9 @@ log = logging.getLogger(__name__)
 # A batch waits for more jobs until none has come for max_wait_s, and at most this many
 # max_wait_s after its first job came.
 WAIT_CAP_FACTOR = 10
+# Where the caller records events at intervals (progress_interval_s > 0), streamed text is
+# sent at most this often per job: well inside the 200 ms in which a follower should see it.
+TEXT_INTERVAL_S = 0.05
 # How often a job waiting in the queue looks at its cancel flag.
 WAIT_POLL_S = 0.05
 _END = object()  # the last item of a job's event queue
@@ -93,10 +96,16 @@ class Request:
     finished: bool = False
     progress_interval_s: float = 0.0
     last_progress_at: float = 0.0
+    held_text: TextDelta | None = None
+    last_text_at: float = 0.0
 
     def put(self, item: Any) -> None:
         if self.finished:
             return
+        if isinstance(item, TextDelta) and self.progress_interval_s:
+            self._put_text(item)
+            return
+        self._flush_text()
         if isinstance(item, Progress) and item.step < item.total and self.progress_interval_s:
             # The caller records progress at most this often: a batch of n jobs would otherwise
             # send n events per step through Ray, which costs more than the step itself.
@@ -106,8 +115,28 @@ class Request:
             self.last_progress_at = now
         self.events.put(item)
 
+    def _put_text(self, delta: TextDelta) -> None:
+        """Pieces of streamed text that come within TEXT_INTERVAL_S of the last one sent go
+        out as one (a batch of n language-model jobs makes n pieces a step; each would be a
+        Ray message and a recorded event). Any other event sends the held text first."""
+        if self.held_text is None:
+            self.held_text = delta
+        else:
+            self.held_text = TextDelta(self.held_text.index, self.held_text.text + delta.text)
+        now = time.monotonic()
+        if now - self.last_text_at >= TEXT_INTERVAL_S:
+            self._flush_text()
+            self.last_text_at = now
+
+    def _flush_text(self) -> None:
+        if self.held_text is not None:
+            self.events.put(self.held_text)
+            self.held_text = None
+
     def end(self, error: BaseException | None = None) -> None:
         if not self.finished:
+            if error is None:
+                self._flush_text()
             self.events.put(job_error(error, self.job_id) if error is not None else _END)
             self.finished = True
 

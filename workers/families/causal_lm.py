@@ -47,21 +47,37 @@ from workers.families.causal_lm_spec import FAMILY, SEED_MAX, CausalLmGeneratePa
 Joiner = tuple[int, dict[str, Any], RunContext]
 
 
-def pick(logits: torch.Tensor, p: CausalLmGenerateParams, gen: torch.Generator) -> int:
-    """The next token from (V,) float32 CPU logits (as charlm picks its next byte)."""
-    if p.temperature == 0:
-        return int(logits.argmax())
-    logits = logits / p.temperature
-    if p.top_k and p.top_k < logits.numel():
-        kth = torch.topk(logits, p.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=0)
-    if p.top_p < 1:
-        sorted_probs, order = probs.sort(descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
-        drop = sorted_probs.cumsum(0) - sorted_probs >= p.top_p
-        probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
-    return int(torch.multinomial(probs, 1, generator=gen))
+def pick(logits: torch.Tensor, rows: list[Row]) -> list[int]:
+    """Each row's next token from the (B, V) logits of the batch, with the row's own
+    temperature, top-k, top-p and generator. The filtering runs once for the whole batch on
+    the model's device, row by row independently; each row draws one uniform number from its
+    own CPU generator (so the same seed draws the same numbers on any device), which picks its
+    token from its filtered distribution by inverse CDF."""
+    B, V = logits.shape
+    logits = logits.float()
+    device = logits.device
+    temperature = torch.tensor([r.p.temperature for r in rows], device=device)
+    greedy = logits.argmax(dim=-1)  # (B,)
+    if bool((temperature == 0).all()):
+        return [int(t) for t in greedy.tolist()]
+    scaled = logits / temperature.clamp(min=1e-6)[:, None]
+    ranked, order = scaled.sort(dim=-1, descending=True)  # (B, V) each
+    top_k = torch.tensor([r.p.top_k if 0 < r.p.top_k < V else V for r in rows], device=device)
+    kth = ranked.gather(1, (top_k - 1)[:, None])  # (B, 1): ties with the k-th stay in
+    probs = torch.softmax(ranked.masked_fill(ranked < kth, float("-inf")), dim=-1)
+    top_p = torch.tensor([r.p.top_p if r.p.top_p < 1 else 2.0 for r in rows], device=device)[
+        :, None
+    ]
+    # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+    probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, 0.0)
+    cdf = probs.cumsum(dim=-1)  # (B, V), not normalised: its last column is the kept mass
+    draws = torch.tensor(
+        [float(torch.rand((), generator=r.gen)) if r.p.temperature else 0.0 for r in rows],
+        device=device,
+    )
+    at = torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None], right=True).clamp(max=V - 1)
+    sampled = order.gather(1, at)[:, 0]  # (B,)
+    return [int(t) for t in torch.where(temperature == 0, greedy, sampled).tolist()]
 
 
 class Row:
@@ -80,10 +96,9 @@ class Row:
         self.started = time.perf_counter()
         self.peak_rows = 1  # the most rows it shared a forward pass with (itself included)
 
-    def add(self, logits: torch.Tensor) -> Iterator[Event]:
-        """Pick the next token from the row's (V,) logits; the text it streams. Sets `finish`
-        once the row has ended."""
-        token = pick(logits, self.p, self.gen)
+    def add(self, token: int) -> Iterator[Event]:
+        """Take the row's next token; the text it streams. Sets `finish` once the row has
+        ended."""
         if token == self.eos:
             self.finish = "eos"
             return
@@ -211,19 +226,18 @@ class CausalLm:
                 if gone:
                     continue  # others may have come meanwhile
                 return
-            logits = batch.step().float().cpu()  # (B, V)
+            tokens = pick(batch.step(), [rows[i][0] for i in batch.rows])
             if stepped is not None:
                 stepped(len(batch))
-            ended, tokens = [], []
+            ended = []
             for r, i in enumerate(batch.rows):
                 row, _ = rows[i]
                 row.peak_rows = max(row.peak_rows, len(batch))
-                for event in row.add(logits[r]):
+                for event in row.add(tokens[r]):
                     yield i, event
                 if row.finish:
                     ended.append(i)
                     yield from self._end(i, rows.pop(i)[0])
-                tokens.append(row.completion[-1] if row.completion else 0)
             batch.feed(tokens)
             batch.drop(ended)
 
@@ -247,7 +261,7 @@ class CausalLm:
             return
         row = Row(p, ids, self.tokenizer)
         cache, logits = batch.prefill(ids)
-        for event in row.add(logits.float().cpu()):
+        for event in row.add(pick(logits[None], [row])[0]):
             yield index, event
         if row.finish:
             yield from self._end(index, row)
