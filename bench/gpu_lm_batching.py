@@ -108,7 +108,9 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     shape_name = "tiny" if args.tiny else "gpt2-small"
     dtype = "float32" if device == "cpu" else "float16"
-    folder = build_lm(Path(tempfile.mkdtemp(prefix="genq-gpu-lm-")) / "lm", SHAPES[shape_name], dtype)
+    folder = build_lm(
+        Path(tempfile.mkdtemp(prefix="genq-gpu-lm-")) / "lm", SHAPES[shape_name], dtype
+    )
     started = time.perf_counter()
     server = ModelServer("transformers", str(folder), {}, ServingOptions(idle_unload_s=None))
     load_s = time.perf_counter() - started

@@ -143,16 +143,22 @@ def stack_level(folder: Path, n: int, max_tokens: int, rounds: int) -> dict[str,
 
 
 def summary(level: dict[str, Any]) -> dict[str, float]:
-    alone, together = statistics.median(level["alone"]), statistics.median(level["together"])
-    return {"alone_tokens_per_s": alone, "together_tokens_per_s": together,
-            "ratio": together / alone}  # fmt: skip
+    """Medians of each way, and the median of the rounds' own ratios (each round's two runs
+    are side by side, so their ratio is what the load of the moment leaves least changed)."""
+    ratios = [t / a for a, t in zip(level["alone"], level["together"], strict=True)]
+    return {
+        "alone_tokens_per_s": statistics.median(level["alone"]),
+        "together_tokens_per_s": statistics.median(level["together"]),
+        "ratio": statistics.median(ratios),
+        "round_ratios": ratios,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=100, help="at most 128 - prompt")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-stack", action="store_true", help="the model-server level only")
     args = parser.parse_args()
     n = args.jobs
@@ -173,19 +179,21 @@ def main() -> None:
         "",
         f"Workload: {results['workload']}.",
         "",
-        "| level | one at a time, tokens/s | concurrent, tokens/s | ratio (target >= 4x) |",
-        "|---|---:|---:|---:|",
+        "| level | one at a time, tokens/s | concurrent, tokens/s | ratio (target >= 4x) |"
+        " rounds' ratios |",
+        "|---|---:|---:|---:|---|",
     ]
     for name, level in (("model server (Ray actor)", "server"), ("through the queue", "stack")):
         if results[level] is not None:
             r = results[level]
             lines.append(
                 f"| {name} | {r['alone_tokens_per_s']:.0f} | {r['together_tokens_per_s']:.0f} |"
-                f" {r['ratio']:.2f}x |"
+                f" {r['ratio']:.2f}x | {', '.join(f'{x:.1f}' for x in r['round_ratios'])} |"
             )
     lines += [
         "",
-        f"Medians of {args.rounds} alternating rounds. Model server: largest batch"
+        f"Medians of {args.rounds} alternating rounds (the ratio: the median of each round's"
+        f" concurrent / one-at-a-time). Model server: largest batch"
         f" {stats['largest_batch_jobs']} jobs, {stats['shared_steps']} of {stats['steps']}"
         f" forward passes shared by two jobs or more. 1-minute load average at the end"
         f" {results['load_average_1m']:.1f} (other work shares this machine's cores).",
