@@ -19,7 +19,7 @@ Figures: tokens/s of each way and their ratio (issue #19's target on the GPU: >=
 jobs), the largest batch the server formed, and how many of the jobs run both ways got the same
 text alone and batched with the same seed (in half precision the logits of a row change with the
 batch more than in fp32; docs/batching.md). Written to
-bench/results/gpu-lm-batching-<device>-<UTC time>.json and .md.
+bench/results/gpu-lm-batching-<device name>-<UTC time>.json and .md.
 """
 
 from __future__ import annotations
@@ -106,6 +106,8 @@ def main() -> None:
     from workers.server import ModelServer, ServingOptions
 
     device = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
+    if device == "cpu":
+        torch.set_num_threads(1)  # as a Ray actor with num_cpus=1 runs
     shape_name = "tiny" if args.tiny else "gpt2-small"
     dtype = "float32" if device == "cpu" else "float16"
     folder = build_lm(
@@ -163,7 +165,8 @@ def main() -> None:
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    name = f"gpu-lm-batching-{'cpu-tiny' if args.tiny else device}-{stamp}"
+    tag = "cpu-tiny" if args.tiny else results["device"].replace(" ", "-").lower()
+    name = f"gpu-lm-batching-{tag}-{stamp}"
     (out / f"{name}.json").write_text(json.dumps(results, indent=2))
     (out / f"{name}.md").write_text("\n".join(lines) + "\n")
 

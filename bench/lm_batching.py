@@ -1,8 +1,9 @@
 """Continuous batching of a language model on the CPU: 16 concurrent `transformers` generate
 jobs against the same 16 jobs one at a time, side by side in one run, at two levels:
 
-1. the model server: a real `ModelServer` Ray actor (as the test suite starts it), called from
-   16 threads at once (as 16 Celery tasks would) and then one call at a time;
+1. the model server: a real `ModelServer` Ray actor (as the test suite starts it, with the
+   stack's progress interval), called from 16 threads at once (as 16 Celery tasks would) and
+   then one call at a time;
 2. through the queue: a real `genq up` (API, SQLite, Redis, Celery, Ray), 16 jobs submitted
    over HTTP at once and then one at a time, each waited for by polling. This is the figure a
    user feels.
@@ -84,9 +85,10 @@ def server_level(folder: Path, n: int, max_tokens: int, rounds: int) -> dict[str
         runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
     )
     try:
-        server = get_model_server(
-            "bench-lm", get_family("transformers"), str(folder), {}, ServingOptions()
-        )
+        # As `genq up` serves it: the runner records progress every 0.5 s (the setting's
+        # default), so the server passes progress on, and coalesces streamed text, as there.
+        options = ServingOptions(progress_interval_s=0.5, idle_unload_s=None)
+        server = get_model_server("bench-lm", get_family("transformers"), str(folder), {}, options)
 
         def one(i: int) -> int:
             for ref in server.generate.remote(
