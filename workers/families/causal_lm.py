@@ -226,7 +226,16 @@ class CausalLm:
                 if gone:
                     continue  # others may have come meanwhile
                 return
-            tokens = pick(batch.step(), [rows[i][0] for i in batch.rows])
+            try:
+                tokens = pick(batch.step(), [rows[i][0] for i in batch.rows])
+            except Exception as exc:  # noqa: BLE001 - the rows' failure (out of memory...)
+                # Each running job fails with it (the runner retries a transient one) rather
+                # than starting again alone: its text has been streamed already.
+                for i in batch.rows:
+                    rows.pop(i)
+                    yield i, exc
+                batch.drop(list(batch.rows))
+                continue
             if stepped is not None:
                 stepped(len(batch))
             ended = []
@@ -260,7 +269,11 @@ class CausalLm:
             yield index, exc
             return
         row = Row(p, ids, self.tokenizer)
-        cache, logits = batch.prefill(ids)
+        try:
+            cache, logits = batch.prefill(ids)
+        except Exception as exc:  # noqa: BLE001 - this job's own failure (its prompt)
+            yield index, exc
+            return
         for event in row.add(pick(logits[None], [row])[0]):
             yield index, event
         if row.finish:
