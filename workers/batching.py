@@ -98,6 +98,7 @@ class Request:
     last_progress_at: float = 0.0
     held_text: TextDelta | None = None
     last_text_at: float = 0.0
+    text_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def put(self, item: Any) -> None:
         if self.finished:
@@ -118,20 +119,28 @@ class Request:
     def _put_text(self, delta: TextDelta) -> None:
         """Pieces of streamed text that come within TEXT_INTERVAL_S of the last one sent go
         out as one (a batch of n language-model jobs makes n pieces a step; each would be a
-        Ray message and a recorded event). Any other event sends the held text first."""
-        if self.held_text is None:
-            self.held_text = delta
-        else:
-            self.held_text = TextDelta(self.held_text.index, self.held_text.text + delta.text)
-        now = time.monotonic()
-        if now - self.last_text_at >= TEXT_INTERVAL_S:
-            self._flush_text()
-            self.last_text_at = now
+        Ray message and a recorded event). Any other event sends the held text first, and the
+        job's reader sends it once it is due (a slow model's next piece may be seconds away)."""
+        with self.text_lock:
+            if self.held_text is None:
+                self.held_text = delta
+            else:
+                self.held_text = TextDelta(self.held_text.index, self.held_text.text + delta.text)
+        self.flush_text_if_due()
+
+    def flush_text_if_due(self) -> None:
+        with self.text_lock:
+            now = time.monotonic()
+            if self.held_text is not None and now - self.last_text_at >= TEXT_INTERVAL_S:
+                self.events.put(self.held_text)
+                self.held_text = None
+                self.last_text_at = now
 
     def _flush_text(self) -> None:
-        if self.held_text is not None:
-            self.events.put(self.held_text)
-            self.held_text = None
+        with self.text_lock:
+            if self.held_text is not None:
+                self.events.put(self.held_text)
+                self.held_text = None
 
     def end(self, error: BaseException | None = None) -> None:
         if not self.finished:
@@ -210,6 +219,7 @@ class Batcher:
             try:
                 item = request.events.get(timeout=WAIT_POLL_S)
             except queue.Empty:
+                request.flush_text_if_due()
                 if request.ctx.is_canceled() and self._withdraw(request):
                     raise CanceledError(f"job {request.job_id} was canceled") from None
                 continue
