@@ -162,18 +162,18 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=100, help="at most 128 - prompt")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-stack", action="store_true", help="the model-server level only")
+    parser.add_argument("--no-server", action="store_true", help="through the queue only")
     args = parser.parse_args()
     n = args.jobs
     folder = build_tiny_lm(Path(tempfile.mkdtemp(prefix="genq-bench-lm-model-")) / "lm")
-    server = server_level(folder, n, args.max_tokens, args.rounds)
+    server = None if args.no_server else server_level(folder, n, args.max_tokens, args.rounds)
     stack = None if args.no_stack else stack_level(folder, n, args.max_tokens, args.rounds)
-    stats = server["server_stats"]
     results: dict[str, Any] = {
         "at": datetime.now(UTC).isoformat(timespec="seconds"),
         "workload": f"{n} jobs x {args.max_tokens} tokens, tiny GPT-2-shaped LM (2 layers, 32"
         " wide), temperature 1, 1 CPU thread",
         "load_average_1m": os.getloadavg()[0],
-        "server": {**summary(server), "runs": server},
+        "server": {**summary(server), "runs": server} if server else None,
         "stack": {**summary(stack), "runs": stack} if stack else None,
     }
     lines = [
@@ -195,11 +195,16 @@ def main() -> None:
     lines += [
         "",
         f"Medians of {args.rounds} alternating rounds (the ratio: the median of each round's"
-        f" concurrent / one-at-a-time). Model server: largest batch"
-        f" {stats['largest_batch_jobs']} jobs, {stats['shared_steps']} of {stats['steps']}"
-        f" forward passes shared by two jobs or more. 1-minute load average at the end"
+        f" concurrent / one-at-a-time). 1-minute load average at the end"
         f" {results['load_average_1m']:.1f} (other work shares this machine's cores).",
     ]
+    if server:
+        stats = server["server_stats"]
+        lines.append(
+            f"Model server: largest batch {stats['largest_batch_jobs']} jobs,"
+            f" {stats['shared_steps']} of {stats['steps']} forward passes shared by two jobs or"
+            " more."
+        )
     print("\n".join(lines))
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
