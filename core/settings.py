@@ -184,6 +184,10 @@ class Settings(BaseSettings):
     # bits alone and in any batch (the kernels change algorithm below a batch size; 16 is
     # measured on CPU). 1: no padding, faster alone, identity not guaranteed.
     batch_min_rows: int = Field(16, ge=1, le=4096)
+    # The most rows one batch of a model server holds (images; for language models, jobs
+    # decoded together): lower than a family's own limit to bound a server's memory. 0: each
+    # family's limit (transformers 64, ddpm 64, gan and vae 256, diffusers 16).
+    batch_max_rows: int = Field(0, ge=0, le=4096)
     # A model server with no job for this long unloads (frees its GPU). Unset: never.
     model_idle_unload_s: float | None = Field(900.0, gt=0)
     # The last replica of a model (1 -> 0) unloads after this long without a job (never longer

@@ -167,6 +167,12 @@ def check_model_params(kind: JobKind, params: dict[str, Any], config: dict[str, 
         )
 
 
+def batch_key(p: CausalLmGenerateParams) -> str:
+    """Every generate job of a model can share its batch: sampling, seed, stop strings and
+    lengths are per row (causal_lm_batch.py)."""
+    return "text"
+
+
 FAMILY = Family(
     name="transformers",
     description="Any causal language model on disk (transformers), registered with"
@@ -179,4 +185,7 @@ FAMILY = Family(
     check_model_params=check_model_params,
     check_layout=check_layout,
     openai=OpenAIShape.CHAT,
+    # Rows (jobs) decoded together by one forward pass; GENQ_BATCH_MAX_ROWS may lower it.
+    max_batch_size=64,
+    batch_key=batch_key,
 )
