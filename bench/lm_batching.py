@@ -71,8 +71,8 @@ def server_level(folder: Path, n: int, max_tokens: int, rounds: int) -> dict[str
     import ray
 
     from core.events import Output
-    from workers.actors import get_model_server
     from workers.registry import get_family
+    from workers.routing import get_model_server
     from workers.server import ServingOptions
 
     ray.init(

@@ -25,9 +25,9 @@ pytest.importorskip("transformers")
 from core.errors import InvalidInputError  # noqa: E402
 from core.events import Metric, Output, TextDelta  # noqa: E402
 from tests.pretrained_models import build_tiny_lm  # noqa: E402
-from workers.actors import get_model_server  # noqa: E402
 from workers.families.base import CanceledError  # noqa: E402
 from workers.registry import get_family  # noqa: E402
+from workers.routing import get_model_server  # noqa: E402
 from workers.server import ServingOptions  # noqa: E402
 
 LM = get_family("transformers")
