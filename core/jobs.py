@@ -94,7 +94,9 @@ def _add_event(session: Session, job: Job, type_: str, data: dict[str, Any]) -> 
         enqueue_delivery(session, job, type_, data)
 
 
-def _set_state(session: Session, job: Job, new: JobState, **data: Any) -> None:
+def set_state(session: Session, job: Job, new: JobState, **data: Any) -> None:
+    """Move the job to `new` through the transition table (IllegalTransitionError if the table
+    has no such move) and record the move as a `state` event; the caller commits."""
     check_transition(job.state, new)
     old = job.state
     job.state = new
@@ -285,7 +287,7 @@ def held_job(session: Session, lease: Lease) -> Job:
 
 def change_state(session: Session, job: Job, new: JobState, **data: Any) -> None:
     """Change a job's state through the transition table, with its event (and webhook)."""
-    _set_state(session, job, new, **data)
+    set_state(session, job, new, **data)
 
 
 def add_event(session: Session, job: Job, type_: str, data: dict[str, Any]) -> None:
@@ -310,6 +312,28 @@ def record_events(session: Session, lease: Lease, events: Sequence[Event]) -> No
             job.progress_step, job.progress_total = event.step, event.total
             job.progress_message = without_nul(event.message)
         _add_event(session, job, event_type(event), event_data(event))
+
+
+def record_text(
+    session: Session, lease: Lease, index: int, text: str, *, again: bool = False
+) -> None:
+    """Store streamed text (the pieces a worker made since the last write, `index` the first
+    one's) as one text_delta event that names the attempt: an attempt that runs again streams
+    its text again from the start, and followers tell the attempts apart by it. `again`: the
+    write is being tried again after a lost connection; it is skipped when the try before it
+    did commit (the job's last text event is this one), so no text is stored twice."""
+    job = _fenced(session, lease)
+    data = {"index": index, "text": without_nul(text), "attempt": lease.attempt}
+    if again:
+        last = session.scalar(
+            select(JobEvent.data)
+            .where(JobEvent.job_id == job.id, JobEvent.type == "text_delta")
+            .order_by(JobEvent.id.desc())
+            .limit(1)
+        )
+        if last == data:
+            return
+    _add_event(session, job, "text_delta", data)
 
 
 def record_placement(session: Session, lease: Lease, placement: dict[str, Any]) -> None:
@@ -393,7 +417,7 @@ def finish_job(
     job = _fenced(session, lease)
     if job.state == JobState.CANCELING:
         state = JobState.CANCELED
-    _set_state(session, job, state, attempt=job.attempt, error_type=error_type)
+    set_state(session, job, state, attempt=job.attempt, error_type=error_type)
     now = now or utcnow()
     charge_attempt(session, job, now)
     job.finished_at = now
@@ -437,10 +461,10 @@ def release_job(
         job.max_attempts = max(job.max_attempts, job.attempt) + 1
         data["counted"] = False
     if params is not None:
-        _set_state(session, job, JobState.QUEUED, **data, params=params)
+        set_state(session, job, JobState.QUEUED, **data, params=params)
         job.params = params
     else:
-        _set_state(session, job, JobState.QUEUED, **data)
+        set_state(session, job, JobState.QUEUED, **data)
     charge_attempt(session, job, utcnow())
     job.preempt_requested_at = None
     job.lease_token = None
@@ -456,16 +480,16 @@ def cancel_job(session: Session, job: Job) -> JobState:
     if job.state == JobState.CANCELING:
         return JobState.CANCELING
     if job.state in (JobState.QUEUED, JobState.SCHEDULED):
-        _set_state(session, job, JobState.CANCELED, reason="canceled by request")
+        set_state(session, job, JobState.CANCELED, reason="canceled by request")
         job.finished_at = utcnow()
         return JobState.CANCELED
-    _set_state(session, job, JobState.CANCELING, reason="canceled by request")
+    set_state(session, job, JobState.CANCELING, reason="canceled by request")
     return JobState.CANCELING
 
 
 def retry_job(session: Session, job: Job, *, extra_attempts: int) -> None:
     """Queue a failed or canceled job again, with `extra_attempts` more attempts."""
-    _set_state(session, job, JobState.QUEUED, reason="retry requested")
+    set_state(session, job, JobState.QUEUED, reason="retry requested")
     job.max_attempts = job.attempt + extra_attempts
     job.error_type = job.error_detail = None
     job.finished_at = None

@@ -20,7 +20,8 @@ import sqlalchemy as sa
 from flask import Flask
 from flask.testing import FlaskClient
 
-from api.app import Genq, create_app
+from api.app import create_app
+from api.state import Genq
 from core.artifacts import ArtifactStore
 from core.catalog import ensure_builtins
 from core.db import Database, make_engine

@@ -24,11 +24,11 @@ import redis
 from flask.testing import FlaskClient
 
 from api.app import create_app
-from api.stack import Stack, bootstrap
 from core.db import Database
 from core.settings import Settings
 from core.tables import Artifact, Job, JobEvent
 from scheduler.enqueue import Publisher
+from stack.supervisor import Stack, bootstrap
 
 ROOT = Path(__file__).resolve().parents[1]
 REDIS_URL = os.environ.get("GENQ_TEST_REDIS_URL", "redis://127.0.0.1:6379").rstrip("/") + "/6"
@@ -210,7 +210,7 @@ class Cluster:
         log = self.tmp / f"{name}-{self.counter}.log"
         with open(log, "wb") as out:
             process = subprocess.Popen(
-                [sys.executable, "-m", "api.cli", *argv],
+                [sys.executable, "-m", "stack.cli", *argv],
                 env=self.env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
