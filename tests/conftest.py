@@ -22,6 +22,9 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+# Helpers under tests/support/ assert too; pytest rewrites their asserts as it does tests'.
+pytest.register_assert_rewrite("tests.support")
+
 PG_URL = os.environ.get("GENQ_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("GENQ_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 
