@@ -365,20 +365,20 @@ def test_training_longer_than_the_visibility_timeout_runs_once(
     try:
         cluster.worker()
         cluster.scheduler()
-        job_id = cluster.submit(TRAIN)
-        wait_until(lambda: cluster.get(job_id)["progress"]["step"] >= 1, 120, "training progress")
-        # However fast the machine, the job must still be running when the broker hands its
-        # unacknowledged message out again: the trainer is paused (its lease is renewed by the
-        # worker meanwhile) until the re-delivery has been seen, then resumed.
-        # (A trainer of an earlier test may still be on its way out: wait for this one alone.)
-        (pid,) = wait_until(
-            lambda: len(p := trainer_pids(cluster.ray)) == 1 and p, 30, "one trainer"
-        )
-        os.kill(pid, signal.SIGSTOP)
-        try:
+        # The job must still be running when the broker hands its unacknowledged message out
+        # again, however fast the machine: every GPU of the head is held elsewhere, so the job
+        # is claimed and its lease renewed while its trainer waits for a GPU share, until the
+        # re-delivery has been seen; then the GPUs are let go and the training runs.
+        with cluster.ray.holding_every_gpu(tmp_path / "holder.log"):
+            job_id = cluster.submit(TRAIN)
+            cluster.wait(job_id, 60, {"running"})
+            wait_until(
+                lambda: cluster.get(job_id)["progress"].get("message") == "waiting for a GPU",
+                60,
+                "the trainer to wait for a GPU",
+            )
             wait_until(lambda: "skipped:running" in cluster.logs(), 90, "the re-delivery")
-        finally:
-            os.kill(pid, signal.SIGCONT)
+            assert cluster.get(job_id)["state"] == "running"
         job = cluster.wait(job_id, 180)
         states = [e.data for e in cluster.events(job_id, "state")]
         assert job["state"] == "succeeded" and job["attempt"] == 1, states

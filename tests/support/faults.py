@@ -134,6 +134,39 @@ class RayHead:
         assert out.returncode == 0, out.stderr[-3000:]
         return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
+    @contextlib.contextmanager
+    def holding_every_gpu(self, log: Path) -> Iterator[None]:
+        """Hold all of this head's GPUs from a separate driver (an actor that asks for them
+        all) until the block ends, so that a trainer that needs a GPU share waits for one;
+        leaving the block kills that driver, and Ray hands the GPUs back."""
+        code = (
+            "import ray, sys\n"
+            "ray.init(address=sys.argv[1], namespace='genq-test-holder', log_to_driver=False)\n"
+            "gpus = ray.cluster_resources().get('GPU', 0)\n"
+            "@ray.remote(num_gpus=gpus, num_cpus=0)\n"
+            "class Holder:\n    def ready(self):\n        return True\n"
+            "holder = Holder.remote()\nray.get(holder.ready.remote())\n"
+            "print('holding', gpus, flush=True)\nsys.stdin.read()\n"
+        )
+        with open(log, "wb") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-c", code, self.env["GENQ_RAY_ADDRESS"]],
+                env={**os.environ, **self.env},
+                stdin=subprocess.PIPE,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        try:
+            wait_until(
+                lambda: "holding" in log.read_text() or process.poll() is not None, 120, "the GPUs"
+            )
+            assert process.poll() is None, log.read_text()[-3000:]
+            yield
+        finally:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(30)
+
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
