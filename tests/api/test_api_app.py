@@ -1,9 +1,6 @@
 """The app as a whole: authentication, problem responses, health, the catalog endpoints and
 the OpenAPI document."""
 
-# The fixtures come from tests.support.api; pytest passes them in by name.
-# ruff: noqa: F811
-
 from __future__ import annotations
 
 import subprocess
@@ -24,19 +21,11 @@ from core.recovery import unpublished_jobs
 from core.settings import Settings
 from core.tables import ApiKey, Job, Tenant
 from scheduler.enqueue import Publisher
-from tests.support.api import (  # noqa: F401 (fixtures)
+from tests.support.api import (
     Keys,
-    app,
     assert_problem,
     bearer,
-    broker,
-    client,
-    database,
     echo,
-    keys,
-    pg_schema,
-    publisher,
-    settings,
     submit,
 )
 

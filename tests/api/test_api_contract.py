@@ -7,9 +7,6 @@ none may be a server error. Generation is derandomized, so a run is repeatable; 
 the request that caused it.
 """
 
-# The fixtures come from tests.support.api; pytest passes them in by name.
-# ruff: noqa: F811
-
 from __future__ import annotations
 
 import io
@@ -32,20 +29,12 @@ from api.openapi import document
 from core.db import Database
 from core.settings import Settings
 from core.tables import ApiKey, Dataset, Job, Model, Schedule
-from tests.support.api import (  # noqa: F401 (fixtures)
+from tests.support.api import (
     Keys,
-    app,
     assert_problem,
     bearer,
-    broker,
-    client,
     count_rows,
-    database,
     echo,
-    keys,
-    pg_schema,
-    publisher,
-    settings,
     submit,
 )
 
@@ -213,7 +202,7 @@ def test_a_nul_character_anywhere_is_a_422_naming_the_field(
 def test_nul_in_a_dashboard_form_or_a_text_data_set_is_refused(
     client: FlaskClient, keys: Keys, database: Database
 ) -> None:
-    from tests.api.test_dashboard import login
+    from tests.support.dashboard import login
 
     built_in = count_rows(database, Dataset)
     upload = upload_text(client, keys.acme, "poems", b"a\x00poem")
@@ -246,7 +235,7 @@ def test_a_time_outside_the_years_1_to_9999_in_utc_is_a_422(
     later = submit(client, keys.acme, {**ECHO, "run_at": "9999-12-31T23:59:59+00:00"})
     assert later.status_code == 202 and later.get_json()["state"] == "scheduled"
 
-    from tests.api.test_dashboard import login
+    from tests.support.dashboard import login
 
     login(client, keys.admin)
     for field in ("since", "until"):

@@ -2,8 +2,6 @@
 goes (rows and files, counted before and after), what is refused (409 while in use, 403 for a
 built-in, 404 for another tenant's), and the audit entries and counters each leaves."""
 
-# ruff: noqa: F811
-
 from __future__ import annotations
 
 import io
@@ -23,21 +21,13 @@ from core.deletion import read_counters
 from core.settings import Settings
 from core.states import JobState
 from core.tables import Artifact, AuditEntry, Dataset, Job, JobEvent, Model
-from tests.support.api import (  # noqa: F401 (fixtures)
+from tests.support.api import (
     Keys,
-    app,
     assert_problem,
     bearer,
-    broker,
-    client,
     count_rows,
-    database,
     echo,
-    keys,
-    pg_schema,
-    publisher,
     run_job,
-    settings,
     submit,
 )
 
@@ -293,7 +283,7 @@ def test_a_read_only_key_deletes_nothing(
 def test_the_dashboard_deletes_a_job_a_model_and_a_data_set(
     client: FlaskClient, keys: Keys, database: Database, settings: Settings
 ) -> None:
-    from tests.api.test_dashboard import login
+    from tests.support.dashboard import login
 
     job_id = finished_job(client, database, settings, keys.acme)
     model = trained_model(database, settings, keys.acme_tenant, "poet")
@@ -341,7 +331,7 @@ def test_the_dashboard_deletes_a_job_a_model_and_a_data_set(
 def test_the_tenants_page_shows_disk_use_and_keeps_retention_across_a_save(
     client: FlaskClient, keys: Keys, database: Database, settings: Settings
 ) -> None:
-    from tests.api.test_dashboard import login
+    from tests.support.dashboard import login
 
     finished_job(client, database, settings, keys.acme)
     token = login(client, keys.admin)
@@ -406,20 +396,19 @@ def test_the_client_deletes_through_the_api(
 
 @pytest.fixture
 def s3_app(
-    tmp_path: Path, s3_url: str, broker: Any
+    tmp_path: Path, s3_url: str, redis_db_url: str
 ) -> Iterator[tuple[Any, Database, ArtifactStore]]:
     """The API on SQLite with its artifact store in a new bucket of the moto server."""
     from api.app import create_app
     from core.catalog import ensure_builtins
     from core.tables import Base
     from scheduler.enqueue import Publisher
-    from tests.support.api import REDIS_URL
 
     settings = Settings(
         _env_file=None,  # type: ignore[call-arg]
         var_dir=tmp_path / "var",
         database_url=f"sqlite:///{tmp_path / 'genq.db'}",
-        redis_url=REDIS_URL,
+        redis_url=redis_db_url,
         artifact_url=s3_url,
         rate_limits=False,
     )

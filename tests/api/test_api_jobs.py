@@ -1,9 +1,6 @@
 """POST/GET /v1/jobs, listing, cancel and retry, against SQLite and PostgreSQL with a real
 Redis broker behind the publisher."""
 
-# The fixtures come from tests.support.api; pytest passes them in by name.
-# ruff: noqa: F811
-
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
@@ -16,22 +13,14 @@ from core.db import Database
 from core.settings import Settings
 from core.states import JobState
 from core.tables import Job
-from tests.support.api import (  # noqa: F401 (fixtures)
+from tests.support.api import (
     Keys,
-    app,
     assert_problem,
     bearer,
-    broker,
-    client,
     count_rows,
-    database,
     echo,
-    keys,
-    pg_schema,
-    publisher,
     queue_depth,
     run_job,
-    settings,
     submit,
 )
 

@@ -2,9 +2,6 @@
 validated field by field (problem+json naming the field), audited, shown on the model, and the
 scaler's decision (core/scaling.py) follows it: up at once, down only after the cool-down."""
 
-# The fixtures come from tests.support.api; pytest passes them in by name.
-# ruff: noqa: F811
-
 from __future__ import annotations
 
 from flask.testing import FlaskClient
@@ -13,18 +10,10 @@ from sqlalchemy import select
 from core.db import Database
 from core.scaling import Decision, decide, resolve_policy, wanted
 from core.tables import AuditEntry
-from tests.support.api import (  # noqa: F401 (fixtures)
+from tests.support.api import (
     Keys,
-    app,
     assert_problem,
     bearer,
-    broker,
-    client,
-    database,
-    keys,
-    pg_schema,
-    publisher,
-    settings,
 )
 
 

@@ -1,13 +1,8 @@
 """The scheduling API against SQLite and PostgreSQL with a real Redis: priority classes,
 tenant quotas (429 naming the limit), queue position and eta_s, purge, and /v1/schedules."""
 
-# The fixtures come from tests.support.api; pytest passes them in by name.
-# ruff: noqa: F811
-
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -19,40 +14,22 @@ from sqlalchemy import select, update
 from core.db import Database
 from core.settings import Settings
 from core.tables import AuditEntry, Job, JobEvent, utcnow
-from tests.support.api import (  # noqa: F401 (fixtures)
-    PG_URL,
+from tests.support.api import (
+    BACKENDS,
     Keys,
-    app,
     assert_problem,
     bearer,
-    client,
-    database,
     echo,
-    keys,
     make_settings,
-    pg_schema,
-    publisher,
     queue_depth,
     run_job,
     submit,
 )
 
-# This module's own Redis DB (the scheduling tests' number).
-REDIS_URL = os.environ.get("GENQ_TEST_REDIS_URL", "redis://127.0.0.1:6379").rstrip("/") + "/1"
 
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def settings(request: pytest.FixtureRequest, tmp_path: Path, pg_schema: str | None) -> Settings:
-    return make_settings(request, tmp_path, pg_schema, REDIS_URL, worker_concurrency=2)
-
-
-@pytest.fixture
-def broker() -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(REDIS_URL)
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
+@pytest.fixture(params=BACKENDS)
+def settings(request: pytest.FixtureRequest, tmp_path: Path, redis_db_url: str) -> Settings:
+    return make_settings(request, tmp_path, redis_db_url, worker_concurrency=2)
 
 
 def test_priority_classes_on_submit_and_patch_without_republishing(
@@ -257,7 +234,7 @@ def test_schedules_crud_pause_resume_and_tenant_scope(client: FlaskClient, keys:
 def test_dashboard_quotas_purge_and_schedules(
     client: FlaskClient, keys: Keys, database: Database
 ) -> None:
-    from tests.api.test_dashboard import audit, login
+    from tests.support.dashboard import audit, login
 
     token = login(client, keys.admin)
     page = client.get("/admin/tenants").get_data(as_text=True)

@@ -1,8 +1,5 @@
 """Event streams, logs and artifact downloads of jobs driven through the core services."""
 
-# The fixtures come from tests.support.api; pytest passes them in by name.
-# ruff: noqa: F811
-
 from __future__ import annotations
 
 import hashlib
@@ -19,20 +16,12 @@ from core.events import Progress
 from core.jobs import claim_job, finish_job, record_events
 from core.settings import Settings
 from core.states import JobState
-from tests.support.api import (  # noqa: F401 (fixtures)
+from tests.support.api import (
     Keys,
-    app,
     assert_problem,
     bearer,
-    broker,
-    client,
-    database,
     echo,
-    keys,
-    pg_schema,
-    publisher,
     run_job,
-    settings,
     submit,
 )
 

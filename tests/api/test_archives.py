@@ -20,23 +20,20 @@ from typing import Any
 import pytest
 import requests
 
-from tests.api.test_datasets_upload import (  # noqa: F401  (fixtures)
-    REDIS_URL,
-    client,
-    nothing_left,
-    png,
-    settings,
-    upload,
-    zip_of,
-)
-from tests.support.api import (  # noqa: F401  (fixtures)
+from core.settings import Settings
+from tests.support.api import (
+    BACKENDS,
     Keys,
     assert_problem,
-    database,
-    keys,
-    pg_schema,
 )
+from tests.support.datasets import nothing_left, png, upload, upload_settings, zip_of
 from tests.support.stackproc import ROOT, descendants, free_port
+
+
+@pytest.fixture(params=BACKENDS)
+def settings(request: pytest.FixtureRequest, tmp_path: Path, redis_db_url: str) -> Settings:
+    return upload_settings(request, tmp_path, redis_db_url)
+
 
 LOCAL = b"PK\x03\x04"
 CENTRAL = b"PK\x01\x02"
@@ -132,12 +129,12 @@ CASES: list[tuple[str, Callable[[], bytes], str]] = [
 
 @pytest.mark.parametrize("make, expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
 def test_malformed_archives_are_422_naming_what_is_wrong(
-    client,  # noqa: F811
-    keys: Keys,  # noqa: F811
-    settings,  # noqa: F811
-    database,  # noqa: F811
+    client,
+    keys: Keys,
+    settings,
+    database,
     make: Callable[[], bytes],
-    expected: str,  # noqa: F811
+    expected: str,
 ) -> None:
     problem = assert_problem(upload(client, keys.acme, make(), "images"), 422)
     assert problem["errors"][0]["field"] == "file"
@@ -145,7 +142,7 @@ def test_malformed_archives_are_422_naming_what_is_wrong(
     nothing_left(settings, database)
 
 
-def test_an_entry_over_its_cap_is_413_and_leaves_nothing(client, keys: Keys, settings, database):  # noqa: F811
+def test_an_entry_over_its_cap_is_413_and_leaves_nothing(client, keys: Keys, settings, database):
     settings.dataset_max_entry_bytes = 100_000
     bomb = zip_of({"cats/a.png": png(), "cats/b.png": b"\0" * 150_000})
     problem = assert_problem(upload(client, keys.acme, bomb, "images"), 413)
@@ -175,13 +172,13 @@ def status_kb(pid: int, field: str) -> int:
 
 
 @pytest.fixture
-def api_process(tmp_path: Path) -> Iterator[dict[str, Any]]:
+def api_process(tmp_path: Path, redis_db_url: str) -> Iterator[dict[str, Any]]:
     """`genq migrate` then `genq api` (gunicorn, one worker) in their own session."""
     port = free_port()
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("GENQ_")},
         "GENQ_VAR_DIR": str(tmp_path / "var"),
-        "GENQ_REDIS_URL": REDIS_URL,
+        "GENQ_REDIS_URL": redis_db_url,
         "GENQ_PORT": str(port),
         "GENQ_API_WORKERS": "1",
         "GENQ_API_THREADS": "4",

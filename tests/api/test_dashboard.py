@@ -7,16 +7,11 @@ and a redrawn loss chart only when metric points came),
 a preempted training's preemption record, and the workers' cluster snapshot.
 """
 
-# The fixtures come from tests.support.api; pytest passes them in by name.
-# ruff: noqa: F811
-
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -42,74 +37,32 @@ from core.preemption import preempt_for_waiting, requeue_preempted
 from core.recovery import reap_expired
 from core.settings import Settings
 from core.states import JobState
-from core.tables import ApiKey, AuditEntry, Job, Model, utcnow
+from core.tables import ApiKey, Job, Model, utcnow
 from scheduler.heartbeats import WorkerHeartbeat
 from scheduler.snapshot import SNAPSHOT_KEY, SnapshotWriter
-from tests.support.api import (  # noqa: F401 (fixtures)
-    PG_URL,
+from tests.support.api import (
+    BACKENDS,
     Keys,
-    app,
     bearer,
-    client,
-    count_rows,
-    database,
     echo,
-    keys,
     make_settings,
-    pg_schema,
-    publisher,
     queue_depth,
     run_job,
     submit,
 )
-
-# The dashboard tests' own Redis DB, flushed around each test.
-REDIS_URL = os.environ.get("GENQ_TEST_REDIS_URL", "redis://127.0.0.1:6379").rstrip("/") + "/9"
+from tests.support.dashboard import audit, csrf_of, login
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def settings(request: pytest.FixtureRequest, tmp_path: Path, pg_schema: str | None) -> Settings:
+@pytest.fixture(params=BACKENDS)
+def settings(request: pytest.FixtureRequest, tmp_path: Path, redis_db_url: str) -> Settings:
     return make_settings(
         request,
         tmp_path,
-        pg_schema,
-        REDIS_URL,
+        redis_db_url,
         secret_key="test-secret-key-for-dashboard-sessions",
         max_attempts=3,
         cluster_snapshot_interval_s=2,
     )
-
-
-@pytest.fixture
-def broker() -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(REDIS_URL)
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
-
-
-def csrf_of(page: str) -> str:
-    found = re.search(r'name="csrf_token" value="([^"]+)"', page)
-    assert found, "no CSRF token in the page"
-    return found.group(1)
-
-
-def login(client: FlaskClient, key: str) -> str:
-    """Log in; returns the session's CSRF token."""
-    token = csrf_of(client.get("/admin/login").get_data(as_text=True))
-    response = client.post("/admin/login", data={"key": key, "csrf_token": token})
-    assert response.status_code == 302, response.get_data(as_text=True)
-    return csrf_of(client.get("/admin/").get_data(as_text=True))
-
-
-def audit(database: Database, action: str) -> list[AuditEntry]:
-    with database.transaction() as session:
-        return list(
-            session.scalars(
-                sa.select(AuditEntry).where(AuditEntry.action == action).order_by(AuditEntry.id)
-            )
-        )
 
 
 def job_row(database: Database, job_id: str) -> Job:

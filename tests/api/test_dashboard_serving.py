@@ -2,16 +2,11 @@
 batch sizes, load time) as a worker's snapshot reports the model pool, its queue, the scale
 events, and the replica policy form (validated field by field, audited)."""
 
-# The fixtures come from tests.support.api; pytest passes them in by name.
-# ruff: noqa: F811
-
 from __future__ import annotations
 
 import json
-import os
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,36 +18,20 @@ from core.db import Database
 from core.settings import Settings
 from core.tables import AuditEntry, Model
 from scheduler.snapshot import SNAPSHOT_KEY
-from tests.support.api import (  # noqa: F401 (fixtures)
+from tests.support.api import (
+    BACKENDS,
     Keys,
-    app,
-    client,
-    database,
     echo,
-    keys,
     make_settings,
-    pg_schema,
-    publisher,
     submit,
 )
 
-REDIS_URL = os.environ.get("GENQ_TEST_REDIS_URL", "redis://127.0.0.1:6379").rstrip("/") + "/10"
 
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def settings(request: pytest.FixtureRequest, tmp_path: Path, pg_schema: str | None) -> Settings:
+@pytest.fixture(params=BACKENDS)
+def settings(request: pytest.FixtureRequest, tmp_path: Path, redis_db_url: str) -> Settings:
     return make_settings(
-        request, tmp_path, pg_schema, REDIS_URL, secret_key="test-secret-key-for-dashboards"
+        request, tmp_path, redis_db_url, secret_key="test-secret-key-for-dashboards"
     )
-
-
-@pytest.fixture
-def broker() -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(REDIS_URL)
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
 
 
 def login(client: FlaskClient, key: str) -> str:

@@ -3,116 +3,30 @@ zip and a valid text file are stored and train (the workers' code, on the stored
 traversal paths, symlinks, zip bombs, pixel bombs, too many entries, oversize uploads and bad
 text are refused with the documented status, and leave no folder, no file and no row."""
 
-# The fixtures come from tests.support.api; pytest passes them in by name.
-# ruff: noqa: F811
-
 from __future__ import annotations
 
 import hashlib
-import io
 import json
-import os
-import stat
-import zipfile
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-import redis
-from flask import Flask
-from flask.testing import FlaskClient
-from PIL import Image
-from sqlalchemy import select
 
-from api.app import create_app
-from core.db import Database
 from core.events import ModelSaved
 from core.settings import Settings
-from core.tables import SYSTEM_TENANT_ID, Dataset
-from scheduler.enqueue import Publisher
-from tests.support.api import (  # noqa: F401  (fixtures)
-    PG_URL,
+from tests.support.api import (
+    BACKENDS,
     Keys,
-    _with_search_path,
     assert_problem,
     bearer,
-    database,
-    keys,
-    pg_schema,
 )
+from tests.support.datasets import MAX_BYTES, nothing_left, png, upload, upload_settings, zip_of
 from workers.families import charlm, gan
 from workers.families.base import DatasetRef, TrainContext
 
-REDIS_URL = os.environ.get("GENQ_TEST_REDIS_URL", "redis://127.0.0.1:6379").rstrip("/") + "/3"
-MAX_BYTES = 200_000
 
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def settings(request: pytest.FixtureRequest, tmp_path: Path, pg_schema: str | None) -> Settings:
-    if request.param == "postgres":
-        if pg_schema is None:
-            pytest.skip(f"PostgreSQL at {PG_URL} is unreachable")
-        url = _with_search_path(PG_URL, pg_schema)
-    else:
-        url = f"sqlite:///{tmp_path / 'genq.db'}"
-    return Settings(
-        _env_file=None,  # type: ignore[call-arg]
-        var_dir=tmp_path / "var",
-        database_url=url,
-        redis_url=REDIS_URL,
-        artifact_root=tmp_path / "artifacts",
-        dataset_max_bytes=MAX_BYTES,
-        dataset_max_entries=20,
-        dataset_max_unpacked_bytes=1_000_000,
-        dataset_max_pixels=1_000_000,
-    )
-
-
-@pytest.fixture
-def client(settings: Settings, database: Database) -> Iterator[FlaskClient]:
-    broker = redis.Redis.from_url(REDIS_URL)
-    broker.flushdb()
-    publisher = Publisher(settings)
-    app: Flask = create_app(settings, database=database, publisher=publisher)
-    yield app.test_client()
-    publisher.close()
-    broker.flushdb()
-    broker.close()
-
-
-def png(size: tuple[int, int] = (12, 10), color: int = 128) -> bytes:
-    buf = io.BytesIO()
-    Image.new("L", size, color).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def zip_of(entries: dict[str, bytes], symlink: str | None = None) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as archive:
-        for name, data in entries.items():
-            archive.writestr(name, data)
-        if symlink is not None:
-            info = zipfile.ZipInfo(symlink)
-            info.external_attr = (stat.S_IFLNK | 0o777) << 16
-            archive.writestr(info, "/etc/passwd")
-    return buf.getvalue()
-
-
-def upload(client: FlaskClient, key: str, data: bytes, kind: str, name: str = "mine") -> Any:
-    form = {"name": name, "kind": kind, "file": (io.BytesIO(data), "upload.bin")}
-    return client.post(
-        "/v1/datasets", data=form, headers=bearer(key), content_type="multipart/form-data"
-    )
-
-
-def nothing_left(settings: Settings, database: Database) -> None:
-    """No folder or file under datasets/ (not even a temporary one) and no uploaded row."""
-    folder = settings.artifacts / "datasets"
-    assert not folder.exists() or list(folder.iterdir()) == []
-    with database.transaction() as session:
-        rows = session.scalars(select(Dataset).where(Dataset.tenant_id != SYSTEM_TENANT_ID))
-        assert list(rows) == []
+@pytest.fixture(params=BACKENDS)
+def settings(request: pytest.FixtureRequest, tmp_path: Path, redis_db_url: str) -> Settings:
+    return upload_settings(request, tmp_path, redis_db_url)
 
 
 def train_ctx(root: Path, ref: DatasetRef) -> TrainContext:

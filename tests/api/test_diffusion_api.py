@@ -5,9 +5,6 @@ uploaded file, an output artifact or a data set item, of its own tenant only; a 
 cannot be fine-tuned again, and a fine-tune needs a captioned data set. Every refusal is
 problem+json naming the field."""
 
-# The fixtures come from tests.support.api; pytest passes them in by name.
-# ruff: noqa: F811
-
 from __future__ import annotations
 
 import io
@@ -20,18 +17,10 @@ from PIL import Image
 
 from core.catalog import register_model
 from core.db import Database
-from tests.support.api import (  # noqa: F401  (fixtures)
+from tests.support.api import (
     Keys,
-    app,
     assert_problem,
     bearer,
-    broker,
-    client,
-    database,
-    keys,
-    pg_schema,
-    publisher,
-    settings,
     submit,
 )
 

@@ -28,24 +28,21 @@ from scheduler.enqueue import Publisher
 from scheduler.heartbeats import WORKER_INDEX, WorkerHeartbeat
 from scheduler.periodic import Periodic
 
-REDIS_URL = os.environ.get("GENQ_TEST_REDIS_URL", "redis://127.0.0.1:6379").rstrip("/") + "/7"
 PG_URL = os.environ.get("GENQ_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
 @pytest.fixture
-def broker(redis_server_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(REDIS_URL)
-    client.flushdb()
+def broker(redis_db_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_db_url)
     yield client
-    client.flushdb()
     client.close()
 
 
-def _settings(tmp_path: Path, **overrides: Any) -> Settings:
+def _settings(tmp_path: Path, redis_url: str, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "var_dir": tmp_path / "var",
         "database_url": f"sqlite:///{tmp_path / 'genq.db'}",
-        "redis_url": REDIS_URL,
+        "redis_url": redis_url,
         "artifact_root": tmp_path / "artifacts",
         "rate_limits": False,
         "health_heartbeat_interval_s": 0.5,
@@ -54,8 +51,8 @@ def _settings(tmp_path: Path, **overrides: Any) -> Settings:
 
 
 @pytest.fixture
-def settings(tmp_path: Path) -> Settings:
-    return _settings(tmp_path)
+def settings(tmp_path: Path, redis_db_url: str) -> Settings:
+    return _settings(tmp_path, redis_db_url)
 
 
 @pytest.fixture
@@ -101,8 +98,8 @@ def _wait_ready_part(app: Flask, part: str, status: str, timeout_s: float = 30) 
 def test_live_answers_while_the_database_and_the_broker_are_down(tmp_path: Path) -> None:
     down = _settings(
         tmp_path,
+        "redis://127.0.0.1:1/0",
         database_url="postgresql://postgres@127.0.0.1:1/nothing",
-        redis_url="redis://127.0.0.1:1/0",
     )
     app = create_app(down)
     live = app.test_client().get("/v1/health/live")

@@ -1,9 +1,6 @@
 """What a training job asks of its node (`resources`): validated at submit, refused when no
 node of the cluster the workers last reported could hold it, and stored on the job."""
 
-# The fixtures come from tests.support.api; pytest passes them in by name.
-# ruff: noqa: F811
-
 from __future__ import annotations
 
 import json
@@ -13,18 +10,10 @@ import redis
 from flask.testing import FlaskClient
 
 from scheduler.snapshot import SNAPSHOT_KEY
-from tests.support.api import (  # noqa: F401 (fixtures)
+from tests.support.api import (
     Keys,
-    app,
     assert_problem,
-    broker,
-    client,
-    database,
     echo,
-    keys,
-    pg_schema,
-    publisher,
-    settings,
     submit,
 )
 

@@ -10,9 +10,7 @@
 
 from __future__ import annotations
 
-import os
 import re
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -28,49 +26,33 @@ from core.keys import create_key, find_key_by_prefix, get_or_create_tenant
 from core.settings import Settings
 from core.tables import ApiKey, utcnow
 from scheduler.enqueue import Publisher
-from tests.support.api import (  # noqa: F401  (fixtures)
+from tests.support.api import (
+    BACKENDS,
     Keys,
     assert_problem,
     bearer,
-    database,
     echo,
-    keys,
     make_settings,
-    pg_schema,
-    publisher,
     submit,
 )
-
-# This module's own Redis DB (the limits are counted there), flushed around each test.
-REDIS_URL = os.environ.get("GENQ_TEST_REDIS_URL", "redis://127.0.0.1:6379").rstrip("/") + "/14"
 
 # Windows of 40 and 60 s: no test here may pass or fail by how fast the machine is.
 RATE = {"rate_limit_per_s": 0.1, "rate_limit_burst": 4}
 TENANT_RATE = {"tenant_rate_limit_per_s": 0.1, "tenant_rate_limit_burst": 6}
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def settings(request: pytest.FixtureRequest, tmp_path: Any, pg_schema: str | None) -> Settings:  # noqa: F811
+@pytest.fixture(params=BACKENDS)
+def settings(request: pytest.FixtureRequest, tmp_path: Any, redis_db_url: str) -> Settings:
     return make_settings(
         request,
         tmp_path,
-        pg_schema,
-        REDIS_URL,
+        redis_db_url,
         rate_limits=True,
         auth_failures_per_min=5,
         secret_key="test-secret-key-for-sessions",
         **RATE,
         **TENANT_RATE,
     )
-
-
-@pytest.fixture
-def broker() -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(REDIS_URL)
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
 
 
 @pytest.fixture

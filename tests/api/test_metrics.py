@@ -3,15 +3,10 @@ figures are the SQL rows' (jobs, queue depth, waits, retries), that labels stay 
 job id, routes as URL rules), that reaped leases are counted across processes (Redis), and
 that the cluster's figures come from the workers' snapshots."""
 
-# The fixtures come from tests/support/api.py, as in the other API test modules.
-# ruff: noqa: F811
-
 from __future__ import annotations
 
 import json
-import os
 import time
-from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -32,40 +27,24 @@ from core.tables import Job, Model, utcnow
 from scheduler.enqueue import Publisher
 from scheduler.periodic import Periodic
 from scheduler.snapshot import SNAPSHOT_KEY
-from tests.support.api import (  # noqa: F401  (fixtures)
+from tests.support.api import (
+    BACKENDS,
     Keys,
     assert_problem,
     bearer,
-    database,
     echo,
-    keys,
     make_settings,
-    pg_schema,
-    publisher,
     run_job,
     submit,
 )
 
-# This module's own Redis DB, flushed around each test.
-REDIS_URL = os.environ.get("GENQ_TEST_REDIS_URL", "redis://127.0.0.1:6379").rstrip("/") + "/12"
 TOKEN = "scrape-token-0123456789"
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def settings(request: pytest.FixtureRequest, tmp_path: Any, pg_schema: str | None) -> Settings:
+@pytest.fixture(params=BACKENDS)
+def settings(request: pytest.FixtureRequest, tmp_path: Any, redis_db_url: str) -> Settings:
     # Every scrape queries SQL (no shared text), so each test sees its own changes at once.
-    return make_settings(
-        request, tmp_path, pg_schema, REDIS_URL, metrics_token=TOKEN, metrics_cache_s=0
-    )
-
-
-@pytest.fixture
-def broker() -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(REDIS_URL)
-    client.flushdb()
-    yield client
-    client.flushdb()
-    client.close()
+    return make_settings(request, tmp_path, redis_db_url, metrics_token=TOKEN, metrics_cache_s=0)
 
 
 @pytest.fixture

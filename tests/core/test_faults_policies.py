@@ -25,16 +25,15 @@ from core.states import JobKind, JobState
 from core.tables import Base, Job, utcnow
 from scheduler.enqueue import Publisher
 from scheduler.runner import is_out_of_memory, smaller_batch
-from tests.core.test_webhooks import REDIS_URL
 
 
 @pytest.fixture
-def settings(database_url: str, tmp_path: Path) -> Settings:
+def settings(database_url: str, tmp_path: Path, redis_db_url: str) -> Settings:
     return Settings(
         _env_file=None,  # type: ignore[call-arg]
         var_dir=tmp_path / "var",
         database_url=database_url,
-        redis_url=REDIS_URL,
+        redis_url=redis_db_url,
         artifact_root=tmp_path / "artifacts",
         secret_key="k",
     )

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select, update
 
-import migrations
 from core.artifacts import ArtifactStore
 from core.catalog import ensure_builtins, resolve_model
 from core.db import Database
@@ -38,7 +37,6 @@ from core.tables import Artifact, Job, JobEvent, utcnow
 @pytest.fixture
 def db(database_url: str, tmp_path: Path):  # type: ignore[no-untyped-def]
     settings = Settings(var_dir=tmp_path / "var", database_url=database_url)
-    migrations.upgrade(settings)
     database = Database(settings)
     with database.transaction() as session:
         ensure_builtins(session)

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from flask import Flask
 
 from api.app import create_app
@@ -29,7 +28,6 @@ from core.tables import Base, Job
 from scheduler.enqueue import Publisher
 
 ROOT = Path(__file__).resolve().parents[2]
-REDIS_URL = os.environ.get("GENQ_TEST_REDIS_URL", "redis://127.0.0.1:6379").rstrip("/") + "/8"
 
 
 def _capture(process: str = "worker") -> tuple[logging.Logger, io.StringIO]:
@@ -120,14 +118,12 @@ def test_an_entry_point_logs_in_the_configured_format(fmt: str, tmp_path: Path) 
 
 
 @pytest.fixture
-def app(tmp_path: Path, redis_server_url: str) -> Iterator[Flask]:
-    client = redis.Redis.from_url(REDIS_URL)
-    client.flushdb()
+def app(tmp_path: Path, redis_db_url: str) -> Iterator[Flask]:
     settings = Settings(
         _env_file=None,  # type: ignore[call-arg]
         var_dir=tmp_path / "var",
         database_url=f"sqlite:///{tmp_path / 'genq.db'}",
-        redis_url=REDIS_URL,
+        redis_url=redis_db_url,
         artifact_root=tmp_path / "artifacts",
         rate_limits=False,
         log_format="json",
@@ -140,8 +136,6 @@ def app(tmp_path: Path, redis_server_url: str) -> Iterator[Flask]:
     yield create_app(settings, database=database, publisher=publisher)
     publisher.close()
     database.dispose()
-    client.flushdb()
-    client.close()
 
 
 def test_a_job_keeps_the_request_id_it_was_submitted_with(

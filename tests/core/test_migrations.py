@@ -15,8 +15,8 @@ from core.settings import Settings
 from core.tables import Base
 
 
-def test_upgrade_has_no_drift_and_downgrade_works(database_url: str, tmp_path: Path) -> None:
-    settings = Settings(var_dir=tmp_path, database_url=database_url)
+def test_upgrade_has_no_drift_and_downgrade_works(empty_database_url: str, tmp_path: Path) -> None:
+    settings = Settings(var_dir=tmp_path, database_url=empty_database_url)
     migrations.upgrade(settings)
     engine = make_engine(settings.db_url)
     try:

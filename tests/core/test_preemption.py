@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, update
 
-import migrations
 from core.catalog import ensure_builtins, resolve_model
 from core.db import Database
 from core.events import Event, Log, Progress
@@ -33,7 +32,6 @@ from workers.preemption import NOTICE, CheckpointStop
 @pytest.fixture
 def db(database_url: str, tmp_path: Path):  # type: ignore[no-untyped-def]
     settings = Settings(var_dir=tmp_path / "var", database_url=database_url)
-    migrations.upgrade(settings)
     database = Database(settings)
     with database.transaction() as session:
         ensure_builtins(session)

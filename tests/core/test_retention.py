@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 
-import migrations
 from core.artifacts import ArtifactStore
 from core.catalog import ensure_builtins, register_model
 from core.db import Database
@@ -141,7 +140,6 @@ def world(request: pytest.FixtureRequest, database_url: str, tmp_path: Path) -> 
         retention_batch_size=3,
         **store_settings,
     )
-    migrations.upgrade(settings)
     database = Database(settings)
     with database.transaction() as session:
         ensure_builtins(session)
@@ -261,14 +259,14 @@ def test_without_retention_nothing_is_deleted(world: World, tmp_path: Path) -> N
     assert entries == []  # nothing is set: the pass only measured
 
 
-def test_the_periodic_scheduler_runs_the_pass(world: World, redis_server_url: str) -> None:
+def test_the_periodic_scheduler_runs_the_pass(world: World, redis_db_url: str) -> None:
     import threading
     import time
 
     from scheduler.enqueue import Publisher
     from scheduler.periodic import Periodic
 
-    settings = world.settings.model_copy(update={"redis_url": f"{redis_server_url.rstrip('/')}/15"})
+    settings = world.settings.model_copy(update={"redis_url": redis_db_url})
     old = world.job("acme", 10)
     publisher = Publisher(settings)
     stop = threading.Event()

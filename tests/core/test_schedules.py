@@ -13,7 +13,6 @@ import pytest
 import redis
 from sqlalchemy import select
 
-import migrations
 from core.catalog import ensure_builtins, resolve_model
 from core.db import Database
 from core.jobs import NewJob
@@ -25,14 +24,12 @@ from core.tables import Job, Schedule
 from scheduler.enqueue import Publisher
 from scheduler.periodic import Periodic
 
-REDIS_DB = 1
 EVERY_5_S = "* * * * * */5"  # croniter: seconds are the sixth field
 
 
 @pytest.fixture
 def settings(database_url: str, tmp_path: Path) -> Settings:
     s = Settings(var_dir=tmp_path / "var", database_url=database_url)
-    migrations.upgrade(s)
     return s
 
 
@@ -144,11 +141,10 @@ def test_cron_is_read_in_the_schedules_time_zone() -> None:
 
 
 def test_the_periodic_loop_fires_and_publishes_across_a_restart(
-    settings: Settings, redis_server_url: str
+    settings: Settings, redis_db_url: str
 ) -> None:
-    redis_url = f"{redis_server_url.rstrip('/')}/{REDIS_DB}"
+    redis_url = redis_db_url
     client = redis.Redis.from_url(redis_url)
-    client.flushdb()
     settings = settings.model_copy(update={"redis_url": redis_url})
     database = Database(settings)
     schedule_id = _make_schedule(database, "* * * * * *", datetime.now(UTC))

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select, update
 
-import migrations
 from core.catalog import ensure_builtins, resolve_model
 from core.db import Database
 from core.errors import QuotaExceededError
@@ -32,7 +31,6 @@ def db(database_url: str, tmp_path: Path):  # type: ignore[no-untyped-def]
     # The start-based policy: its order does not depend on how long the test's jobs run
     # (tests/core/test_usage.py covers the usage-based one with a clock of its own).
     settings = Settings(var_dir=tmp_path / "var", database_url=database_url, fair_share="starts")
-    migrations.upgrade(settings)
     database = Database(settings)
     with database.transaction() as session:
         ensure_builtins(session)

@@ -16,7 +16,6 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, update
 
-import migrations
 from core.catalog import ensure_builtins, resolve_model
 from core.db import Database
 from core.fairness import claim_next
@@ -39,7 +38,6 @@ def _database(database_url: str, tmp_path: Path, policy: str) -> Database:
         fair_share=policy,
         fair_share_half_life_s=HALF_LIFE_S,
     )
-    migrations.upgrade(settings)
     database = Database(settings)
     with database.transaction() as session:
         ensure_builtins(session)

@@ -2,21 +2,16 @@
 the outbox rows written with job events, and real sends to a real HTTP server on 127.0.0.1
 that answers slowly, fails, or redirects, with the delivery log telling each story.
 
-Runs on SQLite and PostgreSQL with a real Redis (DB 5, flushed per test).
+Runs on SQLite and PostgreSQL with a real Redis (a database of each test's own).
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import json
-import os
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -35,43 +30,7 @@ from core.tables import Base, WebhookDelivery
 from core.webhooks import UnsafeTargetError, check_target, is_internal, sign, tenant_secret
 from scheduler.enqueue import Publisher
 from scheduler.webhooks import deliver, dispatch
-
-REDIS_URL = os.environ.get("GENQ_TEST_REDIS_URL", "redis://127.0.0.1:6379").rstrip("/") + "/5"
-
-
-@dataclass
-class Receiver:
-    """A real HTTP server on 127.0.0.1 that records what it receives and answers as told."""
-
-    status: int = 204
-    delay_s: float = 0.0
-    location: str = ""
-    # Answer 500 to this many requests first, then `status`.
-    fail_first: int = 0
-    requests: list[dict[str, Any]] = field(default_factory=list)
-    url: str = ""
-
-    def handler(self) -> type[BaseHTTPRequestHandler]:
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 - http.server's naming
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                receiver.requests.append(
-                    {"path": self.path, "headers": dict(self.headers), "body": body}
-                )
-                time.sleep(receiver.delay_s)
-                failing = len(receiver.requests) <= receiver.fail_first
-                self.send_response(500 if failing else receiver.status)
-                if receiver.location:
-                    self.send_header("Location", receiver.location)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        return Handler
+from tests.support.webhooks import Receiver, verify
 
 
 @pytest.fixture
@@ -87,12 +46,12 @@ def receiver() -> Iterator[Receiver]:
     server.server_close()
 
 
-def make_settings(database_url: str, tmp_path: Path, **kw: Any) -> Settings:
+def make_settings(database_url: str, tmp_path: Path, redis_url: str, **kw: Any) -> Settings:
     return Settings(
         _env_file=None,  # type: ignore[call-arg]
         var_dir=tmp_path / "var",
         database_url=database_url,
-        redis_url=REDIS_URL,
+        redis_url=redis_url,
         artifact_root=tmp_path / "artifacts",
         secret_key="test-secret-key",
         webhook_timeout_s=1.0,
@@ -103,8 +62,8 @@ def make_settings(database_url: str, tmp_path: Path, **kw: Any) -> Settings:
 
 
 @pytest.fixture
-def settings(database_url: str, tmp_path: Path) -> Settings:
-    return make_settings(database_url, tmp_path, webhook_allow_private=True)
+def settings(database_url: str, tmp_path: Path, redis_db_url: str) -> Settings:
+    return make_settings(database_url, tmp_path, redis_db_url, webhook_allow_private=True)
 
 
 @pytest.fixture
@@ -118,11 +77,9 @@ def database(settings: Settings) -> Iterator[Database]:
 
 
 @pytest.fixture
-def broker() -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(REDIS_URL)
-    client.flushdb()
+def broker(redis_db_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_db_url)
     yield client
-    client.flushdb()
     client.close()
 
 
@@ -166,16 +123,6 @@ def rows(database: Database, job_id: str) -> list[WebhookDelivery]:
     with database.transaction() as session:
         found = session.query(WebhookDelivery).filter_by(job_id=job_id)
         return sorted(found, key=lambda r: (r.created_at, r.id))
-
-
-def verify(secret: str, headers: dict[str, str], body: bytes) -> bool:
-    """A receiver's check, written from the Standard Webhooks spec, not from genq's code."""
-    key = base64.b64decode(secret.split("_", 1)[1])
-    signed = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + body
-    expected = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
-    return any(
-        part.split(",", 1)[1] == expected for part in headers["webhook-signature"].split(" ")
-    )
 
 
 def test_signature_matches_the_standard_webhooks_reference_vector() -> None:
@@ -277,7 +224,7 @@ def test_redirect_is_not_followed_and_slow_receiver_times_out(
 
 
 def test_internal_target_is_refused_at_send_time(
-    database: Database, database_url: str, tmp_path: Path, receiver: Receiver
+    database: Database, database_url: str, tmp_path: Path, redis_db_url: str, receiver: Receiver
 ) -> None:
     # Accepted while private targets were allowed; the operator has since turned that off, and
     # `localhost` resolves to 127.0.0.1 when the message is sent.
@@ -285,7 +232,7 @@ def test_internal_target_is_refused_at_send_time(
     job_id, _ = new_job(database, f"http://localhost:{port}/hook", ["completed"])
     run_through(database, job_id)
     (row,) = rows(database, job_id)
-    strict = make_settings(database_url, tmp_path, webhook_allow_private=False)
+    strict = make_settings(database_url, tmp_path, redis_db_url, webhook_allow_private=False)
     assert deliver(strict, database, row.id) == "failed"  # refused targets are not retried
     assert receiver.requests == []
     (refused,) = rows(database, job_id)
@@ -307,9 +254,9 @@ def test_dispatch_queues_due_messages_once(
 
 
 def test_api_refuses_internal_webhook_and_shows_the_delivery_log(
-    database_url: str, tmp_path: Path, database: Database, broker: redis.Redis
+    database_url: str, tmp_path: Path, redis_db_url: str, database: Database, broker: redis.Redis
 ) -> None:
-    strict = make_settings(database_url, tmp_path, webhook_allow_private=False)
+    strict = make_settings(database_url, tmp_path, redis_db_url, webhook_allow_private=False)
     app = create_app(strict, database=database, publisher=Publisher(strict))
     client = app.test_client()
     with database.transaction() as session:
@@ -332,9 +279,9 @@ def test_api_refuses_internal_webhook_and_shows_the_delivery_log(
 
 
 def test_unresolvable_host_is_accepted_at_submit_and_retried_at_send(
-    database_url: str, tmp_path: Path, database: Database, broker: redis.Redis
+    database_url: str, tmp_path: Path, redis_db_url: str, database: Database, broker: redis.Redis
 ) -> None:
-    strict = make_settings(database_url, tmp_path, webhook_allow_private=False)
+    strict = make_settings(database_url, tmp_path, redis_db_url, webhook_allow_private=False)
     app = create_app(strict, database=database, publisher=Publisher(strict))
     with database.transaction() as session:
         _, key = create_key(session, get_or_create_tenant(session, "acme"))

@@ -35,8 +35,6 @@ from tests.support.faults import Cluster, RayHead, is_alive, wait_until
 from tests.support.pretrained_models import build_tiny_lm
 from tests.support.stackproc import descendants
 
-pytest_plugins = ["tests.support.faults"]
-
 pytestmark = [pytest.mark.faults, pytest.mark.stack]
 
 
@@ -61,9 +59,13 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory, s3_server: S3Server) -> I
 
 
 @pytest.fixture
-def cluster(tmp_path: Path, ray_head: RayHead, s3_url: str) -> Iterator[Cluster]:
+def cluster(tmp_path: Path, ray_head: RayHead, redis_db_url: str, s3_url: str) -> Iterator[Cluster]:
     c = Cluster(
-        tmp_path, f"sqlite:///{tmp_path / 'genq.db'}", ray_head, {"GENQ_ARTIFACT_URL": s3_url}
+        tmp_path,
+        f"sqlite:///{tmp_path / 'genq.db'}",
+        ray_head,
+        redis_db_url,
+        {"GENQ_ARTIFACT_URL": s3_url},
     )
     yield c
     c.close()

@@ -23,11 +23,8 @@ from core.jobs import NewJob, create_job
 from core.states import JobKind
 from core.tables import Job, Model, Tenant
 from scheduler.enqueue import Publication
-from tests.core.test_webhooks import Receiver, verify
 from tests.support.faults import Cluster, RayHead, is_alive, wait_until
-
-# The `cluster` and `ray_head` fixtures.
-pytest_plugins = ["tests.support.faults"]
+from tests.support.webhooks import Receiver, verify
 
 pytestmark = [pytest.mark.faults, pytest.mark.stack]
 
@@ -358,10 +355,12 @@ def test_webhooks_are_sent_from_their_own_queue_signed_and_logged(cluster: Clust
 
 
 def test_training_longer_than_the_visibility_timeout_runs_once(
-    tmp_path: Path, ray_head: RayHead
+    tmp_path: Path, ray_head: RayHead, redis_db_url: str
 ) -> None:
     env = {"GENQ_VISIBILITY_TIMEOUT_S": "11", "GENQ_LEASE_TTL_S": "5"}
-    cluster = Cluster(tmp_path, f"sqlite:///{tmp_path / 'genq.db'}", ray_head, extra_env=env)
+    cluster = Cluster(
+        tmp_path, f"sqlite:///{tmp_path / 'genq.db'}", ray_head, redis_db_url, extra_env=env
+    )
     try:
         cluster.worker()
         cluster.scheduler()

@@ -25,8 +25,6 @@ from core.settings import Settings
 from core.tables import Artifact, Job
 from tests.support.faults import Cluster, Proc, RayHead, wait_until
 
-pytest_plugins = ["tests.support.faults"]
-
 pytestmark = [pytest.mark.faults, pytest.mark.stack]
 
 
@@ -50,8 +48,10 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory, s3_server: Any) -> Iterat
     stack.stop()
 
 
-def make_cluster(tmp_path: Path, ray_head: RayHead, db_url: str, **env: str) -> Cluster:
-    return Cluster(tmp_path, db_url, ray_head, {k.upper(): v for k, v in env.items()})
+def make_cluster(
+    tmp_path: Path, ray_head: RayHead, redis_url: str, db_url: str, **env: str
+) -> Cluster:
+    return Cluster(tmp_path, db_url, ray_head, redis_url, {k.upper(): v for k, v in env.items()})
 
 
 def attempt_progress(cluster: Cluster, job_id: str, attempt: int) -> bool:
@@ -76,12 +76,14 @@ def stored_outputs(store: ArtifactStore, cluster: Cluster, job_id: str) -> dict[
 
 @pytest.mark.parametrize("store_kind", ["local", "s3"])
 def test_stale_attempt_neither_cancels_its_successor_nor_leaves_files(
-    tmp_path: Path, ray_head: RayHead, s3_url: str, store_kind: str
+    tmp_path: Path, ray_head: RayHead, redis_db_url: str, s3_url: str, store_kind: str
 ) -> None:
     env = {"genq_progress_interval_s": "30"}  # the stale attempt's last progress stays held
     if store_kind == "s3":
         env["genq_artifact_url"] = s3_url
-    cluster = make_cluster(tmp_path, ray_head, f"sqlite:///{tmp_path / 'genq.db'}", **env)
+    cluster = make_cluster(
+        tmp_path, ray_head, redis_db_url, f"sqlite:///{tmp_path / 'genq.db'}", **env
+    )
     try:
         stale = cluster.worker()
         cluster.scheduler()
@@ -147,9 +149,9 @@ def terminate_backends(conn: psycopg.Connection[Any]) -> int:
 
 @pytest.mark.postgres
 def test_terminated_database_connections_are_transient(
-    tmp_path: Path, ray_head: RayHead, fresh_pg_url: str
+    tmp_path: Path, ray_head: RayHead, redis_db_url: str, fresh_pg_url: str
 ) -> None:
-    cluster = make_cluster(tmp_path, ray_head, fresh_pg_url)
+    cluster = make_cluster(tmp_path, ray_head, redis_db_url, fresh_pg_url)
     try:
         worker = cluster.worker()
         cluster.scheduler()
@@ -213,9 +215,9 @@ CREATE TRIGGER fail_first_claim BEFORE UPDATE ON job
 
 @pytest.mark.postgres
 def test_a_failed_claim_leaves_the_job_claimable_and_sent_again(
-    tmp_path: Path, ray_head: RayHead, fresh_pg_url: str
+    tmp_path: Path, ray_head: RayHead, redis_db_url: str, fresh_pg_url: str
 ) -> None:
-    cluster = make_cluster(tmp_path, ray_head, fresh_pg_url)
+    cluster = make_cluster(tmp_path, ray_head, redis_db_url, fresh_pg_url)
     try:
         with psycopg.connect(fresh_pg_url, autocommit=True) as conn:
             conn.execute(FAIL_ONE_CLAIM)
@@ -236,11 +238,14 @@ def test_a_failed_claim_leaves_the_job_claimable_and_sent_again(
         cluster.close()
 
 
-def test_no_lease_lost_alarm_after_normal_finishes(tmp_path: Path, ray_head: RayHead) -> None:
+def test_no_lease_lost_alarm_after_normal_finishes(
+    tmp_path: Path, ray_head: RayHead, redis_db_url: str
+) -> None:
     # The keeper looks at the row every 50 ms: a finish it mistook for a lost lease would show.
     cluster = make_cluster(
         tmp_path,
         ray_head,
+        redis_db_url,
         f"sqlite:///{tmp_path / 'genq.db'}",
         genq_heartbeat_interval_s="0.05",
     )

@@ -33,11 +33,9 @@ from sqlalchemy import select
 
 from core.keys import create_key, get_or_create_tenant
 from core.tables import Job, Model
-from tests.core.test_webhooks import Receiver
 from tests.support.faults import Cluster, RayHead, wait_until
+from tests.support.webhooks import Receiver
 from workers.preemption import NOTICE
-
-pytest_plugins = ["tests.support.faults"]
 
 pytestmark = [pytest.mark.faults, pytest.mark.stack]
 
@@ -76,12 +74,12 @@ def trainer_pids(ray_head: RayHead) -> set[int]:
     return pids
 
 
-def _cluster(tmp_path: Path, ray_head: RayHead, url: str, **env: str) -> Cluster:
-    return Cluster(tmp_path, url, ray_head, extra_env=env)
+def _cluster(tmp_path: Path, ray_head: RayHead, redis_url: str, url: str, **env: str) -> Cluster:
+    return Cluster(tmp_path, url, ray_head, redis_url, extra_env=env)
 
 
 def test_an_interactive_job_preempts_batch_training_at_a_checkpoint(
-    tmp_path: Path, ray_head: RayHead
+    tmp_path: Path, ray_head: RayHead, redis_db_url: str
 ) -> None:
     receiver = Receiver()
     server = ThreadingHTTPServer(("127.0.0.1", 0), receiver.handler())
@@ -91,6 +89,7 @@ def test_an_interactive_job_preempts_batch_training_at_a_checkpoint(
     cluster = _cluster(
         tmp_path,
         ray_head,
+        redis_db_url,
         f"sqlite:///{tmp_path / 'genq.db'}",
         GENQ_WORKER_CONCURRENCY="1",
         GENQ_PREEMPT_AFTER_S="1",
@@ -190,11 +189,12 @@ def test_an_interactive_job_preempts_batch_training_at_a_checkpoint(
 
 
 def test_a_trainer_that_misses_the_grace_is_stopped_and_resumes_from_its_last_checkpoint(
-    tmp_path: Path, ray_head: RayHead
+    tmp_path: Path, ray_head: RayHead, redis_db_url: str
 ) -> None:
     cluster = _cluster(
         tmp_path,
         ray_head,
+        redis_db_url,
         f"sqlite:///{tmp_path / 'genq.db'}",
         GENQ_WORKER_CONCURRENCY="1",
         GENQ_PREEMPT_AFTER_S="1",
@@ -252,13 +252,14 @@ def test_a_trainer_that_misses_the_grace_is_stopped_and_resumes_from_its_last_ch
 
 
 def test_a_job_waiting_for_a_gpu_held_by_batch_training_preempts_it(
-    tmp_path: Path, ray_head: RayHead
+    tmp_path: Path, ray_head: RayHead, redis_db_url: str
 ) -> None:
     # Two slots: the interactive job is claimed at once and then waits for the GPU (the
     # head declares one), which the batch training holds whole.
     cluster = _cluster(
         tmp_path,
         ray_head,
+        redis_db_url,
         f"sqlite:///{tmp_path / 'genq.db'}",
         GENQ_WORKER_CONCURRENCY="2",
         GENQ_PREEMPT_AFTER_S="1",
@@ -356,7 +357,7 @@ def _run_windows(cluster: Cluster, job_ids: dict[str, list[str]]) -> dict[str, f
 
 @pytest.mark.postgres
 def test_long_and_short_jobs_share_gpu_time_with_real_workers(
-    tmp_path: Path, ray_head: RayHead, fresh_pg_url: str
+    tmp_path: Path, ray_head: RayHead, redis_db_url: str, fresh_pg_url: str
 ) -> None:
     # The backlog is submitted in one burst from each tenant's key: no rate limit here.
     cluster = _cluster(

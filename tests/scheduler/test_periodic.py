@@ -14,7 +14,6 @@ import pytest
 import redis
 from sqlalchemy import update
 
-import migrations
 from api.stack import bootstrap
 from core.catalog import ensure_builtins, resolve_model
 from core.db import Database
@@ -28,18 +27,14 @@ from scheduler.enqueue import Publisher
 from scheduler.periodic import Periodic
 from scheduler.worker import InconsistentSettingsError, check_settings
 
-REDIS_DB = 14
-
 
 @pytest.fixture
-def env(database_url: str, redis_server_url: str, tmp_path: Path) -> Iterator[tuple]:  # type: ignore[type-arg]
-    redis_url = f"{redis_server_url.rstrip('/')}/{REDIS_DB}"
+def env(database_url: str, redis_db_url: str, tmp_path: Path) -> Iterator[tuple]:  # type: ignore[type-arg]
+    redis_url = redis_db_url
     client = redis.Redis.from_url(redis_url)
-    client.flushdb()
     settings = Settings(
         var_dir=tmp_path, database_url=database_url, redis_url=redis_url, republish_after_s=60
     )
-    migrations.upgrade(settings)
     database = Database(settings)
     publisher = Publisher(settings)
     with database.transaction() as session:

@@ -14,7 +14,6 @@ import pytest
 import redis
 from sqlalchemy import update
 
-import migrations
 from core.catalog import ensure_builtins, resolve_model
 from core.db import Database
 from core.fairness import claim_next
@@ -27,18 +26,14 @@ from scheduler.broker import PUBLISHED_KEY
 from scheduler.enqueue import Publication, Publisher
 from scheduler.runner import Runner
 
-REDIS_DB = 1
-
 
 @pytest.fixture
-def env(database_url: str, redis_server_url: str, tmp_path: Path) -> Iterator[tuple]:  # type: ignore[type-arg]
-    redis_url = f"{redis_server_url.rstrip('/')}/{REDIS_DB}"
+def env(database_url: str, redis_db_url: str, tmp_path: Path) -> Iterator[tuple]:  # type: ignore[type-arg]
+    redis_url = redis_db_url
     client = redis.Redis.from_url(redis_url)
-    client.flushdb()
     settings = Settings(
         var_dir=tmp_path, database_url=database_url, redis_url=redis_url, held_recheck_s=20
     )
-    migrations.upgrade(settings)
     database = Database(settings)
     publisher = Publisher(settings)
     with database.transaction() as session:

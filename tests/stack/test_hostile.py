@@ -32,7 +32,7 @@ import redis
 import requests
 
 from api.stack import RAY_NODE_SETTINGS
-from tests.faults.test_broker_intake import HOSTILE, envelope, task_headers
+from tests.support.broker import HOSTILE, envelope, task_headers
 from tests.support.stackproc import ROOT, StackProcess, descendants
 
 pytestmark = pytest.mark.stack

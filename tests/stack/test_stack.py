@@ -7,6 +7,7 @@ running training job and see its trainer gone; the API's refusals; Ctrl-C stops 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import subprocess
@@ -17,7 +18,6 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-import redis
 from PIL import Image
 
 from tests.support.stackproc import ROOT, StackProcess
@@ -31,41 +31,26 @@ def stack(
 ) -> Iterator[StackProcess]:
     base = tmp_path_factory.mktemp("stack")
     env: dict[str, str] = {"GENQ_RAY_NUM_CPUS": "2"}
-    if request.param.startswith("postgres"):
-        env["GENQ_DATABASE_URL"] = request.getfixturevalue("module_pg_url")
-        redis_url = request.getfixturevalue("redis_server_url").rstrip("/") + "/13"
-        redis.Redis.from_url(redis_url).flushdb()
-        env["GENQ_REDIS_URL"] = redis_url
-    proc = StackProcess(base / "var", env)
-    try:
-        proc.start()
-        yield proc
-        code, alive = proc.stop()
-        assert code == 0, proc.log_text()[-3000:]
-        assert not alive, f"processes left after Ctrl-C: {alive}"
-        assert "genq: stopped" in proc.log_text()
-    finally:
-        proc.kill()
-
-
-@pytest.fixture(scope="module")
-def module_pg_url(pg_server_url: str) -> Iterator[str]:
-    import uuid
-
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-
-    name = f"genq_stack_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(
-        pg_server_url.replace("postgresql://", "postgresql+psycopg://", 1),
-        isolation_level="AUTOCOMMIT",
-    )
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    yield make_url(pg_server_url).set(database=name).render_as_string(hide_password=False)
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with contextlib.ExitStack() as held:
+        if request.param.startswith("postgres"):
+            # `genq up` migrates its database itself: an empty one, and a Redis database of
+            # the module's own.
+            databases = request.getfixturevalue("pg_databases")
+            name = databases.create()
+            held.callback(databases.drop, name)
+            env["GENQ_DATABASE_URL"] = databases.url(name)
+            redis_databases = request.getfixturevalue("redis_databases")
+            env["GENQ_REDIS_URL"] = held.enter_context(redis_databases.lease())
+        proc = StackProcess(base / "var", env)
+        try:
+            proc.start()
+            yield proc
+            code, alive = proc.stop()
+            assert code == 0, proc.log_text()[-3000:]
+            assert not alive, f"processes left after Ctrl-C: {alive}"
+            assert "genq: stopped" in proc.log_text()
+        finally:
+            proc.kill()
 
 
 def _cli(stack: StackProcess, *args: str) -> str:

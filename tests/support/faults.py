@@ -1,9 +1,9 @@
-"""The fault-injection harness (imported by tests/test_faults*.py): a real Ray head (one per
-module, token auth, one declared GPU), and per test a fresh database, a flushed Redis DB 6, the
-API in this process, and `genq worker` / `genq scheduler` subprocesses that a test can SIGKILL,
-SIGSTOP and restart, each in its own process group. Leases, heartbeats, reaping and backoff
-are shortened so that a crash is recovered in seconds.
-"""
+"""The fault-injection harness (tests/faults/; its fixtures `ray_head` and `cluster` are in
+tests/faults/conftest.py): a real Ray head (one per module, token auth, one declared GPU), and per
+test a fresh database, the test's own Redis database, the API in this process, and `genq worker` /
+`genq scheduler` subprocesses that a test can SIGKILL, SIGSTOP and restart, each in its own process
+group. Leases, heartbeats, reaping and backoff are shortened so that a crash is recovered in
+seconds."""
 
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
 import redis
 from flask.testing import FlaskClient
 
@@ -31,7 +30,6 @@ from core.tables import Artifact, Job, JobEvent
 from scheduler.enqueue import Publisher
 
 ROOT = Path(__file__).resolve().parents[2]
-REDIS_URL = os.environ.get("GENQ_TEST_REDIS_URL", "redis://127.0.0.1:6379").rstrip("/") + "/6"
 TERMINAL = {"succeeded", "failed", "canceled"}
 
 # Short enough that a crash is recovered in seconds, consistent for check_settings.
@@ -168,22 +166,6 @@ class RayHead:
             process.wait(30)
 
 
-@pytest.fixture(scope="module")
-def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
-    var_dir = tmp_path_factory.mktemp("ray")
-    settings = Settings(
-        _env_file=None,  # type: ignore[call-arg]
-        var_dir=var_dir,
-        ray_num_cpus=4,
-        ray_num_gpus=1,  # declared only: proves that a GPU share is given back
-    )
-    stack = Stack(settings)
-    stack.env = {k: v for k, v in os.environ.items() if not k.startswith("GENQ_")}
-    stack.start_ray()
-    yield RayHead(stack, var_dir)
-    stack.stop()
-
-
 @dataclass
 class Proc:
     name: str
@@ -200,12 +182,13 @@ class Proc:
 
 @dataclass
 class Cluster:
-    """One test's genq: the database, Redis DB 6, the API in-process, worker and scheduler
-    subprocesses on the module's Ray head."""
+    """One test's genq: the database, the test's own Redis database, the API in-process,
+    worker and scheduler subprocesses on the module's Ray head."""
 
     tmp: Path
     database_url: str
     ray: RayHead
+    redis_url: str
     extra_env: dict[str, str] = field(default_factory=dict)
     procs: list[Proc] = field(default_factory=list)
     admin_key: str = ""
@@ -217,7 +200,7 @@ class Cluster:
             **FAST,
             "GENQ_VAR_DIR": str(self.tmp / "var"),
             "GENQ_DATABASE_URL": self.database_url,
-            "GENQ_REDIS_URL": REDIS_URL,
+            "GENQ_REDIS_URL": self.redis_url,
             "GENQ_ARTIFACT_ROOT": str(self.tmp / "artifacts"),
             **self.extra_env,
         }
@@ -225,7 +208,7 @@ class Cluster:
             _env_file=None,  # type: ignore[call-arg]
             **{k[5:].lower(): v for k, v in self.env.items() if k.startswith("GENQ_")},
         )
-        self.broker = redis.Redis.from_url(REDIS_URL)
+        self.broker = redis.Redis.from_url(self.redis_url)
         self.broker.flushdb()
         key = bootstrap(self.settings)
         assert key is not None
@@ -345,16 +328,3 @@ class Cluster:
         }
         assert files <= paths, files - paths
         return job
-
-
-@pytest.fixture
-def cluster(
-    request: pytest.FixtureRequest, tmp_path: Path, backend: str, ray_head: RayHead
-) -> Iterator[Cluster]:
-    if backend == "sqlite":
-        url = f"sqlite:///{tmp_path / 'genq.db'}"
-    else:
-        url = str(request.getfixturevalue("fresh_pg_url"))
-    c = Cluster(tmp_path, url, ray_head)
-    yield c
-    c.close()

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import redis
 from sqlalchemy import select, update
 
 ray = pytest.importorskip("ray")
@@ -39,7 +38,6 @@ from scheduler.runner import Runner  # noqa: E402
 from scheduler.scaling import Scaler  # noqa: E402
 from workers.pool import get_pool  # noqa: E402
 
-REDIS_DB = 12
 NODES = 3
 LOOK_S = 0.1
 
@@ -68,11 +66,10 @@ def cluster() -> Iterator[Any]:
 
 @pytest.fixture
 def stack(
-    cluster: Any, tmp_path: Path, redis_server_url: str, tiny_ddpm: tuple[str, dict]
+    cluster: Any, tmp_path: Path, redis_db_url: str, tiny_ddpm: tuple[str, dict]
 ) -> Iterator[dict[str, Any]]:
     """SQLite, Redis, a runner and a scaler on the module's Ray; two tiny ddpm models."""
-    redis_url = f"{redis_server_url.rstrip('/')}/{REDIS_DB}"
-    redis.Redis.from_url(redis_url).flushdb()
+    redis_url = redis_db_url
     settings = Settings(
         _env_file=None,  # type: ignore[call-arg]
         var_dir=tmp_path,
