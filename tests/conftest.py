@@ -43,6 +43,21 @@ PG_URL = os.environ.get("GENQ_TEST_DATABASE_URL", "postgresql://postgres@127.0.0
 REDIS_URL = os.environ.get("GENQ_TEST_REDIS_URL", "redis://127.0.0.1:6379").rstrip("/")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under xdist (`make test` runs `--dist loadgroup`) a module's tests run on one worker, so
+    its module-scoped stack, Ray or trained model is made once; and the fault-injection and
+    multi-host tests (short leases, whole-machine faults) run one after another on one worker,
+    never two at a time. (A test may still add an `xdist_group` of its own.)"""
+    for item in items:
+        if item.get_closest_marker("xdist_group"):
+            continue
+        if item.get_closest_marker("faults") or item.get_closest_marker("multihost"):
+            group = "faults"
+        else:
+            group = item.module.__name__ if item.module else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 def xdist_worker() -> tuple[int, int]:
     """(this process's index, how many processes run tests): (0, 1) without xdist."""
     name = os.environ.get("PYTEST_XDIST_WORKER", "gw0")

@@ -19,6 +19,9 @@ from workers.actors import get_model_server, start_trainer  # noqa: E402
 from workers.families.base import CanceledError  # noqa: E402
 from workers.registry import get_family  # noqa: E402
 
+# The module starts a real Ray of its own: real processes, marker `stack`.
+pytestmark = pytest.mark.stack
+
 ECHO, DDPM = get_family("echo"), get_family("ddpm")
 TINY = {"preset": "tiny", "steps": 4, "batch_size": 8, "checkpoint_every": 2, "seed": 3}
 

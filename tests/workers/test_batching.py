@@ -30,6 +30,9 @@ from workers.pool import ALIVE_TRUST_S, get_pool  # noqa: E402
 from workers.registry import get_family  # noqa: E402
 from workers.server import ServingOptions  # noqa: E402
 
+# The module starts a real Ray of its own: real processes, marker `stack`.
+pytestmark = pytest.mark.stack
+
 DDPM = get_family("ddpm")
 # A long wait makes "these concurrent jobs share one batch" certain on a busy 2-core machine.
 BATCHING = ServingOptions(batch_max_wait_ms=2000, idle_unload_s=None)

@@ -25,6 +25,9 @@ from workers.actors import start_trainer  # noqa: E402
 from workers.families.sd_lora import ADAPTER_FILE  # noqa: E402
 from workers.registry import get_family  # noqa: E402
 
+# The module starts a real Ray of its own: real processes, marker `stack`.
+pytestmark = pytest.mark.stack
+
 SD = get_family("diffusers")
 PARAMS = {"rank": 4, "alpha": 4.0, "steps": 40, "checkpoint_every": 2, "learning_rate": 1e-2}
 

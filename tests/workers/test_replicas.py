@@ -38,6 +38,9 @@ from scheduler.runner import Runner  # noqa: E402
 from scheduler.scaling import Scaler  # noqa: E402
 from workers.pool import get_pool  # noqa: E402
 
+# The module starts a real Ray of its own: real processes, marker `stack`.
+pytestmark = pytest.mark.stack
+
 NODES = 3
 LOOK_S = 0.1
 

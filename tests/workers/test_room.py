@@ -23,6 +23,9 @@ from workers.room import is_unplaced, trainer_need  # noqa: E402
 from workers.routing import admit_trainer  # noqa: E402
 from workers.server import ServingOptions  # noqa: E402
 
+# The module starts a real Ray of its own: real processes, marker `stack`.
+pytestmark = pytest.mark.stack
+
 DDPM = get_family("ddpm")
 KEEP = ServingOptions(idle_unload_s=None)  # nothing unloads for idling: only to make room
 LOOK_S = 0.1
