@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import signal
 import threading
-import time
 from datetime import UTC, datetime, timedelta
 from http.server import ThreadingHTTPServer
 from pathlib import Path
@@ -125,10 +124,11 @@ def test_crash_between_commit_and_publish_is_repaired_by_the_reconciler(
         False
     ]
     cluster.worker()
-    time.sleep(3)
-    assert cluster.get(job_id)["state"] == "queued"  # nothing runs it without the reconciler
-    cluster.scheduler()
+    assert cluster.get(job_id)["state"] == "queued"
+    scheduler = cluster.scheduler()
     job = cluster.wait(job_id, 60)
+    # It ran because the reconciler found a queued job without a message and sent one.
+    assert "re-publishing 1 queued jobs without a message" in scheduler.text()
     assert job["state"] == "succeeded" and job["attempt"] == 1
     cluster.check_invariants(job_id)
 
@@ -153,7 +153,7 @@ def test_hung_worker_is_detected_by_its_stale_heartbeat_and_fenced(cluster: Clus
     cluster.worker()
     job = cluster.wait(job_id, 60)
     cluster.kill(hung, signal.SIGCONT)  # the old attempt wakes up: its writes are refused
-    time.sleep(3)
+    wait_until(lambda: "lease lost" in hung.text(), 60, "the stale attempt to see its lease lost")
     job = cluster.get(job_id)
     assert job["state"] == "succeeded" and job["attempt"] == 2
     assert len(job["outputs"]) == 1
@@ -287,7 +287,7 @@ def test_canceled_running_job_stays_canceled_through_restarts(cluster: Cluster) 
     cluster.worker()
     cluster.publisher.publish(cluster.database, [Publication(job_id, "train")])
     wait_until(lambda: "skipped:canceled" in cluster.logs(), 30, "the redelivery")
-    time.sleep(2)  # a few reaper rounds
+    cluster.wait_scheduler_rounds(2)  # reaping and reconciling: nothing may revive the job
     job = cluster.check_invariants(job_id)
     assert job["state"] == "canceled" and job["attempt"] == 1
     probe = cluster.ray.probe(job_id)

@@ -28,6 +28,7 @@ from core.db import Database
 from core.settings import Settings
 from core.tables import Artifact, Job, JobEvent
 from scheduler.enqueue import Publisher
+from scheduler.heartbeats import SEEN_KEY
 
 ROOT = Path(__file__).resolve().parents[2]
 TERMINAL = {"succeeded", "failed", "canceled"}
@@ -266,6 +267,19 @@ class Cluster:
         self.database.dispose()
         self.broker.flushdb()
         self.broker.close()
+
+    def wait_scheduler_rounds(self, count: int = 2, timeout_s: float = 60) -> None:
+        """Wait until the periodic scheduler has finished `count` more rounds (reaping,
+        reconciling): each finished round rewrites its heartbeat, at most once a second."""
+        seen: list[bytes | None] = [self.broker.hget(SEEN_KEY, "scheduler")]
+
+        def advanced() -> bool:
+            now = self.broker.hget(SEEN_KEY, "scheduler")
+            if now != seen[-1]:
+                seen.append(now)
+            return len(seen) > count
+
+        wait_until(advanced, timeout_s, f"{count} rounds of the periodic scheduler")
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.log.name}\n{p.text()[-4000:]}" for p in self.procs)
