@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # Test processes for `make test` (pytest-xdist); `auto` is one per CPU, 0 runs in this process.
 TEST_WORKERS ?= auto
 
-.PHONY: run test lint fmt install bench clean
+.PHONY: run test lint fmt install bench docs clean
 
 $(BIN)/genq: pyproject.toml examples/genq-family-ngram/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,5 +41,11 @@ fmt: $(BIN)/genq
 bench: $(BIN)/genq
 	$(BIN)/python bench/throughput.py
 
+# The docs site into site/: guides from docs/, the front page from README.md, benchmarks from
+# bench/README.md, settings and the HTTP API reference generated (docs/hooks/genq_docs.py).
+# Strict: a broken link or anchor fails the build. The variable hushes a banner of the theme's.
+docs: $(BIN)/genq
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) var .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) var site .pytest_cache .ruff_cache .mypy_cache

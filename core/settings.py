@@ -41,6 +41,7 @@ class Settings(BaseSettings):
     # download them here). Unset: var_dir/cache.
     cache_dir: Path | None = None
 
+    # Where the API listens (`genq api`, `genq up`).
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     # Signs dashboard sessions. Unset: generated once and kept in var_dir/secret_key.
@@ -58,11 +59,15 @@ class Settings(BaseSettings):
     # Leases: a running job's claim expires unless renewed by heartbeats.
     lease_ttl_s: float = Field(60.0, gt=0, le=3600)
     heartbeat_interval_s: float = Field(10.0, gt=0, le=600)
+    # Attempts per job: crashed workers, lost actors and out-of-memory errors use them up; a
+    # job out of attempts fails (`lost`, or its last error) and is in GET /v1/dead-letter.
     max_attempts: int = Field(3, ge=1, le=100)
     # The broker re-delivers an unacknowledged message after this long (the worker checks it
-    # against the lease at start; short values are for tests).
+    # against the lease at start: it must be more than twice lease_ttl_s; short values are
+    # for tests).
     visibility_timeout_s: int = Field(3600, ge=5)
-    # Periodic work.
+    # How often the periodic scheduler looks for lost broker messages to re-publish
+    # (reconcile) and for expired leases to requeue (reap).
     reconcile_interval_s: float = Field(15.0, gt=0)
     reap_interval_s: float = Field(10.0, gt=0)
     # A queued job is re-published when its message is missing for this long.
@@ -156,6 +161,7 @@ class Settings(BaseSettings):
     # jobs that ask for `resources.gpu_memory_gb` reserve. Unset: `genq up` declares none,
     # `genq node` the total memory of the GPUs it declares.
     ray_gpu_memory_gb: float | None = Field(None, gt=0, le=1_000_000)
+    # Start Ray's dashboard with the local head of `genq up` or `genq node --head`.
     ray_dashboard: bool = False
     # This machine's address on the cluster network: the Ray node that `genq node` or
     # `genq worker` starts binds to it, and drivers connect from it. Unset: Ray picks one.
@@ -205,7 +211,7 @@ class Settings(BaseSettings):
     # streams, at least 1), so that one tenant cannot take them all.
     api_max_streams_per_tenant: int | None = Field(None, ge=1, le=1024)
 
-    # Limits on what clients may send.
+    # Limits on what clients may send: the largest request body (bytes; 413 above it).
     max_request_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     # Data set uploads (POST /v1/datasets): the upload itself, the entries of an image zip,
     # their total size once unpacked, and the pixels of any one image.
@@ -223,6 +229,7 @@ class Settings(BaseSettings):
         le=512 * 1024 * 1024,
         description="Largest input picture POST /v1/files takes (PNG, JPEG or WebP), in bytes.",
     )
+    # The largest `limit` of a list.
     page_size_max: int = Field(200, ge=1, le=10_000)
     # Synchronous calls. `POST /v1/jobs` with `Prefer: wait=N` waits at most this many
     # seconds (`Prefer: wait` alone: 60, or this if lower); an OpenAI-compatible call waits
