@@ -7,7 +7,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
-import time
+import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from typing import Any
@@ -18,11 +18,14 @@ class Receiver:
     """A real HTTP server on 127.0.0.1 that records what it receives and answers as told."""
 
     status: int = 204
-    delay_s: float = 0.0
+    # When set, a request is answered only once the test sets this event (a receiver slower
+    # than any timeout, with no clock involved).
+    hold: threading.Event | None = None
     location: str = ""
     # Answer 500 to this many requests first, then `status`.
     fail_first: int = 0
     requests: list[dict[str, Any]] = field(default_factory=list)
+    answered: int = 0
     url: str = ""
 
     def handler(self) -> type[BaseHTTPRequestHandler]:
@@ -34,13 +37,15 @@ class Receiver:
                 receiver.requests.append(
                     {"path": self.path, "headers": dict(self.headers), "body": body}
                 )
-                time.sleep(receiver.delay_s)
+                if receiver.hold is not None:
+                    receiver.hold.wait(300)
                 failing = len(receiver.requests) <= receiver.fail_first
                 self.send_response(500 if failing else receiver.status)
                 if receiver.location:
                     self.send_header("Location", receiver.location)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
+                receiver.answered += 1
 
             def log_message(self, *args: Any) -> None:
                 pass
