@@ -210,10 +210,14 @@ def test_resume_takes_the_steps_an_uninterrupted_run_would(trained, tmp_path):
     resumed = list(impl.train(dict(TRAIN), ctx_for(tmp_path, case, "job-2")))
     assert any(isinstance(e, Log) and e.message == "resumed from step 4" for e in resumed)
     assert [e.step for e in resumed if isinstance(e, Progress)] == [5, 6]
-    one = load_file(str(ctx.model_dir / "model.safetensors"))
-    two = load_file(str(stopped.model_dir / "model.safetensors"))
-    assert one.keys() == two.keys()
-    assert all(torch.allclose(one[k], two[k], atol=1e-6) for k in one)
+    # Every weights file of the saved model (one per family's layout) equals the other run's.
+    names = sorted(p.name for p in ctx.model_dir.glob("*.safetensors"))
+    assert names and names == sorted(p.name for p in stopped.model_dir.glob("*.safetensors"))
+    for name in names:
+        one = load_file(str(ctx.model_dir / name))
+        two = load_file(str(stopped.model_dir / name))
+        assert one.keys() == two.keys()
+        assert all(torch.allclose(one[k], two[k], atol=1e-6) for k in one)
 
 
 @applies_to(lambda family: family.finetune_params is not None)
