@@ -27,7 +27,7 @@ run: $(BIN)/genq
 	$(BIN)/genq up
 
 test: $(BIN)/genq
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: $(BIN)/genq
 	$(BIN)/ruff format --check .

@@ -43,19 +43,31 @@ PG_URL = os.environ.get("GENQ_TEST_DATABASE_URL", "postgresql://postgres@127.0.0
 REDIS_URL = os.environ.get("GENQ_TEST_REDIS_URL", "redis://127.0.0.1:6379").rstrip("/")
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Under xdist (`make test` runs `--dist loadgroup`) a module's tests run on one worker, so
-    its module-scoped stack, Ray or trained model is made once; and the fault-injection and
-    multi-host tests (short leases, whole-machine faults) run one after another on one worker,
-    never two at a time. (A test may still add an `xdist_group` of its own.)"""
-    for item in items:
-        if item.get_closest_marker("xdist_group"):
-            continue
-        if item.get_closest_marker("faults") or item.get_closest_marker("multihost"):
-            group = "faults"
-        else:
-            group = item.module.__name__ if item.module else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
+@pytest.fixture(autouse=True)
+def _one_fault_test_at_a_time(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[None]:
+    """Under xdist, the fault-injection and multi-host tests (leases of seconds, whole process
+    trees killed) never run beside each other: each holds a lock shared by the session's
+    workers (a file in the session's temporary folder, locked with flock). Other tests run
+    beside them. (xdist's `xdist_group` cannot be used: with pytest 9 its loadgroup mode no
+    longer changes the test ids it groups by.)"""
+    node = request.node
+    if "PYTEST_XDIST_WORKER" not in os.environ or not (
+        node.get_closest_marker("faults") or node.get_closest_marker("multihost")
+    ):
+        yield
+        return
+    import fcntl
+
+    # Each worker's base folder is popen-gwN inside the session's: the parent is shared.
+    lock = tmp_path_factory.getbasetemp().parent / "faults.lock"
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def xdist_worker() -> tuple[int, int]:
