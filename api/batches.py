@@ -17,6 +17,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from api import schemas
 from api.app import genq
 from api.auth import principal, tenant_scope
 from api.intake import build_jobs, parse_items, publications, publish_jobs
@@ -59,7 +60,7 @@ def batch_counts(session: Session, batch_id: str) -> dict[str, int]:
     return counts
 
 
-def batch_payload(session: Session, batch: JobBatch) -> dict[str, Any]:
+def batch_payload(session: Session, batch: JobBatch) -> schemas.Batch:
     return {
         "id": batch.id,
         "size": batch.size,
@@ -145,8 +146,10 @@ def submit() -> Response:
             session.scalars(select(Job).where(Job.batch_id == batch_id).order_by(Job.created_at))
         )
         members.sort(key=lambda job: int(job.batch_item or 0))
-        payload = batch_payload(session, batch)
-        payload["jobs"] = render_jobs(session, members)
+        payload: schemas.BatchWithJobs = {
+            **batch_payload(session, batch),
+            "jobs": render_jobs(session, members),
+        }
     response = jsonify(payload)
     response.status_code = 200 if replayed else 202
     response.headers["Location"] = f"/v1/batches/{batch_id}"

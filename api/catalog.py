@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
+from api import schemas
 from api.app import genq
 from api.auth import principal, tenant_scope
 from api.jobs import read_json_body
@@ -263,7 +264,7 @@ def datasets() -> Response:
     return jsonify({"items": items})
 
 
-def family_payload(family: Family) -> dict[str, Any]:
+def family_payload(family: Family) -> schemas.Family:
     params: dict[str, Any] = {}
     for kind in JobKind:
         spec = family.params_for(kind)
@@ -283,7 +284,7 @@ def family_payload(family: Family) -> dict[str, Any]:
     }
 
 
-def broken_payload(broken: BrokenFamily) -> dict[str, Any]:
+def broken_payload(broken: BrokenFamily) -> schemas.Family:
     return {
         "name": broken.name,
         "status": "broken",

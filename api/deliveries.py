@@ -7,11 +7,12 @@ attempt (status, error, duration), so a receiver's owner can see why a message d
 
 from __future__ import annotations
 
-from typing import Any
+from typing import cast
 
 from flask import Blueprint, Response, jsonify, request
 from sqlalchemy import select
 
+from api import schemas
 from api.app import genq
 from api.auth import principal, tenant_scope
 from api.jobs import _parse_limit, decode_cursor, encode_cursor, find_job
@@ -23,18 +24,19 @@ from core.webhooks import deliveries_of, tenant_secret
 bp = Blueprint("deliveries", __name__, url_prefix="/v1")
 
 
-def delivery_payload(row: WebhookDelivery) -> dict[str, Any]:
+def delivery_payload(row: WebhookDelivery) -> schemas.Delivery:
     return {
         "id": row.id,
         "event": row.event,
-        "type": row.payload.get("type"),
+        "type": row.payload.get("type", ""),
         "url": row.url,
         "state": row.state,
         "attempts": row.attempts,
         "next_attempt_at": iso(row.next_attempt_at) if row.state == "pending" else None,
         "created_at": iso(row.created_at),
         "delivered_at": iso(row.delivered_at),
-        "log": row.log or [],
+        # Attempts as core.webhooks records them: the DeliveryAttempt shape.
+        "log": cast(list[schemas.DeliveryAttempt], row.log or []),
     }
 
 

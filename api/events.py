@@ -1,8 +1,11 @@
 """`GET /v1/jobs/{id}/events`: a job's history as Server-Sent Events, then its live events
 until it reaches a terminal state.
 
-The stream polls the job_event table, each poll in its own short transaction, so no
-transaction stays open while the client listens. Each event is sent as `id: <job_event.id>`,
+The stream reads the job_event table, each read in its own short transaction, so no
+transaction stays open while the client listens. Between reads it waits for the job's wake-up
+(scheduler/wakeups.py: the recorder publishes one on Redis after each commit), so an event
+reaches the client a few milliseconds after it is written; without one it reads again after
+`stream_poll_s`. Each event is sent as `id: <job_event.id>`,
 `event: <type>`, `data: <json>`; a client that reconnects with `Last-Event-ID` (or
 `?last_event_id=`) gets only what it missed. A comment line is sent as a keep-alive when
 nothing else has been sent for a while, so proxies do not close an idle stream.
@@ -15,6 +18,7 @@ import logging
 import time
 from collections.abc import Iterator
 
+import redis
 from flask import Blueprint, Response, request
 from sqlalchemy import select
 
@@ -27,6 +31,7 @@ from core.errors import BusyError, InvalidInputError, RateLimitedError
 from core.numbers import parse_whole
 from core.states import is_terminal
 from core.tables import Job, JobEvent
+from scheduler.wakeups import Wakeups
 
 log = logging.getLogger(__name__)
 
@@ -60,31 +65,47 @@ def format_event(event: JobEvent) -> str:
 
 
 def stream_events(
-    database: Database, job_id: str, after_id: int, *, poll_s: float, keepalive_s: float
+    database: Database,
+    job_id: str,
+    after_id: int,
+    *,
+    poll_s: float,
+    keepalive_s: float,
+    wakeups: redis.Redis | None = None,
 ) -> Iterator[str]:
-    """Events of `job_id` with ids above `after_id`, until the job is terminal and drained."""
+    """Events of `job_id` with ids above `after_id`, until the job is terminal and drained.
+    `wakeups`: the Redis whose wake-ups say when to read again (else every `poll_s`)."""
     last_id = after_id
     last_sent = time.monotonic()
     yield "retry: 2000\n\n"
-    while True:
-        try:
-            state, events = _poll(database, job_id, last_id)
-        except Exception:  # the response has started: end the stream, the client resumes
-            log.exception("event stream failed", extra={"job_id": job_id})
-            return
-        for event in events:
-            yield format_event(event)
-            last_id = event.id
-        if events:
-            last_sent = time.monotonic()
-            if len(events) == BATCH:
-                continue
-        if state is None or is_terminal(state):
-            return
-        if time.monotonic() - last_sent >= keepalive_s:
-            yield ": keep-alive\n\n"
-            last_sent = time.monotonic()
-        time.sleep(poll_s)
+    # Subscribed before the first read, so that no wake-up falls between a read and a wait.
+    woken = Wakeups(wakeups, [job_id]) if wakeups is not None else None
+    try:
+        while True:
+            try:
+                state, events = _poll(database, job_id, last_id)
+            except Exception:  # the response has started: end the stream, the client resumes
+                log.exception("event stream failed", extra={"job_id": job_id})
+                return
+            for event in events:
+                yield format_event(event)
+                last_id = event.id
+            if events:
+                last_sent = time.monotonic()
+                if len(events) == BATCH:
+                    continue
+            if state is None or is_terminal(state):
+                return
+            if time.monotonic() - last_sent >= keepalive_s:
+                yield ": keep-alive\n\n"
+                last_sent = time.monotonic()
+            if woken is not None:
+                woken.wait(poll_s)
+            else:
+                time.sleep(poll_s)
+    finally:
+        if woken is not None:
+            woken.close()
 
 
 def _poll(database: Database, job_id: str, after_id: int) -> tuple[str | None, list[JobEvent]]:
@@ -139,6 +160,7 @@ def events(job_id: str) -> Response:
         after_id,
         poll_s=state.stream_poll_s,
         keepalive_s=state.stream_keepalive_s,
+        wakeups=state.publisher.redis,
     )
     response = Response(stream, mimetype="text/event-stream")
     # The server closes it however it ended (and a client may close it twice): free it once.

@@ -12,6 +12,7 @@ import binascii
 import json
 import logging
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
@@ -111,7 +112,7 @@ def publish(job_id: str, queue: str, priority: int) -> None:
     publish_jobs([Publication(job_id, queue, priority)])
 
 
-def _job_response(body: dict[str, Any], status: int) -> Response:
+def _job_response(body: Mapping[str, Any], status: int) -> Response:
     response = jsonify(body)
     response.status_code = status
     response.headers["Location"] = f"/v1/jobs/{body['id']}"

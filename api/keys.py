@@ -9,13 +9,13 @@ ends its dashboard sessions too. Every change is written to the audit log.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from api import schemas_admin as schemas
 from api.app import genq
 from api.auth import principal, tenant_scope
 from api.jobs import read_json_body
@@ -48,7 +48,7 @@ class KeyRequest(BaseModel):
     )
 
 
-def key_payload(key: ApiKey, tenant_name: str) -> dict[str, Any]:
+def key_payload(key: ApiKey, tenant_name: str) -> schemas.ApiKey:
     return {
         "id": key.id,
         "prefix": key.prefix,

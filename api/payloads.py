@@ -11,11 +11,12 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast, overload
 
 from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
+from api import schemas
 from core.eta import estimate_eta_s, mean_run_s, running_in
 from core.fairness import queue_positions
 from core.jobs import priority_class
@@ -55,6 +56,10 @@ def worker_slots() -> int:
     return slots
 
 
+@overload
+def iso(value: datetime) -> str: ...
+@overload
+def iso(value: datetime | None) -> str | None: ...
 def iso(value: datetime | None) -> str | None:
     if value is None:
         return None
@@ -140,7 +145,7 @@ def load_context(session: Session, jobs: Sequence[Job], slots: int = 1) -> JobCo
     return ctx
 
 
-def output_payload(artifact: Artifact) -> dict[str, Any]:
+def output_payload(artifact: Artifact) -> schemas.Output:
     return {
         "id": artifact.id,
         "name": artifact.name,
@@ -152,12 +157,12 @@ def output_payload(artifact: Artifact) -> dict[str, Any]:
     }
 
 
-def job_payload(job: Job, ctx: JobContext) -> dict[str, Any]:
-    """The job as every endpoint returns it."""
+def job_payload(job: Job, ctx: JobContext) -> schemas.Job:
+    """The job as every endpoint returns it (typed: the document's `Job` is this shape)."""
     model = ctx.models.get(job.model_id) if job.model_id else None
     result = ctx.models.get(job.result_model_id) if job.result_model_id else None
     dataset = ctx.datasets.get(job.dataset_id) if job.dataset_id else None
-    error = None
+    error: schemas.JobError | None = None
     if job.error_type is not None:
         error = {"type": job.error_type, "detail": job.error_detail or ""}
     return {
@@ -203,7 +208,7 @@ def job_payload(job: Job, ctx: JobContext) -> dict[str, Any]:
             "requested_at": iso(job.preempt_requested_at),
         },
         # Where its last attempt ran; null until an actor took it.
-        "placement": job.placement,
+        "placement": cast(schemas.Placement | None, job.placement),
         # The batch it was submitted in (POST /v1/batches, an OpenAI batch file) and its item
         # there: the index, or the line's custom_id.
         "batch": {"id": job.batch_id, "item": job.batch_item or ""} if job.batch_id else None,
@@ -212,13 +217,13 @@ def job_payload(job: Job, ctx: JobContext) -> dict[str, Any]:
 
 def render_jobs(
     session: Session, jobs: Sequence[Job], *, slots: int | None = None
-) -> list[dict[str, Any]]:
+) -> list[schemas.Job]:
     """`slots`: the cluster's worker slots for eta_s (default: the live workers' snapshots)."""
     ctx = load_context(session, jobs, slots if slots is not None else worker_slots())
     return [job_payload(job, ctx) for job in jobs]
 
 
-def render_job(session: Session, job: Job) -> dict[str, Any]:
+def render_job(session: Session, job: Job) -> schemas.Job:
     return render_jobs(session, [job])[0]
 
 
@@ -237,7 +242,7 @@ def event_payload(event: JobEvent) -> dict[str, Any]:
 
 def model_payload(
     model: Model, datasets: dict[str, Dataset], parents: dict[str, Model]
-) -> dict[str, Any]:
+) -> schemas.Model:
     dataset = datasets.get(model.dataset_id) if model.dataset_id else None
     parent = parents.get(model.parent_id) if model.parent_id else None
     return {
@@ -260,7 +265,7 @@ def model_payload(
     }
 
 
-def scaling_payload(model: Model) -> dict[str, Any]:
+def scaling_payload(model: Model) -> schemas.ModelScaling:
     """The version's replica policy in force, and which fields it sets itself (the others
     are its family's defaults and the deployment's idle delays)."""
     from flask import has_app_context
@@ -271,10 +276,17 @@ def scaling_payload(model: Model) -> dict[str, Any]:
 
     settings = genq().settings if has_app_context() else Settings()
     policy = model_policy(get_family(model.family).scaling.as_dict(), model.serving, settings)
-    return {**policy.as_dict(), "overrides": dict(model.serving or {})}
+    return {
+        "min_replicas": policy.min_replicas,
+        "max_replicas": policy.max_replicas,
+        "target_jobs_per_replica": policy.target_jobs_per_replica,
+        "idle_unload_s": policy.idle_unload_s,
+        "last_idle_unload_s": policy.last_idle_unload_s,
+        "overrides": dict(model.serving or {}),
+    }
 
 
-def render_models(session: Session, models: Sequence[Model]) -> list[dict[str, Any]]:
+def render_models(session: Session, models: Sequence[Model]) -> list[schemas.Model]:
     dataset_ids = {m.dataset_id for m in models if m.dataset_id}
     parent_ids = {m.parent_id for m in models if m.parent_id}
     datasets = (
@@ -290,7 +302,7 @@ def render_models(session: Session, models: Sequence[Model]) -> list[dict[str, A
     return [model_payload(m, datasets, parents) for m in models]
 
 
-def dataset_payload(dataset: Dataset) -> dict[str, Any]:
+def dataset_payload(dataset: Dataset) -> schemas.Dataset:
     return {
         "id": dataset.id,
         "name": dataset.name,

@@ -17,6 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from api import schemas_admin as schemas
 from api.app import genq
 from api.auth import principal, tenant_scope
 from api.jobs import read_json_body
@@ -78,7 +79,7 @@ class ScheduleChange(BaseModel):
     paused: bool | None = None
 
 
-def schedule_payload(schedule: Schedule) -> dict[str, Any]:
+def schedule_payload(schedule: Schedule) -> schemas.ScheduleOut:
     return {
         "id": schedule.id,
         "name": schedule.name,

@@ -9,13 +9,14 @@ written to the audit log in the same transaction.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import cast
 
 from flask import Blueprint, Response, jsonify
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, ValidationError
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
+from api import schemas_admin as schemas
 from api.app import genq
 from api.auth import principal, tenant_scope
 from api.jobs import read_json_body
@@ -102,7 +103,7 @@ def tenant_payload(
     tenant: Tenant,
     shares: dict[str, dict[str, float | None]] | None = None,
     disk: dict[str, dict[str, int]] | None = None,
-) -> dict[str, Any]:
+) -> schemas.Tenant:
     shares = shares if shares is not None else fair_shares(session)
     disk = disk if disk is not None else disk_use(session, [tenant.id])
     return {
@@ -117,18 +118,22 @@ def tenant_payload(
             "over_quota": tenant.over_quota,
         },
         "rate_limit": rate_limit_payload(tenant),
-        "usage": usage(session, tenant.id),
+        # core.usage and core.deletion build these parts as plain dicts of the shapes named.
+        "usage": cast(schemas.TenantUsage, usage(session, tenant.id)),
         # Decayed GPU-seconds and the share they are of everyone's, against its weighted share.
-        "fair_share": shares.get(tenant.id),
+        "fair_share": cast(schemas.FairShare, shares.get(tenant.id)),
         "preemption": {"preemptible": tenant.preemptible, "may_opt_out": tenant.may_opt_out},
         "retention": retention_payload(tenant),
         # Bytes in the artifact store: outputs, uploaded data sets, model weights (measured
         # by the retention pass).
-        "disk": disk.get(tenant.id, {"outputs_bytes": 0, "datasets_bytes": 0, "models_bytes": 0}),
+        "disk": cast(
+            schemas.DiskUse,
+            disk.get(tenant.id, {"outputs_bytes": 0, "datasets_bytes": 0, "models_bytes": 0}),
+        ),
     }
 
 
-def retention_payload(tenant: Tenant) -> dict[str, Any]:
+def retention_payload(tenant: Tenant) -> schemas.TenantRetention:
     """Days kept in force for each (null: forever), and the tenant's own (null: the default)."""
     settings = genq().settings
     policy = policies(settings, [tenant])[0]
@@ -144,7 +149,7 @@ def retention_payload(tenant: Tenant) -> dict[str, Any]:
     }
 
 
-def rate_limit_payload(tenant: Tenant) -> dict[str, Any]:
+def rate_limit_payload(tenant: Tenant) -> schemas.TenantRateLimit:
     """The tenant's rate limit in force: its own, or the defaults from settings."""
     settings = genq().settings
     return {

@@ -64,6 +64,7 @@ INDEX: dict[str, Kind] = {
         "Dashboard pages at 100,000 jobs (bench/dashboard.py)", hide=(r".*\.max_ms",)
     ),
     "streams": Kind("Event streams beside other requests (bench/streams.py)"),
+    "streams-text": Kind("Streaming 1,000 tokens (bench/streams.py --text)"),
     "batching": Kind(
         "Cross-job batching, tiny ddpm on a CPU (bench/batching.py)", hide=(r"rounds.*",)
     ),
@@ -132,6 +133,22 @@ TARGETS = [
         at_least=True,
         goal=0.9,
         percent=True,
+    ),
+    Target(
+        "a 1,000-token stream: at most one SQL write per 100 ms",
+        "streams-text",
+        "after.stream_writes_per_s",
+        at_least=False,
+        goal=10,
+        unit="/s",
+    ),
+    Target(
+        "a 1,000-token stream: token made → SSE follower, p99 ≤ 200 ms",
+        "streams-text",
+        "after.latency_p99_ms",
+        at_least=False,
+        goal=200,
+        unit=" ms",
     ),
     Target(
         "4 replicas ≥ 3.5× the `echo` throughput of 1",

@@ -1,4 +1,6 @@
-"""What open event streams do to everyone else: N clients stream the events of long jobs from a
+"""Event streams, two benchmarks.
+
+What open event streams do to everyone else: N clients stream the events of long jobs from a
 real `genq up` (2 API processes of 16 threads), and meanwhile GET /v1/jobs/{id} is timed.
 
     .venv/bin/python bench/streams.py [--streams 40] [--samples 20]
@@ -8,6 +10,8 @@ streams, GENQ_API_MAX_STREAMS unset) and the baseline where every thread may hol
 (GENQ_API_MAX_STREAMS = GENQ_API_THREADS, which is how genq behaved before the limit). A request
 that gets no answer in 10 s counts as timed out. Figures are printed and written to
 bench/results/streams-<UTC time>.json.
+
+What streaming text costs and how soon a follower sees it: `--text` (bench/stream_text.py).
 """
 
 from __future__ import annotations
@@ -103,7 +107,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--streams", type=int, default=40)
     parser.add_argument("--samples", type=int, default=20)
+    parser.add_argument("--text", action="store_true", help="the streaming-text bench instead")
+    parser.add_argument("--tokens", type=int, default=1000)
+    parser.add_argument("--rate", type=float, default=200.0, help="tokens made per second")
     args = parser.parse_args()
+    if args.text:
+        from bench.stream_text import main as text_main
+
+        text_main(args.tokens, args.rate)
+        return
     default = run(args.streams, args.samples, None)
     every_thread = run(args.streams, args.samples, THREADS)
     result = {

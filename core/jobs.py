@@ -312,6 +312,28 @@ def record_events(session: Session, lease: Lease, events: Sequence[Event]) -> No
         _add_event(session, job, event_type(event), event_data(event))
 
 
+def record_text(
+    session: Session, lease: Lease, index: int, text: str, *, again: bool = False
+) -> None:
+    """Store streamed text (the pieces a worker made since the last write, `index` the first
+    one's) as one text_delta event that names the attempt: an attempt that runs again streams
+    its text again from the start, and followers tell the attempts apart by it. `again`: the
+    write is being tried again after a lost connection; it is skipped when the try before it
+    did commit (the job's last text event is this one), so no text is stored twice."""
+    job = _fenced(session, lease)
+    data = {"index": index, "text": without_nul(text), "attempt": lease.attempt}
+    if again:
+        last = session.scalar(
+            select(JobEvent.data)
+            .where(JobEvent.job_id == job.id, JobEvent.type == "text_delta")
+            .order_by(JobEvent.id.desc())
+            .limit(1)
+        )
+        if last == data:
+            return
+    _add_event(session, job, "text_delta", data)
+
+
 def record_placement(session: Session, lease: Lease, placement: dict[str, Any]) -> None:
     """Where this attempt runs (the node, GPUs and replica that took it), on the job row."""
     job = _fenced(session, lease)

@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     held_recheck_s: float = Field(60.0, gt=0)
     # At most one progress write per job per this many seconds.
     progress_interval_s: float = Field(0.5, ge=0)
+    # A streaming job's text (its tokens) is written at most once per this many milliseconds,
+    # the tokens made meanwhile in one event (scheduler/recorder.py). 0: one write per token.
+    token_flush_ms: int = Field(100, ge=0, le=10_000)
     # Stalls: a running job's actor (model server or trainer) that sends no event and answers
     # no liveness ping for this long is stalled: it is killed (the pool starts a replacement),
     # the attempt goes back to the queue, and the lease is no longer renewed for it.

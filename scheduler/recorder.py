@@ -1,7 +1,16 @@
 """Recording a job's events as they stream back from its actor: logs, metrics and model saves
-as they come, progress at most once per `progress_interval_s`, outputs with the next event or
-the finishing transaction, where the job runs (its placement, and a cold start as
-`metrics.load_s`), and while it waits for room, what it is waiting for.
+as they come, progress at most once per `progress_interval_s`, streamed text at most once per
+`token_flush_ms`, outputs with the next event or the finishing transaction, where the job runs
+(its placement, and a cold start as `metrics.load_s`), and while it waits for room, what it is
+waiting for. After each commit the job's followers are woken (scheduler/wakeups.py).
+
+Streamed text is coalesced: a language model's tokens would otherwise cost a transaction each.
+The pieces made since the last write wait in memory and go out together, as one text_delta
+event, when the flush interval has passed since the recorder's last write (a timer writes
+them if no token comes to do it), with any other event (before it, so the history keeps its
+order) and in the transaction that ends the attempt (succeeded, failed, canceled or back to
+the queue). A crash loses what waited, at most one interval of text, which the attempt that
+runs next streams again from its start.
 
 Output files are written under the attempt's own key (core/artifacts.py) the moment they
 arrive; they become the job's outputs only through a write fenced by the lease. What an
@@ -12,6 +21,7 @@ had recorded that name) is deleted by `discard_unrecorded`, locally and in objec
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -21,9 +31,18 @@ from sqlalchemy.orm import Session
 
 from core.artifacts import StoredFile
 from core.db import retry_transient
+from core.errors import LeaseLostError
 from core.events import Event, Log, Metric, ModelSaved, Output, Placement, Progress, TextDelta
-from core.jobs import Lease, record_events, record_output, record_placement, record_waiting
+from core.jobs import (
+    Lease,
+    record_events,
+    record_output,
+    record_placement,
+    record_text,
+    record_waiting,
+)
 from core.tables import Artifact
+from scheduler.wakeups import announce
 
 if TYPE_CHECKING:
     from scheduler.runner import JobSnapshot, Runner
@@ -38,6 +57,13 @@ class EventRecorder:
     transaction that finishes the job, which saves a write per job. An output's file is
     written the moment it arrives either way. Where the job runs (its Placement) goes with the
     first of these writes: no write of its own.
+
+    Streamed text (TextDelta) is written at most once per `token_flush_ms`, the pieces made
+    meanwhile in one event; progress due meanwhile goes with it, so a streaming job costs one
+    transaction per interval. The write falls to whichever comes first once the interval is
+    over: the next token (the task's thread) or a timer (a thread of its own). Every write of
+    the recorder holds `write_lock`, so they never overlap; the finishing transaction (which
+    the runner opens) waits for a timer's write in flight and then stops the timer.
 
     A write that meets a lost database connection is tried again (GENQ_TRANSIENT_RETRY_S);
     what it carries stays pending until a transaction holding it has committed."""
@@ -61,12 +87,33 @@ class EventRecorder:
         # output of the same name made redundant.
         self.written: list[str] = []
         self.redundant: list[str] = []
-        # What the transaction being built writes: cleared from pending once it commits.
-        self._in_flight: list[str] = []
+        # What the transaction being built writes (attribute -> the value written): cleared
+        # from pending once it commits, unless a newer value came meanwhile (the timer writes
+        # while the task's thread records).
+        self._in_flight: dict[str, Any] = {}
+        # Streamed text not yet written, and how many of its pieces the transaction being
+        # built writes. `text_lock` guards these, the timer and the fields after them.
+        self.flush_s = runner.settings.token_flush_ms / 1000
+        self.pending_text: list[TextDelta] = []
+        self._text_in_flight = 0
+        self.text_lock = threading.Lock()
+        self._timer: threading.Timer | None = None
+        # When the last write began (monotonic): text waits until flush_s after it.
+        self.last_write_at = 0.0
+        self.has_text = False
+        # Set once the attempt's last transaction has begun: no timer writes after it.
+        self._closing = False
+        # A timer's write is inside its transaction (the finishing one waits for it).
+        self._timer_writing = False
+        self._timer_done = threading.Condition(self.text_lock)
+        self.write_lock = threading.Lock()
 
     def record(self, event: Event) -> None:
         if self.pending_output is not None:
             self.transact(self._write_output, "recording an output")
+        if isinstance(event, TextDelta):
+            self._add_text(event)
+            return
         if isinstance(event, Placement):
             self.pending_placement = event.as_row()
             if event.load_s is not None and (event.loaded_at or 0) >= self.asked_at:
@@ -78,8 +125,11 @@ class EventRecorder:
                 self.waiting("")
             self.waiting_said = ""
             self.pending_progress = event
-            if time.monotonic() - self.last_progress_at >= self.runner.settings.progress_interval_s:
-                self.flush()
+            if self._is_progress_due():
+                if self.has_text:  # while text streams, progress goes with its writes
+                    self.transact(self._write_due, "recording progress", paced=True)
+                else:
+                    self.flush()
             return
         if isinstance(event, Output):
             stored = self.runner.store.write_output(
@@ -93,7 +143,7 @@ class EventRecorder:
             self.final_metrics.update(event.metrics)
         if isinstance(event, Metric):
             self.final_metrics.update(event.values)
-        assert isinstance(event, Log | Metric | ModelSaved | TextDelta)
+        assert isinstance(event, Log | Metric | ModelSaved)
 
         def write(session: Session) -> None:
             self._write_placement(session)
@@ -127,27 +177,79 @@ class EventRecorder:
         self.transact(write, "recording progress")
         self.last_progress_at = time.monotonic()
 
-    def transact(self, work: Callable[[Session], Any], what: str) -> Any:
-        """Run `work` in a transaction of its own, tried again on a transient database error
-        (these writes are safe to repeat), then forget what it wrote from pending."""
+    def transact(
+        self,
+        work: Callable[[Session], Any],
+        what: str,
+        *,
+        paced: bool = False,
+        timer: bool = False,
+    ) -> Any:
+        """Run `work` in a transaction of its own, after the text waiting to be written (so
+        events keep their order), tried again on a transient database error (these writes are
+        safe to repeat; text is checked against a lost commit), then forget what it wrote from
+        pending. `paced`: a write for the text only, skipped (the timer set instead) when
+        another write went out less than the flush interval ago. `timer`: the timer's write,
+        which stands down once the attempt is ending."""
+        tries = 0
 
         def attempt() -> Any:
-            self._in_flight = []
-            with self.runner.database.transaction() as session:
-                result = work(session)
-            self.committed()
-            return result
+            nonlocal tries
+            tries += 1
+            try:
+                with self.runner.database.transaction() as session:
+                    if timer:
+                        with self.text_lock:
+                            if self._closing:
+                                return None
+                            self._timer_writing = True
+                    self._in_flight, self._text_in_flight = {}, 0
+                    # Writes begin at least an interval apart, counted from the transaction's
+                    # start on its connection (after the pool's checkout and ping).
+                    session.connection()
+                    with self.text_lock:
+                        self.last_write_at = time.monotonic()
+                    self._write_text(session, again=tries > 1)
+                    result = work(session)
+                self.committed()
+                return result
+            finally:
+                if timer:
+                    with self.text_lock:
+                        self._timer_writing = False
+                        self._timer_done.notify_all()
 
-        return retry_transient(
-            attempt,
-            within_s=self.runner.settings.transient_retry_s,
-            what=f"job {self.job.id}: {what}",
-        )
+        with self.write_lock:
+            if paced:
+                with self.text_lock:
+                    if timer and self._closing:
+                        return None
+                    # Another write went out meanwhile: the text waits for the timer.
+                    wait_s = self._text_wait_s()
+                    if wait_s > 0:
+                        self._arm(wait_s)
+                        return None
+            return retry_transient(
+                attempt,
+                within_s=self.runner.settings.transient_retry_s,
+                what=f"job {self.job.id}: {what}",
+            )
 
     def write_pending(self, session: Session, *, outputs: bool = True) -> None:
-        """The placement, the last progress and (with `outputs`) a held output, in the
-        caller's (finishing) transaction. The caller calls `committed()` after the commit."""
-        self._in_flight = []
+        """The text waiting to be written, the placement, the last progress and (with
+        `outputs`) a held output, in the caller's (finishing) transaction. The caller calls
+        `committed()` after the commit.
+
+        No timer writes after this: one whose transaction is open is waited for first (on
+        PostgreSQL it may hold the job's row; this transaction has locked nothing yet, being
+        its first work; on SQLite the writer lock this one holds rules it out)."""
+        with self.text_lock:
+            self._closing = True
+            self._stop_timer()
+            while self._timer_writing:
+                self._timer_done.wait()
+        self._in_flight, self._text_in_flight = {}, 0
+        self._write_text(session, again=False)
         self._write_placement(session)
         self._write_progress(session)
         if outputs:
@@ -155,15 +257,25 @@ class EventRecorder:
 
     def committed(self) -> None:
         """The transaction that wrote what `write_pending` (or a `transact` work) wrote has
-        committed: none of it is pending any more."""
-        for what in self._in_flight:
-            setattr(self, what, None)
-        self._in_flight = []
+        committed: none of it is pending any more, and the job's followers are woken."""
+        for what, written in self._in_flight.items():
+            if what == "pending_progress":
+                self.last_progress_at = time.monotonic()
+            if getattr(self, what) is written:
+                setattr(self, what, None)
+        self._in_flight = {}
+        with self.text_lock:
+            del self.pending_text[: self._text_in_flight]
+            self._text_in_flight = 0
+        announce(self.runner.publisher.redis, self.job.id)
 
     def discard_unrecorded(self, *, succeeded: bool) -> None:
         """Delete the files this attempt wrote that are not the job's outputs: after a
         success, those an earlier attempt had already recorded; otherwise every file no row
         names (the attempt lost its lease or failed before recording them)."""
+        with self.text_lock:  # the attempt is over: nothing more is written
+            self._closing = True
+            self._stop_timer()
         doomed = list(self.redundant)
         if not succeeded and self.written:
             try:
@@ -194,22 +306,86 @@ class EventRecorder:
             )
         self.written, self.redundant = [], []
 
+    # -- streamed text ---------------------------------------------------------------------
+
+    def _add_text(self, event: TextDelta) -> None:
+        """Hold a piece of text; write what is held now if the interval since the last write
+        is over, else make sure the timer will."""
+        with self.text_lock:
+            self.has_text = True
+            self.pending_text.append(event)
+            wait_s = self._text_wait_s()
+            if wait_s > 0:
+                self._arm(wait_s)
+                return
+        self.transact(self._write_due, "recording text", paced=True)
+
+    def _text_wait_s(self) -> float:
+        """How long text must still wait for its write (caller holds text_lock)."""
+        return self.last_write_at + self.flush_s - time.monotonic()
+
+    def _is_progress_due(self) -> bool:
+        interval_s = self.runner.settings.progress_interval_s
+        return time.monotonic() - self.last_progress_at >= interval_s
+
+    def _arm(self, wait_s: float) -> None:
+        """Start the timer that writes what is held in `wait_s` (caller holds text_lock)."""
+        if self._timer is None and not self._closing:
+            self._timer = threading.Timer(wait_s, self._write_late)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _write_late(self) -> None:
+        """The timer: write the text held (and progress due) when no token came to."""
+        with self.text_lock:
+            self._timer = None
+            if self._closing or not (self.pending_text or self.pending_progress):
+                return
+        try:
+            self.transact(self._write_due, "recording text", paced=True, timer=True)
+        except LeaseLostError:  # the task's thread finds out at its next write, and ends
+            log.info("lease lost while recording text", extra={"job_id": self.job.id})
+        except Exception:  # what is held stays pending: the next write takes it
+            log.exception("could not record text", extra={"job_id": self.job.id})
+
+    def _write_due(self, session: Session) -> None:
+        """With the text (which `transact` writes first): the placement, and progress if due."""
+        self._write_placement(session)
+        if self._is_progress_due():
+            self._write_progress(session)
+
+    def _write_text(self, session: Session, *, again: bool) -> None:
+        with self.text_lock:
+            pieces = list(self.pending_text)
+        if pieces:
+            text = "".join(piece.text for piece in pieces)
+            record_text(session, self.lease, pieces[0].index, text, again=again)
+            self._text_in_flight = len(pieces)
+
     def _write_placement(self, session: Session) -> None:
         if self.pending_placement is not None and "pending_placement" not in self._in_flight:
-            record_placement(session, self.lease, self.pending_placement)
-            self._in_flight.append("pending_placement")
+            placement = self.pending_placement
+            record_placement(session, self.lease, placement)
+            self._in_flight["pending_placement"] = placement
 
     def _write_progress(self, session: Session) -> None:
-        if self.pending_progress is not None:
-            record_events(session, self.lease, [self.pending_progress])
-            self._in_flight.append("pending_progress")
+        progress = self.pending_progress
+        if progress is not None:
+            record_events(session, self.lease, [progress])
+            self._in_flight["pending_progress"] = progress
 
     def _write_output(self, session: Session) -> None:
         self._write_placement(session)
-        if self.pending_output is not None:
-            event, stored = self.pending_output
+        held = self.pending_output
+        if held is not None:
+            event, stored = held
             artifact = record_output(session, self.lease, event, stored)
             if artifact.path != stored.path and stored.path not in self.redundant:
                 # An earlier attempt recorded this name: its file stays the job's output.
                 self.redundant.append(stored.path)
-            self._in_flight.append("pending_output")
+            self._in_flight["pending_output"] = held

@@ -24,10 +24,11 @@ from sqlalchemy import select
 from api.app import genq
 from api.jobs import read_json_body
 from api.openai_compat import calls
-from api.openai_compat.errors import JOB_ID_HEADER, error_event
+from api.openai_compat.errors import JOB_ID_HEADER, JobWaitError, error_event
 from core.errors import InvalidInputError
 from core.states import is_terminal
 from core.tables import Job, JobEvent, Model
+from scheduler.wakeups import Wakeups
 from workers.registry import FAMILIES
 
 bp = Blueprint("text", __name__)
@@ -341,6 +342,43 @@ def _poll(job_ids: list[str], after_id: int) -> tuple[dict[str, str], list[JobEv
     return states, events
 
 
+class ChoiceText:
+    """The text one choice's stream has sent. A job that runs again after a failure streams
+    its text again from the start (its text_delta events name the new attempt): what repeats
+    the text sent is skipped, and text that differs from it (another seed drawn) ends the
+    stream with an error, since what was sent cannot be taken back."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        self.sent = ""
+        self.attempt: int | None = None
+        # The text of an attempt after the first that streamed, while it repeats `sent`.
+        self.again: str | None = None
+
+    def add(self, attempt: int | None, text: str) -> str:
+        """What to send of a text_delta of `attempt` ("" when it repeats what was sent)."""
+        if attempt is not None and self.attempt is not None and attempt > self.attempt:
+            self.again = ""
+        if attempt is not None:
+            self.attempt = attempt
+        if self.again is None:
+            self.sent += text
+            return text
+        self.again += text
+        common = min(len(self.again), len(self.sent))
+        if self.again[:common] != self.sent[:common]:
+            raise JobWaitError(
+                f"job {self.job_id} ran again after a failure and made other text than it "
+                f"had streamed; GET /v1/jobs/{self.job_id} has its final text",
+                status=500,
+                code="job_text_changed",
+                job_ids=[self.job_id],
+            )
+        new = self.again[len(self.sent) :]
+        self.sent += new
+        return new
+
+
 def _stream(
     job_ids: list[str],
     ref: str,
@@ -366,12 +404,16 @@ def _stream(
             yield _chunk(call_id, ref, created, chat, i, text=heads[i])
     deadline = time.monotonic() + wait_s
     last_id = 0
+    texts = {job_id: ChoiceText(job_id) for job_id in job_ids}
+    # Subscribed before the first read: each commit of the jobs' events wakes the stream.
+    woken = Wakeups(state.publisher.redis, job_ids)
     try:
         while open_:
             states, events = _poll(sorted(open_), last_id)
             for event in events:
                 last_id = event.id
-                text = (event.data or {}).get("text", "")
+                data = event.data or {}
+                text = texts[event.job_id].add(data.get("attempt"), data.get("text", ""))
                 if text:
                     index = index_of[event.job_id]
                     yield _chunk(call_id, ref, created, chat, index, text=text)
@@ -391,10 +433,12 @@ def _stream(
                 continue
             if time.monotonic() > deadline:
                 raise calls.timed_out(job_ids, wait_s)
-            time.sleep(state.stream_poll_s)
+            woken.wait(state.stream_poll_s)
     except Exception as exc:  # the response has started: the error is the stream's last event
         yield error_event(exc)
         return
+    finally:
+        woken.close()
     if include_usage:
         total = usage["prompt_tokens"] + usage["completion_tokens"]
         body: dict[str, Any] = {

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import threading
 import time
 from typing import Any
@@ -21,30 +20,10 @@ from tests.support.api import (
     assert_problem,
     bearer,
     echo,
+    parse_sse,
     run_job,
     submit,
 )
-
-
-def parse_sse(text: str) -> list[dict[str, Any]]:
-    """The events of a Server-Sent Events body (comments and retry lines skipped)."""
-    events = []
-    for block in text.split("\n\n"):
-        fields: dict[str, str] = {}
-        for line in block.splitlines():
-            if line.startswith(":") or ":" not in line:
-                continue
-            name, _, value = line.partition(":")
-            fields[name] = value.lstrip(" ")
-        if "event" in fields:
-            events.append(
-                {
-                    "id": int(fields["id"]),
-                    "event": fields["event"],
-                    "data": json.loads(fields["data"]),
-                }
-            )
-    return events
 
 
 def test_events_replay_and_resume_with_last_event_id(

@@ -5,6 +5,7 @@ checks, and driving a job through the core services. The fixtures built on them 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,3 +124,24 @@ def run_job(
 def count_rows(database: Database, model: type[Base]) -> int:
     with database.transaction() as session:
         return int(session.scalar(sa.select(sa.func.count()).select_from(model)) or 0)
+
+
+def parse_sse(text: str) -> list[dict[str, Any]]:
+    """The events of a Server-Sent Events body (comments and retry lines skipped)."""
+    events = []
+    for block in text.split("\n\n"):
+        fields: dict[str, str] = {}
+        for line in block.splitlines():
+            if line.startswith(":") or ":" not in line:
+                continue
+            name, _, value = line.partition(":")
+            fields[name] = value.lstrip(" ")
+        if "event" in fields:
+            events.append(
+                {
+                    "id": int(fields["id"]),
+                    "event": fields["event"],
+                    "data": json.loads(fields["data"]),
+                }
+            )
+    return events
