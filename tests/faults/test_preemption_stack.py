@@ -361,7 +361,12 @@ def test_long_and_short_jobs_share_gpu_time_with_real_workers(
 ) -> None:
     # The backlog is submitted in one burst from each tenant's key: no rate limit here.
     cluster = _cluster(
-        tmp_path, ray_head, fresh_pg_url, GENQ_WORKER_CONCURRENCY="2", GENQ_RATE_LIMITS="false"
+        tmp_path,
+        ray_head,
+        redis_db_url,
+        fresh_pg_url,
+        GENQ_WORKER_CONCURRENCY="2",
+        GENQ_RATE_LIMITS="false",
     )
     try:
         keys = {}
