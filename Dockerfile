@@ -10,6 +10,7 @@ COPY core core
 COPY api api
 COPY scheduler scheduler
 COPY workers workers
+COPY stack stack
 COPY migrations migrations
 # The Python client (genq_client), which the `genq` command line uses.
 COPY client client

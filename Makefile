@@ -33,6 +33,8 @@ lint: $(BIN)/genq
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/mypy
+	# The import contracts of docs/architecture.md ([tool.importlinter] in pyproject.toml).
+	$(BIN)/lint-imports --no-logo
 
 fmt: $(BIN)/genq
 	$(BIN)/ruff format .
@@ -48,4 +50,4 @@ docs: $(BIN)/genq
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
 
 clean:
-	rm -rf $(VENV) var site .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) var site .pytest_cache .ruff_cache .mypy_cache .import_linter_cache

@@ -17,8 +17,8 @@ from typing import BinaryIO
 from flask import Blueprint, Response, request, send_file
 from sqlalchemy import select
 
-from api.app import genq
 from api.auth import tenant_scope
+from api.state import genq
 from core.errors import NotFoundError
 from core.objectstore import CHUNK_BYTES
 from core.tables import Artifact

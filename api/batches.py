@@ -18,11 +18,11 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api import schemas
-from api.app import genq
 from api.auth import principal, tenant_scope
 from api.intake import build_jobs, parse_items, publications, publish_jobs
 from api.jobs import read_json_body
 from api.payloads import iso, render_jobs
+from api.state import genq
 from api.submissions import check_idempotency_key, errors_from, request_hash
 from core.errors import ConflictError, InvalidInputError, NotFoundError
 from core.states import JobState

@@ -27,10 +27,10 @@ from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
 from api import schemas
-from api.app import genq
 from api.auth import principal, tenant_scope
 from api.jobs import read_json_body
 from api.payloads import dataset_payload, render_models
+from api.state import genq
 from api.submissions import errors_from
 from core.artifactcache import FolderCache
 from core.audit import Actor, record_action

@@ -33,9 +33,9 @@ from typing import IO, Any
 from flask import Blueprint, Response, jsonify, request
 from sqlalchemy import select
 
-from api.app import genq
 from api.auth import principal
 from api.payloads import dataset_payload
+from api.state import genq
 from core.archives import ArchiveLimits, extract_zip
 from core.artifacts import check_name
 from core.errors import ConflictError, InvalidInputError

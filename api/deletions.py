@@ -24,8 +24,9 @@ from sqlalchemy import or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from api.app import genq
+from api import polling
 from api.auth import principal, tenant_scope
+from api.state import genq
 from core.audit import Actor, record_action
 from core.catalog import find_version
 from core.deletion import (
@@ -44,7 +45,7 @@ from core.deletion import (
 )
 from core.errors import ConflictError, InvalidInputError, NotFoundError
 from core.numbers import INT32_MAX, parse_whole
-from core.tables import SYSTEM_TENANT_ID, Artifact, Dataset, Job, Model
+from core.tables import SYSTEM_TENANT_ID, Artifact, Dataset, Job, Model, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,8 @@ def delete_job(job_id: str, scope: str | None, actor: Actor, via: str) -> Freed:
         job = find_job_in(session, job_id, scope, lock=True)
         check_job_deletable(job)  # (retried while its files went: it starts afresh)
         freed.add(delete_job_rows(session, [job_id]))
+    # A poll of it answers 404 from now on, not a kept document (api/polling.py).
+    polling.changed(job_id, version=polling.version_of(utcnow()), tenant_id=tenant_id, payload=None)
     _audit(actor, "job.delete", "job", job_id, freed, via=via)
     log.info("deleted", extra={"job_id": job_id})
     return freed
@@ -109,7 +112,7 @@ def delete_artifact(artifact_id: str, scope: str | None, actor: Actor, via: str)
                 " delete outputs of finished jobs only",
                 state=job.state,
             )
-        path, size, job_id = artifact.path, artifact.size_bytes, job.id
+        path, size, job_id, job_tenant = artifact.path, artifact.size_bytes, job.id, job.tenant_id
     gone = app.artifacts.size(path) is not None
     app.artifacts.delete(path)
     freed = Freed(files=int(gone), bytes=size if gone else 0)
@@ -118,6 +121,11 @@ def delete_artifact(artifact_id: str, scope: str | None, actor: Actor, via: str)
         if artifact is not None:
             session.delete(artifact)
             freed.artifacts = 1
+    # The job's outputs changed, not its row: a marker newer than the row keeps a document
+    # read before the delete from being stored (api/polling.py).
+    polling.changed(
+        job_id, version=polling.version_of(utcnow()), tenant_id=job_tenant, payload=None
+    )
     _audit(actor, "artifact.delete", "artifact", artifact_id, freed, job_id=job_id, via=via)
     return freed
 
@@ -138,6 +146,7 @@ def delete_model(
             folders = delete_model_rows(session, model, force=force)
     except IntegrityError:  # a job or a fine-tune named it while it was being deleted
         raise ConflictError("the model was taken into use meanwhile; try again") from None
+    polling.many_changed()  # the jobs that named it name none now
     freed = Freed(models=1)
     for folder in folders:
         freed.add(free_prefix(app.artifacts, folder))
@@ -161,6 +170,7 @@ def delete_dataset(dataset_id: str, scope: str | None, actor: Actor, via: str) -
             folders = delete_dataset_rows(session, dataset)
     except IntegrityError:  # a training job named it while it was being deleted
         raise ConflictError("the data set was taken into use meanwhile; try again") from None
+    polling.many_changed()  # the jobs that named it name none now
     freed = Freed(datasets=1)
     for folder in folders:
         freed.add(free_prefix(app.artifacts, folder))

@@ -13,10 +13,10 @@ from flask import Blueprint, Response, jsonify, request
 from sqlalchemy import select
 
 from api import schemas
-from api.app import genq
 from api.auth import principal, tenant_scope
-from api.jobs import _parse_limit, decode_cursor, encode_cursor, find_job
+from api.jobs import decode_cursor, encode_cursor, find_job, parse_limit
 from api.payloads import iso, render_jobs
+from api.state import genq
 from core.states import JobState
 from core.tables import Job, WebhookDelivery
 from core.webhooks import deliveries_of, tenant_secret
@@ -54,7 +54,7 @@ def dead_letter() -> Response:
     """Failed jobs that used up their attempts (lost, transient or timed out on the last
     one), newest first; `POST /v1/jobs/{id}/retry` gives one more attempts."""
     settings = genq().settings
-    limit = _parse_limit(request.args.get("limit"), settings.page_size_max)
+    limit = parse_limit(request.args.get("limit"), settings.page_size_max)
     stmt = select(Job).where(Job.state == JobState.FAILED, Job.attempt >= Job.max_attempts)
     scope = tenant_scope()
     if scope is not None:

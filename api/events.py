@@ -22,16 +22,16 @@ import redis
 from flask import Blueprint, Response, request
 from sqlalchemy import select
 
-from api.app import genq
 from api.auth import principal
 from api.jobs import find_job
 from api.payloads import event_payload
+from api.state import genq
 from core.db import Database
 from core.errors import BusyError, InvalidInputError, RateLimitedError
 from core.numbers import parse_whole
 from core.states import is_terminal
 from core.tables import Job, JobEvent
-from scheduler.wakeups import Wakeups
+from scheduler.enqueue import Wakeups
 
 log = logging.getLogger(__name__)
 

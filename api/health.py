@@ -19,11 +19,11 @@ from typing import Any
 from flask import Blueprint, Response, current_app, jsonify
 from sqlalchemy import text
 
-from api.app import genq
 from api.auth import public
 from api.problems import problem_response
-from scheduler.broker import QUEUES
-from scheduler.heartbeats import (
+from api.state import genq
+from scheduler.enqueue import (
+    QUEUES,
     RAY_QUEUES,
     SCHEDULER_INDEX,
     WORKER_INDEX,

@@ -16,7 +16,7 @@ from typing import Any
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
-from api.app import genq
+from api.state import genq
 from api.submissions import (
     JobSubmission,
     build_new_job,
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 def cluster_nodes() -> list[dict[str, float]]:
     """The Ray nodes the workers last reported (empty when unknown or Redis is away)."""
-    from scheduler.snapshot import node_resources
+    from scheduler.enqueue import node_resources
 
     try:
         return node_resources(genq().publisher.redis)

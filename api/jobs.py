@@ -11,6 +11,7 @@ import base64
 import binascii
 import json
 import logging
+import time
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -20,11 +21,19 @@ from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 from werkzeug.exceptions import UnsupportedMediaType
 
-from api.app import genq
+from api import polling
 from api.auth import principal, tenant_scope
 from api.inputs import refuse_nul
 from api.intake import check_outside, publish_jobs
-from api.payloads import event_payload, render_job, render_jobs
+from api.payloads import (
+    event_payload,
+    job_payload,
+    load_context,
+    render_job,
+    render_jobs,
+    worker_slots,
+)
+from api.state import genq
 from api.submissions import (
     build_new_job,
     check_idempotency_key,
@@ -175,10 +184,15 @@ def submit() -> Response:
                 )
     # Rendered after the commit and the publish, in a read transaction: its queue position and
     # ETA queries must neither hold SQLite's single write lock, which every other submit and
-    # claim waits for, nor delay the job's start. A worker may have started it already, and
-    # the body says so.
+    # claim waits for, nor delay the job's start. The row is the one just committed (sessions
+    # keep their objects' values after a commit), read again only after a wait; its queue
+    # figures are the process's recent ones, as for a poll (api/polling.py).
+    docs = polling.documents()
     with state.database.read() as session:
-        payload = render_job(session, get_job(session, job_id))
+        if wait_s is not None:
+            job = get_job(session, job_id)
+        ctx = load_context(session, [job], worker_slots(), docs.figures if docs.enabled else None)
+        payload = job_payload(job, ctx)
     response = _job_response(payload, 202 if created and not finished else 200)
     if not created:
         response.headers["Idempotency-Replayed"] = "true"
@@ -189,8 +203,34 @@ def submit() -> Response:
 
 @bp.get("/<job_id>")
 def get(job_id: str) -> Response:
+    """The job, at most settings.status_staleness_s old (api/polling.py), with an ETag."""
+    docs = polling.documents()
+    if not docs.enabled:
+        with genq().database.read() as session:
+            return jsonify(render_job(session, find_job(session, job_id)))
+    found, epoch = docs.read(job_id)
+    if found is not None:
+        scope = tenant_scope()
+        if scope is not None and found.tenant_id != scope:
+            raise NotFoundError(f"no job {job_id}")
+        return polling.respond(found)
+    began = time.monotonic()
+    slots = worker_slots()
     with genq().database.read() as session:
-        return jsonify(render_job(session, find_job(session, job_id)))
+        job = find_job(session, job_id)
+        ctx = load_context(session, [job], slots, docs.figures)
+        payload = job_payload(job, ctx)
+        version, tenant_id = polling.version_of(job.updated_at), job.tenant_id
+    document = docs.write(
+        job_id,
+        version=version,
+        tenant_id=tenant_id,
+        payload=payload,
+        as_of=min(began, ctx.as_of),
+        epoch=epoch,
+    )
+    assert document is not None
+    return polling.respond(document)
 
 
 def _list_param(name: str) -> str | None:
@@ -209,7 +249,8 @@ def _parse_states(value: str) -> list[str]:
     return states
 
 
-def _parse_limit(value: str | None, maximum: int) -> int:
+def parse_limit(value: str | None, maximum: int) -> int:
+    """A list's `limit` query parameter: 50 (or `maximum`) when absent."""
     if value is None:
         return min(50, maximum)
     limit = parse_whole(value, minimum=1, maximum=maximum)
@@ -234,7 +275,7 @@ def decode_cursor(cursor: str) -> str:
 def list_jobs() -> Response:
     """Newest first. `next_cursor` is null on the last page."""
     settings = genq().settings
-    limit = _parse_limit(request.args.get("limit"), settings.page_size_max)
+    limit = parse_limit(request.args.get("limit"), settings.page_size_max)
     stmt = select(Job)
     scope = tenant_scope()
     if scope is not None:
@@ -272,6 +313,8 @@ def cancel(job_id: str) -> tuple[Response, int]:
         job = find_job(session, job_id, lock=True)
         cancel_job(session, job)
         payload = render_job(session, job)
+        version, tenant_id = polling.version_of(job.updated_at), job.tenant_id
+    polling.changed(job_id, version=version, tenant_id=tenant_id, payload=payload)
     return jsonify(payload), 202
 
 
@@ -289,6 +332,8 @@ def retry(job_id: str) -> tuple[Response, int]:
         job.published_at = utcnow()  # see publish()
         payload = render_job(session, job)
         queue, priority = job.queue, job.priority
+        version, tenant_id = polling.version_of(job.updated_at), job.tenant_id
+    polling.changed(job_id, version=version, tenant_id=tenant_id, payload=payload)
     publish(job_id, queue, priority)
     return jsonify(payload), 202
 
@@ -316,6 +361,8 @@ def change(job_id: str) -> Response:
             {"from": old, "to": job.priority, "via": "api"},
         )
         payload = render_job(session, job)
+        version, tenant_id = polling.version_of(job.updated_at), job.tenant_id
+    polling.changed(job_id, version=version, tenant_id=tenant_id, payload=payload)
     return jsonify(payload)
 
 

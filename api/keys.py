@@ -16,10 +16,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api import schemas_admin as schemas
-from api.app import genq
-from api.auth import principal, tenant_scope
+from api.auth import forget_key, principal, tenant_scope
 from api.jobs import read_json_body
 from api.payloads import iso
+from api.state import genq
 from api.submissions import errors_from
 from core.audit import Actor, record_action
 from core.errors import ForbiddenError, InvalidInputError, NotFoundError
@@ -153,6 +153,8 @@ def revoke(key_id: str) -> Response:
         )
         session.flush()
         payload = key_payload(key, name)
+        key_hash = key.key_hash
+    forget_key(key_hash)
     return jsonify(payload)
 
 

@@ -27,10 +27,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from api import instruments
-from api.app import genq
 from api.auth import public, rate_guarded
 from api.collectors import ClusterCollector, SqlCollector
 from api.ratelimits import client_address
+from api.state import genq
 from core import census, tally
 from core.db import Database
 from core.errors import ForbiddenError, UnauthorizedError
@@ -94,7 +94,7 @@ def _sql_text(settings: Settings, database: Database, client: redis.Redis) -> by
 
 def exposition() -> bytes:
     """The text of one scrape: this host's per-process figures, the cluster's and SQL's."""
-    from scheduler.snapshot import read_snapshots
+    from scheduler.enqueue import read_snapshots
 
     state = genq()
     registry = CollectorRegistry(auto_describe=False)

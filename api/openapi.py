@@ -18,7 +18,6 @@ from flask import Blueprint, Response, jsonify
 from pydantic import TypeAdapter
 
 from api import openapi_admin, openapi_jobs
-from api.app import genq
 from api.auth import public
 from api.batches import BatchSubmission
 from api.catalog import ModelRegistration
@@ -27,6 +26,7 @@ from api.openapi_rules import paths, problem, ref
 from api.schedules import ScheduleBody, ScheduleChange
 from api.schemas import RESPONSES
 from api.schemas_admin import RESPONSES as ADMIN_RESPONSES
+from api.state import genq
 from api.submissions import JobSubmission
 from api.tenants import PurgeRequest, QuotaChange
 from core.scaling import PolicyChange

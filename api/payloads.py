@@ -11,18 +11,21 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, cast, overload
+from typing import TYPE_CHECKING, Any, cast, overload
 
 from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from api import schemas
 from core.eta import estimate_eta_s, mean_run_s, running_in
-from core.fairness import queue_positions
+from core.fairness import queue_order, queue_positions
 from core.jobs import priority_class
 from core.scaling import model_policy
 from core.states import JobState
 from core.tables import Artifact, Dataset, Job, JobEvent, Model
+
+if TYPE_CHECKING:
+    from api.polling import Figures
 
 # The live workers' slot count, read from their Redis snapshots at most this often.
 SLOTS_TTL_S = 5.0
@@ -38,7 +41,7 @@ def worker_slots() -> int:
 
     if not has_app_context():
         return 1
-    from api.app import genq
+    from api.state import genq
 
     state = genq()
     at, slots = _slots_cache.get(id(state), (0.0, 0))
@@ -46,7 +49,7 @@ def worker_slots() -> int:
         return slots
     slots = state.settings.worker_concurrency
     try:
-        from scheduler.snapshot import read_snapshots
+        from scheduler.enqueue import read_snapshots
 
         found = sum(int(s.get("concurrency") or 0) for s in read_snapshots(state.publisher.redis))
         slots = found or slots
@@ -79,6 +82,16 @@ class JobContext:
     outputs: dict[str, list[Artifact]] = field(default_factory=lambda: defaultdict(list))
     queue_positions: dict[str, int] = field(default_factory=dict)
     eta_s: dict[str, float | None] = field(default_factory=dict)
+    # With reused figures (api/polling.py): the monotonic time of the oldest one used.
+    as_of: float = float("inf")
+
+    def figure(self, figures: Figures | None, key: tuple[Any, ...], compute: Any) -> Any:
+        """`compute()`, or the process's copy of it from `figures` (noting its age)."""
+        if figures is None:
+            return compute()
+        value, at = figures.get(key, compute)
+        self.as_of = min(self.as_of, at)
+        return value
 
 
 def queue_position(session: Session, job: Job) -> int:
@@ -87,7 +100,13 @@ def queue_position(session: Session, job: Job) -> int:
     return queue_positions(session, [job]).get(job.id, 0)
 
 
-def _estimates(session: Session, jobs: Sequence[Job], ctx: JobContext, slots: int) -> None:
+def _estimates(
+    session: Session,
+    jobs: Sequence[Job],
+    ctx: JobContext,
+    slots: int,
+    figures: Figures | None = None,
+) -> None:
     """eta_s of the queued and running jobs: the model's mean run time, the queue's running
     jobs and the job's position drained through `slots` slots (core.fairness)."""
     means: dict[tuple[str | None, str], float | None] = {}
@@ -98,7 +117,11 @@ def _estimates(session: Session, jobs: Sequence[Job], ctx: JobContext, slots: in
             continue
         key = (job.model_id, job.family)
         if key not in means:
-            means[key] = mean_run_s(session, job.model_id, job.family)
+            means[key] = ctx.figure(
+                figures,
+                ("mean_run_s", *key),
+                lambda: mean_run_s(session, job.model_id, job.family),  # noqa: B023
+            )
         mean = means[key]
         if job.state == JobState.RUNNING:
             if mean is not None and job.started_at is not None:
@@ -106,7 +129,11 @@ def _estimates(session: Session, jobs: Sequence[Job], ctx: JobContext, slots: in
                 ctx.eta_s[job.id] = round(max(0.0, left), 3)
             continue
         if job.queue not in running:
-            running[job.queue] = running_in(session, job.queue)
+            running[job.queue] = ctx.figure(
+                figures,
+                ("running_in", job.queue),
+                lambda: running_in(session, job.queue),  # noqa: B023
+            )
         ctx.eta_s[job.id] = estimate_eta_s(
             position=ctx.queue_positions.get(job.id, 0),
             running=running[job.queue],
@@ -124,7 +151,10 @@ _OUTPUTS = (
 )
 
 
-def load_context(session: Session, jobs: Sequence[Job], slots: int = 1) -> JobContext:
+def load_context(
+    session: Session, jobs: Sequence[Job], slots: int = 1, figures: Figures | None = None
+) -> JobContext:
+    """`figures`: reuse the process's recent queue and model figures (api/polling.py)."""
     ctx = JobContext()
     model_ids = {i for j in jobs for i in (j.model_id, j.result_model_id) if i}
     if model_ids:
@@ -140,8 +170,14 @@ def load_context(session: Session, jobs: Sequence[Job], slots: int = 1) -> JobCo
         artifacts = session.scalars(_OUTPUTS, {"job_ids": job_ids})
         for artifact in artifacts:
             ctx.outputs[artifact.job_id].append(artifact)
-    ctx.queue_positions = queue_positions(session, list(jobs))
-    _estimates(session, jobs, ctx, slots)
+    ctx.queue_positions = queue_positions(
+        session,
+        list(jobs),
+        order_of=lambda queue: ctx.figure(
+            figures, ("queue_order", queue), lambda: queue_order(session, queue)
+        ),
+    )
+    _estimates(session, jobs, ctx, slots, figures)
     return ctx
 
 
@@ -270,7 +306,7 @@ def scaling_payload(model: Model) -> schemas.ModelScaling:
     are its family's defaults and the deployment's idle delays)."""
     from flask import has_app_context
 
-    from api.app import genq
+    from api.state import genq
     from core.settings import Settings
     from workers.registry import get_family
 

@@ -23,7 +23,7 @@ from core.errors import BusyError, GenqError
 
 log = logging.getLogger(__name__)
 # One line per request (method, path, status, milliseconds) where gunicorn's text access log
-# is off (GENQ_LOG_FORMAT=json: api/cli.py), so that the line carries the request id.
+# is off (GENQ_LOG_FORMAT=json: stack/cli.py), so that the line carries the request id.
 access_log = logging.getLogger("genq.access")
 
 PROBLEM_JSON = "application/problem+json"

@@ -9,10 +9,10 @@ from __future__ import annotations
 from flask import Blueprint, Response, jsonify
 from pydantic import ValidationError
 
-from api.app import genq
 from api.auth import principal, tenant_scope
 from api.jobs import read_json_body
 from api.payloads import render_models
+from api.state import genq
 from api.submissions import errors_from
 from core.audit import Actor, record_action
 from core.catalog import list_models

@@ -18,10 +18,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from api import schemas_admin as schemas
-from api.app import genq
 from api.auth import principal, tenant_scope
 from api.jobs import read_json_body
 from api.payloads import iso
+from api.state import genq
 from api.submissions import (
     build_new_job,
     errors_from,

@@ -37,7 +37,7 @@ from core.jobs import PRIORITY_CLASSES, NewJob, parse_priority
 from core.states import JobKind
 from core.tables import Dataset, Model, Tenant, utcnow
 from core.webhooks import UnresolvedTargetError, UnsafeTargetError, check_target
-from scheduler.broker import queue_for_kind
+from scheduler.enqueue import queue_for_kind
 from workers.families.base import GPU_MEMORY_RESOURCE, Family
 from workers.registry import BROKEN, FAMILIES
 

@@ -16,10 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Valida
 from sqlalchemy import or_, select
 from sqlalchemy.orm import Session
 
+from api import polling
 from api import schemas_admin as schemas
-from api.app import genq
 from api.auth import principal, tenant_scope
 from api.jobs import read_json_body
+from api.state import genq
 from api.submissions import errors_from, patch_schema
 from core.audit import Actor, record_action
 from core.deletion import disk_use
@@ -29,7 +30,7 @@ from core.quotas import usage
 from core.retention import policies
 from core.tables import Tenant, utcnow
 from core.usage import fair_share_report
-from scheduler.broker import QUEUES, WEBHOOK_QUEUE, read_dropped
+from scheduler.enqueue import QUEUES, WEBHOOK_QUEUE, read_dropped
 
 bp = Blueprint("tenants", __name__, url_prefix="/v1")
 
@@ -286,6 +287,7 @@ def purge() -> Response:
             tenant_id or str(request.queue),
             {"tenant": tenant_id, "queue": request.queue, "count": len(ids), "via": "api"},
         )
+    polling.many_changed()  # their polls show them canceled at once
     return jsonify({"purged": len(ids), "job_ids": ids})
 
 

@@ -16,9 +16,9 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 
-from api.app import genq
 from api.auth import principal, tenant_scope
 from api.payloads import iso
+from api.state import genq
 from core.errors import InvalidInputError, NotFoundError, PayloadTooLargeError
 from core.inputfiles import INPUT_PURPOSE
 from core.tables import UploadedFile

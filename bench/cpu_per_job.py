@@ -52,9 +52,9 @@ def name_of(argv: list[str]) -> str:
     """What a process of the stack is, from its command line."""
     line = " ".join(argv)
     for marker, name in (
-        ("api.cli worker", "celery worker"),
-        ("api.cli scheduler", "periodic scheduler"),
-        ("api.cli up", "genq up"),
+        ("stack.cli worker", "celery worker"),
+        ("stack.cli scheduler", "periodic scheduler"),
+        ("stack.cli up", "genq up"),
         ("gunicorn", "api (gunicorn)"),
         ("ray::", argv[0] if argv else "ray"),
         ("gcs_server", "ray gcs_server"),

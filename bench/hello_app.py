@@ -1,7 +1,14 @@
 """genq's API app plus one hello-JSON route, for bench/api_load.py: the baseline is served by
-the same process, middleware and error handling as the endpoints it is compared with."""
+the same process, middleware and error handling as the endpoints it is compared with.
+
+`create_with_bare()` also mounts the bare submit endpoint of bench/bare_pipeline.py (an insert
+and a Celery publish, nothing else) under `/bare`, so that `POST /v1/jobs` and its baseline run
+in the same gunicorn workers.
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 from flask import Flask, jsonify
 
@@ -18,3 +25,12 @@ def create() -> Flask:
         return jsonify({"hello": "world"})
 
     return app
+
+
+def create_with_bare() -> Any:
+    """genq with hello-JSON, and the bare pipeline's app at /bare (BARE_* environment)."""
+    from werkzeug.middleware.dispatcher import DispatcherMiddleware
+
+    from bench.bare_pipeline import create_app as create_bare
+
+    return DispatcherMiddleware(create(), {"/bare": create_bare()})

@@ -71,6 +71,13 @@ INDEX: dict[str, Kind] = {
     "gpu-batching-cpu-tiny": Kind(
         "SD-shaped batching, CPU smoke run (bench/gpu_batching.py --tiny)"
     ),
+    "lm-batching": Kind(
+        "Language-model continuous batching, tiny LM on a CPU (bench/lm_batching.py)",
+        hide=(r".*runs\..*",),
+    ),
+    "gpu-lm-batching-cpu-tiny": Kind(
+        "GPT-2-shaped LM batching, CPU dry run (bench/gpu_lm_batching.py --tiny)"
+    ),
     "replicas": Kind("Replicas: 1 vs 4 (bench/replicas.py)", hide=(r".*last_finished_at",)),
     "quality": Kind("Model quality (bench/quality.py)", hide=(r".*\.accuracy_per_label\..*",)),
     "quality-charlm": Kind("Model quality, charlm alone (bench/quality.py)"),
@@ -135,6 +142,21 @@ TARGETS = [
         percent=True,
     ),
     Target(
+        "16 concurrent tiny-LM jobs ≥ 4× the tokens/s of the same 16 one at a time, at the"
+        " model server (CPU)",
+        "lm-batching",
+        "server.ratio",
+        at_least=True,
+        goal=4,
+    ),
+    Target(
+        "the same through the queue (`genq up`, SQLite)",
+        "lm-batching",
+        "stack.ratio",
+        at_least=True,
+        goal=4,
+    ),
+    Target(
         "a 1,000-token stream: at most one SQL write per 100 ms",
         "streams-text",
         "after.stream_writes_per_s",
@@ -163,6 +185,31 @@ TARGETS = [
         "ratio_concurrent_vs_alone",
         at_least=True,
         goal=4,
+    ),
+    Target(
+        "polling: `GET /v1/jobs/{id}` (queued, running and finished jobs) ≥ 40% of hello-JSON"
+        " on the same server",
+        "api-load",
+        "ratio_status_to_hello",
+        at_least=True,
+        goal=0.4,
+        percent=True,
+    ),
+    Target(
+        "submitting: `POST /v1/jobs` ≥ 50% of a bare insert-and-publish endpoint on the same"
+        " server",
+        "api-load",
+        "ratio_submit_to_bare",
+        at_least=True,
+        goal=0.5,
+        percent=True,
+    ),
+    Target(
+        "GPU: 64 concurrent GPT-2-small-shaped chat jobs ≥ 20× one at a time",
+        "gpu-lm-batching-nvidia-*",
+        "ratio",
+        at_least=True,
+        goal=20,
     ),
 ]
 

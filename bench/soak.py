@@ -107,7 +107,7 @@ class Chaos:
         return f"SIGKILL pid {pid}"
 
     def _worker(self) -> str | None:
-        return self._kill_one(b"api.cli\x00worker")
+        return self._kill_one(b"stack.cli\x00worker")
 
     def _model_server(self) -> str | None:
         return self._kill_one(b"ray::ModelServer", prefix=True)

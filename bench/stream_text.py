@@ -95,7 +95,7 @@ def _start_api(settings: Settings, port: int, var_dir: Path) -> subprocess.Popen
         "GENQ_RATE_LIMITS": "false",
     }
     log = open(var_dir / "api.log", "wb")  # noqa: SIM115 - the child keeps it
-    api = subprocess.Popen([sys.executable, "-m", "api.cli", "api"], env=env, stdout=log,
+    api = subprocess.Popen([sys.executable, "-m", "stack.cli", "api"], env=env, stdout=log,
                            stderr=subprocess.STDOUT, cwd=ROOT)  # fmt: skip
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

@@ -10,6 +10,7 @@
     │   ├── IllegalTransitionError 409 illegal-transition
     │   └── LeaseLostError         409 lease-lost      (a write from a worker whose lease is gone)
     ├── PayloadTooLargeError       413 too-large
+    ├── BusyError                  503 busy            (at a limit of its own for now; Retry-After)
     ├── QuotaExceededError         429 quota-exceeded  (limit, current, allowed: which quota)
     ├── RateLimitedError           429 rate-limited    (Retry-After, RateLimit, RateLimit-Policy)
     └── JobFailedError             500 job-failed      (a job's own failure; stored on the job)

@@ -36,7 +36,7 @@ gets as many starts as one of short jobs); the running cap and the GPU-seconds b
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -440,8 +440,14 @@ def own_ahead_ranked(session: Session, jobs: list[Job]) -> dict[str, int]:
     return {job_id: int(ahead) for job_id, ahead in rows}
 
 
-def queue_positions(session: Session, jobs: list[Job]) -> dict[str, int]:
-    """The position of each queued job in `jobs` (0 = next to start in its queue)."""
+def queue_positions(
+    session: Session,
+    jobs: list[Job],
+    order_of: Callable[[str], QueueOrder] | None = None,
+) -> dict[str, int]:
+    """The position of each queued job in `jobs` (0 = next to start in its queue).
+    `order_of`: where a queue's order comes from (default: read now; api/polling.py reuses a
+    recent one)."""
     queued = [j for j in jobs if j.state == JobState.QUEUED]
     if not queued:
         return {}
@@ -449,5 +455,6 @@ def queue_positions(session: Session, jobs: list[Job]) -> dict[str, int]:
         ahead = own_ahead_ranked(session, queued)
     else:
         ahead = own_ahead(session, queued)
-    orders = {q: queue_order(session, q) for q in {j.queue for j in queued}}
+    order_of = order_of or (lambda queue: queue_order(session, queue))
+    orders = {q: order_of(q) for q in {j.queue for j in queued}}
     return {j.id: orders[j.queue].position(j, ahead[j.id]) for j in queued}

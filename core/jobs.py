@@ -94,7 +94,9 @@ def _add_event(session: Session, job: Job, type_: str, data: dict[str, Any]) -> 
         enqueue_delivery(session, job, type_, data)
 
 
-def _set_state(session: Session, job: Job, new: JobState, **data: Any) -> None:
+def set_state(session: Session, job: Job, new: JobState, **data: Any) -> None:
+    """Move the job to `new` through the transition table (IllegalTransitionError if the table
+    has no such move) and record the move as a `state` event; the caller commits."""
     check_transition(job.state, new)
     old = job.state
     job.state = new
@@ -285,7 +287,7 @@ def held_job(session: Session, lease: Lease) -> Job:
 
 def change_state(session: Session, job: Job, new: JobState, **data: Any) -> None:
     """Change a job's state through the transition table, with its event (and webhook)."""
-    _set_state(session, job, new, **data)
+    set_state(session, job, new, **data)
 
 
 def add_event(session: Session, job: Job, type_: str, data: dict[str, Any]) -> None:
@@ -409,7 +411,7 @@ def finish_job(
     job = _fenced(session, lease)
     if job.state == JobState.CANCELING:
         state = JobState.CANCELED
-    _set_state(session, job, state, attempt=job.attempt, error_type=error_type)
+    set_state(session, job, state, attempt=job.attempt, error_type=error_type)
     now = now or utcnow()
     charge_attempt(session, job, now)
     job.finished_at = now
@@ -453,10 +455,10 @@ def release_job(
         job.max_attempts = max(job.max_attempts, job.attempt) + 1
         data["counted"] = False
     if params is not None:
-        _set_state(session, job, JobState.QUEUED, **data, params=params)
+        set_state(session, job, JobState.QUEUED, **data, params=params)
         job.params = params
     else:
-        _set_state(session, job, JobState.QUEUED, **data)
+        set_state(session, job, JobState.QUEUED, **data)
     charge_attempt(session, job, utcnow())
     job.preempt_requested_at = None
     job.lease_token = None
@@ -472,16 +474,16 @@ def cancel_job(session: Session, job: Job) -> JobState:
     if job.state == JobState.CANCELING:
         return JobState.CANCELING
     if job.state in (JobState.QUEUED, JobState.SCHEDULED):
-        _set_state(session, job, JobState.CANCELED, reason="canceled by request")
+        set_state(session, job, JobState.CANCELED, reason="canceled by request")
         job.finished_at = utcnow()
         return JobState.CANCELED
-    _set_state(session, job, JobState.CANCELING, reason="canceled by request")
+    set_state(session, job, JobState.CANCELING, reason="canceled by request")
     return JobState.CANCELING
 
 
 def retry_job(session: Session, job: Job, *, extra_attempts: int) -> None:
     """Queue a failed or canceled job again, with `extra_attempts` more attempts."""
-    _set_state(session, job, JobState.QUEUED, reason="retry requested")
+    set_state(session, job, JobState.QUEUED, reason="retry requested")
     job.max_attempts = job.attempt + extra_attempts
     job.error_type = job.error_detail = None
     job.finished_at = None

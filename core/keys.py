@@ -51,6 +51,8 @@ class Principal:
     # The tenant's own rate limit (None: the defaults in settings).
     rate_limit_per_s: float | None = None
     rate_limit_burst: int | None = None
+    # When the key stops working (None: never); a cached check is not trusted past it.
+    expires_at: datetime | None = None
 
     @property
     def may_write(self) -> bool:
@@ -124,6 +126,7 @@ def authenticate(session: Session, raw: str) -> Principal:
         scope=key.scope,
         rate_limit_per_s=per_s,
         rate_limit_burst=burst,
+        expires_at=key.expires_at,
     )
 
 

@@ -11,7 +11,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from core.errors import InvalidInputError
-from core.jobs import _set_state
+from core.jobs import set_state
 from core.states import JobState
 from core.tables import Job, utcnow
 
@@ -41,7 +41,7 @@ def purge_waiting(
         if not chunk:
             return purged
         for job in chunk:
-            _set_state(session, job, JobState.CANCELED, reason=reason)
+            set_state(session, job, JobState.CANCELED, reason=reason)
             job.finished_at = now
             purged.append(job.id)
         session.flush()

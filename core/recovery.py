@@ -15,7 +15,7 @@ from datetime import datetime, timedelta
 from sqlalchemy import nulls_first, or_, select, update
 from sqlalchemy.orm import Session
 
-from core.jobs import _set_state
+from core.jobs import set_state
 from core.states import JobState
 from core.tables import Job, utcnow
 from core.usage import charge_attempt
@@ -52,17 +52,17 @@ def reap_expired(
         charge_attempt(session, job, min(now, job.lease_expires_at or now))
         job.preempt_requested_at = None
         if job.state == JobState.CANCELING:
-            _set_state(session, job, JobState.CANCELED, reason="lease expired while canceling")
+            set_state(session, job, JobState.CANCELED, reason="lease expired while canceling")
             job.finished_at = now
         elif job.attempt >= job.max_attempts:
-            _set_state(session, job, JobState.FAILED, reason="lease expired")
+            set_state(session, job, JobState.FAILED, reason="lease expired")
             job.error_type = "lost"
             job.error_detail = (
                 f"the worker stopped answering during attempt {job.attempt} of {job.max_attempts}"
             )
             job.finished_at = now
         else:
-            _set_state(session, job, JobState.QUEUED, reason="lease expired")
+            set_state(session, job, JobState.QUEUED, reason="lease expired")
             job.published_at = None
             delay_s = backoff_s(job.attempt) if backoff_s is not None else 0.0
             job.not_before = now + timedelta(seconds=delay_s) if delay_s > 0 else None
@@ -84,7 +84,7 @@ def expire_deadlines(session: Session, *, limit: int = 500) -> list[str]:
         .with_for_update(skip_locked=True)
     ).all()
     for job in jobs:
-        _set_state(session, job, JobState.FAILED, reason="deadline")
+        set_state(session, job, JobState.FAILED, reason="deadline")
         job.error_type = "deadline"
         job.error_detail = "the job's deadline passed before it could start"
         job.finished_at = now
@@ -101,7 +101,7 @@ def promote_due(session: Session, *, limit: int = 500) -> list[str]:
         .with_for_update(skip_locked=True)
     ).all()
     for job in jobs:
-        _set_state(session, job, JobState.QUEUED, reason="run_at reached")
+        set_state(session, job, JobState.QUEUED, reason="run_at reached")
     return [job.id for job in jobs]
 
 

@@ -184,6 +184,10 @@ class Settings(BaseSettings):
     # bits alone and in any batch (the kernels change algorithm below a batch size; 16 is
     # measured on CPU). 1: no padding, faster alone, identity not guaranteed.
     batch_min_rows: int = Field(16, ge=1, le=4096)
+    # The most rows one batch of a model server holds (images; for language models, jobs
+    # decoded together): lower than a family's own limit to bound a server's memory. 0: each
+    # family's limit (transformers 64, ddpm 64, gan and vae 256, diffusers 16).
+    batch_max_rows: int = Field(0, ge=0, le=4096)
     # A model server with no job for this long unloads (frees its GPU). Unset: never.
     model_idle_unload_s: float | None = Field(900.0, gt=0)
     # The last replica of a model (1 -> 0) unloads after this long without a job (never longer
@@ -210,6 +214,15 @@ class Settings(BaseSettings):
     # Requests with a wrong, expired or revoked key (and failed dashboard logins) from one
     # client address per minute; past it every request from there is a 429 until it falls.
     auth_failures_per_min: int = Field(30, ge=1, le=100_000)
+    # How old an answer to a poll (GET /v1/jobs/{id}) may be: the rendered job is kept in
+    # Redis, and the queue figures behind its queue_position and eta_s in the API process, for
+    # at most this long all told (api/polling.py). A change made through the API itself shows
+    # at once. 0: every poll reads SQL.
+    status_staleness_s: float = Field(1.0, ge=0, le=1)
+    # How long an API process trusts an API key it has checked (api/auth.py): a key revoked
+    # elsewhere stops working within this long, one revoked through this process at once.
+    # 0: every request reads the key.
+    auth_cache_s: float = Field(1.0, ge=0, le=1)
     # Event streams one tenant may hold in one API process (default: half of the process's
     # streams, at least 1), so that one tenant cannot take them all.
     api_max_streams_per_tenant: int | None = Field(None, ge=1, le=1024)

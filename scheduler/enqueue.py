@@ -1,8 +1,14 @@
-"""Publishing job ids to the broker, after the job row has been committed.
+"""Publishing job ids to the broker, after the job row has been committed; and the scheduler's
+one door for the API.
 
 The API and the periodic scheduler import this; it loads Celery's client side but neither Ray
 nor torch. A failed publish is not an error for the caller: the row stays `queued` with no
 `published_at`, and the reconciler publishes it later.
+
+`api/` imports nothing else of `scheduler/`: what it reads of the broker's queues, of the
+processes' heartbeats and of the workers' cluster snapshots, and the wake-ups its event streams
+wait on, are re-exported here (`__all__`), so the scheduler can move its modules about without
+touching the API (docs/architecture.md; `make lint` checks it).
 """
 
 from __future__ import annotations
@@ -22,11 +28,41 @@ from scheduler.broker import (
     CHECK_MODEL_QUEUE,
     CHECK_MODEL_TASK,
     PUBLISHED_KEY,
+    QUEUES,
     RUN_JOB_TASK,
+    WEBHOOK_QUEUE,
     celery_priority,
     make_celery,
+    queue_for_kind,
+    read_dropped,
     redis_client,
 )
+from scheduler.heartbeats import (
+    RAY_QUEUES,
+    SCHEDULER_INDEX,
+    WORKER_INDEX,
+    read_heartbeats,
+    read_seen,
+)
+from scheduler.snapshot import node_resources, read_snapshots
+from scheduler.wakeups import Wakeups
+
+__all__ = [
+    "QUEUES",
+    "RAY_QUEUES",
+    "SCHEDULER_INDEX",
+    "WEBHOOK_QUEUE",
+    "WORKER_INDEX",
+    "Publication",
+    "Publisher",
+    "Wakeups",
+    "node_resources",
+    "queue_for_kind",
+    "read_dropped",
+    "read_heartbeats",
+    "read_seen",
+    "read_snapshots",
+]
 
 log = logging.getLogger(__name__)
 

@@ -2,7 +2,8 @@
 training attempt, both streaming core.events back to the caller.
 
 `ModelServer` (workers/server.py) and `Trainer` are plain classes (tests and the GPU bench may
-run them without Ray); `get_model_server` and `start_trainer` turn them into Ray actors. Their
+run them without Ray); `start_model_server` and `start_trainer` turn them into Ray actors (the
+pool places servers and `workers.routing.get_model_server` finds a warm one). Their
 `generate` and `train` methods are generators: Ray streams each yielded event to the caller as
 its own ObjectRef, so the caller reads events while the model runs:
 
@@ -234,8 +235,8 @@ class ModelServer(BaseModelServer):
 
 def configure_actor_logging(process: str) -> None:
     """Inside a Ray actor, log as every genq process does (GENQ_LOG_FORMAT, GENQ_LOG_LEVEL of
-    this node: api/stack.py passes them to Ray), to the actor's stderr, which Ray keeps in its
-    session's logs folder (worker-*.err). Outside an actor (a test or a benchmark driving the
+    this node: stack/supervisor.py passes them to Ray), to the actor's stderr, which Ray keeps in
+    its session's logs folder (worker-*.err). Outside an actor (a test or a benchmark driving the
     class directly) the caller's logging is left alone. A Ray actor is an entry point, so it
     reads its own node's settings."""
     if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
@@ -283,26 +284,6 @@ def start_model_server(
         num_gpus=num_gpus_for(family),
         scheduling_strategy=scheduling_strategy,
     ).remote(family.name, model_dir, config, options)
-
-
-def get_model_server(
-    model_id: str,
-    family: Family,
-    model_dir: str | None,
-    config: dict[str, Any],
-    options: ServingOptions | None = None,
-    *,
-    verify: bool = False,
-) -> ActorHandle:
-    """The warm server of a registered model, started (and loading) if it does not exist.
-    The model pool (workers/pool.py) places new servers and makes room for them (unloading
-    idle ones) when they fit nowhere. `verify`: the handle last returned was
-    dead; make sure this one is not."""
-    from workers.routing import acquire_server  # it builds on this module
-
-    return acquire_server(
-        model_id, family.name, model_dir, config, options or ServingOptions(), verify=verify
-    )
 
 
 def trainer_resources(

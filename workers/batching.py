@@ -22,6 +22,13 @@ that; so the default pads to 16 rows and a job's PNGs are byte-identical alone a
 above the size where its kernels stop changing (bench/gpu_batching.py measures it); 1 turns the
 padding off, faster for a lone small job, identical only where the kernels allow.
 
+Continuous batching. A model with `generate_continuous` (the `transformers` family) is not
+handed a fixed batch: the dispatcher starts it as soon as one job waits, and between two
+decode steps the model takes the jobs that have arrived since (up to `max_rows` running), so
+a job joins the running batch without waiting for it to end, and leaves it, ending its
+event stream, as soon as its own text ends. The model yields (index, None) once a job has
+sent its last event.
+
 A failure inside a batch (the model raising, out of memory) is not pinned on the whole batch:
 the jobs that had not finished are run again one at a time, so only a job that fails alone
 fails, and a batch too big for the accelerator's memory still completes job by job.
@@ -40,7 +47,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from core.errors import GenqError, InvalidInputError, ModelError, TransientError
-from core.events import Event, Metric, Progress
+from core.events import Event, Metric, Progress, TextDelta
 from workers.families.base import CanceledError, Family, RunContext
 
 log = logging.getLogger(__name__)
@@ -48,6 +55,9 @@ log = logging.getLogger(__name__)
 # A batch waits for more jobs until none has come for max_wait_s, and at most this many
 # max_wait_s after its first job came.
 WAIT_CAP_FACTOR = 10
+# Where the caller records events at intervals (progress_interval_s > 0), streamed text is
+# sent at most this often per job: well inside the 200 ms in which a follower should see it.
+TEXT_INTERVAL_S = 0.05
 # How often a job waiting in the queue looks at its cancel flag.
 WAIT_POLL_S = 0.05
 _END = object()  # the last item of a job's event queue
@@ -86,10 +96,17 @@ class Request:
     finished: bool = False
     progress_interval_s: float = 0.0
     last_progress_at: float = 0.0
+    held_text: TextDelta | None = None
+    last_text_at: float = 0.0
+    text_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def put(self, item: Any) -> None:
         if self.finished:
             return
+        if isinstance(item, TextDelta) and self.progress_interval_s:
+            self._put_text(item)
+            return
+        self._flush_text()
         if isinstance(item, Progress) and item.step < item.total and self.progress_interval_s:
             # The caller records progress at most this often: a batch of n jobs would otherwise
             # send n events per step through Ray, which costs more than the step itself.
@@ -99,8 +116,36 @@ class Request:
             self.last_progress_at = now
         self.events.put(item)
 
+    def _put_text(self, delta: TextDelta) -> None:
+        """Pieces of streamed text that come within TEXT_INTERVAL_S of the last one sent go
+        out as one (a batch of n language-model jobs makes n pieces a step; each would be a
+        Ray message and a recorded event). Any other event sends the held text first, and the
+        job's reader sends it once it is due (a slow model's next piece may be seconds away)."""
+        with self.text_lock:
+            if self.held_text is None:
+                self.held_text = delta
+            else:
+                self.held_text = TextDelta(self.held_text.index, self.held_text.text + delta.text)
+        self.flush_text_if_due()
+
+    def flush_text_if_due(self) -> None:
+        with self.text_lock:
+            now = time.monotonic()
+            if self.held_text is not None and now - self.last_text_at >= TEXT_INTERVAL_S:
+                self.events.put(self.held_text)
+                self.held_text = None
+                self.last_text_at = now
+
+    def _flush_text(self) -> None:
+        with self.text_lock:
+            if self.held_text is not None:
+                self.events.put(self.held_text)
+                self.held_text = None
+
     def end(self, error: BaseException | None = None) -> None:
         if not self.finished:
+            if error is None:
+                self._flush_text()
             self.events.put(job_error(error, self.job_id) if error is not None else _END)
             self.finished = True
 
@@ -112,6 +157,9 @@ class BatchStats:
     solo_jobs: int = 0
     largest_batch_jobs: int = 0
     last_batch_jobs: int = 0
+    # Continuous batching: forward passes run, and those that two jobs or more shared.
+    steps: int = 0
+    shared_steps: int = 0
 
 
 class Batcher:
@@ -124,13 +172,21 @@ class Batcher:
         max_wait_s: float,
         min_rows: int,
         progress_interval_s: float = 0.0,
+        max_rows: int = 0,
     ) -> None:
         self.model = model
         self.progress_interval_s = progress_interval_s
         self.family = family
         self.max_wait_s = max_wait_s
         self.min_rows = min_rows
-        self.max_rows = family.max_batch_size if hasattr(model, "generate_batch") else 1
+        self.is_continuous = hasattr(model, "generate_continuous")
+        # The model may lower its family's limit (a language model whose cache cannot be
+        # padded says 1); `max_rows` (GENQ_BATCH_MAX_ROWS, 0: none) lowers it for a server.
+        self.max_rows = getattr(model, "max_batch_size", family.max_batch_size)
+        if not hasattr(model, "generate_batch") and not self.is_continuous:
+            self.max_rows = 1
+        if max_rows > 0:
+            self.max_rows = min(self.max_rows, max_rows)
         self.stats = BatchStats()
         self._cond = threading.Condition()
         self._waiting: list[Request] = []  # in arrival order
@@ -163,6 +219,7 @@ class Batcher:
             try:
                 item = request.events.get(timeout=WAIT_POLL_S)
             except queue.Empty:
+                request.flush_text_if_due()
                 if request.ctx.is_canceled() and self._withdraw(request):
                     raise CanceledError(f"job {request.job_id} was canceled") from None
                 continue
@@ -195,7 +252,8 @@ class Batcher:
                 while not self._waiting:
                     self._cond.wait()
                 first = self._waiting[0]
-                if first.key is None or first.rows >= self.max_rows:
+                # A continuous batch starts at once: the others join it between steps.
+                if first.key is None or first.rows >= self.max_rows or self.is_continuous:
                     batch = [first]
                     break
                 batch, rows = [], 0
@@ -226,7 +284,9 @@ class Batcher:
         while True:
             batch = self._take()
             try:
-                if len(batch) == 1:
+                if self.is_continuous and batch[0].key is not None:
+                    self._run_continuous(batch)
+                elif len(batch) == 1:
                     self._run_alone(batch[0])
                 else:
                     self._run_batch(batch)
@@ -253,6 +313,73 @@ class Batcher:
             request.put(Metric(0, {"batch_s": time.perf_counter() - started}))
         request.end()
 
+    def _join(self, joined: list[Request], key: Hashable, free: int) -> list[Any]:
+        """The jobs with `key` that have arrived, up to `free` rows, now part of the running
+        batch `joined` (their index: their place in it)."""
+        with self._cond:
+            running = sum(1 for r in joined if not r.finished)
+            room = min(free, self.max_rows - running)
+            new = [r for r in self._waiting if r.key == key][: max(room, 0)]
+            for r in new:
+                self._waiting.remove(r)
+                r.started = True
+            start = len(joined)
+            joined.extend(new)
+            self._running = joined
+        return [(start + n, r.params, r.ctx) for n, r in enumerate(new)]
+
+    def _stepped(self, rows: int) -> None:
+        self.stats.steps += 1
+        if rows > 1:
+            self.stats.shared_steps += 1
+        self.stats.last_batch_jobs = rows
+        self.stats.largest_batch_jobs = max(self.stats.largest_batch_jobs, rows)
+
+    def _run_continuous(self, first: list[Request]) -> None:
+        """Run jobs through the model's continuous batch until none runs and none waits."""
+        joined: list[Request] = []
+        key = first[0].key
+        with self._cond:
+            # _take already moved them out of the queue: back in front, in order, to join.
+            self._waiting[:0] = [r for r in first if r not in self._waiting]
+        assert key is not None
+        try:
+            items = self.model.generate_continuous(
+                lambda free: self._join(joined, key, free), self._stepped
+            )
+            for index, item in items:
+                r = joined[index]
+                if item is None:
+                    r.end()
+                elif isinstance(item, BaseException):
+                    r.end(item)
+                else:
+                    r.put(item)
+        except BaseException as exc:  # noqa: BLE001 - isolate it: rerun the rest alone
+            self._rerun_alone([r for r in joined if not r.finished], exc)
+            return
+        finally:
+            if len(joined) > 1:
+                self.stats.batches += 1
+                self.stats.batched_jobs += len(joined)
+            elif joined:
+                self.stats.solo_jobs += 1
+        for r in joined:  # a job the model forgot to end must not wait forever
+            r.end(ModelError("the model ended without finishing this job"))
+
+    def _rerun_alone(self, survivors: list[Request], exc: BaseException) -> None:
+        log.warning(
+            "a batch failed (%s: %s); running its %d unfinished jobs alone",
+            type(exc).__name__,
+            exc,
+            len(survivors),
+        )
+        for r in survivors:
+            if r.ctx.is_canceled():
+                r.end(CanceledError(f"job {r.job_id} was canceled"))
+            else:
+                self._run_alone(r)
+
     def _run_batch(self, batch: list[Request]) -> None:
         rows = sum(r.rows for r in batch)
         log.info("running %d jobs (%d rows) as one batch", len(batch), rows)
@@ -274,19 +401,7 @@ class Batcher:
                     else:
                         r.put(item)
         except BaseException as exc:  # noqa: BLE001 - isolate it: rerun the rest alone
-            survivors = [r for r in batch if not r.finished]
-            log.warning(
-                "a batch of %d jobs failed (%s: %s); running its %d unfinished jobs alone",
-                len(batch),
-                type(exc).__name__,
-                exc,
-                len(survivors),
-            )
-            for r in survivors:
-                if r.ctx.is_canceled():
-                    r.end(CanceledError(f"job {r.job_id} was canceled"))
-                else:
-                    self._run_alone(r)
+            self._rerun_alone([r for r in batch if not r.finished], exc)
             return
         # The model time of the whole batch, for each job (bench/batching.py reads it).
         done = Metric(0, {"batch_s": time.perf_counter() - started})

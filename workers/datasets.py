@@ -32,8 +32,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from core.catalog import DatasetRef
 from core.errors import InvalidInputError
-from workers.families.base import DatasetRef
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 MAX_IMAGES = 100_000

@@ -16,6 +16,7 @@ import ray
 from ray.actor import ActorHandle
 from ray.exceptions import RayActorError
 
+from workers.families.base import Family
 from workers.pool import get_pool, trust_s
 from workers.server import ServingOptions
 
@@ -120,3 +121,21 @@ def acquire_server(
 def admit_trainer(key: str, actor_id: str, need: dict[str, float], priority: int) -> str:
     """Register a trainer just started; returns what it waits for ("" if it fits)."""
     return str(call_pool("admit", key, actor_id, need, priority))
+
+
+def get_model_server(
+    model_id: str,
+    family: Family,
+    model_dir: str | None,
+    config: dict[str, Any],
+    options: ServingOptions | None = None,
+    *,
+    verify: bool = False,
+) -> ActorHandle:
+    """The warm server of a registered model, started (and loading) if it does not exist.
+    The model pool (workers/pool.py) places new servers and makes room for them (unloading
+    idle ones) when they fit nowhere. `verify`: the handle last returned was
+    dead; make sure this one is not."""
+    return acquire_server(
+        model_id, family.name, model_dir, config, options or ServingOptions(), verify=verify
+    )

@@ -40,6 +40,8 @@ class ServingOptions:
 
     batch_max_wait_ms: float = 10.0
     batch_min_rows: int = 16
+    # The most rows (images, or language-model jobs) one batch holds; 0: each family's own.
+    batch_max_rows: int = 0
     idle_unload_s: float | None = 900.0
     # The last replica of a model unloads after this long idle (None: as idle_unload_s).
     last_idle_unload_s: float | None = None
@@ -57,6 +59,7 @@ class ServingOptions:
         return cls(
             batch_max_wait_ms=settings.batch_max_wait_ms,
             batch_min_rows=settings.batch_min_rows,
+            batch_max_rows=settings.batch_max_rows,
             idle_unload_s=settings.model_idle_unload_s,
             last_idle_unload_s=settings.model_last_idle_unload_s,
             gpu_memory_budget_gb=settings.gpu_memory_budget_gb,
@@ -180,6 +183,7 @@ class ModelServer:
             max_wait_s=self.options.batch_max_wait_ms / 1000,
             min_rows=self.options.batch_min_rows,
             progress_interval_s=self.options.progress_interval_s,
+            max_rows=self.options.batch_max_rows,
         )
         if on_idle is not None and self.options.idle_unload_s:
             watcher = threading.Thread(

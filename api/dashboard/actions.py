@@ -12,10 +12,12 @@ from flask import Response, redirect, render_template, request, url_for
 from sqlalchemy import select
 from werkzeug.wrappers import Response as BaseResponse
 
-from api.app import genq
+from api import polling
+from api.auth import forget_key
 from api.dashboard import bp
 from api.dashboard.session import admin
 from api.jobs import publish
+from api.state import genq
 from core.audit import record_action
 from core.errors import IllegalTransitionError, InvalidInputError, NotFoundError
 from core.jobs import PRIORITY_CLASSES, cancel_job, retry_job, set_priority
@@ -36,6 +38,11 @@ def _back_to_job(job_id: str) -> BaseResponse:
     return redirect(url_for("dashboard.job", job_id=job_id))
 
 
+def _changed(job_id: str, version: int, tenant_id: str) -> None:
+    # A poll of the job (GET /v1/jobs/{id}) reads it afresh from now on (api/polling.py).
+    polling.changed(job_id, version=version, tenant_id=tenant_id, payload=None)
+
+
 @bp.post("/jobs/<job_id>/cancel")
 def cancel(job_id: str) -> BaseResponse:
     with genq().database.transaction() as db:
@@ -43,6 +50,8 @@ def cancel(job_id: str) -> BaseResponse:
         old = job.state
         new = cancel_job(db, job)
         record_action(db, admin().actor, "job.cancel", "job", job.id, {"from": old, "to": new})
+        change = polling.version_of(job.updated_at), job.tenant_id
+    _changed(job_id, *change)
     return _back_to_job(job_id)
 
 
@@ -60,6 +69,8 @@ def retry(job_id: str) -> BaseResponse:
         job.published_at = utcnow()  # optimistic, as api.jobs.publish expects
         record_action(db, admin().actor, "job.retry", "job", job.id, {"from": old})
         queue, priority = job.queue, job.priority
+        change = polling.version_of(job.updated_at), job.tenant_id
+    _changed(job_id, *change)
     publish(job_id, queue, priority)
     return _back_to_job(job_id)
 
@@ -83,6 +94,8 @@ def priority(job_id: str) -> BaseResponse:
             job.id,
             {"from": old, "to": job.priority, "via": "dashboard"},
         )
+        change = polling.version_of(job.updated_at), job.tenant_id
+    _changed(job_id, *change)
     # Nothing to republish: the next claim reads the new priority (core/fairness.py).
     return _back_to_job(job_id)
 
@@ -130,4 +143,6 @@ def revoke(key_id: str) -> BaseResponse:
         revoke_key(db, key)
         if not was_revoked:
             record_action(db, admin().actor, "key.revoke", "key", key.id, {"prefix": key.prefix})
+        key_hash = key.key_hash
+    forget_key(key_hash)
     return redirect(url_for("dashboard.tenants"))

@@ -11,10 +11,10 @@ from typing import Any
 
 from flask import render_template
 
-from api.app import genq
 from api.dashboard import bp
 from api.health import readiness, worker_heartbeats
-from scheduler.heartbeats import SCHEDULER_INDEX, read_heartbeats
+from api.state import genq
+from scheduler.enqueue import SCHEDULER_INDEX, read_heartbeats
 
 
 @bp.get("/health")

@@ -18,16 +18,16 @@ from flask import Response, jsonify, redirect, render_template, request, url_for
 from markupsafe import Markup
 from sqlalchemy import select
 
-from api.app import genq
 from api.artifacts import send_artifact
 from api.dashboard import bp, charts, queries
 from api.dashboard.session import admin
+from api.state import genq
 from core.audit import recent_actions
 from core.errors import InvalidInputError, NotFoundError
 from core.numbers import parse_whole
 from core.states import JobKind, JobState
 from core.tables import Artifact, Dataset, Job, JobEvent, Model, Tenant, utcnow
-from scheduler.broker import read_dropped
+from scheduler.enqueue import read_dropped
 
 PAGE_SIZE = 50
 # Latency points sit at the end of their 5-minute bucket, in minutes before now.
@@ -37,7 +37,7 @@ TEXT_PREVIEW_BYTES = 20_000
 
 def cluster() -> tuple[list[dict[str, Any]], str | None]:
     """Live workers' snapshots (scheduler/snapshot.py), or an error to show instead."""
-    from scheduler.snapshot import read_snapshots
+    from scheduler.enqueue import read_snapshots
 
     try:
         return read_snapshots(genq().publisher.redis), None

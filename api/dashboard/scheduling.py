@@ -14,9 +14,10 @@ from pydantic import ValidationError
 from sqlalchemy import select
 from werkzeug.wrappers import Response as BaseResponse
 
-from api.app import genq
+from api import polling
 from api.dashboard import bp
 from api.dashboard.session import admin
+from api.state import genq
 from api.submissions import errors_from
 from api.tenants import JOB_QUEUES, NOT_NULL, QuotaChange
 from core.audit import record_action
@@ -152,4 +153,5 @@ def purge() -> BaseResponse:
             tenant_id or str(queue),
             {"tenant": tenant_id, "queue": queue, "count": len(ids), "via": "dashboard"},
         )
+    polling.many_changed()  # their polls show them canceled at once
     return redirect(url_for("dashboard.tenants"))

@@ -15,11 +15,11 @@ from pydantic import ValidationError
 from sqlalchemy import func, select
 from werkzeug.wrappers import Response as BaseResponse
 
-from api.app import genq
 from api.dashboard import bp
 from api.dashboard.pages import cluster, ray_view_of
 from api.dashboard.session import admin
 from api.payloads import scaling_payload
+from api.state import genq
 from api.submissions import errors_from
 from core.audit import record_action
 from core.errors import InvalidInputError, NotFoundError

@@ -23,11 +23,11 @@ from flask.sessions import SecureCookieSessionInterface
 from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response as BaseResponse
 
-from api.app import genq
 from api.auth import rate_guarded
 from api.dashboard import SESSION_LIFETIME, bp
 from api.problems import problem_response
 from api.ratelimits import client_address
+from api.state import genq
 from core.audit import Actor, record_action
 from core.errors import ForbiddenError, GenqError, UnauthorizedError
 from core.keys import authenticate

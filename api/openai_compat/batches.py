@@ -19,7 +19,7 @@ from flask import Blueprint, Response, g, jsonify, request
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
-from api.app import genq
+from api import polling
 from api.auth import principal, tenant_scope
 from api.intake import build_jobs, publications, publish_jobs
 from api.jobs import read_json_body
@@ -29,6 +29,7 @@ from api.openai_compat.errors import param_name
 from api.openai_compat.files import find_file, read_file
 from api.openai_compat.images import RENAMES, image_call
 from api.openai_compat.text import chat_call, completion_call
+from api.state import genq
 from api.submissions import JobSubmission, request_hash, validate_params
 from core.errors import ConflictError, InvalidInputError, NotFoundError
 from core.jobs import cancel_job
@@ -212,6 +213,7 @@ def list_batches() -> Response:
 def cancel(batch_id: str) -> Response:
     """Cancel the batch's jobs that have not finished (running ones stop at their next
     heartbeat); the finished ones keep their results."""
+    canceled: list[tuple[str, int, str]] = []
     with genq().database.transaction() as session:
         batch = find_openai_batch(session, batch_id)
         if batch is None:
@@ -223,5 +225,9 @@ def cancel(batch_id: str) -> Response:
         ):
             if not is_terminal(job.state):
                 cancel_job(session, job)
+                canceled.append((job.id, polling.version_of(job.updated_at), job.tenant_id))
         session.flush()
-        return jsonify(batch_object(session, batch))
+        body = batch_object(session, batch)
+    for job_id, version, tenant_id in canceled:  # their next polls show it (api/polling.py)
+        polling.changed(job_id, version=version, tenant_id=tenant_id, payload=None)
+    return jsonify(body)

@@ -17,10 +17,10 @@ from flask import request
 from pydantic import BaseModel, ValidationError
 from sqlalchemy import select
 
-from api.app import genq
 from api.auth import principal
 from api.intake import build_jobs, check_outside, publications, publish_jobs
 from api.openai_compat.errors import JobWaitError
+from api.state import genq
 from api.submissions import JobSubmission, errors_from, parse_submission, request_hash
 from api.waits import wait_for_jobs
 from core.catalog import resolve_model

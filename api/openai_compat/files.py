@@ -12,9 +12,9 @@ from typing import Any
 from flask import Blueprint, Response, jsonify, request
 from sqlalchemy import select
 
-from api.app import genq
 from api.auth import principal, tenant_scope
 from api.openai_compat.batch_results import batch_file
+from api.state import genq
 from core.errors import InvalidInputError, NotFoundError
 from core.tables import UploadedFile
 

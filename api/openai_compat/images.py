@@ -26,12 +26,12 @@ from api.openai_compat.errors import JOB_ID_HEADER
 from api.payloads import artifact_url
 from core.errors import InvalidInputError
 from core.tables import Model
+from workers.families.base import OpenAIShape
 from workers.registry import FAMILIES
 
 bp = Blueprint("images", __name__)
 
-LABELLED_FAMILIES = ("ddpm", "gan", "vae")
-IMAGE_FAMILIES = ("diffusers", *LABELLED_FAMILIES)
+IMAGE_SHAPES = (OpenAIShape.IMAGES, OpenAIShape.LABELLED_IMAGES)
 _SIZE = re.compile(r"^([1-9][0-9]{0,4})x([1-9][0-9]{0,4})$")
 
 
@@ -70,7 +70,7 @@ def _size(model: Model, size: str | None) -> dict[str, int]:
     if match is None:
         raise InvalidInputError.one("size", "must be WIDTHxHEIGHT in pixels, e.g. 512x512")
     width, height = int(match.group(1)), int(match.group(2))
-    if model.family == "diffusers":
+    if FAMILIES[model.family].openai == OpenAIShape.IMAGES:
         return {"width": width, "height": height}
     native = (model.config or {}).get("image_size")
     if native and width == height == int(native):
@@ -82,7 +82,7 @@ def _size(model: Model, size: str | None) -> dict[str, int]:
 
 def _params(model: Model, req: ImageRequest, body: dict[str, Any]) -> dict[str, Any]:
     params: dict[str, Any] = {"num_images": req.n}
-    if model.family == "diffusers":
+    if FAMILIES[model.family].openai == OpenAIShape.IMAGES:
         params["prompt"] = req.prompt
     else:
         params["label"] = class_label(model, req.prompt)
@@ -106,11 +106,13 @@ def image_call(body: dict[str, Any]) -> ImageCall:
     """An images request turned into its job's params."""
     req = calls.parse(ImageRequest, body)
     model = calls.find_model(req.model)
-    if model.family not in IMAGE_FAMILIES:
+    family = FAMILIES.get(model.family)
+    if family is None or family.openai not in IMAGE_SHAPES:
+        drawing = sorted(name for name, f in FAMILIES.items() if f.openai in IMAGE_SHAPES)
         raise InvalidInputError.one(
             "model",
             f"model {model.ref} is a {model.family} model; images come from "
-            f"{', '.join(IMAGE_FAMILIES)} models",
+            f"{', '.join(drawing)} models",
         )
     return ImageCall(model, req, _params(model, req, body))
 

@@ -10,8 +10,8 @@ from typing import Any
 from flask import Blueprint, Response, jsonify
 from sqlalchemy import select
 
-from api.app import genq
 from api.auth import principal
+from api.state import genq
 from core.catalog import READY, list_models, resolve_model
 from core.states import JobKind
 from core.tables import SYSTEM_TENANT_ID, Model, Tenant

@@ -21,19 +21,20 @@ from flask import Blueprint, Response, g, jsonify, stream_with_context
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
-from api.app import genq
 from api.jobs import read_json_body
 from api.openai_compat import calls
 from api.openai_compat.errors import JOB_ID_HEADER, JobWaitError, error_event
+from api.state import genq
 from core.errors import InvalidInputError
 from core.states import is_terminal
 from core.tables import Job, JobEvent, Model
-from scheduler.wakeups import Wakeups
+from scheduler.enqueue import Wakeups
+from workers.families.base import OpenAIShape
 from workers.registry import FAMILIES
 
 bp = Blueprint("text", __name__)
 
-LANGUAGE_FAMILIES = ("charlm", "transformers")
+LANGUAGE_SHAPES = (OpenAIShape.CHAT, OpenAIShape.TEXT)
 STOP_MAX = 16
 
 
@@ -104,7 +105,7 @@ def _messages(req: ChatRequest) -> list[dict[str, str]]:
 
 
 def chat_as_text(messages: list[dict[str, str]]) -> str:
-    """A chat for a model without a chat template (charlm)."""
+    """A chat for a model without a chat template (a `text` family: charlm)."""
     lines = [f"{m['role']}: {m['content']}\n" for m in messages]
     return "".join(lines) + "assistant: "
 
@@ -134,11 +135,13 @@ def _seeded(params: dict[str, Any], seed: int | None, n: int) -> list[dict[str, 
 
 def _language_model(ref: str) -> Model:
     model = calls.find_model(ref)
-    if model.family not in LANGUAGE_FAMILIES:
+    family = FAMILIES.get(model.family)
+    if family is None or family.openai not in LANGUAGE_SHAPES:
+        speaking = sorted(name for name, f in FAMILIES.items() if f.openai in LANGUAGE_SHAPES)
         raise InvalidInputError.one(
             "model",
             f"model {model.ref} is a {model.family} model; chat and completions take a "
-            f"language model ({', '.join(LANGUAGE_FAMILIES)})",
+            f"language model ({', '.join(speaking)})",
         )
     return model
 
@@ -160,7 +163,7 @@ def chat_call(body: dict[str, Any]) -> TextCall:
     model = _language_model(req.model)
     base = _sampling(req, model, body)
     messages = _messages(req)
-    if model.family == "charlm":
+    if FAMILIES[model.family].openai == OpenAIShape.TEXT:
         base["prompt"] = chat_as_text(messages)
     else:
         base["messages"] = messages

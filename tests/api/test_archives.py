@@ -188,14 +188,14 @@ def api_process(tmp_path: Path, redis_db_url: str) -> Iterator[dict[str, Any]]:
         "GENQ_DATASET_MAX_UNPACKED_BYTES": str(2 * GIB),
     }
     migrate = subprocess.run(
-        [sys.executable, "-m", "api.cli", "migrate"], env=env, cwd=ROOT, capture_output=True,
+        [sys.executable, "-m", "stack.cli", "migrate"], env=env, cwd=ROOT, capture_output=True,
         text=True, timeout=120,
     )  # fmt: skip
     assert migrate.returncode == 0, migrate.stderr
     key = migrate.stdout.split("admin key (shown once):")[1].split()[0]
     log = open(tmp_path / "api.log", "wb")  # noqa: SIM115 - closed below
     process = subprocess.Popen(
-        [sys.executable, "-m", "api.cli", "api"], env=env, cwd=ROOT, stdout=log,
+        [sys.executable, "-m", "stack.cli", "api"], env=env, cwd=ROOT, stdout=log,
         stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"

@@ -1,9 +1,11 @@
-"""The API process stays small: importing it loads neither torch nor ray (DESIGN.md)."""
+"""The API process stays small: importing it loads neither torch nor ray (DESIGN.md); and the
+import contracts of docs/architecture.md hold (import-linter, as `make lint` runs it)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -14,7 +16,8 @@ import pytest
         "api",
         "api.app",
         "api.wsgi",
-        "api.cli",
+        "api.state",
+        "stack.cli",
         "workers.registry",
         "scheduler.enqueue",
         # The periodic scheduler runs on the API host of a cluster, which has no Ray node.
@@ -48,3 +51,18 @@ def test_the_client_imports_nothing_of_the_server() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "", f"import genq_client loaded {out.stdout.strip()}"
+
+
+def test_the_import_contracts_hold() -> None:
+    """Layers, the scheduler's door, no circles: [tool.importlinter] in pyproject.toml."""
+    # The checkout's root, wherever the test layout puts this file.
+    root = next(p for p in Path(__file__).resolve().parents if (p / "pyproject.toml").is_file())
+    lint_imports = Path(sys.executable).parent / "lint-imports"
+    done = subprocess.run(
+        [str(lint_imports), "--no-logo", "--no-cache"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "0 broken" in done.stdout

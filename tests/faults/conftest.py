@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from api.stack import Stack
 from core.settings import Settings
+from stack.supervisor import Stack
 from tests.support.faults import Cluster, RayHead
 
 

@@ -26,10 +26,10 @@ import requests
 from PIL import Image
 
 from api.app import create_app
-from api.stack import Stack
 from core.artifacts import MANIFEST_NAME, ArtifactStore
 from core.settings import Settings
 from core.tables import Artifact, Model
+from stack.supervisor import Stack
 from tests.conftest import S3Server
 from tests.support.faults import Cluster, RayHead, is_alive, wait_until
 from tests.support.pretrained_models import build_tiny_lm

@@ -19,10 +19,10 @@ from typing import Any
 import psycopg
 import pytest
 
-from api.stack import Stack
 from core.artifacts import ArtifactStore
 from core.settings import Settings
 from core.tables import Artifact, Job
+from stack.supervisor import Stack
 from tests.support.faults import Cluster, Proc, RayHead, wait_until
 
 pytestmark = [pytest.mark.faults, pytest.mark.stack]

@@ -14,7 +14,6 @@ import pytest
 import redis
 from sqlalchemy import update
 
-from api.stack import bootstrap
 from core.catalog import ensure_builtins, resolve_model
 from core.db import Database
 from core.jobs import NewJob, claim_job, create_job, get_job
@@ -26,6 +25,7 @@ from scheduler.broker import PUBLISHED_KEY
 from scheduler.enqueue import Publisher
 from scheduler.periodic import Periodic
 from scheduler.worker import InconsistentSettingsError, check_settings
+from stack.supervisor import bootstrap
 
 
 @pytest.fixture

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from api.cli import main as genq_cli
 from core.settings import Settings
 from scheduler.raynode import (
     RayNodeProcess,
@@ -29,6 +28,7 @@ from scheduler.raynode import (
     needs_own_node,
     node_argv,
 )
+from stack.cli import main as genq_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 STAND_IN = ["sh", "-c", "echo 'Ray runtime started.'; exec sleep 600"]

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import yaml
 
-from api.cli import main as genq_cli
 from core.settings import Settings
+from stack.cli import main as genq_cli
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -31,7 +31,7 @@ import pytest
 import redis
 import requests
 
-from api.stack import RAY_NODE_SETTINGS
+from stack.supervisor import RAY_NODE_SETTINGS
 from tests.support.broker import HOSTILE, envelope, task_headers
 from tests.support.stackproc import ROOT, StackProcess, descendants
 
@@ -193,7 +193,7 @@ def test_4_a_copied_dashboard_cookie_ends_at_logout(stack: StackProcess) -> None
 
 def cli(stack: StackProcess, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "api.cli", *args],
+        [sys.executable, "-m", "stack.cli", *args],
         env=stack.env,
         cwd=ROOT,
         capture_output=True,
@@ -258,13 +258,13 @@ def test_6_ray_listens_on_loopback_and_secrets_stay_where_needed(stack: StackPro
         except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
             continue
         assert "GENQ_ADMIN_KEY" not in env, cmdline[:200]
-        if "ray" in cmdline and "api.cli" not in cmdline:
+        if "ray" in cmdline and "stack.cli" not in cmdline:
             genq = {k for k in env if k.startswith("GENQ_")}
             assert genq <= RAY_NODE_SETTINGS, (genq, cmdline[:200])
             workers += "default_worker.py" in cmdline
-        elif "api.cli worker" in cmdline or "gunicorn" in cmdline or "api.cli api" in cmdline:
+        elif "stack.cli worker" in cmdline or "gunicorn" in cmdline or "stack.cli api" in cmdline:
             assert env.get("GENQ_SECRET_KEY") == STACK_ENV["GENQ_SECRET_KEY"], cmdline[:200]
-        elif "api.cli scheduler" in cmdline:
+        elif "stack.cli scheduler" in cmdline:
             assert "GENQ_SECRET_KEY" not in env
     assert workers >= 1, "no Ray worker process found to check"
 

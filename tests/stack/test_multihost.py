@@ -257,7 +257,7 @@ def test_a_celery_host_restarted_mid_run_loses_nothing(cluster: Cluster) -> None
     wait_until(lambda: cluster.get(train)["progress"]["step"] >= 12, 240, "training progress")
     killed = " | ".join(cluster.celery.kill().values())
     # The Celery worker (the Ray driver) and the Ray node it started: SIGKILLed, none left.
-    assert "api.cli worker" in killed and "raylet" in killed, killed
+    assert "stack.cli worker" in killed and "raylet" in killed, killed
     # With the worker gone no job changes state until its lease expires: these were running.
     running = {j for j in [train, *echoes] if cluster.get(j)["state"] == "running"}
     assert train in running

@@ -19,7 +19,7 @@ import openai
 import pytest
 from PIL import Image
 
-from api.stack import ADMIN_TENANT
+from stack.supervisor import ADMIN_TENANT
 from tests.support.stackproc import ROOT, StackProcess
 
 pytestmark = pytest.mark.stack
@@ -55,7 +55,7 @@ def _oa(stack: StackProcess, key: str | None = None) -> openai.OpenAI:
 
 def _tenant_key(stack: StackProcess, tenant: str) -> str:
     out = subprocess.run(
-        [sys.executable, "-m", "api.cli", "keys", "create", "--tenant", tenant],
+        [sys.executable, "-m", "stack.cli", "keys", "create", "--tenant", tenant],
         env=stack.env,
         cwd=ROOT,
         capture_output=True,

@@ -64,7 +64,7 @@ def _worker_pid(stack: StackProcess) -> int:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"api.cli" in cmdline and b"worker" in cmdline:
+        if b"stack.cli" in cmdline and b"worker" in cmdline:
             return pid
     raise AssertionError("no Celery worker process under genq up")
 

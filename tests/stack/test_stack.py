@@ -55,7 +55,7 @@ def stack(
 
 def _cli(stack: StackProcess, *args: str) -> str:
     out = subprocess.run(
-        [sys.executable, "-m", "api.cli", *args],
+        [sys.executable, "-m", "stack.cli", *args],
         env=stack.env,
         cwd=ROOT,
         capture_output=True,
@@ -160,7 +160,7 @@ def test_cancel_a_running_training_job_stops_its_trainer(stack: StackProcess) ->
         **stack.env,
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN": (stack.var_dir / "ray_token").read_text().strip(),
-        # The local head lives on loopback only (api/stack.py): a driver must say so too.
+        # The local head lives on loopback only (stack/supervisor.py): a driver must say so too.
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     }
     deadline = time.monotonic() + 30

@@ -24,7 +24,7 @@ import pytest
 import redis
 import requests
 
-from api.stack import restart_delay_s
+from stack.supervisor import restart_delay_s
 from tests.support.stackproc import StackProcess, descendants, is_alive
 
 pytestmark = [pytest.mark.faults, pytest.mark.stack]
@@ -93,7 +93,7 @@ def is_stopped(pid: int) -> bool:
 
 
 def worker_pid(stack: StackProcess, other_than: int = 0) -> int:
-    pids = [p for p in pids_of(stack, b"api.cli\x00worker") if p != other_than]
+    pids = [p for p in pids_of(stack, b"stack.cli\x00worker") if p != other_than]
     return pids[0] if len(pids) == 1 else 0
 
 

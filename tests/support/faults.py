@@ -23,12 +23,12 @@ import redis
 from flask.testing import FlaskClient
 
 from api.app import create_app
-from api.stack import Stack, bootstrap
 from core.db import Database
 from core.settings import Settings
 from core.tables import Artifact, Job, JobEvent
 from scheduler.enqueue import Publisher
 from scheduler.heartbeats import SEEN_KEY
+from stack.supervisor import Stack, bootstrap
 
 ROOT = Path(__file__).resolve().parents[2]
 TERMINAL = {"succeeded", "failed", "canceled"}
@@ -227,7 +227,7 @@ class Cluster:
         log = self.tmp / f"{name}-{self.counter}.log"
         with open(log, "wb") as out:
             process = subprocess.Popen(
-                [sys.executable, "-m", "api.cli", *argv],
+                [sys.executable, "-m", "stack.cli", *argv],
                 env=self.env,
                 stdout=out,
                 stderr=subprocess.STDOUT,

@@ -21,7 +21,7 @@ from core.tables import Artifact, JobEvent, Model
 from tests.support.multihost import Host, Lab, Proc, port_open, postgres_bin, wait_until
 
 BIN = Path(sys.executable).parent
-GENQ = [sys.executable, "-m", "api.cli"]
+GENQ = [sys.executable, "-m", "stack.cli"]
 TERMINAL = {"succeeded", "failed", "canceled"}
 BUCKET = "genq-artifacts"
 

@@ -163,9 +163,12 @@ def build_tiny_sdxl(path: Path) -> Path:
     return path
 
 
-def build_tiny_lm(path: Path, chat_template: bool = True) -> Path:
-    """A GPT-2-shaped causal LM (2 layers, 32 wide) with a byte-level BPE tokenizer trained
-    on CORPUS, saved with safetensors; with `chat_template` its tokenizer can format chats."""
+def build_tiny_lm(
+    path: Path, chat_template: bool = True, context: int = 128, init: float = 0.3
+) -> Path:
+    """A GPT-2-shaped causal LM (2 layers, 32 wide, `context` positions, weights drawn with
+    standard deviation `init`) with a byte-level BPE tokenizer trained on CORPUS, saved with
+    safetensors; with `chat_template` its tokenizer can format chats."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
@@ -184,21 +187,21 @@ def build_tiny_lm(path: Path, chat_template: bool = True) -> Path:
         bos_token="<|endoftext|>",
         eos_token="<|endoftext|>",
         unk_token="<|endoftext|>",
-        model_max_length=128,
+        model_max_length=context,
     )
     if chat_template:
         tokenizer.chat_template = CHAT_TEMPLATE
     config = GPT2Config(
         vocab_size=bpe.get_vocab_size(),
-        n_positions=128,
+        n_positions=context,
         n_embd=32,
         n_layer=2,
         n_head=2,
         bos_token_id=0,
         eos_token_id=0,
-        # Wider than GPT-2's 0.02: the tied output embedding must be able to make peaked
-        # logits, or adapters on the blocks (LoRA) could not lower the loss much.
-        initializer_range=0.3,
+        # By default wider than GPT-2's 0.02: the tied output embedding must be able to make
+        # peaked logits, or adapters on the blocks (LoRA) could not lower the loss much.
+        initializer_range=init,
     )
     torch.manual_seed(0)
     model = GPT2LMHeadModel(config)

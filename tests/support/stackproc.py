@@ -75,7 +75,7 @@ class StackProcess:
     def start(self, timeout_s: float = 120) -> None:
         log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "api.cli", "up"],
+            [sys.executable, "-m", "stack.cli", "up"],
             env=self.env,
             stdout=log,
             stderr=subprocess.STDOUT,

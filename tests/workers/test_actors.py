@@ -15,9 +15,10 @@ from ray.exceptions import ActorDiedError, RayTaskError  # noqa: E402
 
 from core.errors import InvalidInputError, ModelError  # noqa: E402
 from core.events import Log, ModelSaved, Output, Placement, Progress  # noqa: E402
-from workers.actors import get_model_server, start_trainer  # noqa: E402
+from workers.actors import start_trainer  # noqa: E402
 from workers.families.base import CanceledError  # noqa: E402
 from workers.registry import get_family  # noqa: E402
+from workers.routing import get_model_server  # noqa: E402
 
 # The module starts a real Ray of its own: real processes, marker `stack`.
 pytestmark = pytest.mark.stack

@@ -20,7 +20,7 @@ from core.errors import InvalidInputError
 from core.events import Event, ModelSaved, Output
 from core.states import JobKind
 from tests.support.pretrained_models import build_tiny_sd, build_tiny_sdxl, captioned_folder
-from workers.families import sd_lora, sd_pipeline, sd_spec
+from workers.families import sd_loading, sd_lora, sd_pipeline, sd_spec
 from workers.families.base import DatasetRef, RunContext, TrainContext
 from workers.server import ModelServer, ServingOptions
 
@@ -115,18 +115,18 @@ def test_the_trainer_reports_what_it_saved(tiny: dict[str, Path], tmp_path: Path
 
 
 def test_switching_adapters_does_not_load_the_base_again(tiny: dict[str, Path]) -> None:
-    loads_before = sd_pipeline.BASE_LOADS[0]
+    loads_before = sd_loading.BASE_LOADS[0]
     server = ModelServer(
         "diffusers", str(tiny["sd"]), {}, ServingOptions(batch_min_rows=1, idle_unload_s=None)
     )
-    assert sd_pipeline.BASE_LOADS[0] == loads_before + 1
+    assert sd_loading.BASE_LOADS[0] == loads_before + 1
     params = {"prompt": "a blue circle", "steps": 3, "seed": 11}
     a = {"id": "model-a", "path": str(tiny["a"])}
     b = {"id": "model-b", "path": str(tiny["b"])}
     drawn = {}
     for name, adapter in (("a", a), ("b", b), ("a2", a), ("base", None), ("b2", b)):
         drawn[name] = images_of(server.generate(f"job-{name}", params, adapter=adapter))[0]
-    assert sd_pipeline.BASE_LOADS[0] == loads_before + 1  # one base, five jobs
+    assert sd_loading.BASE_LOADS[0] == loads_before + 1  # one base, five jobs
     assert server.model.adapters.loads == 2  # each adapter read once, then switched
     assert np.array_equal(drawn["a"], drawn["a2"]) and np.array_equal(drawn["b"], drawn["b2"])
     assert not np.array_equal(drawn["a"], drawn["b"])

@@ -21,6 +21,7 @@ from core.events import Log, Metric, ModelSaved, Output, Progress
 from workers.datasets import load_digits, load_image_folder
 from workers.families import ddpm, echo
 from workers.families.base import CanceledError, DatasetRef, RunContext, TrainContext
+from workers.families.checkpoints import CHECKPOINT_NAME, read_checkpoint_meta
 
 TRAIN = {"preset": "tiny", "steps": 8, "batch_size": 16, "checkpoint_every": 3, "seed": 7}
 
@@ -178,7 +179,7 @@ def test_a_canceled_run_resumes_from_its_last_checkpoint(trained, tmp_path):
     with pytest.raises(CanceledError):
         for event in ddpm.train(dict(TRAIN), ctx):
             events.append(event)
-    meta = ddpm.read_checkpoint_meta(ctx.checkpoint_dir / ddpm.CHECKPOINT_NAME)
+    meta = read_checkpoint_meta(ctx.checkpoint_dir / CHECKPOINT_NAME)
     assert meta["step"] == "3"  # checkpoint_every=3; step 4 was not checkpointed
     assert not ctx.model_dir.exists()
 

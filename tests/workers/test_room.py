@@ -15,12 +15,12 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("torch")
 
 from core.events import ModelSaved, Output, Placement, Progress  # noqa: E402
-from workers.actors import get_model_server, start_trainer, trainer_resources  # noqa: E402
+from workers.actors import start_trainer, trainer_resources  # noqa: E402
 from workers.families.base import CanceledError  # noqa: E402
 from workers.pool import get_pool  # noqa: E402
 from workers.registry import get_family  # noqa: E402
 from workers.room import is_unplaced, trainer_need  # noqa: E402
-from workers.routing import admit_trainer  # noqa: E402
+from workers.routing import admit_trainer, get_model_server  # noqa: E402
 from workers.server import ServingOptions  # noqa: E402
 
 # The module starts a real Ray of its own: real processes, marker `stack`.

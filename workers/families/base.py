@@ -37,12 +37,16 @@ import importlib
 import time
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from pydantic import BaseModel
 
+# DatasetRef is defined in core so that workers.datasets, which the families import, needs
+# nothing of this package; families and plug-ins keep importing it from here.
+from core.catalog import DatasetRef
 from core.events import Event, Progress
 from core.states import JobKind
 
@@ -81,6 +85,15 @@ class Scaling:
         }
 
 
+class OpenAIShape(StrEnum):
+    """How the OpenAI-compatible API (/openai/v1, api/openai_compat/) reaches a family's models."""
+
+    IMAGES = "images"  # images/generations: the prompt and a size
+    LABELLED_IMAGES = "labelled-images"  # images/generations: the prompt names a class
+    CHAT = "chat"  # chat and completions: messages through the model's chat template
+    TEXT = "text"  # chat and completions: a prompt (a chat is sent as plain text)
+
+
 @dataclass(frozen=True)
 class Family:
     name: str
@@ -109,6 +122,8 @@ class Family:
     # folder's layout without loading it (no torch) and returns what goes into the model's
     # config; raises InvalidInputError naming `path` for what it refuses.
     check_layout: Callable[[Path], dict[str, Any]] | None = None
+    # Whether and how /openai/v1 serves the family's models; None: it does not.
+    openai: OpenAIShape | None = None
     # The interface version the family was written for: a plug-in sets it to the
     # GENQ_FAMILY_API it was built against.
     api_version: int = GENQ_FAMILY_API
@@ -144,13 +159,6 @@ class RunContext:
     adapter: dict[str, str] | None = None
     # Input files the job's params name (`Family.input_fields`), as bytes, by param name.
     inputs: dict[str, bytes] = field(default_factory=dict)
-
-
-@dataclass
-class DatasetRef:
-    name: str
-    kind: str  # images | text
-    path: Path | None  # None for a built-in data set
 
 
 @dataclass

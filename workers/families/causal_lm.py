@@ -1,162 +1,150 @@
-"""The `transformers` family's implementation: a causal language model loaded from a folder
-on disk (`AutoModelForCausalLM` + `AutoTokenizer`, safetensors only), generating text token by
-token; fine-tuning with LoRA lives in `causal_lm_lora`.
+"""The `transformers` family's generation: a causal language model loaded from a folder on
+disk (causal_lm_loading: the pretrained base, or a LoRA version merged into it), generating text
+token by token, the concurrent jobs of one model decoded together; fine-tuning with LoRA lives
+in `causal_lm_lora`.
 
-A registered LoRA version is a folder with the adapter (peft's `adapter_config.json` and
-`adapter_model.safetensors`), a copy of the tokenizer, the adapters of its own ancestors under
-`parents/NN/` and `genq.json`, whose `base_path` names the pretrained folder it grew from:
-loading one loads the base, then merges each ancestor's adapter and its own in order, so
-generation runs at the speed of the plain model.
+Continuous batching (causal_lm_batch). The model server hands the model an intake of jobs
+(workers/batching.py); between two decode steps the model takes the jobs that arrived, prefills
+each one's prompt alone and adds its row to the running batch, then runs one forward pass for
+every row. A row leaves as soon as its job ends (end-of-text, a stop string, `max_tokens`,
+cancel, or an error of its own) and the others go on. A job alone runs through the same code
+as a batch of one.
 
-Generation samples one token at a time with the KV cache, with temperature, top-k and top-p
-from a CPU generator seeded per job (the same seed gives the same text on any device), and
-streams each new piece of decoded text as a TextDelta event. A piece that ends in half a
-UTF-8 character, or that could be the start of a stop string, is held back until it is
-complete; the text ends before the first stop string, at the end-of-text token, or after
-`max_tokens`. Weights are bf16 on CUDA where the GPU supports it (fp16 otherwise), fp32 on a
-CPU.
+Each job samples its tokens with its own temperature, top-k and top-p, from its own CPU
+generator seeded per job (the same seed gives the same text on any device), and streams each
+new piece of decoded text as a TextDelta event. A piece that ends in half a UTF-8 character,
+or that could be the start of a stop string, is held back until it is complete; the text ends
+before the first stop string, at the end-of-text token, or after `max_tokens`.
+
+Same seed, same text, alone or batched: a row's logits in a batch differ from its logits alone
+by float rounding only (about 1e-6 on the CPU: the matrix kernels change with the batch size,
+and the padding columns change the order of the attention's sums), so a token can differ only
+where two candidates are that close: under greedy decoding two logits within 1e-6, under
+sampling the generator's draw within about 1e-7 of the boundary between two tokens. docs/
+batching.md gives the measured figures; tests/test_lm_batching.py checks the texts are equal.
 """
 
 from __future__ import annotations
 
-import inspect
-import json
 import secrets
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 
 from core.errors import InvalidInputError, ModelError
-from core.events import Event, Output, TextDelta
-from workers.families.base import CanceledError, RunContext, TokenProgress
-from workers.families.causal_lm_lora import (
-    peft_quiet,
-    train,  # noqa: F401 - the family's `train`
-)
-from workers.families.causal_lm_spec import (
-    SEED_MAX,
-    CausalLmGenerateParams,
-    check_layout,
-)
-from workers.families.causal_lm_spec import context_length as spec_context_length
-from workers.families.checkpoints import CONFIG_NAME
-from workers.staging import local_model_folder
+from core.events import Event, Metric, Output, TextDelta
+from workers.families.base import BatchItem, CanceledError, RunContext, TokenProgress
+from workers.families.causal_lm_batch import RowBatch, is_batchable
+from workers.families.causal_lm_loading import context_length, dtype_for, load_model
+from workers.families.causal_lm_lora import train  # noqa: F401 - the family's `train`
+from workers.families.causal_lm_spec import FAMILY, SEED_MAX, CausalLmGenerateParams
 
-ADAPTER_CONFIG = "adapter_config.json"
-PARENTS_DIR = "parents"
+# What the intake hands over: (the job's index in this run, its params, its context).
+Joiner = tuple[int, dict[str, Any], RunContext]
 
 
-def dtype_for(device: str) -> torch.dtype:
-    if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+def pick(logits: torch.Tensor, rows: list[Row]) -> list[int]:
+    """Each row's next token from the (B, V) logits of the batch, with the row's own
+    temperature, top-k, top-p and generator. The filtering runs once for the whole batch on
+    the model's device, row by row independently; each row draws one uniform number from its
+    own CPU generator (so the same seed draws the same numbers on any device), which picks its
+    token from its filtered distribution by inverse CDF."""
+    B, V = logits.shape
+    logits = logits.float()
+    device = logits.device
+    temperature = torch.tensor([r.p.temperature for r in rows], device=device)
+    greedy = logits.argmax(dim=-1)  # (B,)
+    if bool((temperature == 0).all()):
+        return [int(t) for t in greedy.tolist()]
+    scaled = logits / temperature.clamp(min=1e-6)[:, None]
+    ranked, order = scaled.sort(dim=-1, descending=True)  # (B, V) each
+    top_k = torch.tensor([r.p.top_k if 0 < r.p.top_k < V else V for r in rows], device=device)
+    kth = ranked.gather(1, (top_k - 1)[:, None])  # (B, 1): ties with the k-th stay in
+    probs = torch.softmax(ranked.masked_fill(ranked < kth, float("-inf")), dim=-1)
+    top_p = torch.tensor([r.p.top_p if r.p.top_p < 1 else 2.0 for r in rows], device=device)[
+        :, None
+    ]
+    # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+    probs = probs.masked_fill(probs.cumsum(dim=-1) - probs >= top_p, 0.0)
+    cdf = probs.cumsum(dim=-1)  # (B, V), not normalised: its last column is the kept mass
+    draws = torch.tensor(
+        [float(torch.rand((), generator=r.gen)) if r.p.temperature else 0.0 for r in rows],
+        device=device,
+    )
+    at = torch.searchsorted(cdf, (draws * cdf[:, -1])[:, None], right=True).clamp(max=V - 1)
+    sampled = order.gather(1, at)[:, 0]  # (B,)
+    return [int(t) for t in torch.where(temperature == 0, greedy, sampled).tolist()]
 
 
-def _quiet() -> None:
-    import transformers
+class Row:
+    """One job's text while its row is decoded: its sampler, what it has made, what it has
+    streamed so far, and why it ended."""
 
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
+    def __init__(self, p: CausalLmGenerateParams, ids: list[int], tokenizer: Any) -> None:
+        self.p, self.ids, self.tokenizer = p, ids, tokenizer
+        self.seed = p.seed if p.seed is not None else secrets.randbelow(SEED_MAX + 1)
+        self.gen = torch.Generator().manual_seed(self.seed)
+        self.eos = tokenizer.eos_token_id
+        self.hold = max((len(s) for s in p.stop), default=1) - 1  # a stop string may be arriving
+        self.completion: list[int] = []
+        self.sent, self.text, self.finish = 0, "", ""
+        self.progress = TokenProgress(p.max_tokens)
+        self.started = time.perf_counter()
+        self.peak_rows = 1  # the most rows it shared a forward pass with (itself included)
 
-
-def load_base(path: Path, dtype: torch.dtype) -> tuple[Any, Any]:
-    """(model, tokenizer) of a pretrained folder; ModelError if it does not load."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    _quiet()
-    try:
-        check_layout(path)
-    except InvalidInputError as exc:
-        raise ModelError(exc.detail) from None
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=dtype, use_safetensors=True, local_files_only=True
+    def add(self, token: int) -> Iterator[Event]:
+        """Take the row's next token; the text it streams. Sets `finish` once the row has
+        ended."""
+        if token == self.eos:
+            self.finish = "eos"
+            return
+        self.completion.append(token)
+        text = self.tokenizer.decode(self.completion, skip_special_tokens=True)
+        sent, hold = self.sent, self.hold
+        cut = min(
+            (i for s in self.p.stop if (i := text.find(s, max(0, sent - hold))) >= 0), default=-1
         )
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except Exception as exc:
-        raise ModelError(f"the model does not load: {type(exc).__name__}: {exc}") from None
-    return model, tokenizer
+        if cut >= 0:
+            self.text, self.finish = text[:cut], "stop"
+            return
+        self.text = text
+        ready = len(text) - hold
+        if text.endswith("\ufffd"):  # half a UTF-8 character so far
+            ready = min(ready, len(text) - 1)
+        if ready > sent:
+            yield TextDelta(len(self.completion) - 1, text[sent:ready])
+            self.sent = ready
+        if len(self.completion) >= self.p.max_tokens:
+            self.finish = "length"
+        elif (event := self.progress.after(len(self.completion))) is not None:
+            yield event
 
-
-def adapter_chain(version_dir: Path) -> list[Path]:
-    """A LoRA version's adapters, oldest ancestor first, its own last."""
-    parents = version_dir / PARENTS_DIR
-    chain = sorted(parents.iterdir()) if parents.is_dir() else []
-    return [*chain, version_dir]
-
-
-def merge_adapters(model: Any, adapters: list[Path]) -> Any:
-    """The model with each adapter folded into its weights, in order."""
-    from peft import PeftModel
-
-    for folder in adapters:
-        with peft_quiet():
-            model = PeftModel.from_pretrained(model, str(folder)).merge_and_unload()
-    return model
-
-
-def is_lora_version(model_dir: Path) -> bool:
-    return (model_dir / ADAPTER_CONFIG).is_file()
-
-
-def load_model(model_dir: Path, config: dict[str, Any], dtype: torch.dtype) -> tuple[Any, Any]:
-    """(model, tokenizer) of a registered version: a pretrained folder, or a LoRA version on
-    top of its base."""
-    if not is_lora_version(model_dir):
-        return load_base(model_dir, dtype)
-    if not config:
-        config = json.loads((model_dir / CONFIG_NAME).read_text())
-    base_path = config.get("base_path")
-    if not base_path:
-        raise ModelError(f"{model_dir} is a LoRA adapter without the base_path of its model")
-    model, _ = load_base(local_model_folder(base_path), dtype)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-    return merge_adapters(model, adapter_chain(model_dir)), tokenizer
-
-
-def pick(logits: torch.Tensor, p: CausalLmGenerateParams, gen: torch.Generator) -> int:
-    """The next token from (V,) float32 CPU logits (as charlm picks its next byte)."""
-    if p.temperature == 0:
-        return int(logits.argmax())
-    logits = logits / p.temperature
-    if p.top_k and p.top_k < logits.numel():
-        kth = torch.topk(logits, p.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=0)
-    if p.top_p < 1:
-        sorted_probs, order = probs.sort(descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (always at least one token).
-        drop = sorted_probs.cumsum(0) - sorted_probs >= p.top_p
-        probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
-    return int(torch.multinomial(probs, 1, generator=gen))
-
-
-def context_length(model: Any) -> int | None:
-    return spec_context_length(model.config.to_dict())
-
-
-class KvCache:
-    """The model's key/value cache across steps. transformers 5 renamed the forward argument
-    from `past_key_values` to `cache` model by model; this takes whichever the model has."""
-
-    def __init__(self, model: Any) -> None:
-        self.named_cache = "cache" in inspect.signature(model.forward).parameters
-        self.value: Any = None
-        if self.named_cache:
-            from transformers import DynamicCache
-
-            self.value = DynamicCache(config=model.config)
-
-    def step(self, model: Any, input_ids: torch.Tensor) -> Any:
-        if self.named_cache:
-            return model(input_ids=input_ids, cache=self.value, use_cache=True)
-        out = model(input_ids=input_ids, past_key_values=self.value, use_cache=True)
-        self.value = out.past_key_values
-        return out
+    def end(self) -> Iterator[Event]:
+        """The rest of the text, the last progress, how it ran and the output."""
+        text = self.text
+        if self.finish != "stop":
+            text = self.tokenizer.decode(self.completion, skip_special_tokens=True)
+        if len(text) > self.sent:
+            yield TextDelta(len(self.completion), text[self.sent :])
+        made = len(self.completion)
+        yield self.progress.done(made)
+        yield Metric(
+            0,
+            {"batch_jobs": float(self.peak_rows), "batch_s": time.perf_counter() - self.started},
+        )
+        p = self.p
+        meta = {
+            "seed": self.seed,
+            "prompt_tokens": len(self.ids),
+            "completion_tokens": made,
+            "finish_reason": self.finish,
+            "params": {**p.model_dump(exclude={"prompt", "messages"}), "seed": self.seed},
+        }
+        yield Output("output.txt", "text", "text/plain; charset=utf-8", text.encode(), meta)
 
 
 class CausalLm:
@@ -164,6 +152,9 @@ class CausalLm:
 
     def __init__(self, model: Any, tokenizer: Any, config: dict[str, Any], device: str) -> None:
         self.model, self.tokenizer, self.config, self.device = model, tokenizer, config, device
+        # Rows one forward pass may hold: the family's limit, or 1 for a model whose cache
+        # cannot be padded (the server then runs its jobs one at a time).
+        self.max_batch_size = FAMILY.max_batch_size if is_batchable(model) else 1
 
     def prompt_ids(self, p: CausalLmGenerateParams) -> list[int]:
         tok = self.tokenizer
@@ -194,56 +185,107 @@ class CausalLm:
         return ids
 
     def generate(self, params: dict[str, Any], ctx: RunContext) -> Iterator[Event]:
-        p = CausalLmGenerateParams.model_validate(params)
-        seed = p.seed if p.seed is not None else secrets.randbelow(SEED_MAX + 1)
-        gen = torch.Generator().manual_seed(seed)
-        ids = self.prompt_ids(p)
-        eos = self.tokenizer.eos_token_id
-        hold = max((len(s) for s in p.stop), default=1) - 1  # a stop string may be arriving
-        completion: list[int] = []
-        sent, text, finish = 0, "", "length"
-        cache = KvCache(self.model)
-        step_input = torch.tensor([ids], device=self.device)  # (1, T)
-        progress = TokenProgress(p.max_tokens)
-        for _ in range(p.max_tokens):
-            if ctx.is_canceled():
-                raise CanceledError(f"job {ctx.job_id} was canceled")
-            with torch.no_grad():
-                out = cache.step(self.model, step_input)
-            token = pick(out.logits[0, -1].float().cpu(), p, gen)
-            if token == eos:
-                finish = "eos"
-                break
-            completion.append(token)
-            step_input = torch.tensor([[token]], device=self.device)
-            text = self.tokenizer.decode(completion, skip_special_tokens=True)
-            cut = min(
-                (i for s in p.stop if (i := text.find(s, max(0, sent - hold))) >= 0), default=-1
-            )
-            if cut >= 0:
-                text, finish = text[:cut], "stop"
-                break
-            ready = len(text) - hold
-            if text.endswith("\ufffd"):  # half a UTF-8 character so far
-                ready = min(ready, len(text) - 1)
-            if ready > sent:
-                yield TextDelta(len(completion) - 1, text[sent:ready])
-                sent = ready
-            if (event := progress.after(len(completion))) is not None:
-                yield event
-        if finish != "stop":
-            text = self.tokenizer.decode(completion, skip_special_tokens=True)
-        if len(text) > sent:
-            yield TextDelta(len(completion), text[sent:])
-        yield progress.done(len(completion))
-        meta = {
-            "seed": seed,
-            "prompt_tokens": len(ids),
-            "completion_tokens": len(completion),
-            "finish_reason": finish,
-            "params": {**p.model_dump(exclude={"prompt", "messages"}), "seed": seed},
-        }
-        yield Output("output.txt", "text", "text/plain; charset=utf-8", text.encode(), meta)
+        """One job alone: the continuous path with a batch of one."""
+        joiners: list[Joiner] = [(0, params, ctx)]
+        for _, item in self.generate_continuous(lambda free: [joiners.pop()] if joiners else []):
+            if isinstance(item, BaseException):
+                raise item
+            if item is not None:
+                yield item
+
+    def generate_batch(self, jobs: list[tuple[dict[str, Any], RunContext]]) -> Iterator[BatchItem]:
+        """A fixed set of jobs decoded together (the family interface's batch call)."""
+        waiting: list[Joiner] = [(i, params, ctx) for i, (params, ctx) in enumerate(jobs)]
+
+        def take(free: int) -> list[Joiner]:
+            taken = waiting[:free]
+            del waiting[:free]
+            return taken
+
+        for index, item in self.generate_continuous(take):
+            if item is not None:
+                yield index, item
+
+    def generate_continuous(
+        self, take: Callable[[int], list[Joiner]], stepped: Callable[[int], None] | None = None
+    ) -> Iterator[tuple[int, Event | BaseException | None]]:
+        """Decode every job `take(free rows)` hands over, taking more between steps, until
+        none runs and none waits. Yields (index, event) for a job, (index, exception) when one
+        job fails or is canceled (its row leaves, the others go on) and (index, None) once a
+        job has sent all its events. `stepped(rows)` is told of each shared forward pass."""
+        batch = RowBatch(self.model, self.device)
+        rows: dict[int, tuple[Row, RunContext]] = {}
+        while True:
+            for index, params, ctx in take(self.max_batch_size - len(batch)):
+                yield from self._join(batch, rows, index, params, ctx)
+            gone = [i for i in batch.rows if rows[i][1].is_canceled()]
+            for i in gone:
+                yield i, CanceledError(f"job {rows.pop(i)[1].job_id} was canceled")
+            batch.drop(gone)
+            if not len(batch):
+                if gone:
+                    continue  # others may have come meanwhile
+                return
+            try:
+                tokens = pick(batch.step(), [rows[i][0] for i in batch.rows])
+            except Exception as exc:  # noqa: BLE001 - the rows' failure (out of memory...)
+                # Each running job fails with it (the runner retries a transient one) rather
+                # than starting again alone: its text has been streamed already.
+                for i in batch.rows:
+                    rows.pop(i)
+                    yield i, exc
+                batch.drop(list(batch.rows))
+                continue
+            if stepped is not None:
+                stepped(len(batch))
+            ended = []
+            for r, i in enumerate(batch.rows):
+                row, _ = rows[i]
+                row.peak_rows = max(row.peak_rows, len(batch))
+                for event in row.add(tokens[r]):
+                    yield i, event
+                if row.finish:
+                    ended.append(i)
+                    yield from self._end(i, rows.pop(i)[0])
+            batch.feed(tokens)
+            batch.drop(ended)
+
+    def _join(
+        self,
+        batch: RowBatch,
+        rows: dict[int, tuple[Row, RunContext]],
+        index: int,
+        params: dict[str, Any],
+        ctx: RunContext,
+    ) -> Iterator[BatchItem]:
+        """Prefill a job's prompt alone and add its row to the batch (or end it at once)."""
+        if ctx.is_canceled():
+            yield index, CanceledError(f"job {ctx.job_id} was canceled")
+            return
+        try:
+            p = CausalLmGenerateParams.model_validate(params)
+            ids = self.prompt_ids(p)
+        except (InvalidInputError, ValidationError) as exc:
+            yield index, exc
+            return
+        row = Row(p, ids, self.tokenizer)
+        try:
+            cache, logits = batch.prefill(ids)
+        except Exception as exc:  # noqa: BLE001 - this job's own failure (its prompt)
+            yield index, exc
+            return
+        for event in row.add(pick(logits[None], [row])[0]):
+            yield index, event
+        if row.finish:
+            yield from self._end(index, row)
+            return
+        rows[index] = (row, ctx)
+        batch.join(index, cache, len(ids), row.completion[-1])
+
+    def _end(self, index: int, row: Row) -> Iterator[tuple[int, Event | None]]:
+        for event in row.end():
+            yield index, event
+        yield index, None
 
 
 def load(model_dir: Path | None, config: dict[str, Any], device: str) -> CausalLm:

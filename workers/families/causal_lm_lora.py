@@ -22,9 +22,7 @@ import math
 import shutil
 import tempfile
 import time
-import warnings
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +32,15 @@ from core.errors import InvalidInputError, ModelError
 from core.events import Event, Log, Metric, ModelSaved, Progress
 from workers.datasets import load_text
 from workers.families.base import CanceledError, TrainContext
+from workers.families.causal_lm_loading import (
+    PARENTS_DIR,
+    adapter_chain,
+    context_length,
+    dtype_for,
+    is_lora_version,
+    load_model,
+    peft_quiet,
+)
 from workers.families.causal_lm_spec import CausalLmFinetuneParams
 from workers.families.checkpoints import (
     CHECKPOINT_NAME,
@@ -48,15 +55,6 @@ METRIC_EVERY = 10
 HELD_OUT = 0.05
 EVAL_BATCHES = 4
 TOKENIZE_CHUNK = 1 << 20  # characters per tokenizer call on a large text
-
-
-@contextmanager
-def peft_quiet() -> Iterator[None]:
-    """peft 0.21 reads an attribute transformers 5 renamed (a FutureWarning each time a model
-    is wrapped); nothing for us to change."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
-        yield
 
 
 def tokenize(tokenizer: Any, text: str) -> torch.Tensor:
@@ -113,8 +111,6 @@ def save_version(
 ) -> None:
     """Adapter, tokenizer, ancestors' adapters and genq.json into a temporary sibling folder,
     then swapped into place."""
-    from workers.families.causal_lm import PARENTS_DIR, adapter_chain, is_lora_version
-
     model_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=model_dir.parent, prefix=f".{model_dir.name}."))
     try:
@@ -136,8 +132,6 @@ def save_version(
 
 
 def train(params: dict[str, Any], ctx: TrainContext) -> Iterator[Event]:
-    from workers.families.causal_lm import context_length, dtype_for, load_model
-
     if ctx.parent_model_dir is None:
         raise InvalidInputError.one("kind", "a transformers model is fine-tuned, not trained")
     p = CausalLmFinetuneParams.model_validate(params)

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from core.errors import InvalidInputError
 from core.states import JobKind
-from workers.families.base import Family, Resources
+from workers.families.base import Family, OpenAIShape, Resources
 
 SEED_MAX = 2**32 - 1
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -167,6 +167,12 @@ def check_model_params(kind: JobKind, params: dict[str, Any], config: dict[str, 
         )
 
 
+def batch_key(p: CausalLmGenerateParams) -> str:
+    """Every generate job of a model can share its batch: sampling, seed, stop strings and
+    lengths are per row (causal_lm_batch.py)."""
+    return "text"
+
+
 FAMILY = Family(
     name="transformers",
     description="Any causal language model on disk (transformers), registered with"
@@ -178,4 +184,8 @@ FAMILY = Family(
     resources=Resources(num_gpus=1.0, num_cpus=1.0, gpu_memory_gb=8.0),
     check_model_params=check_model_params,
     check_layout=check_layout,
+    openai=OpenAIShape.CHAT,
+    # Rows (jobs) decoded together by one forward pass; GENQ_BATCH_MAX_ROWS may lower it.
+    max_batch_size=64,
+    batch_key=batch_key,
 )

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from workers.families.base import Family, Resources, Scaling
+from workers.families.base import Family, OpenAIShape, Resources, Scaling
 
 SEED_MAX = 2**32 - 1
 
@@ -71,4 +71,5 @@ FAMILY = Family(
     dataset_kinds=("text",),
     resources=Resources(num_gpus=0.25, num_cpus=1.0, gpu_memory_gb=1.0),
     scaling=Scaling(max_replicas=2, target_jobs_per_replica=8.0),
+    openai=OpenAIShape.TEXT,
 )

@@ -1,10 +1,12 @@
-"""Training checkpoints and saved models as safetensors, shared by gan, vae and charlm.
+"""Training checkpoints and saved models as safetensors, shared by ddpm, gan, vae and charlm.
 
 A checkpoint is one safetensors file holding the weights of every named module, the state of
 every named optimizer, and (in its metadata) the step, the loss and the model configuration it
 was made for: a restarted trainer resumes from it, and refuses one made for another
 configuration. A saved model is a folder with `model.safetensors` (weights only) and
-`genq.json` (the configuration), swapped into place atomically. Nothing is ever pickled.
+`genq.json` (the configuration), swapped into place atomically (`new_folder`, which a family
+that saves in another layout, such as ddpm's diffusers folders, uses directly). Nothing is ever
+pickled.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -98,20 +102,28 @@ def load_checkpoint(
     return int(meta["step"]), float(meta.get("loss", "nan"))
 
 
-def save_model(module: torch.nn.Module, config: dict[str, Any], model_dir: Path) -> None:
-    """Weights and configuration into a temporary sibling folder, then swapped into place."""
+@contextmanager
+def new_folder(model_dir: Path) -> Iterator[Path]:
+    """A temporary sibling of `model_dir` to fill; swapped into place as `model_dir` when the
+    block ends, removed if it raises, so a reader never sees a half-written model."""
     model_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=model_dir.parent, prefix=f".{model_dir.name}."))
     try:
-        weights = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-        save_file(weights, str(tmp / WEIGHTS_NAME), metadata={"format": config["family"]})
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+        yield tmp
         if model_dir.exists():
             shutil.rmtree(model_dir)
         tmp.rename(model_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def save_model(module: torch.nn.Module, config: dict[str, Any], model_dir: Path) -> None:
+    """Weights and configuration into a new folder (`new_folder`)."""
+    with new_folder(model_dir) as tmp:
+        weights = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+        save_file(weights, str(tmp / WEIGHTS_NAME), metadata={"format": config["family"]})
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 def load_model_files(

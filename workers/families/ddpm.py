@@ -11,10 +11,10 @@ step are diffusers' `DDPMScheduler` with the cosine schedule (Nichol & Dhariwal 
 behaves for any number of training timesteps, and "trailing" timestep spacing, so that few
 sampling steps still start from pure noise.
 
-Checkpoints are one safetensors file holding the network weights, the AdamW state and (in its
-metadata) the step: a restarted job continues where the last one stopped, and because each
-step's randomness is derived from (seed, step) a resumed run takes exactly the steps the
-uninterrupted run would have taken. Nothing here is ever pickled.
+Checkpoints (checkpoints.py) are one safetensors file holding the network weights, the AdamW
+state and (in its metadata) the step: a restarted job continues where the last one stopped, and
+because each step's randomness is derived from (seed, step) a resumed run takes exactly the
+steps the uninterrupted run would have taken. Nothing here is ever pickled.
 
 Shapes: B batch, C image channels, H = W = image_size, K classes.
 """
@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import json
 import secrets
-import shutil
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,14 +33,18 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 from pydantic import ValidationError
-from safetensors import safe_open
-from safetensors.torch import load_file, save
 
-from core.artifacts import write_atomic
 from core.errors import InvalidInputError, ModelError
 from core.events import Event, Log, Metric, ModelSaved, Output, Progress
 from workers.datasets import ImageDataset, load_dataset
 from workers.families.base import CanceledError, RunContext, TrainContext, run_alone
+from workers.families.checkpoints import (
+    CHECKPOINT_NAME,
+    CONFIG_NAME,
+    load_checkpoint,
+    new_folder,
+    save_checkpoint,
+)
 from workers.families.ddpm_spec import (
     SEED_MAX,
     DdpmFinetuneParams,
@@ -51,8 +53,9 @@ from workers.families.ddpm_spec import (
 )
 from workers.families.pictures import grid_png, png_bytes, to_pil, to_uint8
 
-CHECKPOINT_NAME = "checkpoint.safetensors"
-CHECKPOINT_FORMAT = "genq-ddpm-checkpoint/1"
+# /2: the layout of checkpoints.py (optimizer state under `optim-optim.`, its param groups by
+# optimizer name); a /1 checkpoint left by an older genq is refused with a ModelError.
+CHECKPOINT_FORMAT = "genq-ddpm-checkpoint/2"
 METRIC_EVERY = 20  # steps between Metric events
 GRID_STEPS = 50  # denoising steps of the end-of-training sample grid
 
@@ -130,58 +133,6 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     """The randomness of one training step, from (seed, step) alone, so a resumed run draws
     what the uninterrupted one would have. step < 2**20 (the spec's bound), seed < 2**32."""
     return torch.Generator().manual_seed(seed * 2**20 + step)
-
-
-# -- checkpoints ------------------------------------------------------------------------------
-
-
-def save_checkpoint(
-    path: Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    step: int,
-    config: dict,
-    loss: float,
-) -> None:
-    """Weights and AdamW state in one safetensors file, written atomically."""
-    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    state = optimizer.state_dict()
-    for index, values in state["state"].items():
-        for name, value in values.items():
-            tensors[f"optim.{index}.{name}"] = torch.as_tensor(value).cpu().contiguous()
-    metadata = {
-        "format": CHECKPOINT_FORMAT,
-        "step": str(step),
-        "param_groups": json.dumps(state["param_groups"]),
-        "config": json.dumps(config, sort_keys=True),
-        "loss": repr(loss),
-    }
-    write_atomic(path, save(tensors, metadata=metadata))
-
-
-def read_checkpoint_meta(path: Path) -> dict[str, str]:
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
-
-
-def load_checkpoint(
-    path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, config: dict
-) -> int:
-    """Restore weights and optimizer state; returns the step the checkpoint was taken at."""
-    meta = read_checkpoint_meta(path)
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise ModelError(f"{path.name} is not a genq ddpm checkpoint")
-    if json.loads(meta["config"]) != json.loads(json.dumps(config, sort_keys=True)):
-        raise ModelError("the checkpoint was made for a different model configuration")
-    tensors = load_file(str(path))
-    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, index, name = key.split(".", 2)
-            state.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
-    return int(meta["step"])
 
 
 # -- sampling ---------------------------------------------------------------------------------
@@ -317,18 +268,10 @@ def _build_for_training(
 
 
 def _save_model(unet: UNet2DModel, config: dict[str, Any], model_dir: Path) -> None:
-    """save_pretrained into a temporary sibling folder, then swap it into place."""
-    model_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=model_dir.parent, prefix=f".{model_dir.name}."))
-    try:
+    """diffusers' own folder (save_pretrained, which `load` reads back) and genq.json."""
+    with new_folder(model_dir) as tmp:
         unet.save_pretrained(tmp, safe_serialization=True)
-        (tmp / "genq.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-        if model_dir.exists():
-            shutil.rmtree(model_dir)
-        tmp.rename(model_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
 
 
 def train(params: dict[str, Any], ctx: TrainContext) -> Iterator[Event]:
@@ -351,8 +294,10 @@ def train(params: dict[str, Any], ctx: TrainContext) -> Iterator[Event]:
     checkpoint = ctx.checkpoint_dir / CHECKPOINT_NAME
     start, final_loss = 0, float("nan")
     if checkpoint.exists():
-        start = min(load_checkpoint(checkpoint, unet, optimizer, config), p.steps)
-        final_loss = float(read_checkpoint_meta(checkpoint).get("loss", "nan"))
+        start, final_loss = load_checkpoint(
+            checkpoint, CHECKPOINT_FORMAT, {"model": unet}, {"optim": optimizer}, config
+        )
+        start = min(start, p.steps)
         yield Log(f"resumed from step {start}")
 
     window_losses: list[float] = []
@@ -385,7 +330,15 @@ def train(params: dict[str, Any], ctx: TrainContext) -> Iterator[Event]:
             yield Metric(step, {"loss": final_loss, "samples_per_s": rate})
             window_losses, window_start = [], time.perf_counter()
         if step % p.checkpoint_every == 0 or step == p.steps:
-            save_checkpoint(checkpoint, unet, optimizer, step, config, final_loss)
+            save_checkpoint(
+                checkpoint,
+                CHECKPOINT_FORMAT,
+                {"model": unet},
+                {"optim": optimizer},
+                step,
+                config,
+                final_loss,
+            )
             yield Log(f"checkpoint at step {step}", level="debug")
 
     unet.eval()
@@ -520,5 +473,5 @@ def load(model_dir: Path | None, config: dict[str, Any], device: str) -> Ddpm:
     unet = UNet2DModel.from_pretrained(model_dir, use_safetensors=True, low_cpu_mem_usage=False)
     unet.to(device).eval()
     if not config:  # a model registered without its config: read the copy saved beside it
-        config = json.loads((Path(model_dir) / "genq.json").read_text())
+        config = json.loads((Path(model_dir) / CONFIG_NAME).read_text())
     return Ddpm(unet, config, device)

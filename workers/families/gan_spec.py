@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from workers.families.base import Family, Resources, Scaling
+from workers.families.base import Family, OpenAIShape, Resources, Scaling
 
 SEED_MAX = 2**32 - 1
 
@@ -59,4 +59,5 @@ FAMILY = Family(
     scaling=Scaling(max_replicas=2, target_jobs_per_replica=16.0),
     max_batch_size=256,
     batch_key=batch_key,
+    openai=OpenAIShape.LABELLED_IMAGES,
 )

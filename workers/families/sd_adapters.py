@@ -19,6 +19,11 @@ from typing import Any
 from core.errors import ModelError
 
 MAX_ADAPTERS = 16
+ADAPTER_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name for it
+
+
+def is_adapter_folder(folder: Path) -> bool:
+    return (folder / ADAPTER_FILE).is_file()
 
 
 def adapter_name(model_id: str) -> str:
@@ -50,8 +55,6 @@ class AdapterCache:
         self.pipe.set_adapters([name], adapter_weights=[scale])
 
     def _load(self, adapter: dict[str, str]) -> str:
-        from workers.families.sd_lora import ADAPTER_FILE
-
         folder = Path(adapter["dir"])
         if not (folder / ADAPTER_FILE).is_file():
             raise ModelError(f"the LoRA version has no {ADAPTER_FILE}")

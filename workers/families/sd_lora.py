@@ -40,16 +40,13 @@ from workers.families.checkpoints import (
     load_checkpoint,
     save_checkpoint,
 )
+from workers.families.sd_adapters import ADAPTER_FILE, is_adapter_folder
+from workers.families.sd_loading import load_pipeline
 from workers.families.sd_spec import LORA_KIND, SdFinetuneParams, check_layout
 
 CHECKPOINT_FORMAT = "genq-sd-lora-checkpoint/1"
-ADAPTER_FILE = "pytorch_lora_weights.safetensors"  # diffusers' name for it
 METRIC_EVERY = 10
 ENCODE_BATCH = 8
-
-
-def is_adapter_folder(folder: Path) -> bool:
-    return (folder / ADAPTER_FILE).is_file()
 
 
 def encode_captions(pipe: Any, texts: list[str], device: str) -> torch.Tensor:
@@ -108,8 +105,6 @@ def save_version(pipe: Any, unet: Any, config: dict[str, Any], model_dir: Path) 
 
 def train(params: dict[str, Any], ctx: TrainContext) -> Iterator[Event]:
     from peft import LoraConfig
-
-    from workers.families.sd_pipeline import load_pipeline
 
     if ctx.parent_model_dir is None:
         raise InvalidInputError.one("kind", "a diffusers model is fine-tuned, not trained")

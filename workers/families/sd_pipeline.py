@@ -47,49 +47,14 @@ from core.events import Event, Log, Output, Progress
 from workers.families.base import CanceledError, RunContext, run_alone
 from workers.families.checkpoints import CONFIG_NAME
 from workers.families.pictures import png_bytes
-from workers.families.sd_adapters import AdapterCache
-from workers.families.sd_lora import (
-    ADAPTER_FILE,
-    train,  # noqa: F401 - the family's `train`
-)
-from workers.families.sd_spec import PIPELINES, SCHEDULERS, SEED_MAX, SdGenerateParams, check_layout
+from workers.families.sd_adapters import ADAPTER_FILE, AdapterCache
+from workers.families.sd_loading import load_pipeline
+from workers.families.sd_lora import train  # noqa: F401 - the family's `train`
+from workers.families.sd_spec import PIPELINES, SCHEDULERS, SEED_MAX, SdGenerateParams
 from workers.staging import local_model_folder
 
 _DONE = object()
 PREVIEW_MAX_SIDE = 128
-# Pipelines loaded from disk by this process (tests count them: switching adapters loads none).
-BASE_LOADS = [0]
-
-
-def dtype_for(device: str) -> torch.dtype:
-    return torch.float16 if device.startswith("cuda") else torch.float32
-
-
-def load_pipeline(path: Path, device: str, dtype: torch.dtype | None = None) -> Any:
-    """The pipeline of the folder, on `device`, in the right precision; ModelError if it does
-    not load."""
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_progress_bar()
-    try:
-        layout = check_layout(path)
-    except Exception as exc:
-        raise ModelError(str(getattr(exc, "detail", exc))) from None
-    cls = getattr(diffusers, layout["pipeline"])
-    try:
-        pipe = cls.from_pretrained(
-            str(path),
-            dtype=dtype or dtype_for(device),
-            use_safetensors=True,
-            local_files_only=True,
-        )
-    except Exception as exc:
-        raise ModelError(f"the pipeline does not load: {type(exc).__name__}: {exc}") from None
-    BASE_LOADS[0] += 1
-    pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
 
 
 def read_input(data: bytes, field: str, mode: str) -> Any:

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from core.errors import InvalidInputError
 from core.states import JobKind
-from workers.families.base import Family, Resources
+from workers.families.base import Family, OpenAIShape, Resources
 
 SEED_MAX = 2**32 - 1
 # model_index.json `_class_name` -> the layout it has. SD 2.x uses the 1.x class.
@@ -276,4 +276,5 @@ FAMILY = Family(
     max_batch_size=16,
     batch_key=batch_key,
     check_layout=check_layout,
+    openai=OpenAIShape.IMAGES,
 )

@@ -174,7 +174,7 @@ class Stack:
         return child
 
     def _genq(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "api.cli", *args]
+        return [sys.executable, "-m", "stack.cli", *args]
 
     # -- the pieces ---------------------------------------------------------------------------
 

@@ -38,7 +38,7 @@ def main() -> None:
 @main.command()
 def up() -> None:
     """Start the whole stack in the foreground (Ctrl-C stops it)."""
-    from api.stack import up as run_stack
+    from stack.supervisor import up as run_stack
 
     sys.exit(run_stack(_settings("up")))
 
@@ -46,7 +46,7 @@ def up() -> None:
 @main.command()
 def migrate() -> None:
     """Bring the database schema up to date and create the built-in models and data sets."""
-    from api.stack import bootstrap
+    from stack.supervisor import bootstrap
 
     new_key = bootstrap(_settings())
     click.echo("database is up to date")
