@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 # (set TORCH_SPEC to another release, e.g. a CUDA one, on a GPU machine).
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# Test processes for `make test` (pytest-xdist); `auto` is one per CPU, 0 runs in this process.
+TEST_WORKERS ?= auto
 
 .PHONY: run test lint fmt install bench docs clean
 
@@ -25,7 +27,7 @@ run: $(BIN)/genq
 	$(BIN)/genq up
 
 test: $(BIN)/genq
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: $(BIN)/genq
 	$(BIN)/ruff format --check .

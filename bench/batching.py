@@ -43,7 +43,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.stackproc import StackProcess  # noqa: E402
+from tests.support.stackproc import StackProcess  # noqa: E402
 
 POLL_S = 0.05  # each poll costs the API ~8 ms of CPU: faster polling would slow the model
 

@@ -30,7 +30,7 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.stackproc import StackProcess, descendants  # noqa: E402
+from tests.support.stackproc import StackProcess, descendants  # noqa: E402
 
 REDIS = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379")
 TICK_S = 1 / os.sysconf("SC_CLK_TCK")

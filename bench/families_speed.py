@@ -102,7 +102,7 @@ def _sync(device: str) -> None:
 
 def run_diffusers(args: argparse.Namespace, root: Path, device: str) -> dict:
     from bench.pretrained_shapes import build_sd15
-    from tests.pretrained_models import build_tiny_sd
+    from tests.support.pretrained_models import build_tiny_sd
     from workers.families import sd_pipeline
 
     folder = root / "sd"
@@ -144,7 +144,7 @@ def run_diffusers(args: argparse.Namespace, root: Path, device: str) -> dict:
 
 def run_transformers(args: argparse.Namespace, root: Path, device: str) -> dict:
     from bench.pretrained_shapes import build_gpt2_small
-    from tests.pretrained_models import build_tiny_lm
+    from tests.support.pretrained_models import build_tiny_lm
     from workers.families import causal_lm
 
     folder = root / "lm"

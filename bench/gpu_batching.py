@@ -10,7 +10,7 @@ The pipeline is built from config with random weights (no hub here) and saved as
 `diffusers` family loads: the SD-1.5 UNet2DConditionModel (320/640/1280/1280 channels, cross
 attention 768), the SD VAE, a CLIP-L-shaped text encoder (12 layers, 768 wide, 77 tokens) with a
 byte-level tokenizer, classifier-free guidance 7.5, the PNDM sampler. `--tiny` uses the test
-suite's tiny SD folder (tests/pretrained_models.py), 32x32 images, fp32.
+suite's tiny SD folder (tests/support/pretrained_models.py), 32x32 images, fp32.
 
 Figures: images/s of each way; ratios concurrent/alone (the issue's target on the H200: >= 4x)
 and concurrent/bare batch (>= 90%); whether a job's PNG is byte-identical alone and in the
@@ -178,7 +178,7 @@ def main() -> None:
     guidance = 7.5
     folder = Path(tempfile.mkdtemp(prefix="genq-gpu-batching-")) / "sd"
     if args.tiny:
-        from tests.pretrained_models import build_tiny_sd
+        from tests.support.pretrained_models import build_tiny_sd
 
         torch.set_num_threads(1)
         build_tiny_sd(folder)

@@ -4,7 +4,7 @@ published configurations (no hub here) and saved as safetensors, so the benchmar
 with the workers' own loading code. Speed does not depend on the weights' values.
 
 The tokenizers are made locally: the CLIP one is the byte-level vocabulary of
-tests/pretrained_models.py (its ids are a subset of the text encoder's 49,408), the LM's a
+tests/support/pretrained_models.py (its ids are a subset of the text encoder's 49,408), the LM's a
 byte-level BPE trained on the `pydocs` corpus.
 """
 
@@ -29,7 +29,7 @@ def build_sd15(path: Path) -> Path:
     )
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from tests.pretrained_models import clip_tokenizer
+    from tests.support.pretrained_models import clip_tokenizer
 
     torch.manual_seed(0)
     with _init_device():

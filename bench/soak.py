@@ -46,7 +46,7 @@ from core.db import Database  # noqa: E402
 from core.settings import Settings  # noqa: E402
 from core.strays import GRACE as STRAY_GRACE  # noqa: E402
 from core.tables import Artifact, Job, JobEvent, Model, utcnow  # noqa: E402
-from tests.stackproc import StackProcess, descendants, is_alive  # noqa: E402
+from tests.support.stackproc import StackProcess, descendants, is_alive  # noqa: E402
 
 PG_URL = os.environ.get("GENQ_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 TERMINAL = {"succeeded", "failed", "canceled"}

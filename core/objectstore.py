@@ -2,7 +2,7 @@
 S3-compatible object storage (AWS S3, MinIO, Ceph, ...). core/artifacts.py lays genq's files
 out on top of them; nothing else talks to a backend directly.
 
-Both keep the same contract, which tests/test_objectstore.py checks on each:
+Both keep the same contract, which tests/core/test_objectstore.py checks on each:
 
 - a key is a relative POSIX path (`outputs/t1/j1/image-0.png`) without `..`, `.` or empty parts;
 - `put_bytes` / `put_file` store an object whole, and return its size and SHA-256; a reader

@@ -54,7 +54,8 @@ class TrainerPreempter:
         if self._ended.is_set():
             return
         # Imported here: the periodic scheduler imports this module for preempt_round and runs
-        # on the API host, which has no Ray node and must not load Ray (tests/test_multihost.py).
+        # on the API host, which has no Ray node and must not load Ray
+        # (tests/stack/test_multihost.py).
         import ray
 
         log.warning("no checkpoint within the grace; stopping the trainer",

@@ -1,17 +1,31 @@
-"""Shared fixtures: real SQLite files and fresh PostgreSQL databases, real Redis, settings.
+"""Shared fixtures: real SQLite files and PostgreSQL databases, real Redis, settings, S3.
 
-PostgreSQL comes from GENQ_TEST_DATABASE_URL (a server where we may CREATE DATABASE); each test
-that asks for it gets a database of its own, dropped afterwards. Without a reachable server the
-PostgreSQL cases are skipped, except under CI, where they fail. Object storage is a real
-`moto_server` process started once per session (`s3_server`), with a new bucket per test.
+PostgreSQL comes from GENQ_TEST_DATABASE_URL (a server where we may CREATE DATABASE), Redis from
+GENQ_TEST_REDIS_URL. Without a reachable server those cases are skipped, except under CI (the
+CI variable set), where they fail. Each test that asks gets a database of its own:
+
+- `database_url` (SQLite and PostgreSQL, the test runs twice) and `new_database(kind)` hand out
+  a database already at the migrations' head: a PostgreSQL one is `CREATE DATABASE ... TEMPLATE`
+  of a database migrated once per test process (per xdist worker), a SQLite one a copy of a file
+  migrated once; `fresh_pg_url` is an empty PostgreSQL database (for tests that migrate
+  themselves). Each is dropped after its test.
+- `redis_db_url` is a Redis database number no other running test holds, across xdist workers
+  too (see `RedisDatabases`), flushed before and after the test.
+
+Object storage is a real `moto_server` process started once per test process (`s3_server`),
+with a new bucket per test.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import queue
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -22,14 +36,119 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+# Helpers under tests/support/ assert too; pytest rewrites their asserts as it does tests'.
+pytest.register_assert_rewrite("tests.support")
+
 PG_URL = os.environ.get("GENQ_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
-REDIS_URL = os.environ.get("GENQ_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+REDIS_URL = os.environ.get("GENQ_TEST_REDIS_URL", "redis://127.0.0.1:6379").rstrip("/")
+
+
+@pytest.fixture(autouse=True)
+def _one_fault_test_at_a_time(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[None]:
+    """Under xdist, the fault-injection and multi-host tests (leases of seconds, whole process
+    trees killed) never run beside each other: each holds a lock shared by the session's
+    workers (a file in the session's temporary folder, locked with flock). Other tests run
+    beside them. (xdist's `xdist_group` cannot be used: with pytest 9 its loadgroup mode no
+    longer changes the test ids it groups by.)"""
+    node = request.node
+    if "PYTEST_XDIST_WORKER" not in os.environ or not (
+        node.get_closest_marker("faults") or node.get_closest_marker("multihost")
+    ):
+        yield
+        return
+    import fcntl
+
+    # Each worker's base folder is popen-gwN inside the session's: the parent is shared.
+    lock = tmp_path_factory.getbasetemp().parent / "faults.lock"
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def xdist_worker() -> tuple[int, int]:
+    """(this process's index, how many processes run tests): (0, 1) without xdist."""
+    name = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    return int(name.removeprefix("gw")), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+
+
+def unreachable(what: str, exc: BaseException) -> None:
+    """A service the test needs is down: a failure under CI, where it must be there, else a
+    skip that says why."""
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} is required under CI: {exc}")
+    pytest.skip(f"{what} unreachable: {exc}")
 
 
 def _pg_engine(url: str):  # type: ignore[no-untyped-def]
     return create_engine(
         url.replace("postgresql://", "postgresql+psycopg://", 1), isolation_level="AUTOCOMMIT"
     )
+
+
+def _pg_database_url(server_url: str, name: str) -> str:
+    return make_url(server_url).set(database=name).render_as_string(hide_password=False)
+
+
+class PgDatabases:
+    """Creates and drops this test process's PostgreSQL databases. Drops run on a thread of
+    their own (a DROP ... WITH (FORCE) can take a second on a busy server and holds up no
+    test); the session's end waits for the last one."""
+
+    def __init__(self, server_url: str) -> None:
+        self.server_url = server_url
+        self.admin = _pg_engine(server_url)
+        worker, _ = xdist_worker()
+        # Unique per process and run: two sessions (or workers) on one server never collide.
+        self.prefix = f"genq_t{worker}_{uuid.uuid4().hex[:8]}"
+        self.count = 0
+        self.template: str | None = None
+        self._drops: queue.Queue[str | None] = queue.Queue()
+        self._dropper = threading.Thread(target=self._drop_loop, name="pg-drops", daemon=True)
+        self._dropper.start()
+
+    def create(self, template: str | None = None) -> str:
+        self.count += 1
+        name = f"{self.prefix}_{self.count}"
+        clause = f' TEMPLATE "{template}"' if template else ""
+        with self.admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"{clause}'))
+        return name
+
+    def migrated(self) -> str:
+        """A new database at the migrations' head, copied from this process's template (made
+        and migrated on first use)."""
+        if self.template is None:
+            import migrations
+            from core.settings import Settings
+
+            name = self.create()
+            url = _pg_database_url(self.server_url, name)
+            migrations.upgrade(Settings(_env_file=None, database_url=url))  # type: ignore[call-arg]
+            self.template = name
+        return self.create(self.template)
+
+    def url(self, name: str) -> str:
+        return _pg_database_url(self.server_url, name)
+
+    def drop(self, name: str) -> None:
+        self._drops.put(name)
+
+    def _drop_loop(self) -> None:
+        while (name := self._drops.get()) is not None:
+            with self.admin.connect() as conn:
+                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+    def close(self) -> None:
+        if self.template is not None:
+            self._drops.put(self.template)
+        self._drops.put(None)
+        self._dropper.join(300)
+        self.admin.dispose()
 
 
 @pytest.fixture(scope="session")
@@ -40,33 +159,75 @@ def pg_server_url() -> str:
             conn.execute(text("SELECT 1"))
         engine.dispose()
     except Exception as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"PostgreSQL at {PG_URL} is required under CI: {exc}")
-        pytest.skip(f"PostgreSQL unreachable: {exc}")
+        unreachable(f"PostgreSQL at {PG_URL}", exc)
     return PG_URL
 
 
+@pytest.fixture(scope="session")
+def pg_databases(pg_server_url: str) -> Iterator[PgDatabases]:
+    databases = PgDatabases(pg_server_url)
+    yield databases
+    databases.close()
+
+
 @pytest.fixture
-def fresh_pg_url(pg_server_url: str) -> Iterator[str]:
+def fresh_pg_url(pg_databases: PgDatabases) -> Iterator[str]:
     """A new, empty PostgreSQL database for this test."""
-    name = f"genq_t_{uuid.uuid4().hex[:12]}"
-    admin = _pg_engine(pg_server_url)
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    url = make_url(pg_server_url).set(database=name).render_as_string(hide_password=False)
-    try:
-        yield url
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    name = pg_databases.create()
+    yield pg_databases.url(name)
+    pg_databases.drop(name)
 
 
-@pytest.fixture(params=["sqlite", "postgres"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """Each test that takes this runs twice: on a SQLite file and on PostgreSQL."""
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SQLite file at the migrations' head, made once per test process and copied per test."""
+    import migrations
+    from core.settings import Settings
+
+    path = tmp_path_factory.mktemp("sqlite-template") / "genq.db"
+    migrations.upgrade(Settings(_env_file=None, database_url=f"sqlite:///{path}"))  # type: ignore[call-arg]
+    return path
+
+
+@pytest.fixture
+def new_database(
+    request: pytest.FixtureRequest, tmp_path: Path, sqlite_template: Path
+) -> Iterator[Callable[[str], str]]:
+    """new_database("sqlite" | "postgres"): the URL of a new database at the migrations' head,
+    dropped (PostgreSQL) or left in tmp_path (SQLite) after the test."""
+    made: list[str] = []
+    databases: list[PgDatabases] = []
+
+    def make(kind: str) -> str:
+        if kind == "sqlite":
+            path = tmp_path / f"genq-{len(made)}.db" if made else tmp_path / "genq.db"
+            shutil.copyfile(sqlite_template, path)
+            made.append(str(path))
+            return f"sqlite:///{path}"
+        if not databases:
+            databases.append(request.getfixturevalue("pg_databases"))
+        name = databases[0].migrated()
+        made.append(name)
+        return databases[0].url(name)
+
+    yield make
+    for name in made:
+        if databases and not name.startswith("/"):
+            databases[0].drop(name)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def database_url(request: pytest.FixtureRequest, new_database: Callable[[str], str]) -> str:
+    """Each test that takes this runs twice: on a SQLite file and on PostgreSQL, each a new
+    database at the migrations' head."""
+    return new_database(request.param)
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def empty_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """As `database_url`, but empty: for the tests of the migrations themselves."""
     if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'genq.db'}"
+        return f"sqlite:///{tmp_path / 'empty.db'}"
     return str(request.getfixturevalue("fresh_pg_url"))
 
 
@@ -77,10 +238,74 @@ def redis_server_url() -> str:
     try:
         redis.Redis.from_url(REDIS_URL).ping()
     except Exception as exc:
-        if os.environ.get("CI"):
-            pytest.fail(f"Redis at {REDIS_URL} is required under CI: {exc}")
-        pytest.skip(f"Redis unreachable: {exc}")
+        unreachable(f"Redis at {REDIS_URL}", exc)
     return REDIS_URL
+
+
+class RedisDatabases:
+    """Redis database numbers for tests that run at the same time. Database 0 is left to
+    whatever else uses the server; of the others, xdist worker i of n owns the numbers n*k + i
+    + 1, so no two workers share one, and inside a worker a number is lent to one test at a
+    time. A test that needs more numbers than its worker owns fails saying so (start Redis with
+    more `--databases`, or run fewer workers)."""
+
+    def __init__(self, server_url: str) -> None:
+        import redis
+
+        client = redis.Redis.from_url(server_url)
+        try:
+            total = int(client.config_get("databases")["databases"])
+        except redis.ResponseError:  # CONFIG may be renamed away; 16 is Redis's default
+            total = 16
+        finally:
+            client.close()
+        worker, workers = xdist_worker()
+        self.server_url = server_url
+        self.free = [n for n in range(1, total) if (n - 1) % workers == worker]
+        self.owned = len(self.free)
+
+    def acquire(self) -> int:
+        if not self.free:
+            pytest.fail(
+                f"this test process owns {self.owned} Redis databases and all are in use: "
+                "start Redis with more --databases or run fewer xdist workers"
+            )
+        return self.free.pop(0)
+
+    def release(self, number: int) -> None:
+        self.free.insert(0, number)
+
+    def url(self, number: int) -> str:
+        return f"{self.server_url}/{number}"
+
+    @contextlib.contextmanager
+    def lease(self) -> Iterator[str]:
+        """A database number for the block (its URL), empty at the start, flushed at the end."""
+        import redis
+
+        number = self.acquire()
+        url = self.url(number)
+        client = redis.Redis.from_url(url)
+        client.flushdb()
+        try:
+            yield url
+        finally:
+            client.flushdb()
+            client.close()
+            self.release(number)
+
+
+@pytest.fixture(scope="session")
+def redis_databases(redis_server_url: str) -> RedisDatabases:
+    return RedisDatabases(redis_server_url)
+
+
+@pytest.fixture
+def redis_db_url(redis_databases: RedisDatabases) -> Iterator[str]:
+    """The URL of a Redis database that is this test's alone, empty at the start, flushed at
+    the end. (A module-scoped fixture takes one with `redis_databases.lease()`.)"""
+    with redis_databases.lease() as url:
+        yield url
 
 
 @dataclass

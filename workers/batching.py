@@ -16,9 +16,9 @@ Byte-identical outputs. A job's images depend only on its own seed: every image 
 torch.Generator for its noise, and the model is called with at least `min_rows` rows (padded),
 because below some batch size the CPU (oneDNN) and GPU kernels switch algorithms and a row's
 result changes in its last bits. Measured on this CPU: a tiny ddpm UNet gives every row the
-same bits at any batch of 16 rows or more, whatever the other rows hold, and different bits
-below that; so the default pads to 16 rows and a job's PNGs are byte-identical alone and in any
-batch (tests/test_batching.py checks it). On other hardware, keep `GENQ_BATCH_MIN_ROWS` at or
+same bits at any batch of 16 rows or more, whatever the other rows hold, and different bits below
+that; so the default pads to 16 rows and a job's PNGs are byte-identical alone and in any batch
+(tests/workers/test_batching.py checks it). On other hardware, keep `GENQ_BATCH_MIN_ROWS` at or
 above the size where its kernels stop changing (bench/gpu_batching.py measures it); 1 turns the
 padding off, faster for a lone small job, identical only where the kernels allow.
 

@@ -1,0 +1,344 @@
+"""The fault-injection harness (tests/faults/; its fixtures `ray_head` and `cluster` are in
+tests/faults/conftest.py): a real Ray head (one per module, token auth, one declared GPU), and per
+test a fresh database, the test's own Redis database, the API in this process, and `genq worker` /
+`genq scheduler` subprocesses that a test can SIGKILL, SIGSTOP and restart, each in its own process
+group. Leases, heartbeats, reaping and backoff are shortened so that a crash is recovered in
+seconds."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+from flask.testing import FlaskClient
+
+from api.app import create_app
+from core.db import Database
+from core.settings import Settings
+from core.tables import Artifact, Job, JobEvent
+from scheduler.enqueue import Publisher
+from scheduler.heartbeats import SEEN_KEY
+from stack.supervisor import Stack, bootstrap
+
+ROOT = Path(__file__).resolve().parents[2]
+TERMINAL = {"succeeded", "failed", "canceled"}
+
+# Short enough that a crash is recovered in seconds, consistent for check_settings.
+FAST = {
+    "GENQ_LEASE_TTL_S": "3",
+    "GENQ_HEARTBEAT_INTERVAL_S": "1",
+    "GENQ_REAP_INTERVAL_S": "0.5",
+    "GENQ_RECONCILE_INTERVAL_S": "1",
+    "GENQ_REPUBLISH_AFTER_S": "2",
+    "GENQ_VISIBILITY_TIMEOUT_S": "60",
+    "GENQ_RETRY_BACKOFF_BASE_S": "0.5",
+    "GENQ_RETRY_BACKOFF_MAX_S": "2",
+    "GENQ_PROGRESS_INTERVAL_S": "0",
+    "GENQ_CANCEL_GRACE_S": "3",
+    "GENQ_WORKER_CONCURRENCY": "2",
+    "GENQ_WEBHOOK_ALLOW_PRIVATE": "true",
+    "GENQ_WEBHOOK_TIMEOUT_S": "2",
+    "GENQ_WEBHOOK_BACKOFF_BASE_S": "0.2",
+    "GENQ_WEBHOOK_POLL_S": "0.3",
+    "GENQ_SECRET_KEY": "fault-tests",
+    "GENQ_MAX_ATTEMPTS": "3",
+    "GENQ_LOG_LEVEL": "INFO",
+}
+
+
+def is_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie still answers signal 0; it is dead for our purposes.
+    with contextlib.suppress(OSError):
+        if Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z"):
+            return False
+    return True
+
+
+def wait_until(check: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+@dataclass
+class RayHead:
+    stack: Stack
+    var_dir: Path
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            k: v
+            for k, v in self.stack.env.items()
+            if k.startswith("RAY_") or k == "GENQ_RAY_ADDRESS"
+        }
+
+    def actor_pids(self, *titles: bytes) -> set[int]:
+        """PIDs of this head's Ray worker processes whose title starts with one of `titles`
+        (`ray::ModelServer`...). Only this head's: each Ray process inherits the head's own
+        auth token in its environment, so the processes of another Ray on the machine (another
+        test run's) are never picked, and never signalled."""
+        mark = f"RAY_AUTH_TOKEN={self.stack.env['RAY_AUTH_TOKEN']}".encode()
+        pids = set()
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                if not (proc / "cmdline").read_bytes().startswith(titles):
+                    continue
+                environ = (proc / "environ").read_bytes().split(b"\0")
+            except OSError:  # gone, or not ours to read
+                continue
+            if mark in environ:
+                pids.add(int(proc.name))
+        return pids
+
+    def probe(self, job_id: str) -> dict[str, Any]:
+        """Ask Ray (from a separate driver) whether the job's trainer lives, and the GPUs."""
+        code = (
+            "import json, ray, sys\n"
+            "ray.init(address=sys.argv[1], namespace='genq', log_to_driver=False)\n"
+            "try:\n    ray.get_actor(sys.argv[2]); alive = True\n"
+            "except ValueError:\n    alive = False\n"
+            "print(json.dumps({'trainer_alive': alive,"
+            " 'gpu_total': ray.cluster_resources().get('GPU', 0),"
+            " 'gpu_free': ray.available_resources().get('GPU', 0)}))\n"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code, self.env["GENQ_RAY_ADDRESS"], f"trainer-{job_id}"],
+            env={**os.environ, **self.env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+    @contextlib.contextmanager
+    def holding_every_gpu(self, log: Path) -> Iterator[None]:
+        """Hold all of this head's GPUs from a separate driver (an actor that asks for them
+        all) until the block ends, so that a trainer that needs a GPU share waits for one;
+        leaving the block kills that driver, and Ray hands the GPUs back."""
+        code = (
+            "import ray, sys\n"
+            "ray.init(address=sys.argv[1], namespace='genq-test-holder', log_to_driver=False)\n"
+            "gpus = ray.cluster_resources().get('GPU', 0)\n"
+            "@ray.remote(num_gpus=gpus, num_cpus=0)\n"
+            "class Holder:\n    def ready(self):\n        return True\n"
+            "holder = Holder.remote()\nray.get(holder.ready.remote())\n"
+            "print('holding', gpus, flush=True)\nsys.stdin.read()\n"
+        )
+        with open(log, "wb") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-c", code, self.env["GENQ_RAY_ADDRESS"]],
+                env={**os.environ, **self.env},
+                stdin=subprocess.PIPE,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        try:
+            wait_until(
+                lambda: "holding" in log.read_text() or process.poll() is not None, 120, "the GPUs"
+            )
+            assert process.poll() is None, log.read_text()[-3000:]
+            yield
+        finally:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(30)
+
+
+@dataclass
+class Proc:
+    name: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@dataclass
+class Cluster:
+    """One test's genq: the database, the test's own Redis database, the API in-process,
+    worker and scheduler subprocesses on the module's Ray head."""
+
+    tmp: Path
+    database_url: str
+    ray: RayHead
+    redis_url: str
+    extra_env: dict[str, str] = field(default_factory=dict)
+    procs: list[Proc] = field(default_factory=list)
+    admin_key: str = ""
+
+    def __post_init__(self) -> None:
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("GENQ_")},
+            **self.ray.env,
+            **FAST,
+            "GENQ_VAR_DIR": str(self.tmp / "var"),
+            "GENQ_DATABASE_URL": self.database_url,
+            "GENQ_REDIS_URL": self.redis_url,
+            "GENQ_ARTIFACT_ROOT": str(self.tmp / "artifacts"),
+            **self.extra_env,
+        }
+        self.settings = Settings(
+            _env_file=None,  # type: ignore[call-arg]
+            **{k[5:].lower(): v for k, v in self.env.items() if k.startswith("GENQ_")},
+        )
+        self.broker = redis.Redis.from_url(self.redis_url)
+        self.broker.flushdb()
+        key = bootstrap(self.settings)
+        assert key is not None
+        self.admin_key = key
+        self.database = Database(self.settings)
+        self.publisher = Publisher(self.settings)
+        self.app = create_app(self.settings, database=self.database, publisher=self.publisher)
+        self.client: FlaskClient = self.app.test_client()
+        self.counter = 0
+
+    # -- processes -------------------------------------------------------------------------
+
+    def _spawn(self, name: str, argv: list[str]) -> Proc:
+        self.counter += 1
+        log = self.tmp / f"{name}-{self.counter}.log"
+        with open(log, "wb") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "stack.cli", *argv],
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                start_new_session=True,
+            )
+        proc = Proc(name, process, log)
+        self.procs.append(proc)
+        return proc
+
+    def worker(self, wait: bool = True) -> Proc:
+        proc = self._spawn("worker", ["worker", f"--hostname=w{self.counter + 1}@faults"])
+        if wait:
+            wait_until(lambda: "ready." in proc.text() or proc.process.poll() is not None, 90,
+                       "the worker")  # fmt: skip
+            assert proc.process.poll() is None, proc.text()[-3000:]
+        return proc
+
+    def scheduler(self) -> Proc:
+        return self._spawn("scheduler", ["scheduler"])
+
+    def kill(self, proc: Proc, sig: int = signal.SIGKILL) -> None:
+        """Signal the process's whole group and, for SIGKILL, prove that it died."""
+        os.killpg(proc.pid, sig)
+        if sig == signal.SIGKILL:
+            proc.process.wait(30)
+            assert not is_alive(proc.pid)
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGCONT)
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.process.wait(30)
+        self.publisher.close()
+        self.database.dispose()
+        self.broker.flushdb()
+        self.broker.close()
+
+    def wait_scheduler_rounds(self, count: int = 2, timeout_s: float = 60) -> None:
+        """Wait until the periodic scheduler has finished `count` more rounds (reaping,
+        reconciling): each finished round rewrites its heartbeat, at most once a second."""
+        seen: list[bytes | None] = [self.broker.hget(SEEN_KEY, "scheduler")]
+
+        def advanced() -> bool:
+            now = self.broker.hget(SEEN_KEY, "scheduler")
+            if now != seen[-1]:
+                seen.append(now)
+            return len(seen) > count
+
+        wait_until(advanced, timeout_s, f"{count} rounds of the periodic scheduler")
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.log.name}\n{p.text()[-4000:]}" for p in self.procs)
+
+    # -- the API ---------------------------------------------------------------------------
+
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.admin_key}"}
+
+    def submit(self, body: dict[str, Any]) -> str:
+        response = self.client.post("/v1/jobs", json=body, headers=self.auth())
+        assert response.status_code == 202, response.get_data(as_text=True)
+        return str(response.get_json()["id"])
+
+    def get(self, job_id: str) -> dict[str, Any]:
+        return dict(self.client.get(f"/v1/jobs/{job_id}", headers=self.auth()).get_json())
+
+    def wait(
+        self, job_id: str, timeout_s: float = 90, states: set[str] = TERMINAL
+    ) -> dict[str, Any]:
+        try:
+            return dict(wait_until(lambda: (j := self.get(job_id))["state"] in states and j,
+                                   timeout_s, f"job {job_id} to reach {states}"))  # fmt: skip
+        except AssertionError:
+            raise AssertionError(f"{self.get(job_id)}\n{self.logs()}") from None
+
+    # -- what SQL says ---------------------------------------------------------------------
+
+    def events(self, job_id: str, type_: str | None = None) -> list[JobEvent]:
+        with self.database.transaction() as session:
+            query = session.query(JobEvent).filter(JobEvent.job_id == job_id)
+            if type_:
+                query = query.filter(JobEvent.type == type_)
+            return list(query.order_by(JobEvent.id))
+
+    def claims(self, job_id: str) -> int:
+        """How many attempts started: state events into running."""
+        return sum(1 for e in self.events(job_id, "state") if e.data.get("to") == "running")
+
+    def check_invariants(self, job_id: str) -> dict[str, Any]:
+        """One terminal state, attempts within the cap, one row per output name, and no output
+        file without its row."""
+        job = self.get(job_id)
+        assert job["state"] in TERMINAL
+        assert job["attempt"] <= job["max_attempts"]
+        assert self.claims(job_id) == job["attempt"]
+        terminal = [e for e in self.events(job_id, "state") if e.data.get("to") in TERMINAL]
+        assert len(terminal) == 1, [e.data for e in terminal]
+        with self.database.transaction() as session:
+            rows = session.query(Artifact).filter(Artifact.job_id == job_id).all()
+            assert session.get(Job, job_id) is not None
+            paths = {r.path for r in rows}
+            names = [r.name for r in rows]
+        assert len(names) == len(set(names))
+        folder = self.settings.artifacts / "outputs"
+        files = {
+            str(p.relative_to(self.settings.artifacts))
+            for p in folder.rglob("*")
+            if p.is_file() and job_id in p.parts
+        }
+        assert files <= paths, files - paths
+        return job
