@@ -95,10 +95,13 @@ def test_train_generate_batch_and_cancel_the_plugin_family(stack: StackProcess) 
     ids = [stack.submit(_generate(4096, seed=10 + i))["id"] for i in range(BATCH)]
     victim = ids[1]
     deadline = time.monotonic() + 120
+    # The job's progress events straight from SQL: a poll may be up to a second old
+    # (GENQ_STATUS_STALENESS_S), long enough for the whole generation to end.
     while True:
-        job = stack.call("GET", f"/v1/jobs/{victim}").json()
-        if job["state"] == "running" and 0 < job["progress"]["step"] < 4096:
+        steps = [d["step"] for kind, d, _ in stack.events(victim) if kind == "progress"]
+        if any(0 < step < 4096 for step in steps):
             break
+        job = stack.call("GET", f"/v1/jobs/{victim}").json()
         assert job["state"] in ("queued", "running"), job
         assert time.monotonic() < deadline, job
         time.sleep(0.05)

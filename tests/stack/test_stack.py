@@ -213,7 +213,12 @@ def test_refusals_over_http(stack: StackProcess) -> None:
 
     prefix = bob[:11]
     _cli(stack, "keys", "revoke", prefix)
-    assert stack.call("GET", "/v1/jobs", key=bob).status_code == 401
+    # The CLI revokes in SQL; an API process may trust a key it checked for up to
+    # GENQ_AUTH_CACHE_S (1 s, tests/api/test_polling.py holds it to that): wait for the refusal.
+    deadline = time.monotonic() + 10
+    while (status := stack.call("GET", "/v1/jobs", key=bob).status_code) != 401:
+        assert status == 200 and time.monotonic() < deadline, status
+        time.sleep(0.1)
 
 
 def test_idempotency_key_over_http(stack: StackProcess) -> None:

@@ -13,7 +13,6 @@ import contextlib
 import json
 import os
 import signal
-import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -97,19 +96,11 @@ def worker_pid(stack: StackProcess, other_than: int = 0) -> int:
     return pids[0] if len(pids) == 1 else 0
 
 
-def events(stack: StackProcess, job_id: str) -> list[tuple[str, dict[str, Any], str]]:
-    with contextlib.closing(sqlite3.connect(stack.var_dir / "genq.db", timeout=30)) as db:
-        rows = db.execute(
-            "SELECT type, data, created_at FROM job_event WHERE job_id = ? ORDER BY id", (job_id,)
-        ).fetchall()
-    return [(kind, json.loads(data), at) for kind, data, at in rows]
-
-
 def requeue_reasons(stack: StackProcess, job_id: str) -> list[str]:
     """Why the job went back to the queue, for each time it did (not its first `queued`)."""
     return [
         data.get("reason", "")
-        for kind, data, _ in events(stack, job_id)
+        for kind, data, _ in stack.events(job_id)
         if kind == "state" and data.get("to") == "queued" and data.get("from") == "running"
     ]
 
@@ -124,7 +115,7 @@ def children_record(stack: StackProcess) -> dict[str, dict[str, Any]]:
 
 def progress_steps(stack: StackProcess, job_id: str) -> list[tuple[int, int]]:
     attempt, out = 0, []
-    for kind, data, _ in events(stack, job_id):
+    for kind, data, _ in stack.events(job_id):
         if kind == "state" and data.get("to") == "running":
             attempt = data["attempt"]
         elif kind == "progress" and data["step"] > 0:  # step 0: "waiting for a GPU" and such
@@ -215,10 +206,13 @@ def test_a_paused_trainer_is_detected_as_stalled_and_resumes_from_its_checkpoint
     os.kill(pid, signal.SIGSTOP)
     try:
         wait_until(lambda: is_stopped(pid), 10, "the trainer paused")
-        stopped_at = max(step for _, step in progress_steps(stack, job_id))
         reasons = wait_until(
             lambda: requeue_reasons(stack, job_id), 4 * STALL_TIMEOUT_S, "the stall seen"
         )
+        # Read once the stall is handled: progress the worker's recorder still held when the
+        # trainer paused (it coalesces events for up to GENQ_TOKEN_FLUSH_MS) is written by
+        # then, and the paused trainer makes no more.
+        stopped_at = max(step for attempt, step in progress_steps(stack, job_id) if attempt == 1)
         assert reasons[0].startswith("stalled: the trainer"), reasons
         wait_until(lambda: not is_alive(pid), 30, "the stalled trainer killed")
         job = stack.wait(job_id, timeout_s=240)

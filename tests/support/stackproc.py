@@ -4,8 +4,10 @@ client, and a check that Ctrl-C leaves no process behind."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -121,6 +123,16 @@ class StackProcess:
             self.process.wait()
 
     # -- HTTP ------------------------------------------------------------------------------------
+
+    def events(self, job_id: str) -> list[tuple[str, dict[str, Any], str]]:
+        """The job's events straight from the stack's SQLite file (type, data, created_at), in
+        order: fresher than a poll, which may be up to GENQ_STATUS_STALENESS_S old."""
+        with contextlib.closing(sqlite3.connect(self.var_dir / "genq.db", timeout=30)) as db:
+            rows = db.execute(
+                "SELECT type, data, created_at FROM job_event WHERE job_id = ? ORDER BY id",
+                (job_id,),
+            ).fetchall()
+        return [(kind, json.loads(data), at) for kind, data, at in rows]
 
     def call(self, method: str, path: str, key: str | None = None, **kw: Any) -> requests.Response:
         headers = kw.pop("headers", {})
