@@ -10,7 +10,9 @@ The last 5% of the text is held out and its bits per byte reported at every chec
 Generation feeds the prompt's bytes (the last `block_size` of them), then samples one byte at
 a time with temperature, top-k and top-p, from a CPU generator seeded per job, and streams
 each decoded piece as a TextDelta event (an incremental UTF-8 decoder holds back a partial
-multi-byte character until it is complete).
+multi-byte character until it is complete). The concurrent jobs of one model are decoded
+together, one forward pass a step for all their rows, each job joining and leaving between
+steps (`CharLm.generate_continuous`; workers/batching.py feeds it).
 
 Shapes: B batch, T time (<= block_size), C n_embd, H heads, V = 256.
 """
@@ -21,19 +23,27 @@ import codecs
 import math
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from pydantic import ValidationError
 from torch import nn
 
 from core.errors import ModelError
 from core.events import Event, Log, Metric, ModelSaved, Output, Progress, TextDelta
 from workers.datasets import load_text
-from workers.families.base import CanceledError, RunContext, TokenProgress, TrainContext
+from workers.families.base import (
+    BatchItem,
+    CanceledError,
+    RunContext,
+    TokenProgress,
+    TrainContext,
+)
 from workers.families.charlm_spec import (
+    FAMILY,
     SEED_MAX,
     CharlmFinetuneParams,
     CharlmGenerateParams,
@@ -53,6 +63,8 @@ METRIC_EVERY = 20
 HELD_OUT = 0.05
 EVAL_BATCHES = 8  # batches of held-out text per evaluation
 SAMPLE_TOKENS = 200  # length of the text sample written at the end of training
+# What the intake hands over: (the job's index in this run, its params, its context).
+Joiner = tuple[int, dict[str, Any], RunContext]
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32},
     "default": {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 128},
@@ -254,60 +266,165 @@ def pick(logits: torch.Tensor, p: CharlmGenerateParams, gen: torch.Generator) ->
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
+class Row:
+    """One job's text while its row is decoded: its sampler, its bytes so far (prompt
+    included: the model's context), what it has streamed, and why it ended."""
+
+    def __init__(self, p: CharlmGenerateParams) -> None:
+        self.p = p
+        self.seed = p.seed if p.seed is not None else secrets.randbelow(SEED_MAX + 1)
+        self.gen = torch.Generator().manual_seed(self.seed)
+        self.prompt = list(p.prompt.encode("utf-8"))
+        self.tokens = list(self.prompt) or [ord("\n")]  # an empty prompt starts after a newline
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        # Text that could be the start of a stop string is held back until it is not.
+        self.hold = max((len(s) for s in p.stop), default=1) - 1
+        self.text, self.sent, self.finish, self.made = "", 0, "", 0
+        self.progress = TokenProgress(p.max_tokens)
+        self.started = time.perf_counter()
+        self.peak_rows = 1  # the most rows it shared a forward pass with (itself included)
+
+    def add(self, token: int) -> Iterator[Event]:
+        """Take the row's next byte; the text it streams. Sets `finish` once the row has
+        ended."""
+        i, p = self.made, self.p
+        self.tokens.append(token)
+        self.made = i + 1
+        self.text += self.decoder.decode(bytes([token]))
+        text, sent, hold = self.text, self.sent, self.hold
+        cut = min((j for s in p.stop if (j := text.find(s, max(0, sent - hold))) >= 0), default=-1)
+        if cut >= 0:
+            self.text, self.finish = text[:cut], "stop"
+            return
+        ready = len(text) - hold
+        if ready > sent:
+            yield TextDelta(i, text[sent:ready])
+            self.sent = ready
+        if (event := self.progress.after(self.made)) is not None:
+            yield event
+        if self.made >= p.max_tokens:
+            self.finish = "length"
+
+    def end(self) -> Iterator[Event]:
+        """The rest of the text, the last progress, how it ran and the output."""
+        if self.finish != "stop":
+            self.text += self.decoder.decode(b"", final=True)
+        text, made = self.text, self.made
+        if len(text) > self.sent:
+            yield TextDelta(made, text[self.sent :])
+        yield self.progress.done(made)
+        yield Metric(
+            0,
+            {"batch_jobs": float(self.peak_rows), "batch_s": time.perf_counter() - self.started},
+        )
+        meta = {
+            "seed": self.seed,
+            "prompt_tokens": len(self.prompt),
+            "completion_tokens": made,
+            "finish_reason": self.finish,
+            "params": {**self.p.model_dump(exclude={"prompt"}), "seed": self.seed},
+        }
+        yield Output("output.txt", "text", "text/plain; charset=utf-8", text.encode(), meta)
+
+
 class CharLm:
-    """A loaded charlm; `generate` continues a prompt, streaming TextDelta events."""
+    """A loaded charlm; `generate` continues a prompt, streaming TextDelta events.
+
+    Continuous batching: `generate_continuous` decodes the rows of many jobs with one forward
+    pass a step, each job joining and leaving between steps (as the `transformers` family,
+    causal_lm.py). The model has no key/value cache: every step feeds each row's last
+    `block_size` bytes, right-padded to the longest row's, and reads each row's logits at its
+    own last byte. Attention is causal, so a row never sees the padding after it and its
+    logits are what it gets alone up to float rounding (the matrix kernels change with the
+    batch's shape); each row samples from its own generator, as alone."""
+
+    max_batch_size = FAMILY.max_batch_size
 
     def __init__(self, model: CharLM, config: dict[str, Any]) -> None:
         self.model, self.config = model, config
         self.device = next(model.parameters()).device
 
-    def generate(self, params: dict[str, Any], ctx: RunContext) -> Iterator[Event]:
-        p = CharlmGenerateParams.model_validate(params)
-        seed = p.seed if p.seed is not None else secrets.randbelow(SEED_MAX + 1)
-        gen = torch.Generator().manual_seed(seed)
-        prompt = list(p.prompt.encode("utf-8"))
-        tokens = list(prompt) or [ord("\n")]  # an empty prompt starts after a newline
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        # Text that could be the start of a stop string is held back until it is not.
-        hold = max((len(s) for s in p.stop), default=1) - 1
-        text, sent, finish, made = "", 0, "length", 0
+    def next_logits(self, contexts: list[list[int]]) -> torch.Tensor:
+        """Each row's next-byte logits, (B, V) float32 on the CPU."""
         T = self.model.block_size
-        progress = TokenProgress(p.max_tokens)
-        for i in range(p.max_tokens):
-            if ctx.is_canceled():
-                raise CanceledError(f"job {ctx.job_id} was canceled")
-            context = torch.tensor([tokens[-T:]], device=self.device)  # (1, <=T)
-            with torch.no_grad():
-                logits = self.model(context)[0, -1].float().cpu()  # (V,)
-            token = pick(logits, p, gen)
-            tokens.append(token)
-            made = i + 1
-            text += decoder.decode(bytes([token]))
-            cut = min(
-                (j for s in p.stop if (j := text.find(s, max(0, sent - hold))) >= 0), default=-1
-            )
-            if cut >= 0:
-                text, finish = text[:cut], "stop"
-                break
-            ready = len(text) - hold
-            if ready > sent:
-                yield TextDelta(i, text[sent:ready])
-                sent = ready
-            if (event := progress.after(made)) is not None:
-                yield event
-        if finish != "stop":
-            text += decoder.decode(b"", final=True)
-        if len(text) > sent:
-            yield TextDelta(made, text[sent:])
-        yield progress.done(made)
-        meta = {
-            "seed": seed,
-            "prompt_tokens": len(prompt),
-            "completion_tokens": made,
-            "finish_reason": finish,
-            "params": {**p.model_dump(exclude={"prompt"}), "seed": seed},
-        }
-        yield Output("output.txt", "text", "text/plain; charset=utf-8", text.encode(), meta)
+        windows = [c[-T:] for c in contexts]
+        B, L = len(windows), max(len(w) for w in windows)
+        idx = torch.zeros((B, L), dtype=torch.long)  # (B, L), right-padded with byte 0
+        for r, w in enumerate(windows):
+            idx[r, : len(w)] = torch.tensor(w)
+        last = torch.tensor([len(w) - 1 for w in windows])  # (B,)
+        with torch.no_grad():
+            logits = self.model(idx.to(self.device))  # (B, L, V)
+        return logits[torch.arange(B), last.to(self.device)].float().cpu()  # (B, V)
+
+    def generate(self, params: dict[str, Any], ctx: RunContext) -> Iterator[Event]:
+        """One job alone: the continuous path with a batch of one."""
+        joiners: list[Joiner] = [(0, params, ctx)]
+        for _, item in self.generate_continuous(lambda free: [joiners.pop()] if joiners else []):
+            if isinstance(item, BaseException):
+                raise item
+            if item is not None:
+                yield item
+
+    def generate_batch(self, jobs: list[tuple[dict[str, Any], RunContext]]) -> Iterator[BatchItem]:
+        """A fixed set of jobs decoded together (the family interface's batch call)."""
+        waiting: list[Joiner] = [(i, params, ctx) for i, (params, ctx) in enumerate(jobs)]
+
+        def take(free: int) -> list[Joiner]:
+            taken = waiting[:free]
+            del waiting[:free]
+            return taken
+
+        for index, item in self.generate_continuous(take):
+            if item is not None:
+                yield index, item
+
+    def generate_continuous(
+        self, take: Callable[[int], list[Joiner]], stepped: Callable[[int], None] | None = None
+    ) -> Iterator[tuple[int, Event | BaseException | None]]:
+        """Decode every job `take(free rows)` hands over, taking more between steps, until
+        none runs and none waits. Yields (index, event) for a job, (index, exception) when one
+        job fails or is canceled (its row leaves, the others go on) and (index, None) once a
+        job has sent all its events. `stepped(rows)` is told of each forward pass."""
+        rows: dict[int, tuple[Row, RunContext]] = {}  # the running rows, in batch order
+        while True:
+            for index, params, ctx in take(self.max_batch_size - len(rows)):
+                if ctx.is_canceled():
+                    yield index, CanceledError(f"job {ctx.job_id} was canceled")
+                    continue
+                try:
+                    rows[index] = (Row(CharlmGenerateParams.model_validate(params)), ctx)
+                except ValidationError as exc:
+                    yield index, exc
+            gone = [i for i, (_, ctx) in rows.items() if ctx.is_canceled()]
+            for i in gone:
+                yield i, CanceledError(f"job {rows.pop(i)[1].job_id} was canceled")
+            if not rows:
+                if gone:
+                    continue  # others may have come meanwhile
+                return
+            running = list(rows)
+            try:
+                logits = self.next_logits([rows[i][0].tokens for i in running])  # (B, V)
+            except Exception as exc:  # noqa: BLE001 - the rows' failure (out of memory...)
+                # Each running job fails with it rather than starting again alone: its text
+                # has been streamed already.
+                for i in running:
+                    rows.pop(i)
+                    yield i, exc
+                continue
+            if stepped is not None:
+                stepped(len(running))
+            for r, i in enumerate(running):
+                row = rows[i][0]
+                row.peak_rows = max(row.peak_rows, len(running))
+                for event in row.add(pick(logits[r], row.p, row.gen)):
+                    yield i, event
+                if row.finish:
+                    rows.pop(i)
+                    for event in row.end():
+                        yield i, event
+                    yield i, None
 
 
 def load(model_dir: Path | None, config: dict[str, Any], device: str) -> CharLm:

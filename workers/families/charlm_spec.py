@@ -61,6 +61,12 @@ class CharlmGenerateParams(BaseModel):
         return stop
 
 
+def batch_key(p: CharlmGenerateParams) -> str:
+    """Every generate job of a model can share its batch: sampling, seed, stop strings and
+    lengths are per row (charlm.py)."""
+    return "text"
+
+
 FAMILY = Family(
     name="charlm",
     description="GPT-style byte-level language model trained on a text data set.",
@@ -72,4 +78,7 @@ FAMILY = Family(
     resources=Resources(num_gpus=0.25, num_cpus=1.0, gpu_memory_gb=1.0),
     scaling=Scaling(max_replicas=2, target_jobs_per_replica=8.0),
     openai=OpenAIShape.TEXT,
+    # Rows (jobs) decoded together by one forward pass; GENQ_BATCH_MAX_ROWS may lower it.
+    max_batch_size=64,
+    batch_key=batch_key,
 )
