@@ -249,21 +249,42 @@ def train(params: dict[str, Any], ctx: TrainContext) -> Iterator[Event]:
     )
 
 
-def pick(logits: torch.Tensor, p: CharlmGenerateParams, gen: torch.Generator) -> int:
-    """The next byte from (V,) float32 CPU logits."""
-    if p.temperature == 0:
-        return int(logits.argmax())
-    logits = logits / p.temperature
-    if p.top_k:
-        kth = torch.topk(logits, p.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=0)
-    if p.top_p < 1:
-        sorted_probs, order = probs.sort(descending=True)
+def pick(logits: torch.Tensor, rows: list[Row]) -> list[int]:
+    """Each row's next byte from the (B, V) float32 CPU logits, with the row's own temperature,
+    top-k, top-p and generator. The filtering runs once for the whole batch, row by row
+    independently; each sampled row then draws its byte as `torch.multinomial(probs, 1,
+    generator)` does (one exponential draw per byte from the row's generator, the byte with
+    the largest probs / draw), so a row picks and consumes its generator exactly as it would
+    alone with torch.multinomial."""
+    B, V = logits.shape
+    greedy = logits.argmax(dim=-1)  # (B,)
+    sampled = [r for r, row in enumerate(rows) if row.p.temperature]
+    if not sampled:
+        return [int(t) for t in greedy.tolist()]
+    ps = [rows[r].p for r in sampled]
+    x = logits[sampled] / torch.tensor([[p.temperature] for p in ps])  # (S, V)
+    # The k-th largest of each row with top-k (ties with it stay in); -inf: no top-k.
+    ranked = x.sort(dim=-1, descending=True).values  # (S, V)
+    k = torch.tensor([[max(p.top_k, 1) - 1] for p in ps])  # (S, 1)
+    has_k = torch.tensor([[p.top_k > 0] for p in ps])  # (S, 1)
+    kth = torch.where(has_k, ranked.gather(1, k), torch.tensor(float("-inf")))
+    probs = torch.softmax(x.masked_fill(x < kth, float("-inf")), dim=-1)  # (S, V)
+    top_p = torch.tensor([[p.top_p] for p in ps])  # (S, 1)
+    if bool((top_p < 1).any()):
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
         # Keep the smallest prefix whose mass reaches top_p (always at least one byte).
-        drop = sorted_probs.cumsum(0) - sorted_probs >= p.top_p
-        probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
-    return int(torch.multinomial(probs, 1, generator=gen))
+        drop = (sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p) & (top_p < 1)
+        probs = probs.scatter(1, order, sorted_probs.masked_fill(drop, 0.0))
+    if not bool(torch.isfinite(probs).all()) or bool((probs.sum(dim=-1) <= 0).any()):
+        raise ModelError("the model's next-byte probabilities are not finite")
+    draws = torch.stack(
+        [torch.empty(V).exponential_(1, generator=rows[r].gen) for r in sampled]
+    )  # (S, V)
+    chosen = (probs / draws).argmax(dim=-1)  # (S,)
+    picks = greedy.tolist()
+    for r, token in zip(sampled, chosen.tolist(), strict=True):
+        picks[r] = token
+    return [int(t) for t in picks]
 
 
 class Row:
@@ -349,9 +370,7 @@ class CharLm:
         T = self.model.block_size
         windows = [c[-T:] for c in contexts]
         B, L = len(windows), max(len(w) for w in windows)
-        idx = torch.zeros((B, L), dtype=torch.long)  # (B, L), right-padded with byte 0
-        for r, w in enumerate(windows):
-            idx[r, : len(w)] = torch.tensor(w)
+        idx = torch.tensor([w + [0] * (L - len(w)) for w in windows])  # (B, L), right-padded
         last = torch.tensor([len(w) - 1 for w in windows])  # (B,)
         with torch.no_grad():
             logits = self.model(idx.to(self.device))  # (B, L, V)
@@ -406,6 +425,7 @@ class CharLm:
             running = list(rows)
             try:
                 logits = self.next_logits([rows[i][0].tokens for i in running])  # (B, V)
+                tokens = pick(logits, [rows[i][0] for i in running])
             except Exception as exc:  # noqa: BLE001 - the rows' failure (out of memory...)
                 # Each running job fails with it rather than starting again alone: its text
                 # has been streamed already.
@@ -418,7 +438,7 @@ class CharLm:
             for r, i in enumerate(running):
                 row = rows[i][0]
                 row.peak_rows = max(row.peak_rows, len(running))
-                for event in row.add(pick(logits[r], row.p, row.gen)):
+                for event in row.add(tokens[r]):
                     yield i, event
                 if row.finish:
                     rows.pop(i)
