@@ -16,12 +16,13 @@ Workload: the tiny GPT-2-shaped model the tests build from config
 (tests/support/pretrained_models.py: 2 layers, 32 wide, 128 positions, a byte-level BPE of 400
 tokens), or charlm's `tiny` preset (1 layer, 32 wide, a context of 32 bytes; at the model
 server built from config, seeded, untrained; through the queue trained for 20 steps on the
-built-in `pydocs` text, as a charlm model is registered by training it), prompt "The quick brown fox", `--max-tokens` sampled tokens (charlm:
-bytes) per job (temperature 1, each job its own seed). Tokens/s
-counts the tokens the jobs made (a job may end early at its end-of-text token), over the wall
-time from the first call (submit) to the last job done. The concurrent and one-at-a-time runs
-alternate for `--rounds` rounds so that load from other processes on this shared machine falls
-on both alike; medians are reported. The model server runs with one CPU thread.
+built-in `pydocs` text, as a charlm model is registered by training it), prompt "The quick
+brown fox", `--max-tokens` sampled tokens (charlm: bytes) per job (temperature 1, each job its
+own seed). Tokens/s counts the tokens the jobs made (a job may end early at its end-of-text
+token), over the wall time from the first call (submit) to the last job done. The concurrent
+and one-at-a-time runs alternate for `--rounds` rounds so that load from other processes on
+this shared machine falls on both alike; medians are reported. The model server runs with one
+CPU thread.
 
 Figures: tokens/s of each way and the ratio concurrent / one at a time (issue #19's target:
 >= 4x with 16 jobs), the largest batch the server formed and the share of forward passes that

@@ -20,8 +20,9 @@ Same seed, same text, alone or batched: a row's logits in a batch differ from it
 by float rounding only (about 1e-6 on the CPU: the matrix kernels change with the batch size,
 and the padding columns change the order of the attention's sums), so a token can differ only
 where two candidates are that close: under greedy decoding two logits within 1e-6, under
-sampling the generator's draw within about 1e-7 of the boundary between two tokens. docs/
-batching.md gives the measured figures; tests/test_lm_batching.py checks the texts are equal.
+sampling the generator's draw within about 1e-7 of the boundary between two tokens.
+docs/batching.md gives the measured figures; tests/workers/test_lm_batching.py checks the texts
+are equal.
 """
 
 from __future__ import annotations
