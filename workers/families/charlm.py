@@ -263,12 +263,14 @@ def pick(logits: torch.Tensor, rows: list[Row]) -> list[int]:
         return [int(t) for t in greedy.tolist()]
     ps = [rows[r].p for r in sampled]
     x = logits[sampled] / torch.tensor([[p.temperature] for p in ps])  # (S, V)
-    # The k-th largest of each row with top-k (ties with it stay in); -inf: no top-k.
-    ranked = x.sort(dim=-1, descending=True).values  # (S, V)
-    k = torch.tensor([[max(p.top_k, 1) - 1] for p in ps])  # (S, 1)
-    has_k = torch.tensor([[p.top_k > 0] for p in ps])  # (S, 1)
-    kth = torch.where(has_k, ranked.gather(1, k), torch.tensor(float("-inf")))
-    probs = torch.softmax(x.masked_fill(x < kth, float("-inf")), dim=-1)  # (S, V)
+    if any(p.top_k for p in ps):
+        # The k-th largest of each row with top-k (ties with it stay in); -inf: no top-k.
+        ranked = x.sort(dim=-1, descending=True).values  # (S, V)
+        k = torch.tensor([[max(p.top_k, 1) - 1] for p in ps])  # (S, 1)
+        has_k = torch.tensor([[p.top_k > 0] for p in ps])  # (S, 1)
+        kth = torch.where(has_k, ranked.gather(1, k), torch.tensor(float("-inf")))
+        x = x.masked_fill(x < kth, float("-inf"))
+    probs = torch.softmax(x, dim=-1)  # (S, V)
     top_p = torch.tensor([[p.top_p] for p in ps])  # (S, 1)
     if bool((top_p < 1).any()):
         sorted_probs, order = probs.sort(dim=-1, descending=True)
