@@ -372,7 +372,9 @@ class CharLm:
         T = self.model.block_size
         windows = [c[-T:] for c in contexts]
         B, L = len(windows), max(len(w) for w in windows)
-        idx = torch.tensor([w + [0] * (L - len(w)) for w in windows])  # (B, L), right-padded
+        # Bytes are bytes: one buffer for the whole batch is far cheaper than tensor(lists).
+        padded = b"".join(bytes(w) + bytes(L - len(w)) for w in windows)
+        idx = torch.frombuffer(bytearray(padded), dtype=torch.uint8).view(B, L).long()  # (B, L)
         last = torch.tensor([len(w) - 1 for w in windows])  # (B,)
         with torch.no_grad():
             logits = self.model(idx.to(self.device))  # (B, L, V)
