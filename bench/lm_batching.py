@@ -41,7 +41,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.pretrained_models import build_tiny_lm  # noqa: E402
+from tests.support.pretrained_models import build_tiny_lm  # noqa: E402
 
 POLL_S = 0.05
 PROMPT = "The quick brown fox"
@@ -109,7 +109,7 @@ def server_level(folder: Path, n: int, max_tokens: int, rounds: int) -> dict[str
 
 def stack_level(folder: Path, n: int, max_tokens: int, rounds: int) -> dict[str, Any]:
     from genq_client import Client
-    from tests.stackproc import StackProcess
+    from tests.support.stackproc import StackProcess
 
     tmp = Path(tempfile.mkdtemp(prefix="genq-bench-lm-"))
     stack = StackProcess(
