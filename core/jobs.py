@@ -419,7 +419,6 @@ def finish_job(
         state = JobState.CANCELED
     set_state(session, job, state, attempt=job.attempt, error_type=error_type)
     now = now or utcnow()
-    charge_attempt(session, job, now)
     job.finished_at = now
     job.preempt_requested_at = None
     job.lease_token = None
@@ -430,6 +429,11 @@ def finish_job(
         job.metrics = {**(job.metrics or {}), **without_nul(metrics)}
     if result_model_id:
         job.result_model_id = result_model_id
+    # The transaction's writes go out before the tenant's usage row is locked: the claims of
+    # the tenant's next jobs wait for that lock, so it is held only for the usage write and
+    # the commit. (The job row is not written again after this.)
+    session.flush()
+    charge_attempt(session, job, now)
     return state
 
 
