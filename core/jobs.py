@@ -362,7 +362,7 @@ def record_output(session: Session, lease: Lease, output: Output, stored: Stored
     """Record one output file once: a second record of the same name returns the first."""
     job = _fenced(session, lease)
     # Only an output added earlier in this transaction must be flushed for the lookup to see
-    # it; other pending changes (the placement, progress) are left for the commit's one flush.
+    # it; other pending changes (the placement, progress) are left for the finish's flush.
     if any(isinstance(pending, Artifact) for pending in session.new):
         existing = session.scalar(_OUTPUT_NAMED, {"job_id": job.id, "name": output.name})
     else:
