@@ -3,7 +3,7 @@
 the same Redis and the same kind of database.
 
     .venv/bin/python bench/job_path.py [--jobs 400] [--clients 8] [--database-url URL]
-                                       [--label before]
+                                       [--label before] [--echo-max-replicas N]
 
 Each side gets a warm-up of 20 jobs, then `--jobs` jobs from `--clients` client threads; the
 time runs until the last one is finished, counted in SQL (not through the API being measured).
@@ -13,6 +13,12 @@ port), so the ratio can be told apart from how busy the machine was. SQLite: eac
 a fresh file; PostgreSQL: both use the URL given (genq's tables and `bare_job`). Figures are
 printed and written to bench/results/job-path-<UTC time>.json (`job-path-before-…` with
 `--label before`).
+
+While the burst's jobs queue, genq's replica scaler asks for more echo replicas (the echo
+family's policy: one per 2 jobs queued or running, up to 4), and a replica that starts during
+the burst counts its whole start-up (`processes_started` names them). `--echo-max-replicas 1`
+caps the echo model as an admin would (PATCH /v1/models/echo), for one warm server like the
+bare pipeline's one actor; such a run is written as `job-path-replicas-<N>-<UTC time>.json`.
 """
 
 from __future__ import annotations
@@ -39,7 +45,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.cpu_per_job import process_cpu  # noqa: E402
-from tests.stackproc import StackProcess, descendants, free_port  # noqa: E402
+from tests.support.stackproc import StackProcess, descendants, free_port  # noqa: E402
 
 REDIS = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379")
 WARM_JOBS = 20
@@ -131,6 +137,12 @@ def measure(
         getattr(mine_after, f) - getattr(mine_before, f) for f in ("ru_utime", "ru_stime")
     )
     cpu["load generator (this process)"] = round(1000 * client_s / jobs, 2)
+    # A process that started during the burst (a model server replica the scaler asked for)
+    # counts its whole start-up above: named here so that a reader can tell.
+    started: dict[str, int] = {}
+    for pid, (name, _) in after.items():
+        if pid not in before:
+            started[name] = started.get(name, 0) + 1
     return {
         "jobs": jobs,
         "clients": clients,
@@ -138,6 +150,7 @@ def measure(
         "submit_per_s": round(jobs / submitted_s, 1),
         "cpu_ms_per_job": cpu,
         "cpu_ms_per_job_total": round(sum(cpu.values()), 1),
+        "processes_started": started,
     }
 
 
@@ -256,7 +269,13 @@ def bench_bare(database_url: str, jobs: int, clients: int, workers: int, threads
         log.close()
 
 
-def bench_genq(var_dir: Path, database_url: str | None, jobs: int, clients: int) -> dict:
+def bench_genq(
+    var_dir: Path,
+    database_url: str | None,
+    jobs: int,
+    clients: int,
+    echo_max_replicas: int | None = None,
+) -> dict:
     broker = f"{REDIS}/12"
     redis.Redis.from_url(broker).flushdb()
     env = {"GENQ_REDIS_URL": broker, "GENQ_LOG_LEVEL": "WARNING", "GENQ_API_WORKERS": "2"}
@@ -269,6 +288,9 @@ def bench_genq(var_dir: Path, database_url: str | None, jobs: int, clients: int)
     try:
         stack.start()
         assert stack.process is not None
+        if echo_max_replicas is not None:  # the echo model's policy, as an admin sets it
+            reply = stack.call("PATCH", "/v1/models/echo", json={"max_replicas": echo_max_replicas})
+            assert reply.status_code == 200, reply.text
         wait = wait_in_sql(url, "job", ("succeeded", "failed", "canceled"))
         result = measure(
             [stack.process.pid], lambda: str(stack.submit(echo)["id"]), wait, jobs, clients
@@ -285,19 +307,29 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--database-url", default=None, help="default: SQLite in a temp dir")
     parser.add_argument("--label", default="", help="`before` marks a baseline run")
+    parser.add_argument(
+        "--echo-max-replicas",
+        type=int,
+        default=None,
+        help="cap the echo model's replicas (default: the echo family's policy, up to 4 while "
+        "jobs queue; the bare pipeline has one actor)",
+    )
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="genq-job-path-"))
     bare_url = args.database_url or f"sqlite:///{tmp / 'bare.db'}"
     # genq's defaults for `genq api`: GENQ_API_WORKERS=2 (as set above), GENQ_API_THREADS=16.
     bare = bench_bare(bare_url, args.jobs, args.clients, workers=2, threads=16)
-    genq = bench_genq(tmp / "var", args.database_url, args.jobs, args.clients)
+    genq = bench_genq(
+        tmp / "var", args.database_url, args.jobs, args.clients, args.echo_max_replicas
+    )
     database = "postgresql" if args.database_url else "sqlite"
     result = {
         "at": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{os.cpu_count()} cores",
         "database": database,
         "label": args.label,
+        "echo_max_replicas": args.echo_max_replicas or "family policy",
         "bare_pipeline": bare,
         "genq_echo": genq,
         "ratio_jobs_per_s": round(genq["jobs_per_s"] / bare["jobs_per_s"], 2),
@@ -310,14 +342,18 @@ def main() -> None:
         )
         for process, ms in side["cpu_ms_per_job"].items():
             print(f"    {ms:8.2f} ms  {process}")
+        for process, n in side["processes_started"].items():
+            print(f"    started during the burst: {n} x {process}")
     print(
         f"genq / bare ({database}): {result['ratio_jobs_per_s']:.2f} in jobs/s, "
         f"{result['ratio_cpu_per_job']:.2f} in CPU per job (target 0.5)"
     )
     # bench/report.py's naming: `-before-` marks a baseline run; the database is in the JSON.
     before = "-before" if args.label == "before" else ""
+    # A capped run is its own kind: the target reads the family's policy (bench/report.py).
+    capped = f"-replicas-{args.echo_max_replicas}" if args.echo_max_replicas else ""
     stamp = result["at"][:19].replace(":", "")
-    out = ROOT / "bench" / "results" / f"job-path{before}-{stamp}.json"
+    out = ROOT / "bench" / "results" / f"job-path{capped}{before}-{stamp}.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"written to {out.relative_to(ROOT)}")
 

@@ -237,16 +237,26 @@ def _first_due(session: Session, queue: str, tenant_id: str, now: datetime) -> s
 
 
 def claim_next(
-    session: Session, queue: str, *, lease_ttl_s: float, now: datetime | None = None
+    session: Session,
+    queue: str,
+    *,
+    lease_ttl_s: float,
+    now: datetime | None = None,
+    limits_seen: dict[str, TenantLimits] | None = None,
 ) -> Lease | None:
     """Claim the best queued job of `queue` that may start now, or return None when there is
     none (the queue is empty, every tenant with work is at a quota, or every job waits for its
     backoff). One conditional UPDATE decides each claim (`core.jobs.claim_job`), so two
     callers never get the same job; a lost race moves on to the next candidate. `now`: the
-    time of the claim (a simulation's clock; the real one otherwise)."""
+    time of the claim (a simulation's clock; the real one otherwise). `limits_seen`, when
+    given, receives the limits of the tenants the claim looked at, as read in its transaction
+    (the runner tells from them whether the claimed job's tenant has quotas, without reading
+    its row again)."""
     now = now or utcnow()
     clock = _clock_row(session, queue)
     heads, limits = _heads(session, queue, clock.pass_value, now)
+    if limits_seen is not None:
+        limits_seen.update(limits)
     blocked = blocked_tenants(session, [h.tenant_id for h in heads], limits, now=now)
     tries = 0
     for head in heads:

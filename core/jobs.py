@@ -362,7 +362,7 @@ def record_output(session: Session, lease: Lease, output: Output, stored: Stored
     """Record one output file once: a second record of the same name returns the first."""
     job = _fenced(session, lease)
     # Only an output added earlier in this transaction must be flushed for the lookup to see
-    # it; other pending changes (the placement, progress) are left for the commit's one flush.
+    # it; other pending changes (the placement, progress) are left for the finish's flush.
     if any(isinstance(pending, Artifact) for pending in session.new):
         existing = session.scalar(_OUTPUT_NAMED, {"job_id": job.id, "name": output.name})
     else:
@@ -419,7 +419,6 @@ def finish_job(
         state = JobState.CANCELED
     set_state(session, job, state, attempt=job.attempt, error_type=error_type)
     now = now or utcnow()
-    charge_attempt(session, job, now)
     job.finished_at = now
     job.preempt_requested_at = None
     job.lease_token = None
@@ -430,6 +429,11 @@ def finish_job(
         job.metrics = {**(job.metrics or {}), **without_nul(metrics)}
     if result_model_id:
         job.result_model_id = result_model_id
+    # The transaction's writes go out before the tenant's usage row is locked: the claims of
+    # the tenant's next jobs wait for that lock, so it is held only for the usage write and
+    # the commit. (The job row is not written again after this.)
+    session.flush()
+    charge_attempt(session, job, now)
     return state
 
 

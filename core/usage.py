@@ -28,7 +28,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -120,14 +120,34 @@ def running_cost(row: TenantUsage, now: datetime) -> float:
     return max(0.0, row.running_rate * now.timestamp() - row.running_rate_start)
 
 
+# A start adds to the running totals in the statement that locks the row: no read first (the
+# claim runs it while its queue's other claims wait). `fetch`: a copy of the row that the
+# session holds is refreshed, so a later read in the transaction sees the new totals.
+_START_RUNNING = (
+    update(TenantUsage)
+    .where(TenantUsage.tenant_id == bindparam("of_tenant"))
+    .values(
+        running_attempts=TenantUsage.running_attempts + 1,
+        running_rate=TenantUsage.running_rate + bindparam("rate"),
+        running_rate_start=TenantUsage.running_rate_start + bindparam("rate_start"),
+    )
+    .execution_options(synchronize_session="fetch")
+)
+
+
 def start_attempt(session: Session, job: Job) -> None:
     """The claim started an attempt of `job` (its `started_at` set): count it as running."""
     assert job.started_at is not None
-    row = _locked_row(session, job.tenant_id, job.started_at)
     rate = rate_of(job.num_gpus)
+    rate_start = rate * job.started_at.timestamp()
+    params = {"of_tenant": job.tenant_id, "rate": rate, "rate_start": rate_start}
+    if getattr(session.execute(_START_RUNNING, params), "rowcount", 0):
+        return
+    # The tenant's first attempt: its row is created.
+    row = _locked_row(session, job.tenant_id, job.started_at)
     row.running_attempts += 1
     row.running_rate += rate
-    row.running_rate_start += rate * job.started_at.timestamp()
+    row.running_rate_start += rate_start
 
 
 def _end_running(row: TenantUsage, job: Job) -> None:

@@ -9,6 +9,7 @@ recorder.py import it, it imports none of them.
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -18,6 +19,7 @@ from core.artifacts import ArtifactStore
 from core.db import Database
 from core.errors import GenqError
 from core.inputfiles import resolve_input
+from core.quotas import TenantLimits
 from core.settings import Settings
 from core.states import JobKind
 from core.tables import Dataset, Job, Model, Tenant
@@ -71,9 +73,13 @@ class JobSnapshot:
     input_error: GenqError | None = None
 
 
-def read_snapshot(session: Session, job_id: str) -> JobSnapshot:
+def read_snapshot(
+    session: Session, job_id: str, limits: Mapping[str, TenantLimits] | None = None
+) -> JobSnapshot:
     """The claimed job, its model (or the base that serves an adapter), its data set, whether
-    its tenant has quotas, and the store keys of its input files, in the claim's transaction."""
+    its tenant has quotas, and the store keys of its input files, in the claim's transaction.
+    `limits`: the tenants' limits as the claim read them (core.fairness.claim_next's
+    `limits_seen`); without them the tenant's row is read."""
     job = session.get(Job, job_id)  # the claim loaded it
     assert job is not None
     snap = JobSnapshot(
@@ -92,10 +98,14 @@ def read_snapshot(session: Session, job_id: str) -> JobSnapshot:
         gpu_memory_gb=job.gpu_memory_gb,
         request_id=job.request_id,
     )
-    tenant = session.get(Tenant, job.tenant_id)
-    snap.has_quota = tenant is not None and (
-        tenant.max_running is not None or tenant.gpu_seconds_budget is not None
-    )
+    if limits is not None and job.tenant_id in limits:
+        lim = limits[job.tenant_id]
+        snap.has_quota = lim.max_running is not None or lim.gpu_seconds_budget is not None
+    else:
+        tenant = session.get(Tenant, job.tenant_id)
+        snap.has_quota = tenant is not None and (
+            tenant.max_running is not None or tenant.gpu_seconds_budget is not None
+        )
     if job.model_id:
         model = session.get(Model, job.model_id)
         assert model is not None

@@ -33,6 +33,7 @@ from core.events import Event, Log, Placement
 from core.fairness import claim_next
 from core.jobs import Lease
 from core.logs import current_job_context, job_context
+from core.quotas import TenantLimits
 from core.settings import Settings
 from core.states import JobKind, JobState
 from core.tables import Job
@@ -96,9 +97,12 @@ class Runner:
                 if queue is None:
                     log.info("not claimed (state missing)", extra={"job_id": job_id})
                     return "skipped:missing"
-                lease = claim_next(session, queue, lease_ttl_s=self.settings.lease_ttl_s)
+                limits: dict[str, TenantLimits] = {}
+                lease = claim_next(
+                    session, queue, lease_ttl_s=self.settings.lease_ttl_s, limits_seen=limits
+                )
                 if lease is not None:
-                    snapshot = read_snapshot(session, lease.job_id)
+                    snapshot = read_snapshot(session, lease.job_id, limits)
         except Exception as exc:
             return claim_failed(self, job_id, queue_hint, exc)
         if lease is None:

@@ -25,7 +25,7 @@ from core.preemption import requeue_preempted
 from core.recovery import reap_expired
 from core.settings import Settings
 from core.states import JobKind, JobState
-from core.tables import Job, Tenant, utcnow
+from core.tables import Job, Tenant, TenantUsage, utcnow
 from core.usage import attempt_cost, recount_running, usage_of
 
 HALF_LIFE_S = 600.0
@@ -275,3 +275,29 @@ def test_the_running_totals_follow_every_start_and_end(db) -> None:  # type: ign
     with db.read() as session:
         usage = usage_of(session, list(db.tenants.values()), t0 + timedelta(days=1))
     assert all(u.running_gpu_seconds == 0.0 for u in usage.values())
+
+
+def test_a_start_refreshes_the_usage_row_the_transaction_holds(db) -> None:  # type: ignore[no-untyped-def]
+    """A claim adds its start to the tenant's running totals in one UPDATE, without reading
+    the row: a copy of the row that the transaction already holds is refreshed, so an attempt
+    that ends later in the same transaction subtracts from the new totals and the start is
+    not lost."""
+    t0 = utcnow()
+    _submit(db, "a", 2, 1.0)
+    with db.transaction() as session:
+        first = claim_next(session, "generate", lease_ttl_s=60, now=t0)
+        assert first is not None
+    with db.transaction() as session:
+        held = session.scalars(select(TenantUsage)).all()  # the copy the session keeps
+        assert [row.running_attempts for row in held] == [1]
+        second = claim_next(session, "generate", lease_ttl_s=60, now=t0 + timedelta(seconds=1))
+        assert second is not None
+        assert held[0].running_attempts == 2
+        finish_job(session, first, JobState.SUCCEEDED, now=t0 + timedelta(seconds=2))
+    with db.read() as session:
+        row = session.scalar(select(TenantUsage))
+        assert row is not None and row.running_attempts == 1
+        usage = usage_of(session, list(db.tenants.values()), t0 + timedelta(seconds=30))
+    expected = _running_from_rows(db, t0 + timedelta(seconds=30))
+    for tenant_id, cost in expected.items():
+        assert math.isclose(usage[tenant_id].running_gpu_seconds, cost, abs_tol=1e-3)
