@@ -51,7 +51,14 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 SHOTS = ROOT / "test-output" / "dashboard"
-TINY_TRAIN = {"preset": "tiny", "steps": 40, "batch_size": 16, "checkpoint_every": 20, "seed": 1}
+TINY_TRAIN = {
+    "preset": "tiny",
+    "steps": 40,
+    "batch_size": 16,
+    "checkpoint_every": 20,
+    "seed": 1,
+    "sample_steps": 2,
+}
 
 
 def wait_js(page: Any, expression: str, timeout: float = 30_000) -> None:

@@ -227,7 +227,13 @@ def test_a_dataset_in_the_bucket_trains_resumes_from_the_store_and_serves_from_i
             "family": "ddpm",
             "dataset": "swatches",
             "name": "swatch",
-            "params": {"preset": "tiny", "steps": 60, "batch_size": 4, "checkpoint_every": 5},
+            "params": {
+                "preset": "tiny",
+                "steps": 60,
+                "batch_size": 4,
+                "checkpoint_every": 5,
+                "sample_steps": 2,
+            },
         }
     )
     checkpoints = f"checkpoints/{job_id}"

@@ -33,7 +33,14 @@ TRAIN = {
     "family": "ddpm",
     "dataset": "digits",
     "name": "faults",
-    "params": {"preset": "tiny", "steps": 60, "batch_size": 8, "checkpoint_every": 5, "seed": 1},
+    "params": {
+        "preset": "tiny",
+        "steps": 60,
+        "batch_size": 8,
+        "checkpoint_every": 5,
+        "seed": 1,
+        "sample_steps": 2,
+    },
 }
 
 

@@ -28,7 +28,7 @@ TRAIN = {
     "dataset": "digits",
     "name": "machine",
     "params": {"preset": "tiny", "steps": 80, "batch_size": 8,
-               "checkpoint_every": CHECKPOINT_EVERY, "seed": 3},
+               "checkpoint_every": CHECKPOINT_EVERY, "seed": 3, "sample_steps": 2},
 }  # fmt: skip
 
 

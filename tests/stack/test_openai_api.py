@@ -25,7 +25,14 @@ from tests.support.stackproc import ROOT, StackProcess
 pytestmark = pytest.mark.stack
 
 LM = {"preset": "tiny", "steps": 4, "batch_size": 4, "checkpoint_every": 2, "seed": 1}
-DDPM = {"preset": "tiny", "steps": 4, "batch_size": 8, "checkpoint_every": 2, "seed": 1}
+DDPM = {
+    "preset": "tiny",
+    "steps": 4,
+    "batch_size": 8,
+    "checkpoint_every": 2,
+    "seed": 1,
+    "sample_steps": 2,
+}
 
 
 @pytest.fixture(scope="module")

@@ -183,7 +183,7 @@ def test_a_training_jobs_trainer_lines_carry_its_request_id(stack: StackProcess)
             "family": "ddpm",
             "dataset": "digits",
             "name": "ops-logs",
-            "params": {"preset": "tiny", "steps": 4, "batch_size": 8, "seed": 1},
+            "params": {"preset": "tiny", "steps": 4, "batch_size": 8, "seed": 1, "sample_steps": 2},
         },
         headers={"X-Request-ID": request_id},
     )

@@ -66,7 +66,14 @@ def _cli(stack: StackProcess, *args: str) -> str:
     return out.stdout.strip()
 
 
-TINY_TRAIN = {"preset": "tiny", "steps": 40, "batch_size": 16, "checkpoint_every": 20, "seed": 1}
+TINY_TRAIN = {
+    "preset": "tiny",
+    "steps": 40,
+    "batch_size": 16,
+    "checkpoint_every": 20,
+    "seed": 1,
+    "sample_steps": 2,
+}
 
 
 def test_train_then_generate_digits(stack: StackProcess) -> None:

@@ -24,7 +24,14 @@ from workers.routing import get_model_server  # noqa: E402
 pytestmark = pytest.mark.stack
 
 ECHO, DDPM = get_family("echo"), get_family("ddpm")
-TINY = {"preset": "tiny", "steps": 4, "batch_size": 8, "checkpoint_every": 2, "seed": 3}
+TINY = {
+    "preset": "tiny",
+    "steps": 4,
+    "batch_size": 8,
+    "checkpoint_every": 2,
+    "seed": 3,
+    "sample_steps": 2,
+}
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -258,7 +258,13 @@ def test_four_concurrent_jobs_through_the_stack_run_as_one_batch(tmp_path: Path)
     )
     try:
         stack.start()
-        params = {"preset": "tiny", "steps": 4, "batch_size": 8, "checkpoint_every": 4}
+        params = {
+            "preset": "tiny",
+            "steps": 4,
+            "batch_size": 8,
+            "checkpoint_every": 4,
+            "sample_steps": 2,
+        }
         body = {"kind": "train", "family": "ddpm", "dataset": "digits", "name": "d"}
         trained = stack.wait(stack.submit({**body, "params": params})["id"])
         assert trained["state"] == "succeeded", trained

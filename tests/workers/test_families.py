@@ -23,7 +23,15 @@ from workers.families import ddpm, echo
 from workers.families.base import CanceledError, DatasetRef, RunContext, TrainContext
 from workers.families.checkpoints import CHECKPOINT_NAME, read_checkpoint_meta
 
-TRAIN = {"preset": "tiny", "steps": 8, "batch_size": 16, "checkpoint_every": 3, "seed": 7}
+# Two denoising steps for the end-of-training grid: enough to make it, cheap on a CPU.
+TRAIN = {
+    "preset": "tiny",
+    "steps": 8,
+    "batch_size": 16,
+    "checkpoint_every": 3,
+    "seed": 7,
+    "sample_steps": 2,
+}
 
 
 def train_ctx(root: Path, job_id: str = "job-1", **kw) -> TrainContext:
@@ -144,6 +152,7 @@ def test_training_yields_progress_metrics_samples_and_the_model(trained):
     assert (grid.name, grid.kind, grid.content_type) == ("samples.png", "grid", "image/png")
     image = Image.open(io.BytesIO(grid.data))
     assert image.size == (10 * 32, 32)  # ten 16px classes, upscaled 2x
+    assert grid.meta == {"labels": list(range(10)), "steps": 2, "seed": 7}
 
     saved = events[-1]
     assert isinstance(saved, ModelSaved) and saved.path == "models/job-1"
@@ -158,6 +167,14 @@ def test_training_yields_progress_metrics_samples_and_the_model(trained):
     json.dumps(config)  # stored as JSON in the model row
     files = sorted(p.name for p in ctx.model_dir.iterdir())
     assert files == ["config.json", "diffusion_pytorch_model.safetensors", "genq.json"]
+
+
+def test_sample_steps_zero_draws_no_grid(tmp_path):
+    params = {**TRAIN, "steps": 1, "sample_steps": 0}
+    events = list(ddpm.train(params, train_ctx(tmp_path)))
+    assert not any(isinstance(e, Output) for e in events)
+    assert Log("drawing one sample per class") not in events
+    assert isinstance(events[-1], ModelSaved)
 
 
 def test_checkpoint_is_one_safetensors_file_with_optimizer_state(trained):

@@ -10,7 +10,7 @@ import base64
 import io
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,12 +39,16 @@ class Case:
     bad_model: dict[str, Any]  # passes the spec, refused by the loaded model
     bad_field: str
     loss_keys: tuple[str, ...]
+    train_extra: dict[str, Any] = field(default_factory=dict)  # this family's own train params
+
+    def train(self, **over: Any) -> dict[str, Any]:
+        return {**TRAIN, **self.train_extra, **over}
 
 
 TRAIN = {"preset": "tiny", "steps": 6, "batch_size": 8, "checkpoint_every": 4, "seed": 3}
 CASES = [
     Case("ddpm", DIGITS, {"label": 3, "num_images": 2, "steps": 4}, {"steps": 0},
-         {"label": 10}, "params.label", ("loss",)),
+         {"label": 10}, "params.label", ("loss",), {"sample_steps": 2}),
     Case("gan", DIGITS, {"label": 3, "num_images": 2}, {"num_images": 0},
          {"label": 10}, "params.label", ("d_loss", "g_loss")),
     Case("vae", DIGITS, {"label": 3, "num_images": 2}, {"mode": "dream"},
@@ -94,7 +98,7 @@ def trained(case, tmp_path_factory):
     root = tmp_path_factory.mktemp(case.family)
     ctx = ctx_for(root, case, "job-1")
     impl = get_family(case.family).load_implementation()
-    events = list(impl.train(dict(TRAIN), ctx))
+    events = list(impl.train(case.train(), ctx))
     saved = events[-1]
     assert isinstance(saved, ModelSaved)
     model = impl.load(ctx.model_dir, saved.config, "cpu")
@@ -204,10 +208,10 @@ def test_resume_takes_the_steps_an_uninterrupted_run_would(trained, tmp_path):
         is_canceled=lambda: any(isinstance(e, Progress) and e.step >= 4 for e in seen),
     )
     with pytest.raises(CanceledError):
-        for event in impl.train(dict(TRAIN), stopped):
+        for event in impl.train(case.train(), stopped):
             seen.append(event)
     assert not stopped.model_dir.exists()  # the fault fired before the model was saved
-    resumed = list(impl.train(dict(TRAIN), ctx_for(tmp_path, case, "job-2")))
+    resumed = list(impl.train(case.train(), ctx_for(tmp_path, case, "job-2")))
     assert any(isinstance(e, Log) and e.message == "resumed from step 4" for e in resumed)
     assert [e.step for e in resumed if isinstance(e, Progress)] == [5, 6]
     # Every weights file of the saved model (one per family's layout) equals the other run's.
@@ -227,9 +231,9 @@ def test_finetune_continues_from_the_saved_model(trained, tmp_path):
     child = ctx_for(
         tmp_path, case, "job-ft", parent_model_dir=ctx.model_dir, parent_config=saved.config
     )
-    params = {k: v for k, v in TRAIN.items() if k != "preset"} | {"steps": 2}
+    params = {k: v for k, v in case.train(steps=2).items() if k != "preset"}
     with pytest.raises(ValidationError):
-        list(impl.train(dict(TRAIN), child))  # a fine-tune keeps its parent's preset
+        list(impl.train(case.train(), child))  # a fine-tune keeps its parent's preset
     result = list(impl.train(params, child))
     assert isinstance(result[-1], ModelSaved)
     tuned = impl.load(child.model_dir, result[-1].config, "cpu")

@@ -133,7 +133,14 @@ BUILTIN_CASES = {
         checkpoint_step=4,
     ),
     "ddpm": ContractCase(
-        train={"preset": "tiny", "steps": 6, "batch_size": 8, "checkpoint_every": 4, "seed": 3},
+        train={
+            "preset": "tiny",
+            "steps": 6,
+            "batch_size": 8,
+            "checkpoint_every": 4,
+            "seed": 3,
+            "sample_steps": 2,
+        },
         generate={"label": 3, "num_images": 2, "steps": 4},
         bad_generate={"steps": 0},
         checkpoint_step=4,

@@ -278,7 +278,7 @@ def test_a_job_that_cannot_be_placed_says_what_it_waits_for(stack: dict[str, Any
                 kind=JobKind.TRAIN,
                 family="ddpm",
                 queue="train",
-                params={"preset": "tiny", "steps": 2, "batch_size": 4},
+                params={"preset": "tiny", "steps": 2, "batch_size": 4, "sample_steps": 2},
                 dataset_id=digits,
                 target_name="waited",
                 num_gpus=0.25,

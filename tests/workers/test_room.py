@@ -156,7 +156,7 @@ def test_idle_servers_make_room_for_a_new_model_and_a_trainer_never_a_busy_one(
         for ref in trainer.train.remote(
             "room-t",
             "train",
-            {"preset": "tiny", "steps": 2, "batch_size": 4},
+            {"preset": "tiny", "steps": 2, "batch_size": 4, "sample_steps": 2},
             train_ctx(tmp_path, "room-t"),
         )
     ]

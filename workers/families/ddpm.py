@@ -57,7 +57,6 @@ from workers.families.pictures import grid_png, png_bytes, to_pil, to_uint8
 # optimizer name); a /1 checkpoint left by an older genq is refused with a ModelError.
 CHECKPOINT_FORMAT = "genq-ddpm-checkpoint/2"
 METRIC_EVERY = 20  # steps between Metric events
-GRID_STEPS = 50  # denoising steps of the end-of-training sample grid
 
 # Network presets. `tiny` trains in seconds on a CPU (tests); `default` draws recognisable
 # digits after a few thousand steps. Both are attention-free: at 16x16 attention buys little
@@ -342,12 +341,30 @@ def train(params: dict[str, Any], ctx: TrainContext) -> Iterator[Event]:
             yield Log(f"checkpoint at step {step}", level="debug")
 
     unet.eval()
+    if p.sample_steps:
+        yield from _sample_grid(unet, config, dataset.num_classes, p, ctx)
+    _save_model(unet.cpu(), config, ctx.model_dir)
+    yield Log(f"saved the model to {ctx.model_dir_rel}")
+    yield ModelSaved(
+        path=ctx.model_dir_rel,
+        config={**config, "seed": p.seed, "steps": p.steps},
+        metrics={"final_loss": final_loss},
+    )
+
+
+def _sample_grid(
+    unet: UNet2DModel,
+    config: dict[str, Any],
+    num_classes: int,
+    p: DdpmFinetuneParams,
+    ctx: TrainContext,
+) -> Iterator[Event]:
+    """The end-of-training look at the model: one image per class, all with the run's seed."""
     yield Log("drawing one sample per class")
-    K = dataset.num_classes
-    labels = torch.arange(K)
+    labels = torch.arange(num_classes)
     images = None
-    steps = min(GRID_STEPS, T)
-    for item in denoise(unet, build_scheduler(config), labels, [p.seed] * K, steps, ctx):
+    steps = min(p.sample_steps, config["num_train_timesteps"])
+    for item in denoise(unet, build_scheduler(config), labels, [p.seed] * num_classes, steps, ctx):
         if isinstance(item, torch.Tensor):
             images = item
     assert images is not None
@@ -355,15 +372,8 @@ def train(params: dict[str, Any], ctx: TrainContext) -> Iterator[Event]:
         name="samples.png",
         kind="grid",
         content_type="image/png",
-        data=grid_png(images, columns=min(K, 10)),
+        data=grid_png(images, columns=min(num_classes, 10)),
         meta={"labels": labels.tolist(), "steps": steps, "seed": p.seed},
-    )
-    _save_model(unet.cpu(), config, ctx.model_dir)
-    yield Log(f"saved the model to {ctx.model_dir_rel}")
-    yield ModelSaved(
-        path=ctx.model_dir_rel,
-        config={**config, "seed": p.seed, "steps": p.steps},
-        metrics={"final_loss": final_loss},
     )
 
 

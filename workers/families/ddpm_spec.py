@@ -31,6 +31,13 @@ class DdpmFinetuneParams(BaseModel):
     checkpoint_every: int = Field(
         200, ge=1, le=1_000_000, description="Steps between checkpoints (resume points)."
     )
+    sample_steps: int = Field(
+        50,
+        ge=0,
+        le=1000,
+        description="Denoising steps of the sample grid (one image per class) drawn when"
+        " training ends; 0 draws none.",
+    )
 
 
 class DdpmTrainParams(DdpmFinetuneParams):
