@@ -39,6 +39,12 @@ from sqlalchemy.engine import make_url
 # Helpers under tests/support/ assert too; pytest rewrites their asserts as it does tests'.
 pytest.register_assert_rewrite("tests.support")
 
+# Under xdist each test process (and what it starts: `genq up`, workers, Ray) computes with one
+# thread: on a machine with as many cores as test processes, torch's own thread pool per
+# process would put two busy threads on each core, each waiting on the other's spin.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 PG_URL = os.environ.get("GENQ_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("GENQ_TEST_REDIS_URL", "redis://127.0.0.1:6379").rstrip("/")
 
