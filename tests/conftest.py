@@ -31,6 +31,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -38,6 +39,12 @@ from sqlalchemy.engine import make_url
 
 # Helpers under tests/support/ assert too; pytest rewrites their asserts as it does tests'.
 pytest.register_assert_rewrite("tests.support")
+
+# Under xdist each test process (and what it starts: `genq up`, workers, Ray) computes with one
+# thread: on a machine with as many cores as test processes, torch's own thread pool per
+# process would put two busy threads on each core, each waiting on the other's spin.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 PG_URL = os.environ.get("GENQ_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("GENQ_TEST_REDIS_URL", "redis://127.0.0.1:6379").rstrip("/")
@@ -68,6 +75,43 @@ def _one_fault_test_at_a_time(
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# The fault-injection and multi-host files: one unit of work for xdist, run in turn by one
+# test process (see pytest_xdist_make_scheduler), while the others run everything else.
+SERIAL_FILES = ("tests/faults/", "tests/stack/test_multihost.py")
+# Where the time goes, most first: files under these folders start before the rest, so that
+# the last file to end on a test process is a short one, not a whole stack's.
+HEAVY_FIRST = (*SERIAL_FILES, "tests/stack/", "tests/browser/", "tests/workers/")
+
+
+def _weight(nodeid: str) -> int:
+    return next((i for i, p in enumerate(HEAVY_FIRST) if nodeid.startswith(p)), len(HEAVY_FIRST))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Heavy files first, each file's tests in their own order (a stable sort); every test
+    process sorts its collection alike, as xdist requires."""
+    items.sort(key=lambda item: _weight(item.nodeid))
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`--dist loadfile`, but the fault files are a single unit. Under the file lock above
+    they could not run beside each other anyway: handed to two test processes, one of them
+    would sit waiting on the lock with its file. Units go out in collection order (heavy first),
+    not reordered by their number of tests."""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class SerialFaultsFirst(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            if nodeid.startswith(SERIAL_FILES):
+                return "serial-faults"
+            return super()._split_scope(nodeid)
+
+    config.option.loadscopereorder = False
+    return SerialFaultsFirst(config, log)
 
 
 def xdist_worker() -> tuple[int, int]:
