@@ -181,6 +181,37 @@ def load_context(
     return ctx
 
 
+def submitted_context(
+    session: Session,
+    job: Job,
+    *,
+    model: Model | None,
+    dataset: Dataset | None,
+    slots: int,
+    figures: Figures,
+    committed_at: float,
+) -> JobContext:
+    """`load_context` for a job just created, from what the submit already holds and the
+    process's recent figures (api/polling.py), without a query while they are fresh: the model
+    and data set it resolved, and for the queue position, the queue's order as of at most the
+    figures' age ago. The job's own line (its tenant's queued jobs of its priority, all older
+    than it) is read from that order's counts, which include the job itself when they were
+    computed after `committed_at` (time.monotonic() once its transaction committed)."""
+    ctx = JobContext()
+    if model is not None:
+        ctx.models[model.id] = model
+    if dataset is not None:
+        ctx.datasets[dataset.id] = dataset
+    if job.state == JobState.QUEUED:
+        order, at = figures.get(("queue_order", job.queue), lambda: queue_order(session, job.queue))
+        ctx.as_of = min(ctx.as_of, at)
+        line = order.counts.get(job.tenant_id, {}).get(job.priority, 0)
+        own_ahead = max(0, line - 1) if at >= committed_at else line
+        ctx.queue_positions[job.id] = order.position(job, own_ahead)
+    _estimates(session, [job], ctx, slots, figures)
+    return ctx
+
+
 def output_payload(artifact: Artifact) -> schemas.Output:
     return {
         "id": artifact.id,

@@ -145,6 +145,15 @@ def blocked_tenants(
     return blocked
 
 
+def has_submission_limit(lim: TenantLimits | None) -> bool:
+    """Whether `check_submission` can refuse a submission of a tenant with these limits."""
+    if lim is None:
+        return False
+    return lim.max_queued is not None or (
+        lim.gpu_seconds_budget is not None and lim.over_quota == "reject"
+    )
+
+
 def check_submission(session: Session, tenant_id: str, count: int = 1) -> None:
     """Refuse (429) `count` new jobs of `tenant_id` that its quotas do not admit (all or
     none: a batch is admitted whole); see the module."""
