@@ -168,13 +168,16 @@ def submit() -> Response:
                 request_digest=digest,
             )
     if resolved is not None:
+        # Committed already marked as published: publish() clears the mark if the broker
+        # does not take it.
         try:
-            with state.database.transaction() as session:
-                if limited:
-                    check_submission(session, tenant_id)
-                # Committed already marked as published: publish() clears the mark if the
-                # broker does not take it.
-                job, created = insert_job(session, resolved.new, published=True)
+            if limited or key or resolved.new.webhook:
+                with state.database.transaction() as session:
+                    if limited:
+                        check_submission(session, tenant_id)
+                    job, created = insert_job(session, resolved.new, published=True)
+            else:
+                job, created = state.inserts.insert(resolved.new), True
         except IntegrityError:
             # What it names went away between the read and the insert (a model deleted).
             raise ConflictError(
