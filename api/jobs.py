@@ -1,8 +1,10 @@
 """`/v1/jobs`: submit, read, list, cancel and retry jobs, and read a job's logs.
 
-A submission is written in one transaction and published to the broker only after it commits
-(and only when it is `queued`: a scheduled job is published by the periodic scheduler when its
-`run_at` comes). A failed publish does not fail the request; the reconciler republishes.
+A submission reads what it names first, then its rows are written in one transaction (shared
+with the submissions waiting for the write lock at the same moment: core/intake.py) and it is
+published to the broker only after that commits (and only when it is `queued`: a scheduled job
+is published by the periodic scheduler when its `run_at` comes). A failed publish does not fail
+the request; the reconciler republishes.
 """
 
 from __future__ import annotations
