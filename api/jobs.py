@@ -63,7 +63,7 @@ from core.jobs import (
     set_priority,
 )
 from core.numbers import parse_whole
-from core.quotas import check_submission, has_submission_limit, load_limits
+from core.quotas import check_submission, has_submission_limit, tenant_limits
 from core.states import JobKind, JobState
 from core.tables import SYSTEM_TENANT_ID, Job, JobEvent, Model, utcnow
 from scheduler.enqueue import Publication
@@ -160,7 +160,7 @@ def submit() -> Response:
     with state.database.read() as session:
         existing = find_by_idempotency_key(session, tenant_id, key) if key else None
         if existing is None:
-            limited = has_submission_limit(load_limits(session, [tenant_id]).get(tenant_id))
+            limited = has_submission_limit(tenant_limits(session, tenant_id))
             resolved = resolve_submission(
                 session,
                 submission,
@@ -205,28 +205,29 @@ def submit() -> Response:
                 finished = wait_for_jobs(
                     state.database, [job_id], timeout_s=wait_s, poll_s=state.stream_poll_s
                 )
-    # Rendered after the commit and the publish, in a read transaction: its queue position and
-    # ETA queries must neither hold SQLite's single write lock nor delay the job's start. A job
-    # just created is the row as written, with the model it resolved and the process's recent
-    # queue figures (as for a poll, api/polling.py); a replayed or awaited one is read again.
+    # Rendered after the commit and the publish: its queue position and ETA queries must
+    # neither hold SQLite's single write lock nor delay the job's start. A job just created is
+    # the row as written, with the model it resolved and the process's recent queue figures (as
+    # for a poll, api/polling.py; SQL is read only for a figure that is not fresh); an awaited
+    # one is read again.
     docs = polling.documents()
-    with state.database.read() as session:
-        if wait_s is not None:
-            job = get_job(session, job_id)
-        if created and wait_s is None and docs.enabled and resolved is not None:
-            ctx = submitted_context(
-                session,
-                job,
-                model=resolved.model,
-                dataset=resolved.dataset,
-                slots=worker_slots(),
-                figures=docs.figures,
-                committed_at=committed_at,
-            )
-        else:
-            figures = docs.figures if docs.enabled else None
-            ctx = load_context(session, [job], worker_slots(), figures)
+    if created and wait_s is None and docs.enabled and resolved is not None:
+        ctx = submitted_context(
+            state.database.read,
+            job,
+            model=resolved.model,
+            dataset=resolved.dataset,
+            slots=worker_slots(),
+            figures=docs.figures,
+            committed_at=committed_at,
+        )
         payload = job_payload(job, ctx)
+    else:
+        with state.database.read() as session:
+            if wait_s is not None:
+                job = get_job(session, job_id)
+            figures = docs.figures if docs.enabled else None
+            payload = job_payload(job, load_context(session, [job], worker_slots(), figures))
     response = _job_response(payload, 202 if created and not finished else 200)
     if not created:
         response.headers["Idempotency-Replayed"] = "true"

@@ -8,7 +8,8 @@ Timestamps are ISO-8601 in UTC with a `Z`.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, cast, overload
@@ -182,7 +183,7 @@ def load_context(
 
 
 def submitted_context(
-    session: Session,
+    read: Callable[[], AbstractContextManager[Session]],
     job: Job,
     *,
     model: Model | None,
@@ -192,23 +193,41 @@ def submitted_context(
     committed_at: float,
 ) -> JobContext:
     """`load_context` for a job just created, from what the submit already holds and the
-    process's recent figures (api/polling.py), without a query while they are fresh: the model
-    and data set it resolved, and for the queue position, the queue's order as of at most the
-    figures' age ago. The job's own line (its tenant's queued jobs of its priority, all older
-    than it) is read from that order's counts, which include the job itself when they were
-    computed after `committed_at` (time.monotonic() once its transaction committed)."""
+    process's recent figures (api/polling.py): the model and data set it resolved, and the
+    queue's order, the queue's running jobs and the model's mean run time as of at most the
+    figures' age ago. A read transaction (`read()`) is opened only for a figure that is not
+    fresh. The job's own line (its tenant's queued jobs of its priority, all older than it) is
+    read from the order's counts, which include the job itself when they were computed after
+    `committed_at` (time.monotonic() once its transaction committed)."""
     ctx = JobContext()
     if model is not None:
         ctx.models[model.id] = model
     if dataset is not None:
         ctx.datasets[dataset.id] = dataset
-    if job.state == JobState.QUEUED:
-        order, at = figures.get(("queue_order", job.queue), lambda: queue_order(session, job.queue))
+    if job.state not in (JobState.QUEUED, JobState.RUNNING):
+        return ctx
+
+    def figure(key: tuple[Any, ...], compute: Callable[[Session], Any]) -> tuple[Any, float]:
+        def fresh() -> Any:
+            with read() as session:
+                return compute(session)
+
+        value, at = figures.get(key, fresh)
         ctx.as_of = min(ctx.as_of, at)
-        line = order.counts.get(job.tenant_id, {}).get(job.priority, 0)
-        own_ahead = max(0, line - 1) if at >= committed_at else line
-        ctx.queue_positions[job.id] = order.position(job, own_ahead)
-    _estimates(session, [job], ctx, slots, figures)
+        return value, at
+
+    order, at = figure(("queue_order", job.queue), lambda s: queue_order(s, job.queue))
+    line = order.counts.get(job.tenant_id, {}).get(job.priority, 0)
+    own_ahead = max(0, line - 1) if at >= committed_at else line
+    position = order.position(job, own_ahead)
+    ctx.queue_positions[job.id] = position
+    # As _estimates does for a queued job, with the same figure keys.
+    mean, _ = figure(
+        ("mean_run_s", job.model_id, job.family),
+        lambda s: mean_run_s(s, job.model_id, job.family),
+    )
+    running, _ = figure(("running_in", job.queue), lambda s: running_in(s, job.queue))
+    ctx.eta_s[job.id] = estimate_eta_s(position=position, running=running, slots=slots, mean_s=mean)
     return ctx
 
 

@@ -154,6 +154,9 @@ class Publisher:
                     countdown=item.countdown_s,
                     retry=False,
                     headers=headers,
+                    # What Celery's saferepr would write, without its cost.
+                    argsrepr=f"[{item.job_id!r}]",
+                    kwargsrepr="{}",
                 )
                 sent.append(item.job_id)
             except Exception as exc:  # the reconciler will publish it later
