@@ -164,21 +164,21 @@ class InsertQueue:
                 lead = False
         if me.error is not None:
             # Its group failed as a whole: alone, it fails only if its own row is the bad one.
-            with self.database.transaction() as session:
-                session.execute(_INSERT_JOB, me.row)
-                session.execute(_INSERT_EVENT, first_event(me.row))
+            with self.database.write() as conn:
+                conn.execute(_INSERT_JOB, me.row)
+                conn.execute(_INSERT_EVENT, first_event(me.row))
         return Job(**me.row)
 
     def _commit_group(self) -> None:
         group: list[_Waiting] = []
         error: BaseException | None = None
         try:
-            with self.database.transaction() as session:
+            with self.database.write() as conn:
                 # Taken once the write lock is held: whoever queued meanwhile comes along.
                 with self._lock:
                     group, self._waiting = self._waiting, []
-                session.execute(_INSERT_JOB, [w.row for w in group])
-                session.execute(_INSERT_EVENT, [first_event(w.row) for w in group])
+                conn.execute(_INSERT_JOB, [w.row for w in group])
+                conn.execute(_INSERT_EVENT, [first_event(w.row) for w in group])
         except BaseException as exc:
             error = exc
             if not isinstance(exc, Exception):
