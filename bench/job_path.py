@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.cpu_per_job import process_cpu  # noqa: E402
-from tests.stackproc import StackProcess, descendants, free_port  # noqa: E402
+from tests.support.stackproc import StackProcess, descendants, free_port  # noqa: E402
 
 REDIS = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379")
 WARM_JOBS = 20

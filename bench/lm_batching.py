@@ -109,7 +109,7 @@ def server_level(folder: Path, n: int, max_tokens: int, rounds: int) -> dict[str
 
 def stack_level(folder: Path, n: int, max_tokens: int, rounds: int) -> dict[str, Any]:
     from genq_client import Client
-    from tests.stackproc import StackProcess
+    from tests.support.stackproc import StackProcess
 
     tmp = Path(tempfile.mkdtemp(prefix="genq-bench-lm-"))
     stack = StackProcess(

@@ -60,7 +60,7 @@ from core.tables import JobEvent  # noqa: E402
 from scheduler.enqueue import Publisher  # noqa: E402
 from scheduler.recorder import EventRecorder  # noqa: E402
 from scheduler.runner import JobSnapshot, Runner  # noqa: E402
-from tests.stackproc import free_port  # noqa: E402
+from tests.support.stackproc import free_port  # noqa: E402
 
 PG_URL = os.environ.get("BENCH_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379")
