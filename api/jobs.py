@@ -1,8 +1,10 @@
 """`/v1/jobs`: submit, read, list, cancel and retry jobs, and read a job's logs.
 
-A submission is written in one transaction and published to the broker only after it commits
-(and only when it is `queued`: a scheduled job is published by the periodic scheduler when its
-`run_at` comes). A failed publish does not fail the request; the reconciler republishes.
+A submission reads what it names first, then its rows are written in one transaction (shared
+with the submissions waiting for the write lock at the same moment: core/intake.py) and it is
+published to the broker only after that commits (and only when it is `queued`: a scheduled job
+is published by the periodic scheduler when its `run_at` comes). A failed publish does not fail
+the request; the reconciler republishes.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 from sqlalchemy import bindparam, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from werkzeug.exceptions import UnsupportedMediaType
 
@@ -31,14 +34,15 @@ from api.payloads import (
     load_context,
     render_job,
     render_jobs,
+    submitted_context,
     worker_slots,
 )
 from api.state import genq
 from api.submissions import (
-    build_new_job,
     check_idempotency_key,
     parse_submission,
     request_hash,
+    resolve_submission,
 )
 from api.waits import prefer_wait_s, wait_for_jobs, wait_slot
 from core.audit import Actor, record_action
@@ -50,16 +54,16 @@ from core.errors import (
     NotFoundError,
     PayloadTooLargeError,
 )
+from core.intake import insert_job
 from core.jobs import (
     cancel_job,
-    create_job,
     find_by_idempotency_key,
     get_job,
     retry_job,
     set_priority,
 )
 from core.numbers import parse_whole
-from core.quotas import check_submission
+from core.quotas import check_submission, has_submission_limit, tenant_limits
 from core.states import JobKind, JobState
 from core.tables import SYSTEM_TENANT_ID, Job, JobEvent, Model, utcnow
 from scheduler.enqueue import Publication
@@ -148,11 +152,16 @@ def submit() -> Response:
     digest = request_hash(body)
     tenant_id = principal().tenant_id
     check_outside(submission)
-    with state.database.transaction() as session:
+    # Everything that only reads is done first, outside the write transaction: on SQLite that
+    # transaction holds the one write lock every other submit and claim waits for, so it does
+    # no more than the quota check (for a tenant with a limit) and the inserts. A limit an
+    # admin sets meanwhile applies from the next submission on.
+    resolved, limited = None, False
+    with state.database.read() as session:
         existing = find_by_idempotency_key(session, tenant_id, key) if key else None
         if existing is None:
-            check_submission(session, tenant_id)
-            new = build_new_job(
+            limited = has_submission_limit(tenant_limits(session, tenant_id))
+            resolved = resolve_submission(
                 session,
                 submission,
                 tenant_id=tenant_id,
@@ -160,20 +169,34 @@ def submit() -> Response:
                 idempotency_key=key,
                 request_digest=digest,
             )
-            job, created = create_job(session, new)
-        else:
-            job, created = existing, False
-        if not created and job.request_hash != digest:
+    if resolved is not None:
+        # Committed already marked as published: publish() clears the mark if the broker
+        # does not take it.
+        try:
+            if limited or key or resolved.new.webhook:
+                with state.database.transaction() as session:
+                    if limited:
+                        check_submission(session, tenant_id)
+                    job, created = insert_job(session, resolved.new, published=True)
+            else:
+                job, created = state.inserts.insert(resolved.new), True
+        except IntegrityError:
+            # What it names went away between the read and the insert (a model deleted).
             raise ConflictError(
-                "this Idempotency-Key was used with a different request body",
-                field="Idempotency-Key",
-            )
-        to_publish = created and job.state == JobState.QUEUED
-        if to_publish:
-            job.published_at = utcnow()  # optimistic: cleared again if the publish fails
-        job_id, queue, priority = job.id, job.queue, job.priority
-    if to_publish:
-        publish(job_id, queue, priority)
+                "the model or data set this job names changed while it was submitted; send it again"
+            ) from None
+        committed_at = time.monotonic()
+    else:
+        assert existing is not None
+        job, created, committed_at = existing, False, 0.0
+    if not created and job.request_hash != digest:
+        raise ConflictError(
+            "this Idempotency-Key was used with a different request body",
+            field="Idempotency-Key",
+        )
+    job_id = job.id
+    if created and job.state == JobState.QUEUED:
+        publish(job_id, job.queue, job.priority)
     finished, applied = False, None
     if wait_s is not None:
         with wait_slot(state.streams) as waiting:
@@ -182,17 +205,29 @@ def submit() -> Response:
                 finished = wait_for_jobs(
                     state.database, [job_id], timeout_s=wait_s, poll_s=state.stream_poll_s
                 )
-    # Rendered after the commit and the publish, in a read transaction: its queue position and
-    # ETA queries must neither hold SQLite's single write lock, which every other submit and
-    # claim waits for, nor delay the job's start. The row is the one just committed (sessions
-    # keep their objects' values after a commit), read again only after a wait; its queue
-    # figures are the process's recent ones, as for a poll (api/polling.py).
+    # Rendered after the commit and the publish: its queue position and ETA queries must
+    # neither hold SQLite's single write lock nor delay the job's start. A job just created is
+    # the row as written, with the model it resolved and the process's recent queue figures (as
+    # for a poll, api/polling.py; SQL is read only for a figure that is not fresh); an awaited
+    # one is read again.
     docs = polling.documents()
-    with state.database.read() as session:
-        if wait_s is not None:
-            job = get_job(session, job_id)
-        ctx = load_context(session, [job], worker_slots(), docs.figures if docs.enabled else None)
+    if created and wait_s is None and docs.enabled and resolved is not None:
+        ctx = submitted_context(
+            state.database.read,
+            job,
+            model=resolved.model,
+            dataset=resolved.dataset,
+            slots=worker_slots(),
+            figures=docs.figures,
+            committed_at=committed_at,
+        )
         payload = job_payload(job, ctx)
+    else:
+        with state.database.read() as session:
+            if wait_s is not None:
+                job = get_job(session, job_id)
+            figures = docs.figures if docs.enabled else None
+            payload = job_payload(job, load_context(session, [job], worker_slots(), figures))
     response = _job_response(payload, 202 if created and not finished else 200)
     if not created:
         response.headers["Idempotency-Replayed"] = "true"

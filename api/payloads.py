@@ -8,7 +8,8 @@ Timestamps are ISO-8601 in UTC with a `Z`.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, cast, overload
@@ -178,6 +179,55 @@ def load_context(
         ),
     )
     _estimates(session, jobs, ctx, slots, figures)
+    return ctx
+
+
+def submitted_context(
+    read: Callable[[], AbstractContextManager[Session]],
+    job: Job,
+    *,
+    model: Model | None,
+    dataset: Dataset | None,
+    slots: int,
+    figures: Figures,
+    committed_at: float,
+) -> JobContext:
+    """`load_context` for a job just created, from what the submit already holds and the
+    process's recent figures (api/polling.py): the model and data set it resolved, and the
+    queue's order, the queue's running jobs and the model's mean run time as of at most the
+    figures' age ago. A read transaction (`read()`) is opened only for a figure that is not
+    fresh. The job's own line (its tenant's queued jobs of its priority, all older than it) is
+    read from the order's counts, which include the job itself when they were computed after
+    `committed_at` (time.monotonic() once its transaction committed)."""
+    ctx = JobContext()
+    if model is not None:
+        ctx.models[model.id] = model
+    if dataset is not None:
+        ctx.datasets[dataset.id] = dataset
+    if job.state not in (JobState.QUEUED, JobState.RUNNING):
+        return ctx
+
+    def figure(key: tuple[Any, ...], compute: Callable[[Session], Any]) -> tuple[Any, float]:
+        def fresh() -> Any:
+            with read() as session:
+                return compute(session)
+
+        value, at = figures.get(key, fresh)
+        ctx.as_of = min(ctx.as_of, at)
+        return value, at
+
+    order, at = figure(("queue_order", job.queue), lambda s: queue_order(s, job.queue))
+    line = order.counts.get(job.tenant_id, {}).get(job.priority, 0)
+    own_ahead = max(0, line - 1) if at >= committed_at else line
+    position = order.position(job, own_ahead)
+    ctx.queue_positions[job.id] = position
+    # As _estimates does for a queued job, with the same figure keys.
+    mean, _ = figure(
+        ("mean_run_s", job.model_id, job.family),
+        lambda s: mean_run_s(s, job.model_id, job.family),
+    )
+    running, _ = figure(("running_in", job.queue), lambda s: running_in(s, job.queue))
+    ctx.eta_s[job.id] = estimate_eta_s(position=position, running=running, slots=slots, mean_s=mean)
     return ctx
 
 

@@ -16,6 +16,7 @@ from limits.storage import RedisStorage
 from api.ratelimits import RateLimits
 from core.artifacts import ArtifactStore
 from core.db import Database
+from core.intake import InsertQueue
 from core.settings import Settings
 from scheduler.enqueue import Publisher
 
@@ -40,10 +41,13 @@ class Genq:
     streams_by_tenant: dict[str, int] = field(init=False, default_factory=dict)
     streams_lock: threading.Lock = field(init=False, default_factory=threading.Lock)
     tenant_stream_limit: int = field(init=False)
+    # Group commits of submitted jobs (core/intake.py).
+    inserts: InsertQueue = field(init=False)
     # Shared rate limits (api/ratelimits.py); None when GENQ_RATE_LIMITS is off.
     rate_limits: RateLimits | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
+        self.inserts = InsertQueue(self.database)
         limit = self.settings.api_max_streams or max(1, self.settings.api_threads // 2)
         self.stream_limit = limit
         self.streams = threading.BoundedSemaphore(limit)

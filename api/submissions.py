@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -361,6 +362,16 @@ def validate_params(family: Family, kind: JobKind, params: dict[str, Any]) -> di
     return validated.model_dump(mode="json")
 
 
+@dataclass(frozen=True)
+class Resolved:
+    """A submission turned into the row to create, with the model and data set it names
+    (loaded, for rendering the answer without reading them again)."""
+
+    new: NewJob
+    model: Model | None
+    dataset: Dataset | None
+
+
 def build_new_job(
     session: Session,
     sub: JobSubmission,
@@ -372,6 +383,26 @@ def build_new_job(
 ) -> NewJob:
     """Resolve what the submission names (404 for an unknown model or data set) and check it
     fits together; returns the row to create."""
+    return resolve_submission(
+        session,
+        sub,
+        tenant_id=tenant_id,
+        max_attempts=max_attempts,
+        idempotency_key=idempotency_key,
+        request_digest=request_digest,
+    ).new
+
+
+def resolve_submission(
+    session: Session,
+    sub: JobSubmission,
+    *,
+    tenant_id: str,
+    max_attempts: int,
+    idempotency_key: str | None,
+    request_digest: str,
+) -> Resolved:
+    """`build_new_job`, keeping the model and data set it resolved."""
     model: Model | None = None
     if sub.model is not None:
         model = resolve_model(session, tenant_id, sub.model)
@@ -396,7 +427,7 @@ def build_new_job(
     for name in family.input_fields if sub.kind == JobKind.GENERATE else ():
         if isinstance(ref := params.get(name), str):
             resolve_input(session, tenant_id, ref, f"params.{name}")
-    return NewJob(
+    new = NewJob(
         tenant_id=tenant_id,
         kind=sub.kind,
         family=family.name,
@@ -419,6 +450,7 @@ def build_new_job(
         preemptible=sub.preemptible,
         request_id=request_id() if has_request_context() else None,
     )
+    return Resolved(new, model, dataset)
 
 
 def _wanted_gpus(sub: JobSubmission, family: Family) -> float:

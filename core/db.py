@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -162,6 +162,17 @@ class Database:
             return
         with self.writers.held(), self.sessions() as session, session.begin():
             yield session
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        """`transaction` for Core statements only: a connection, without an ORM session (its
+        unit of work and statement handling cost more than a few prebuilt INSERTs)."""
+        if self.writers is None:
+            with self.engine.begin() as conn:
+                yield conn
+            return
+        with self.writers.held(), self.engine.begin() as conn:
+            yield conn
 
     @contextmanager
     def read(self) -> Iterator[Session]:

@@ -69,6 +69,16 @@ def load_limits(
     return {row[0]: TenantLimits(*row) for row in rows}
 
 
+_LIMITS_OF_ONE = _LIMITS.where(Tenant.id == bindparam("tenant_id"))
+
+
+def tenant_limits(session: Session, tenant_id: str) -> TenantLimits | None:
+    """One tenant's limits (every submission reads them): a Core statement on the session's
+    connection, without the ORM's statement handling."""
+    row = session.connection().execute(_LIMITS_OF_ONE, {"tenant_id": tenant_id}).first()
+    return TenantLimits(*row) if row is not None else None
+
+
 def period_start(period_s: int, now: datetime) -> datetime:
     epoch = int(now.timestamp())
     return datetime.fromtimestamp(epoch - epoch % period_s, UTC)
@@ -143,6 +153,15 @@ def blocked_tenants(
         if at_cap or over_budget:
             blocked.add(tenant_id)
     return blocked
+
+
+def has_submission_limit(lim: TenantLimits | None) -> bool:
+    """Whether `check_submission` can refuse a submission of a tenant with these limits."""
+    if lim is None:
+        return False
+    return lim.max_queued is not None or (
+        lim.gpu_seconds_budget is not None and lim.over_quota == "reject"
+    )
 
 
 def check_submission(session: Session, tenant_id: str, count: int = 1) -> None:

@@ -5,6 +5,12 @@ The API and the periodic scheduler import this; it loads Celery's client side bu
 nor torch. A failed publish is not an error for the caller: the row stays `queued` with no
 `published_at`, and the reconciler publishes it later.
 
+A job's published marker (`PUBLISHED_KEY`, which the reconciler reads) is set before its
+message is pushed, never after: a worker may claim the job and drop the marker at once. The
+publisher's own Celery app sends both in one round trip to Redis (`MarkingTransport`: a
+MULTI/EXEC of the SET and the LPUSH, so there is a marker exactly when there is a message); a
+publisher handed a worker's app sets the marker first, then publishes.
+
 `api/` imports nothing else of `scheduler/`: what it reads of the broker's queues, of the
 processes' heartbeats and of the workers' cluster snapshots, and the wake-ups its event streams
 wait on, are re-exported here (`__all__`), so the scheduler can move its modules about without
@@ -17,9 +23,12 @@ import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import redis
 from celery import Celery
+from kombu.transport import redis as kombu_redis
+from kombu.utils.json import dumps
 
 from core.db import Database
 from core.recovery import mark_published
@@ -67,6 +76,37 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 
+# Message headers that carry a job's marker to MarkingChannel, which removes them before the
+# message is pushed: they never reach the broker.
+MARKER_HEADER = "genq_marker"
+MARKER_TTL_HEADER = "genq_marker_ttl_s"
+
+
+class MarkingChannel(kombu_redis.Channel):  # type: ignore[misc]
+    """kombu's Redis channel, which sets the marker a message's headers name in the same
+    MULTI/EXEC as the message's LPUSH."""
+
+    def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
+        headers = message.get("headers") or {}
+        marker = headers.pop(MARKER_HEADER, None)
+        ttl_s = headers.pop(MARKER_TTL_HEADER, None)
+        if marker is None or kwargs.get("_publish_batch") is not None or self._expires:
+            if marker is not None:  # not a path the publisher takes; keep the order
+                with self.conn_or_acquire() as client:
+                    client.set(marker, "1", ex=ttl_s)
+            super()._put(queue, message, **kwargs)
+            return
+        key = self._q_for_pri(queue, self._get_message_priority(message, reverse=False))
+        with self.conn_or_acquire() as client, client.pipeline(transaction=True) as pipe:
+            pipe.set(marker, "1", ex=ttl_s)
+            pipe.lpush(key, dumps(message))
+            pipe.execute()
+
+
+class MarkingTransport(kombu_redis.Transport):  # type: ignore[misc]
+    Channel = MarkingChannel
+
+
 @dataclass(frozen=True)
 class Publication:
     job_id: str
@@ -80,7 +120,14 @@ class Publisher:
 
     def __init__(self, settings: Settings, celery: Celery | None = None) -> None:
         self.settings = settings
-        self.celery = celery or make_celery(settings)
+        # Only an app of its own sends markers with the messages: a worker's app (passed in)
+        # keeps kombu's transport, which would push a marker's headers to the broker instead.
+        self.marks_with_message = celery is None and settings.broker_url.startswith("redis://")
+        if celery is None:
+            celery = make_celery(settings)
+            if self.marks_with_message:
+                celery.conf.broker_transport = MarkingTransport
+        self.celery = celery
         self.redis: redis.Redis = redis_client(settings)
 
     def publish(
@@ -92,12 +139,13 @@ class Publisher:
         sent = []
         for item in items:
             marker = PUBLISHED_KEY.format(job_id=item.job_id)
+            ttl_s = self.settings.visibility_timeout_s * 2
+            headers = None
             try:
-                self.redis.set(
-                    marker,
-                    "1",
-                    ex=self.settings.visibility_timeout_s * 2,
-                )
+                if self.marks_with_message:
+                    headers = {MARKER_HEADER: marker, MARKER_TTL_HEADER: ttl_s}
+                else:
+                    self.redis.set(marker, "1", ex=ttl_s)
                 self.celery.send_task(
                     RUN_JOB_TASK,
                     args=[item.job_id],
@@ -105,6 +153,10 @@ class Publisher:
                     priority=celery_priority(item.priority),
                     countdown=item.countdown_s,
                     retry=False,
+                    headers=headers,
+                    # What Celery's saferepr would write, without its cost.
+                    argsrepr=f"[{item.job_id!r}]",
+                    kwargsrepr="{}",
                 )
                 sent.append(item.job_id)
             except Exception as exc:  # the reconciler will publish it later

@@ -16,6 +16,7 @@ from sqlalchemy import update
 
 from core.catalog import ensure_builtins, resolve_model
 from core.db import Database
+from core.intake import InsertQueue
 from core.jobs import NewJob, claim_job, create_job, get_job
 from core.keys import authenticate, get_or_create_tenant
 from core.settings import Settings
@@ -158,3 +159,40 @@ def test_worker_refuses_inconsistent_lease_settings(tmp_path: Path) -> None:
         check_settings(Settings(var_dir=tmp_path, lease_ttl_s=1800, visibility_timeout_s=3600))
     with pytest.raises(InconsistentSettingsError, match="HEARTBEAT"):
         check_settings(Settings(var_dir=tmp_path, lease_ttl_s=10, heartbeat_interval_s=8))
+
+
+def test_a_submit_that_died_after_its_commit_is_published_once_its_mark_is_old(env) -> None:  # type: ignore[no-untyped-def]
+    # POST /v1/jobs commits its job already marked as published (core/intake.py), then
+    # publishes; an API process that dies in between leaves a marked job with no message.
+    settings, database, periodic, client, new_job = env
+    other = new_job()
+    with database.transaction() as session:  # published a moment ago: not the reconciler's
+        session.execute(update(Job).where(Job.id == other).values(published_at=utcnow()))
+    died = InsertQueue(database).insert(get_job_template(database, other)).id
+    with database.read() as session:
+        assert get_job(session, died).published_at is not None
+    # Within republish_after_s the reconciler trusts the mark, as it would a live publish.
+    assert died not in _queued_ids(client) and periodic.tick().republished == 0
+    with database.transaction() as session:
+        session.execute(
+            update(Job).where(Job.id == died).values(published_at=utcnow() - timedelta(hours=1))
+        )
+    # Once the mark is old and no marker says a message exists, it is published, once.
+    assert periodic.tick().republished == 1
+    assert _queued_ids(client) == [died]
+    assert client.exists(PUBLISHED_KEY.format(job_id=died))
+    assert periodic.tick().republished == 0
+
+
+def get_job_template(database: Database, job_id: str) -> NewJob:
+    """A NewJob like the job `job_id` (its tenant, model and queue)."""
+    with database.read() as session:
+        job = get_job(session, job_id)
+        return NewJob(
+            tenant_id=job.tenant_id,
+            kind=JobKind(job.kind),
+            family=job.family,
+            queue=job.queue,
+            params={},
+            model_id=job.model_id,
+        )
