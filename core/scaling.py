@@ -8,10 +8,16 @@ the last one unloads after this long without a job) and `last_idle_unload_s` (th
 model version may override any field (`Model.serving`, set by admins with
 `PATCH /v1/models/{name}`), and the idle delays default to the deployment's settings.
 
-The decision: up at once to ceil(jobs / target) (0 -> 1 as soon as one job waits), down only
-once the lower count has held for the whole cool-down, which is never shorter than the look-back
-the scaler reads the queue over; the pool then unloads only replicas idle past their delay, so a
-burst that pauses briefly keeps its replicas.
+The jobs a model is sized for are those its replicas have in hand: once a replica is loaded,
+the mean jobs in hand the replicas report (workers/pool.py), never more than the queued plus
+running jobs; before that (a cold start), the queued plus running jobs. A job queued in SQL
+waits for a worker, not a replica, so it asks for no replica of its own once one is warm: a
+burst of jobs that one replica answers in a millisecond each keeps one replica, a burst of slow
+jobs fills the replicas' hands and grows them. The decision: up at once to ceil(jobs / target)
+(0 -> 1 as soon as one job waits), down only once the lower count has held for the whole
+cool-down, which is never shorter than the look-back the scaler reads the queue over; the pool
+then unloads only replicas idle past their delay, so a burst that pauses briefly keeps its
+replicas.
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ class PolicyChange(BaseModel):
         gt=0,
         le=10_000,
         allow_inf_nan=False,
-        description="Queued plus running jobs per replica.",
+        description="Jobs in hand per replica (queued plus running before one is loaded).",
     )
     idle_unload_s: float | None = Field(None, ge=1, le=30 * 86400, allow_inf_nan=False)
     last_idle_unload_s: float | None = Field(None, ge=1, le=30 * 86400, allow_inf_nan=False)
@@ -130,17 +136,31 @@ class Decision:
     history: list[tuple[float, int]] = field(default_factory=list)
 
 
-def wanted(jobs: int, policy: Policy) -> int:
-    """Replicas for `jobs` queued plus running jobs, within the policy's bounds (the floor
-    wins over the ceiling: a family default the API cannot make inconsistent)."""
-    raw = math.ceil(jobs / policy.target_jobs_per_replica) if jobs > 0 else 0
+def wanted(jobs: int, policy: Policy, in_hand: float | None = None) -> int:
+    """Replicas for `jobs` queued plus running jobs of which the loaded replicas have `in_hand`
+    in hand on average (None: no replica has reported yet, so all of them count), within the
+    policy's bounds (the floor wins over the ceiling: a family default the API cannot make
+    inconsistent). One replica while any job is queued or running."""
+    if jobs <= 0:
+        raw = 0
+    elif in_hand is None:
+        raw = math.ceil(jobs / policy.target_jobs_per_replica)
+    else:
+        raw = max(1, math.ceil(min(in_hand, jobs) / policy.target_jobs_per_replica))
     return max(policy.min_replicas, min(policy.max_replicas, raw))
 
 
-def decide(decision: Decision, jobs: int, policy: Policy, now: float, cooldown_s: float) -> int:
-    """The replicas to ask for now: more at once, fewer only after `cooldown_s` of lower need
-    (hysteresis: a dip shorter than that changes nothing)."""
-    target = wanted(jobs, policy)
+def decide(
+    decision: Decision,
+    jobs: int,
+    policy: Policy,
+    now: float,
+    cooldown_s: float,
+    in_hand: float | None = None,
+) -> int:
+    """The replicas to ask for now (`wanted`): more at once, fewer only after `cooldown_s` of
+    lower need (hysteresis: a dip shorter than that changes nothing)."""
+    target = wanted(jobs, policy, in_hand)
     if target >= decision.desired:
         decision.desired, decision.lower_since = target, None
     elif decision.lower_since is None:

@@ -1,9 +1,10 @@
 """The replica scaler: a thread in each Celery worker that reads, every `scale_interval_s`, each
-model's queued plus running generate jobs from SQL and tells the model pool (workers/pool.py)
-how many replicas the model should run (core/scaling.py decides: up at once, down after the
-cool-down). The pool starts replicas into free room and unloads idle ones past their policy's
-delay. It lives here because it needs both SQL (the queue) and Ray (the pool); a second worker
-running it sends the same numbers, which the pool takes as they come.
+model's queued plus running generate jobs from SQL and its replicas' mean jobs in hand from the
+model pool (workers/pool.py), and tells the pool how many replicas the model should run
+(core/scaling.py decides: sized by the jobs in hand, up at once, down after the cool-down). The
+pool starts replicas into free room and unloads idle ones past their policy's delay. It lives
+here because it needs both SQL (the queue) and Ray (the pool); a second worker running it sends
+the same numbers, which the pool takes as they come.
 """
 
 from __future__ import annotations
@@ -78,6 +79,10 @@ class Scaler(threading.Thread):
                 for m in models
             ]
         asked: dict[str, int] = {}
+        in_hand: dict[str, float] = {}
+        if found:  # the replicas' own load: where a model's jobs wait for it
+            self.runner.connect_ray()
+            in_hand = call_pool("loads")
         for model in found:
             family = get_family(model["family"])
             policy = model_policy(family.scaling.as_dict(), model["serving"], self.settings)
@@ -87,7 +92,7 @@ class Scaler(threading.Thread):
                 if jobs == 0 and policy.min_replicas == 0:
                     continue  # nothing to do for a model nobody uses
                 decision = self.decisions[model["id"]] = Decision()
-            desired = decide(decision, jobs, policy, now, cooldown_s)
+            desired = decide(decision, jobs, policy, now, cooldown_s, in_hand.get(model["id"]))
             # The model's path as registered: each replica fetches the folder on its machine.
             model_dir = model["path"] or None
             self.runner.connect_ray()

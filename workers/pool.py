@@ -4,7 +4,9 @@ model, places them, makes room for servers and trainers that fit nowhere, and un
 Every generate job asks for its model's replicas (`acquire_server`); the pool answers with the
 ready ones, or starts one (a model with none starts at once). The worker process sends the job
 to the replica with the fewest jobs in hand. A model may run on several replicas: the scaler
-(scheduler/scaling.py) sets how many it wants from the model's queue (`scale`), and the pool
+(scheduler/scaling.py) sets how many it wants from the jobs its replicas have in hand
+(`loads`: each replica's mean over its last report, from the server's own count) and the
+model's queue (`scale`), and the pool
 starts them where there is room, spread over nodes, and unloads replicas that stayed idle past
 their policy's delay (a shorter one for the last replica). A loaded replica that answers no
 info() call for twice `stall_timeout_s` (paused or hung) is killed and forgotten, so the next job
@@ -68,6 +70,17 @@ ALIVE_TRUST_S = 1.0
 MAX_EVENTS = 200
 
 
+def mean_in_hand(earlier: dict[str, Any], later: dict[str, Any]) -> float | None:
+    """A server's mean jobs in hand between two of its info() answers (its job-seconds in hand
+    over the seconds between them, both on its own clock); None without two answers."""
+    if "in_hand_job_s" not in earlier or "in_hand_job_s" not in later:
+        return None
+    elapsed_s = later["clock_s"] - earlier["clock_s"]
+    if elapsed_s <= 0:
+        return None
+    return max(0.0, later["in_hand_job_s"] - earlier["in_hand_job_s"]) / elapsed_s
+
+
 def trust_s(options: ServingOptions) -> float:
     return min(ALIVE_TRUST_S, options.idle_unload_s or ALIVE_TRUST_S)
 
@@ -99,6 +112,9 @@ class Replica:
     ready: bool = False  # loaded: its info() answered
     waiting: str = ""  # why Ray has not placed it yet
     in_hand: int = 0
+    # Mean jobs in hand between its last two info() answers (None until two have come): the
+    # load the scaler sizes the model by.
+    load: float | None = None
     info: dict[str, Any] = field(default_factory=dict)
     info_ref: Any = None
     info_at: float = 0.0
@@ -443,6 +459,7 @@ class ModelPool:
                 self._forget(replica, "died")
                 return
             replica.info_ref = None
+            replica.load = mean_in_hand(replica.info, info)
             replica.info = info
             if not replica.ready:  # placed and loaded: Ray's own report counts it now
                 self._claims = [c for c in self._claims if c.key != replica.key or c.sign < 0]
@@ -518,6 +535,16 @@ class ModelPool:
         if self._is_idle(victim):
             self._unload(victim, f"idle for {delay:g} s")
 
+    def loads(self) -> dict[str, float]:
+        """Model id -> the mean jobs in hand over its loaded replicas' last reports (summed),
+        for each model with a loaded replica that has reported twice (the scaler's measure)."""
+        with self._lock:
+            found: dict[str, float] = {}
+            for replica in self._replicas.values():
+                if replica.ready and replica.load is not None:
+                    found[replica.model_id] = found.get(replica.model_id, 0.0) + replica.load
+            return found
+
     def info(self) -> dict[str, Any]:
         with self._lock:
             now = time.monotonic()
@@ -535,6 +562,7 @@ class ModelPool:
                         "ready": r.ready,
                         "waiting": r.waiting,
                         "in_hand": r.in_hand,
+                        "mean_in_hand": r.load,
                         "load_s": r.info.get("load_s"),
                         "gpu_ids": r.info.get("gpu_ids", []),
                         "node_ip": r.info.get("node_ip"),

@@ -176,7 +176,11 @@ class ModelServer:
         self._state_lock = threading.Lock()
         # attempt_key -> when its cancel was asked; the attempts running or waiting here.
         self._canceled: dict[str, float] = {}
-        self._active: set[str] = set()  # attempt keys
+        # attempt key -> when it arrived (monotonic): the attempts running or waiting here.
+        self._active: dict[str, float] = {}
+        # Seconds of jobs in hand, summed over the jobs that have left: with the running ones,
+        # the pool's measure of this replica's load (its mean jobs in hand between two looks).
+        self._in_hand_done_s = 0.0
         self.batcher = Batcher(
             self.model,
             self.family,
@@ -224,7 +228,7 @@ class ModelServer:
             inputs=dict(inputs or {}),
         )
         with self._state_lock:
-            self._active.add(key)
+            self._active[key] = time.monotonic()
             self._touch()
         try:
             if self._placement is not None:
@@ -239,7 +243,9 @@ class ModelServer:
             raise
         finally:
             with self._state_lock:
-                self._active.discard(key)
+                arrived = self._active.pop(key, None)
+                if arrived is not None:
+                    self._in_hand_done_s += time.monotonic() - arrived
                 self._canceled.pop(key, None)
                 self._touch()
 
@@ -288,12 +294,18 @@ class ModelServer:
     def info(self) -> dict[str, Any]:
         with self._state_lock:
             active = sorted(key.partition("#")[0] for key in self._active)
+            clock_s = time.monotonic()
+            in_hand_s = self._in_hand_done_s + sum(clock_s - at for at in self._active.values())
         return {
             "family": self.family.name,
             "device": self.device,
             "load_s": self.load_s,
             "jobs_served": self.jobs_served,
             "active_jobs": active,
+            # Job-seconds in hand so far, on this server's own clock: between two answers,
+            # their difference over the clock's is the mean jobs in hand (the scaler's load).
+            "in_hand_job_s": in_hand_s,
+            "clock_s": clock_s,
             "loaded_at": self.loaded_at,
             "last_used_at": self.last_used_at,
             "idle_s": 0.0 if active else time.monotonic() - self._last_used,

@@ -98,3 +98,26 @@ def test_the_scaler_goes_up_at_once_and_down_after_the_cooldown() -> None:
         last_idle_unload_s=None,
     )
     assert wanted(0, floor) == wanted(9, floor) == 2
+
+
+def test_once_a_replica_reports_the_scaler_sizes_by_the_jobs_in_its_hands() -> None:
+    """Queued jobs wait for a worker, not a replica: a burst that one replica clears keeps one,
+    a burst that fills the replicas' hands grows them; a cold start counts the queue."""
+    policy = resolve_policy(
+        {"min_replicas": 0, "max_replicas": 4, "target_jobs_per_replica": 2.0},
+        None,
+        idle_unload_s=900,
+        last_idle_unload_s=300,
+    )
+    assert wanted(400, policy) == 4  # no replica has reported: the queue is all we know
+    assert wanted(400, policy, in_hand=0.06) == 1  # instant jobs: one replica clears them
+    assert wanted(400, policy, in_hand=0.0) == 1  # jobs wait: never fewer than one
+    assert wanted(400, policy, in_hand=5.5) == 3  # slow jobs fill its hands: grow
+    assert wanted(400, policy, in_hand=8.0) == 4
+    assert wanted(3, policy, in_hand=8.0) == 2  # never more than the jobs there are
+    assert wanted(0, policy, in_hand=0.4) == 0  # a last report after the queue emptied
+    decision = Decision()
+    assert decide(decision, 400, policy, now=0, cooldown_s=60, in_hand=0.06) == 1
+    assert decide(decision, 400, policy, now=5, cooldown_s=60, in_hand=7.9) == 4  # up at once
+    assert decide(decision, 400, policy, now=10, cooldown_s=60, in_hand=0.1) == 4  # a dip
+    assert decide(decision, 400, policy, now=70, cooldown_s=60, in_hand=0.1) == 1
