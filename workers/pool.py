@@ -4,13 +4,12 @@ model, places them, makes room for servers and trainers that fit nowhere, and un
 Every generate job asks for its model's replicas (`acquire_server`); the pool answers with the
 ready ones, or starts one (a model with none starts at once). The worker process sends the job
 to the replica with the fewest jobs in hand. A model may run on several replicas: the scaler
-(scheduler/scaling.py) sets how many it wants from the jobs its replicas have in hand
-(`loads`: each replica's mean over its last report, from the server's own count) and the
-model's queue (`scale`), and the pool
-starts them where there is room, spread over nodes, and unloads replicas that stayed idle past
-their policy's delay (a shorter one for the last replica). A loaded replica that answers no
-info() call for twice `stall_timeout_s` (paused or hung) is killed and forgotten, so the next job
-gets a fresh one.
+(scheduler/scaling.py) sets how many it wants from the jobs its replicas have in hand (`loads`:
+each replica's mean over its last report, from the server's own count) and the model's queue
+(`scale`), and the pool starts them where there is room, spread over nodes, and unloads replicas
+that stayed idle past their policy's delay (a shorter one for the last replica). A loaded
+replica that answers no info() call for twice `stall_timeout_s` (paused or hung) is killed and
+forgotten, so the next job gets a fresh one.
 
 Room for everyone. A new server, or a trainer the runner registered (`admit`), that fits on no
 node (CPU, GPU share, the `gpu_memory_gb` resource, or a node's `gpu_memory_budget_gb` of warm
