@@ -82,7 +82,12 @@ class Scaler(threading.Thread):
         in_hand: dict[str, float] = {}
         if found:  # the replicas' own load: where a model's jobs wait for it
             self.runner.connect_ray()
-            in_hand = call_pool("loads")
+            try:
+                in_hand = call_pool("loads")
+            except AttributeError:
+                # A pool started by an older genq (a detached actor that outlived the upgrade)
+                # has no loads(): size by the queue, as that genq did, until it is replaced.
+                log.warning("the model pool reports no replica loads; scaling on the queue")
         for model in found:
             family = get_family(model["family"])
             policy = model_policy(family.scaling.as_dict(), model["serving"], self.settings)
