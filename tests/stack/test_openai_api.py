@@ -37,7 +37,16 @@ DDPM = {
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackProcess]:
-    proc = StackProcess(tmp_path_factory.mktemp("openai") / "var", {"GENQ_RAY_NUM_CPUS": "2"})
+    # A job held at its tenant's cap (test_errors_are_the_clients_own_exceptions) gets a new
+    # token once its hold and the republish delay run out, at the next reconcile: seconds
+    # here, not the defaults' minute and a half after the cap is lifted.
+    env = {
+        "GENQ_RAY_NUM_CPUS": "2",
+        "GENQ_HELD_RECHECK_S": "2",
+        "GENQ_REPUBLISH_AFTER_S": "2",
+        "GENQ_RECONCILE_INTERVAL_S": "1",
+    }
+    proc = StackProcess(tmp_path_factory.mktemp("openai") / "var", env)
     try:
         proc.start()
         for family, name, dataset, params in (
