@@ -52,6 +52,7 @@ TRAIN = {
         "batch_size": 8,
         "checkpoint_every": CHECKPOINT_EVERY,
         "seed": 1,
+        "sample_steps": 2,  # the end's sample grid: nothing here looks at it
     },
 }
 
