@@ -376,10 +376,10 @@ def test_long_and_short_jobs_share_gpu_time_with_real_workers(
                 tenant = get_or_create_tenant(session, name)
                 keys[name] = create_key(session, tenant, label=name)[1]
         job_ids: dict[str, list[str]] = {"long": [], "short": []}
-        # Both tenants are backlogged before the worker starts: 12 jobs of 2 s and 48 of 0.5 s,
+        # Both tenants are backlogged before the worker starts: 12 jobs of 1 s and 48 of 0.25 s,
         # submitted interleaved (so that neither is older as a whole).
         for i in range(48):
-            for tenant, delay_s in (("long", 2.0), ("short", 0.5)):
+            for tenant, delay_s in (("long", 1.0), ("short", 0.25)):
                 if tenant == "long" and i % 4:
                     continue
                 response = cluster.client.post(
