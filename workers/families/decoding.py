@@ -54,7 +54,9 @@ class DecodeBatch(Protocol[R]):
         alone, or None where the next step computes its first token."""
         ...
 
-    def join(self, index: int, row: R, state: Any) -> None: ...
+    def join(self, index: int, row: R, state: Any) -> None:
+        """Add a row that goes on (prefilled: `state`, its first token taken) to the batch."""
+        ...
 
     def step(self, rows: list[R]) -> torch.Tensor:
         """One forward pass of the rows, in batch order: their next-token logits (B, V)."""
@@ -64,9 +66,13 @@ class DecodeBatch(Protocol[R]):
         """Each row's next token from the (B, V) logits, with its own sampler."""
         ...
 
-    def feed(self, tokens: list[int]) -> None: ...
+    def feed(self, tokens: list[int]) -> None:
+        """The tokens the rows just took, in batch order: the next step's input."""
+        ...
 
-    def drop(self, indices: list[int]) -> None: ...
+    def drop(self, indices: list[int]) -> None:
+        """Take these rows out (ended, canceled or failed); the others keep their places."""
+        ...
 
 
 class Decoder(ABC, Generic[R]):
