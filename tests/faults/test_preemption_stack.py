@@ -34,6 +34,7 @@ from sqlalchemy import select
 from core.keys import create_key, get_or_create_tenant
 from core.tables import Job, Model
 from tests.support.faults import Cluster, RayHead, wait_until
+from tests.support.training import tiny_ddpm_job, tiny_ddpm_params
 from tests.support.webhooks import Receiver
 from workers.preemption import NOTICE
 
@@ -41,19 +42,10 @@ pytestmark = [pytest.mark.faults, pytest.mark.stack]
 
 CHECKPOINT_EVERY = 5
 TRAIN = {
-    "kind": "train",
-    "family": "ddpm",
-    "dataset": "digits",
-    "name": "preempted",
+    **tiny_ddpm_job(
+        "preempted", tiny_ddpm_params(steps=100, batch_size=8, checkpoint_every=CHECKPOINT_EVERY)
+    ),
     "priority": "batch",
-    "params": {
-        "preset": "tiny",
-        "steps": 100,
-        "batch_size": 8,
-        "checkpoint_every": CHECKPOINT_EVERY,
-        "seed": 1,
-        "sample_steps": 2,  # the end's sample grid: nothing here looks at it
-    },
 }
 
 
