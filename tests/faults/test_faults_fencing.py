@@ -105,6 +105,11 @@ def test_stale_attempt_neither_cancels_its_successor_nor_leaves_files(
             30,
             "the reaper to requeue the job",
         )
+        # A newer attempt ends an older one still on its server (workers/server.py): attempt 1
+        # has an output to write only if its call ended there before attempt 2 arrives.
+        wait_until(
+            lambda: job_id not in cluster.ray.server_jobs(), 60, "attempt 1 to end on its server"
+        )
         healthy = cluster.worker()
         wait_until(lambda: attempt_progress(cluster, job_id, 2), 90, "attempt 2 to progress")
         # The stale worker wakes while attempt 2 runs on the same model server: it finds its

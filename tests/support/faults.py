@@ -133,6 +133,26 @@ class RayHead:
         assert out.returncode == 0, out.stderr[-3000:]
         return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
+    def server_jobs(self) -> set[str]:
+        """The jobs this head's model servers have in hand now (running or waiting there), asked
+        from a separate driver."""
+        code = (
+            "import json, ray, sys\n"
+            "ray.init(address=sys.argv[1], namespace='genq', log_to_driver=False)\n"
+            "names = [n for n in ray.util.list_named_actors() if n.startswith('model-')]\n"
+            "infos = ray.get([ray.get_actor(n).info.remote() for n in names], timeout=30)\n"
+            "print(json.dumps(sorted({j for info in infos for j in info['active_jobs']})))\n"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code, self.env["GENQ_RAY_ADDRESS"]],
+            env={**os.environ, **self.env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        return set(json.loads(out.stdout.strip().splitlines()[-1]))
+
     @contextlib.contextmanager
     def holding_every_gpu(self, log: Path) -> Iterator[None]:
         """Hold all of this head's GPUs from a separate driver (an actor that asks for them
