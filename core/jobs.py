@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import bindparam, insert, inspect, or_, select, update
+from sqlalchemy import Table, bindparam, insert, inspect, or_, select, update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -205,7 +205,7 @@ _CLAIM = (
     .execution_options(synchronize_session=False, populate_existing=True)
 )
 _JOB = select(Job).where(Job.id == bindparam("job_id"))
-_INSERT_EVENT = insert(JobEvent.__table__)
+_INSERT_EVENT = insert(cast(Table, JobEvent.__table__))
 _LOCKED_JOB = _JOB.with_for_update()
 _OUTPUT_NAMED = select(Artifact).where(
     Artifact.job_id == bindparam("job_id"), Artifact.name == bindparam("name")
