@@ -244,13 +244,15 @@ class Stack:
             "--node-ip-address=127.0.0.1",
             "--disable-usage-stats",
             f"--include-dashboard={'true' if self.settings.ray_dashboard else 'false'}",
-            # Two of the head's processes genq never uses: the autoscaler's monitor (one
-            # machine, no node to add), which also outlives the 1 s `ray start` gives each
-            # process on SIGTERM; and the log monitor, which forwards the actors' output to
-            # drivers that ask for it (the worker does not: log_to_driver=False).
-            "--no-monitor",
+            # Not the log monitor: it forwards the actors' output to drivers that ask for it,
+            # and the worker does not (log_to_driver=False).
             "--include-log-monitor=false",
         ]
+        if not self.settings.ray_dashboard:
+            # Nor the autoscaler's monitor (one machine: no node to add), whose report only
+            # `ray status` and Ray's dashboard show; it also outlives the 1 s that `ray start`
+            # gives each of its processes on SIGTERM.
+            argv.append("--no-monitor")
         if self.settings.ray_num_cpus is not None:
             argv.append(f"--num-cpus={self.settings.ray_num_cpus}")
         if self.settings.ray_num_gpus is not None:
