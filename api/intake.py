@@ -19,10 +19,10 @@ from sqlalchemy.orm import Session
 from api.state import genq
 from api.submissions import (
     JobSubmission,
-    build_new_job,
     check_fits_cluster,
     check_webhook_target,
     parse_submission,
+    resolve_submission,
 )
 from core.errors import ConflictError, GenqError, InvalidInputError, NotFoundError
 from core.jobs import NewJob, create_job
@@ -97,14 +97,14 @@ def build_jobs(
     errors: list[dict[str, str]] = []
     for index, submission in enumerate(submissions):
         try:
-            new = build_new_job(
+            new = resolve_submission(
                 session,
                 submission,
                 tenant_id=tenant_id,
                 max_attempts=state.settings.max_attempts,
                 idempotency_key=None,
                 request_digest=digests[index] or "",
-            )
+            ).new
         except (InvalidInputError, NotFoundError, ConflictError) as exc:
             if not as_items:
                 raise

@@ -23,11 +23,11 @@ from api.jobs import read_json_body
 from api.payloads import iso
 from api.state import genq
 from api.submissions import (
-    build_new_job,
     errors_from,
     parse_submission,
     patch_schema,
     request_hash,
+    resolve_submission,
 )
 from core.audit import Actor, record_action
 from core.errors import ConflictError, InvalidInputError, NotFoundError
@@ -106,14 +106,14 @@ def _template(session: Session, tenant_id: str, body: dict[str, Any]) -> dict[st
         raise InvalidInputError.one(f"job.{bad[0]}", "is not allowed in a schedule's template")
     try:
         submission = parse_submission(body)
-        new = build_new_job(
+        new = resolve_submission(
             session,
             submission,
             tenant_id=tenant_id,
             max_attempts=genq().settings.max_attempts,
             idempotency_key=None,
             request_digest=request_hash(body),
-        )
+        ).new
     except InvalidInputError as exc:
         errors = [{**e, "field": f"job.{e['field']}"} for e in exc.errors]
         raise InvalidInputError(errors) from None

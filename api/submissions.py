@@ -372,27 +372,6 @@ class Resolved:
     dataset: Dataset | None
 
 
-def build_new_job(
-    session: Session,
-    sub: JobSubmission,
-    *,
-    tenant_id: str,
-    max_attempts: int,
-    idempotency_key: str | None,
-    request_digest: str,
-) -> NewJob:
-    """Resolve what the submission names (404 for an unknown model or data set) and check it
-    fits together; returns the row to create."""
-    return resolve_submission(
-        session,
-        sub,
-        tenant_id=tenant_id,
-        max_attempts=max_attempts,
-        idempotency_key=idempotency_key,
-        request_digest=request_digest,
-    ).new
-
-
 def resolve_submission(
     session: Session,
     sub: JobSubmission,
@@ -402,7 +381,9 @@ def resolve_submission(
     idempotency_key: str | None,
     request_digest: str,
 ) -> Resolved:
-    """`build_new_job`, keeping the model and data set it resolved."""
+    """Resolve what the submission names (404 for an unknown model or data set) and check it
+    fits together; returns the row to create (`.new`) with the model and data set it
+    resolved."""
     model: Model | None = None
     if sub.model is not None:
         model = resolve_model(session, tenant_id, sub.model)

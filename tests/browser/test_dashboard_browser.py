@@ -37,6 +37,7 @@ from core.settings import Settings
 from core.states import JobState
 from core.tables import Job, utcnow
 from tests.support.stackproc import ROOT, StackProcess
+from tests.support.training import tiny_ddpm_params
 
 pytestmark = pytest.mark.stack
 
@@ -51,14 +52,7 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 SHOTS = ROOT / "test-output" / "dashboard"
-TINY_TRAIN = {
-    "preset": "tiny",
-    "steps": 40,
-    "batch_size": 16,
-    "checkpoint_every": 20,
-    "seed": 1,
-    "sample_steps": 2,
-}
+TINY_TRAIN = tiny_ddpm_params(steps=40, batch_size=16, checkpoint_every=20)
 
 
 def wait_js(page: Any, expression: str, timeout: float = 30_000) -> None:

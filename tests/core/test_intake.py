@@ -5,34 +5,16 @@ fails only that job."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import pytest
 from sqlalchemy import event, select
 from sqlalchemy.exc import IntegrityError
 
-from core.catalog import ensure_builtins, resolve_model
 from core.db import Database
 from core.intake import InsertQueue, insert_job
 from core.jobs import NewJob, create_job
-from core.keys import get_or_create_tenant
-from core.settings import Settings
 from core.states import JobKind, JobState
 from core.tables import Job, JobEvent
-
-
-@pytest.fixture
-def db(database_url: str, tmp_path: Path) -> Iterator[Database]:
-    database = Database(Settings(var_dir=tmp_path / "var", database_url=database_url))
-    with database.transaction() as session:
-        ensure_builtins(session)
-        tenant = get_or_create_tenant(session, "acme")
-        database.tenant_id = tenant.id  # type: ignore[attr-defined]
-        database.echo_id = resolve_model(session, tenant.id, "echo").id  # type: ignore[attr-defined]
-    yield database
-    database.dispose()
 
 
 def _new(db: Database, **kw: Any) -> NewJob:
@@ -105,20 +87,28 @@ def _count_commits(db: Database) -> list[int]:
     return commits
 
 
-def test_jobs_submitted_together_commit_in_one_group(db: Database) -> None:
-    queue = InsertQueue(db)
-    commits = _count_commits(db)
+def _submit_behind_a_held_lock(
+    db: Database, queue: InsertQueue, news: list[NewJob]
+) -> dict[int, Job | BaseException]:
+    """Submit `news` at once while a transaction holds SQLite's write lock (a row lock on
+    PostgreSQL), so that they queue up for it; each one's job or error once all have ended."""
     held = db.transaction()
-    session = held.__enter__()  # holds SQLite's write lock (a row lock on PostgreSQL)
-    session.execute(select(JobEvent.id).limit(1))
-    results, threads = _submit_all(queue, [_new(db) for _ in range(8)])  # type: ignore[misc]
+    held.__enter__().execute(select(JobEvent.id).limit(1))
+    results, threads = _submit_all(queue, news)  # type: ignore[misc]
     if db.writers is not None:
         # All but the leader (which waits for the write lock) queue behind it.
-        while queue.waiting() < 8:
+        while queue.waiting() < len(news):
             threading.Event().wait(0.01)
     held.__exit__(None, None, None)
     for thread in threads:
         thread.join(60)
+    return results
+
+
+def test_jobs_submitted_together_commit_in_one_group(db: Database) -> None:
+    queue = InsertQueue(db)
+    commits = _count_commits(db)
+    results = _submit_behind_a_held_lock(db, queue, [_new(db) for _ in range(8)])
     committed = commits[0]
     assert all(isinstance(r, Job) for r in results.values()) and len(results) == 8
     ids = [r.id for r in results.values()]  # type: ignore[union-attr]
@@ -135,17 +125,9 @@ def test_jobs_submitted_together_commit_in_one_group(db: Database) -> None:
 def test_a_bad_row_fails_only_its_own_job(db: Database) -> None:
     queue = InsertQueue(db)
     commits = _count_commits(db)
-    held = db.transaction()
-    held.__enter__().execute(select(JobEvent.id).limit(1))
     # A model deleted between the submit's reads and its insert: the foreign key refuses it.
     news = [_new(db) for _ in range(3)] + [_new(db, model_id="no-such-model")]
-    results, threads = _submit_all(queue, news)  # type: ignore[misc]
-    if db.writers is not None:
-        while queue.waiting() < 4:
-            threading.Event().wait(0.01)
-    held.__exit__(None, None, None)
-    for thread in threads:
-        thread.join(60)
+    results = _submit_behind_a_held_lock(db, queue, news)
     committed = commits[0]
     assert isinstance(results[3], IntegrityError)
     good = [results[i] for i in range(3)]

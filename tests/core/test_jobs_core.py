@@ -11,8 +11,6 @@ import pytest
 from sqlalchemy import event, func, select, update
 
 from core.artifacts import ArtifactStore
-from core.catalog import ensure_builtins, resolve_model
-from core.db import Database
 from core.errors import IllegalTransitionError, LeaseLostError
 from core.events import Log, Metric, Output, Progress, TextDelta
 from core.jobs import (
@@ -28,24 +26,9 @@ from core.jobs import (
     record_placement,
     release_job,
 )
-from core.keys import get_or_create_tenant
 from core.recovery import reap_expired, unpublished_jobs
-from core.settings import Settings
 from core.states import TRANSITIONS, JobKind, JobState, check_transition
 from core.tables import Artifact, Job, JobEvent, utcnow
-
-
-@pytest.fixture
-def db(database_url: str, tmp_path: Path):  # type: ignore[no-untyped-def]
-    settings = Settings(var_dir=tmp_path / "var", database_url=database_url)
-    database = Database(settings)
-    with database.transaction() as session:
-        ensure_builtins(session)
-        tenant = get_or_create_tenant(session, "acme")
-        database.tenant_id = tenant.id  # type: ignore[attr-defined]
-        database.echo_id = resolve_model(session, tenant.id, "echo").id  # type: ignore[attr-defined]
-    yield database
-    database.dispose()
 
 
 def _new(db, **kw) -> str:  # type: ignore[no-untyped-def]

@@ -34,6 +34,7 @@ from tests.conftest import S3Server
 from tests.support.faults import Cluster, RayHead, is_alive, wait_until
 from tests.support.pretrained_models import build_tiny_lm
 from tests.support.stackproc import descendants
+from tests.support.training import tiny_ddpm_job, tiny_ddpm_params
 
 pytestmark = [pytest.mark.faults, pytest.mark.stack]
 
@@ -222,19 +223,11 @@ def test_a_dataset_in_the_bucket_trains_resumes_from_the_store_and_serves_from_i
     cluster.worker()
     cluster.scheduler()
     job_id = cluster.submit(
-        {
-            "kind": "train",
-            "family": "ddpm",
-            "dataset": "swatches",
-            "name": "swatch",
-            "params": {
-                "preset": "tiny",
-                "steps": 60,
-                "batch_size": 4,
-                "checkpoint_every": 5,
-                "sample_steps": 2,
-            },
-        }
+        tiny_ddpm_job(
+            "swatch",
+            tiny_ddpm_params(steps=60, batch_size=4, checkpoint_every=5, seed=None),
+            dataset="swatches",
+        )
     )
     checkpoints = f"checkpoints/{job_id}"
     wait_until(lambda: cluster.get(job_id)["progress"]["step"] >= 12, 180, "training progress")

@@ -23,25 +23,13 @@ from core.states import JobKind
 from core.tables import Job, Model, Tenant
 from scheduler.enqueue import Publication
 from tests.support.faults import Cluster, RayHead, is_alive, wait_until
+from tests.support.training import tiny_ddpm_job, tiny_ddpm_params
 from tests.support.webhooks import Receiver, verify
 
 pytestmark = [pytest.mark.faults, pytest.mark.stack]
 
 # Long enough to kill it mid-way on 2 cores, short enough for the suite.
-TRAIN = {
-    "kind": "train",
-    "family": "ddpm",
-    "dataset": "digits",
-    "name": "faults",
-    "params": {
-        "preset": "tiny",
-        "steps": 60,
-        "batch_size": 8,
-        "checkpoint_every": 5,
-        "seed": 1,
-        "sample_steps": 2,
-    },
-}
+TRAIN = tiny_ddpm_job("faults", tiny_ddpm_params(steps=60, batch_size=8, checkpoint_every=5))
 
 
 # Each fault runs on one database, half on SQLite and half on PostgreSQL, to keep the suite

@@ -18,18 +18,15 @@ from core.settings import Settings
 from core.tables import Artifact, JobEvent, Model
 from tests.support.faults import FAST
 from tests.support.stackproc import StackProcess, descendants, is_alive
+from tests.support.training import tiny_ddpm_job, tiny_ddpm_params
 
 pytestmark = [pytest.mark.faults, pytest.mark.stack]
 
 CHECKPOINT_EVERY = 5
-TRAIN = {
-    "kind": "train",
-    "family": "ddpm",
-    "dataset": "digits",
-    "name": "machine",
-    "params": {"preset": "tiny", "steps": 80, "batch_size": 8,
-               "checkpoint_every": CHECKPOINT_EVERY, "seed": 3, "sample_steps": 2},
-}  # fmt: skip
+TRAIN = tiny_ddpm_job(
+    "machine",
+    tiny_ddpm_params(steps=80, batch_size=8, checkpoint_every=CHECKPOINT_EVERY, seed=3),
+)
 
 
 def _power_off(stack: StackProcess) -> set[int]:

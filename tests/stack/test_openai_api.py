@@ -21,18 +21,12 @@ from PIL import Image
 
 from stack.supervisor import ADMIN_TENANT
 from tests.support.stackproc import ROOT, StackProcess
+from tests.support.training import tiny_ddpm_params
 
 pytestmark = pytest.mark.stack
 
 LM = {"preset": "tiny", "steps": 4, "batch_size": 4, "checkpoint_every": 2, "seed": 1}
-DDPM = {
-    "preset": "tiny",
-    "steps": 4,
-    "batch_size": 8,
-    "checkpoint_every": 2,
-    "seed": 1,
-    "sample_steps": 2,
-}
+DDPM = tiny_ddpm_params(steps=4, batch_size=8, checkpoint_every=2)
 
 
 @pytest.fixture(scope="module")

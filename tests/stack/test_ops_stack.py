@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from tests.support.stackproc import StackProcess, descendants
+from tests.support.training import tiny_ddpm_params
 
 pytestmark = pytest.mark.stack
 
@@ -183,7 +184,7 @@ def test_a_training_jobs_trainer_lines_carry_its_request_id(stack: StackProcess)
             "family": "ddpm",
             "dataset": "digits",
             "name": "ops-logs",
-            "params": {"preset": "tiny", "steps": 4, "batch_size": 8, "seed": 1, "sample_steps": 2},
+            "params": tiny_ddpm_params(steps=4, batch_size=8),
         },
         headers={"X-Request-ID": request_id},
     )

@@ -21,6 +21,7 @@ import pytest
 from PIL import Image
 
 from tests.support.stackproc import ROOT, StackProcess
+from tests.support.training import tiny_ddpm_params
 
 pytestmark = pytest.mark.stack
 
@@ -66,14 +67,7 @@ def _cli(stack: StackProcess, *args: str) -> str:
     return out.stdout.strip()
 
 
-TINY_TRAIN = {
-    "preset": "tiny",
-    "steps": 40,
-    "batch_size": 16,
-    "checkpoint_every": 20,
-    "seed": 1,
-    "sample_steps": 2,
-}
+TINY_TRAIN = tiny_ddpm_params(steps=40, batch_size=16, checkpoint_every=20)
 
 
 def test_train_then_generate_digits(stack: StackProcess) -> None:

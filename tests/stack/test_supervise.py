@@ -25,24 +25,12 @@ import requests
 
 from stack.supervisor import restart_delay_s
 from tests.support.stackproc import StackProcess, descendants, is_alive
+from tests.support.training import tiny_ddpm_job, tiny_ddpm_params
 
 pytestmark = [pytest.mark.faults, pytest.mark.stack]
 
 STALL_TIMEOUT_S = 5.0
-TRAIN = {
-    "kind": "train",
-    "family": "ddpm",
-    "dataset": "digits",
-    "name": "supervised",
-    "params": {
-        "preset": "tiny",
-        "steps": 60,
-        "batch_size": 8,
-        "checkpoint_every": 5,
-        "seed": 1,
-        "sample_steps": 2,
-    },
-}
+TRAIN = tiny_ddpm_job("supervised", tiny_ddpm_params(steps=60, batch_size=8, checkpoint_every=5))
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pytest
 
@@ -15,6 +16,7 @@ from ray.exceptions import ActorDiedError, RayTaskError  # noqa: E402
 
 from core.errors import InvalidInputError, ModelError  # noqa: E402
 from core.events import Log, ModelSaved, Output, Placement, Progress  # noqa: E402
+from tests.support.ray_cluster import local_ray  # noqa: E402
 from workers.actors import start_trainer  # noqa: E402
 from workers.families.base import CanceledError  # noqa: E402
 from workers.registry import get_family  # noqa: E402
@@ -35,20 +37,13 @@ TINY = {
 
 
 @pytest.fixture(scope="module", autouse=True)
-def ray_cluster():
-    # address="local": a fresh cluster for the tests, never one already running on the host.
-    ray.init(
-        address="local",
+def ray_cluster() -> Iterator[None]:
+    with local_ray(
         num_cpus=2,
         num_gpus=1,  # declared only: proves the GPU rule without a GPU
         resources={"gpu_memory_gb": 24},  # the custom resource a GPU node declares
-        include_dashboard=False,
-        namespace="genq",
-        log_to_driver=False,
-        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
-    )
-    yield
-    ray.shutdown()
+    ):
+        yield
 
 
 def collect(stream) -> list:

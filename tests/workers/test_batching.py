@@ -10,7 +10,6 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,8 @@ ray = pytest.importorskip("ray")
 torch = pytest.importorskip("torch")
 
 from core.errors import ModelError  # noqa: E402
-from core.events import Metric, Output, Progress  # noqa: E402
+from core.events import Output, Progress  # noqa: E402
+from tests.support.model_servers import run_job, run_together, shared_with  # noqa: E402
 from tests.support.stackproc import StackProcess  # noqa: E402
 from workers.actors import model_server_name  # noqa: E402
 from workers.batching import Batcher  # noqa: E402
@@ -31,27 +31,13 @@ from workers.registry import get_family  # noqa: E402
 from workers.routing import get_model_server  # noqa: E402
 from workers.server import ServingOptions  # noqa: E402
 
-# The module starts a real Ray of its own: real processes, marker `stack`.
-pytestmark = pytest.mark.stack
+# The module starts a real Ray of its own (tests/workers/conftest.py): real processes,
+# marker `stack`.
+pytestmark = [pytest.mark.stack, pytest.mark.usefixtures("ray_four_cpus")]
 
 DDPM = get_family("ddpm")
 # A long wait makes "these concurrent jobs share one batch" certain on a busy 2-core machine.
 BATCHING = ServingOptions(batch_max_wait_ms=2000, idle_unload_s=None)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def ray_cluster() -> Iterator[None]:
-    ray.init(
-        address="local",
-        num_cpus=4,  # declared: room for three model servers and the test's calls
-        num_gpus=1,  # declared only: placement by GPU shares without a GPU
-        include_dashboard=False,
-        namespace="genq",
-        log_to_driver=False,
-        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
-    )
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -61,23 +47,8 @@ def model(tiny_ddpm: tuple[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
     return tiny_ddpm
 
 
-def run_job(server: Any, job_id: str, params: dict[str, Any]) -> list[Any]:
-    return [ray.get(ref) for ref in server.generate.remote(job_id, params)]
-
-
-def run_together(server: Any, jobs: dict[str, dict[str, Any]]) -> dict[str, list[Any]]:
-    with ThreadPoolExecutor(len(jobs)) as pool:
-        futures = {j: pool.submit(run_job, server, j, p) for j, p in jobs.items()}
-        return {j: f.result() for j, f in futures.items()}
-
-
 def images(events: list[Any]) -> list[bytes]:
     return [e.data for e in events if isinstance(e, Output)]
-
-
-def batch_jobs(events: list[Any]) -> float:
-    (metric,) = [e for e in events if isinstance(e, Metric) and "batch_jobs" in e.values]
-    return metric.values["batch_jobs"]
 
 
 def is_gone(model_id: str) -> bool:
@@ -97,11 +68,11 @@ def test_batched_jobs_get_the_bytes_they_get_alone(model: tuple[str, dict]) -> N
     jobs["j4"] = {**jobs["j0"], "sampler": "ddim", "guidance_scale": 3.0}  # another key
     together = run_together(server, jobs)
     for job_id in ["j0", "j1", "j2", "j3"]:
-        assert batch_jobs(together[job_id]) == 4  # one batch of the four compatible jobs
+        assert shared_with(together[job_id]) == 4  # one batch of the four compatible jobs
         # Progress fans out: every job sees every step.
         steps = [e.step for e in together[job_id] if isinstance(e, Progress)]
         assert steps == list(range(1, 13))
-    assert batch_jobs(together["j4"]) == 1  # different sampler and guidance: ran alone
+    assert shared_with(together["j4"]) == 1  # different sampler and guidance: ran alone
 
     for job_id, params in jobs.items():
         alone = images(run_job(server, f"{job_id}-alone", params))
@@ -137,7 +108,7 @@ def test_a_cancel_takes_one_job_out_of_a_running_batch(model: tuple[str, dict]) 
         t.join()
     assert isinstance(results["c0"], CanceledError)
     for job_id in ("c1", "c2"):
-        assert batch_jobs(results[job_id]) == 3
+        assert shared_with(results[job_id]) == 3
         assert [e.step for e in results[job_id] if isinstance(e, Progress)][-1] == 200
         # Leaving the batch changed nothing for the others: the bytes they get alone.
         assert images(results[job_id]) == images(run_job(server, f"{job_id}-alone", jobs[job_id]))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from ray.exceptions import ActorDiedError, RayActorError  # noqa: E402
 
 from core.events import Log, ModelSaved, Placement  # noqa: E402
 from tests.support.pretrained_models import build_tiny_sd, captioned_folder  # noqa: E402
+from tests.support.ray_cluster import local_ray  # noqa: E402
 from workers.actors import start_trainer  # noqa: E402
 from workers.families.sd_lora import ADAPTER_FILE  # noqa: E402
 from workers.registry import get_family  # noqa: E402
@@ -33,17 +35,9 @@ PARAMS = {"rank": 4, "alpha": 4.0, "steps": 40, "checkpoint_every": 2, "learning
 
 
 @pytest.fixture(scope="module", autouse=True)
-def ray_cluster() -> Any:
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        namespace="genq",
-        log_to_driver=False,
-        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
-    )
-    yield
-    ray.shutdown()
+def ray_cluster() -> Iterator[None]:
+    with local_ray(num_cpus=2):
+        yield
 
 
 @pytest.fixture(scope="module")

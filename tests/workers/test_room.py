@@ -15,6 +15,7 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("torch")
 
 from core.events import ModelSaved, Output, Placement, Progress  # noqa: E402
+from tests.support.ray_cluster import local_ray  # noqa: E402
 from workers.actors import start_trainer, trainer_resources  # noqa: E402
 from workers.families.base import CanceledError  # noqa: E402
 from workers.pool import get_pool  # noqa: E402
@@ -33,16 +34,8 @@ LOOK_S = 0.1
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_cluster() -> Iterator[None]:
-    ray.init(
-        address="local",
-        num_cpus=3,  # three 1-CPU ddpm servers fill it
-        include_dashboard=False,
-        namespace="genq",
-        log_to_driver=False,
-        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
-    )
-    yield
-    ray.shutdown()
+    with local_ray(num_cpus=3):  # three 1-CPU ddpm servers fill it
+        yield
 
 
 def wait_until(check: Any, what: str, limit: int = 1200) -> Any:

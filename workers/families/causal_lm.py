@@ -3,12 +3,12 @@ disk (causal_lm_loading: the pretrained base, or a LoRA version merged into it),
 token by token, the concurrent jobs of one model decoded together; fine-tuning with LoRA lives
 in `causal_lm_lora`.
 
-Continuous batching (causal_lm_batch). The model server hands the model an intake of jobs
-(workers/batching.py); between two decode steps the model takes the jobs that arrived, prefills
-each one's prompt alone and adds its row to the running batch, then runs one forward pass for
-every row. A row leaves as soon as its job ends (end-of-text, a stop string, `max_tokens`,
-cancel, or an error of its own) and the others go on. A job alone runs through the same code
-as a batch of one.
+Continuous batching (the loop in `decoding`, the padded cache in `causal_lm_batch`). The
+model server hands the model an intake of jobs (workers/batching.py); between two decode steps
+the model takes the jobs that arrived, prefills each one's prompt alone and adds its row to the
+running batch, then runs one forward pass for every row. A row leaves as soon as its job ends
+(end-of-text, a stop string, `max_tokens`, cancel, or an error of its own) and the others go
+on. A job alone runs through the same code as a batch of one.
 
 Each job samples its tokens with its own temperature, top-k and top-p, from its own CPU
 generator seeded per job (the same seed gives the same text on any device), and streams each
@@ -29,23 +29,20 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import ValidationError
 
 from core.errors import InvalidInputError, ModelError
 from core.events import Event, Metric, Output, TextDelta
-from workers.families.base import BatchItem, CanceledError, RunContext, TokenProgress
+from workers.families.base import TokenProgress
 from workers.families.causal_lm_batch import RowBatch, is_batchable
 from workers.families.causal_lm_loading import context_length, dtype_for, load_model
 from workers.families.causal_lm_lora import train  # noqa: F401 - the family's `train`
 from workers.families.causal_lm_spec import FAMILY, SEED_MAX, CausalLmGenerateParams
-
-# What the intake hands over: (the job's index in this run, its params, its context).
-Joiner = tuple[int, dict[str, Any], RunContext]
+from workers.families.decoding import Decoder
 
 
 def pick(logits: torch.Tensor, rows: list[Row]) -> list[int]:
@@ -148,7 +145,7 @@ class Row:
         yield Output("output.txt", "text", "text/plain; charset=utf-8", text.encode(), meta)
 
 
-class CausalLm:
+class CausalLm(Decoder[Row]):
     """A loaded language model; `generate` continues a prompt or answers a chat."""
 
     def __init__(self, model: Any, tokenizer: Any, config: dict[str, Any], device: str) -> None:
@@ -185,108 +182,39 @@ class CausalLm:
             )
         return ids
 
-    def generate(self, params: dict[str, Any], ctx: RunContext) -> Iterator[Event]:
-        """One job alone: the continuous path with a batch of one."""
-        joiners: list[Joiner] = [(0, params, ctx)]
-        for _, item in self.generate_continuous(lambda free: [joiners.pop()] if joiners else []):
-            if isinstance(item, BaseException):
-                raise item
-            if item is not None:
-                yield item
+    def new_batch(self) -> TextBatch:
+        return TextBatch(self)
 
-    def generate_batch(self, jobs: list[tuple[dict[str, Any], RunContext]]) -> Iterator[BatchItem]:
-        """A fixed set of jobs decoded together (the family interface's batch call)."""
-        waiting: list[Joiner] = [(i, params, ctx) for i, (params, ctx) in enumerate(jobs)]
 
-        def take(free: int) -> list[Joiner]:
-            taken = waiting[:free]
-            del waiting[:free]
-            return taken
+class TextBatch:
+    """One run's rows of a CausalLm (decoding.DecodeBatch): each prompt prefilled alone, then
+    its row added to the padded cache of the others (causal_lm_batch.RowBatch)."""
 
-        for index, item in self.generate_continuous(take):
-            if item is not None:
-                yield index, item
+    def __init__(self, lm: CausalLm) -> None:
+        self.lm = lm
+        self.rows = RowBatch(lm.model, lm.device)
 
-    def generate_continuous(
-        self, take: Callable[[int], list[Joiner]], stepped: Callable[[int], None] | None = None
-    ) -> Iterator[tuple[int, Event | BaseException | None]]:
-        """Decode every job `take(free rows)` hands over, taking more between steps, until
-        none runs and none waits. Yields (index, event) for a job, (index, exception) when one
-        job fails or is canceled (its row leaves, the others go on) and (index, None) once a
-        job has sent all its events. `stepped(rows)` is told of each shared forward pass."""
-        batch = RowBatch(self.model, self.device)
-        rows: dict[int, tuple[Row, RunContext]] = {}
-        while True:
-            for index, params, ctx in take(self.max_batch_size - len(batch)):
-                yield from self._join(batch, rows, index, params, ctx)
-            gone = [i for i in batch.rows if rows[i][1].is_canceled()]
-            for i in gone:
-                yield i, CanceledError(f"job {rows.pop(i)[1].job_id} was canceled")
-            batch.drop(gone)
-            if not len(batch):
-                if gone:
-                    continue  # others may have come meanwhile
-                return
-            try:
-                tokens = pick(batch.step(), [rows[i][0] for i in batch.rows])
-            except Exception as exc:  # noqa: BLE001 - the rows' failure (out of memory...)
-                # Each running job fails with it (the runner retries a transient one) rather
-                # than starting again alone: its text has been streamed already.
-                for i in batch.rows:
-                    rows.pop(i)
-                    yield i, exc
-                batch.drop(list(batch.rows))
-                continue
-            if stepped is not None:
-                stepped(len(batch))
-            ended = []
-            for r, i in enumerate(batch.rows):
-                row, _ = rows[i]
-                row.peak_rows = max(row.peak_rows, len(batch))
-                for event in row.add(tokens[r]):
-                    yield i, event
-                if row.finish:
-                    ended.append(i)
-                    yield from self._end(i, rows.pop(i)[0])
-            batch.feed(tokens)
-            batch.drop(ended)
+    def open(self, params: dict[str, Any]) -> Row:
+        p = CausalLmGenerateParams.model_validate(params)
+        return Row(p, self.lm.prompt_ids(p), self.lm.tokenizer)
 
-    def _join(
-        self,
-        batch: RowBatch,
-        rows: dict[int, tuple[Row, RunContext]],
-        index: int,
-        params: dict[str, Any],
-        ctx: RunContext,
-    ) -> Iterator[BatchItem]:
-        """Prefill a job's prompt alone and add its row to the batch (or end it at once)."""
-        if ctx.is_canceled():
-            yield index, CanceledError(f"job {ctx.job_id} was canceled")
-            return
-        try:
-            p = CausalLmGenerateParams.model_validate(params)
-            ids = self.prompt_ids(p)
-        except (InvalidInputError, ValidationError) as exc:
-            yield index, exc
-            return
-        row = Row(p, ids, self.tokenizer)
-        try:
-            cache, logits = batch.prefill(ids)
-        except Exception as exc:  # noqa: BLE001 - this job's own failure (its prompt)
-            yield index, exc
-            return
-        for event in row.add(pick(logits[None], [row])[0]):
-            yield index, event
-        if row.finish:
-            yield from self._end(index, row)
-            return
-        rows[index] = (row, ctx)
-        batch.join(index, cache, len(ids), row.completion[-1])
+    def prefill(self, row: Row) -> tuple[Any, torch.Tensor]:
+        return self.rows.prefill(row.ids)
 
-    def _end(self, index: int, row: Row) -> Iterator[tuple[int, Event | None]]:
-        for event in row.end():
-            yield index, event
-        yield index, None
+    def join(self, index: int, row: Row, state: Any) -> None:
+        self.rows.join(index, state, len(row.ids), row.completion[-1])
+
+    def step(self, rows: list[Row]) -> torch.Tensor:
+        return self.rows.step()  # the batch holds every row's last token already
+
+    def pick(self, logits: torch.Tensor, rows: list[Row]) -> list[int]:
+        return pick(logits, rows)
+
+    def feed(self, tokens: list[int]) -> None:
+        self.rows.feed(tokens)
+
+    def drop(self, indices: list[int]) -> None:
+        self.rows.drop(indices)
 
 
 def load(model_dir: Path | None, config: dict[str, Any], device: str) -> CausalLm:

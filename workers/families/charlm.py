@@ -12,7 +12,7 @@ a time with temperature, top-k and top-p, from a CPU generator seeded per job, a
 each decoded piece as a TextDelta event (an incremental UTF-8 decoder holds back a partial
 multi-byte character until it is complete). The concurrent jobs of one model are decoded
 together, one forward pass a step for all their rows, each job joining and leaving between
-steps (`CharLm.generate_continuous`; workers/batching.py feeds it).
+steps (the loop of workers/families/decoding.py; workers/batching.py feeds it).
 
 Shapes: B batch, T time (<= block_size), C n_embd, H heads, V = 256.
 """
@@ -23,22 +23,19 @@ import codecs
 import math
 import secrets
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import ValidationError
 from torch import nn
 
 from core.errors import ModelError
 from core.events import Event, Log, Metric, ModelSaved, Output, Progress, TextDelta
 from workers.datasets import load_text
 from workers.families.base import (
-    BatchItem,
     CanceledError,
-    RunContext,
     TokenProgress,
     TrainContext,
 )
@@ -56,6 +53,7 @@ from workers.families.checkpoints import (
     save_checkpoint,
     save_model,
 )
+from workers.families.decoding import Decoder
 
 CHECKPOINT_FORMAT = "genq-charlm-checkpoint/1"
 V = 256
@@ -63,8 +61,6 @@ METRIC_EVERY = 20
 HELD_OUT = 0.05
 EVAL_BATCHES = 8  # batches of held-out text per evaluation
 SAMPLE_TOKENS = 200  # length of the text sample written at the end of training
-# What the intake hands over: (the job's index in this run, its params, its context).
-Joiner = tuple[int, dict[str, Any], RunContext]
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32},
     "default": {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 128},
@@ -350,16 +346,17 @@ class Row:
         yield Output("output.txt", "text", "text/plain; charset=utf-8", text.encode(), meta)
 
 
-class CharLm:
+class CharLm(Decoder[Row]):
     """A loaded charlm; `generate` continues a prompt, streaming TextDelta events.
 
-    Continuous batching: `generate_continuous` decodes the rows of many jobs with one forward
-    pass a step, each job joining and leaving between steps (as the `transformers` family,
-    causal_lm.py). The model has no key/value cache: every step feeds each row's last
-    `block_size` bytes, right-padded to the longest row's, and reads each row's logits at its
-    own last byte. Attention is causal, so a row never sees the padding after it and its
-    logits are what it gets alone up to float rounding (the matrix kernels change with the
-    batch's shape); each row samples from its own generator, as alone."""
+    Continuous batching: `generate_continuous` (decoding.py, shared with the `transformers`
+    family) decodes the rows of many jobs with one forward pass a step, each job joining and
+    leaving between steps (TextBatch is this model's side of it). The model has no key/value
+    cache: every step feeds each row's last `block_size` bytes, right-padded to the longest
+    row's, and reads each row's logits at its own last byte. Attention is causal, so a row
+    never sees the padding after it and its logits are what it gets alone up to float
+    rounding (the matrix kernels change with the batch's shape); each row samples from its own
+    generator, as alone."""
 
     max_batch_size = FAMILY.max_batch_size
 
@@ -380,75 +377,38 @@ class CharLm:
             logits = self.model(idx.to(self.device))  # (B, L, V)
         return logits[torch.arange(B), last.to(self.device)].float().cpu()  # (B, V)
 
-    def generate(self, params: dict[str, Any], ctx: RunContext) -> Iterator[Event]:
-        """One job alone: the continuous path with a batch of one."""
-        joiners: list[Joiner] = [(0, params, ctx)]
-        for _, item in self.generate_continuous(lambda free: [joiners.pop()] if joiners else []):
-            if isinstance(item, BaseException):
-                raise item
-            if item is not None:
-                yield item
+    def new_batch(self) -> TextBatch:
+        return TextBatch(self)
 
-    def generate_batch(self, jobs: list[tuple[dict[str, Any], RunContext]]) -> Iterator[BatchItem]:
-        """A fixed set of jobs decoded together (the family interface's batch call)."""
-        waiting: list[Joiner] = [(i, params, ctx) for i, (params, ctx) in enumerate(jobs)]
 
-        def take(free: int) -> list[Joiner]:
-            taken = waiting[:free]
-            del waiting[:free]
-            return taken
+class TextBatch:
+    """One run's rows of a CharLm (decoding.DecodeBatch). Without a cache there is nothing
+    to prefill, keep or drop: each row holds its own bytes (`Row.tokens`), a row's first byte
+    comes from the next step, and every step feeds all the rows' bytes again."""
 
-        for index, item in self.generate_continuous(take):
-            if item is not None:
-                yield index, item
+    def __init__(self, lm: CharLm) -> None:
+        self.lm = lm
 
-    def generate_continuous(
-        self, take: Callable[[int], list[Joiner]], stepped: Callable[[int], None] | None = None
-    ) -> Iterator[tuple[int, Event | BaseException | None]]:
-        """Decode every job `take(free rows)` hands over, taking more between steps, until
-        none runs and none waits. Yields (index, event) for a job, (index, exception) when one
-        job fails or is canceled (its row leaves, the others go on) and (index, None) once a
-        job has sent all its events. `stepped(rows)` is told of each forward pass."""
-        rows: dict[int, tuple[Row, RunContext]] = {}  # the running rows, in batch order
-        while True:
-            for index, params, ctx in take(self.max_batch_size - len(rows)):
-                if ctx.is_canceled():
-                    yield index, CanceledError(f"job {ctx.job_id} was canceled")
-                    continue
-                try:
-                    rows[index] = (Row(CharlmGenerateParams.model_validate(params)), ctx)
-                except ValidationError as exc:
-                    yield index, exc
-            gone = [i for i, (_, ctx) in rows.items() if ctx.is_canceled()]
-            for i in gone:
-                yield i, CanceledError(f"job {rows.pop(i)[1].job_id} was canceled")
-            if not rows:
-                if gone:
-                    continue  # others may have come meanwhile
-                return
-            running = list(rows)
-            try:
-                logits = self.next_logits([rows[i][0].tokens for i in running])  # (B, V)
-                tokens = pick(logits, [rows[i][0] for i in running])
-            except Exception as exc:  # noqa: BLE001 - the rows' failure (out of memory...)
-                # Each running job fails with it rather than starting again alone: its text
-                # has been streamed already.
-                for i in running:
-                    rows.pop(i)
-                    yield i, exc
-                continue
-            if stepped is not None:
-                stepped(len(running))
-            for r, i in enumerate(running):
-                row = rows[i][0]
-                row.peak_rows = max(row.peak_rows, len(running))
-                for event in row.add(tokens[r]):
-                    yield i, event
-                if row.finish:
-                    rows.pop(i)
-                    for event in row.end():
-                        yield i, event
-                    yield i, None
+    def open(self, params: dict[str, Any]) -> Row:
+        return Row(CharlmGenerateParams.model_validate(params))
+
+    def prefill(self, row: Row) -> None:
+        return None
+
+    def join(self, index: int, row: Row, state: Any) -> None:
+        pass
+
+    def step(self, rows: list[Row]) -> torch.Tensor:
+        return self.lm.next_logits([row.tokens for row in rows])  # (B, V)
+
+    def pick(self, logits: torch.Tensor, rows: list[Row]) -> list[int]:
+        return pick(logits, rows)
+
+    def feed(self, tokens: list[int]) -> None:
+        pass  # Row.add appended each row's byte to its own tokens
+
+    def drop(self, indices: list[int]) -> None:
+        pass
 
 
 def load(model_dir: Path | None, config: dict[str, Any], device: str) -> CharLm:
