@@ -248,6 +248,11 @@ class Stack:
             # Not the log monitor: it forwards the actors' output to drivers that ask for it,
             # and the worker does not (log_to_driver=False).
             "--include-log-monitor=false",
+            # The Ray Client server (ray://), which genq does not use either, cannot be left
+            # out (`ray start` starts it whenever grpc imports); it gets a port of its own
+            # instead of 10001, which every head on this machine would share (gRPC binds it
+            # with SO_REUSEPORT, so a connection could reach another stack's).
+            f"--ray-client-server-port={free_port()}",
         ]
         if not self.settings.ray_dashboard:
             # Nor the autoscaler's monitor (one machine: no node to add), whose report only
