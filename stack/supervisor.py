@@ -467,7 +467,9 @@ class Stack:
         its grace; what a leader leaves in its group goes with it."""
         running = [c for c in self.children if c.process.poll() is None]
         for child in self.children:
-            if child not in running:
+            if child in running:
+                child.stop_sent_at = None  # a restart asked for earlier: its grace starts anew
+            else:
                 self._kill_group(child)
         signalled: set[str] = set()
         while running:
