@@ -237,6 +237,12 @@ def one_run(checkout: Path, hold_s: float, job: bool) -> dict[str, Any]:
                     raise RuntimeError(f"processes left after Ctrl-C: {alive_below()}")
                 time.sleep(0.02)
             result["stop_s"] = time.monotonic() - stopping
+            # What `genq up` says of each child's stop (from the code that logs it).
+            result["stop_log"] = [
+                line.split("stack.supervisor: ", 1)[1]
+                for line in log_path.read_text(errors="replace").splitlines()
+                if "stack.supervisor: " in line and ("stop" in line or "killing" in line)
+            ]
             total = meter.total_s()
             reap_all()
             result["stop_cpu_s"] = total - cpu_stopping
@@ -263,7 +269,7 @@ def one_run(checkout: Path, hold_s: float, job: bool) -> dict[str, Any]:
 def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"runs": len(runs)}
     for figure in runs[0]:
-        if figure == "exit_code" or figure.endswith("_by_process"):
+        if figure in ("exit_code", "stop_log") or figure.endswith("_by_process"):
             continue
         values = [r[figure] for r in runs]
         out[figure] = {
@@ -304,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name} run {i + 1}: {shown}  (exit {result['exit_code']})", flush=True)
             print(f"  start CPU by process: {result['start_cpu_by_process']}", flush=True)
             print(f"  stop CPU by process: {result['stop_cpu_by_process']}", flush=True)
+            print(f"  stop: {'; '.join(result['stop_log'])}", flush=True)
     data: dict[str, Any] = {
         "bench": "stack_lifecycle",
         "at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -316,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
             name: {
                 "start": results[-1]["start_cpu_by_process"],
                 "stop": results[-1]["stop_cpu_by_process"],
+                "stop_log": results[-1]["stop_log"],
             }
             for name, results in runs.items()
         },
