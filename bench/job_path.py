@@ -5,8 +5,10 @@ the same Redis and the same kind of database.
     .venv/bin/python bench/job_path.py [--jobs 400] [--clients 8] [--database-url URL]
                                        [--label before] [--echo-max-replicas N]
 
-Each side gets a warm-up of 20 jobs, then `--jobs` jobs from `--clients` client threads; the
-time runs until the last one is finished, counted in SQL (not through the API being measured).
+Both sides run genq's defaults: 2 gunicorn processes of 16 threads and a Celery worker of 8
+threads. Each side gets a warm-up of 20 jobs, then `--jobs` jobs from `--clients` client
+threads; the time runs until the last one is finished, counted in SQL (not through the API
+being measured).
 Besides jobs/s it reads the CPU time of every process of each side from /proc before and after
 the burst (gunicorn, the Celery worker, Ray's processes, the Redis server on the benchmark's
 port), so the ratio can be told apart from how busy the machine was. SQLite: each side gets
@@ -49,6 +51,8 @@ from tests.support.stackproc import StackProcess, descendants, free_port  # noqa
 
 REDIS = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379")
 WARM_JOBS = 20
+# genq's default (GENQ_WORKER_CONCURRENCY), and the bare worker's --concurrency.
+GENQ_WORKER_THREADS = 8
 
 
 def redis_server_pids(url: str) -> set[int]:
@@ -202,7 +206,7 @@ def bench_bare(database_url: str, jobs: int, clients: int, workers: int, threads
             "worker",
             "--queues=bare",
             "--pool=threads",
-            "--concurrency=8",
+            f"--concurrency={GENQ_WORKER_THREADS}",
             "--loglevel=WARNING",
             "--without-gossip",
             "--without-mingle",
@@ -278,7 +282,14 @@ def bench_genq(
 ) -> dict:
     broker = f"{REDIS}/12"
     redis.Redis.from_url(broker).flushdb()
-    env = {"GENQ_REDIS_URL": broker, "GENQ_LOG_LEVEL": "WARNING", "GENQ_API_WORKERS": "2"}
+    # genq's defaults where the test harness (StackProcess) sets less: 2 API processes and 8
+    # worker threads, as the bare pipeline runs (2 gunicorn workers, Celery --concurrency=8).
+    env = {
+        "GENQ_REDIS_URL": broker,
+        "GENQ_LOG_LEVEL": "WARNING",
+        "GENQ_API_WORKERS": "2",
+        "GENQ_WORKER_CONCURRENCY": str(GENQ_WORKER_THREADS),
+    }
     if database_url:
         env["GENQ_DATABASE_URL"] = database_url
     stack = StackProcess(var_dir, env)
@@ -330,6 +341,8 @@ def main() -> None:
         "database": database,
         "label": args.label,
         "echo_max_replicas": args.echo_max_replicas or "family policy",
+        # Celery worker threads, on both sides (runs before 2026-12-05 14:45 gave genq 4).
+        "worker_threads": GENQ_WORKER_THREADS,
         "bare_pipeline": bare,
         "genq_echo": genq,
         "ratio_jobs_per_s": round(genq["jobs_per_s"] / bare["jobs_per_s"], 2),

@@ -99,6 +99,10 @@ INDEX: dict[str, Kind] = {
     "metrics": Kind("GET /metrics at 100,000 jobs (bench/metrics_scrape.py)"),
     "retention": Kind("Retention pass (bench/retention.py)"),
     "artifacts": Kind("Artifacts: downloads and the model cache (bench/artifacts.py)"),
+    "stack-lifecycle": Kind(
+        "genq up: start, first job and stop (bench/stack_lifecycle.py)",
+        hide=(r"by_process\..*", r".*\.stop_up_exit_s\..*"),
+    ),
 }
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import bindparam, or_, select, update
+from sqlalchemy import Table, bindparam, insert, inspect, or_, select, update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -88,7 +88,17 @@ def _execute(session: Session, statement: Any) -> CursorResult[Any]:
 
 def _add_event(session: Session, job: Job, type_: str, data: dict[str, Any]) -> None:
     data = without_nul(data)
-    session.add(JobEvent(job_id=job.id, type=type_, data=data, created_at=utcnow()))
+    if inspect(job).persistent and not any(isinstance(o, JobEvent) for o in session.new):
+        # Nobody reads the event back as an object: a Core INSERT, sent now, costs a fraction
+        # of the ORM's flush of one (a unit of work, RETURNING its id, an identity to keep),
+        # which the job path paid for each of its events. Ids keep the order of the calls: an
+        # event still pending in the session, or a job row not yet written (its INSERT must
+        # come first), takes the ORM's way, flushed in order with the rest.
+        session.connection().execute(
+            _INSERT_EVENT, {"job_id": job.id, "type": type_, "data": data, "created_at": utcnow()}
+        )
+    else:
+        session.add(JobEvent(job_id=job.id, type=type_, data=data, created_at=utcnow()))
     # The webhook message is written in the same transaction as the event (an outbox).
     if job.webhook:
         enqueue_delivery(session, job, type_, data)
@@ -195,6 +205,7 @@ _CLAIM = (
     .execution_options(synchronize_session=False, populate_existing=True)
 )
 _JOB = select(Job).where(Job.id == bindparam("job_id"))
+_INSERT_EVENT = insert(cast(Table, JobEvent.__table__))
 _LOCKED_JOB = _JOB.with_for_update()
 _OUTPUT_NAMED = select(Artifact).where(
     Artifact.job_id == bindparam("job_id"), Artifact.name == bindparam("name")

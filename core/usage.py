@@ -31,6 +31,7 @@ from datetime import datetime
 from sqlalchemy import bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.util import identity_key
 
 from core.states import ACTIVE
 from core.tables import Job, TenantUsage, utcnow
@@ -121,8 +122,10 @@ def running_cost(row: TenantUsage, now: datetime) -> float:
 
 
 # A start adds to the running totals in the statement that locks the row: no read first (the
-# claim runs it while its queue's other claims wait). `fetch`: a copy of the row that the
-# session holds is refreshed, so a later read in the transaction sees the new totals.
+# claim runs it while its queue's other claims wait). A copy of the row that the session holds
+# (the claim read it for the fair share) has those totals expired by start_attempt, so a later
+# read in the transaction loads the new ones: cheaper than `fetch`, which has the UPDATE
+# return the row's key for every claim to look for a copy.
 _START_RUNNING = (
     update(TenantUsage)
     .where(TenantUsage.tenant_id == bindparam("of_tenant"))
@@ -131,8 +134,9 @@ _START_RUNNING = (
         running_rate=TenantUsage.running_rate + bindparam("rate"),
         running_rate_start=TenantUsage.running_rate_start + bindparam("rate_start"),
     )
-    .execution_options(synchronize_session="fetch")
+    .execution_options(synchronize_session=False)
 )
+_RUNNING_TOTALS = ["running_attempts", "running_rate", "running_rate_start"]
 
 
 def start_attempt(session: Session, job: Job) -> None:
@@ -142,6 +146,9 @@ def start_attempt(session: Session, job: Job) -> None:
     rate_start = rate * job.started_at.timestamp()
     params = {"of_tenant": job.tenant_id, "rate": rate, "rate_start": rate_start}
     if getattr(session.execute(_START_RUNNING, params), "rowcount", 0):
+        held = session.identity_map.get(identity_key(TenantUsage, job.tenant_id))
+        if held is not None:  # (the UPDATE flushed the session's changes first: none is lost)
+            session.expire(held, _RUNNING_TOTALS)
         return
     # The tenant's first attempt: its row is created.
     row = _locked_row(session, job.tenant_id, job.started_at)

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from core.artifacts import ArtifactStore
@@ -73,6 +74,13 @@ class JobSnapshot:
     input_error: GenqError | None = None
 
 
+# What the snapshot takes of a model: its columns, not the ORM object (the claim's
+# transaction reads it once per job, and an entity's load costs several times the row's).
+_MODEL_ROW = select(Model.id, Model.path, Model.config, Model.parent_id).where(
+    Model.id == bindparam("model_id")
+)
+
+
 def read_snapshot(
     session: Session, job_id: str, limits: Mapping[str, TenantLimits] | None = None
 ) -> JobSnapshot:
@@ -107,13 +115,16 @@ def read_snapshot(
             tenant.max_running is not None or tenant.gpu_seconds_budget is not None
         )
     if job.model_id:
-        model = session.get(Model, job.model_id)
-        assert model is not None
+        model = session.execute(_MODEL_ROW, {"model_id": job.model_id}).one()
         snap.model_path = model.path
         snap.model_config = dict(model.config or {})
         snap.serve_model_id, snap.serve_model_path = model.id, model.path
         snap.serve_model_config = snap.model_config
-        base = session.get(Model, model.parent_id) if model.parent_id else None
+        base = (
+            session.execute(_MODEL_ROW, {"model_id": model.parent_id}).first()
+            if model.parent_id
+            else None
+        )
         if snap.model_config.get("served_by_base") and base is not None:
             snap.serve_model_id, snap.serve_model_path = base.id, base.path
             snap.serve_model_config = dict(base.config or {})

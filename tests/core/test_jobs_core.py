@@ -15,6 +15,7 @@ from core.errors import IllegalTransitionError, LeaseLostError
 from core.events import Log, Metric, Output, Progress, TextDelta
 from core.jobs import (
     NewJob,
+    add_event,
     cancel_job,
     claim_job,
     create_job,
@@ -308,3 +309,57 @@ def test_nul_characters_from_a_worker_are_stored_as_replacement_characters(db) -
     assert {"message": "a\ufffdb", "level": "info"} in data
     assert {"index": 0, "text": "\ufffd"} in data
     assert {"step": 1, "values": {"m\ufffd": 1.0}} in data
+
+
+def test_events_keep_the_order_they_were_added_in(db, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A job's events are written at once (a Core INSERT) once its row exists, through the
+    session's flush while it does not or while an event is still pending there: their ids
+    follow the order of the calls either way, and a new job's first events land."""
+    with db.transaction() as session:
+        job, _ = create_job(
+            session,
+            NewJob(
+                tenant_id=db.tenant_id,
+                kind=JobKind.GENERATE,
+                family="echo",
+                queue="generate",
+                params={"message": "hi"},
+                model_id=db.echo_id,
+            ),
+        )
+        add_event(session, job, "log", {"message": "while pending"})  # the row is not written
+        job_id = job.id
+    with db.transaction() as session:
+        lease = claim_job(session, job_id, lease_ttl_s=30)
+    assert lease is not None
+    store = ArtifactStore(tmp_path / "artifacts")
+    output = Output("output.txt", "text", "text/plain", b"hi")
+    stored = store.write_output(db.tenant_id, job_id, output.name, output.data)
+    with db.transaction() as session:
+        record_events(session, lease, [Log("first")])
+        held = get_job(session, job_id)
+        # An event pending in the session: the ones after it wait for the flush too.
+        session.add(JobEvent(job_id=job_id, type="log", data={"message": "pending"}))
+        record_events(session, lease, [Log("after the pending one")])
+        record_output(session, lease, output, stored)
+        session.flush()
+        add_event(session, held, "log", {"message": "after the flush"})
+        finish_job(session, lease, JobState.SUCCEEDED)
+    with db.read() as session:
+        events = session.execute(
+            select(JobEvent.type, JobEvent.data)
+            .where(JobEvent.job_id == job_id)
+            .order_by(JobEvent.id)
+        ).all()
+    said = [data.get("message") or data.get("to") or data.get("name") for _, data in events]
+    assert said == [
+        "queued",
+        "while pending",
+        "running",
+        "first",
+        "pending",
+        "after the pending one",
+        "output.txt",
+        "after the flush",
+        "succeeded",
+    ]

@@ -121,12 +121,14 @@ def test_reaper_requeues_and_publishes_an_expired_job(env) -> None:  # type: ign
 def test_delayed_job_starts_when_its_time_comes(env) -> None:  # type: ignore[no-untyped-def]
     settings, database, periodic, client, new_job = env
     later = new_job(run_at=utcnow() + timedelta(hours=1))
-    soon = new_job(run_at=utcnow() + timedelta(milliseconds=1))
+    soon = new_job(run_at=utcnow() + timedelta(minutes=10))
     with database.transaction() as session:
         assert get_job(session, soon).state == "scheduled"
-    import time
-
-    time.sleep(0.01)
+    assert periodic.tick().promoted == 0  # not yet
+    with database.transaction() as session:
+        # Its time comes (the clock is moved, not waited for: on a loaded machine a run_at a
+        # moment ahead could pass before the job is even stored).
+        get_job(session, soon).run_at = utcnow() - timedelta(seconds=1)
     assert periodic.tick().promoted == 1
     with database.transaction() as session:
         assert get_job(session, soon).state == "queued"

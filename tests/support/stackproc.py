@@ -106,6 +106,9 @@ class StackProcess:
     def stop(self) -> tuple[int, set[int]]:
         """Ctrl-C; returns the exit code and the processes still alive afterwards."""
         assert self.process is not None
+        # A kept-alive connection would hold the API's worker up to 2 s (gunicorn's linger
+        # for a request that may be on its way); this client has none in flight.
+        self.session.close()
         tree = descendants(self.process.pid)
         self.process.send_signal(signal.SIGINT)
         code = self.process.wait(120)
