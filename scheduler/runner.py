@@ -285,6 +285,7 @@ class Runner:
                     log_context=current_job_context(),
                     adapter=job.adapter,
                     inputs=inputs,
+                    number=keeper.lease.attempt,
                 )
                 loading = "loading the model"
                 for event in self._started(refs, actor, need, recorder, loading, liveness):

@@ -178,6 +178,8 @@ class ModelServer:
         self._canceled: dict[str, float] = {}
         # attempt key -> when it arrived (monotonic): the attempts running or waiting here.
         self._active: dict[str, float] = {}
+        # job id -> {attempt key: attempt number} of the numbered attempts here (see generate).
+        self._numbers: dict[str, dict[str, int]] = {}
         # Seconds of jobs in hand, summed over the jobs that have left: with the running ones,
         # the pool's measure of this replica's load (its mean jobs in hand between two looks).
         self._in_hand_done_s = 0.0
@@ -209,10 +211,16 @@ class ModelServer:
         log_context: dict[str, Any] | None = None,
         adapter: dict[str, str] | None = None,
         inputs: dict[str, bytes] | None = None,
+        number: int = 0,
     ) -> Iterator[Event]:
         """Run one attempt of a job. `attempt` (the attempt's lease token) names it: a cancel
         must name the same attempt to stop it, so a stale attempt of a job (its worker was
-        paused past its lease) cannot stop the attempt that took over. `log_context`: what this
+        paused past its lease) cannot stop the attempt that took over. `number` (the attempt's
+        number, 0 for none) lets a newer attempt end an older one still here: a job's attempt
+        n+1 is claimed only once attempt n has lost its lease, so whatever n still does is
+        fenced off and would only hold a place in the batch (its worker was killed, say, and
+        nothing reads its stream). The older attempt ends as canceled; one arriving after a
+        newer one is canceled at once. `log_context`: what this
         server's lines about the job carry (job_id, tenant, attempt, request_id; core/logs.py).
         `adapter`: {"id", "path"} of an adapter version this base serves (its path as
         registered, fetched to this machine); `inputs`: the bytes of the files the params name."""
@@ -229,6 +237,8 @@ class ModelServer:
         )
         with self._state_lock:
             self._active[key] = time.monotonic()
+            if number:
+                self._supersede(job_id, key, number, about)
             self._touch()
         try:
             if self._placement is not None:
@@ -247,7 +257,26 @@ class ModelServer:
                 if arrived is not None:
                     self._in_hand_done_s += time.monotonic() - arrived
                 self._canceled.pop(key, None)
+                numbered = self._numbers.get(job_id)
+                if numbered is not None:
+                    numbered.pop(key, None)
+                    if not numbered:
+                        del self._numbers[job_id]
                 self._touch()
+
+    def _supersede(self, job_id: str, key: str, number: int, about: dict[str, Any]) -> None:
+        """Cancel the attempts of `job_id` here older than `number`, or this one (`key`) if a
+        newer one is here. Called under the state lock."""
+        numbered = self._numbers.setdefault(job_id, {})
+        now = time.monotonic()
+        if any(other > number for other in numbered.values()):
+            log.warning("attempt %d arrived after a newer one: canceled", number, extra=about)
+            self._canceled[key] = now
+        for older, other in numbered.items():
+            if other < number:
+                log.warning("attempt %d ends attempt %d, still here", number, other, extra=about)
+                self._canceled[older] = now
+        numbered[key] = number
 
     def _adapter_folder(self, adapter: dict[str, str]) -> dict[str, str]:
         folder = Path(adapter["path"])

@@ -266,8 +266,9 @@ def test_poison_job_fails_after_the_attempt_cap_and_healthy_jobs_flow(
         cluster.submit({"kind": "generate", "model": "echo", "params": {"message": str(i)}})
         for i in range(4)
     ]
-    # The killed workers' poison calls may still be sleeping in the echo server, which runs one
-    # request at a time (echo does not batch): the healthy jobs can wait out all three (3 × 15 s).
+    # Each retry's call ended its predecessor's on the echo server (workers/server.py), but the
+    # last attempt's call may still be sleeping there, and echo runs one request at a time:
+    # the healthy jobs can wait out that one (15 s).
     for job_id in healthy:
         assert cluster.wait(job_id, 120)["state"] == "succeeded"
 

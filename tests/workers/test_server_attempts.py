@@ -53,3 +53,41 @@ def test_a_cancel_for_an_attempt_not_here_touches_no_other() -> None:
     # The remembered cancel still stops its own attempt should it arrive late.
     with pytest.raises(CanceledError):
         list(server.generate("job", {"message": "z"}, "old-attempt"))
+
+
+def test_a_newer_attempt_ends_the_older_one_still_here() -> None:
+    """Attempt 2 is claimed only once attempt 1 lost its lease (its worker killed, say): the
+    server stops 1 as soon as 2 arrives, so 2 does not wait behind a call nobody reads."""
+    server = ModelServer("echo", None, {})
+    slow = {"message": "old", "delay_s": 600.0, "progress_steps": 600}
+    older: list[Any] = []
+    thread = threading.Thread(
+        target=run, args=(server.generate("job", slow, "token-1", number=1), older)
+    )
+    thread.start()
+    while not any(isinstance(e, Progress) for e in older):  # attempt 1 is at work
+        threading.Event().wait(0.01)
+    events = list(server.generate("job", {"message": "new"}, "token-2", number=2))
+    thread.join(30)
+    assert not thread.is_alive() and isinstance(older[-1], CanceledError)
+    assert isinstance(events[-1], Output) and events[-1].data == b"new"
+    assert server.info()["active_jobs"] == []
+
+
+def test_an_attempt_arriving_after_a_newer_one_is_canceled_at_once() -> None:
+    """A stale worker that wakes late and only then calls: its attempt does not run beside, or
+    stop, the newer one."""
+    server = ModelServer("echo", None, {})
+    newer: list[Any] = []
+    slow = {"message": "new", "delay_s": 1.0, "progress_steps": 4}
+    thread = threading.Thread(
+        target=run, args=(server.generate("job", slow, "token-3", number=3), newer)
+    )
+    thread.start()
+    while "job" not in server.info()["active_jobs"]:
+        threading.Event().wait(0.01)
+    with pytest.raises(CanceledError):
+        list(server.generate("job", {"message": "old"}, "token-2", number=2))
+    thread.join(30)
+    assert isinstance(newer[-1], Output) and newer[-1].data == b"new"
+    assert [e.step for e in newer if isinstance(e, Progress)] == [1, 2, 3, 4]
