@@ -34,6 +34,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackProcess]:
         "GENQ_RAY_NUM_CPUS": "2",
         "GENQ_API_WORKERS": "2",
         "GENQ_METRICS_TOKEN": TOKEN,
+        # Every scrape reads SQL afresh: each figure below is awaited as soon as it changes,
+        # not up to the default 5 s cache later (the cache is tests/api/test_metrics.py's).
+        "GENQ_METRICS_CACHE_S": "0",
     }
     proc = StackProcess(base / "var", env)
     try:
@@ -124,7 +127,9 @@ def test_prometheus_sees_what_the_stack_did(stack: StackProcess, prometheus: str
     celery = make_celery(Settings(_env_file=None, var_dir=stack.var_dir))  # type: ignore[call-arg]
 
     # No worker consumes the generate queue: jobs submitted now wait, and the depth rises.
-    stopped = celery.control.cancel_consumer("generate", reply=True, timeout=10)
+    # The stack runs one Celery worker: its reply ends the broadcast (without `limit` it
+    # would wait out the whole timeout for replies that cannot come).
+    stopped = celery.control.cancel_consumer("generate", reply=True, timeout=10, limit=1)
     assert stopped, "no worker answered: the consumer was not stopped"
     echo = {"kind": "generate", "model": "echo"}
     waiting = [stack.submit({**echo, "params": {"message": f"w{i}"}})["id"] for i in range(3)]
@@ -133,7 +138,7 @@ def test_prometheus_sees_what_the_stack_did(stack: StackProcess, prometheus: str
     assert {stack.call("GET", f"/v1/jobs/{j}").json()["state"] for j in waiting} == {"queued"}
 
     # The worker consumes again: the jobs run and the depth falls back to zero.
-    started = celery.control.add_consumer("generate", reply=True, timeout=10)
+    started = celery.control.add_consumer("generate", reply=True, timeout=10, limit=1)
     assert started, "no worker answered: the consumer was not started"
     for job_id in waiting:
         assert stack.wait(job_id)["state"] == "succeeded"
