@@ -77,9 +77,11 @@ def _one_fault_test_at_a_time(
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-# The fault-injection and multi-host files: one unit of work for xdist, run in turn by one
-# test process (see pytest_xdist_make_scheduler), while the others run everything else.
-SERIAL_FILES = ("tests/faults/", "tests/stack/test_multihost.py")
+# The fault-injection and multi-host files, and every other file marked `faults`: one unit of
+# work for xdist, run in turn by one test process (see pytest_xdist_make_scheduler), while the
+# others run everything else. (A `faults` file outside the unit would hold its process idle on
+# the lock below while the unit's test of the moment runs: test_supervise did, ~80 s a run.)
+SERIAL_FILES = ("tests/faults/", "tests/stack/test_multihost.py", "tests/stack/test_supervise.py")
 # Where the time goes, most first: files under these folders start before the rest, so that
 # the last file to end on a test process is a short one, not a whole stack's.
 HEAVY_FIRST = (*SERIAL_FILES, "tests/stack/", "tests/browser/", "tests/workers/")
