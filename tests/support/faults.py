@@ -123,7 +123,15 @@ class RayHead:
             " 'gpu_total': ray.cluster_resources().get('GPU', 0),"
             " 'gpu_free': ray.available_resources().get('GPU', 0)}))\n"
         )
-        return dict(self._ask(code, f"trainer-{job_id}"))
+        out = subprocess.run(
+            [sys.executable, "-c", code, self.env["GENQ_RAY_ADDRESS"], f"trainer-{job_id}"],
+            env={**os.environ, **self.env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        return dict(json.loads(out.stdout.strip().splitlines()[-1]))
 
     def server_jobs(self) -> set[str]:
         """The jobs this head's model servers have in hand now (running or waiting there), asked
@@ -135,20 +143,15 @@ class RayHead:
             "infos = ray.get([ray.get_actor(n).info.remote() for n in names], timeout=30)\n"
             "print(json.dumps(sorted({j for info in infos for j in info['active_jobs']})))\n"
         )
-        return set(self._ask(code))
-
-    def _ask(self, code: str, *args: str) -> Any:
-        """Run `code` as a separate Ray driver of this head (its address is argv[1], `args`
-        follow) and return the JSON its last line prints."""
         out = subprocess.run(
-            [sys.executable, "-c", code, self.env["GENQ_RAY_ADDRESS"], *args],
+            [sys.executable, "-c", code, self.env["GENQ_RAY_ADDRESS"]],
             env={**os.environ, **self.env},
             capture_output=True,
             text=True,
             timeout=60,
         )
         assert out.returncode == 0, out.stderr[-3000:]
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        return set(json.loads(out.stdout.strip().splitlines()[-1]))
 
     @contextlib.contextmanager
     def holding_every_gpu(self, log: Path) -> Iterator[None]:
