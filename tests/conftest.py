@@ -468,6 +468,32 @@ def tiny_ddpm(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict]:
     return str(folder), config
 
 
+@pytest.fixture(scope="session")
+def tiny_gan(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict]:
+    """A tiny gan model folder (seeded random weights, as `train` would save it) and its
+    config: a 1-CPU model server like tiny_ddpm's, whose process imports torch but not
+    diffusers (about a fifth of a ddpm server's start-up CPU), for tests of placement and room
+    where the family does not matter."""
+    import torch
+
+    from workers.families import gan
+    from workers.families.checkpoints import save_model
+
+    folder = tmp_path_factory.mktemp("tiny-gan") / "model"
+    config = {
+        "family": "gan",
+        "preset": "tiny",
+        **gan.PRESETS["tiny"],
+        "channels": 1,
+        "num_classes": 10,
+        "class_names": [str(i) for i in range(10)],
+    }
+    torch.manual_seed(0)
+    generator, _ = gan.build(config)
+    save_model(generator, config, folder)
+    return str(folder), config
+
+
 # Installed-package stand-ins for plug-in families that genq must report, not load: each module
 # of the `genq_test_plugins` package below fails discovery in its own way.
 BROKEN_PLUGIN_MODULES = {

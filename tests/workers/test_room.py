@@ -1,6 +1,11 @@
 """Room for everyone, on a real local Ray with 3 CPUs and no GPU: servers and trainers that fit
 nowhere make the pool unload idle servers (least recently used first), never one with a job in
-hand, and a trainer that must wait says what for."""
+hand, and a trainer that must wait says what for.
+
+The family does not matter here (the pool places any 1-CPU actor alike): the servers and
+trainers are tiny gan ones, whose processes start without diffusers. A server is kept with a
+job in hand by a job that waits for its batch to fill (`Busy`), so no CPU is spent on it.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ import pytest
 ray = pytest.importorskip("ray")
 pytest.importorskip("torch")
 
-from core.events import ModelSaved, Output, Placement, Progress  # noqa: E402
+from core.events import ModelSaved, Output, Placement  # noqa: E402
 from tests.support.ray_cluster import local_ray  # noqa: E402
 from workers.actors import start_trainer, trainer_resources  # noqa: E402
 from workers.families.base import CanceledError  # noqa: E402
@@ -27,14 +32,19 @@ from workers.server import ServingOptions  # noqa: E402
 # The module starts a real Ray of its own: real processes, marker `stack`.
 pytestmark = pytest.mark.stack
 
-DDPM = get_family("ddpm")
-KEEP = ServingOptions(idle_unload_s=None)  # nothing unloads for idling: only to make room
+GAN = get_family("gan")
+# Nothing unloads for idling (only to make room). A batch holds at most 2 rows and waits up to
+# HOLD_S for them: a 2-image job runs at once; a 1-image job stays in hand, waiting for a row
+# that never comes, until it is canceled (or HOLD_S passes, and `Busy` sends the next).
+HOLD_S = 600
+SERVING = ServingOptions(idle_unload_s=None, batch_max_rows=2, batch_max_wait_ms=HOLD_S * 1000)
+NOW = {"num_images": 2}  # a job that runs as soon as it comes
 LOOK_S = 0.1
 
 
 @pytest.fixture(scope="module", autouse=True)
 def ray_cluster() -> Iterator[None]:
-    with local_ray(num_cpus=3):  # three 1-CPU ddpm servers fill it
+    with local_ray(num_cpus=3):  # three 1-CPU servers fill it
         yield
 
 
@@ -71,39 +81,39 @@ class Running:
 
 
 class Busy:
-    """Keeps a server with a job in hand until stopped: two threads each run job after job,
-    with different step counts (so they never share a batch); one always waits behind the
-    other, so the server is never without a job in between."""
+    """Keeps a job in hand on a server until stopped: a 1-image job, which waits for its batch
+    to fill (see SERVING) without using the CPU, and the next as soon as one ends."""
 
     def __init__(self, server: Any, name: str) -> None:
         self.server, self.name = server, name
-        self.stopping = threading.Event()
+        self.lock = threading.Lock()
+        self.stopping = False
         self.started = threading.Event()
-        self.current: dict[int, str] = {}
-        self.threads = [
-            threading.Thread(target=self._loop, args=(i, 150 + i), daemon=True) for i in (0, 1)
-        ]
-        for thread in self.threads:
-            thread.start()
+        self.current = ""
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
 
-    def _loop(self, lane: int, steps: int) -> None:
+    def _loop(self) -> None:
         n = 0
-        while not self.stopping.is_set():
-            n += 1
-            job_id = self.current[lane] = f"{self.name}-{lane}-{n}"
+        while True:
+            with self.lock:
+                if self.stopping:
+                    return
+                n += 1
+                job_id = self.current = f"{self.name}-{n}"
             try:
-                for ref in self.server.generate.remote(job_id, {"steps": steps, "seed": n}):
-                    if isinstance(ray.get(ref), Progress):
+                for ref in self.server.generate.remote(job_id, {"num_images": 1, "seed": n}):
+                    if isinstance(ray.get(ref), Placement):  # the server holds the job now
                         self.started.set()
             except CanceledError:
                 return
 
     def stop(self) -> None:
-        self.stopping.set()
-        for job_id in list(self.current.values()):
-            ray.get(self.server.cancel.remote(job_id))
-        for thread in self.threads:
-            thread.join()
+        with self.lock:  # no job starts after this one: a cancel that overtakes it still works
+            self.stopping = True
+            job_id = self.current
+        ray.get(self.server.cancel.remote(job_id))
+        self.thread.join()
 
 
 def evicted() -> list[str]:
@@ -120,20 +130,20 @@ def train_ctx(root: Any, job_id: str) -> dict[str, Any]:
 
 
 def test_idle_servers_make_room_for_a_new_model_and_a_trainer_never_a_busy_one(
-    tiny_ddpm: tuple[str, dict], tmp_path: Any
+    tiny_gan: tuple[str, dict], tmp_path: Any
 ) -> None:
-    busy = get_model_server("room-busy", DDPM, *tiny_ddpm, KEEP)
+    busy = get_model_server("room-busy", GAN, *tiny_gan, SERVING)
     long_job = Busy(busy, "long")
-    wait_until(long_job.started.is_set, "the busy server's jobs to run")
-    idle_b = get_model_server("room-b", DDPM, *tiny_ddpm, KEEP)
-    idle_c = get_model_server("room-c", DDPM, *tiny_ddpm, KEEP)
+    wait_until(long_job.started.is_set, "the busy server to hold its job")
+    idle_b = get_model_server("room-b", GAN, *tiny_gan, SERVING)
+    idle_c = get_model_server("room-c", GAN, *tiny_gan, SERVING)
     for server in (idle_b, idle_c):  # both loaded, served a job, now idle
-        assert any(isinstance(e, Output) for e in Running(server, "warm", {"steps": 2}).wait())
+        assert any(isinstance(e, Output) for e in Running(server, "warm", NOW).wait())
     assert ray.available_resources().get("CPU", 0) == 0  # every CPU is held
 
     # A job on a third model: its server fits nowhere until an idle one goes.
-    third = get_model_server("room-d", DDPM, *tiny_ddpm, KEEP)
-    job = Running(third, "third", {"num_images": 1, "steps": 2, "seed": 3})
+    third = get_model_server("room-d", GAN, *tiny_gan, SERVING)
+    job = Running(third, "third", {**NOW, "seed": 3})
     job.thread.join()
     assert job.error is None and any(isinstance(e, Output) for e in job.events)
     servers = {"model-room-b": idle_b, "model-room-c": idle_c, "model-room-d": third}
@@ -141,15 +151,15 @@ def test_idle_servers_make_room_for_a_new_model_and_a_trainer_never_a_busy_one(
     assert first in {"model-room-b", "model-room-c"}  # an idle one (test_batching: LRU order)
 
     # A trainer: room is made for it the same way (another idle server goes).
-    trainer = start_trainer("room-t", DDPM)
-    need = trainer_need(trainer_resources(DDPM))
+    trainer = start_trainer("room-t", GAN)
+    need = trainer_need(trainer_resources(GAN))
     admit_trainer("trainer-room-t", trainer._actor_id.hex(), need, 5)
     events = [
         ray.get(ref)
         for ref in trainer.train.remote(
             "room-t",
             "train",
-            {"preset": "tiny", "steps": 2, "batch_size": 4, "sample_steps": 2},
+            {"preset": "tiny", "steps": 2, "batch_size": 4},
             train_ctx(tmp_path, "room-t"),
         )
     ]
@@ -163,20 +173,20 @@ def test_idle_servers_make_room_for_a_new_model_and_a_trainer_never_a_busy_one(
     held = Busy(servers[survivor], "held")
     ray.kill(trainer)  # as the runner does when a training job ends
     wait_until(lambda: ray.available_resources().get("CPU", 0) >= 1, "the trainer's CPU")
-    other = get_model_server("room-e", DDPM, *tiny_ddpm, KEEP)
+    other = get_model_server("room-e", GAN, *tiny_gan, SERVING)
     other_job = Busy(other, "other")
     wait_until(
         lambda: held.started.is_set() and other_job.started.is_set(), "two more servers busy"
     )
     assert len(evicted()) == 2  # the new server found room without evicting anything
-    second = start_trainer("room-t2", DDPM)
+    second = start_trainer("room-t2", GAN)
     waiting = admit_trainer("trainer-room-t2", second._actor_id.hex(), need, 5)
     assert waiting == "waiting for CPU"
     assert is_unplaced(second._actor_id.hex())
     assert ray.get(get_pool().info.remote())["waiting"]["trainer-room-t2"] == "waiting for CPU"
     held.stop()
     wait_until(lambda: not is_unplaced(second._actor_id.hex()), "the second trainer to start")
-    assert ray.get(second.info.remote())["family"] == "ddpm"
+    assert ray.get(second.info.remote())["family"] == "gan"
     assert evicted()[2:] == [survivor]
     # The servers with a job in hand all along were never evicted.
     assert ray.get(busy.info.remote())["active_jobs"]
