@@ -1,6 +1,8 @@
 """Replicas and autoscaling on a real multi-node Ray started by the test (ray.cluster_utils: a
 head and three nodes on this machine, each declaring one GPU and 8 GB of GPU memory), with the
-real scaler reading real SQL, the real runner and the tiny ddpm model:
+real scaler reading real SQL, the real runner and tiny models: gan ones (their processes start
+without diffusers) where the family does not matter, ddpm where a batch must run long enough to
+be killed mid-way:
 
 - a burst on one model grows it to max_replicas, one per node (one per GPU), then back to
   min_replicas once idle;
@@ -69,9 +71,14 @@ def cluster() -> Iterator[Any]:
 
 @pytest.fixture
 def stack(
-    cluster: Any, tmp_path: Path, redis_db_url: str, tiny_ddpm: tuple[str, dict]
+    cluster: Any,
+    tmp_path: Path,
+    redis_db_url: str,
+    tiny_gan: tuple[str, dict],
+    tiny_ddpm: tuple[str, dict],
 ) -> Iterator[dict[str, Any]]:
-    """SQLite, Redis, a runner and a scaler on the module's Ray; two tiny ddpm models."""
+    """SQLite, Redis, a runner and a scaler on the module's Ray; two tiny gan models (alpha,
+    beta) and a tiny ddpm one (slow)."""
     redis_url = redis_db_url
     settings = Settings(
         _env_file=None,  # type: ignore[call-arg]
@@ -81,28 +88,30 @@ def stack(
         retry_backoff_base_s=0,
         scale_cooldown_s=0,  # and an interval of 0.5 s: lower after 0.5 s of lower need
         scale_interval_s=0.5,
-        gpu_memory_budget_gb=4.5,  # two ddpm servers (2 GB each) per node
-        progress_interval_s=0,
+        gpu_memory_budget_gb=2.5,  # two gan servers (1 GB each) per node, or one ddpm (2 GB)
     )
     migrations.upgrade(settings)
     database = Database(settings)
     publisher = Publisher(settings)
     runner = Runner(settings, database, publisher)
-    folder, config = tiny_ddpm
-    ids = {}
+    ids, families = {}, {}
     with database.transaction() as session:
         tenant = get_or_create_tenant(session, "acme")
-        for name in ("alpha", "beta"):
+        for name, (folder, config) in (
+            ("alpha", tiny_gan),
+            ("beta", tiny_gan),
+            ("slow", tiny_ddpm),
+        ):
             shutil.copytree(folder, settings.artifacts / "models" / name)
             model = register_model(
                 session,
                 tenant_id=tenant.id,
                 name=name,
-                family="ddpm",
+                family=config["family"],
                 path=f"models/{name}",
                 config=config,
             )
-            ids[name] = model.id
+            ids[name], families[name] = model.id, config["family"]
         tenant_id = tenant.id
     yield {
         "settings": settings,
@@ -110,6 +119,7 @@ def stack(
         "runner": runner,
         "scaler": Scaler(settings, runner),
         "models": ids,
+        "families": families,
         "tenant_id": tenant_id,
     }
     for server in ray.get(get_pool().info.remote())["servers"]:
@@ -135,7 +145,7 @@ def set_policy(stack: dict[str, Any], name: str, **policy: Any) -> None:
         )
 
 
-def submit(stack: dict[str, Any], name: str, n: int, steps: int = 2) -> list[str]:
+def submit(stack: dict[str, Any], name: str, n: int, **params: Any) -> list[str]:
     with stack["database"].transaction() as session:
         return [
             create_job(
@@ -143,9 +153,9 @@ def submit(stack: dict[str, Any], name: str, n: int, steps: int = 2) -> list[str
                 NewJob(
                     tenant_id=stack["tenant_id"],
                     kind=JobKind.GENERATE,
-                    family="ddpm",
+                    family=stack["families"][name],
                     queue="generate",
-                    params={"steps": steps, "seed": i, "label": i % 10},
+                    params={"seed": i, "label": i % 10, **params},
                     model_id=stack["models"][name],
                 ),
             )[0].id
@@ -205,27 +215,27 @@ def test_two_models_under_load_share_the_gpus_by_declared_memory(stack: dict[str
     by_node: dict[str, list[dict[str, Any]]] = {}
     for server in servers:
         by_node.setdefault(server["node_id"], []).append(server)
-    # Each node's 4.5 GB budget holds two 2 GB servers: one of each model, on its one GPU.
+    # Each node's 2.5 GB budget holds two 1 GB servers: one of each model, on its one GPU.
     assert len(by_node) == NODES
     for on_node in by_node.values():
-        assert sorted(s["model_id"] for s in on_node) == sorted(ids.values())
-        assert sum(s["memory_gb"] for s in on_node) == 4.0
+        assert sorted(s["model_id"] for s in on_node) == sorted([ids["alpha"], ids["beta"]])
+        assert sum(s["memory_gb"] for s in on_node) == 2.0
         assert {tuple(s["gpu_ids"]) for s in on_node} == {("0",)}
 
 
 def test_killing_a_replica_mid_batch_loses_no_job(stack: dict[str, Any]) -> None:
-    alpha = stack["models"]["alpha"]
-    set_policy(stack, "alpha", min_replicas=2, max_replicas=2)
-    assert stack["scaler"].tick() == {alpha: 2}
-    first = wait_until(lambda: len(replicas(alpha)) == 2 and replicas(alpha), "2 replicas")
-    ids = submit(stack, "alpha", 6, steps=150)
+    slow = stack["models"]["slow"]
+    set_policy(stack, "slow", min_replicas=2, max_replicas=2)
+    assert stack["scaler"].tick() == {slow: 2}
+    first = wait_until(lambda: len(replicas(slow)) == 2 and replicas(slow), "2 replicas")
+    ids = submit(stack, "slow", 6, steps=150)
     runner: Runner = stack["runner"]
     threads = [threading.Thread(target=runner.run, args=(job_id,)) for job_id in ids]
     for thread in threads:
         thread.start()
     # A replica with a batch in hand is killed.
     victim = wait_until(
-        lambda: next((r for r in replicas(alpha) if r["in_hand"] >= 2), None),
+        lambda: next((r for r in replicas(slow) if r["in_hand"] >= 2), None),
         "a replica running a batch",
     )
     ray.kill(ray.get_actor(victim["replica"], namespace="genq"), no_restart=True)
@@ -248,7 +258,7 @@ def test_killing_a_replica_mid_batch_loses_no_job(stack: dict[str, Any]) -> None
     assert retried, "no job was running on the killed replica"  # the fault hit jobs
     assert all(j.placement and j.placement["replica"].startswith("model-") for j in jobs)
     # The pool replaced the dead replica: two live ones again, the victim's actor gone.
-    again = wait_until(lambda: len(replicas(alpha)) == 2 and replicas(alpha), "2 replicas again")
+    again = wait_until(lambda: len(replicas(slow)) == 2 and replicas(slow), "2 replicas again")
     assert victim["started_at"] not in {r["started_at"] for r in again}
     assert len({r["started_at"] for r in first} & {r["started_at"] for r in again}) == 1
 
@@ -276,9 +286,9 @@ def test_a_job_that_cannot_be_placed_says_what_it_waits_for(stack: dict[str, Any
             NewJob(
                 tenant_id=stack["tenant_id"],
                 kind=JobKind.TRAIN,
-                family="ddpm",
+                family="gan",
                 queue="train",
-                params={"preset": "tiny", "steps": 2, "batch_size": 4, "sample_steps": 2},
+                params={"preset": "tiny", "steps": 2, "batch_size": 4},
                 dataset_id=digits,
                 target_name="waited",
                 num_gpus=0.25,
