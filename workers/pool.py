@@ -40,12 +40,13 @@ from core.scaling import Policy, resolve_policy
 from workers.actors import NAMESPACE, model_server_name, num_gpus_for, start_model_server
 from workers.registry import get_family
 from workers.room import (
-    CLAIM_S,
+    CLAIM_MAX_S,
     Candidate,
     Claim,
     actor_node,
     free_by_node,
     is_dead,
+    is_room_on_its_way,
     is_unplaced,
     plan_room,
     server_need,
@@ -118,6 +119,7 @@ class Replica:
     info_ref: Any = None
     info_at: float = 0.0
     room_at: float = 0.0  # monotonic: when room was last made for it
+    unloads: list[Claim] = field(default_factory=list)  # the unloads that made it
 
 
 @dataclass
@@ -131,6 +133,7 @@ class Waiter:
     since: float
     waiting: str = ""
     room_at: float = 0.0  # monotonic: when room was last made for it
+    unloads: list[Claim] = field(default_factory=list)  # the unloads that made it
 
 
 class ModelPool:
@@ -187,8 +190,9 @@ class ModelPool:
             if plan is None:
                 waiter.waiting = waiting_for(need, free_by_node(self._claims))
             else:
+                node, waiter.unloads = plan
                 waiter.room_at = time.monotonic()
-                self._claims.append(Claim(plan, need, +1, key))
+                self._claims.append(Claim(node, need, +1, key))
             return waiter.waiting
 
     def scale(
@@ -251,7 +255,7 @@ class ModelPool:
             i for i in range(1, len(taken) + 2) if model_server_name(spec.model_id, i) not in taken
         )
         key = model_server_name(spec.model_id, index)
-        plan = self._make_room(
+        room = self._make_room(
             need,
             memory_gb,
             f"room for a {family.name} server",
@@ -260,6 +264,7 @@ class ModelPool:
             prefer=lambda node: (-nodes_used.count(node),),
             key=key,
         )
+        plan, unloads = room if room is not None else (None, [])
         strategy = NodeAffinitySchedulingStrategy(plan, soft=True) if plan else None
         # The pool unloads idle replicas itself (per the model's policy), so servers don't.
         options = replace(spec.options, idle_unload_s=None)
@@ -275,6 +280,7 @@ class ModelPool:
             started_at=time.time(),
             last_used=time.monotonic(),
             room_at=time.monotonic(),
+            unloads=unloads,
         )
         if plan is None:
             replica.waiting = waiting_for(need, free_by_node(self._claims))
@@ -294,9 +300,10 @@ class ModelPool:
         budget_gb: float | None = None,
         prefer: Any = lambda node: (),
         key: str = "",
-    ) -> str | None:
-        """The node for `need` (of the actor `key`), after unloading what must go there; None
-        if none can be made. Idle servers go, lowest priority then least recently used first."""
+    ) -> tuple[str, list[Claim]] | None:
+        """The node for `need` (of the actor `key`), after unloading what must go there, and the
+        unloads' claims; None if none can be made. Idle servers go, lowest priority then least
+        recently used first."""
         free = free_by_node(self._claims, without=key)
 
         def used_gb(node: str) -> float:
@@ -314,18 +321,17 @@ class ModelPool:
         if plan is None:
             return None
         node, victims = plan
-        for victim in victims:
-            self._unload(self._replicas[victim.key], reason, eviction=True)
-        return node
+        return node, [
+            self._unload(self._replicas[victim.key], reason, eviction=True) for victim in victims
+        ]
 
-    def _unload(self, replica: Replica, reason: str, eviction: bool = False) -> None:
+    def _unload(self, replica: Replica, reason: str, eviction: bool = False) -> Claim:
         log.info("unloading %s: %s", replica.key, reason)
         ray.kill(replica.handle, no_restart=True)
         self._forget(replica, reason)
         victim_id = replica.handle._actor_id.hex()
-        self._claims.append(
-            Claim(replica.node_id, replica.need, -1, replica.key, actor_id=victim_id)
-        )
+        claim = Claim(replica.node_id, replica.need, -1, replica.key, actor_id=victim_id)
+        self._claims.append(claim)
         spec = self._models.get(replica.model_id)
         if spec is not None:
             spec.scaled_at = time.monotonic()
@@ -343,6 +349,7 @@ class ModelPool:
                 }
             )
             del self.evictions[:-MAX_EVENTS]
+        return claim
 
     def _forget(self, replica: Replica, reason: str) -> None:
         self._replicas.pop(replica.key, None)
@@ -396,18 +403,20 @@ class ModelPool:
         for claim in self._claims:
             if claim.sign < 0 and claim.gone_at is None and is_dead(claim.actor_id):
                 claim.gone_at = now
-        self._claims = [c for c in self._claims if c.is_current(now) and now - c.at < 120]
+        self._claims = [c for c in self._claims if c.is_current(now) and now - c.at < CLAIM_MAX_S]
         for waiter in list(self._waiters.values()):
             if not is_unplaced(waiter.actor_id):
                 self._waiters.pop(waiter.key, None)
-            elif now - waiter.since > 2 * WATCH_S and now - waiter.room_at >= CLAIM_S:
-                # (Room made less than CLAIM_S ago is still being freed: Ray places it then.)
-                node = self._make_room(
+            elif now - waiter.since > 2 * WATCH_S and not is_room_on_its_way(
+                waiter.room_at, waiter.unloads, now
+            ):
+                plan = self._make_room(
                     waiter.need, 0.0, f"room for {waiter.key}", waiter.priority, key=waiter.key
                 )
-                if node is None:
+                if plan is None:
                     waiter.waiting = waiting_for(waiter.need, free_by_node(self._claims))
                 else:
+                    node, waiter.unloads = plan
                     waiter.room_at = now
                     self._claims.append(Claim(node, waiter.need, +1, waiter.key))
                     waiter.waiting = ""
@@ -423,10 +432,10 @@ class ModelPool:
         """Collect the replica's last info() answer (without waiting) and ask again."""
         actor_id = replica.handle._actor_id.hex()
         age_s = time.time() - replica.started_at
-        settled = now - replica.room_at >= CLAIM_S  # room made just now is still being freed
+        settled = not is_room_on_its_way(replica.room_at, replica.unloads, now)
         if not replica.ready and age_s > 2 * WATCH_S and settled and is_unplaced(actor_id):
             spec = self._models.get(replica.model_id)
-            node = self._make_room(
+            plan = self._make_room(
                 replica.need,
                 replica.memory_gb,
                 f"room for {replica.key}",
@@ -434,9 +443,10 @@ class ModelPool:
                 budget_gb=spec.options.gpu_memory_budget_gb if spec else None,
                 key=replica.key,
             )
-            if node is None:
+            if plan is None:
                 replica.waiting = waiting_for(replica.need, free_by_node(self._claims))
             else:
+                node, replica.unloads = plan
                 replica.waiting = ""
                 replica.room_at = now
                 self._claims.append(Claim(node, replica.need, +1, replica.key))

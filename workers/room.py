@@ -10,7 +10,11 @@ resource a still-unplaced actor lacks, for the job's progress message.
 
 Ray reports per-node availability a moment late: what the pool started or unloaded in the last
 CLAIM_S is counted by the pool itself (`Claim`), so two acquisitions in one second do not both
-take, or both free, the same room.
+take, or both free, the same room. Room made for an actor by unloading servers is its own until
+Ray has had the time to hand it over (`is_room_on_its_way`): the servers reported dead, then the
+actor's worker process started there, which takes seconds on a loaded machine; only an actor
+still unplaced after that gets room made again, so one that is merely starting does not cost a
+second server.
 """
 
 from __future__ import annotations
@@ -31,6 +35,12 @@ EPS = 1e-9
 # holds until Ray says the actor is dead, and REPORT_LAG_S more (its resources show free then).
 CLAIM_S = 3.0
 REPORT_LAG_S = 1.0
+# Once the servers unloaded for an actor are reported dead, Ray starts the actor's worker process
+# in their room: an actor still unplaced this long after lost the room (another actor took it)
+# and gets room made again. (Ray itself gives a worker process 60 s to register.)
+HANDOVER_S = 30.0
+# A claim is forgotten after this long, whatever Ray reports.
+CLAIM_MAX_S = 120.0
 WAITING_FOR = {
     "GPU": "waiting for a GPU",
     GPU_MEMORY_RESOURCE: "waiting for GPU memory",
@@ -78,6 +88,18 @@ class Candidate:
     need: dict[str, float]
     memory_gb: float
     rank: tuple[float, ...]
+
+
+def is_room_on_its_way(room_at: float, unloads: Sequence[Claim], now: float) -> bool:
+    """Whether the room made for an actor at `room_at` (by the unloads `unloads`, if any) may
+    still be on its way to it, so that making room again would unload one server too many: an
+    unloaded server not yet reported dead, or dead less than HANDOVER_S ago (the actor's worker
+    process is starting there); room that was free, for CLAIM_S (Ray's report is late)."""
+    if not unloads:
+        return now - room_at < CLAIM_S
+    if any(claim.gone_at is None for claim in unloads):
+        return now - room_at < CLAIM_MAX_S  # never seen dead: forgotten as its claim is
+    return now - max(claim.gone_at or 0.0 for claim in unloads) < HANDOVER_S
 
 
 def free_by_node(claims: Iterable[Claim] = (), without: str = "") -> dict[str, dict[str, float]]:

@@ -25,7 +25,15 @@ from workers.actors import start_trainer, trainer_resources  # noqa: E402
 from workers.families.base import CanceledError  # noqa: E402
 from workers.pool import get_pool  # noqa: E402
 from workers.registry import get_family  # noqa: E402
-from workers.room import is_unplaced, trainer_need  # noqa: E402
+from workers.room import (  # noqa: E402
+    CLAIM_MAX_S,
+    CLAIM_S,
+    HANDOVER_S,
+    Claim,
+    is_room_on_its_way,
+    is_unplaced,
+    trainer_need,
+)
 from workers.routing import admit_trainer, get_model_server  # noqa: E402
 from workers.server import ServingOptions  # noqa: E402
 
@@ -195,3 +203,17 @@ def test_idle_servers_make_room_for_a_new_model_and_a_trainer_never_a_busy_one(
     other_job.stop()
     for actor in (busy, other, second, servers[survivor]):
         ray.kill(actor)
+
+
+def test_room_made_by_unloading_stays_the_actors_until_ray_can_have_handed_it_over() -> None:
+    # An actor still without a process seconds after a server was unloaded for it is being
+    # started there, not short of room: the pool must not unload a second server for it.
+    unload = Claim("node", {"CPU": 1.0}, -1, "model-x", at=100.0, actor_id="x")
+    assert is_room_on_its_way(100.0, [unload], now=100.0 + CLAIM_MAX_S - 1)  # not seen dead
+    assert not is_room_on_its_way(100.0, [unload], now=100.0 + CLAIM_MAX_S)
+    unload.gone_at = 110.0  # reported dead: its room goes to the actor's worker process
+    assert is_room_on_its_way(100.0, [unload], now=110.0 + HANDOVER_S - 1)
+    assert not is_room_on_its_way(100.0, [unload], now=110.0 + HANDOVER_S)  # went to another
+    # Room that was free (nothing unloaded for it) is only late in Ray's report.
+    assert is_room_on_its_way(100.0, [], now=100.0 + CLAIM_S - 0.1)
+    assert not is_room_on_its_way(100.0, [], now=100.0 + CLAIM_S)
