@@ -214,7 +214,9 @@ def _heads(
     """Every tenant with queued jobs in `queue`, in claim order, and those tenants' limits."""
     is_usage = policy_of(session) == "usage"
     params = {"state": str(JobState.QUEUED), "queue": queue}
-    rows = session.execute(HEADS_AGED_SQL if is_usage else HEADS_SQL, params).all()
+    # On the connection: a plain read, without the ORM's statement handling (the claim's
+    # lookup of the clock row before it flushed whatever the transaction had pending).
+    rows = session.connection().execute(HEADS_AGED_SQL if is_usage else HEADS_SQL, params).all()
     if not rows:
         return [], {}
     limits = load_limits(session, [r[0] for r in rows])
@@ -233,7 +235,9 @@ def _heads(
 
 def _first_due(session: Session, queue: str, tenant_id: str, now: datetime) -> str | None:
     """The tenant's first queued job in its own order that may start now."""
-    return session.scalar(_FIRST_DUE, {"queue": queue, "tenant_id": tenant_id, "now": now})
+    session.flush()  # what the Session's read would flush first; then a plain read
+    params = {"queue": queue, "tenant_id": tenant_id, "now": now}
+    return session.connection().execute(_FIRST_DUE, params).scalar()
 
 
 def claim_next(
