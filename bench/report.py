@@ -54,7 +54,7 @@ INDEX: dict[str, Kind] = {
     "throughput": Kind("echo through the stack vs raw Celery (bench/throughput.py)", runs=6),
     "api-load": Kind("API requests/s under wrk (bench/api_load.py)"),
     "cpu-per-job": Kind("CPU per echo job, every process (bench/cpu_per_job.py)", runs=6),
-    "job-path": Kind("echo through the stack vs the bare pipeline (bench/job_path.py)", runs=8),
+    "job-path": Kind("echo through the stack vs the bare pipeline (bench/job_path.py)", runs=12),
     "job-path-replicas-1": Kind(
         "the same, the echo model capped at one replica (bench/job_path.py --echo-max-replicas 1)"
     ),
