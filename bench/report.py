@@ -54,11 +54,14 @@ INDEX: dict[str, Kind] = {
     "throughput": Kind("echo through the stack vs raw Celery (bench/throughput.py)", runs=6),
     "api-load": Kind("API requests/s under wrk (bench/api_load.py)"),
     "cpu-per-job": Kind("CPU per echo job, every process (bench/cpu_per_job.py)", runs=6),
-    "job-path": Kind("echo through the stack vs the bare pipeline (bench/job_path.py)"),
+    "job-path": Kind("echo through the stack vs the bare pipeline (bench/job_path.py)", runs=12),
     "job-path-replicas-1": Kind(
         "the same, the echo model capped at one replica (bench/job_path.py --echo-max-replicas 1)"
     ),
     "finish-cost": Kind("CPU of the finishing transaction (bench/finish_cost.py)"),
+    "claim-finish-cost": Kind(
+        "CPU of the worker's claim and finish, checkouts alternating (bench/claim_finish_cost.py)"
+    ),
     # The simulated workload's shares and waits are lists, pivoted by hand in the README.
     "fairness": Kind(
         "Fair share and claim cost (bench/fairness.py)",

@@ -64,8 +64,9 @@ def stride(weight: int) -> int:
 
 # The statements a claim and a queue position run, built once with bound parameters: building
 # a statement costs SQLAlchemy several times what running it costs, and these run per job.
+# The clock's value, locked (a plain row: the claim reads it for every job).
 _CLOCK_ROW = (
-    select(FairShare)
+    select(FairShare.pass_value)
     .where(FairShare.queue == bindparam("queue"), FairShare.tenant_id == CLOCK)
     .with_for_update()
 )
@@ -102,19 +103,22 @@ _QUEUED_COUNTS = (
 )
 
 
-def _clock_row(session: Session, queue: str) -> FairShare:
-    """The queue's clock row, locked: claims on one queue take turns (they are short)."""
-    row = session.scalar(_CLOCK_ROW, {"queue": queue})
-    if row is not None:
-        return row
+def _clock(session: Session, queue: str) -> int:
+    """The queue's clock, its row locked: claims on one queue take turns (they are short).
+    Read on the connection, after the flush a Session read would make (the claim's later
+    plain reads count on it)."""
+    session.flush()
+    value = session.connection().execute(_CLOCK_ROW, {"queue": queue}).scalar()
+    if value is not None:
+        return int(value)
     try:
         with session.begin_nested():
             session.add(FairShare(queue=queue, tenant_id=CLOCK, pass_value=0))
     except IntegrityError:  # another claim created it first
         pass
-    row = session.scalar(_CLOCK_ROW, {"queue": queue})
-    assert row is not None
-    return row
+    value = session.connection().execute(_CLOCK_ROW, {"queue": queue}).scalar()
+    assert value is not None
+    return int(value)
 
 
 def _passes(session: Session, queue: str, tenant_ids: list[str]) -> dict[str, FairShare]:
@@ -214,7 +218,9 @@ def _heads(
     """Every tenant with queued jobs in `queue`, in claim order, and those tenants' limits."""
     is_usage = policy_of(session) == "usage"
     params = {"state": str(JobState.QUEUED), "queue": queue}
-    rows = session.execute(HEADS_AGED_SQL if is_usage else HEADS_SQL, params).all()
+    # On the connection: a plain read, without the ORM's statement handling (the claim's
+    # lookup of the clock row before it flushed whatever the transaction had pending).
+    rows = session.connection().execute(HEADS_AGED_SQL if is_usage else HEADS_SQL, params).all()
     if not rows:
         return [], {}
     limits = load_limits(session, [r[0] for r in rows])
@@ -233,7 +239,9 @@ def _heads(
 
 def _first_due(session: Session, queue: str, tenant_id: str, now: datetime) -> str | None:
     """The tenant's first queued job in its own order that may start now."""
-    return session.scalar(_FIRST_DUE, {"queue": queue, "tenant_id": tenant_id, "now": now})
+    session.flush()  # what the Session's read would flush first; then a plain read
+    params = {"queue": queue, "tenant_id": tenant_id, "now": now}
+    return session.connection().execute(_FIRST_DUE, params).scalar()
 
 
 def claim_next(
@@ -253,8 +261,8 @@ def claim_next(
     (the runner tells from them whether the claimed job's tenant has quotas, without reading
     its row again)."""
     now = now or utcnow()
-    clock = _clock_row(session, queue)
-    heads, limits = _heads(session, queue, clock.pass_value, now)
+    clock = _clock(session, queue)
+    heads, limits = _heads(session, queue, clock, now)
     if limits_seen is not None:
         limits_seen.update(limits)
     blocked = blocked_tenants(session, [h.tenant_id for h in heads], limits, now=now)
@@ -276,11 +284,14 @@ def claim_next(
     return None
 
 
-def _advance(session: Session, queue: str, head: Head, clock: FairShare, lowest_start: int) -> None:
+def _advance(session: Session, queue: str, head: Head, clock: int, lowest_start: int) -> None:
     """The claimed job started at `head.start`: the tenant's pass moves one stride beyond it,
     and the clock to the lowest start of any tenant with work (never past one, so that no
     waiting tenant is moved and the order already reported stays true)."""
-    clock.pass_value = max(clock.pass_value, lowest_start)
+    if lowest_start > clock:
+        session.execute(
+            _SET_PASS, {"in_queue": queue, "of_tenant": CLOCK, "new_pass": lowest_start}
+        )
     new_pass = int(head.start + head.stride)
     updated = session.execute(
         _SET_PASS, {"in_queue": queue, "of_tenant": head.tenant_id, "new_pass": new_pass}

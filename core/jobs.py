@@ -20,7 +20,7 @@ from typing import Any, cast
 from sqlalchemy import Table, bindparam, insert, inspect, or_, select, update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, make_transient_to_detached
 
 from core.artifacts import StoredFile
 from core.errors import IllegalTransitionError, InvalidInputError, LeaseLostError, NotFoundError
@@ -206,6 +206,7 @@ _CLAIM = (
 )
 _JOB = select(Job).where(Job.id == bindparam("job_id"))
 _INSERT_EVENT = insert(cast(Table, JobEvent.__table__))
+_INSERT_ARTIFACT = insert(cast(Table, Artifact.__table__))
 _LOCKED_JOB = _JOB.with_for_update()
 _OUTPUT_NAMED = select(Artifact).where(
     Artifact.job_id == bindparam("job_id"), Artifact.name == bindparam("name")
@@ -372,8 +373,9 @@ def record_waiting(
 def record_output(session: Session, lease: Lease, output: Output, stored: StoredFile) -> Artifact:
     """Record one output file once: a second record of the same name returns the first."""
     job = _fenced(session, lease)
-    # Only an output added earlier in this transaction must be flushed for the lookup to see
-    # it; other pending changes (the placement, progress) are left for the finish's flush.
+    # Outputs recorded here are INSERTed at once (below), so the lookup finds them without a
+    # flush; only an Artifact some other code added to the session must be flushed first.
+    # Other pending changes (the placement, progress) are left for the finish's flush.
     if any(isinstance(pending, Artifact) for pending in session.new):
         existing = session.scalar(_OUTPUT_NAMED, {"job_id": job.id, "name": output.name})
     else:
@@ -381,18 +383,27 @@ def record_output(session: Session, lease: Lease, output: Output, stored: Stored
             existing = session.scalar(_OUTPUT_NAMED, {"job_id": job.id, "name": output.name})
     if existing is not None:
         return existing
-    artifact = Artifact(
-        id=new_id(),
-        job_id=job.id,
-        tenant_id=job.tenant_id,
-        name=output.name,
-        kind=output.kind,
-        path=stored.path,
-        content_type=output.content_type,
-        size_bytes=stored.size_bytes,
-        sha256=stored.sha256,
-        meta=without_nul(output.meta),
-    )
+    values = {
+        "id": new_id(),
+        "job_id": job.id,
+        "tenant_id": job.tenant_id,
+        "name": output.name,
+        "kind": output.kind,
+        "path": stored.path,
+        "content_type": output.content_type,
+        "size_bytes": stored.size_bytes,
+        "sha256": stored.sha256,
+        "meta": without_nul(output.meta),
+        "created_at": utcnow(),
+    }
+    # A Core INSERT, sent now, instead of the ORM's flush of a new object (its unit of work
+    # cost the finishing transaction more than the statement); the row is then put in the
+    # session as loaded, so that a lookup of the same name returns this very object. The job
+    # row exists (it was fenced above), and the unique (job_id, name) still refuses a second
+    # row of the name.
+    session.connection().execute(_INSERT_ARTIFACT, values)
+    artifact = Artifact(**values)
+    make_transient_to_detached(artifact)
     session.add(artifact)
     _add_event(
         session,

@@ -62,10 +62,13 @@ _LIMITS_OF = _LIMITS.where(Tenant.id.in_(bindparam("tenant_ids", expanding=True)
 def load_limits(
     session: Session, tenant_ids: Iterable[str] | None = None
 ) -> dict[str, TenantLimits]:
+    # Plain rows on the connection (every claim reads limits), after the flush a Session read
+    # would make, so that a tenant changed earlier in the transaction is read as it stands.
+    session.flush()
     if tenant_ids is None:
-        rows = session.execute(_LIMITS)
+        rows = session.connection().execute(_LIMITS)
     else:
-        rows = session.execute(_LIMITS_OF, {"tenant_ids": list(tenant_ids)})
+        rows = session.connection().execute(_LIMITS_OF, {"tenant_ids": list(tenant_ids)})
     return {row[0]: TenantLimits(*row) for row in rows}
 
 

@@ -25,16 +25,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
+from typing import Any, cast
 
-from sqlalchemy import bindparam, select, update
+from sqlalchemy import Row, Table, bindparam, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.util import identity_key
 
 from core.states import ACTIVE
-from core.tables import Job, TenantUsage, utcnow
+from core.tables import Job, TenantUsage, UTCDateTime, utcnow
 
 HALF_LIFE_INFO = "fair_share_half_life_s"
 POLICY_INFO = "fair_share"
@@ -76,10 +77,48 @@ def attempt_cost(
     return rate / k * math.exp(-k * since_end) * -math.expm1(-k * run_s)
 
 
-_STORED = select(TenantUsage).where(
-    TenantUsage.tenant_id.in_(bindparam("tenant_ids", expanding=True))
-)
+_TABLE = cast(Table, TenantUsage.__table__)
+# The columns of the usage rows, read as plain rows (not ORM objects): the claim reads them
+# for every tenant with queued work, and the finish locks and rewrites one, for every job.
+_STORED = select(_TABLE).where(_TABLE.c.tenant_id.in_(bindparam("tenant_ids", expanding=True)))
 _STORED_ONE = select(TenantUsage).where(TenantUsage.tenant_id == bindparam("tenant_id"))
+_LOCK_STORED_ONE = (
+    select(
+        _TABLE.c.gpu_seconds,
+        _TABLE.c.attempts,
+        _TABLE.c.as_of,
+        _TABLE.c.running_attempts,
+        _TABLE.c.running_rate,
+        _TABLE.c.running_rate_start,
+    )
+    .where(_TABLE.c.tenant_id == bindparam("tenant_id"))
+    .with_for_update()
+)
+_SET_STORED = (
+    update(_TABLE)
+    .where(_TABLE.c.tenant_id == bindparam("of_tenant"))
+    # (Bound parameter names differ from column names, as UPDATE requires.)
+    .values(
+        gpu_seconds=bindparam("new_gpu_seconds"),
+        attempts=bindparam("new_attempts"),
+        as_of=bindparam("new_as_of", type_=UTCDateTime()),
+        running_attempts=bindparam("new_running_attempts"),
+        running_rate=bindparam("new_running_rate"),
+        running_rate_start=bindparam("new_running_rate_start"),
+    )
+)
+
+
+@dataclass
+class _Totals:
+    """A usage row's values, read and written with Core statements (charge_attempt)."""
+
+    gpu_seconds: float
+    attempts: float
+    as_of: datetime
+    running_attempts: int
+    running_rate: float
+    running_rate_start: float
 
 
 def _locked_row(session: Session, tenant_id: str, at: datetime) -> TenantUsage:
@@ -112,7 +151,7 @@ def _locked_row(session: Session, tenant_id: str, at: datetime) -> TenantUsage:
     return row
 
 
-def running_cost(row: TenantUsage, now: datetime) -> float:
+def running_cost(row: TenantUsage | Row[Any], now: datetime) -> float:
     """GPU-seconds of the tenant's attempts running now: rate x (now - started_at) summed,
     without their decay while they run (a run of an hour under a 1-day half-life counts 1.4%
     more until it ends, when `charge_attempt` adds it decayed)."""
@@ -145,10 +184,15 @@ def start_attempt(session: Session, job: Job) -> None:
     rate = rate_of(job.num_gpus)
     rate_start = rate * job.started_at.timestamp()
     params = {"of_tenant": job.tenant_id, "rate": rate, "rate_start": rate_start}
-    if getattr(session.execute(_START_RUNNING, params), "rowcount", 0):
-        held = session.identity_map.get(identity_key(TenantUsage, job.tenant_id))
-        if held is not None:  # (the UPDATE flushed the session's changes first: none is lost)
-            session.expire(held, _RUNNING_TOTALS)
+    held = session.identity_map.get(identity_key(TenantUsage, job.tenant_id))
+    if held is None:
+        # No copy of the row to keep in step: the statement goes on the connection, without
+        # the ORM's handling of an UPDATE (the claim reads usage as plain rows: usage_of).
+        if session.connection().execute(_START_RUNNING, params).rowcount:
+            return
+    elif getattr(session.execute(_START_RUNNING, params), "rowcount", 0):
+        # (the UPDATE flushed the session's changes first: none is lost)
+        session.expire(held, _RUNNING_TOTALS)
         return
     # The tenant's first attempt: its row is created.
     row = _locked_row(session, job.tenant_id, job.started_at)
@@ -157,7 +201,7 @@ def start_attempt(session: Session, job: Job) -> None:
     row.running_rate_start += rate_start
 
 
-def _end_running(row: TenantUsage, job: Job) -> None:
+def _end_running(row: TenantUsage | _Totals, job: Job) -> None:
     assert job.started_at is not None
     row.running_attempts = max(0, row.running_attempts - 1)
     if row.running_attempts == 0:  # exact zeros, so that rounding never accumulates
@@ -198,11 +242,28 @@ def charge_attempt(session: Session, job: Job, ended_at: datetime) -> float:
     count."""
     if job.started_at is None:
         return 0.0
-    row = _locked_row(session, job.tenant_id, ended_at)
+    half_life_s = half_life_of(session)
+    if session.identity_map.get(identity_key(TenantUsage, job.tenant_id)) is None:
+        # The usual case (every finish): a locking read of the row's values and one UPDATE,
+        # both Core statements on the connection, not an ORM object and its flush.
+        conn = session.connection()
+        found = conn.execute(_LOCK_STORED_ONE, {"tenant_id": job.tenant_id}).first()
+        if found is not None:
+            totals = _Totals(*found)
+            cost = _charge(totals, job, ended_at, half_life_s)
+            new = {f"new_{name}": value for name, value in asdict(totals).items()}
+            conn.execute(_SET_STORED, {"of_tenant": job.tenant_id, **new})
+            return cost
+    # A copy the session holds (its values may be unflushed), or no row yet (it is created).
+    return _charge(_locked_row(session, job.tenant_id, ended_at), job, ended_at, half_life_s)
+
+
+def _charge(row: TenantUsage | _Totals, job: Job, ended_at: datetime, half_life_s: float) -> float:
+    """charge_attempt's arithmetic on the row's values (the caller writes them)."""
+    assert job.started_at is not None
     _end_running(row, job)
     if ended_at <= job.started_at:
         return 0.0
-    half_life_s = half_life_of(session)
     rate = rate_of(job.num_gpus)
     # Both terms are brought to the later of the two times (ends may be recorded out of order).
     at = max(row.as_of, ended_at)
@@ -235,7 +296,11 @@ def usage_of(session: Session, tenant_ids: Iterable[str], now: datetime) -> dict
     if not ids:
         return {}
     half_life_s = half_life_of(session)
-    stored = {r.tenant_id: r for r in session.scalars(_STORED, {"tenant_ids": ids})}
+    # Plain rows on the connection; the flush a Session read would make comes first, so
+    # usage changed earlier in the transaction is read as it now stands.
+    session.flush()
+    rows = session.connection().execute(_STORED, {"tenant_ids": ids})
+    stored = {r.tenant_id: r for r in rows}
     out = {}
     for tenant_id in ids:
         row = stored.get(tenant_id)

@@ -93,7 +93,8 @@ class Runner:
         what happened (for logs). `queue_hint`: the queue the message came from."""
         try:
             with self.database.transaction() as session:
-                queue = session.scalar(_QUEUE_OF, {"job_id": job_id})
+                # A plain read on the connection (nothing is pending in a new transaction).
+                queue = session.connection().execute(_QUEUE_OF, {"job_id": job_id}).scalar()
                 if queue is None:
                     log.info("not claimed (state missing)", extra={"job_id": job_id})
                     return "skipped:missing"

@@ -1,0 +1,151 @@
+"""CPU time of the two transactions the Celery worker runs for every `echo` job, in-process:
+the claim (the message's queue, the fair-share claim of `core/fairness.py` and the snapshot of
+`scheduler/attempt.py`, as `Runner.run` makes them) and the finish (placement, output and
+the finish with the tenant's usage, as `scheduler/outcomes.py` writes them), without Celery,
+Ray or HTTP, whose cost would hide theirs on a loaded machine.
+
+    .venv/bin/python bench/claim_finish_cost.py [--jobs 300] [--rounds 3] [--database-url URL]
+                                                [--checkout NAME=PATH ...]
+
+With several --checkout options (e.g. `before=/tmp/main-tree current=.`), each round runs one
+child process per checkout, in turn, each importing that folder's code, so that a baseline and a
+change meet the same load. SQLite: a fresh file per child; PostgreSQL: the URL given (migrated
+by each child). Figures (mean CPU ms per job, per checkout, and each checkout's ratio to the
+first) are printed and written to bench/results/claim-finish-cost-<UTC time>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+WARM_JOBS = 30
+
+
+def child(jobs: int, database_url: str | None) -> dict[str, float]:
+    """Time `jobs` claims and finishes with the code of the working folder."""
+    sys.path.insert(0, os.getcwd())
+    import migrations
+    from core.artifacts import ArtifactStore
+    from core.catalog import ensure_builtins, resolve_model
+    from core.db import Database
+    from core.events import Output
+    from core.fairness import claim_next
+    from core.jobs import NewJob, create_job, finish_job, record_output, record_placement
+    from core.keys import get_or_create_tenant
+    from core.settings import Settings
+    from core.states import JobKind, JobState
+    from scheduler.attempt import read_snapshot
+    from scheduler.runner import _QUEUE_OF
+
+    tmp = Path(tempfile.mkdtemp(prefix="genq-claim-finish-"))
+    settings = Settings(var_dir=tmp / "var", database_url=database_url)
+    migrations.upgrade(settings)
+    database = Database(settings)
+    store = ArtifactStore(tmp / "artifacts")
+    with database.transaction() as session:
+        ensure_builtins(session)
+        tenant_id = get_or_create_tenant(session, "bench").id
+        model_id = resolve_model(session, tenant_id, "echo").id
+    output = Output("output.txt", "text", "text/plain; charset=utf-8", b"x")
+    new = NewJob(
+        tenant_id=tenant_id,
+        kind=JobKind.GENERATE,
+        family="echo",
+        queue="generate",
+        params={"message": "x"},
+        model_id=model_id,
+    )
+
+    def one() -> tuple[float, float]:
+        with database.transaction() as session:
+            job, _ = create_job(session, new)
+        started = time.process_time()
+        with database.transaction() as session:
+            queue = session.scalar(_QUEUE_OF, {"job_id": job.id})
+            limits: dict[str, Any] = {}
+            lease = claim_next(session, queue, lease_ttl_s=60, limits_seen=limits)
+            assert lease is not None
+            read_snapshot(session, lease.job_id, limits)
+        claimed = time.process_time()
+        stored = store.write_output(tenant_id, lease.job_id, output.name, output.data, lease.token)
+        finishing = time.process_time()
+        with database.transaction() as session:
+            record_placement(session, lease, {"node": "bench"})
+            record_output(session, lease, output, stored)
+            finish_job(session, lease, JobState.SUCCEEDED, metrics={"load_s": 0.0})
+        finished = time.process_time()
+        return 1000 * (claimed - started), 1000 * (finished - finishing)
+
+    for _ in range(WARM_JOBS):
+        one()
+    runs = [one() for _ in range(jobs)]
+    database.dispose()
+    return {
+        "claim_cpu_ms": statistics.fmean(r[0] for r in runs),
+        "finish_cpu_ms": statistics.fmean(r[1] for r in runs),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=300, help="jobs per child")
+    parser.add_argument("--rounds", type=int, default=3, help="children per checkout")
+    parser.add_argument("--database-url", default=None, help="default: SQLite in a temp dir")
+    parser.add_argument("--checkout", action="append", help="NAME=PATH (default: this one)")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.jobs, args.database_url)))
+        return
+    checkouts = {"current": ROOT}
+    if args.checkout:
+        checkouts = {n: Path(p).resolve() for n, p in (c.split("=", 1) for c in args.checkout)}
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in checkouts}
+    for _ in range(args.rounds):
+        for name, checkout in checkouts.items():
+            command = [sys.executable, str(Path(__file__).resolve()), "--child"]
+            command += ["--jobs", str(args.jobs)]
+            if args.database_url:
+                command += ["--database-url", args.database_url]
+            env = {**os.environ, "PYTHONPATH": str(checkout)}
+            done = subprocess.run(command, cwd=checkout, env=env, check=True, capture_output=True)
+            runs[name].append(json.loads(done.stdout.decode().strip().splitlines()[-1]))
+            print(name, runs[name][-1], flush=True)
+    result: dict[str, Any] = {
+        "at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{os.cpu_count()} cores",
+        "database": "postgresql" if args.database_url else "sqlite",
+        "jobs": args.jobs,
+        "rounds": args.rounds,
+    }
+    first = next(iter(checkouts))
+    for name in checkouts:
+        result[name] = {
+            figure: round(statistics.fmean(r[figure] for r in runs[name]), 3)
+            for figure in ("claim_cpu_ms", "finish_cpu_ms")
+        }
+        if name != first:
+            result[f"ratio_{name}_to_{first}"] = {
+                figure: round(result[name][figure] / result[first][figure], 2)
+                for figure in ("claim_cpu_ms", "finish_cpu_ms")
+            }
+    print(json.dumps(result, indent=2))
+    stamp = result["at"][:19].replace(":", "")
+    out = ROOT / "bench" / "results" / f"claim-finish-cost-{stamp}.json"
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"written to {out.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
