@@ -174,8 +174,11 @@ def test_sigkill_ray_actor_mid_training_resumes(cluster: Cluster) -> None:
     cluster.worker()
     cluster.scheduler()
     job_id = cluster.submit(train(cluster))
-    wait_until(lambda: cluster.get(job_id)["progress"]["step"] >= 12, 120, "training progress")
+    # The trainer's process is found once it trains, so that the kill follows step 12 within
+    # a poll (a search of /proc in between could let a fast machine finish the training).
+    wait_until(lambda: cluster.get(job_id)["progress"]["step"] >= 1, 120, "training progress")
     (pid,) = wait_until(lambda: trainer_pids(cluster.ray), 10, "the trainer's process")
+    wait_until(lambda: cluster.get(job_id)["progress"]["step"] >= 12, 120, "training progress")
     os.kill(pid, signal.SIGKILL)
     killed_at = max(step for _, step in progress_steps(cluster, job_id))
     wait_until(lambda: not is_alive(pid), 10, "the trainer to die")

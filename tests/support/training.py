@@ -14,11 +14,12 @@ from typing import Any
 
 # ~5 KB: a few hundred windows of charlm's tiny block (32 bytes), 5% of it held out.
 TEXT = ("The quick brown fox jumps over the lazy dog. " * 120).encode()
-# Rows per charlm step: at 8 rows a step of charlm's tiny preset is ~2 ms of CPU, at 128 ~17
-# ms, near a step of ddpm's tiny preset at 8 images (~27 ms), so that a test that acts while a
-# training runs (kills it, pauses it) still has about a second before its end on this 2-core
-# machine (steps of ~35 ms under load, where ddpm's took ~60).
-CHARLM_BATCH_SIZE = 128
+# Rows per charlm step: at 8 rows a step of charlm's tiny preset is ~2 ms of CPU, at 256 ~30
+# ms, what a step of ddpm's tiny preset at 8 images costs (~27 ms), so that a test that acts
+# while a training runs (kills it, pauses it) has as long before its end as it had with ddpm.
+# (At 128 rows, ~17 ms, an idle machine once ran the 48 steps between the sight of step 12
+# and the kill of tests/faults/test_faults.py.)
+CHARLM_BATCH_SIZE = 256
 
 
 def tiny_ddpm_params(
