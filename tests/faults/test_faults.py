@@ -23,13 +23,21 @@ from core.states import JobKind
 from core.tables import Job, Model, Tenant
 from scheduler.enqueue import Publication
 from tests.support.faults import Cluster, RayHead, is_alive, wait_until
-from tests.support.training import tiny_ddpm_job, tiny_ddpm_params
+from tests.support.training import TEXT, tiny_charlm_job
 from tests.support.webhooks import Receiver, verify
 
 pytestmark = [pytest.mark.faults, pytest.mark.stack]
 
-# Long enough to kill it mid-way on 2 cores, short enough for the suite.
-TRAIN = tiny_ddpm_job("faults", tiny_ddpm_params(steps=60, batch_size=8, checkpoint_every=5))
+# Long enough to kill it mid-way on 2 cores, short enough for the suite. charlm, not ddpm:
+# what these tests prove (a killed or canceled trainer, its checkpoint, its GPU share) is
+# genq's, and charlm's trainer starts without diffusers (tests/support/training.py).
+TRAIN = tiny_charlm_job("faults", steps=60, checkpoint_every=5, dataset="fox")
+
+
+def train(cluster: Cluster) -> dict[str, object]:
+    """TRAIN, its text uploaded to the cluster."""
+    cluster.upload_text("fox", TEXT)
+    return TRAIN
 
 
 # Each fault runs on one database, half on SQLite and half on PostgreSQL, to keep the suite
@@ -56,7 +64,7 @@ def progress_steps(cluster: Cluster, job_id: str) -> list[tuple[int, int]]:
 def test_sigkill_worker_mid_training_resumes_from_checkpoint(cluster: Cluster) -> None:
     first = cluster.worker()
     cluster.scheduler()
-    job_id = cluster.submit(TRAIN)
+    job_id = cluster.submit(train(cluster))
     wait_until(lambda: cluster.get(job_id)["progress"]["step"] >= 12, 120, "training progress")
     cluster.kill(first)  # the Celery worker process (and its Ray driver) is gone
     killed_at = max(step for _, step in progress_steps(cluster, job_id))
@@ -77,8 +85,9 @@ def test_sigkill_worker_mid_training_resumes_from_checkpoint(cluster: Cluster) -
 
 @SQLITE
 def test_same_message_to_two_workers_runs_once(cluster: Cluster) -> None:
-    cluster.worker()
-    cluster.worker()
+    workers = [cluster.worker(wait=False), cluster.worker(wait=False)]  # they start together
+    for worker in workers:
+        cluster.wait_ready(worker)
     job_id = cluster.submit(
         {"kind": "generate", "model": "echo", "params": {"message": "once", "delay_s": 2}}
     )
@@ -164,9 +173,12 @@ def trainer_pids(head: RayHead) -> set[int]:
 def test_sigkill_ray_actor_mid_training_resumes(cluster: Cluster) -> None:
     cluster.worker()
     cluster.scheduler()
-    job_id = cluster.submit(TRAIN)
-    wait_until(lambda: cluster.get(job_id)["progress"]["step"] >= 12, 120, "training progress")
+    job_id = cluster.submit(train(cluster))
+    # The trainer's process is found once it trains, so that the kill follows step 12 within
+    # a poll (a search of /proc in between could let a fast machine finish the training).
+    wait_until(lambda: cluster.get(job_id)["progress"]["step"] >= 1, 120, "training progress")
     (pid,) = wait_until(lambda: trainer_pids(cluster.ray), 10, "the trainer's process")
+    wait_until(lambda: cluster.get(job_id)["progress"]["step"] >= 12, 120, "training progress")
     os.kill(pid, signal.SIGKILL)
     killed_at = max(step for _, step in progress_steps(cluster, job_id))
     wait_until(lambda: not is_alive(pid), 10, "the trainer to die")
@@ -238,10 +250,11 @@ def test_poison_job_fails_after_the_attempt_cap_and_healthy_jobs_flow(
 ) -> None:
     # Every time the poison job runs, its worker dies (SIGKILL) and a new one takes over.
     cluster.scheduler()
-    # 15 s: it is still running when its worker is killed, on the busiest machine (the kill
-    # follows the state seen "running" within a poll), and is asserted below (kills == 3).
+    # 8 s: it is still running when its worker is killed, on the busiest machine (the kill
+    # follows the state seen "running" within a poll, and its 8 s start only once the echo
+    # server has the call), and is asserted below (kills == 3).
     poison = cluster.submit(
-        {"kind": "generate", "model": "echo", "params": {"message": "poison", "delay_s": 15}}
+        {"kind": "generate", "model": "echo", "params": {"message": "poison", "delay_s": 8}}
     )
     kills = 0
     while cluster.get(poison)["state"] not in ("failed", "succeeded", "canceled"):
@@ -268,7 +281,7 @@ def test_poison_job_fails_after_the_attempt_cap_and_healthy_jobs_flow(
     ]
     # Each retry's call ended its predecessor's on the echo server (workers/server.py), but the
     # last attempt's call may still be sleeping there, and echo runs one request at a time:
-    # the healthy jobs can wait out that one (15 s).
+    # the healthy jobs can wait out that one (8 s).
     for job_id in healthy:
         assert cluster.wait(job_id, 120)["state"] == "succeeded"
 
@@ -277,7 +290,7 @@ def test_poison_job_fails_after_the_attempt_cap_and_healthy_jobs_flow(
 def test_canceled_running_job_stays_canceled_through_restarts(cluster: Cluster) -> None:
     worker = cluster.worker()
     cluster.scheduler()
-    job_id = cluster.submit({**TRAIN, "params": {**TRAIN["params"], "steps": 100_000}})
+    job_id = cluster.submit({**train(cluster), "params": {**TRAIN["params"], "steps": 100_000}})
     wait_until(lambda: cluster.get(job_id)["progress"]["step"] >= 3, 120, "training progress")
     response = cluster.client.post(f"/v1/jobs/{job_id}/cancel", headers=cluster.auth())
     assert response.status_code == 202 and response.get_json()["state"] == "canceling"
@@ -369,7 +382,7 @@ def test_training_longer_than_the_visibility_timeout_runs_once(
         # is claimed and its lease renewed while its trainer waits for a GPU share, until the
         # re-delivery has been seen; then the GPUs are let go and the training runs.
         with cluster.ray.holding_every_gpu(tmp_path / "holder.log"):
-            job_id = cluster.submit(TRAIN)
+            job_id = cluster.submit(train(cluster))
             cluster.wait(job_id, 60, {"running"})
             wait_until(
                 lambda: cluster.get(job_id)["progress"].get("message") == "waiting for a GPU",

@@ -34,17 +34,17 @@ from sqlalchemy import select
 from core.keys import create_key, get_or_create_tenant
 from core.tables import Job, Model
 from tests.support.faults import Cluster, RayHead, wait_until
-from tests.support.training import tiny_ddpm_job, tiny_ddpm_params
+from tests.support.training import TEXT, tiny_charlm_job
 from tests.support.webhooks import Receiver
 from workers.preemption import NOTICE
 
 pytestmark = [pytest.mark.faults, pytest.mark.stack]
 
 CHECKPOINT_EVERY = 5
+# charlm, not ddpm: preemption stops any family at its next checkpoint, and charlm's trainer
+# starts without diffusers (tests/support/training.py). Its text is uploaded by `_cluster`.
 TRAIN = {
-    **tiny_ddpm_job(
-        "preempted", tiny_ddpm_params(steps=100, batch_size=8, checkpoint_every=CHECKPOINT_EVERY)
-    ),
+    **tiny_charlm_job("preempted", steps=100, checkpoint_every=CHECKPOINT_EVERY, dataset="fox"),
     "priority": "batch",
 }
 
@@ -68,7 +68,9 @@ def trainer_pids(ray_head: RayHead) -> set[int]:
 
 
 def _cluster(tmp_path: Path, ray_head: RayHead, redis_url: str, url: str, **env: str) -> Cluster:
-    return Cluster(tmp_path, url, ray_head, redis_url, extra_env=env)
+    cluster = Cluster(tmp_path, url, ray_head, redis_url, extra_env=env)
+    cluster.upload_text("fox", TEXT)
+    return cluster
 
 
 def test_an_interactive_job_preempts_batch_training_at_a_checkpoint(

@@ -8,6 +8,7 @@ seconds."""
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import signal
@@ -261,10 +262,14 @@ class Cluster:
     def worker(self, wait: bool = True) -> Proc:
         proc = self._spawn("worker", ["worker", f"--hostname=w{self.counter + 1}@faults"])
         if wait:
-            wait_until(lambda: "ready." in proc.text() or proc.process.poll() is not None, 90,
-                       "the worker")  # fmt: skip
-            assert proc.process.poll() is None, proc.text()[-3000:]
+            self.wait_ready(proc)
         return proc
+
+    def wait_ready(self, proc: Proc) -> None:
+        """Wait until a worker started with `worker(wait=False)` takes messages."""
+        wait_until(lambda: "ready." in proc.text() or proc.process.poll() is not None, 90,
+                   "the worker")  # fmt: skip
+        assert proc.process.poll() is None, proc.text()[-3000:]
 
     def scheduler(self) -> Proc:
         return self._spawn("scheduler", ["scheduler"])
@@ -313,6 +318,14 @@ class Cluster:
         response = self.client.post("/v1/jobs", json=body, headers=self.auth())
         assert response.status_code == 202, response.get_data(as_text=True)
         return str(response.get_json()["id"])
+
+    def upload_text(self, name: str, data: bytes) -> None:
+        """Upload `data` as the text data set `name` (what a charlm training reads)."""
+        form = {"name": name, "kind": "text", "file": (io.BytesIO(data), f"{name}.txt")}
+        response = self.client.post(
+            "/v1/datasets", data=form, headers=self.auth(), content_type="multipart/form-data"
+        )
+        assert response.status_code == 201, response.get_data(as_text=True)
 
     def get(self, job_id: str) -> dict[str, Any]:
         return dict(self.client.get(f"/v1/jobs/{job_id}", headers=self.auth()).get_json())
