@@ -145,7 +145,7 @@ def test_hung_worker_is_detected_by_its_stale_heartbeat_and_fenced(cluster: Clus
         {"kind": "generate", "model": "echo", "params": {"delay_s": 6, "progress_steps": 6}}
     )
     cluster.wait(job_id, 60, {"running"})
-    cluster.kill(hung, signal.SIGSTOP)  # alive, but neither heartbeats nor progresses
+    cluster.freeze(hung)  # alive, but neither heartbeats nor progresses
     reaped = wait_until(
         lambda: [
             e for e in cluster.events(job_id, "state") if e.data.get("reason") == "lease expired"

@@ -97,7 +97,7 @@ def test_stale_attempt_neither_cancels_its_successor_nor_leaves_files(
             }
         )
         wait_until(lambda: attempt_progress(cluster, job_id, 1), 60, "attempt 1 to progress")
-        cluster.kill(stale, signal.SIGSTOP)  # its attempt goes on on the server meanwhile
+        cluster.freeze(stale)  # its attempt goes on on the server meanwhile
         wait_until(
             lambda: any(
                 e.data.get("reason") == "lease expired" for e in cluster.events(job_id, "state")

@@ -20,8 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 import redis
 from flask.testing import FlaskClient
+from sqlalchemy import Engine
 
 from api.app import create_app
 from core.db import Database
@@ -67,6 +69,63 @@ def is_alive(pid: int) -> bool:
         if Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z"):
             return False
     return True
+
+
+def group_pids(pgid: int) -> set[int]:
+    """The live processes of a process group."""
+    pids = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid:
+                pids.add(int(stat.parent.name))
+    return pids
+
+
+def file_locks() -> list[tuple[int, int]]:
+    """(PID, inode) of each file lock held on this machine (/proc/locks; waiters excluded)."""
+    held = []
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if "->" in fields:
+            continue
+        held.append((int(fields[4]), int(fields[5].rsplit(":", 1)[1])))
+    return held
+
+
+def in_transaction(pids: set[int], database_url: str, engine: Engine | None) -> bool:
+    """Whether one of `pids` is inside a database transaction: holds SQLite's writer lock
+    (core/db.py's WriterQueue: flock on `<database>.lock`), or has a PostgreSQL session with a
+    transaction open (`engine` asks the server)."""
+    if database_url.startswith("sqlite:///"):
+        lock = os.stat(database_url[len("sqlite:///") :] + ".lock").st_ino
+        return any(pid in pids and inode == lock for pid, inode in file_locks())
+    assert engine is not None
+    ports = set()
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            ports |= {c.laddr.port for c in psutil.Process(pid).net_connections("tcp")}
+    with engine.connect() as conn:
+        sessions = conn.exec_driver_sql(
+            "SELECT client_port FROM pg_stat_activity"
+            " WHERE xact_start IS NOT NULL AND pid <> pg_backend_pid()"
+        )
+        return any(port in ports for (port,) in sessions)
+
+
+def freeze(pgid: int, database_url: str, engine: Engine | None = None) -> None:
+    """SIGSTOP a process group at a moment when none of it is inside a database transaction,
+    and prove it. A process frozen inside one holds its locks (SQLite's writer lock, the job's
+    row on PostgreSQL) and blocks the very writes that would fence it: genq recovers a hang
+    between transactions, which are milliseconds long (docs/reliability.md). Stopped inside
+    one, the group is let go and stopped again."""
+    for _ in range(200):
+        os.killpg(pgid, signal.SIGSTOP)
+        if not in_transaction(group_pids(pgid), database_url, engine):
+            return
+        os.killpg(pgid, signal.SIGCONT)
+        time.sleep(0.02)
+    raise AssertionError(f"process group {pgid} never stopped outside a database transaction")
 
 
 def wait_until(check: Callable[[], Any], timeout_s: float, what: str) -> Any:
@@ -280,6 +339,10 @@ class Cluster:
         if sig == signal.SIGKILL:
             proc.process.wait(30)
             assert not is_alive(proc.pid)
+
+    def freeze(self, proc: Proc) -> None:
+        """SIGSTOP the process's group outside any database transaction (`freeze`)."""
+        freeze(proc.pid, self.database_url, self.database.engine)
 
     def close(self) -> None:
         for proc in self.procs:
