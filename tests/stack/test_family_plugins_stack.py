@@ -18,6 +18,9 @@ from tests.support.stackproc import StackProcess
 pytestmark = pytest.mark.stack
 
 BATCH = 4
+# The lengths of the batch's other jobs (the victim asks for 4,096 bytes): long enough that they
+# still run when the cancel lands.
+SHORT = 2048
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +77,11 @@ def test_families_lists_the_plugin_and_the_broken_ones(stack: StackProcess) -> N
 
 
 def test_train_generate_batch_and_cancel_the_plugin_family(stack: StackProcess) -> None:
-    params = {"steps": 30, "batch_size": 32, "checkpoint_every": 10, "seed": 2}
+    # Wide enough that generating the victim's 4,096 bytes takes seconds (1.4 ms a step alone
+    # on this 2-core machine, against 0.26 for the default width), far longer than a cancel
+    # takes to reach the server: the cancel lands mid-generation.
+    shape = {"context": 16, "embedding": 64, "hidden": 2048}
+    params = {"steps": 30, "batch_size": 32, "checkpoint_every": 10, "seed": 2, **shape}
     train = {
         "kind": "train",
         "family": "ngram",
@@ -91,8 +98,10 @@ def test_train_generate_batch_and_cancel_the_plugin_family(stack: StackProcess) 
     text = stack.call("GET", first["outputs"][0]["url"]).content.decode()
     assert len(text.encode()) >= 1 and first["progress"]["step"] == first["progress"]["total"]
 
-    # Several jobs at once share one batch; the one canceled mid-batch stops alone.
-    ids = [stack.submit(_generate(4096, seed=10 + i))["id"] for i in range(BATCH)]
+    # Several jobs at once share one batch; the one canceled mid-batch stops alone. The others
+    # are shorter, so they finish without waiting for the victim to be stopped.
+    lengths = [SHORT, 4096] + [SHORT] * (BATCH - 2)
+    ids = [stack.submit(_generate(n, seed=10 + i))["id"] for i, n in enumerate(lengths)]
     victim = ids[1]
     deadline = time.monotonic() + 120
     # The job's progress events straight from SQL: a poll may be up to a second old
@@ -116,9 +125,9 @@ def test_train_generate_batch_and_cancel_the_plugin_family(stack: StackProcess) 
         job = finished[job_id]
         assert job["state"] == "succeeded", job
         assert job["metrics"]["batch_jobs"] == BATCH, job["metrics"]
-        assert job["progress"] == {"step": 4096, "total": 4096, "message": "tokens"}
+        assert job["progress"] == {"step": SHORT, "total": SHORT, "message": "tokens"}
         (output,) = job["outputs"]
-        assert output["meta"]["completion_tokens"] == 4096
+        assert output["meta"]["completion_tokens"] == SHORT
 
 
 def _generate(max_tokens: int, seed: int) -> dict:
