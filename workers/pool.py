@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import ray
@@ -37,8 +37,19 @@ from ray.exceptions import RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from core.scaling import Policy, resolve_policy
-from workers.actors import NAMESPACE, model_server_name, num_gpus_for, start_model_server
+from workers.actors import NAMESPACE, num_gpus_for, start_model_server
 from workers.registry import get_family
+from workers.replicas import (
+    ALIVE_TRUST_S,
+    ModelSpec,
+    Replica,
+    ScaleLog,
+    Waiter,
+    free_replica_name,
+    is_alive,
+    is_idle,
+    trust_s,
+)
 from workers.room import (
     CLAIM_MAX_S,
     Candidate,
@@ -57,83 +68,10 @@ from workers.server import ServingOptions
 log = logging.getLogger(__name__)
 
 POOL_NAME = "genq-model-pool"  # not `model-...`: the dashboard lists those as servers
-INFO_TIMEOUT_S = 2.0
 # The watcher's period: unplaced actors get room, replicas report, idle ones unload.
 WATCH_S = 0.25
 # A replica's in-hand count and batch figures are refreshed this often.
 INFO_EVERY_S = 1.0
-# A server handed out less than this long ago is handed out again without asking Ray whether
-# it is still alive (a lookup per job costs more than a small job). It may have crashed since,
-# but a server can die just after any check, so that case is handled anyway: the job sees
-# ActorDiedError and is retried, and the next acquire looks.
-ALIVE_TRUST_S = 1.0
-MAX_EVENTS = 200
-
-
-def mean_in_hand(earlier: dict[str, Any], later: dict[str, Any]) -> float | None:
-    """A server's mean jobs in hand between two of its info() answers (its job-seconds in hand
-    over the seconds between them, both on its own clock); None without two answers."""
-    if "in_hand_job_s" not in earlier or "in_hand_job_s" not in later:
-        return None
-    elapsed_s = later["clock_s"] - earlier["clock_s"]
-    if elapsed_s <= 0:
-        return None
-    return max(0.0, later["in_hand_job_s"] - earlier["in_hand_job_s"]) / elapsed_s
-
-
-def trust_s(options: ServingOptions) -> float:
-    return min(ALIVE_TRUST_S, options.idle_unload_s or ALIVE_TRUST_S)
-
-
-@dataclass
-class ModelSpec:
-    model_id: str
-    family: str
-    model_dir: str | None
-    config: dict[str, Any]
-    options: ServingOptions
-    policy: Policy
-    desired: int = 0  # the scaler's wish; 0: one replica is started when a job comes
-    scaled_at: float = 0.0  # monotonic: the last replica started or unloaded
-
-
-@dataclass
-class Replica:
-    key: str  # the actor's name
-    model_id: str
-    family: str
-    handle: ActorHandle
-    need: dict[str, float]
-    memory_gb: float
-    node_id: str | None
-    started_at: float  # wall clock
-    last_used: float  # monotonic: handed out, or seen with a job in hand
-    priority: int = 0
-    ready: bool = False  # loaded: its info() answered
-    waiting: str = ""  # why Ray has not placed it yet
-    in_hand: int = 0
-    # Mean jobs in hand between its last two info() answers (None until two have come): the
-    # load the scaler sizes the model by.
-    load: float | None = None
-    info: dict[str, Any] = field(default_factory=dict)
-    info_ref: Any = None
-    info_at: float = 0.0
-    room_at: float = 0.0  # monotonic: when room was last made for it
-    unloads: list[Claim] = field(default_factory=list)  # the unloads that made it
-
-
-@dataclass
-class Waiter:
-    """A trainer the runner started: watched until Ray places it."""
-
-    key: str
-    actor_id: str
-    need: dict[str, float]
-    priority: int
-    since: float
-    waiting: str = ""
-    room_at: float = 0.0  # monotonic: when room was last made for it
-    unloads: list[Claim] = field(default_factory=list)  # the unloads that made it
 
 
 class ModelPool:
@@ -143,8 +81,7 @@ class ModelPool:
         self._replicas: dict[str, Replica] = {}
         self._waiters: dict[str, Waiter] = {}
         self._claims: list[Claim] = []
-        self.evictions: list[dict[str, Any]] = []
-        self.events: list[dict[str, Any]] = []
+        self._log = ScaleLog()
         self._watcher = threading.Thread(target=self._watch, name="pool-watch", daemon=True)
         self._watcher.start()
 
@@ -168,7 +105,7 @@ class ModelPool:
             mine = self._of(model_id)
             if verify:
                 for replica in mine:
-                    if not self._is_alive(replica):
+                    if not is_alive(replica):
                         self._forget(replica, "found dead")
                 mine = self._of(model_id)
             if not mine:
@@ -186,13 +123,7 @@ class ModelPool:
         with self._lock:
             waiter = Waiter(key, actor_id, need, priority, since=time.monotonic())
             self._waiters[key] = waiter
-            plan = self._make_room(need, 0.0, f"room for {key}", priority, key=key)
-            if plan is None:
-                waiter.waiting = waiting_for(need, free_by_node(self._claims))
-            else:
-                node, waiter.unloads = plan
-                waiter.room_at = time.monotonic()
-                self._claims.append(Claim(node, need, +1, key))
+            self._room_for(waiter)
             return waiter.waiting
 
     def scale(
@@ -241,6 +172,10 @@ class ModelPool:
     def _of(self, model_id: str) -> list[Replica]:
         return [r for r in self._replicas.values() if r.model_id == model_id]
 
+    def _used_gb(self, node: str) -> float:
+        """The GPU memory the warm servers on `node` hold (its `gpu_memory_budget_gb`'s use)."""
+        return sum(r.memory_gb for r in self._replicas.values() if r.node_id == node)
+
     def _start(self, spec: ModelSpec, reason: str, must: bool = True) -> Replica:
         """A new replica of `spec`'s model, after making room for it (`must`: start it even
         where no room can be made; Ray holds it until some frees)."""
@@ -250,11 +185,7 @@ class ModelPool:
         memory_gb = family.resources.gpu_memory_gb if num_gpus else 0.0
         mine = self._of(spec.model_id)
         nodes_used = [r.node_id for r in mine]
-        taken = {r.key for r in self._replicas.values()}
-        index = next(
-            i for i in range(1, len(taken) + 2) if model_server_name(spec.model_id, i) not in taken
-        )
-        key = model_server_name(spec.model_id, index)
+        key = free_replica_name(spec.model_id, set(self._replicas))
         room = self._make_room(
             need,
             memory_gb,
@@ -287,7 +218,7 @@ class ModelPool:
         self._claims.append(Claim(plan, need, +1, key))
         self._replicas[key] = replica
         spec.scaled_at = time.monotonic()
-        self._event(spec.model_id, "scale-up", key, reason, len(self._of(spec.model_id)))
+        self._log.record(spec.model_id, "scale-up", key, reason, len(self._of(spec.model_id)))
         log.info("started %s on node %s: %s", key, plan, reason)
         return replica
 
@@ -305,11 +236,7 @@ class ModelPool:
         unloads' claims; None if none can be made. Idle servers go, lowest priority then least
         recently used first."""
         free = free_by_node(self._claims, without=key)
-
-        def used_gb(node: str) -> float:
-            return sum(r.memory_gb for r in self._replicas.values() if r.node_id == node)
-
-        room = {"memory_gb": memory_gb, "budget_gb": budget_gb, "used_gb": used_gb}
+        room = {"memory_gb": memory_gb, "budget_gb": budget_gb, "used_gb": self._used_gb}
         plan = plan_room(need, free, [], prefer=prefer, **room)
         if plan is None:  # only now ask which servers are idle (a call to each)
             candidates = [
@@ -325,67 +252,59 @@ class ModelPool:
             self._unload(self._replicas[victim.key], reason, eviction=True) for victim in victims
         ]
 
+    def _room_for(
+        self,
+        actor: Replica | Waiter,
+        memory_gb: float = 0.0,
+        budget_gb: float | None = None,
+        now: float | None = None,
+    ) -> None:
+        """Make room for an actor Ray has not placed (a replica or a trainer) and claim it, or
+        record what it waits for (`now`: when the room was made; after the unloads if None)."""
+        plan = self._make_room(
+            actor.need,
+            memory_gb,
+            f"room for {actor.key}",
+            actor.priority,
+            budget_gb=budget_gb,
+            key=actor.key,
+        )
+        if plan is None:
+            actor.waiting = waiting_for(actor.need, free_by_node(self._claims))
+        else:
+            node, actor.unloads = plan
+            actor.waiting = ""
+            actor.room_at = time.monotonic() if now is None else now
+            self._claims.append(Claim(node, actor.need, +1, actor.key))
+
     def _unload(self, replica: Replica, reason: str, eviction: bool = False) -> Claim:
         log.info("unloading %s: %s", replica.key, reason)
-        ray.kill(replica.handle, no_restart=True)
-        self._forget(replica, reason)
-        victim_id = replica.handle._actor_id.hex()
-        claim = Claim(replica.node_id, replica.need, -1, replica.key, actor_id=victim_id)
-        self._claims.append(claim)
+        claim = self._kill(replica, reason)
         spec = self._models.get(replica.model_id)
         if spec is not None:
             spec.scaled_at = time.monotonic()
         left = len(self._of(replica.model_id))
-        self._event(
+        self._log.record(
             replica.model_id, "evict" if eviction else "scale-down", replica.key, reason, left
         )
-        if eviction:
-            self.evictions.append(
-                {
-                    "model_id": replica.model_id,
-                    "replica": replica.key,
-                    "at": time.time(),
-                    "reason": reason,
-                }
-            )
-            del self.evictions[:-MAX_EVENTS]
+        return claim
+
+    def _kill(self, replica: Replica, reason: str) -> Claim:
+        """Kill the replica's actor and forget it; its room counts as free once Ray reports it
+        dead (the returned claim, kept until then)."""
+        ray.kill(replica.handle, no_restart=True)
+        self._forget(replica, reason)
+        claim = Claim(replica.node_id, replica.need, -1, replica.key, actor_id=replica.actor_id)
+        self._claims.append(claim)
         return claim
 
     def _forget(self, replica: Replica, reason: str) -> None:
         self._replicas.pop(replica.key, None)
 
-    def _event(self, model_id: str, kind: str, replica: str, reason: str, replicas: int) -> None:
-        self.events.append(
-            {
-                "model_id": model_id,
-                "event": kind,
-                "replica": replica,
-                "reason": reason,
-                "replicas": replicas,
-                "at": time.time(),
-            }
-        )
-        del self.events[:-MAX_EVENTS]
-
     def _is_idle(self, replica: Replica) -> bool:
-        """No job in hand now (asked), and none handed out within two trust windows (a worker
-        process may still send it one it took from its cache)."""
+        """Idle, and handed out no job within two trust windows (workers/replicas.is_idle)."""
         spec = self._models.get(replica.model_id)
-        window = 2 * trust_s(spec.options) if spec else 2 * ALIVE_TRUST_S
-        if not replica.ready or time.monotonic() - replica.last_used < window:
-            return False
-        try:
-            info = ray.get(replica.handle.info.remote(), timeout=INFO_TIMEOUT_S)
-        except Exception:  # busy loading, or gone: not a victim to pick now
-            return False
-        return not info["active_jobs"]
-
-    def _is_alive(self, replica: Replica) -> bool:
-        try:
-            current = ray.get_actor(replica.key, namespace=NAMESPACE)
-        except ValueError:  # no such actor: it was killed or died
-            return False
-        return bool(current._actor_id == replica.handle._actor_id)
+        return is_idle(replica, 2 * trust_s(spec.options) if spec else 2 * ALIVE_TRUST_S)
 
     # -- the watcher -------------------------------------------------------------------------
 
@@ -410,16 +329,7 @@ class ModelPool:
             elif now - waiter.since > 2 * WATCH_S and not is_room_on_its_way(
                 waiter.room_at, waiter.unloads, now
             ):
-                plan = self._make_room(
-                    waiter.need, 0.0, f"room for {waiter.key}", waiter.priority, key=waiter.key
-                )
-                if plan is None:
-                    waiter.waiting = waiting_for(waiter.need, free_by_node(self._claims))
-                else:
-                    node, waiter.unloads = plan
-                    waiter.room_at = now
-                    self._claims.append(Claim(node, waiter.need, +1, waiter.key))
-                    waiter.waiting = ""
+                self._room_for(waiter, now=now)
             if now - waiter.since > 3600:
                 self._waiters.pop(waiter.key, None)
         for replica in list(self._replicas.values()):
@@ -430,26 +340,13 @@ class ModelPool:
 
     def _refresh(self, replica: Replica, now: float) -> None:
         """Collect the replica's last info() answer (without waiting) and ask again."""
-        actor_id = replica.handle._actor_id.hex()
+        actor_id = replica.actor_id
         age_s = time.time() - replica.started_at
         settled = not is_room_on_its_way(replica.room_at, replica.unloads, now)
         if not replica.ready and age_s > 2 * WATCH_S and settled and is_unplaced(actor_id):
             spec = self._models.get(replica.model_id)
-            plan = self._make_room(
-                replica.need,
-                replica.memory_gb,
-                f"room for {replica.key}",
-                replica.priority,
-                budget_gb=spec.options.gpu_memory_budget_gb if spec else None,
-                key=replica.key,
-            )
-            if plan is None:
-                replica.waiting = waiting_for(replica.need, free_by_node(self._claims))
-            else:
-                node, replica.unloads = plan
-                replica.waiting = ""
-                replica.room_at = now
-                self._claims.append(Claim(node, replica.need, +1, replica.key))
+            budget_gb = spec.options.gpu_memory_budget_gb if spec else None
+            self._room_for(replica, replica.memory_gb, budget_gb, now=now)
         elif not replica.ready:
             replica.node_id = actor_node(actor_id) or replica.node_id
         if replica.info_ref is not None:
@@ -467,17 +364,9 @@ class ModelPool:
                 log.info("%s died", replica.key)
                 self._forget(replica, "died")
                 return
-            replica.info_ref = None
-            replica.load = mean_in_hand(replica.info, info)
-            replica.info = info
             if not replica.ready:  # placed and loaded: Ray's own report counts it now
                 self._claims = [c for c in self._claims if c.key != replica.key or c.sign < 0]
-            replica.ready = True
-            replica.waiting = ""
-            replica.node_id = info.get("node_id") or replica.node_id
-            replica.in_hand = len(info["active_jobs"])
-            if replica.in_hand:
-                replica.last_used = now
+            replica.take_info(info, now)
         if now - replica.info_at >= INFO_EVERY_S:
             replica.info_ref = replica.handle.info.remote()
             replica.info_at = now
@@ -487,19 +376,9 @@ class ModelPool:
         kill it; the next job, or the scaler's wish, starts a replacement. Its jobs' runners
         see it die (or stall) and put them back in the queue."""
         log.warning("%s answered nothing for %.0f s: stalled; replacing it", replica.key, silent_s)
-        ray.kill(replica.handle, no_restart=True)
-        self._forget(replica, "stalled")
-        self._claims.append(
-            Claim(
-                replica.node_id,
-                replica.need,
-                -1,
-                replica.key,
-                actor_id=replica.handle._actor_id.hex(),
-            )
-        )
+        self._kill(replica, "stalled")
         reason = f"stalled: no answer for {silent_s:.0f} s"
-        self._event(
+        self._log.record(
             replica.model_id, "stalled", replica.key, reason, len(self._of(replica.model_id))
         )
 
@@ -519,9 +398,7 @@ class ModelPool:
                 [],
                 memory_gb=memory_gb,
                 budget_gb=spec.options.gpu_memory_budget_gb,
-                used_gb=lambda node: sum(
-                    r.memory_gb for r in self._replicas.values() if r.node_id == node
-                ),
+                used_gb=self._used_gb,
             )
             if plan is None:
                 return
@@ -559,25 +436,7 @@ class ModelPool:
             now = time.monotonic()
             return {
                 "servers": [
-                    {
-                        "model_id": r.model_id,
-                        "replica": r.key,
-                        "family": r.family,
-                        "node_id": r.node_id,
-                        "num_gpus": r.need.get("GPU", 0.0),
-                        "memory_gb": r.memory_gb,
-                        "idle_s": now - r.last_used,
-                        "started_at": r.started_at,
-                        "ready": r.ready,
-                        "waiting": r.waiting,
-                        "in_hand": r.in_hand,
-                        "mean_in_hand": r.load,
-                        "load_s": r.info.get("load_s"),
-                        "gpu_ids": r.info.get("gpu_ids", []),
-                        "node_ip": r.info.get("node_ip"),
-                        "batching": r.info.get("batching", {}),
-                    }
-                    for r in sorted(self._replicas.values(), key=lambda r: r.key)
+                    r.describe(now) for r in sorted(self._replicas.values(), key=lambda r: r.key)
                 ],
                 "models": {
                     m.model_id: {
@@ -588,8 +447,8 @@ class ModelPool:
                     for m in self._models.values()
                 },
                 "waiting": {w.key: w.waiting for w in self._waiters.values()},
-                "evictions": list(self.evictions),
-                "events": list(self.events),
+                "evictions": list(self._log.evictions),
+                "events": list(self._log.events),
             }
 
 

@@ -17,7 +17,8 @@ from ray.actor import ActorHandle
 from ray.exceptions import RayActorError
 
 from workers.families.base import Family
-from workers.pool import get_pool, trust_s
+from workers.pool import get_pool
+from workers.replicas import trust_s
 from workers.server import ServingOptions
 
 # The pool's handle for this process's Ray connection: (session name, job id) -> handle.

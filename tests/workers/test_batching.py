@@ -27,8 +27,9 @@ from tests.support.stackproc import StackProcess  # noqa: E402
 from workers.actors import model_server_name  # noqa: E402
 from workers.batching import Batcher  # noqa: E402
 from workers.families.base import CanceledError, Family, RunContext  # noqa: E402
-from workers.pool import ALIVE_TRUST_S, get_pool  # noqa: E402
+from workers.pool import get_pool  # noqa: E402
 from workers.registry import get_family  # noqa: E402
+from workers.replicas import ALIVE_TRUST_S  # noqa: E402
 from workers.routing import get_model_server  # noqa: E402
 from workers.server import ServingOptions  # noqa: E402
 

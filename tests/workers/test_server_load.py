@@ -1,5 +1,5 @@
 """A model server's load (workers/server.py): the job-seconds it has had in hand, on its own
-clock, from which the pool (workers/pool.py) takes its mean jobs in hand between two reports,
+clock, from which the pool (workers/replicas.py) takes its mean jobs in hand between two reports,
 the measure the replica scaler sizes a model by. The server runs as the plain class (no Ray),
 with the echo family.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 
-from workers.pool import mean_in_hand
+from workers.replicas import mean_in_hand
 from workers.server import ModelServer
 
 
