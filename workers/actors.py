@@ -235,7 +235,7 @@ class ModelServer(BaseModelServer):
 
 def configure_actor_logging(process: str) -> None:
     """Inside a Ray actor, log as every genq process does (GENQ_LOG_FORMAT, GENQ_LOG_LEVEL of
-    this node: stack/supervisor.py passes them to Ray), to the actor's stderr, which Ray keeps in
+    this node: stack/children.py passes them to Ray), to the actor's stderr, which Ray keeps in
     its session's logs folder (worker-*.err). Outside an actor (a test or a benchmark driving the
     class directly) the caller's logging is left alone. A Ray actor is an entry point, so it
     reads its own node's settings."""

@@ -31,7 +31,7 @@ import pytest
 import redis
 import requests
 
-from stack.supervisor import RAY_NODE_SETTINGS
+from stack.children import RAY_NODE_SETTINGS
 from tests.support.broker import HOSTILE, envelope, task_headers
 from tests.support.stackproc import ROOT, StackProcess, descendants
 

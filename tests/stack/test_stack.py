@@ -179,7 +179,7 @@ def test_cancel_a_running_training_job_stops_its_trainer(stack: StackProcess) ->
         **stack.env,
         "RAY_AUTH_MODE": "token",
         "RAY_AUTH_TOKEN": (stack.var_dir / "ray_token").read_text().strip(),
-        # The local head lives on loopback only (stack/supervisor.py): a driver must say so too.
+        # The local head lives on loopback only (stack/services.py): a driver must say so too.
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     }
     deadline = time.monotonic() + 30

@@ -23,7 +23,7 @@ import pytest
 import redis
 import requests
 
-from stack.supervisor import restart_delay_s
+from stack.children import restart_delay_s
 from tests.support.stackproc import StackProcess, descendants, is_alive
 from tests.support.training import tiny_ddpm_job, tiny_ddpm_params
 

@@ -1,0 +1,110 @@
+"""The services `genq up` runs itself when the settings name none: the local Ray head and the
+embedded Redis. This module writes their command lines and the environment the Ray head and its
+drivers need (token auth, loopback only, no drain), and says when the head has started; the
+supervisor (stack/supervisor.py) starts and stops them as children like any other.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+from core.settings import Settings
+from workers.families.base import GPU_MEMORY_RESOURCE
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def redis_argv(executable: str, socket_path: Path, var_dir: Path) -> list[str]:
+    """The embedded Redis: a unix socket only (no TCP port), nothing saved to disk."""
+    return [
+        executable,
+        "--port",
+        "0",
+        "--unixsocket",
+        str(socket_path),
+        "--unixsocketperm",
+        "700",
+        "--dir",
+        str(var_dir),
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--daemonize",
+        "no",
+    ]
+
+
+def ray_head_env(var_dir: Path) -> dict[str, str]:
+    """What the Ray head and its drivers need in their environment (the token is made once and
+    kept in `var_dir`)."""
+    token_file = var_dir / "ray_token"
+    if not token_file.exists():
+        token_file.write_text(secrets.token_hex(32))
+        token_file.chmod(0o600)
+    return {
+        # Token auth: other local users cannot join or drive this Ray cluster.
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": token_file.read_text().strip(),
+        # The worker is stopped before Ray, so there is nothing to drain: stop at once.
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
+        # The local head is this machine's alone: its node address stays 127.0.0.1, and then
+        # every Ray server (GCS, raylet, object manager, agents, metrics exporter) listens on
+        # loopback only. Without this `ray start` swaps 127.0.0.1 for the machine's address and
+        # the C++ servers listen on every interface. (Ray's switch for it is named after the
+        # platforms where it is the default; it means "single-node, loopback".)
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    }
+
+
+def ray_head_argv(settings: Settings, bin_dir: Path, port: int) -> list[str]:
+    """`ray start --head` on `port`, with the resources the settings declare."""
+    argv = [
+        str(bin_dir / "ray"),
+        "start",
+        "--head",
+        "--block",
+        f"--port={port}",
+        "--node-ip-address=127.0.0.1",
+        "--disable-usage-stats",
+        f"--include-dashboard={'true' if settings.ray_dashboard else 'false'}",
+        # Not the log monitor: it forwards the actors' output to drivers that ask for it,
+        # and the worker does not (log_to_driver=False).
+        "--include-log-monitor=false",
+        # The Ray Client server (ray://), which genq does not use either, cannot be left
+        # out (`ray start` starts it whenever grpc imports); it gets a port of its own
+        # instead of 10001, which every head on this machine would share (gRPC binds it
+        # with SO_REUSEPORT, so a connection could reach another stack's).
+        f"--ray-client-server-port={free_port()}",
+    ]
+    if not settings.ray_dashboard:
+        # Nor the autoscaler's monitor (one machine: no node to add), whose report only
+        # `ray status` and Ray's dashboard show; it also outlives the 1 s that `ray start`
+        # gives each of its processes on SIGTERM.
+        argv.append("--no-monitor")
+    if settings.ray_num_cpus is not None:
+        argv.append(f"--num-cpus={settings.ray_num_cpus}")
+    if settings.ray_num_gpus is not None:
+        argv.append(f"--num-gpus={settings.ray_num_gpus}")
+    if settings.ray_gpu_memory_gb is not None:
+        memory = {GPU_MEMORY_RESOURCE: settings.ray_gpu_memory_gb}
+        argv.append(f"--resources={json.dumps(memory)}")
+    return argv
+
+
+def ray_head_started(ray_log: Path, offset: int, has_exited: Callable[[], bool]) -> bool:
+    """Whether the head `ray start` wrote to `ray_log` (from `offset`) has started; raises if
+    it exited first."""
+    if has_exited():
+        raise RuntimeError(f"ray exited early; see {ray_log}")
+    with open(ray_log, "rb") as f:
+        f.seek(offset)
+        return b"Ray runtime started" in f.read()
