@@ -441,7 +441,7 @@ def tiny_ddpm(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict]:
     import torch
     from diffusers import UNet2DModel
 
-    from workers.families import ddpm
+    from workers.families import ddpm_denoising
 
     folder = tmp_path_factory.mktemp("tiny-ddpm")
     config = {
@@ -453,13 +453,13 @@ def tiny_ddpm(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict]:
         "null_label": 10,
         "class_names": [str(i) for i in range(10)],
         "num_train_timesteps": 200,
-        "scheduler": dict(ddpm.SCHEDULE),
+        "scheduler": dict(ddpm_denoising.SCHEDULE),
         "unet": {
             "sample_size": 16,
             "in_channels": 1,
             "out_channels": 1,
             "num_class_embeds": 11,
-            **ddpm.PRESETS["tiny"]["unet"],
+            **ddpm_denoising.PRESETS["tiny"]["unet"],
         },
     }
     torch.manual_seed(0)
