@@ -16,14 +16,9 @@ from typing import Any
 from sqlalchemy import update
 from sqlalchemy.orm import Session
 
+from api.resolution import check_fits_cluster, check_webhook_target, resolve_submission
 from api.state import genq
-from api.submissions import (
-    JobSubmission,
-    check_fits_cluster,
-    check_webhook_target,
-    parse_submission,
-    resolve_submission,
-)
+from api.submissions import JobSubmission, parse_submission
 from core.errors import ConflictError, GenqError, InvalidInputError, NotFoundError
 from core.jobs import NewJob, create_job
 from core.quotas import check_submission

@@ -37,13 +37,9 @@ from api.payloads import (
     submitted_context,
     worker_slots,
 )
+from api.resolution import resolve_submission
 from api.state import genq
-from api.submissions import (
-    check_idempotency_key,
-    parse_submission,
-    request_hash,
-    resolve_submission,
-)
+from api.submissions import check_idempotency_key, parse_submission, request_hash
 from api.waits import prefer_wait_s, wait_for_jobs, wait_slot
 from core.audit import Actor, record_action
 from core.errors import (

@@ -21,14 +21,9 @@ from api import schemas_admin as schemas
 from api.auth import principal, tenant_scope
 from api.jobs import read_json_body
 from api.payloads import iso
+from api.resolution import resolve_submission
 from api.state import genq
-from api.submissions import (
-    errors_from,
-    parse_submission,
-    patch_schema,
-    request_hash,
-    resolve_submission,
-)
+from api.submissions import errors_from, parse_submission, patch_schema, request_hash
 from core.audit import Actor, record_action
 from core.errors import ConflictError, InvalidInputError, NotFoundError
 from core.schedules import check_cron, check_timezone, next_slot, resume, template_of

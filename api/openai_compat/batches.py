@@ -29,8 +29,9 @@ from api.openai_compat.errors import param_name
 from api.openai_compat.files import find_file, read_file
 from api.openai_compat.images import RENAMES, image_call
 from api.openai_compat.text import chat_call, completion_call
+from api.resolution import validate_params
 from api.state import genq
-from api.submissions import JobSubmission, request_hash, validate_params
+from api.submissions import JobSubmission, request_hash
 from core.errors import ConflictError, InvalidInputError, NotFoundError
 from core.jobs import cancel_job
 from core.states import JobKind, is_terminal
