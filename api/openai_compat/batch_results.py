@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from api.auth import tenant_scope
 from api.openai_compat import calls
 from api.openai_compat.images import images_body
-from api.openai_compat.text import completion_body
+from api.openai_compat.text_answers import completion_body
 from api.state import genq
 from core.states import JobState, is_terminal
 from core.tables import Artifact, Job, JobBatch, Model

@@ -25,7 +25,7 @@ from sqlalchemy import select
 pytest.importorskip("ray")
 
 from api.openai_compat.errors import JobWaitError  # noqa: E402
-from api.openai_compat.text import ChoiceText  # noqa: E402
+from api.openai_compat.text_answers import ChoiceText  # noqa: E402
 from core.db import READ_ONLY, Database  # noqa: E402
 from core.events import Progress, TextDelta  # noqa: E402
 from core.jobs import Lease, claim_job, finish_job, record_text, release_job  # noqa: E402
