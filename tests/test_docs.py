@@ -30,9 +30,31 @@ def _load(name: str, path: Path) -> ModuleType:
     return module
 
 
+def _load_hook(name: str) -> ModuleType:
+    """A module of docs/hooks/, loaded as MkDocs loads the hook: with its folder on the import
+    path, where it finds its siblings."""
+    folder = ROOT / "docs" / "hooks"
+    saved = sys.path.copy()
+    sys.path.insert(0, str(folder))
+    try:
+        return _load(f"genq_docs_{name}", folder / f"{name}.py")
+    finally:
+        sys.path[:] = saved
+
+
 @pytest.fixture(scope="module")
-def hooks() -> ModuleType:
-    return _load("genq_docs_hooks", ROOT / "docs" / "hooks" / "genq_docs.py")
+def settings_reference() -> ModuleType:
+    return _load_hook("settings_reference")
+
+
+@pytest.fixture(scope="module")
+def api_reference() -> ModuleType:
+    return _load_hook("api_reference")
+
+
+@pytest.fixture(scope="module")
+def site_markdown() -> ModuleType:
+    return _load_hook("site_markdown")
 
 
 @pytest.fixture(scope="module")
@@ -112,17 +134,17 @@ def test_a_broken_link_fails_the_strict_build(tmp_path: Path) -> None:
     assert "missing.md" in build.stderr and "nowhere" in build.stderr
 
 
-def test_the_settings_page_lists_every_setting(hooks: ModuleType, site: Path) -> None:
-    table = hooks.settings_table()
+def test_the_settings_page_lists_every_setting(settings_reference: ModuleType, site: Path) -> None:
+    table = settings_reference.settings_table()
     page = _text(site / "settings" / "index.html")
     for name in Settings.model_fields:
         variable = f"GENQ_{name.upper()}"
         assert f"`{variable}`" in table, variable
         assert variable in page, variable
-    rows = [r for g in hooks.settings_rows() for r in g["names"]]
+    rows = [r for g in settings_reference.settings_rows() for r in g["names"]]
     assert rows == list(Settings.model_fields)
     # A few rows read back against the class: default, bounds and the comment above the field.
-    groups = {n: g for g in hooks.settings_rows() for n in g["names"]}
+    groups = {n: g for g in settings_reference.settings_rows() for n in g["names"]}
     port = groups["port"]
     assert port["defaults"][port["names"].index("port")] == "`8000`"
     assert port["bounds"][port["names"].index("port")] == "≥ 1, ≤ 65,535"
@@ -134,7 +156,7 @@ def test_the_settings_page_lists_every_setting(hooks: ModuleType, site: Path) ->
     )
 
 
-def test_a_setting_without_a_description_stops_the_page(hooks: ModuleType) -> None:
+def test_a_setting_without_a_description_stops_the_page(settings_reference: ModuleType) -> None:
     from pydantic_settings import BaseSettings
 
     class Undocumented(BaseSettings):
@@ -143,12 +165,16 @@ def test_a_setting_without_a_description_stops_the_page(hooks: ModuleType) -> No
 
         silent: int = 2
 
-    assert hooks._field_comments(Undocumented) == {"described": "The first is described."}
+    assert settings_reference.field_comments(Undocumented) == {
+        "described": "The first is described."
+    }
     with pytest.raises(ValueError, match="Undocumented.silent has no description"):
-        hooks.settings_rows(Undocumented)
+        settings_reference.settings_rows(Undocumented)
 
 
-def test_the_api_reference_has_every_operation_and_schema(hooks: ModuleType, site: Path) -> None:
+def test_the_api_reference_has_every_operation_and_schema(
+    api_reference: ModuleType, site: Path
+) -> None:
     # The document the build fetched from the app, published beside the pages.
     doc = json.loads((site / "reference" / "openapi.json").read_text())
     assert doc["openapi"].startswith("3.1") and doc["paths"]
@@ -157,27 +183,30 @@ def test_the_api_reference_has_every_operation_and_schema(hooks: ModuleType, sit
     schemas = (site / "reference" / "schemas" / "index.html").read_text()
     for path, item in doc["paths"].items():
         for method, op in item.items():
-            if method in hooks._METHODS:
+            if method in api_reference.METHODS:
                 assert f'id="{op["operationId"]}"' in html
                 assert path in operations, path
     for name in doc["components"]["schemas"]:
-        assert f'id="{hooks._anchor(name)}"' in schemas, name
+        assert f'id="{api_reference.anchor(name)}"' in schemas, name
 
 
-def test_links_are_pointed_at_the_site(hooks: ModuleType) -> None:
+def test_links_are_pointed_at_the_site(site_markdown: ModuleType) -> None:
     readme = (
         "[a](docs/api.md#rate-limits) [b](bench/README.md) [c](compose.yaml) [d](https://x.org)"
     )
-    assert hooks.site_links(readme, "README.md") == (
+    assert site_markdown.site_links(readme, "README.md") == (
         "[a](api.md#rate-limits) [b](benchmarks.md) c [d](https://x.org)"
     )
     page = "[a](../bench/README.md#soak) [b](../README.md) ![p](../bench/results/q.png)"
-    assert hooks.site_links(page, "docs/reliability.md") == (
+    assert site_markdown.site_links(page, "docs/reliability.md") == (
         "[a](benchmarks.md#soak) [b](index.md) ![p](bench-results/q.png)"
     )
-    assert hooks.site_links("[r](results/q.png)", "bench/README.md") == "[r](bench-results/q.png)"
+    assert (
+        site_markdown.site_links("[r](results/q.png)", "bench/README.md")
+        == "[r](bench-results/q.png)"
+    )
     fenced = "```\n[x](docs/api.md)\n```\n"
-    assert hooks.site_links(fenced, "README.md") == fenced
+    assert site_markdown.site_links(fenced, "README.md") == fenced
 
 
 def test_the_readme_is_a_short_front_door_whose_links_resolve() -> None:
