@@ -1,5 +1,5 @@
-"""Helpers of the dashboard tests (tests/api/): log in through the form with its CSRF token, and
-read the audit rows an action left."""
+"""Helpers of the dashboard tests (tests/api/dashboard/): log in through the form with its CSRF
+token, read the audit rows an action left, and read a job's row."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from flask.testing import FlaskClient
 
 from core.db import Database
-from core.tables import AuditEntry
+from core.tables import AuditEntry, Job
 
 
 def csrf_of(page: str) -> str:
@@ -33,3 +33,10 @@ def audit(database: Database, action: str) -> list[AuditEntry]:
                 sa.select(AuditEntry).where(AuditEntry.action == action).order_by(AuditEntry.id)
             )
         )
+
+
+def job_row(database: Database, job_id: str) -> Job:
+    with database.transaction() as session:
+        found = session.get(Job, job_id)
+        assert found is not None
+        return found
