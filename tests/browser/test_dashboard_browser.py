@@ -10,10 +10,7 @@ test's tmp dir) for a person to look at.
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -36,110 +33,13 @@ from core.recovery import promote_due, reap_expired
 from core.settings import Settings
 from core.states import JobState
 from core.tables import Job, utcnow
-from tests.support.stackproc import ROOT, StackProcess
+from tests.support.browser import shot, state_badge, wait_js
+from tests.support.stackproc import StackProcess
 from tests.support.training import tiny_ddpm_params
 
 pytestmark = pytest.mark.stack
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-    "--disable-sync",
-]
-SHOTS = ROOT / "test-output" / "dashboard"
 TINY_TRAIN = tiny_ddpm_params(steps=40, batch_size=16, checkpoint_every=20)
-
-
-def wait_js(page: Any, expression: str, timeout: float = 30_000) -> None:
-    """`page.wait_for_function` without eval: the dashboard's Content-Security-Policy
-    (script-src 'self') refuses the string predicates Playwright compiles inside the page, so
-    the expression is evaluated through DevTools (`page.evaluate`, which the page's CSP does
-    not govern) until it holds."""
-    from playwright.sync_api import Error
-
-    deadline = time.monotonic() + timeout / 1000
-    while True:
-        try:
-            if page.evaluate(expression):
-                return
-        except Error as exc:  # the page navigated (a form posted): look again at the new one
-            if "context was destroyed" not in str(exc):
-                raise
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {expression}")
-        page.wait_for_timeout(100)
-
-
-def _need_browser() -> None:
-    missing = []
-    if not Path(CHROMIUM).exists():
-        missing.append(CHROMIUM)
-    try:
-        import playwright.sync_api  # noqa: F401
-    except ImportError:
-        missing.append("the playwright package")
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"browser tests need {', '.join(missing)} under CI")
-        pytest.skip(f"no {', '.join(missing)}")
-
-
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackProcess]:
-    _need_browser()
-    base = tmp_path_factory.mktemp("dashboard-stack")
-    env = {"GENQ_RAY_NUM_CPUS": "2", "GENQ_CLUSTER_SNAPSHOT_INTERVAL_S": "1"}
-    proc = StackProcess(base / "var", env)
-    try:
-        proc.start()
-        yield proc
-        code, alive = proc.stop()
-        assert code == 0, proc.log_text()[-3000:]
-        assert not alive, f"processes left after Ctrl-C: {alive}"
-    finally:
-        proc.kill()
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    _need_browser()
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        chromium = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
-
-
-@pytest.fixture
-def page(browser: Any, stack: StackProcess, tmp_path: Path) -> Iterator[Any]:
-    """A fresh browser context (no cookies), logged in as the stack's admin."""
-    context = browser.new_context(viewport={"width": 1360, "height": 900})
-    context.set_default_timeout(30_000)
-    tab = context.new_page()
-    tab.goto(stack.url + "/admin/login")
-    tab.fill("#key", stack.admin_key)
-    tab.click("button[type=submit]")
-    tab.wait_for_url(stack.url + "/admin/")
-    tab.shots_dir = tmp_path  # type: ignore[attr-defined]
-    yield tab
-    context.close()
-
-
-def shot(page: Any, name: str) -> None:
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    path = page.shots_dir / f"{name}.png"
-    page.screenshot(path=str(path), full_page=True)
-    shutil.copy(path, SHOTS / f"{name}.png")
-
-
-def state_badge(page: Any) -> str:
-    return str(page.inner_text("h1 [data-state]"))
 
 
 def test_login_refuses_a_wrong_key_and_shows_the_cluster(
