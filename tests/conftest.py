@@ -10,35 +10,31 @@ CI variable set), where they fail. Each test that asks gets a database of its ow
   migrated once; `fresh_pg_url` is an empty PostgreSQL database (for tests that migrate
   themselves). Each is dropped after its test.
 - `redis_db_url` is a Redis database number no other running test holds, across xdist workers
-  too (see `RedisDatabases`), flushed before and after the test.
+  too (`RedisDatabases`, tests/support/databases.py), flushed before and after the test.
 
-Object storage is a real `moto_server` process started once per test process (`s3_server`),
-with a new bucket per test.
+Object storage is a real `moto_server` process started once per test process (`s3_server`,
+tests/support/s3.py), with a new bucket per test. The fixtures are here; the classes and the
+servers behind them are in tests/support/.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import queue
 import shutil
-import signal
-import subprocess
-import sys
-import threading
-import time
-import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import text
 
 # Helpers under tests/support/ assert too; pytest rewrites their asserts as it does tests'.
+# It must be told before they are imported: hence their imports below this line.
 pytest.register_assert_rewrite("tests.support")
+
+from tests.support.databases import PgDatabases, RedisDatabases, pg_engine  # noqa: E402
+from tests.support.plugins import write_plugin_site  # noqa: E402
+from tests.support.s3 import S3Server, running_s3_server  # noqa: E402
 
 # Under xdist each test process (and what it starts: `genq up`, workers, Ray) computes with one
 # thread: on a machine with as many cores as test processes, torch's own thread pool per
@@ -116,12 +112,6 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     return SerialFaultsFirst(config, log)
 
 
-def xdist_worker() -> tuple[int, int]:
-    """(this process's index, how many processes run tests): (0, 1) without xdist."""
-    name = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
-    return int(name.removeprefix("gw")), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-
-
 def unreachable(what: str, exc: BaseException) -> None:
     """A service the test needs is down: a failure under CI, where it must be there, else a
     skip that says why."""
@@ -130,77 +120,10 @@ def unreachable(what: str, exc: BaseException) -> None:
     pytest.skip(f"{what} unreachable: {exc}")
 
 
-def _pg_engine(url: str):  # type: ignore[no-untyped-def]
-    return create_engine(
-        url.replace("postgresql://", "postgresql+psycopg://", 1), isolation_level="AUTOCOMMIT"
-    )
-
-
-def _pg_database_url(server_url: str, name: str) -> str:
-    return make_url(server_url).set(database=name).render_as_string(hide_password=False)
-
-
-class PgDatabases:
-    """Creates and drops this test process's PostgreSQL databases. Drops run on a thread of
-    their own (a DROP ... WITH (FORCE) can take a second on a busy server and holds up no
-    test); the session's end waits for the last one."""
-
-    def __init__(self, server_url: str) -> None:
-        self.server_url = server_url
-        self.admin = _pg_engine(server_url)
-        worker, _ = xdist_worker()
-        # Unique per process and run: two sessions (or workers) on one server never collide.
-        self.prefix = f"genq_t{worker}_{uuid.uuid4().hex[:8]}"
-        self.count = 0
-        self.template: str | None = None
-        self._drops: queue.Queue[str | None] = queue.Queue()
-        self._dropper = threading.Thread(target=self._drop_loop, name="pg-drops", daemon=True)
-        self._dropper.start()
-
-    def create(self, template: str | None = None) -> str:
-        self.count += 1
-        name = f"{self.prefix}_{self.count}"
-        clause = f' TEMPLATE "{template}"' if template else ""
-        with self.admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{name}"{clause}'))
-        return name
-
-    def migrated(self) -> str:
-        """A new database at the migrations' head, copied from this process's template (made
-        and migrated on first use)."""
-        if self.template is None:
-            import migrations
-            from core.settings import Settings
-
-            name = self.create()
-            url = _pg_database_url(self.server_url, name)
-            migrations.upgrade(Settings(_env_file=None, database_url=url))  # type: ignore[call-arg]
-            self.template = name
-        return self.create(self.template)
-
-    def url(self, name: str) -> str:
-        return _pg_database_url(self.server_url, name)
-
-    def drop(self, name: str) -> None:
-        self._drops.put(name)
-
-    def _drop_loop(self) -> None:
-        while (name := self._drops.get()) is not None:
-            with self.admin.connect() as conn:
-                conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-
-    def close(self) -> None:
-        if self.template is not None:
-            self._drops.put(self.template)
-        self._drops.put(None)
-        self._dropper.join(300)
-        self.admin.dispose()
-
-
 @pytest.fixture(scope="session")
 def pg_server_url() -> str:
     try:
-        engine = _pg_engine(PG_URL)
+        engine = pg_engine(PG_URL)
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
         engine.dispose()
@@ -288,59 +211,6 @@ def redis_server_url() -> str:
     return REDIS_URL
 
 
-class RedisDatabases:
-    """Redis database numbers for tests that run at the same time. Database 0 is left to
-    whatever else uses the server; of the others, xdist worker i of n owns the numbers n*k + i
-    + 1, so no two workers share one, and inside a worker a number is lent to one test at a
-    time. A test that needs more numbers than its worker owns fails saying so (start Redis with
-    more `--databases`, or run fewer workers)."""
-
-    def __init__(self, server_url: str) -> None:
-        import redis
-
-        client = redis.Redis.from_url(server_url)
-        try:
-            total = int(client.config_get("databases")["databases"])
-        except redis.ResponseError:  # CONFIG may be renamed away; 16 is Redis's default
-            total = 16
-        finally:
-            client.close()
-        worker, workers = xdist_worker()
-        self.server_url = server_url
-        self.free = [n for n in range(1, total) if (n - 1) % workers == worker]
-        self.owned = len(self.free)
-
-    def acquire(self) -> int:
-        if not self.free:
-            pytest.fail(
-                f"this test process owns {self.owned} Redis databases and all are in use: "
-                "start Redis with more --databases or run fewer xdist workers"
-            )
-        return self.free.pop(0)
-
-    def release(self, number: int) -> None:
-        self.free.insert(0, number)
-
-    def url(self, number: int) -> str:
-        return f"{self.server_url}/{number}"
-
-    @contextlib.contextmanager
-    def lease(self) -> Iterator[str]:
-        """A database number for the block (its URL), empty at the start, flushed at the end."""
-        import redis
-
-        number = self.acquire()
-        url = self.url(number)
-        client = redis.Redis.from_url(url)
-        client.flushdb()
-        try:
-            yield url
-        finally:
-            client.flushdb()
-            client.close()
-            self.release(number)
-
-
 @pytest.fixture(scope="session")
 def redis_databases(redis_server_url: str) -> RedisDatabases:
     return RedisDatabases(redis_server_url)
@@ -354,76 +224,12 @@ def redis_db_url(redis_databases: RedisDatabases) -> Iterator[str]:
         yield url
 
 
-@dataclass
-class S3Server:
-    """A real S3-compatible server process (moto's standalone server) for this test session,
-    and the AWS_* settings that point boto3 at it."""
-
-    url: str
-    pid: int
-    env: dict[str, str]
-
-    def new_bucket(self) -> str:
-        import boto3
-
-        name = f"genq-{uuid.uuid4().hex[:12]}"
-        boto3.client("s3").create_bucket(Bucket=name)
-        return name
-
-
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    """Starts `moto_server` on a free port (never moto's in-process mock), exports the AWS_*
-    variables every genq process and Ray node of the session inherits, and stops the server
-    by its PID at the end."""
-    import socket
-    import urllib.request
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
-    url = f"http://127.0.0.1:{port}"
-    log = tmp_path_factory.mktemp("s3") / "moto_server.log"
-    moto = Path(sys.executable).with_name("moto_server")
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [str(moto), "-H", "127.0.0.1", "-p", str(port)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/moto-api/", timeout=2):
-                break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                pytest.fail(f"moto_server did not start: {log.read_text()[-2000:]}")
-            time.sleep(0.2)
-    env = {
-        "AWS_ENDPOINT_URL": url,
-        "AWS_ACCESS_KEY_ID": "genq-test",
-        "AWS_SECRET_ACCESS_KEY": "genq-test-secret",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield S3Server(url, process.pid, env)
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+    """A real `moto_server` for this test process (tests/support/s3.py), the AWS_* variables
+    exported meanwhile."""
+    with running_s3_server(tmp_path_factory.mktemp("s3")) as server:
+        yield server
 
 
 @pytest.fixture
@@ -492,52 +298,6 @@ def tiny_gan(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict]:
     generator, _ = gan.build(config)
     save_model(generator, config, folder)
     return str(folder), config
-
-
-# Installed-package stand-ins for plug-in families that genq must report, not load: each module
-# of the `genq_test_plugins` package below fails discovery in its own way.
-BROKEN_PLUGIN_MODULES = {
-    "__init__.py": "",
-    "crashes.py": "raise ImportError('libfoo.so.1: cannot open shared object file')\n",
-    "exits.py": "import sys\nsys.exit(3)\n",
-    "heavy.py": "import torch  # noqa: F401\nfrom genq_test_plugins.future import FAMILY  # noqa\n",
-    "future.py": (
-        "from pydantic import BaseModel, ConfigDict\n"
-        "from workers.families.base import Family\n"
-        "class P(BaseModel):\n    model_config = ConfigDict(extra='forbid')\n"
-        "FAMILY = Family(name='future', description='d', implementation='x.y',\n"
-        "                generate_params=P, api_version=99)\n"
-        "ECHO = Family(name='echo', description='d', implementation='x.y', generate_params=P)\n"
-        "LOOSE = Family(name='loose', description='d', implementation='x.y',\n"
-        "               train_params=BaseModel, max_batch_size=4)\n"
-        "NOT_A_FAMILY = {'name': 'dict'}\n"
-    ),
-}
-BROKEN_PLUGINS = {
-    "crashes": "genq_test_plugins.crashes:FAMILY",
-    "exits": "genq_test_plugins.exits:FAMILY",
-    "future": "genq_test_plugins.future:FAMILY",
-    "echo": "genq_test_plugins.future:ECHO",
-    "loose": "genq_test_plugins.future:LOOSE",
-    "dict": "genq_test_plugins.future:NOT_A_FAMILY",
-    "renamed": "genq_test_plugins.future:ECHO",
-    "heavy": "genq_test_plugins.heavy:FAMILY",
-}
-
-
-def write_plugin_site(root: Path, names: list[str]) -> Path:
-    """A folder to put on PYTHONPATH that holds the `genq-test-plugins` distribution, whose
-    `genq.families` entry points are `names` (keys of BROKEN_PLUGINS)."""
-    package = root / "genq_test_plugins"
-    package.mkdir(parents=True)
-    for name, source in BROKEN_PLUGIN_MODULES.items():
-        (package / name).write_text(source)
-    info = root / "genq_test_plugins-1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: genq-test-plugins\nVersion: 1.0\n")
-    lines = "".join(f"{name} = {BROKEN_PLUGINS[name]}\n" for name in names)
-    (info / "entry_points.txt").write_text(f"[genq.families]\n{lines}")
-    return root
 
 
 @pytest.fixture(scope="session")

@@ -30,9 +30,9 @@ from core.artifacts import MANIFEST_NAME, ArtifactStore
 from core.settings import Settings
 from core.tables import Artifact, Model
 from stack.supervisor import Stack
-from tests.conftest import S3Server
 from tests.support.faults import Cluster, RayHead, is_alive, wait_until
 from tests.support.pretrained_models import build_tiny_lm
+from tests.support.s3 import S3Server
 from tests.support.stackproc import descendants
 from tests.support.training import tiny_ddpm_job, tiny_ddpm_params
 
