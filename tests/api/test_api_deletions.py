@@ -1,11 +1,12 @@
-"""Deleting jobs, outputs, model versions and data sets through `/v1` (api/deletions.py): what
-goes (rows and files, counted before and after), what is refused (409 while in use, 403 for a
-built-in, 404 for another tenant's), and the audit entries and counters each leaves."""
+"""Deleting jobs, outputs, model versions and data sets through `/v1` (api/deletions.py), the
+Python client and on object storage: what goes (rows and files, counted before and after), what
+is refused (409 while in use, 403 for a built-in, 404 for another tenant's), and the audit
+entries and counters each leaves. The dashboard's delete buttons are
+tests/api/dashboard/test_dashboard_deletions.py's."""
 
 from __future__ import annotations
 
 import io
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,37 +16,14 @@ import sqlalchemy as sa
 from flask.testing import FlaskClient
 
 from core.artifacts import ArtifactStore
-from core.catalog import register_model
 from core.db import Database
 from core.deletion import read_counters
 from core.settings import Settings
 from core.states import JobState
-from core.tables import Artifact, AuditEntry, Dataset, Job, JobEvent, Model
-from tests.support.api import (
-    Keys,
-    assert_problem,
-    bearer,
-    count_rows,
-    echo,
-    run_job,
-    submit,
-)
-
-
-def files_under(root: Path) -> list[Path]:
-    return sorted(p for p in root.rglob("*") if p.is_file()) if root.exists() else []
-
-
-def audit(database: Database, action: str) -> list[AuditEntry]:
-    with database.read() as session:
-        stmt = sa.select(AuditEntry).where(AuditEntry.action == action).order_by(AuditEntry.id)
-        return list(session.scalars(stmt))
-
-
-def finished_job(client: FlaskClient, database: Database, settings: Settings, key: str) -> str:
-    job_id = str(submit(client, key, echo(message="hi")).get_json()["id"])
-    run_job(database, settings, job_id, outputs={"a.txt": b"aaaa", "b.txt": b"bb"})
-    return job_id
+from core.tables import Artifact, Dataset, Job, JobEvent, Model
+from tests.support.api import Keys, assert_problem, bearer, count_rows, echo, submit
+from tests.support.dashboard import audit
+from tests.support.deletions import files_under, finished_job, trained_model
 
 
 def test_a_finished_job_is_deleted_with_its_events_and_outputs(
@@ -121,29 +99,6 @@ def test_an_output_of_a_running_job_is_not_deleted(
     (output, _) = client.get(f"/v1/jobs/{job_id}", headers=bearer(keys.acme)).get_json()["outputs"]
     assert_problem(client.delete(f"/v1/artifacts/{output['id']}", headers=bearer(keys.acme)), 409)
     assert count_rows(database, Artifact) == 2
-
-
-def trained_model(
-    database: Database, settings: Settings, tenant_id: str, name: str, **lineage: Any
-) -> Model:
-    """A version as a training job leaves it: weights under models/<job> in the store."""
-    store = ArtifactStore(settings.artifacts)
-    job_id = f"00000000-0000-4000-8000-{abs(hash((name, str(lineage)))) % 10**12:012d}"
-    folder = store.model_dir(job_id)
-    store.put_bytes(f"{folder}/model.safetensors", b"w" * 100)
-    store.put_bytes(f"{folder}/genq.json", b"{}")
-    with database.transaction() as session:
-        model = register_model(
-            session,
-            tenant_id=tenant_id,
-            name=name,
-            family="charlm",
-            path=folder,
-            job_id=job_id,
-            **lineage,
-        )
-        session.expunge(model)
-    return model
 
 
 def test_a_model_version_in_use_or_with_children_is_refused_until_asked(
@@ -275,89 +230,6 @@ def test_a_read_only_key_deletes_nothing(
         client.get(f"/v1/jobs/{job_id}", headers=bearer(raw)).get_json()["state"]
         == JobState.SUCCEEDED
     )
-
-
-# -- the dashboard's buttons --------------------------------------------------------------------
-
-
-def test_the_dashboard_deletes_a_job_a_model_and_a_data_set(
-    client: FlaskClient, keys: Keys, database: Database, settings: Settings
-) -> None:
-    from tests.support.dashboard import login
-
-    job_id = finished_job(client, database, settings, keys.acme)
-    model = trained_model(database, settings, keys.acme_tenant, "poet")
-    child = trained_model(database, settings, keys.acme_tenant, "poet", parent_id=model.id)
-    form = {"name": "poems", "kind": "text", "file": (io.BytesIO(b"a poem\n"), "p.txt")}
-    upload = client.post(
-        "/v1/datasets", data=form, headers=bearer(keys.acme), content_type="multipart/form-data"
-    )
-    dataset_id = upload.get_json()["id"]
-    token = login(client, keys.admin)
-
-    page = client.get(f"/admin/jobs/{job_id}").get_data(as_text=True)
-    assert f"/admin/jobs/{job_id}/delete" in page and "data-confirm=" in page
-    # Without the CSRF token nothing happens.
-    assert client.post(f"/admin/jobs/{job_id}/delete").status_code in (400, 403)
-    assert count_rows(database, Job) == 1
-    done = client.post(f"/admin/jobs/{job_id}/delete", data={"csrf_token": token})
-    assert done.status_code == 302 and count_rows(database, Job) == 0
-    assert files_under(settings.artifacts / "outputs" / keys.acme_tenant / job_id) == []
-
-    models = client.get("/admin/models").get_data(as_text=True)
-    assert 'data-delete-model="poet:1"' in models and "despite 1 fine-tuned" in models
-    assert 'data-delete-model="echo:1"' not in models  # built in
-    refused = client.post(f"/admin/models/{model.id}/delete", data={"csrf_token": token})
-    assert refused.status_code == 409 and "force" in refused.get_data(as_text=True)
-    forced = client.post(
-        f"/admin/models/{model.id}/delete", data={"csrf_token": token, "force": "on"}
-    )
-    assert forced.status_code == 302
-    with database.read() as session:
-        assert session.get(Model, model.id) is None
-        assert session.get_one(Model, child.id).parent_id is None
-
-    datasets = client.get("/admin/datasets").get_data(as_text=True)
-    assert 'data-delete-dataset="poems"' in datasets
-    assert 'data-delete-dataset="digits"' not in datasets
-    gone = client.post(f"/admin/datasets/{dataset_id}/delete", data={"csrf_token": token})
-    assert gone.status_code == 302
-    assert files_under(settings.artifacts / "datasets" / dataset_id) == []
-    for action in ("job.delete", "model.delete", "dataset.delete"):
-        (entry,) = audit(database, action)
-        assert entry.detail["via"] == "dashboard"
-
-
-def test_the_tenants_page_shows_disk_use_and_keeps_retention_across_a_save(
-    client: FlaskClient, keys: Keys, database: Database, settings: Settings
-) -> None:
-    from tests.support.dashboard import login
-
-    finished_job(client, database, settings, keys.acme)
-    token = login(client, keys.admin)
-    page = client.get("/admin/tenants").get_data(as_text=True)
-    assert re.search(r'data-disk="acme">Disk: 6 Bytes outputs', page), page
-    form = {
-        "csrf_token": token,
-        "weight": "2",
-        "budget_period_s": "86400",
-        "over_quota": "reject",
-        "preemptible": "yes",
-        "may_opt_out": "no",
-        "retain_outputs_days": "14",
-        "retain_events_days": "0",
-        "retain_jobs_days": "",
-    }
-    saved = client.post(f"/admin/tenants/{keys.acme_tenant}/quotas", data=form)
-    assert saved.status_code == 302, saved.get_data(as_text=True)
-    tenant = client.get("/v1/tenants/acme", headers=bearer(keys.admin)).get_json()
-    assert tenant["retention"]["own"] == {"outputs_days": 14, "events_days": 0, "jobs_days": None}
-    page = client.get("/admin/tenants").get_data(as_text=True)
-    assert 'name="retain_outputs_days" size="4" value="14"' in page
-    bad = client.post(
-        f"/admin/tenants/{keys.acme_tenant}/quotas", data={**form, "retain_jobs_days": "x"}
-    )
-    assert bad.status_code == 422 and "retain_jobs_days" in bad.get_data(as_text=True)
 
 
 # -- the Python client ---------------------------------------------------------------------------
