@@ -43,18 +43,13 @@ def _load_hook(name: str) -> ModuleType:
 
 
 @pytest.fixture(scope="module")
-def settings_reference() -> ModuleType:
-    return _load_hook("settings_reference")
+def hooks() -> ModuleType:
+    return _load_hook("genq_docs")
 
 
 @pytest.fixture(scope="module")
-def api_reference() -> ModuleType:
-    return _load_hook("api_reference")
-
-
-@pytest.fixture(scope="module")
-def site_markdown() -> ModuleType:
-    return _load_hook("site_markdown")
+def reference_pages() -> ModuleType:
+    return _load_hook("reference_pages")
 
 
 @pytest.fixture(scope="module")
@@ -134,17 +129,17 @@ def test_a_broken_link_fails_the_strict_build(tmp_path: Path) -> None:
     assert "missing.md" in build.stderr and "nowhere" in build.stderr
 
 
-def test_the_settings_page_lists_every_setting(settings_reference: ModuleType, site: Path) -> None:
-    table = settings_reference.settings_table()
+def test_the_settings_page_lists_every_setting(reference_pages: ModuleType, site: Path) -> None:
+    table = reference_pages.settings_table()
     page = _text(site / "settings" / "index.html")
     for name in Settings.model_fields:
         variable = f"GENQ_{name.upper()}"
         assert f"`{variable}`" in table, variable
         assert variable in page, variable
-    rows = [r for g in settings_reference.settings_rows() for r in g["names"]]
+    rows = [r for g in reference_pages.settings_rows() for r in g["names"]]
     assert rows == list(Settings.model_fields)
     # A few rows read back against the class: default, bounds and the comment above the field.
-    groups = {n: g for g in settings_reference.settings_rows() for n in g["names"]}
+    groups = {n: g for g in reference_pages.settings_rows() for n in g["names"]}
     port = groups["port"]
     assert port["defaults"][port["names"].index("port")] == "`8000`"
     assert port["bounds"][port["names"].index("port")] == "≥ 1, ≤ 65,535"
@@ -156,7 +151,7 @@ def test_the_settings_page_lists_every_setting(settings_reference: ModuleType, s
     )
 
 
-def test_a_setting_without_a_description_stops_the_page(settings_reference: ModuleType) -> None:
+def test_a_setting_without_a_description_stops_the_page(reference_pages: ModuleType) -> None:
     from pydantic_settings import BaseSettings
 
     class Undocumented(BaseSettings):
@@ -165,15 +160,13 @@ def test_a_setting_without_a_description_stops_the_page(settings_reference: Modu
 
         silent: int = 2
 
-    assert settings_reference.field_comments(Undocumented) == {
-        "described": "The first is described."
-    }
+    assert reference_pages.field_comments(Undocumented) == {"described": "The first is described."}
     with pytest.raises(ValueError, match="Undocumented.silent has no description"):
-        settings_reference.settings_rows(Undocumented)
+        reference_pages.settings_rows(Undocumented)
 
 
 def test_the_api_reference_has_every_operation_and_schema(
-    api_reference: ModuleType, site: Path
+    reference_pages: ModuleType, site: Path
 ) -> None:
     # The document the build fetched from the app, published beside the pages.
     doc = json.loads((site / "reference" / "openapi.json").read_text())
@@ -183,30 +176,27 @@ def test_the_api_reference_has_every_operation_and_schema(
     schemas = (site / "reference" / "schemas" / "index.html").read_text()
     for path, item in doc["paths"].items():
         for method, op in item.items():
-            if method in api_reference.METHODS:
+            if method in reference_pages.METHODS:
                 assert f'id="{op["operationId"]}"' in html
                 assert path in operations, path
     for name in doc["components"]["schemas"]:
-        assert f'id="{api_reference.anchor(name)}"' in schemas, name
+        assert f'id="{reference_pages.anchor(name)}"' in schemas, name
 
 
-def test_links_are_pointed_at_the_site(site_markdown: ModuleType) -> None:
+def test_links_are_pointed_at_the_site(hooks: ModuleType) -> None:
     readme = (
         "[a](docs/api.md#rate-limits) [b](bench/README.md) [c](compose.yaml) [d](https://x.org)"
     )
-    assert site_markdown.site_links(readme, "README.md") == (
+    assert hooks.site_links(readme, "README.md") == (
         "[a](api.md#rate-limits) [b](benchmarks.md) c [d](https://x.org)"
     )
     page = "[a](../bench/README.md#soak) [b](../README.md) ![p](../bench/results/q.png)"
-    assert site_markdown.site_links(page, "docs/reliability.md") == (
+    assert hooks.site_links(page, "docs/reliability.md") == (
         "[a](benchmarks.md#soak) [b](index.md) ![p](bench-results/q.png)"
     )
-    assert (
-        site_markdown.site_links("[r](results/q.png)", "bench/README.md")
-        == "[r](bench-results/q.png)"
-    )
+    assert hooks.site_links("[r](results/q.png)", "bench/README.md") == "[r](bench-results/q.png)"
     fenced = "```\n[x](docs/api.md)\n```\n"
-    assert site_markdown.site_links(fenced, "README.md") == fenced
+    assert hooks.site_links(fenced, "README.md") == fenced
 
 
 def test_the_readme_is_a_short_front_door_whose_links_resolve() -> None:

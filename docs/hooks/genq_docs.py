@@ -9,23 +9,71 @@
 - The HTTP API reference (`reference/index.md`, `reference/schemas.md`) is rendered from the
   `/v1/openapi.json` the app serves, fetched offline with a Flask test client.
 
-The links are site_markdown.py's, the settings table settings_reference.py's and the API
-reference api_reference.py's; MkDocs puts this folder on the import path while it loads the hook.
-tests/test_docs.py builds the site in strict mode and checks the settings table.
+The settings table and the API reference are rendered by reference_pages.py (MkDocs puts this
+folder on the import path while it loads the hook); this module rewrites links and hooks the
+pages into the build. tests/test_docs.py builds the site in strict mode and checks the settings
+table.
 """
 
 from __future__ import annotations
 
 import json
+import posixpath
+import re
 from pathlib import Path
 from typing import Any
 
-from api_reference import openapi_document, openapi_pages
-from settings_reference import settings_table
-from site_markdown import BENCH_PICTURES, SITE_PICTURES, site_links
+from reference_pages import openapi_document, openapi_pages, settings_table
 
 ROOT = Path(__file__).resolve().parents[2]
 SETTINGS_MARKER = "<!-- settings-table -->"
+# Repository files outside docs/ that have a page of their own on the site.
+SITE_PAGES = {"README.md": "index.md", "bench/README.md": "benchmarks.md"}
+# Pictures the benchmarks page shows, copied into the site under this folder.
+BENCH_PICTURES = "bench/results"
+SITE_PICTURES = "bench-results"
+_LINK = re.compile(r"(!?)\[([^\]\n]+)\]\(([^)\s]+)\)")
+
+
+# --- links -----------------------------------------------------------------------------------
+
+
+def site_links(markdown: str, source: str) -> str:
+    """`markdown`, read from the repository file `source`, with every relative link pointed at
+    its page on the site: docs/x.md becomes x.md, README.md the front page, bench/README.md the
+    benchmarks page; a link to any other file becomes its bare text (the site has no copy)."""
+    here = posixpath.dirname(source)
+
+    def rewrite(match: re.Match[str]) -> str:
+        bang, text, target = match.groups()
+        if re.match(r"^[a-z]+:", target) or target.startswith("#"):
+            return match.group(0)
+        path, _, anchor = target.partition("#")
+        repo_path = posixpath.normpath(posixpath.join(here, path))
+        if repo_path in SITE_PAGES:
+            page = SITE_PAGES[repo_path]
+        elif posixpath.dirname(repo_path) == BENCH_PICTURES and repo_path.endswith(".png"):
+            page = f"{SITE_PICTURES}/{posixpath.basename(repo_path)}"
+        elif repo_path.startswith("docs/") and repo_path.endswith(".md"):
+            page = repo_path.removeprefix("docs/")
+        else:
+            return text
+        # Relative to the page that holds the link (index.md and benchmarks.md sit at the top).
+        page_dir = posixpath.dirname(_page_of(source))
+        link = posixpath.relpath(page, page_dir or ".")
+        return f"{bang}[{text}]({link}{'#' + anchor if anchor else ''})"
+
+    return _outside_code(markdown, lambda text: _LINK.sub(rewrite, text))
+
+
+def _page_of(source: str) -> str:
+    return SITE_PAGES.get(source) or source.removeprefix("docs/")
+
+
+def _outside_code(markdown: str, change: Any) -> str:
+    """Apply `change` to the text outside fenced code blocks."""
+    parts = re.split(r"(^```.*?^```[^\n]*$)", markdown, flags=re.S | re.M)
+    return "".join(part if i % 2 else change(part) for i, part in enumerate(parts))
 
 
 # --- MkDocs events ---------------------------------------------------------------------------
