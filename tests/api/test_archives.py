@@ -200,21 +200,24 @@ def api_process(tmp_path: Path, redis_db_url: str) -> Iterator[dict[str, Any]]:
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
-    while True:
-        try:
-            if requests.get(url + "/v1/health", timeout=5).status_code in (200, 503):
-                break
-        except requests.ConnectionError:
-            pass
-        assert process.poll() is None, (tmp_path / "api.log").read_text()
-        assert time.monotonic() < deadline, "the API did not start"
-        time.sleep(0.2)
-    workers = descendants(process.pid)
-    assert len(workers) == 1, workers
-    yield {"url": url, "key": key, "worker": workers.pop(), "var": tmp_path / "var"}
-    os.killpg(process.pid, 15)
-    process.wait(30)
-    log.close()
+    try:
+        while True:
+            try:
+                if requests.get(url + "/v1/health", timeout=5).status_code in (200, 503):
+                    break
+            # Not listening yet, or (on a loaded machine) too slow to answer the first probe.
+            except (requests.ConnectionError, requests.Timeout):
+                pass
+            assert process.poll() is None, (tmp_path / "api.log").read_text()
+            assert time.monotonic() < deadline, "the API did not start"
+            time.sleep(0.2)
+        workers = descendants(process.pid)
+        assert len(workers) == 1, workers
+        yield {"url": url, "key": key, "worker": workers.pop(), "var": tmp_path / "var"}
+    finally:
+        os.killpg(process.pid, 15)
+        process.wait(30)
+        log.close()
 
 
 @pytest.mark.stack

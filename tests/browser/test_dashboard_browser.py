@@ -93,7 +93,7 @@ def test_a_running_jobs_progress_bar_moves_without_a_reload(page: Any, stack: St
     assert state_badge(page) == "running"
     shot(page, "job-progress")
     # When it ends the page reloads itself with the output.
-    wait_js(page, "document.querySelector('h1 [data-state]').textContent == 'succeeded'")
+    wait_js(page, "document.querySelector('h1 [data-state]')?.textContent == 'succeeded'")
     page.wait_for_selector("[data-output='output.txt']")
     page.goto(f"{stack.url}/admin/jobs?model=echo")
     assert job["id"] in page.content()
@@ -164,7 +164,7 @@ def test_a_jobs_timeline_attempt_logs_and_outputs_update_in_place(
         # The ended job's page reloads once (for its final actions and metrics), and stops polling.
         with page.expect_event("load"), database.transaction() as session:
             finish_job(session, lease, JobState.SUCCEEDED)
-        wait_js(page, "document.querySelector('h1 [data-state]').textContent == 'succeeded'")
+        wait_js(page, "document.querySelector('h1 [data-state]')?.textContent == 'succeeded'")
         assert page.evaluate("window.__sameDocument") is None
         assert page.locator("[data-output='notes.txt']").count() == 1
     finally:
@@ -312,7 +312,7 @@ def test_cancel_a_running_job(page: Any, stack: StackProcess) -> None:
     assert state_badge(page) == "running"
     page.click("#cancel")
     wait_js(
-        page, "document.querySelector('h1 [data-state]').textContent == 'canceled'", timeout=30_000
+        page, "document.querySelector('h1 [data-state]')?.textContent == 'canceled'", timeout=30_000
     )
     assert stack.wait(job["id"], timeout_s=10)["state"] == "canceled"
     assert "job.cancel" in page.inner_text("main")  # the audit row, with who did it
@@ -361,7 +361,7 @@ def test_train_with_live_logs_then_open_an_image_output_full_size(
     assert page.inner_text("h1 [data-state]") == "running"
     trained = stack.wait(job["id"])
     assert trained["state"] == "succeeded", trained
-    wait_js(page, "document.querySelector('h1 [data-state]').textContent == 'succeeded'")
+    wait_js(page, "document.querySelector('h1 [data-state]')?.textContent == 'succeeded'")
     assert "saved the model" in page.inner_text("[data-logs]")
     assert page.locator("figure.wide svg polyline").count() >= 1  # the loss curve
     shot(page, "train-job")

@@ -87,7 +87,7 @@ def prometheus(stack: StackProcess, tmp_path_factory: pytest.TempPathFactory) ->
             try:
                 if requests.get(f"{url}/-/ready", timeout=2).status_code == 200:
                     break
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # not up, or slow to answer
                 pass
             if process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(Path(base / "prometheus.log").read_text()[-3000:])
