@@ -232,6 +232,9 @@ _FENCE = _LOCKED_JOB.options(
 _OUTPUT_NAMED = select(Artifact).where(
     Artifact.job_id == bindparam("job_id"), Artifact.name == bindparam("name")
 )
+_OUTPUT_ID_NAMED = select(Artifact.id).where(
+    Artifact.job_id == bindparam("job_id"), Artifact.name == bindparam("name")
+)
 
 
 def get_job(session: Session, job_id: str, *, lock: bool = False) -> Job:
@@ -400,11 +403,15 @@ def record_output(session: Session, lease: Lease, output: Output, stored: Stored
     # Outputs recorded here are INSERTed at once (below), so the lookup finds them without a
     # flush; only an Artifact some other code added to the session must be flushed first.
     # Other pending changes (the placement, progress) are left for the finish's flush.
+    named = {"job_id": job.id, "name": output.name}
     if any(isinstance(pending, Artifact) for pending in session.new):
-        existing = session.scalar(_OUTPUT_NAMED, {"job_id": job.id, "name": output.name})
+        existing = session.scalar(_OUTPUT_NAMED, named)
     else:
+        # Usually there is none: a plain read of its id, not an ORM query and its row
+        # processing, then the object only when one exists (an earlier attempt's).
+        found = session.connection().execute(_OUTPUT_ID_NAMED, named).scalar()
         with session.no_autoflush:
-            existing = session.scalar(_OUTPUT_NAMED, {"job_id": job.id, "name": output.name})
+            existing = None if found is None else session.get(Artifact, found)
     if existing is not None:
         return existing
     values = {
