@@ -5,8 +5,26 @@ processes from fighting each other for the CPU (docs/tests.md)."""
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from typing import Any
+
+
+@contextlib.contextmanager
+def one_thread_workers() -> Iterator[None]:
+    """OMP_NUM_THREADS=1 in this process's environment while Ray's daemons start in the block:
+    each raylet passes it to every worker it starts. Not a job `runtime_env`: the workers a
+    raylet starts ahead of the first driver (one per core) carry no runtime env, so a job
+    with one could never use them; they sat idle and new workers were started beside them."""
+    before = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["OMP_NUM_THREADS"]
+        else:
+            os.environ["OMP_NUM_THREADS"] = before
 
 
 @contextlib.contextmanager
@@ -18,16 +36,16 @@ def local_ray(
     finds)."""
     import ray  # here: tests/workers/conftest.py imports this where Ray may be missing
 
-    ray.init(
-        address="local",
-        num_cpus=num_cpus,
-        num_gpus=num_gpus,
-        resources=resources,
-        include_dashboard=False,
-        namespace="genq",
-        log_to_driver=False,
-        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
-    )
+    with one_thread_workers():
+        ray.init(
+            address="local",
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            resources=resources,
+            include_dashboard=False,
+            namespace="genq",
+            log_to_driver=False,
+        )
     try:
         yield
     finally:

@@ -38,6 +38,7 @@ from core.tables import Job, Model  # noqa: E402
 from scheduler.enqueue import Publisher  # noqa: E402
 from scheduler.runner import Runner  # noqa: E402
 from scheduler.scaling import Scaler  # noqa: E402
+from tests.support.ray_cluster import one_thread_workers  # noqa: E402
 from workers.pool import get_pool  # noqa: E402
 
 # The module starts a real Ray of its own: real processes, marker `stack`.
@@ -51,19 +52,15 @@ LOOK_S = 0.1
 def cluster() -> Iterator[Any]:
     from ray.cluster_utils import Cluster
 
-    nodes = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 0, "num_gpus": 0, "include_dashboard": False},
-    )
-    for _ in range(NODES):  # each its own raylet: a node with one (declared) GPU
-        nodes.add_node(num_cpus=4, num_gpus=1, resources={"gpu_memory_gb": 8})
+    with one_thread_workers():
+        nodes = Cluster(
+            initialize_head=True,
+            head_node_args={"num_cpus": 0, "num_gpus": 0, "include_dashboard": False},
+        )
+        for _ in range(NODES):  # each its own raylet: a node with one (declared) GPU
+            nodes.add_node(num_cpus=4, num_gpus=1, resources={"gpu_memory_gb": 8})
     nodes.wait_for_nodes()
-    ray.init(
-        address=nodes.address,
-        namespace="genq",
-        log_to_driver=False,
-        runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}},
-    )
+    ray.init(address=nodes.address, namespace="genq", log_to_driver=False)
     yield nodes
     ray.shutdown()
     nodes.shutdown()
