@@ -210,6 +210,31 @@ def test_one_transaction_records_a_name_once(db, tmp_path: Path) -> None:  # typ
         assert session.scalar(select(func.count()).select_from(Artifact)) == 1
 
 
+def test_the_finish_keeps_the_columns_its_fenced_read_left_out(db) -> None:  # type: ignore[no-untyped-def]
+    """The fence reads a few of the job row's columns: the finish still merges the metrics
+    already stored, a column it did not read is loaded when used in the same transaction, and
+    the columns it does not write keep their values."""
+    job_id = _new(db, params={"message": "kept"}, priority=3)
+    with db.transaction() as session:
+        lease = claim_job(session, job_id, lease_ttl_s=30)
+        session.execute(update(Job).where(Job.id == job_id).values(metrics={"earlier": 1}))
+    assert lease is not None
+    with db.transaction() as session:
+        record_placement(session, lease, {"node": "n1"})
+        job = session.get(Job, job_id)  # the fence's copy of the row
+        assert job is not None and job.params == {"message": "kept"}
+        assert finish_job(session, lease, JobState.SUCCEEDED, metrics={"load_s": 0.5}) == (
+            JobState.SUCCEEDED
+        )
+    with db.read() as session:
+        job = get_job(session, job_id)
+        assert job.state == JobState.SUCCEEDED and job.lease_token is None
+        assert job.metrics == {"earlier": 1, "load_s": 0.5}
+        assert job.params == {"message": "kept"} and job.priority == 3
+        assert job.placement == {"node": "n1"} and job.attempt == 1
+        assert job.started_at is not None and job.finished_at is not None
+
+
 def test_finishing_with_an_output_updates_the_job_row_once(db, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """The runner's finish (placement, output, state and usage in one transaction) writes the
     job row with one UPDATE: the lookups in it do not flush the pending changes first."""
