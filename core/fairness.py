@@ -41,7 +41,19 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Integer, String, bindparam, column, func, or_, select, text, tuple_, update
+from sqlalchemy import (
+    Float,
+    Integer,
+    String,
+    bindparam,
+    column,
+    func,
+    or_,
+    select,
+    text,
+    tuple_,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -49,7 +61,7 @@ from core.jobs import Lease, claim_job
 from core.quotas import TenantLimits, blocked_tenants, load_limits
 from core.states import JobState
 from core.tables import FairShare, Job, UTCDateTime, utcnow
-from core.usage import policy_of, usage_of
+from core.usage import half_life_of, policy_of, usage_from, usage_of
 
 # lcm(1..16): strides are exact for weights 1-16 (and integral, so consistent, for 17-100).
 STRIDE_UNIT = 720720
@@ -163,8 +175,10 @@ HEADS_SQL = text(
 )
 
 
-# The same, with when each tenant's first job in line (best priority, then oldest) was
-# created, the usage policy's tie-break: one more probe of the claim index per tenant.
+# The same, for the usage policy, with when each tenant's first job in line (best priority,
+# then oldest) was created, its tie-break (one more probe of the claim index per tenant), and
+# each tenant's limits and usage row: one statement where three were (`load_limits`,
+# `usage_of`), for every claim.
 HEADS_AGED_SQL = text(
     """
     WITH RECURSIVE tenants(tenant_id) AS (
@@ -183,33 +197,67 @@ HEADS_AGED_SQL = text(
         )
         FROM tenants WHERE tenant_id IS NOT NULL
     )
-    SELECT tenant_id, priority, (
+    SELECT heads.tenant_id, heads.priority, (
         SELECT min(created_at) FROM job
         WHERE state = :state AND queue = :queue AND tenant_id = heads.tenant_id
             AND priority = heads.priority
-    ) AS oldest_at
+    ) AS oldest_at,
+    tenant.weight, tenant.max_running, tenant.max_queued, tenant.gpu_seconds_budget,
+    tenant.budget_period_s, tenant.over_quota,
+    tenant_usage.gpu_seconds, tenant_usage.attempts, tenant_usage.as_of,
+    tenant_usage.running_attempts, tenant_usage.running_rate, tenant_usage.running_rate_start
     FROM heads
+    LEFT JOIN tenant ON tenant.id = heads.tenant_id
+    LEFT JOIN tenant_usage ON tenant_usage.tenant_id = heads.tenant_id
     """
 ).columns(
-    column("tenant_id", String), column("priority", Integer), column("oldest_at", UTCDateTime())
+    column("tenant_id", String),
+    column("priority", Integer),
+    column("oldest_at", UTCDateTime()),
+    column("weight", Integer),
+    column("max_running", Integer),
+    column("max_queued", Integer),
+    column("gpu_seconds_budget", Float),
+    column("budget_period_s", Integer),
+    column("over_quota", String),
+    column("gpu_seconds", Float),
+    column("attempts", Float),
+    column("as_of", UTCDateTime()),
+    column("running_attempts", Integer),
+    column("running_rate", Float),
+    column("running_rate_start", Float),
 )
 
 
 def _usage_heads(
-    session: Session, rows: Sequence[Any], limits: dict[str, TenantLimits], now: datetime
-) -> list[Head]:
-    """Heads in the usage policy's order: priority, usage / weight, then the oldest job."""
-    usage = usage_of(session, [r[0] for r in rows], now)
+    session: Session, rows: Sequence[Any], now: datetime
+) -> tuple[list[Head], dict[str, TenantLimits]]:
+    """Heads in the usage policy's order: priority, usage / weight, then the oldest job; and
+    the tenants' limits (rows of HEADS_AGED_SQL)."""
+    half_life_s = half_life_of(session)
     heads = []
-    for tenant_id, priority, oldest_at in rows:
-        weight = limits[tenant_id].weight if tenant_id in limits else 1
-        u = usage[tenant_id]
+    limits = {}
+    for row in rows:
+        tenant_id = row.tenant_id
+        weight = 1
+        if row.weight is not None:  # (a tenant row exists: the job's foreign key says so)
+            limits[tenant_id] = lim = TenantLimits(
+                tenant_id,
+                row.weight,
+                row.max_running,
+                row.max_queued,
+                row.gpu_seconds_budget,
+                row.budget_period_s,
+                row.over_quota,
+            )
+            weight = lim.weight
+        u = usage_from(tenant_id, row, now, half_life_s)
         cost = u.mean_attempt_gpu_seconds or 1.0
         heads.append(
-            Head(tenant_id, int(priority), u.gpu_seconds / weight, cost / weight, oldest_at)
+            Head(tenant_id, int(row.priority), u.gpu_seconds / weight, cost / weight, row.oldest_at)
         )
     heads.sort(key=lambda h: (-h.priority, h.start, h.oldest_at or now, h.tenant_id))
-    return heads
+    return heads, limits
 
 
 def _heads(
@@ -223,9 +271,9 @@ def _heads(
     rows = session.connection().execute(HEADS_AGED_SQL if is_usage else HEADS_SQL, params).all()
     if not rows:
         return [], {}
-    limits = load_limits(session, [r[0] for r in rows])
     if is_usage:
-        return _usage_heads(session, rows, limits, now), limits
+        return _usage_heads(session, rows, now)
+    limits = load_limits(session, [r[0] for r in rows])
     passes = _passes(session, queue, [r[0] for r in rows])
     heads = []
     for tenant_id, priority in rows:

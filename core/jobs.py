@@ -12,15 +12,18 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import Table, bindparam, insert, inspect, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, load_only, make_transient_to_detached
+from sqlalchemy.orm import Session, make_transient, make_transient_to_detached
+from sqlalchemy.orm.util import identity_key
 
 from core.artifacts import StoredFile
 from core.errors import IllegalTransitionError, InvalidInputError, LeaseLostError, NotFoundError
@@ -178,18 +181,64 @@ def create_job(session: Session, new: NewJob) -> tuple[Job, bool]:
 
 
 # Statements that run for every job, built once (building one costs SQLAlchemy more than
-# running it). Bound parameter names differ from column names, as UPDATE requires.
+# running it), as Core statements on the job table: the ORM's handling of a statement (its
+# cache key rebuilt per execution, its row processing) cost the claim and the finish more
+# than the statements did. Bound parameter names differ from column names, as UPDATE requires.
+_JOB_TABLE = cast(Table, Job.__table__)
+# The columns that the writes of a running attempt read (progress, events, placement, outputs,
+# the finish, a heartbeat, a release): what the fence reads. A job row has 50 columns, and
+# reading each (and psycopg's column description of each) cost the finishing transaction
+# more than its statements; any other column is loaded on first use, in the same
+# transaction (the row is already locked).
+_FENCE_COLUMNS = (
+    "id",
+    "tenant_id",
+    "kind",
+    "state",
+    "attempt",
+    "max_attempts",
+    "lease_token",
+    "metrics",
+    "webhook",
+    "webhook_events",
+    "num_gpus",
+    "started_at",
+    "waiting_since",
+)
+# What the claim returns of the row it takes: the fence's columns, what it wrote, and what the
+# runner's snapshot of the job reads (scheduler/attempt.py).
+_CLAIMED_COLUMNS = (
+    *_FENCE_COLUMNS,
+    "queue",
+    "family",
+    "priority",
+    "params",
+    "target_name",
+    "model_id",
+    "dataset_id",
+    "timeout_s",
+    "gpu_memory_gb",
+    "request_id",
+    "lease_expires_at",
+    "updated_at",
+    "error_type",
+    "error_detail",
+    "waiting_for",
+)
 _CLAIM = (
-    update(Job)
+    update(_JOB_TABLE)
     .where(
-        Job.id == bindparam("job_id"),
-        Job.state == JobState.QUEUED,
-        Job.attempt < Job.max_attempts,
-        or_(Job.deadline.is_(None), Job.deadline > bindparam("now", type_=UTCDateTime())),
+        _JOB_TABLE.c.id == bindparam("job_id"),
+        _JOB_TABLE.c.state == JobState.QUEUED,
+        _JOB_TABLE.c.attempt < _JOB_TABLE.c.max_attempts,
+        or_(
+            _JOB_TABLE.c.deadline.is_(None),
+            _JOB_TABLE.c.deadline > bindparam("now", type_=UTCDateTime()),
+        ),
     )
     .values(
         state=JobState.RUNNING,
-        attempt=Job.attempt + 1,
+        attempt=_JOB_TABLE.c.attempt + 1,
         lease_token=bindparam("token"),
         lease_expires_at=bindparam("expires_at", type_=UTCDateTime()),
         started_at=bindparam("now", type_=UTCDateTime()),
@@ -199,39 +248,28 @@ _CLAIM = (
         waiting_for=None,
         waiting_since=bindparam("now", type_=UTCDateTime()),  # not placed yet
     )
-    # The claimed row comes back from the UPDATE itself (a copy the session held is
-    # refreshed): no second read.
-    .returning(Job)
-    .execution_options(synchronize_session=False, populate_existing=True)
+    # The claimed row comes back from the UPDATE itself: no second read.
+    .returning(*(_JOB_TABLE.c[name] for name in _CLAIMED_COLUMNS))
+)
+_FENCE = (
+    select(*(_JOB_TABLE.c[name] for name in _FENCE_COLUMNS))
+    .where(_JOB_TABLE.c.id == bindparam("job_id"))
+    .with_for_update()
 )
 _JOB = select(Job).where(Job.id == bindparam("job_id"))
 _INSERT_EVENT = insert(cast(Table, JobEvent.__table__))
-_INSERT_ARTIFACT = insert(cast(Table, Artifact.__table__))
+_ARTIFACT_TABLE = cast(Table, Artifact.__table__)
+# An output's row, unless the job has one of that name already (by dialect: the clause is
+# each one's own).
+_INSERT_OUTPUT = {
+    "postgresql": pg_insert(_ARTIFACT_TABLE).on_conflict_do_nothing(
+        index_elements=["job_id", "name"]
+    ),
+    "sqlite": sqlite_insert(_ARTIFACT_TABLE).on_conflict_do_nothing(
+        index_elements=["job_id", "name"]
+    ),
+}
 _LOCKED_JOB = _JOB.with_for_update()
-# The fence's locking read: only the columns that the writes of a running attempt read
-# (progress, events, placement, outputs, the finish, a heartbeat, a release). A job row has
-# 50 columns, and turning each into an ORM attribute (and psycopg's column description of
-# each) cost the finishing transaction more than its statements; any other column is loaded
-# on first use, in the same transaction (the row is already locked).
-_FENCE = _LOCKED_JOB.options(
-    load_only(
-        Job.tenant_id,
-        Job.kind,
-        Job.state,
-        Job.attempt,
-        Job.max_attempts,
-        Job.lease_token,
-        Job.metrics,
-        Job.webhook,
-        Job.webhook_events,
-        Job.num_gpus,
-        Job.started_at,
-        Job.waiting_since,
-    )
-)
-_OUTPUT_NAMED = select(Artifact).where(
-    Artifact.job_id == bindparam("job_id"), Artifact.name == bindparam("name")
-)
 _OUTPUT_ID_NAMED = select(Artifact.id).where(
     Artifact.job_id == bindparam("job_id"), Artifact.name == bindparam("name")
 )
@@ -252,22 +290,84 @@ def claim_job(
     fails then). `now`: the time of the claim (a simulation's clock; the real one otherwise)."""
     now = now or utcnow()
     token = new_id()
-    job = session.scalars(
-        _CLAIM,
-        {
-            "job_id": job_id,
-            "now": now,
-            "token": token,
-            "expires_at": now + timedelta(seconds=lease_ttl_s),
-        },
-    ).first()
-    if job is None:
+    held = session.identity_map.get(identity_key(Job, job_id))
+    if held is not None:
+        session.flush()  # the copy's changes go first, as the ORM's autoflush would send them
+    params = {
+        "job_id": job_id,
+        "now": now,
+        "token": token,
+        "expires_at": now + timedelta(seconds=lease_ttl_s),
+    }
+    row = session.connection().execute(_CLAIM, params).first()
+    if row is None:
         _fail_past_deadline(session, job_id, now)
         return None
+    if held is None:
+        job = _adopt(session, Job, row._mapping)
+    else:  # a copy the session held is read again when next used
+        session.expire(held)
+        job = held
     _held_leases(session)[token] = job
     start_attempt(session, job)
     _add_event(session, job, "state", {"from": "queued", "to": "running", "attempt": job.attempt})
     return Lease(job_id, token, job.attempt)
+
+
+_T = TypeVar("_T", Job, Artifact)
+
+
+def _adopt(session: Session, entity: type[_T], values: Mapping[Any, Any]) -> _T:
+    """Put a row that a Core statement read or wrote into the session as if the ORM had
+    loaded it (the columns not given load when first used); the session holds no copy of
+    it. The values go into the new object as loaded ones, without the attribute events of
+    its constructor, which cost several times as much."""
+    obj = cast(_T, inspect(entity).class_manager.new_instance())
+    obj.__dict__.update(values)
+    make_transient_to_detached(obj)
+    session.add(obj)
+    return obj
+
+
+# UPDATEs of the job row by the set of columns they write, each built once: `_write_job`
+# sends the changes of a running attempt's last transaction (its own, the placement's, the
+# progress') through one of these. The sets are few (one per path that ends an attempt);
+# past the cap an unusual set is left to the ORM's flush.
+_WRITES: dict[frozenset[str], Any] = {}
+_WRITES_CAP = 64
+
+
+def _write_statement(keys: frozenset[str]) -> Any:
+    statement = _WRITES.get(keys)
+    if statement is None and len(_WRITES) < _WRITES_CAP:
+        statement = (
+            update(_JOB_TABLE)
+            .where(_JOB_TABLE.c.id == bindparam("job_id"))
+            .values(
+                {key: bindparam(f"new_{key}", type_=_JOB_TABLE.c[key].type) for key in sorted(keys)}
+            )
+        )
+        _WRITES[keys] = statement
+    return statement
+
+
+def _write_job(session: Session, job: Job) -> None:
+    """Send the job row's changed columns now, in one UPDATE built once per set of columns,
+    instead of the ORM's flush of the object (its unit of work cost the finishing transaction
+    more than the statement). The session's copy then counts as loaded with these values."""
+    state = inspect(job)
+    keys = frozenset(state.committed_state)
+    if not keys or not state.persistent or not keys <= state.dict.keys():
+        return  # nothing changed, or an unusual case: the flush writes it
+    statement = _write_statement(keys)
+    if statement is None:
+        return
+    values = {f"new_{key}": state.dict[key] for key in keys}
+    session.connection().execute(statement, {"job_id": job.id, **values})
+    # Taken out of the session and put back as loaded: its changes are written.
+    make_transient(job)
+    make_transient_to_detached(job)
+    session.add(job)
 
 
 def _fail_past_deadline(session: Session, job_id: str, now: datetime) -> None:
@@ -310,7 +410,12 @@ def _fenced(session: Session, lease: Lease, *, whole: bool = False) -> Job:
     checked = _held_leases(session)
     job = checked.get(lease.token)
     if job is None:
-        job = session.scalar(_LOCKED_JOB if whole else _FENCE, {"job_id": lease.job_id})
+        if whole or session.identity_map.get(identity_key(Job, lease.job_id)) is not None:
+            # (a copy the session holds keeps its unflushed changes; its other columns load)
+            job = session.scalar(_LOCKED_JOB, {"job_id": lease.job_id})
+        else:
+            row = session.connection().execute(_FENCE, {"job_id": lease.job_id}).first()
+            job = None if row is None else _adopt(session, Job, row._mapping)
     if job is None or job.lease_token != lease.token or job.state not in ACTIVE:
         raise LeaseLostError(f"job {lease.job_id}: lease {lease.token} is no longer held")
     checked[lease.token] = job
@@ -400,20 +505,8 @@ def record_waiting(
 def record_output(session: Session, lease: Lease, output: Output, stored: StoredFile) -> Artifact:
     """Record one output file once: a second record of the same name returns the first."""
     job = _fenced(session, lease)
-    # Outputs recorded here are INSERTed at once (below), so the lookup finds them without a
-    # flush; only an Artifact some other code added to the session must be flushed first.
-    # Other pending changes (the placement, progress) are left for the finish's flush.
-    named = {"job_id": job.id, "name": output.name}
     if any(isinstance(pending, Artifact) for pending in session.new):
-        existing = session.scalar(_OUTPUT_NAMED, named)
-    else:
-        # Usually there is none: a plain read of its id, not an ORM query and its row
-        # processing, then the object only when one exists (an earlier attempt's).
-        found = session.connection().execute(_OUTPUT_ID_NAMED, named).scalar()
-        with session.no_autoflush:
-            existing = None if found is None else session.get(Artifact, found)
-    if existing is not None:
-        return existing
+        session.flush()  # an Artifact some other code added: its row must be there to clash
     values = {
         "id": new_id(),
         "job_id": job.id,
@@ -428,14 +521,20 @@ def record_output(session: Session, lease: Lease, output: Output, stored: Stored
         "created_at": utcnow(),
     }
     # A Core INSERT, sent now, instead of the ORM's flush of a new object (its unit of work
-    # cost the finishing transaction more than the statement); the row is then put in the
-    # session as loaded, so that a lookup of the same name returns this very object. The job
-    # row exists (it was fenced above), and the unique (job_id, name) still refuses a second
-    # row of the name.
-    session.connection().execute(_INSERT_ARTIFACT, values)
-    artifact = Artifact(**values)
-    make_transient_to_detached(artifact)
-    session.add(artifact)
+    # cost the finishing transaction more than the statement). The unique (job_id, name)
+    # decides whether the name is new, in the INSERT itself: usually it is, and no lookup
+    # goes first. (No other transaction can insert one meanwhile: the job row is locked.)
+    conn = session.connection()
+    if not conn.execute(_INSERT_OUTPUT[conn.dialect.name], values).rowcount:
+        # An earlier attempt recorded the name (or this one did): that row is the output.
+        found = conn.execute(_OUTPUT_ID_NAMED, {"job_id": job.id, "name": output.name})
+        with session.no_autoflush:
+            existing = session.get(Artifact, found.scalar_one())
+        assert existing is not None
+        return existing
+    # The row is put in the session as loaded, so that a second record of the name returns
+    # this very object.
+    artifact = _adopt(session, Artifact, values)
     _add_event(
         session,
         job,
@@ -485,6 +584,7 @@ def finish_job(
     # The transaction's writes go out before the tenant's usage row is locked: the claims of
     # the tenant's next jobs wait for that lock, so it is held only for the usage write and
     # the commit. (The job row is not written again after this.)
+    _write_job(session, job)
     session.flush()
     charge_attempt(session, job, now)
     return state

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, cast
 
@@ -251,7 +251,7 @@ def charge_attempt(session: Session, job: Job, ended_at: datetime) -> float:
         if found is not None:
             totals = _Totals(*found)
             cost = _charge(totals, job, ended_at, half_life_s)
-            new = {f"new_{name}": value for name, value in asdict(totals).items()}
+            new = {f"new_{name}": value for name, value in vars(totals).items()}
             conn.execute(_SET_STORED, {"of_tenant": job.tenant_id, **new})
             return cost
     # A copy the session holds (its values may be unflushed), or no row yet (it is created).
@@ -301,19 +301,24 @@ def usage_of(session: Session, tenant_ids: Iterable[str], now: datetime) -> dict
     session.flush()
     rows = session.connection().execute(_STORED, {"tenant_ids": ids})
     stored = {r.tenant_id: r for r in rows}
-    out = {}
-    for tenant_id in ids:
-        row = stored.get(tenant_id)
-        past = running = 0.0
-        mean = None
-        if row is not None:
-            since_s = (now - row.as_of).total_seconds()
-            past = decayed(row.gpu_seconds, since_s, half_life_s)
-            attempts = decayed(row.attempts, since_s, half_life_s)
-            mean = past / attempts if attempts > 1e-9 else None
-            running = running_cost(row, now)
-        out[tenant_id] = Usage(tenant_id, past + running, running, mean)
-    return out
+    return {
+        tenant_id: usage_from(tenant_id, stored.get(tenant_id), now, half_life_s)
+        for tenant_id in ids
+    }
+
+
+def usage_from(tenant_id: str, row: Row[Any] | None, now: datetime, half_life_s: float) -> Usage:
+    """A tenant's usage at `now` from its usage row's columns (`row` has them by name, as
+    `TenantUsage` does; None, or a row whose `as_of` is NULL from an outer join: no usage)."""
+    past = running = 0.0
+    mean = None
+    if row is not None and row.as_of is not None:
+        since_s = (now - row.as_of).total_seconds()
+        past = decayed(row.gpu_seconds, since_s, half_life_s)
+        attempts = decayed(row.attempts, since_s, half_life_s)
+        mean = past / attempts if attempts > 1e-9 else None
+        running = running_cost(row, now)
+    return Usage(tenant_id, past + running, running, mean)
 
 
 def fair_share_report(
