@@ -1,8 +1,9 @@
 """CPU time of the two transactions the Celery worker runs for every `echo` job, in-process:
-the claim (the message's queue, the fair-share claim of `core/fairness.py` and the snapshot of
-`scheduler/attempt.py`, as `Runner.run` makes them) and the finish (placement, output and
-the finish with the tenant's usage, as `scheduler/outcomes.py` writes them), without Celery,
-Ray or HTTP, whose cost would hide theirs on a loaded machine.
+the claim (`scheduler.attempt.claim_for_token`, as `Runner.run` makes it: the fair-share claim
+of `core/fairness.py` and the snapshot; in a checkout without it, the steps it replaced) and
+the finish (placement, output and the finish with the tenant's usage, as
+`scheduler/outcomes.py` writes them), without Celery, Ray or HTTP, whose cost would hide
+theirs on a loaded machine.
 
     .venv/bin/python bench/claim_finish_cost.py [--jobs 300] [--rounds 3] [--database-url URL]
                                                 [--checkout NAME=PATH ...]
@@ -35,6 +36,8 @@ WARM_JOBS = 30
 def child(jobs: int, database_url: str | None) -> dict[str, float]:
     """Time `jobs` claims and finishes with the code of the working folder."""
     sys.path.insert(0, os.getcwd())
+    from sqlalchemy import bindparam, select
+
     import migrations
     from core.artifacts import ArtifactStore
     from core.catalog import ensure_builtins, resolve_model
@@ -45,8 +48,8 @@ def child(jobs: int, database_url: str | None) -> dict[str, float]:
     from core.keys import get_or_create_tenant
     from core.settings import Settings
     from core.states import JobKind, JobState
-    from scheduler.attempt import read_snapshot
-    from scheduler.runner import _QUEUE_OF
+    from core.tables import Job
+    from scheduler import attempt
 
     tmp = Path(tempfile.mkdtemp(prefix="genq-claim-finish-"))
     settings = Settings(var_dir=tmp / "var", database_url=database_url)
@@ -67,16 +70,27 @@ def child(jobs: int, database_url: str | None) -> dict[str, float]:
         model_id=model_id,
     )
 
+    queue_of = select(Job.queue).where(Job.id == bindparam("job_id"))
+
+    def claim(job_id: str) -> Any:
+        """The runner's claim: `claim_for_token` where the checkout has it (the message's
+        queue as its hint), else the steps it replaced, as the runner made them."""
+        if hasattr(attempt, "claim_for_token"):
+            made = attempt.claim_for_token(database, job_id, "generate", lease_ttl_s=60)
+            return made.lease
+        with database.transaction() as session:
+            queue = session.connection().execute(queue_of, {"job_id": job_id}).scalar()
+            limits: dict[str, Any] = {}
+            lease = claim_next(session, queue, lease_ttl_s=60, limits_seen=limits)
+            assert lease is not None
+            attempt.read_snapshot(session, lease.job_id, limits)
+        return lease
+
     def one() -> tuple[float, float]:
         with database.transaction() as session:
             job, _ = create_job(session, new)
         started = time.process_time()
-        with database.transaction() as session:
-            queue = session.scalar(_QUEUE_OF, {"job_id": job.id})
-            limits: dict[str, Any] = {}
-            lease = claim_next(session, queue, lease_ttl_s=60, limits_seen=limits)
-            assert lease is not None
-            read_snapshot(session, lease.job_id, limits)
+        lease = claim(job.id)
         claimed = time.process_time()
         stored = store.write_output(tenant_id, lease.job_id, output.name, output.data, lease.token)
         finishing = time.process_time()

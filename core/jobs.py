@@ -260,14 +260,13 @@ _JOB = select(Job).where(Job.id == bindparam("job_id"))
 _INSERT_EVENT = insert(cast(Table, JobEvent.__table__))
 _ARTIFACT_TABLE = cast(Table, Artifact.__table__)
 # An output's row, unless the job has one of that name already (by dialect: the clause is
-# each one's own).
+# each one's own). Its id comes back when it went in (an INSERT's rowcount is not reliable:
+# psycopg's reads -1).
 _INSERT_OUTPUT = {
-    "postgresql": pg_insert(_ARTIFACT_TABLE).on_conflict_do_nothing(
-        index_elements=["job_id", "name"]
-    ),
-    "sqlite": sqlite_insert(_ARTIFACT_TABLE).on_conflict_do_nothing(
-        index_elements=["job_id", "name"]
-    ),
+    name: insert_of(_ARTIFACT_TABLE)
+    .on_conflict_do_nothing(index_elements=["job_id", "name"])
+    .returning(_ARTIFACT_TABLE.c.id)
+    for name, insert_of in (("postgresql", pg_insert), ("sqlite", sqlite_insert))
 }
 _LOCKED_JOB = _JOB.with_for_update()
 _OUTPUT_ID_NAMED = select(Artifact.id).where(
@@ -525,7 +524,7 @@ def record_output(session: Session, lease: Lease, output: Output, stored: Stored
     # decides whether the name is new, in the INSERT itself: usually it is, and no lookup
     # goes first. (No other transaction can insert one meanwhile: the job row is locked.)
     conn = session.connection()
-    if not conn.execute(_INSERT_OUTPUT[conn.dialect.name], values).rowcount:
+    if conn.execute(_INSERT_OUTPUT[conn.dialect.name], values).first() is None:
         # An earlier attempt recorded the name (or this one did): that row is the output.
         found = conn.execute(_OUTPUT_ID_NAMED, {"job_id": job.id, "name": output.name})
         with session.no_autoflush:

@@ -1,5 +1,5 @@
-"""What one attempt at a job works with: the job as read right after its claim (`JobSnapshot`,
-`read_snapshot`), and the worker's shared parts that the runner, the outcome rules, the token
+"""What one attempt at a job works with: the claim a broker message makes (`claim_for_token`),
+the job as read right after it (`JobSnapshot`, `read_snapshot`), and the worker's shared parts that the runner, the outcome rules, the token
 handling and the event recorder all use (`WorkerParts`, which `Runner` provides).
 
 This is a leaf of the scheduler's runner modules: runner.py, tokens.py, outcomes.py and
@@ -19,13 +19,18 @@ from sqlalchemy.orm import Session
 from core.artifacts import ArtifactStore
 from core.db import Database
 from core.errors import GenqError
+from core.fairness import claim_next
 from core.inputfiles import resolve_input
+from core.jobs import Lease
 from core.quotas import TenantLimits
 from core.settings import Settings
 from core.states import JobKind
 from core.tables import Dataset, Job, Model, Tenant
-from scheduler.enqueue import Publisher
+from scheduler.enqueue import RAY_QUEUES, Publisher
 from workers.registry import get_family
+
+# The queues that hold jobs (a message's queue hint is used only when it names one of them).
+JOB_QUEUES = frozenset(RAY_QUEUES)
 
 
 class WorkerParts(Protocol):
@@ -79,6 +84,62 @@ class JobSnapshot:
 _MODEL_ROW = select(Model.id, Model.path, Model.config, Model.parent_id).where(
     Model.id == bindparam("model_id")
 )
+
+
+# The queue of the job a broker message names (the runner's claim; bench/claim_finish_cost.py).
+QUEUE_OF = select(Job.queue).where(Job.id == bindparam("job_id"))
+
+
+class _HintMissedError(Exception):
+    """The queue a message came from is not its job's: the claim made by it is undone."""
+
+
+@dataclass
+class Claim:
+    """What a broker message's token started: the queue of the job it names (None: there is
+    no such job), and the lease and snapshot of the job it claimed (None: none could start)."""
+
+    queue: str | None
+    lease: Lease | None = None
+    snapshot: JobSnapshot | None = None
+
+
+def claim_for_token(
+    database: Database, job_id: str, queue_hint: str | None, *, lease_ttl_s: float
+) -> Claim:
+    """The claim a message for `job_id` makes (core/fairness.py), with the snapshot of the job
+    it claimed, in one transaction. `queue_hint`: the queue the message came from, which the
+    claim uses instead of reading the job's: usually the claimed job is the message's own,
+    which proves the hint right. Otherwise the job's queue is read; a hint that names another
+    queue (broker input may be hostile) has its claim rolled back, and the job's queue is
+    used as when no hint comes. A hint that names no queue of jobs is not used at all."""
+    if queue_hint in JOB_QUEUES:
+        try:
+            return _claim(database, job_id, queue_hint, lease_ttl_s)
+        except _HintMissedError:
+            pass
+    return _claim(database, job_id, None, lease_ttl_s)
+
+
+def _claim(database: Database, job_id: str, hint: str | None, lease_ttl_s: float) -> Claim:
+    with database.transaction() as session:
+        conn = session.connection()  # plain reads: nothing is pending in a new transaction
+        queue = hint or conn.execute(QUEUE_OF, {"job_id": job_id}).scalar()
+        if queue is None:
+            return Claim(None)
+        limits: dict[str, TenantLimits] = {}
+        lease = claim_next(session, queue, lease_ttl_s=lease_ttl_s, limits_seen=limits)
+        # The message's own job claimed: its queue is the hint. Otherwise the job's is read.
+        is_own = lease is not None and lease.job_id == job_id
+        if (
+            hint is not None
+            and not is_own
+            and hint != conn.execute(QUEUE_OF, {"job_id": job_id}).scalar()
+        ):
+            raise _HintMissedError(job_id)
+        if lease is None:
+            return Claim(queue)
+        return Claim(queue, lease, read_snapshot(session, lease.job_id, limits))
 
 
 def read_snapshot(

@@ -24,20 +24,16 @@ from typing import Any
 
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError
-from sqlalchemy import bindparam, select
 
 from core.artifacts import ArtifactStore
 from core.db import Database
 from core.errors import InvalidInputError, LeaseLostError, StalledError, WorkerStoppingError
 from core.events import Event, Log, Placement
-from core.fairness import claim_next
 from core.jobs import Lease
 from core.logs import current_job_context, job_context
-from core.quotas import TenantLimits
 from core.settings import Settings
 from core.states import JobKind, JobState
-from core.tables import Job
-from scheduler.attempt import JobSnapshot, read_snapshot
+from scheduler.attempt import JobSnapshot, claim_for_token
 from scheduler.enqueue import Publisher
 from scheduler.lease import LeaseKeeper
 from scheduler.outcomes import BROKER_ERRORS, fail, succeed
@@ -52,7 +48,6 @@ from workers.server import ServingOptions
 
 log = logging.getLogger(__name__)
 
-_QUEUE_OF = select(Job.queue).where(Job.id == bindparam("job_id"))
 # While a job's actor has sent nothing yet, the runner looks this often at why (its progress
 # message says "waiting for a GPU" while Ray cannot place the actor).
 START_LOOK_S = 1.0
@@ -92,22 +87,17 @@ class Runner:
         job of that queue (core/fairness.py), which may be another one, and run it. Returns
         what happened (for logs). `queue_hint`: the queue the message came from."""
         try:
-            with self.database.transaction() as session:
-                # A plain read on the connection (nothing is pending in a new transaction).
-                queue = session.connection().execute(_QUEUE_OF, {"job_id": job_id}).scalar()
-                if queue is None:
-                    log.info("not claimed (state missing)", extra={"job_id": job_id})
-                    return "skipped:missing"
-                limits: dict[str, TenantLimits] = {}
-                lease = claim_next(
-                    session, queue, lease_ttl_s=self.settings.lease_ttl_s, limits_seen=limits
-                )
-                if lease is not None:
-                    snapshot = read_snapshot(session, lease.job_id, limits)
+            claim = claim_for_token(
+                self.database, job_id, queue_hint, lease_ttl_s=self.settings.lease_ttl_s
+            )
         except Exception as exc:
             return claim_failed(self, job_id, queue_hint, exc)
-        if lease is None:
-            return unused_token(self, job_id, queue)
+        if claim.queue is None:
+            log.info("not claimed (state missing)", extra={"job_id": job_id})
+            return "skipped:missing"
+        lease, snapshot = claim.lease, claim.snapshot
+        if lease is None or snapshot is None:
+            return unused_token(self, job_id, claim.queue)
         # The claimed job no longer needs a message. When it is not the token's own job, its
         # message is still in the broker and will serve the token's job (which keeps its
         # marker) in turn, so the number of messages still matches the queued jobs.

@@ -29,7 +29,7 @@ from core.jobs import (
 )
 from core.recovery import reap_expired, unpublished_jobs
 from core.states import TRANSITIONS, JobKind, JobState, check_transition
-from core.tables import Artifact, Job, JobEvent, utcnow
+from core.tables import Artifact, Job, JobEvent, TenantUsage, utcnow
 
 
 def _new(db, **kw) -> str:  # type: ignore[no-untyped-def]
@@ -388,3 +388,58 @@ def test_events_keep_the_order_they_were_added_in(db, tmp_path: Path) -> None:  
         "after the flush",
         "succeeded",
     ]
+
+
+def test_a_later_attempt_gets_the_earlier_attempts_output_and_usage_counts_each_once(
+    db, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """An output name an earlier attempt recorded is not recorded again (the INSERT finds it
+    taken: the later attempt gets the first row, one row and one output event in all), nor is
+    a name recorded twice in one finishing transaction; the tenant's usage counts each
+    attempt once, and none runs at the end."""
+    job_id = _new(db)
+    store = ArtifactStore(tmp_path / "artifacts")
+    output = Output("output.txt", "text", "text/plain", b"one")
+    with db.transaction() as session:
+        lease = claim_job(session, job_id, lease_ttl_s=30)
+    assert lease is not None
+    stored = store.write_output(db.tenant_id, job_id, output.name, output.data, lease.token)
+    with db.transaction() as session:
+        first = record_output(session, lease, output, stored)
+        release_job(session, lease, reason="transient")
+    with db.transaction() as session:
+        again = claim_job(session, job_id, lease_ttl_s=30)
+    assert again is not None and again.attempt == 2
+    later = store.write_output(db.tenant_id, job_id, output.name, b"two", again.token)
+    with db.transaction() as session:
+        record_placement(session, again, {"node": "n2"})
+        kept = record_output(session, again, output, later)
+        assert kept.id == first.id and kept.path == stored.path
+        assert record_output(session, again, output, later) is kept
+        finish_job(session, again, JobState.SUCCEEDED)
+    with db.read() as session:
+        assert session.scalar(select(func.count()).select_from(Artifact)) == 1
+        events = session.scalars(select(JobEvent.type).where(JobEvent.job_id == job_id)).all()
+        assert events.count("output") == 1
+        job = get_job(session, job_id)
+        assert job.state == JobState.SUCCEEDED and job.placement == {"node": "n2"}
+        usage = session.get(TenantUsage, db.tenant_id)
+        assert usage is not None and usage.running_attempts == 0
+        assert usage.running_rate == 0.0 and usage.attempts == pytest.approx(2.0, rel=1e-3)
+
+
+def test_a_claim_refreshes_the_copy_of_the_job_the_session_holds(db) -> None:  # type: ignore[no-untyped-def]
+    """A job row the transaction read before claiming it shows the claim: the claim's own
+    UPDATE does not go through that copy, and the copy's unflushed change is kept."""
+    job_id = _new(db)
+    with db.transaction() as session:
+        job = get_job(session, job_id)
+        job.priority = 7  # unflushed when the claim runs
+        lease = claim_job(session, job_id, lease_ttl_s=30)
+        assert lease is not None
+        assert job.state == JobState.RUNNING and job.attempt == 1
+        assert job.lease_token == lease.token and job.priority == 7
+        heartbeat(session, lease, lease_ttl_s=30)  # the fence finds the same copy
+    with db.read() as session:
+        job = get_job(session, job_id)
+        assert job.state == JobState.RUNNING and job.priority == 7

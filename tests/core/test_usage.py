@@ -301,3 +301,34 @@ def test_a_start_refreshes_the_usage_row_the_transaction_holds(db) -> None:  # t
     expected = _running_from_rows(db, t0 + timedelta(seconds=30))
     for tenant_id, cost in expected.items():
         assert math.isclose(usage[tenant_id].running_gpu_seconds, cost, abs_tol=1e-3)
+
+
+def test_the_claim_reads_the_limits_of_the_tenants_it_weighs(db) -> None:  # type: ignore[no-untyped-def]
+    """The usage policy's claim reads each tenant's limits with its queued work and usage (one
+    statement): the limits it reports are the tenant rows', a tenant at its running cap is
+    passed over, and a tenant with usage yields to one without."""
+    a, b = db.tenants["a"], db.tenants["b"]
+    with db.transaction() as session:
+        session.execute(update(Tenant).where(Tenant.id == a).values(weight=3, max_running=1))
+    _submit(db, "a", 2, 10.0)
+    now = utcnow()
+    with db.transaction() as session:
+        seen: dict = {}
+        first = claim_next(session, "generate", lease_ttl_s=60, now=now, limits_seen=seen)
+        assert first is not None and session.get(Job, first.job_id).tenant_id == a
+        assert seen[a].weight == 3 and seen[a].max_running == 1
+        assert seen[a].gpu_seconds_budget is None and seen[a].over_quota == "reject"
+    _submit(db, "b", 1, 10.0)
+    later = now + timedelta(seconds=5)
+    with db.transaction() as session:  # a is at its cap, with 5 s of usage: b goes
+        seen = {}
+        second = claim_next(session, "generate", lease_ttl_s=60, now=later, limits_seen=seen)
+        assert second is not None and session.get(Job, second.job_id).tenant_id == b
+        assert set(seen) == {a, b} and seen[b].weight == 1 and seen[b].max_running is None
+    with db.transaction() as session:  # still at its cap: nothing starts
+        assert claim_next(session, "generate", lease_ttl_s=60, now=later) is None
+    with db.transaction() as session:
+        finish_job(session, first, JobState.SUCCEEDED, now=later)
+    with db.transaction() as session:
+        third = claim_next(session, "generate", lease_ttl_s=60, now=later)
+        assert third is not None and session.get(Job, third.job_id).tenant_id == a
