@@ -51,13 +51,7 @@ from core.errors import (
     PayloadTooLargeError,
 )
 from core.intake import insert_job
-from core.jobs import (
-    cancel_job,
-    find_by_idempotency_key,
-    get_job,
-    retry_job,
-    set_priority,
-)
+from core.jobs import cancel_job, find_by_idempotency_key, get_job, retry_job, set_priority
 from core.numbers import parse_whole
 from core.quotas import check_submission, has_submission_limit, tenant_limits
 from core.states import JobKind, JobState

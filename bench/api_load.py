@@ -113,7 +113,8 @@ import json, sys
 from core.artifacts import ArtifactStore
 from core.db import Database
 from core.events import Output
-from core.jobs import claim_job, finish_job, record_output
+from core.leases import claim_job, finish_job
+from core.recording import record_output
 from core.settings import Settings
 from core.states import JobState
 

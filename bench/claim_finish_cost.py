@@ -44,8 +44,14 @@ def child(jobs: int, database_url: str | None) -> dict[str, float]:
     from core.db import Database
     from core.events import Output
     from core.fairness import claim_next
-    from core.jobs import NewJob, create_job, finish_job, record_output, record_placement
+    from core.jobs import NewJob, create_job
     from core.keys import get_or_create_tenant
+
+    try:
+        from core.leases import finish_job
+        from core.recording import record_output, record_placement
+    except ImportError:  # a checkout from before core/jobs.py was split
+        from core.jobs import finish_job, record_output, record_placement
     from core.settings import Settings
     from core.states import JobKind, JobState
     from core.tables import Job

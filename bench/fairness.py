@@ -10,7 +10,7 @@ time 10 s. Time is simulated (a job "runs" for its duration in a discrete-event 
 claim and the finish are given the simulated time), so the figures do not depend on the
 machine's load; every start is a real claim in SQL: `core.fairness.claim_next` under
 `fair_share=usage` (GPU-seconds, decayed) and `fair_share=starts` (start-time fair queuing),
-against FIFO (the oldest queued job, by `core.jobs.claim_job` on it). Prints, per 20 s window,
+against FIFO (the oldest queued job, by `core.leases.claim_job` on it). Prints, per 20 s window,
 each tenant's share of slot time, the worst wait of the single-job tenant (seconds, and jobs
 started before it after it arrived), and each tenant's mean wait.
 
@@ -54,8 +54,9 @@ import migrations  # noqa: E402
 from core.catalog import ensure_builtins, resolve_model  # noqa: E402
 from core.db import Database  # noqa: E402
 from core.fairness import claim_next  # noqa: E402
-from core.jobs import Lease, NewJob, claim_job, create_job, finish_job  # noqa: E402
+from core.jobs import NewJob, create_job  # noqa: E402
 from core.keys import get_or_create_tenant  # noqa: E402
+from core.leases import Lease, claim_job, finish_job  # noqa: E402
 from core.preemption import preempt_for_waiting, requeue_preempted  # noqa: E402
 from core.settings import Settings  # noqa: E402
 from core.states import JobKind, JobState  # noqa: E402

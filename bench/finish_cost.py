@@ -29,15 +29,10 @@ from core.artifacts import ArtifactStore  # noqa: E402
 from core.catalog import ensure_builtins, resolve_model  # noqa: E402
 from core.db import Database  # noqa: E402
 from core.events import Output  # noqa: E402
-from core.jobs import (  # noqa: E402
-    NewJob,
-    claim_job,
-    create_job,
-    finish_job,
-    record_output,
-    record_placement,
-)
+from core.jobs import NewJob, create_job  # noqa: E402
 from core.keys import get_or_create_tenant  # noqa: E402
+from core.leases import claim_job, finish_job  # noqa: E402
+from core.recording import record_output, record_placement  # noqa: E402
 from core.settings import Settings  # noqa: E402
 from core.states import JobKind, JobState  # noqa: E402
 

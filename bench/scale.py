@@ -37,7 +37,7 @@ from api.app import create_app  # noqa: E402
 from bench.dashboard import PG, REDIS, id_for, populate, server_times  # noqa: E402
 from core.db import Database  # noqa: E402
 from core.fairness import claim_next  # noqa: E402
-from core.jobs import claim_job  # noqa: E402
+from core.leases import claim_job  # noqa: E402
 from core.settings import Settings  # noqa: E402
 from core.states import JobState  # noqa: E402
 from core.tables import Job, Model, Tenant  # noqa: E402

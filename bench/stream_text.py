@@ -52,8 +52,8 @@ import migrations  # noqa: E402
 from core.catalog import ensure_builtins  # noqa: E402
 from core.db import READ_ONLY, Database, make_engine  # noqa: E402
 from core.events import TextDelta  # noqa: E402
-from core.jobs import claim_job, finish_job  # noqa: E402
 from core.keys import create_key, get_or_create_tenant  # noqa: E402
+from core.leases import claim_job, finish_job  # noqa: E402
 from core.settings import Settings  # noqa: E402
 from core.states import JobKind, JobState  # noqa: E402
 from core.tables import JobEvent  # noqa: E402

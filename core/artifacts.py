@@ -271,7 +271,7 @@ class ArtifactStore:
     def output_path(self, tenant_id: str, job_id: str, name: str, attempt: str = "") -> str:
         """Where an output is stored: under the attempt that wrote it (its lease token), so
         that two attempts of a job never write the same file; the job's outputs are the files
-        its artifact rows name, recorded by a fenced write (core/jobs.py:record_output)."""
+        its artifact rows name, recorded by a fenced write (core/recording.py:record_output)."""
         folder = f"outputs/{tenant_id}/{job_id}"
         if attempt:
             folder = f"{folder}/{check_name(attempt, 'attempt')}"

@@ -57,7 +57,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from core.jobs import Lease, claim_job
+from core.leases import Lease, claim_job
 from core.quotas import TenantLimits, blocked_tenants, load_limits
 from core.states import JobState
 from core.tables import FairShare, Job, UTCDateTime, utcnow
@@ -302,7 +302,7 @@ def claim_next(
 ) -> Lease | None:
     """Claim the best queued job of `queue` that may start now, or return None when there is
     none (the queue is empty, every tenant with work is at a quota, or every job waits for its
-    backoff). One conditional UPDATE decides each claim (`core.jobs.claim_job`), so two
+    backoff). One conditional UPDATE decides each claim (`core.leases.claim_job`), so two
     callers never get the same job; a lost race moves on to the next candidate. `now`: the
     time of the claim (a simulation's clock; the real one otherwise). `limits_seen`, when
     given, receives the limits of the tenants the claim looked at, as read in its transaction

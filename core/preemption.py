@@ -42,14 +42,8 @@ from datetime import datetime, timedelta
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
-from core.jobs import (
-    Lease,
-    add_event,
-    change_state,
-    finish_job,
-    held_job,
-    priority_class,
-)
+from core.jobs import add_event, change_state, priority_class
+from core.leases import Lease, finish_job, held_job
 from core.quotas import blocked_tenants, load_limits
 from core.states import ACTIVE, JobKind, JobState
 from core.tables import Job, Tenant, utcnow

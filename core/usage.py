@@ -17,7 +17,7 @@ not only when it ends, and reading a tenant's usage is one primary-key read what
 number of running jobs (the claim reads it for every tenant with queued work).
 
 The half-life and the policy are settings; `core.db.Database` puts them in each session's
-`info`, so the job services that charge an attempt (core/jobs.py, core/recovery.py) and the
+`info`, so the job services that charge an attempt (core/leases.py, core/recovery.py) and the
 claim need no extra argument.
 """
 

@@ -1,9 +1,7 @@
 """What one attempt at a job works with: the claim a broker message makes (`claim_for_token`),
-the job as read right after it (`JobSnapshot`, `read_snapshot`), and the worker's shared parts that the runner, the outcome rules, the token
-handling and the event recorder all use (`WorkerParts`, which `Runner` provides).
-
-This is a leaf of the scheduler's runner modules: runner.py, tokens.py, outcomes.py and
-recorder.py import it, it imports none of them.
+the job as read right after it (`JobSnapshot`, `read_snapshot`), and the worker's shared
+parts that the runner, the outcome rules, the token handling and the event recorder all use
+(`WorkerParts`, which `Runner` provides).
 """
 
 from __future__ import annotations
@@ -21,7 +19,7 @@ from core.db import Database
 from core.errors import GenqError
 from core.fairness import claim_next
 from core.inputfiles import resolve_input
-from core.jobs import Lease
+from core.leases import Lease
 from core.quotas import TenantLimits
 from core.settings import Settings
 from core.states import JobKind

@@ -15,7 +15,8 @@ from collections.abc import Callable
 
 from core.db import Database
 from core.errors import LeaseLostError
-from core.jobs import Lease, get_job, heartbeat
+from core.jobs import get_job
+from core.leases import Lease, heartbeat
 from core.settings import Settings
 from core.states import JobState
 from core.tables import Job

@@ -30,7 +30,7 @@ from core.errors import (
     StalledError,
     WorkerStoppingError,
 )
-from core.jobs import Lease, finish_job, has_succeeded, release_job, retry_backoff_s
+from core.leases import Lease, finish_job, has_succeeded, release_job, retry_backoff_s
 from core.preemption import requeue_preempted
 from core.states import JobKind, JobState
 from scheduler.attempt import JobSnapshot, WorkerParts

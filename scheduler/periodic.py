@@ -24,7 +24,7 @@ from core import tally
 from core.artifacts import ArtifactStore
 from core.db import Database
 from core.deletion import Freed
-from core.jobs import retry_backoff_s
+from core.leases import retry_backoff_s
 from core.recovery import (
     Reaped,
     expire_deadlines,

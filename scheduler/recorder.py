@@ -33,8 +33,8 @@ from core.artifacts import StoredFile
 from core.db import retry_transient
 from core.errors import LeaseLostError
 from core.events import Event, Log, Metric, ModelSaved, Output, Placement, Progress, TextDelta
-from core.jobs import (
-    Lease,
+from core.leases import Lease
+from core.recording import (
     record_events,
     record_output,
     record_placement,

@@ -29,7 +29,7 @@ from core.artifacts import ArtifactStore
 from core.db import Database
 from core.errors import InvalidInputError, LeaseLostError, StalledError, WorkerStoppingError
 from core.events import Event, Log, Placement
-from core.jobs import Lease
+from core.leases import Lease
 from core.logs import current_job_context, job_context
 from core.settings import Settings
 from core.states import JobKind, JobState

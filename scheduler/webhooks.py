@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 from celery import Celery
 
 from core.db import Database
-from core.jobs import retry_backoff_s
+from core.leases import retry_backoff_s
 from core.settings import Settings
 from core.tables import WebhookDelivery
 from core.webhooks import (

@@ -301,8 +301,9 @@ def test_deleting_on_object_storage_removes_the_objects_from_the_bucket(
     import boto3
 
     from core.events import Output
-    from core.jobs import claim_job, finish_job, record_output
     from core.keys import create_key, get_or_create_tenant
+    from core.leases import claim_job, finish_job
+    from core.recording import record_output
 
     app, database, store = s3_app
     bucket = store.backend.bucket  # type: ignore[attr-defined]

@@ -321,7 +321,7 @@ def test_cancel_queued_then_again_is_a_conflict(
 def test_cancel_running_becomes_canceling(
     client: FlaskClient, keys: Keys, database: Database
 ) -> None:
-    from core.jobs import claim_job
+    from core.leases import claim_job
 
     job = submit(client, keys.acme, echo()).get_json()
     with database.transaction() as session:

@@ -20,7 +20,8 @@ from PIL import Image
 
 from core.db import Database
 from core.events import Placement
-from core.jobs import claim_job, record_placement
+from core.leases import claim_job
+from core.recording import record_placement
 from core.settings import Settings
 from core.states import JobState
 from tests.support.api import (

@@ -12,7 +12,8 @@ from flask.testing import FlaskClient
 
 from core.db import Database
 from core.events import Progress
-from core.jobs import claim_job, finish_job, record_events
+from core.leases import claim_job, finish_job
+from core.recording import record_events
 from core.settings import Settings
 from core.states import JobState
 from tests.support.api import (

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from api.app import create_app
 from api.metrics import SQL_CACHE_KEY
 from core.db import Database
-from core.jobs import claim_job
+from core.leases import claim_job
 from core.settings import Settings
 from core.states import JobState
 from core.tables import Job, Model, utcnow

@@ -28,7 +28,8 @@ from api.openai_compat.errors import JobWaitError  # noqa: E402
 from api.openai_compat.text_answers import ChoiceText  # noqa: E402
 from core.db import READ_ONLY, Database  # noqa: E402
 from core.events import Progress, TextDelta  # noqa: E402
-from core.jobs import Lease, claim_job, finish_job, record_text, release_job  # noqa: E402
+from core.leases import Lease, claim_job, finish_job, release_job  # noqa: E402
+from core.recording import record_text  # noqa: E402
 from core.settings import Settings  # noqa: E402
 from core.states import JobKind, JobState  # noqa: E402
 from core.tables import Job, JobEvent  # noqa: E402

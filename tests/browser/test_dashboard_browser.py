@@ -20,15 +20,9 @@ import pytest
 from core.artifacts import ArtifactStore
 from core.db import Database
 from core.events import Log, Metric, Output, Progress
-from core.jobs import (
-    claim_job,
-    finish_job,
-    record_events,
-    record_output,
-    record_placement,
-    record_waiting,
-)
+from core.leases import claim_job, finish_job
 from core.preemption import preempt_for_waiting, requeue_preempted
+from core.recording import record_events, record_output, record_placement, record_waiting
 from core.recovery import promote_due, reap_expired
 from core.settings import Settings
 from core.states import JobState

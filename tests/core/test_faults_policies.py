@@ -17,8 +17,9 @@ from sqlalchemy import update
 from api.app import create_app
 from core.catalog import ensure_builtins, resolve_model
 from core.db import Database
-from core.jobs import NewJob, claim_job, create_job, release_job, retry_backoff_s
+from core.jobs import NewJob, create_job
 from core.keys import create_key, get_or_create_tenant
+from core.leases import claim_job, release_job, retry_backoff_s
 from core.recovery import expire_deadlines, reap_expired
 from core.settings import Settings
 from core.states import JobKind, JobState

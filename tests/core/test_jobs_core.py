@@ -13,20 +13,9 @@ from sqlalchemy import event, func, select, update
 from core.artifacts import ArtifactStore
 from core.errors import IllegalTransitionError, LeaseLostError
 from core.events import Log, Metric, Output, Progress, TextDelta
-from core.jobs import (
-    NewJob,
-    add_event,
-    cancel_job,
-    claim_job,
-    create_job,
-    finish_job,
-    get_job,
-    heartbeat,
-    record_events,
-    record_output,
-    record_placement,
-    release_job,
-)
+from core.jobs import NewJob, add_event, cancel_job, create_job, get_job
+from core.leases import claim_job, finish_job, heartbeat, release_job
+from core.recording import record_events, record_output, record_placement
 from core.recovery import reap_expired, unpublished_jobs
 from core.states import TRANSITIONS, JobKind, JobState, check_transition
 from core.tables import Artifact, Job, JobEvent, TenantUsage, utcnow

@@ -19,9 +19,11 @@ from core.catalog import ensure_builtins, resolve_model
 from core.db import Database
 from core.events import Event, Log, Progress
 from core.fairness import claim_next
-from core.jobs import Lease, NewJob, claim_job, create_job, record_placement, record_waiting
+from core.jobs import NewJob, create_job
 from core.keys import get_or_create_tenant
+from core.leases import Lease, claim_job
 from core.preemption import preempt_for_waiting, requeue_preempted
+from core.recording import record_placement, record_waiting
 from core.settings import Settings
 from core.states import JobKind, JobState
 from core.tables import Job, JobEvent, Tenant, WebhookDelivery, utcnow

@@ -18,8 +18,9 @@ from core.catalog import ensure_builtins, resolve_model
 from core.db import Database
 from core.errors import QuotaExceededError
 from core.fairness import claim_next, queue_positions
-from core.jobs import Lease, NewJob, create_job, finish_job, parse_priority
+from core.jobs import NewJob, create_job, parse_priority
 from core.keys import get_or_create_tenant
+from core.leases import Lease, finish_job
 from core.quotas import check_submission
 from core.settings import Settings
 from core.states import JobKind, JobState

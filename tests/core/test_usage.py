@@ -19,8 +19,9 @@ from sqlalchemy import select, update
 from core.catalog import ensure_builtins, resolve_model
 from core.db import Database
 from core.fairness import claim_next
-from core.jobs import Lease, NewJob, cancel_job, create_job, finish_job, release_job
+from core.jobs import NewJob, cancel_job, create_job
 from core.keys import get_or_create_tenant
+from core.leases import Lease, finish_job, release_job
 from core.preemption import requeue_preempted
 from core.recovery import reap_expired
 from core.settings import Settings

@@ -21,8 +21,10 @@ from api.app import create_app
 from core.catalog import ensure_builtins, resolve_model
 from core.db import Database
 from core.events import Output, Progress
-from core.jobs import NewJob, claim_job, create_job, finish_job, record_events, record_output
+from core.jobs import NewJob, create_job
 from core.keys import create_key, get_or_create_tenant
+from core.leases import claim_job, finish_job
+from core.recording import record_events, record_output
 from core.settings import Settings
 from core.states import JobKind, JobState
 from core.tables import Base, WebhookDelivery

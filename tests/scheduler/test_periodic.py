@@ -17,8 +17,9 @@ from sqlalchemy import update
 from core.catalog import ensure_builtins, resolve_model
 from core.db import Database
 from core.intake import InsertQueue
-from core.jobs import NewJob, claim_job, create_job, get_job
+from core.jobs import NewJob, create_job, get_job
 from core.keys import authenticate, get_or_create_tenant
+from core.leases import claim_job
 from core.settings import Settings
 from core.states import JobKind
 from core.tables import Job, utcnow

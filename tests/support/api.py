@@ -19,7 +19,8 @@ from flask.testing import FlaskClient
 from core.artifacts import ArtifactStore
 from core.db import Database
 from core.events import Log, Metric, Output, Progress
-from core.jobs import claim_job, finish_job, record_events, record_output
+from core.leases import claim_job, finish_job
+from core.recording import record_events, record_output
 from core.settings import Settings
 from core.states import JobState
 from core.tables import Base, Job

@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from flask.testing import FlaskClient
 
 from core.db import Database
-from core.jobs import claim_job
+from core.leases import claim_job
 from core.settings import Settings
 from core.states import JobState
 from core.tables import ApiKey

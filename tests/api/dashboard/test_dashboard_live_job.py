@@ -18,7 +18,8 @@ from api.dashboard import queries
 from core.artifacts import ArtifactStore
 from core.db import Database
 from core.events import Log, Metric, Output, Progress
-from core.jobs import Lease, claim_job, record_events, record_output
+from core.leases import Lease, claim_job
+from core.recording import record_events, record_output
 from core.recovery import reap_expired
 from core.settings import Settings
 from core.states import JobState

@@ -17,8 +17,9 @@ from flask.testing import FlaskClient
 
 from core.db import Database
 from core.events import Log, Progress
-from core.jobs import claim_job, record_events, record_placement, record_waiting
+from core.leases import claim_job
 from core.preemption import preempt_for_waiting, requeue_preempted
+from core.recording import record_events, record_placement, record_waiting
 from core.settings import Settings
 from core.tables import Job, Model, utcnow
 from scheduler.heartbeats import WorkerHeartbeat
