@@ -174,13 +174,16 @@ def read_snapshot(
             tenant.max_running is not None or tenant.gpu_seconds_budget is not None
         )
     if job.model_id:
-        model = session.execute(_MODEL_ROW, {"model_id": job.model_id}).one()
+        # Plain reads on the connection: the ORM's handling of a Session read cost more than
+        # the statement (nothing pending in the claim's transaction changes a model row).
+        conn = session.connection()
+        model = conn.execute(_MODEL_ROW, {"model_id": job.model_id}).one()
         snap.model_path = model.path
         snap.model_config = dict(model.config or {})
         snap.serve_model_id, snap.serve_model_path = model.id, model.path
         snap.serve_model_config = snap.model_config
         base = (
-            session.execute(_MODEL_ROW, {"model_id": model.parent_id}).first()
+            conn.execute(_MODEL_ROW, {"model_id": model.parent_id}).first()
             if model.parent_id
             else None
         )
