@@ -15,7 +15,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import redis
 import requests
 
 from stack.children import restart_delay_s
+from tests.support.recovery import wait_until
 from tests.support.stackproc import StackProcess, descendants, is_alive, running_stack
 from tests.support.training import tiny_ddpm_job, tiny_ddpm_params
 
@@ -50,17 +51,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackProcess]:
     }
     with running_stack(tmp_path_factory.mktemp("supervise") / "var", env) as proc:
         yield proc
-
-
-def wait_until(check: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} within {timeout_s:.0f} s")
-        time.sleep(0.2)
 
 
 def pids_of(stack: StackProcess, marker: bytes) -> list[int]:

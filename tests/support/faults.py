@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,21 +32,14 @@ from core.tables import Artifact, Job, JobEvent
 from scheduler.enqueue import Publisher
 from scheduler.heartbeats import SEEN_KEY
 from stack.supervisor import Stack, bootstrap
+from tests.support.recovery import FAST_RECOVERY, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 TERMINAL = {"succeeded", "failed", "canceled"}
 
 # Short enough that a crash is recovered in seconds, consistent for check_settings.
 FAST = {
-    "GENQ_LEASE_TTL_S": "3",
-    "GENQ_HEARTBEAT_INTERVAL_S": "1",
-    "GENQ_REAP_INTERVAL_S": "0.5",
-    "GENQ_RECONCILE_INTERVAL_S": "1",
-    "GENQ_REPUBLISH_AFTER_S": "2",
-    "GENQ_VISIBILITY_TIMEOUT_S": "60",
-    "GENQ_RETRY_BACKOFF_BASE_S": "0.5",
-    "GENQ_RETRY_BACKOFF_MAX_S": "2",
-    "GENQ_PROGRESS_INTERVAL_S": "0",
+    **FAST_RECOVERY,
     "GENQ_CANCEL_GRACE_S": "3",
     "GENQ_WORKER_CONCURRENCY": "2",
     "GENQ_WEBHOOK_ALLOW_PRIVATE": "true",
@@ -55,7 +48,6 @@ FAST = {
     "GENQ_WEBHOOK_POLL_S": "0.3",
     "GENQ_SECRET_KEY": "fault-tests",
     "GENQ_MAX_ATTEMPTS": "3",
-    "GENQ_LOG_LEVEL": "INFO",
 }
 
 
@@ -126,17 +118,6 @@ def freeze(pgid: int, database_url: str, engine: Engine | None = None) -> None:
         os.killpg(pgid, signal.SIGCONT)
         time.sleep(0.02)
     raise AssertionError(f"process group {pgid} never stopped outside a database transaction")
-
-
-def wait_until(check: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 @dataclass
