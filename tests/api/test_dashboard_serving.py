@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -15,23 +15,18 @@ from flask.testing import FlaskClient
 from sqlalchemy import select
 
 from core.db import Database
-from core.settings import Settings
 from core.tables import AuditEntry, Model
 from scheduler.snapshot import SNAPSHOT_KEY
 from tests.support.api import (
-    BACKENDS,
     Keys,
     echo,
-    make_settings,
     submit,
 )
 
 
-@pytest.fixture(params=BACKENDS)
-def settings(request: pytest.FixtureRequest, tmp_path: Path, redis_db_url: str) -> Settings:
-    return make_settings(
-        request, tmp_path, redis_db_url, secret_key="test-secret-key-for-dashboards"
-    )
+@pytest.fixture
+def settings_overrides() -> dict[str, Any]:
+    return {"secret_key": "test-secret-key-for-dashboards"}
 
 
 def login(client: FlaskClient, key: str) -> str:

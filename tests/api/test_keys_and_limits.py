@@ -28,12 +28,10 @@ from core.settings import Settings
 from core.tables import ApiKey, utcnow
 from scheduler.enqueue import Publisher
 from tests.support.api import (
-    BACKENDS,
     Keys,
     assert_problem,
     bearer,
     echo,
-    make_settings,
     submit,
 )
 
@@ -42,18 +40,15 @@ RATE = {"rate_limit_per_s": 0.1, "rate_limit_burst": 4}
 TENANT_RATE = {"tenant_rate_limit_per_s": 0.1, "tenant_rate_limit_burst": 6}
 
 
-@pytest.fixture(params=BACKENDS)
-def settings(request: pytest.FixtureRequest, tmp_path: Any, redis_db_url: str) -> Settings:
-    return make_settings(
-        request,
-        tmp_path,
-        redis_db_url,
-        rate_limits=True,
-        auth_failures_per_min=5,
-        secret_key="test-secret-key-for-sessions",
+@pytest.fixture
+def settings_overrides() -> dict[str, Any]:
+    return {
+        "rate_limits": True,
+        "auth_failures_per_min": 5,
+        "secret_key": "test-secret-key-for-sessions",
         **RATE,
         **TENANT_RATE,
-    )
+    }
 
 
 @pytest.fixture
