@@ -18,12 +18,13 @@ from core.catalog import ensure_builtins, resolve_model
 from core.db import Database
 from core.errors import QuotaExceededError
 from core.fairness import claim_next, queue_positions
-from core.jobs import Lease, NewJob, create_job, finish_job, parse_priority
+from core.jobs import Lease, create_job, finish_job, parse_priority
 from core.keys import get_or_create_tenant
 from core.quotas import check_submission
 from core.settings import Settings
-from core.states import JobKind, JobState
+from core.states import JobState
 from core.tables import Job, Tenant, utcnow
+from tests.support.jobs import echo_job
 
 
 @pytest.fixture
@@ -45,18 +46,8 @@ def _submit(db, tenant: str, n: int = 1, priority: int | str = 5) -> list[str]: 
     ids = []
     with db.transaction() as session:
         for _ in range(n):
-            job, _ = create_job(
-                session,
-                NewJob(
-                    tenant_id=db.tenants[tenant],
-                    kind=JobKind.GENERATE,
-                    family="echo",
-                    queue="generate",
-                    params={},
-                    model_id=db.echo_id,
-                    priority=parse_priority(priority),
-                ),
-            )
+            new = echo_job(db.tenants[tenant], db.echo_id, priority=parse_priority(priority))
+            job, _ = create_job(session, new)
             ids.append(job.id)
     return ids
 

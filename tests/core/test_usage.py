@@ -19,14 +19,15 @@ from sqlalchemy import select, update
 from core.catalog import ensure_builtins, resolve_model
 from core.db import Database
 from core.fairness import claim_next
-from core.jobs import Lease, NewJob, cancel_job, create_job, finish_job, release_job
+from core.jobs import Lease, cancel_job, create_job, finish_job, release_job
 from core.keys import get_or_create_tenant
 from core.preemption import requeue_preempted
 from core.recovery import reap_expired
 from core.settings import Settings
-from core.states import JobKind, JobState
+from core.states import JobState
 from core.tables import Job, Tenant, TenantUsage, utcnow
 from core.usage import attempt_cost, recount_running, usage_of
+from tests.support.jobs import echo_job
 
 HALF_LIFE_S = 600.0
 
@@ -57,17 +58,8 @@ def db(database_url: str, tmp_path: Path):  # type: ignore[no-untyped-def]
 def _submit(db, tenant: str, n: int, duration_s: float) -> None:  # type: ignore[no-untyped-def]
     with db.transaction() as session:
         for _ in range(n):
-            create_job(
-                session,
-                NewJob(
-                    tenant_id=db.tenants[tenant],
-                    kind=JobKind.GENERATE,
-                    family="echo",
-                    queue="generate",
-                    params={"delay_s": duration_s},
-                    model_id=db.echo_id,
-                ),
-            )
+            new = echo_job(db.tenants[tenant], db.echo_id, params={"delay_s": duration_s})
+            create_job(session, new)
 
 
 class Sim:
