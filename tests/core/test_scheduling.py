@@ -14,17 +14,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select, update
 
-from core.catalog import ensure_builtins, resolve_model
-from core.db import Database
 from core.errors import QuotaExceededError
 from core.fairness import claim_next, queue_positions
 from core.jobs import Lease, create_job, finish_job, parse_priority
-from core.keys import get_or_create_tenant
 from core.quotas import check_submission
 from core.settings import Settings
 from core.states import JobState
 from core.tables import Job, Tenant, utcnow
-from tests.support.jobs import echo_job
+from tests.support.jobs import echo_job, tenants_database
 
 
 @pytest.fixture
@@ -32,12 +29,7 @@ def db(database_url: str, tmp_path: Path):  # type: ignore[no-untyped-def]
     # The start-based policy: its order does not depend on how long the test's jobs run
     # (tests/core/test_usage.py covers the usage-based one with a clock of its own).
     settings = Settings(var_dir=tmp_path / "var", database_url=database_url, fair_share="starts")
-    database = Database(settings)
-    with database.transaction() as session:
-        ensure_builtins(session)
-        tenants = {n: get_or_create_tenant(session, n).id for n in ("a", "b", "c")}
-        database.tenants = tenants  # type: ignore[attr-defined]
-        database.echo_id = resolve_model(session, tenants["a"], "echo").id  # type: ignore[attr-defined]
+    database = tenants_database(settings, "a", "b", "c")
     yield database
     database.dispose()
 
