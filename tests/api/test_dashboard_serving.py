@@ -5,7 +5,6 @@ events, and the replica policy form (validated field by field, audited)."""
 from __future__ import annotations
 
 import json
-import re
 import time
 from typing import Any
 
@@ -22,22 +21,12 @@ from tests.support.api import (
     echo,
     submit,
 )
+from tests.support.dashboard import login
 
 
 @pytest.fixture
 def settings_overrides() -> dict[str, Any]:
     return {"secret_key": "test-secret-key-for-dashboards"}
-
-
-def login(client: FlaskClient, key: str) -> str:
-    def csrf(page: str) -> str:
-        found = re.search(r'name="csrf_token" value="([^"]+)"', page)
-        assert found
-        return found.group(1)
-
-    token = csrf(client.get("/admin/login").get_data(as_text=True))
-    assert client.post("/admin/login", data={"key": key, "csrf_token": token}).status_code == 302
-    return csrf(client.get("/admin/").get_data(as_text=True))
 
 
 def report_pool(client: redis.Redis, model_id: str) -> None:

@@ -34,6 +34,7 @@ from tests.support.api import (
     echo,
     submit,
 )
+from tests.support.dashboard import csrf_of, login
 
 # Windows of 40 and 60 s: no test here may pass or fail by how fast the machine is.
 RATE = {"rate_limit_per_s": 0.1, "rate_limit_burst": 4}
@@ -250,19 +251,6 @@ def test_a_redis_that_does_not_answer_lets_requests_through(
 
 
 # -- dashboard sessions --------------------------------------------------------------------------
-
-
-def csrf_of(page: str) -> str:
-    found = re.search(r'name="csrf_token" value="([^"]+)"', page)
-    assert found
-    return found.group(1)
-
-
-def login(client: FlaskClient, key: str) -> str:
-    token = csrf_of(client.get("/admin/login").get_data(as_text=True))
-    response = client.post("/admin/login", data={"key": key, "csrf_token": token})
-    assert response.status_code == 302, response.get_data(as_text=True)
-    return csrf_of(client.get("/admin/").get_data(as_text=True))
 
 
 def copied(app: Flask, original: FlaskClient) -> FlaskClient:
