@@ -2,7 +2,8 @@
 randomness of a step, resuming from the job's checkpoint, stopping between steps once the job's
 cancel was requested, refusing a loss that diverged, checkpointing every `checkpoint_every`
 steps and at the last, the windows of steps that Metric events report on, and the events that
-announce the saved model.
+announce the saved model; and, for the labelled-image trainers, the model config (gan, vae)
+and a fine-tune's images (gan, vae, ddpm).
 
 What a step computes, and which metrics it reports, stays in the family's own loop, which
 reads top to bottom as before: a `TrainingRun` resumes, hands out the steps and writes the
