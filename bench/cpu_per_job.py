@@ -15,7 +15,6 @@ and written to bench/results/cpu-per-job-<UTC time>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import sys
@@ -30,6 +29,7 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import write_result  # noqa: E402
 from tests.support.stackproc import StackProcess, descendants  # noqa: E402
 
 REDIS = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379")
@@ -184,9 +184,7 @@ def main() -> None:
     for name, ms in ms_per_job.items():
         print(f"{ms:8.2f} ms of CPU per job  {name}")
     print(f"{result['cpu_ms_per_job_total']:8.1f} ms of CPU per job in all")
-    out = ROOT / "bench" / "results" / f"cpu-per-job-{result['at'][:19].replace(':', '')}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"written to {out.relative_to(ROOT)}")
+    write_result("cpu-per-job", result)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ bench/results/dashboard-<UTC time>.json. Redis DB 10 backs the publisher.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import re
@@ -34,6 +33,7 @@ import sqlalchemy as sa  # noqa: E402
 
 import migrations  # noqa: E402
 from api.app import create_app  # noqa: E402
+from bench.common import scratch_postgres, write_result  # noqa: E402
 from core.catalog import ensure_builtins  # noqa: E402
 from core.db import Database  # noqa: E402
 from core.keys import create_key, get_or_create_tenant  # noqa: E402
@@ -261,24 +261,9 @@ def main() -> None:
             url = f"sqlite:///{tmp}/bench.db"
             out["sqlite"] = run("SQLite", url, args.jobs, args.requests, Path(tmp))
         if args.only in (None, "postgres"):
-            name = f"genq_bench_{uuid.uuid4().hex[:8]}"
-            admin = sa.create_engine(
-                PG.replace("postgresql://", "postgresql+psycopg://", 1),
-                isolation_level="AUTOCOMMIT",
-            )
-            with admin.connect() as conn:
-                conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-            url = sa.engine.make_url(PG).set(database=name).render_as_string(hide_password=False)
-            try:
+            with scratch_postgres(PG) as url:
                 out["postgres"] = run("PostgreSQL", url, args.jobs, args.requests, Path(tmp))
-            finally:
-                with admin.connect() as conn:
-                    conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-                admin.dispose()
-    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H%M%S")
-    path = ROOT / "bench" / "results" / f"dashboard-{stamp}.json"
-    path.write_text(json.dumps(out, indent=2))
-    print(f"\nwritten to {path.relative_to(ROOT)}")
+    write_result("dashboard", out)
 
 
 if __name__ == "__main__":

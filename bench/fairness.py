@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import heapq
-import json
 import math
 import os
 import statistics
@@ -41,7 +40,9 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from datetime import UTC, datetime, timedelta
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,7 @@ sys.path.insert(0, str(ROOT))
 import sqlalchemy as sa  # noqa: E402
 
 import migrations  # noqa: E402
+from bench.common import scratch_postgres, write_result  # noqa: E402
 from core.catalog import ensure_builtins, resolve_model  # noqa: E402
 from core.db import Database  # noqa: E402
 from core.fairness import claim_next  # noqa: E402
@@ -361,42 +363,27 @@ def claim_cost(database: Database, n: int) -> dict[str, Any]:
     return out
 
 
-def _database(backend: str, tmp: Path, label: str, policy: str) -> tuple[Database, Any]:
-    """A fresh migrated database for one run; returns it and what `_drop` needs."""
-    if backend == "sqlite":
-        url = f"sqlite:///{tmp / f'{label}.db'}"
-        cleanup = None
-    else:
-        name = f"genq_bench_fair_{label}_{os.getpid()}"
-        admin = sa.create_engine(
-            PG.replace("postgresql://", "postgresql+psycopg://", 1), isolation_level="AUTOCOMMIT"
-        )
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}"'))
-            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-        url = str(sa.engine.make_url(PG).set(database=name).render_as_string(False))
-        cleanup = (admin, name)
-    fair_share = "starts" if policy == "starts" else "usage"
-    settings = Settings(var_dir=tmp / "var", database_url=url, fair_share=fair_share)
-    migrations.upgrade(settings)
-    return Database(settings), cleanup
-
-
-def _drop(database: Database, cleanup: Any) -> None:
-    database.dispose()
-    if cleanup is not None:
-        admin, name = cleanup
-        with admin.connect() as conn:
-            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+@contextmanager
+def _database(backend: str, tmp: Path, label: str, policy: str) -> Iterator[Database]:
+    """A fresh migrated database for one run, dropped (PostgreSQL) after it."""
+    with ExitStack() as cleanup:
+        if backend == "sqlite":
+            url = f"sqlite:///{tmp / f'{label}.db'}"
+        else:
+            url = cleanup.enter_context(scratch_postgres(PG, f"genq_bench_fair_{label}"))
+        fair_share = "starts" if policy == "starts" else "usage"
+        settings = Settings(var_dir=tmp / "var", database_url=url, fair_share=fair_share)
+        migrations.upgrade(settings)
+        database = Database(settings)
+        try:
+            yield database
+        finally:
+            database.dispose()
 
 
 def run_claim_cost(backend: str, tmp: Path, n: int) -> dict[str, Any]:
-    database, cleanup = _database(backend, tmp, "claim_cost", "usage")
-    try:
+    with _database(backend, tmp, "claim_cost", "usage") as database:
         return claim_cost(database, n)
-    finally:
-        _drop(database, cleanup)
 
 
 def print_claim_cost(cost: dict[str, Any]) -> None:
@@ -409,18 +396,12 @@ def print_claim_cost(cost: dict[str, Any]) -> None:
 def run_backend(backend: str, slots: int, tmp: Path) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for policy in POLICIES:
-        database, cleanup = _database(backend, tmp, policy, policy)
-        try:
+        with _database(backend, tmp, policy, policy) as database:
             results[policy] = simulate(database, policy, slots)
-        finally:
-            _drop(database, cleanup)
     for preempt in (False, True):
         label = "preemption" if preempt else "no_preemption"
-        database, cleanup = _database(backend, tmp, label, "usage")
-        try:
+        with _database(backend, tmp, label, "usage") as database:
             results[label] = simulate_preemption(database, slots, preempt)
-        finally:
-            _drop(database, cleanup)
     return results
 
 
@@ -467,10 +448,7 @@ def main() -> None:
                     f"{r['training_makespan_s']} s"
                 )
             print_claim_cost(cost)
-    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H%M%S")
-    path = ROOT / "bench" / "results" / f"fairness-{stamp}.json"
-    path.write_text(json.dumps(out, indent=2))
-    print(f"wrote {path.relative_to(ROOT)}")
+    write_result("fairness", out)
 
 
 if __name__ == "__main__":

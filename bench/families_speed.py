@@ -24,11 +24,9 @@ Figures are printed and written to bench/results/families-speed-<UTC time>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from bench.common import write_result  # noqa: E402
 from core.events import Metric, ModelSaved, Output, TextDelta  # noqa: E402
 from workers.families.base import DatasetRef, RunContext, TrainContext  # noqa: E402
 from workers.registry import get_family  # noqa: E402
@@ -215,11 +214,7 @@ def main() -> None:
             else:
                 report[family] = run(family, args, Path(tmp), device)
             print(family, report[family], flush=True)
-    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H%M%S")
-    suffix = "-tiny" if args.tiny else ""
-    path = ROOT / "bench" / "results" / f"families-speed{suffix}-{stamp}.json"
-    path.write_text(json.dumps(report, indent=2))
-    print(f"written to {path}")
+    write_result("families-speed-tiny" if args.tiny else "families-speed", report)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ Figures are printed and written to bench/results/finish-cost-<UTC time>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -25,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import migrations  # noqa: E402
+from bench.common import write_result  # noqa: E402
 from core.artifacts import ArtifactStore  # noqa: E402
 from core.catalog import ensure_builtins, resolve_model  # noqa: E402
 from core.db import Database  # noqa: E402
@@ -114,10 +114,7 @@ def main() -> None:
         f"one flush {result['finish_cpu_ms_one_flush']['mean']:.2f} ms "
         f"(ratio {result['ratio_mean']:.2f})"
     )
-    stamp = result["at"][:19].replace(":", "")
-    out = ROOT / "bench" / "results" / f"finish-cost-{stamp}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"written to {out.relative_to(ROOT)}")
+    write_result("finish-cost", result)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ bare pipeline's one actor; such a run is written as `job-path-replicas-<N>-<UTC 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import signal
@@ -46,6 +45,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import write_result  # noqa: E402
 from bench.cpu_per_job import process_cpu  # noqa: E402
 from tests.support.stackproc import StackProcess, descendants, free_port  # noqa: E402
 
@@ -361,14 +361,10 @@ def main() -> None:
         f"genq / bare ({database}): {result['ratio_jobs_per_s']:.2f} in jobs/s, "
         f"{result['ratio_cpu_per_job']:.2f} in CPU per job (target 0.5)"
     )
-    # bench/report.py's naming: `-before-` marks a baseline run; the database is in the JSON.
-    before = "-before" if args.label == "before" else ""
     # A capped run is its own kind: the target reads the family's policy (bench/report.py).
     capped = f"-replicas-{args.echo_max_replicas}" if args.echo_max_replicas else ""
-    stamp = result["at"][:19].replace(":", "")
-    out = ROOT / "bench" / "results" / f"job-path{capped}{before}-{stamp}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"written to {out.relative_to(ROOT)}")
+    # The database is in the JSON; `--label before` marks a baseline run.
+    write_result(f"job-path{capped}", result, before=args.label == "before")
 
 
 if __name__ == "__main__":

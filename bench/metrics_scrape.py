@@ -15,24 +15,21 @@ DB 10 backs the publisher (and holds no snapshot, so the cluster's figures are e
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
 import time
-import uuid
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import sqlalchemy as sa  # noqa: E402
 
 import migrations  # noqa: E402
 from api.app import create_app  # noqa: E402
 from api.metrics import SQL_CACHE_KEY  # noqa: E402
+from bench.common import scratch_postgres, write_result  # noqa: E402
 from bench.dashboard import PG, REDIS, populate  # noqa: E402
 from core.db import Database  # noqa: E402
 from core.settings import Settings  # noqa: E402
@@ -108,24 +105,9 @@ def main() -> None:
             url = f"sqlite:///{tmp}/bench.db"
             out["sqlite"] = run("SQLite", url, args.jobs, args.scrapes, Path(tmp))
         if args.only in (None, "postgres"):
-            name = f"genq_bench_{uuid.uuid4().hex[:8]}"
-            admin = sa.create_engine(
-                PG.replace("postgresql://", "postgresql+psycopg://", 1),
-                isolation_level="AUTOCOMMIT",
-            )
-            with admin.connect() as conn:
-                conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-            url = sa.engine.make_url(PG).set(database=name).render_as_string(hide_password=False)
-            try:
+            with scratch_postgres(PG) as url:
                 out["postgres"] = run("PostgreSQL", url, args.jobs, args.scrapes, Path(tmp))
-            finally:
-                with admin.connect() as conn:
-                    conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-                admin.dispose()
-    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H%M%S")
-    path = ROOT / "bench" / "results" / f"metrics-{stamp}.json"
-    path.write_text(json.dumps(out, indent=2))
-    print(f"written to {path.relative_to(ROOT)}")
+    write_result("metrics", out)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 
 import migrations  # noqa: E402
 from api import payloads, schemas  # noqa: E402
+from bench.common import write_result  # noqa: E402
 from core.catalog import ensure_builtins  # noqa: E402
 from core.db import Database  # noqa: E402
 from core.ids import new_id  # noqa: E402
@@ -200,9 +201,7 @@ def main() -> None:
         },
     }
     print(json.dumps(figures, indent=1))
-    stamp = f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}"
-    out = ROOT / "bench" / "results" / f"openapi-render-{stamp}.json"
-    out.write_text(json.dumps(figures, indent=1) + "\n")
+    write_result("openapi-render", figures)
     database.dispose()
     shutil.rmtree(folder, ignore_errors=True)
 

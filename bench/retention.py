@@ -18,7 +18,7 @@ import shutil
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import migrations  # noqa: E402
+from bench.common import write_result  # noqa: E402
 from core.artifacts import ArtifactStore  # noqa: E402
 from core.catalog import ensure_builtins  # noqa: E402
 from core.db import Database  # noqa: E402
@@ -138,8 +139,7 @@ def main() -> None:
         "mean_transaction_ms": round(1000 * sum(spans) / len(spans), 1),
     }
     print(json.dumps(figures, indent=1))
-    out = ROOT / "bench" / "results" / f"retention-{datetime.now(UTC):%Y%m%dT%H%M%SZ}.json"
-    out.write_text(json.dumps(figures, indent=1) + "\n")
+    write_result("retention", figures)
     database.dispose()
     shutil.rmtree(folder, ignore_errors=True)
 

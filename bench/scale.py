@@ -16,7 +16,6 @@ Redis DB 10 backs the publisher.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
@@ -34,6 +33,7 @@ import sqlalchemy as sa  # noqa: E402
 
 import migrations  # noqa: E402
 from api.app import create_app  # noqa: E402
+from bench.common import scratch_postgres, write_result  # noqa: E402
 from bench.dashboard import PG, REDIS, id_for, populate, server_times  # noqa: E402
 from core.db import Database  # noqa: E402
 from core.fairness import claim_next  # noqa: E402
@@ -202,26 +202,11 @@ def main() -> None:
                 "sqlite", url, args.jobs, args.backlog, args.requests, Path(tmp) / "v1"
             )
         if args.only in (None, "postgres"):
-            name = f"genq_bench_scale_{int(time.time())}"
-            admin = sa.create_engine(
-                PG.replace("postgresql://", "postgresql+psycopg://", 1),
-                isolation_level="AUTOCOMMIT",
-            )
-            with admin.connect() as conn:
-                conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
-            url = sa.engine.make_url(PG).set(database=name).render_as_string(False)
-            try:
+            with scratch_postgres(PG) as url:
                 out["postgres"] = run(
                     "postgres", url, args.jobs, args.backlog, args.requests, Path(tmp) / "v2"
                 )
-            finally:
-                with admin.connect() as conn:
-                    conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-                admin.dispose()
-    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H%M%S")
-    path = ROOT / "bench" / "results" / f"scale-{stamp}.json"
-    path.write_text(json.dumps(out, indent=2))
-    print(f"wrote {path.relative_to(ROOT)}")
+    write_result("scale", out)
 
 
 if __name__ == "__main__":

@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 import redis  # noqa: E402
 from sqlalchemy import create_engine, func, select, text  # noqa: E402
 
+from bench.common import write_result  # noqa: E402
 from core.db import Database  # noqa: E402
 from core.settings import Settings  # noqa: E402
 from core.strays import GRACE as STRAY_GRACE  # noqa: E402
@@ -428,8 +429,7 @@ def main() -> None:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
     print(json.dumps(result, indent=2))
-    out = ROOT / "bench" / "results" / f"soak-{datetime.now(UTC):%Y-%m-%dT%H%M%S}.json"
-    out.write_text(json.dumps({**result, "chaos": chaos.log}, indent=2) + "\n")
+    write_result("soak", {**result, "chaos": chaos.log})
 
 
 if __name__ == "__main__":

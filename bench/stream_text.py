@@ -49,6 +49,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import migrations  # noqa: E402
+from bench.common import write_result  # noqa: E402
 from core.catalog import ensure_builtins  # noqa: E402
 from core.db import READ_ONLY, Database, make_engine  # noqa: E402
 from core.events import TextDelta  # noqa: E402
@@ -274,6 +275,4 @@ def main(tokens: int, rate: float) -> None:
         f"transactions in all; the stream took {after['stream_s']} s vs {before['stream_s']} s "
         f"({tokens / rate:.1f} s at the model's pace)"
     )
-    out = ROOT / "bench" / "results" / f"streams-text-{result['at'][:19].replace(':', '')}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"written to {out.relative_to(ROOT)}")
+    write_result("streams-text", result)

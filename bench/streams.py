@@ -17,7 +17,6 @@ What streaming text costs and how soon a follower sees it: `--text` (bench/strea
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -34,6 +33,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import write_result  # noqa: E402
 from tests.support.stackproc import StackProcess  # noqa: E402
 
 REDIS = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379")
@@ -134,9 +134,7 @@ def main() -> None:
             f"max {figures['get_job_max_ms']} ms), {figures['get_job_timed_out']} timed out "
             f"after {TIMEOUT_S:.0f} s"
         )
-    out = ROOT / "bench" / "results" / f"streams-{result['at'][:19].replace(':', '')}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"written to {out.relative_to(ROOT)}")
+    write_result("streams", result)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ printed and written to bench/results/throughput-<UTC time>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -27,6 +26,7 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.common import write_result  # noqa: E402
 from tests.support.stackproc import StackProcess  # noqa: E402
 
 REDIS = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379")
@@ -203,9 +203,7 @@ def main() -> None:
         f"p50 {genq['loaded_submit_to_start_p50_ms']:.1f} ms, "
         f"p99 {genq['loaded_submit_to_start_p99_ms']:.1f} ms"
     )
-    out = ROOT / "bench" / "results" / f"throughput-{result['at'][:19].replace(':', '')}.json"
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"written to {out.relative_to(ROOT)}")
+    write_result("throughput", result)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,14 @@
 """Fixtures of the API tests: each test runs on SQLite and on PostgreSQL (a new database at
 the migrations' head), with its own Redis database behind a real `Publisher`, and the app in
 this process through Flask's test client. A module that needs other settings overrides
-`settings` (tests/support/api.py: `make_settings`, `BACKENDS`)."""
+`settings_overrides` (or `settings` itself: tests/support/api.py has `make_settings` and
+`BACKENDS`)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -22,18 +24,27 @@ from scheduler.enqueue import Publisher
 from tests.support.api import BACKENDS, Keys, make_settings
 
 
-@pytest.fixture(params=BACKENDS)
-def settings(request: pytest.FixtureRequest, tmp_path: Path, redis_db_url: str) -> Settings:
-    return make_settings(
-        request,
-        tmp_path,
-        redis_db_url,
-        max_request_bytes=64 * 1024,
-        page_size_max=20,
-        max_attempts=3,
+@pytest.fixture
+def settings_overrides() -> dict[str, Any]:
+    """What `settings` sets beyond `make_settings`' own: a module or folder that needs other
+    settings overrides this fixture (its values replace these, they are not merged)."""
+    return {
+        "max_request_bytes": 64 * 1024,
+        "page_size_max": 20,
+        "max_attempts": 3,
         # No worker runs here: a `Prefer: wait` the contract tests send waits this long.
-        sync_wait_max_s=1,
-    )
+        "sync_wait_max_s": 1,
+    }
+
+
+@pytest.fixture(params=BACKENDS)
+def settings(
+    request: pytest.FixtureRequest,
+    tmp_path: Path,
+    redis_db_url: str,
+    settings_overrides: dict[str, Any],
+) -> Settings:
+    return make_settings(request, tmp_path, redis_db_url, **settings_overrides)
 
 
 @pytest.fixture

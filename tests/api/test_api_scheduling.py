@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from datetime import timedelta
-from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -16,21 +16,19 @@ from core.db import Database
 from core.settings import Settings
 from core.tables import AuditEntry, Job, JobEvent, utcnow
 from tests.support.api import (
-    BACKENDS,
     Keys,
     assert_problem,
     bearer,
     echo,
-    make_settings,
     queue_depth,
     run_job,
     submit,
 )
 
 
-@pytest.fixture(params=BACKENDS)
-def settings(request: pytest.FixtureRequest, tmp_path: Path, redis_db_url: str) -> Settings:
-    return make_settings(request, tmp_path, redis_db_url, worker_concurrency=2)
+@pytest.fixture
+def settings_overrides() -> dict[str, Any]:
+    return {"worker_concurrency": 2}
 
 
 def test_priority_classes_on_submit_and_patch_without_republishing(

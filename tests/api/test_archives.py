@@ -20,19 +20,17 @@ from typing import Any
 import pytest
 import requests
 
-from core.settings import Settings
 from tests.support.api import (
-    BACKENDS,
     Keys,
     assert_problem,
 )
-from tests.support.datasets import nothing_left, png, upload, upload_settings, zip_of
+from tests.support.datasets import UPLOAD_SETTINGS, nothing_left, png, upload, zip_of
 from tests.support.stackproc import ROOT, descendants, free_port
 
 
-@pytest.fixture(params=BACKENDS)
-def settings(request: pytest.FixtureRequest, tmp_path: Path, redis_db_url: str) -> Settings:
-    return upload_settings(request, tmp_path, redis_db_url)
+@pytest.fixture
+def settings_overrides() -> dict[str, Any]:
+    return UPLOAD_SETTINGS
 
 
 LOCAL = b"PK\x03\x04"

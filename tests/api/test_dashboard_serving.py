@@ -5,9 +5,8 @@ events, and the replica policy form (validated field by field, audited)."""
 from __future__ import annotations
 
 import json
-import re
 import time
-from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -15,34 +14,19 @@ from flask.testing import FlaskClient
 from sqlalchemy import select
 
 from core.db import Database
-from core.settings import Settings
 from core.tables import AuditEntry, Model
 from scheduler.snapshot import SNAPSHOT_KEY
 from tests.support.api import (
-    BACKENDS,
     Keys,
     echo,
-    make_settings,
     submit,
 )
+from tests.support.dashboard import login
 
 
-@pytest.fixture(params=BACKENDS)
-def settings(request: pytest.FixtureRequest, tmp_path: Path, redis_db_url: str) -> Settings:
-    return make_settings(
-        request, tmp_path, redis_db_url, secret_key="test-secret-key-for-dashboards"
-    )
-
-
-def login(client: FlaskClient, key: str) -> str:
-    def csrf(page: str) -> str:
-        found = re.search(r'name="csrf_token" value="([^"]+)"', page)
-        assert found
-        return found.group(1)
-
-    token = csrf(client.get("/admin/login").get_data(as_text=True))
-    assert client.post("/admin/login", data={"key": key, "csrf_token": token}).status_code == 302
-    return csrf(client.get("/admin/").get_data(as_text=True))
+@pytest.fixture
+def settings_overrides() -> dict[str, Any]:
+    return {"secret_key": "test-secret-key-for-dashboards"}
 
 
 def report_pool(client: redis.Redis, model_id: str) -> None:

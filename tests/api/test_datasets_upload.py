@@ -8,25 +8,24 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from core.events import ModelSaved
-from core.settings import Settings
 from tests.support.api import (
-    BACKENDS,
     Keys,
     assert_problem,
     bearer,
 )
-from tests.support.datasets import MAX_BYTES, nothing_left, png, upload, upload_settings, zip_of
+from tests.support.datasets import MAX_BYTES, UPLOAD_SETTINGS, nothing_left, png, upload, zip_of
 from workers.families import charlm, gan
 from workers.families.base import DatasetRef, TrainContext
 
 
-@pytest.fixture(params=BACKENDS)
-def settings(request: pytest.FixtureRequest, tmp_path: Path, redis_db_url: str) -> Settings:
-    return upload_settings(request, tmp_path, redis_db_url)
+@pytest.fixture
+def settings_overrides() -> dict[str, Any]:
+    return UPLOAD_SETTINGS
 
 
 def train_ctx(root: Path, ref: DatasetRef) -> TrainContext:

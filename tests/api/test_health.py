@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +19,8 @@ import redis
 from flask import Flask
 
 from api.app import create_app
-from core.catalog import ensure_builtins
 from core.db import Database
 from core.settings import Settings
-from core.tables import Base
 from scheduler.broker import QUEUES
 from scheduler.enqueue import Publisher
 from scheduler.heartbeats import WORKER_INDEX, WorkerHeartbeat
@@ -31,17 +29,9 @@ from scheduler.periodic import Periodic
 PG_URL = os.environ.get("GENQ_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
-@pytest.fixture
-def broker(redis_db_url: str) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(redis_db_url)
-    yield client
-    client.close()
-
-
 def _settings(tmp_path: Path, redis_url: str, **overrides: Any) -> Settings:
     values: dict[str, Any] = {
         "var_dir": tmp_path / "var",
-        "database_url": f"sqlite:///{tmp_path / 'genq.db'}",
         "redis_url": redis_url,
         "artifact_root": tmp_path / "artifacts",
         "rate_limits": False,
@@ -50,31 +40,11 @@ def _settings(tmp_path: Path, redis_url: str, **overrides: Any) -> Settings:
     return Settings(_env_file=None, **{**values, **overrides})  # type: ignore[call-arg]
 
 
+# tests/api/conftest.py's database, broker, publisher and app, on these settings: SQLite only, a
+# new database at the migrations' head, heartbeats every half second.
 @pytest.fixture
-def settings(tmp_path: Path, redis_db_url: str) -> Settings:
-    return _settings(tmp_path, redis_db_url)
-
-
-@pytest.fixture
-def database(settings: Settings) -> Iterator[Database]:
-    db = Database(settings)
-    Base.metadata.create_all(db.engine)
-    with db.transaction() as session:
-        ensure_builtins(session)
-    yield db
-    db.dispose()
-
-
-@pytest.fixture
-def publisher(settings: Settings, broker: redis.Redis) -> Iterator[Publisher]:
-    pub = Publisher(settings)
-    yield pub
-    pub.close()
-
-
-@pytest.fixture
-def app(settings: Settings, database: Database, publisher: Publisher) -> Flask:
-    return create_app(settings, database=database, publisher=publisher)
+def settings(tmp_path: Path, redis_db_url: str, new_database: Callable[[str], str]) -> Settings:
+    return _settings(tmp_path, redis_db_url, database_url=new_database("sqlite"))
 
 
 def _ready(app: Flask) -> tuple[int, dict[str, Any]]:

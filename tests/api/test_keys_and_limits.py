@@ -28,32 +28,28 @@ from core.settings import Settings
 from core.tables import ApiKey, utcnow
 from scheduler.enqueue import Publisher
 from tests.support.api import (
-    BACKENDS,
     Keys,
     assert_problem,
     bearer,
     echo,
-    make_settings,
     submit,
 )
+from tests.support.dashboard import csrf_of, login
 
 # Windows of 40 and 60 s: no test here may pass or fail by how fast the machine is.
 RATE = {"rate_limit_per_s": 0.1, "rate_limit_burst": 4}
 TENANT_RATE = {"tenant_rate_limit_per_s": 0.1, "tenant_rate_limit_burst": 6}
 
 
-@pytest.fixture(params=BACKENDS)
-def settings(request: pytest.FixtureRequest, tmp_path: Any, redis_db_url: str) -> Settings:
-    return make_settings(
-        request,
-        tmp_path,
-        redis_db_url,
-        rate_limits=True,
-        auth_failures_per_min=5,
-        secret_key="test-secret-key-for-sessions",
+@pytest.fixture
+def settings_overrides() -> dict[str, Any]:
+    return {
+        "rate_limits": True,
+        "auth_failures_per_min": 5,
+        "secret_key": "test-secret-key-for-sessions",
         **RATE,
         **TENANT_RATE,
-    )
+    }
 
 
 @pytest.fixture
@@ -255,19 +251,6 @@ def test_a_redis_that_does_not_answer_lets_requests_through(
 
 
 # -- dashboard sessions --------------------------------------------------------------------------
-
-
-def csrf_of(page: str) -> str:
-    found = re.search(r'name="csrf_token" value="([^"]+)"', page)
-    assert found
-    return found.group(1)
-
-
-def login(client: FlaskClient, key: str) -> str:
-    token = csrf_of(client.get("/admin/login").get_data(as_text=True))
-    response = client.post("/admin/login", data={"key": key, "csrf_token": token})
-    assert response.status_code == 302, response.get_data(as_text=True)
-    return csrf_of(client.get("/admin/").get_data(as_text=True))
 
 
 def copied(app: Flask, original: FlaskClient) -> FlaskClient:

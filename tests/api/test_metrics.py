@@ -28,12 +28,10 @@ from scheduler.enqueue import Publisher
 from scheduler.periodic import Periodic
 from scheduler.snapshot import SNAPSHOT_KEY
 from tests.support.api import (
-    BACKENDS,
     Keys,
     assert_problem,
     bearer,
     echo,
-    make_settings,
     run_job,
     submit,
 )
@@ -41,10 +39,10 @@ from tests.support.api import (
 TOKEN = "scrape-token-0123456789"
 
 
-@pytest.fixture(params=BACKENDS)
-def settings(request: pytest.FixtureRequest, tmp_path: Any, redis_db_url: str) -> Settings:
+@pytest.fixture
+def settings_overrides() -> dict[str, Any]:
     # Every scrape queries SQL (no shared text), so each test sees its own changes at once.
-    return make_settings(request, tmp_path, redis_db_url, metrics_token=TOKEN, metrics_cache_s=0)
+    return {"metrics_token": TOKEN, "metrics_cache_s": 0}
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from tests.support.browser import CHROMIUM, CHROMIUM_ARGS, need_browser
-from tests.support.stackproc import StackProcess
+from tests.support.stackproc import StackProcess, running_stack
 
 
 @pytest.fixture(scope="module")
@@ -19,15 +19,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackProcess]:
     need_browser()
     base = tmp_path_factory.mktemp("dashboard-stack")
     env = {"GENQ_RAY_NUM_CPUS": "2", "GENQ_CLUSTER_SNAPSHOT_INTERVAL_S": "1"}
-    proc = StackProcess(base / "var", env)
-    try:
-        proc.start()
+    with running_stack(base / "var", env) as proc:
         yield proc
-        code, alive = proc.stop()
-        assert code == 0, proc.log_text()[-3000:]
-        assert not alive, f"processes left after Ctrl-C: {alive}"
-    finally:
-        proc.kill()
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,9 @@ test's tmp dir) for a person to look at.
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,22 @@ from tests.support.training import tiny_ddpm_params
 pytestmark = pytest.mark.stack
 
 TINY_TRAIN = tiny_ddpm_params(steps=40, batch_size=16, checkpoint_every=20)
+ECHO = {"kind": "generate", "model": "echo", "params": {}}
+
+
+def an_hour_from_now() -> str:
+    """A run_at that holds a job off, so that no worker of the stack takes it."""
+    return (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+
+
+@contextlib.contextmanager
+def stack_database(stack: StackProcess) -> Iterator[Database]:
+    """The stack's own database, for a test that plays a worker through the core services."""
+    database = Database(Settings(_env_file=None, var_dir=stack.var_dir))  # type: ignore[call-arg]
+    try:
+        yield database
+    finally:
+        database.dispose()
 
 
 def test_login_refuses_a_wrong_key_and_shows_the_cluster(
@@ -99,16 +117,11 @@ def test_a_jobs_timeline_attempt_logs_and_outputs_update_in_place(
 ) -> None:
     # A job held off by run_at, so that no worker of the stack takes it: this test plays the
     # worker through the core services, on the stack's own database and artifact store.
-    run_at = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
-    job_id = stack.submit({"kind": "generate", "model": "echo", "params": {}, "run_at": run_at})[
-        "id"
-    ]
-    settings = Settings(_env_file=None, var_dir=stack.var_dir)  # type: ignore[call-arg]
-    database = Database(settings)
-    page.goto(f"{stack.url}/admin/jobs/{job_id}")
-    assert state_badge(page) == "scheduled"
-    page.evaluate("window.__sameDocument = true")
-    try:
+    job_id = stack.submit({**ECHO, "run_at": an_hour_from_now()})["id"]
+    with stack_database(stack) as database:
+        page.goto(f"{stack.url}/admin/jobs/{job_id}")
+        assert state_badge(page) == "scheduled"
+        page.evaluate("window.__sameDocument = true")
         with database.transaction() as session:
             job = session.get(Job, job_id)
             assert job is not None
@@ -136,7 +149,7 @@ def test_a_jobs_timeline_attempt_logs_and_outputs_update_in_place(
             lease = claim_job(session, job_id, lease_ttl_s=120)
             assert lease is not None and lease.attempt == 2
         text = b"<b>not bold</b> from attempt 2"
-        stored = ArtifactStore(settings.artifacts).write_output(
+        stored = ArtifactStore(database.settings.artifacts).write_output(
             tenant_id, job_id, "notes.txt", text
         )
         with database.transaction() as session:
@@ -161,21 +174,14 @@ def test_a_jobs_timeline_attempt_logs_and_outputs_update_in_place(
         wait_js(page, "document.querySelector('h1 [data-state]')?.textContent == 'succeeded'")
         assert page.evaluate("window.__sameDocument") is None
         assert page.locator("[data-output='notes.txt']").count() == 1
-    finally:
-        database.dispose()
 
 
 def test_a_training_jobs_loss_chart_and_metrics_grow_in_place(
     page: Any, stack: StackProcess
 ) -> None:
     # As above: a job no worker of the stack takes, whose metric points this test records.
-    run_at = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
-    job_id = stack.submit({"kind": "generate", "model": "echo", "params": {}, "run_at": run_at})[
-        "id"
-    ]
-    settings = Settings(_env_file=None, var_dir=stack.var_dir)  # type: ignore[call-arg]
-    database = Database(settings)
-    try:
+    job_id = stack.submit({**ECHO, "run_at": an_hour_from_now()})["id"]
+    with stack_database(stack) as database:
         with database.transaction() as session:
             job = session.get(Job, job_id)
             assert job is not None
@@ -219,8 +225,6 @@ def test_a_training_jobs_loss_chart_and_metrics_grow_in_place(
         with page.expect_event("load"), database.transaction() as session:
             finish_job(session, lease, JobState.SUCCEEDED)
         wait_js(page, f"{points} === 3")  # the reloaded page draws the same chart
-    finally:
-        database.dispose()
 
 
 def test_a_preempted_trainings_page_shows_when_for_which_job_and_where_it_resumed(
@@ -230,17 +234,13 @@ def test_a_preempted_trainings_page_shows_when_for_which_job_and_where_it_resume
     # test plays their workers through the core services: the training holds the GPU, the
     # interactive job is claimed and waits for it, a preemption round asks the training to
     # stop, it goes back to the queue at its checkpoint and resumes from it.
-    run_at = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    run_at = an_hour_from_now()
     train = {"kind": "train", "family": "ddpm", "dataset": "digits", "name": "digits-preempted"}
     victim_id = stack.submit(
         {**train, "params": TINY_TRAIN, "priority": "batch", "run_at": run_at}
     )["id"]
-    waiter_id = stack.submit(
-        {"kind": "generate", "model": "echo", "params": {}, "priority": 9, "run_at": run_at}
-    )["id"]
-    settings = Settings(_env_file=None, var_dir=stack.var_dir)  # type: ignore[call-arg]
-    database = Database(settings)
-    try:
+    waiter_id = stack.submit({**ECHO, "priority": 9, "run_at": run_at})["id"]
+    with stack_database(stack) as database:
         with database.transaction() as session:
             leases = {}
             for job_id in (victim_id, waiter_id):
@@ -293,8 +293,6 @@ def test_a_preempted_trainings_page_shows_when_for_which_job_and_where_it_resume
         with database.transaction() as session:
             finish_job(session, again, JobState.SUCCEEDED)
             finish_job(session, leases[waiter_id], JobState.SUCCEEDED)
-    finally:
-        database.dispose()
 
 
 def test_cancel_a_running_job(page: Any, stack: StackProcess) -> None:

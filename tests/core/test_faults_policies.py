@@ -17,15 +17,16 @@ from sqlalchemy import update
 from api.app import create_app
 from core.catalog import ensure_builtins, resolve_model
 from core.db import Database
-from core.jobs import NewJob, create_job
+from core.jobs import create_job
 from core.keys import create_key, get_or_create_tenant
 from core.leases import claim_job, release_job, retry_backoff_s
 from core.recovery import expire_deadlines, reap_expired
 from core.settings import Settings
-from core.states import JobKind, JobState
+from core.states import JobState
 from core.tables import Base, Job, utcnow
 from scheduler.enqueue import Publisher
 from scheduler.outcomes import is_out_of_memory, smaller_batch
+from tests.support.jobs import echo_job
 
 
 @pytest.fixture
@@ -54,16 +55,7 @@ def make_job(db: Database, **kw: Any) -> str:
     with db.transaction() as session:
         tenant = get_or_create_tenant(session, "acme")
         model = resolve_model(session, tenant.id, "echo")
-        fields: dict[str, Any] = {
-            "tenant_id": tenant.id,
-            "kind": JobKind.GENERATE,
-            "family": "echo",
-            "queue": "generate",
-            "params": {},
-            "model_id": model.id,
-            **kw,
-        }
-        job, _ = create_job(session, NewJob(**fields))
+        job, _ = create_job(session, echo_job(tenant.id, model.id, **kw))
         return job.id
 
 

@@ -13,21 +13,19 @@ from sqlalchemy.exc import IntegrityError
 from core.db import Database
 from core.intake import InsertQueue, insert_job
 from core.jobs import NewJob, create_job
-from core.states import JobKind, JobState
+from core.states import JobState
 from core.tables import Job, JobEvent
+from tests.support.jobs import echo_job
 
 
 def _new(db: Database, **kw: Any) -> NewJob:
-    fields: dict[str, Any] = dict(
-        tenant_id=db.tenant_id,  # type: ignore[attr-defined]
-        kind=JobKind.GENERATE,
-        family="echo",
-        queue="generate",
-        params={"message": "hi"},
-        model_id=db.echo_id,  # type: ignore[attr-defined]
-    )
-    fields.update(kw)
-    return NewJob(**fields)
+    fields: dict[str, Any] = {
+        "tenant_id": db.tenant_id,  # type: ignore[attr-defined]
+        "model_id": db.echo_id,  # type: ignore[attr-defined]
+        "params": {"message": "hi"},
+        **kw,  # a test may give another model_id
+    }
+    return echo_job(**fields)
 
 
 def _columns(job: Job) -> dict[str, Any]:

@@ -13,26 +13,19 @@ from sqlalchemy import event, func, select, update
 from core.artifacts import ArtifactStore
 from core.errors import IllegalTransitionError, LeaseLostError
 from core.events import Log, Metric, Output, Progress, TextDelta
-from core.jobs import NewJob, add_event, cancel_job, create_job, get_job
+from core.jobs import add_event, cancel_job, create_job, get_job
 from core.leases import claim_job, finish_job, heartbeat, release_job
 from core.recording import record_events, record_output, record_placement
 from core.recovery import reap_expired, unpublished_jobs
-from core.states import TRANSITIONS, JobKind, JobState, check_transition
+from core.states import TRANSITIONS, JobState, check_transition
 from core.tables import Artifact, Job, JobEvent, TenantUsage, utcnow
+from tests.support.jobs import echo_job
 
 
 def _new(db, **kw) -> str:  # type: ignore[no-untyped-def]
-    fields = dict(
-        tenant_id=db.tenant_id,
-        kind=JobKind.GENERATE,
-        family="echo",
-        queue="generate",
-        params={"message": "hi"},
-        model_id=db.echo_id,
-    )
-    fields.update(kw)
     with db.transaction() as session:
-        job, created = create_job(session, NewJob(**fields))
+        new = echo_job(db.tenant_id, db.echo_id, **{"params": {"message": "hi"}, **kw})
+        job, created = create_job(session, new)
         assert created
         return job.id
 
@@ -51,18 +44,7 @@ def test_transition_table_allows_only_listed_changes() -> None:
 def test_idempotency_key_returns_the_first_job(db) -> None:  # type: ignore[no-untyped-def]
     first = _new(db, idempotency_key="k1")
     with db.transaction() as session:
-        job, created = create_job(
-            session,
-            NewJob(
-                tenant_id=db.tenant_id,
-                kind=JobKind.GENERATE,
-                family="echo",
-                queue="generate",
-                params={},
-                model_id=db.echo_id,
-                idempotency_key="k1",
-            ),
-        )
+        job, created = create_job(session, echo_job(db.tenant_id, db.echo_id, idempotency_key="k1"))
         assert not created and job.id == first
         assert session.scalar(select(func.count()).select_from(Job)) == 1
 
@@ -330,17 +312,7 @@ def test_events_keep_the_order_they_were_added_in(db, tmp_path: Path) -> None:  
     session's flush while it does not or while an event is still pending there: their ids
     follow the order of the calls either way, and a new job's first events land."""
     with db.transaction() as session:
-        job, _ = create_job(
-            session,
-            NewJob(
-                tenant_id=db.tenant_id,
-                kind=JobKind.GENERATE,
-                family="echo",
-                queue="generate",
-                params={"message": "hi"},
-                model_id=db.echo_id,
-            ),
-        )
+        job, _ = create_job(session, echo_job(db.tenant_id, db.echo_id, params={"message": "hi"}))
         add_event(session, job, "log", {"message": "while pending"})  # the row is not written
         job_id = job.id
     with db.transaction() as session:

@@ -15,18 +15,16 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, update
 
-from core.catalog import ensure_builtins, resolve_model
-from core.db import Database
 from core.events import Event, Log, Progress
 from core.fairness import claim_next
 from core.jobs import NewJob, create_job
-from core.keys import get_or_create_tenant
 from core.leases import Lease, claim_job
 from core.preemption import preempt_for_waiting, requeue_preempted
 from core.recording import record_placement, record_waiting
 from core.settings import Settings
 from core.states import JobKind, JobState
 from core.tables import Job, JobEvent, Tenant, WebhookDelivery, utcnow
+from tests.support.jobs import tenants_database
 from workers.families.base import PreemptedError
 from workers.preemption import NOTICE, CheckpointStop
 
@@ -34,12 +32,7 @@ from workers.preemption import NOTICE, CheckpointStop
 @pytest.fixture
 def db(database_url: str, tmp_path: Path):  # type: ignore[no-untyped-def]
     settings = Settings(var_dir=tmp_path / "var", database_url=database_url)
-    database = Database(settings)
-    with database.transaction() as session:
-        ensure_builtins(session)
-        tenants = {n: get_or_create_tenant(session, n).id for n in ("a", "b", "c")}
-        database.tenants = tenants  # type: ignore[attr-defined]
-        database.echo_id = resolve_model(session, tenants["a"], "echo").id  # type: ignore[attr-defined]
+    database = tenants_database(settings, "a", "b", "c")
     yield database
     database.dispose()
 

@@ -15,14 +15,13 @@ from sqlalchemy import select
 
 from core.catalog import ensure_builtins, resolve_model
 from core.db import Database
-from core.jobs import NewJob
 from core.keys import get_or_create_tenant
 from core.schedules import fire_due, latest_slot, next_slot, template_of
 from core.settings import Settings
-from core.states import JobKind
 from core.tables import Job, Schedule
 from scheduler.enqueue import Publisher
 from scheduler.periodic import Periodic
+from tests.support.jobs import echo_job
 
 EVERY_5_S = "* * * * * */5"  # croniter: seconds are the sixth field
 
@@ -38,14 +37,7 @@ def _make_schedule(database: Database, cron: str, start: datetime, tz: str = "UT
         ensure_builtins(session)
         tenant = get_or_create_tenant(session, "acme")
         echo = resolve_model(session, tenant.id, "echo")
-        new = NewJob(
-            tenant_id=tenant.id,
-            kind=JobKind.GENERATE,
-            family="echo",
-            queue="generate",
-            params={"message": "tick"},
-            model_id=echo.id,
-        )
+        new = echo_job(tenant.id, echo.id, params={"message": "tick"})
         schedule = Schedule(
             tenant_id=tenant.id,
             name="ticks",

@@ -14,17 +14,15 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select, update
 
-from core.catalog import ensure_builtins, resolve_model
-from core.db import Database
 from core.errors import QuotaExceededError
 from core.fairness import claim_next, queue_positions
-from core.jobs import NewJob, create_job, parse_priority
-from core.keys import get_or_create_tenant
+from core.jobs import create_job, parse_priority
 from core.leases import Lease, finish_job
 from core.quotas import check_submission
 from core.settings import Settings
-from core.states import JobKind, JobState
+from core.states import JobState
 from core.tables import Job, Tenant, utcnow
+from tests.support.jobs import echo_job, tenants_database
 
 
 @pytest.fixture
@@ -32,12 +30,7 @@ def db(database_url: str, tmp_path: Path):  # type: ignore[no-untyped-def]
     # The start-based policy: its order does not depend on how long the test's jobs run
     # (tests/core/test_usage.py covers the usage-based one with a clock of its own).
     settings = Settings(var_dir=tmp_path / "var", database_url=database_url, fair_share="starts")
-    database = Database(settings)
-    with database.transaction() as session:
-        ensure_builtins(session)
-        tenants = {n: get_or_create_tenant(session, n).id for n in ("a", "b", "c")}
-        database.tenants = tenants  # type: ignore[attr-defined]
-        database.echo_id = resolve_model(session, tenants["a"], "echo").id  # type: ignore[attr-defined]
+    database = tenants_database(settings, "a", "b", "c")
     yield database
     database.dispose()
 
@@ -46,18 +39,8 @@ def _submit(db, tenant: str, n: int = 1, priority: int | str = 5) -> list[str]: 
     ids = []
     with db.transaction() as session:
         for _ in range(n):
-            job, _ = create_job(
-                session,
-                NewJob(
-                    tenant_id=db.tenants[tenant],
-                    kind=JobKind.GENERATE,
-                    family="echo",
-                    queue="generate",
-                    params={},
-                    model_id=db.echo_id,
-                    priority=parse_priority(priority),
-                ),
-            )
+            new = echo_job(db.tenants[tenant], db.echo_id, priority=parse_priority(priority))
+            job, _ = create_job(session, new)
             ids.append(job.id)
     return ids
 

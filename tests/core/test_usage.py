@@ -16,18 +16,17 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select, update
 
-from core.catalog import ensure_builtins, resolve_model
 from core.db import Database
 from core.fairness import claim_next
-from core.jobs import NewJob, cancel_job, create_job
-from core.keys import get_or_create_tenant
+from core.jobs import cancel_job, create_job
 from core.leases import Lease, finish_job, release_job
 from core.preemption import requeue_preempted
 from core.recovery import reap_expired
 from core.settings import Settings
-from core.states import JobKind, JobState
+from core.states import JobState
 from core.tables import Job, Tenant, TenantUsage, utcnow
 from core.usage import attempt_cost, recount_running, usage_of
+from tests.support.jobs import echo_job, tenants_database
 
 HALF_LIFE_S = 600.0
 
@@ -39,13 +38,7 @@ def _database(database_url: str, tmp_path: Path, policy: str) -> Database:
         fair_share=policy,
         fair_share_half_life_s=HALF_LIFE_S,
     )
-    database = Database(settings)
-    with database.transaction() as session:
-        ensure_builtins(session)
-        tenants = {n: get_or_create_tenant(session, n).id for n in ("a", "b")}
-        database.tenants = tenants  # type: ignore[attr-defined]
-        database.echo_id = resolve_model(session, tenants["a"], "echo").id  # type: ignore[attr-defined]
-    return database
+    return tenants_database(settings, "a", "b")
 
 
 @pytest.fixture
@@ -58,17 +51,8 @@ def db(database_url: str, tmp_path: Path):  # type: ignore[no-untyped-def]
 def _submit(db, tenant: str, n: int, duration_s: float) -> None:  # type: ignore[no-untyped-def]
     with db.transaction() as session:
         for _ in range(n):
-            create_job(
-                session,
-                NewJob(
-                    tenant_id=db.tenants[tenant],
-                    kind=JobKind.GENERATE,
-                    family="echo",
-                    queue="generate",
-                    params={"delay_s": duration_s},
-                    model_id=db.echo_id,
-                ),
-            )
+            new = echo_job(db.tenants[tenant], db.echo_id, params={"delay_s": duration_s})
+            create_job(session, new)
 
 
 class Sim:

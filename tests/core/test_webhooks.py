@@ -21,16 +21,17 @@ from api.app import create_app
 from core.catalog import ensure_builtins, resolve_model
 from core.db import Database
 from core.events import Output, Progress
-from core.jobs import NewJob, create_job
+from core.jobs import create_job
 from core.keys import create_key, get_or_create_tenant
 from core.leases import claim_job, finish_job
 from core.recording import record_events, record_output
 from core.settings import Settings
-from core.states import JobKind, JobState
+from core.states import JobState
 from core.tables import Base, WebhookDelivery
 from core.webhooks import UnsafeTargetError, check_target, is_internal, sign, tenant_secret
 from scheduler.enqueue import Publisher
 from scheduler.webhooks import deliver, dispatch
+from tests.support.jobs import echo_job
 from tests.support.webhooks import Receiver, verify
 
 
@@ -89,17 +90,7 @@ def new_job(database: Database, url: str, events: list[str] | None = None) -> tu
         tenant = get_or_create_tenant(session, "acme")
         model = resolve_model(session, tenant.id, "echo")
         job, _ = create_job(
-            session,
-            NewJob(
-                tenant_id=tenant.id,
-                kind=JobKind.GENERATE,
-                family="echo",
-                queue="generate",
-                params={},
-                model_id=model.id,
-                webhook=url,
-                webhook_events=events,
-            ),
+            session, echo_job(tenant.id, model.id, webhook=url, webhook_events=events)
         )
         return job.id, tenant.id
 

@@ -3,31 +3,18 @@ module, and per test a `Cluster` on the database `backend` names ("sqlite" or "p
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from core.settings import Settings
-from stack.supervisor import Stack
-from tests.support.faults import Cluster, RayHead
+from tests.support.faults import Cluster, RayHead, running_ray_head
 
 
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
-    var_dir = tmp_path_factory.mktemp("ray")
-    settings = Settings(
-        _env_file=None,  # type: ignore[call-arg]
-        var_dir=var_dir,
-        ray_num_cpus=4,
-        ray_num_gpus=1,  # declared only: proves that a GPU share is given back
-    )
-    stack = Stack(settings)
-    stack.env = {k: v for k, v in os.environ.items() if not k.startswith("GENQ_")}
-    stack.start_ray()
-    yield RayHead(stack, var_dir)
-    stack.stop()
+    with running_ray_head(tmp_path_factory.mktemp("ray")) as head:
+        yield head
 
 
 @pytest.fixture

@@ -15,8 +15,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,10 +25,8 @@ from PIL import Image
 
 from api.app import create_app
 from core.artifacts import MANIFEST_NAME, ArtifactStore
-from core.settings import Settings
 from core.tables import Artifact, Model
-from stack.supervisor import Stack
-from tests.support.faults import Cluster, RayHead, is_alive, wait_until
+from tests.support.faults import Cluster, RayHead, is_alive, running_ray_head, wait_until
 from tests.support.pretrained_models import build_tiny_lm
 from tests.support.s3 import S3Server
 from tests.support.stackproc import descendants
@@ -44,19 +40,9 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory, s3_server: S3Server) -> I
     """A Ray head whose node reaches the bucket with its own AWS_* environment (inherited from
     s3_server) and keeps its copies in its own cache folder."""
     var_dir = tmp_path_factory.mktemp("ray-s3")
-    settings = Settings(
-        _env_file=None,  # type: ignore[call-arg]
-        var_dir=var_dir,
-        ray_num_cpus=4,
-        ray_num_gpus=1,
-    )
-    stack = Stack(settings)
-    stack.env = {k: v for k, v in os.environ.items() if not k.startswith("GENQ_")}
-    stack.env["GENQ_CACHE_DIR"] = str(var_dir / "node-cache")
-    assert stack.env["AWS_ENDPOINT_URL"] == s3_server.url
-    stack.start_ray()
-    yield RayHead(stack, var_dir)
-    stack.stop()
+    assert os.environ["AWS_ENDPOINT_URL"] == s3_server.url
+    with running_ray_head(var_dir, {"GENQ_CACHE_DIR": str(var_dir / "node-cache")}) as head:
+        yield head
 
 
 @pytest.fixture
@@ -86,14 +72,7 @@ def stop_model_servers(head: RayHead) -> None:
         "    if name.startswith('model-') or name == 'genq-model-pool':\n"
         "        ray.kill(ray.get_actor(name), no_restart=True)\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code, head.env["GENQ_RAY_ADDRESS"]],
-        env={**os.environ, **head.env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    head.driver(code)
 
 
 def node_cache(cluster: Cluster) -> Path:

@@ -20,10 +20,8 @@ import psycopg
 import pytest
 
 from core.artifacts import ArtifactStore
-from core.settings import Settings
 from core.tables import Artifact, Job
-from stack.supervisor import Stack
-from tests.support.faults import Cluster, Proc, RayHead, wait_until
+from tests.support.faults import Cluster, Proc, RayHead, running_ray_head, wait_until
 
 pytestmark = [pytest.mark.faults, pytest.mark.stack]
 
@@ -33,19 +31,9 @@ def ray_head(tmp_path_factory: pytest.TempPathFactory, s3_server: Any) -> Iterat
     """The harness's Ray head, started after moto_server so that its node has the AWS_*
     settings (the S3 case's model server reads its model from the bucket)."""
     var_dir = tmp_path_factory.mktemp("ray-fencing")
-    settings = Settings(
-        _env_file=None,  # type: ignore[call-arg]
-        var_dir=var_dir,
-        ray_num_cpus=4,
-        ray_num_gpus=1,
-    )
-    stack = Stack(settings)
-    stack.env = {k: v for k, v in os.environ.items() if not k.startswith("GENQ_")}
-    stack.env["GENQ_CACHE_DIR"] = str(var_dir / "node-cache")
-    assert stack.env["AWS_ENDPOINT_URL"] == s3_server.url
-    stack.start_ray()
-    yield RayHead(stack, var_dir)
-    stack.stop()
+    assert os.environ["AWS_ENDPOINT_URL"] == s3_server.url
+    with running_ray_head(var_dir, {"GENQ_CACHE_DIR": str(var_dir / "node-cache")}) as head:
+        yield head
 
 
 def make_cluster(

@@ -19,11 +19,13 @@ Marked `faults` and `stack`, as the other tests on this harness.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import threading
 from collections import defaultdict
+from collections.abc import Iterator
 from datetime import datetime
 from http.server import ThreadingHTTPServer
 from pathlib import Path
@@ -47,6 +49,7 @@ TRAIN = {
     **tiny_charlm_job("preempted", steps=100, checkpoint_every=CHECKPOINT_EVERY, dataset="fox"),
     "priority": "batch",
 }
+INTERACTIVE_ECHO = {"kind": "generate", "model": "echo", "priority": "interactive", "params": {}}
 
 
 def trainer_pids(ray_head: RayHead) -> set[int]:
@@ -67,7 +70,29 @@ def trainer_pids(ray_head: RayHead) -> set[int]:
     return pids
 
 
-def _cluster(tmp_path: Path, ray_head: RayHead, redis_url: str, url: str, **env: str) -> Cluster:
+@contextlib.contextmanager
+def paused_trainer(cluster: Cluster, ray_head: RayHead, train_id: str) -> Iterator[int]:
+    """Once the training is past its first checkpoint, its trainer's process (the PID yielded)
+    SIGSTOPped for the block and let go however the block ends."""
+    wait_until(
+        lambda: cluster.get(train_id)["progress"]["step"] > CHECKPOINT_EVERY,
+        180,
+        "training past its first checkpoint",
+    )
+    (pid,) = wait_until(lambda: trainer_pids(ray_head), 30, "the trainer's process")
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield pid
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
+def _cluster(
+    tmp_path: Path, ray_head: RayHead, redis_url: str, url: str = "", **env: str
+) -> Cluster:
+    """A cluster on the database at `url` (else a SQLite file of the test's), with the text the
+    trainings learn from uploaded."""
+    url = url or f"sqlite:///{tmp_path / 'genq.db'}"
     cluster = Cluster(tmp_path, url, ray_head, redis_url, extra_env=env)
     cluster.upload_text("fox", TEXT)
     return cluster
@@ -85,7 +110,6 @@ def test_an_interactive_job_preempts_batch_training_at_a_checkpoint(
         tmp_path,
         ray_head,
         redis_db_url,
-        f"sqlite:///{tmp_path / 'genq.db'}",
         GENQ_WORKER_CONCURRENCY="1",
         GENQ_PREEMPT_AFTER_S="1",
         GENQ_PREEMPTION_GRACE_S="300",
@@ -95,24 +119,13 @@ def test_an_interactive_job_preempts_batch_training_at_a_checkpoint(
         cluster.scheduler()
         url = f"http://127.0.0.1:{server.server_address[1]}/hook"
         train_id = cluster.submit({**TRAIN, "webhook": url, "webhook_events": ["preempted"]})
-        wait_until(
-            lambda: cluster.get(train_id)["progress"]["step"] > CHECKPOINT_EVERY,
-            180,
-            "training past its first checkpoint",
-        )
         # However fast the machine, the training must not end before the request reaches
         # it: its process is paused until the worker has passed the request on.
-        (pid,) = wait_until(lambda: trainer_pids(ray_head), 30, "the trainer's process")
-        os.kill(pid, signal.SIGSTOP)
-        try:
-            gen_id = cluster.submit(
-                {"kind": "generate", "model": "echo", "priority": "interactive", "params": {}}
-            )
+        with paused_trainer(cluster, ray_head, train_id):
+            gen_id = cluster.submit(INTERACTIVE_ECHO)
             wait_until(
                 lambda: "preemption requested" in cluster.logs(), 60, "the request at the worker"
             )
-        finally:
-            os.kill(pid, signal.SIGCONT)
         assert cluster.wait(gen_id, 180)["state"] == "succeeded"
         job = cluster.wait(train_id, 300)
         deliveries = f"/v1/jobs/{train_id}/deliveries"
@@ -190,7 +203,6 @@ def test_a_trainer_that_misses_the_grace_is_stopped_and_resumes_from_its_last_ch
         tmp_path,
         ray_head,
         redis_db_url,
-        f"sqlite:///{tmp_path / 'genq.db'}",
         GENQ_WORKER_CONCURRENCY="1",
         GENQ_PREEMPT_AFTER_S="1",
         GENQ_PREEMPTION_GRACE_S="2",
@@ -199,25 +211,14 @@ def test_a_trainer_that_misses_the_grace_is_stopped_and_resumes_from_its_last_ch
         cluster.worker()
         cluster.scheduler()
         train_id = cluster.submit(TRAIN)
-        wait_until(
-            lambda: cluster.get(train_id)["progress"]["step"] > CHECKPOINT_EVERY,
-            180,
-            "training past its first checkpoint",
-        )
-        (pid,) = wait_until(lambda: trainer_pids(ray_head), 30, "the trainer's process")
         # The fault: the trainer's process is paused, so no checkpoint can come in the grace.
-        os.kill(pid, signal.SIGSTOP)
-        try:
-            gen_id = cluster.submit(
-                {"kind": "generate", "model": "echo", "priority": "interactive", "params": {}}
-            )
+        with paused_trainer(cluster, ray_head, train_id) as pid:
+            gen_id = cluster.submit(INTERACTIVE_ECHO)
             wait_until(
                 lambda: "no checkpoint within the grace" in cluster.logs(),
                 90,
                 "the stop at the grace's end",
             )
-        finally:
-            os.kill(pid, signal.SIGCONT)
         wait_until(lambda: pid not in trainer_pids(ray_head), 60, "the trainer's process to end")
         assert cluster.wait(gen_id, 180)["state"] == "succeeded"
         job = cluster.wait(train_id, 300)
@@ -255,7 +256,6 @@ def test_a_job_waiting_for_a_gpu_held_by_batch_training_preempts_it(
         tmp_path,
         ray_head,
         redis_db_url,
-        f"sqlite:///{tmp_path / 'genq.db'}",
         GENQ_WORKER_CONCURRENCY="2",
         GENQ_PREEMPT_AFTER_S="1",
         GENQ_PREEMPTION_GRACE_S="300",
@@ -265,14 +265,8 @@ def test_a_job_waiting_for_a_gpu_held_by_batch_training_preempts_it(
         cluster.worker()
         cluster.scheduler()
         batch_id = cluster.submit({**TRAIN, **whole_gpu})
-        wait_until(
-            lambda: cluster.get(batch_id)["progress"]["step"] > CHECKPOINT_EVERY,
-            180,
-            "training past its first checkpoint",
-        )
-        (pid,) = wait_until(lambda: trainer_pids(ray_head), 30, "the trainer's process")
-        os.kill(pid, signal.SIGSTOP)  # it cannot end before the request reaches it
-        try:
+        # Paused, it cannot end before the request reaches it.
+        with paused_trainer(cluster, ray_head, batch_id):
             urgent_id = cluster.submit(
                 {
                     **TRAIN,
@@ -285,8 +279,6 @@ def test_a_job_waiting_for_a_gpu_held_by_batch_training_preempts_it(
             wait_until(
                 lambda: "preemption requested" in cluster.logs(), 60, "the request at the worker"
             )
-        finally:
-            os.kill(pid, signal.SIGCONT)
         urgent = cluster.wait(urgent_id, 180)
         batch = cluster.wait(batch_id, 300)
         logs = cluster.logs()

@@ -11,39 +11,28 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from core.catalog import ensure_builtins, resolve_model
 from core.db import Database
-from core.jobs import NewJob, create_job
-from core.keys import get_or_create_tenant
+from core.jobs import create_job
 from core.settings import Settings
 from core.states import JobKind, JobState
 from core.tables import FairShare, Job, JobEvent, TenantUsage
 from scheduler.attempt import claim_for_token
+from tests.support.jobs import echo_job, tenants_database
 
 
 @pytest.fixture
 def db(database_url: str, tmp_path: Path) -> Iterator[Database]:
-    """A tenant with a queued `generate` job and, older, a queued `train` job: their ids as
-    `db.generate_id` and `db.train_id`."""
-    database = Database(Settings(var_dir=tmp_path / "var", database_url=database_url))
+    """A tenant with a queued `train` job and, newer, a queued `generate` job: their ids as
+    `db.train_id` and `db.generate_id`."""
+    database = tenants_database(
+        Settings(var_dir=tmp_path / "var", database_url=database_url), "acme"
+    )
+    tenant_id = database.tenants["acme"]  # type: ignore[attr-defined]
     with database.transaction() as session:
-        ensure_builtins(session)
-        tenant_id = get_or_create_tenant(session, "acme").id
-        ids = {}
-        for queue, kind in (("train", JobKind.TRAIN), ("generate", JobKind.GENERATE)):
-            job, _ = create_job(
-                session,
-                NewJob(
-                    tenant_id=tenant_id,
-                    kind=kind,
-                    family="echo",
-                    queue=queue,
-                    params={},
-                    model_id=resolve_model(session, tenant_id, "echo").id,
-                ),
-            )
-            ids[queue] = job.id
-    database.generate_id, database.train_id = ids["generate"], ids["train"]  # type: ignore[attr-defined]
+        train = echo_job(tenant_id, database.echo_id, kind=JobKind.TRAIN, queue="train")  # type: ignore[attr-defined]
+        database.train_id = create_job(session, train)[0].id  # type: ignore[attr-defined]
+        generate = echo_job(tenant_id, database.echo_id)  # type: ignore[attr-defined]
+        database.generate_id = create_job(session, generate)[0].id  # type: ignore[attr-defined]
     yield database
     database.dispose()
 

@@ -28,6 +28,7 @@ from scheduler.enqueue import Publisher
 from scheduler.periodic import Periodic
 from scheduler.worker import InconsistentSettingsError, check_settings
 from stack.supervisor import bootstrap
+from tests.support.jobs import echo_job
 
 
 @pytest.fixture
@@ -46,17 +47,8 @@ def env(database_url: str, redis_db_url: str, tmp_path: Path) -> Iterator[tuple]
         tenant_id, echo_id = tenant.id, echo.id
 
     def new_job(**kw: object) -> str:
-        fields: dict[str, object] = dict(
-            tenant_id=tenant_id,
-            kind=JobKind.GENERATE,
-            family="echo",
-            queue="generate",
-            params={},
-            model_id=echo_id,
-        )
-        fields.update(kw)
         with database.transaction() as session:
-            return create_job(session, NewJob(**fields))[0].id  # type: ignore[arg-type]
+            return create_job(session, echo_job(tenant_id, echo_id, **kw))[0].id
 
     yield settings, database, Periodic(settings, database, publisher), client, new_job
     publisher.close()

@@ -17,14 +17,14 @@ from sqlalchemy import update
 from core.catalog import ensure_builtins, resolve_model
 from core.db import Database
 from core.fairness import claim_next
-from core.jobs import NewJob, create_job
+from core.jobs import create_job
 from core.keys import get_or_create_tenant
 from core.settings import Settings
-from core.states import JobKind
 from core.tables import Job, Tenant, utcnow
 from scheduler.broker import PUBLISHED_KEY
 from scheduler.enqueue import Publication, Publisher
 from scheduler.runner import Runner
+from tests.support.jobs import echo_job
 
 
 @pytest.fixture
@@ -43,17 +43,7 @@ def env(database_url: str, redis_db_url: str, tmp_path: Path) -> Iterator[tuple]
         echo = resolve_model(session, tenant.id, "echo").id
         ids = []
         for _ in range(3):
-            job, _ = create_job(
-                session,
-                NewJob(
-                    tenant_id=tenant.id,
-                    kind=JobKind.GENERATE,
-                    family="echo",
-                    queue="generate",
-                    params={},
-                    model_id=echo,
-                ),
-            )
+            job, _ = create_job(session, echo_job(tenant.id, echo))
             ids.append(job.id)
     publisher.publish(database, [Publication(j, "generate") for j in ids])
     yield settings, database, publisher, client, ids

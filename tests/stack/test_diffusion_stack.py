@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from tests.support.pretrained_models import build_tiny_sd, captioned_folder
-from tests.support.stackproc import StackProcess
+from tests.support.stackproc import StackProcess, running_stack
 
 pytestmark = pytest.mark.stack
 
@@ -32,14 +32,8 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackProcess]:
     var = tmp_path_factory.mktemp("diffusion-stack") / "var"
-    proc = StackProcess(var, {"GENQ_RAY_NUM_CPUS": "8"})
-    try:
-        proc.start()
+    with running_stack(var, {"GENQ_RAY_NUM_CPUS": "8"}, check_leftovers=False) as proc:
         yield proc
-        code, _ = proc.stop()
-        assert code == 0, proc.log_text()[-3000:]
-    finally:
-        proc.kill()
 
 
 def wait_ready(stack: StackProcess, name: str, timeout_s: float = 180) -> None:

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from tests.support.pretrained_models import build_tiny_lm, build_tiny_sd, build_tiny_sdxl
-from tests.support.stackproc import StackProcess
+from tests.support.stackproc import StackProcess, running_stack
 
 pytestmark = pytest.mark.stack
 
@@ -51,14 +51,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackProcess]:
     # Ray counts CPUs as slots: every warm model server holds one, so give it more than the
     # machine's two cores (the tiny models hardly use them).
     var = tmp_path_factory.mktemp("pretrained-stack") / "var"
-    proc = StackProcess(var, {"GENQ_RAY_NUM_CPUS": "8"})
-    try:
-        proc.start()
+    with running_stack(var, {"GENQ_RAY_NUM_CPUS": "8"}, check_leftovers=False) as proc:
         yield proc
-        code, _ = proc.stop()
-        assert code == 0, proc.log_text()[-3000:]
-    finally:
-        proc.kill()
 
 
 def register(stack: StackProcess, name: str, family: str, path: Path, **kw: Any) -> dict:

@@ -10,21 +10,19 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support.stackproc import StackProcess
+from tests.support.stackproc import StackProcess, running_stack
 
 pytestmark = pytest.mark.stack
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackProcess]:
-    proc = StackProcess(tmp_path_factory.mktemp("families") / "var", {"GENQ_RAY_NUM_CPUS": "2"})
-    try:
-        proc.start()
+    with running_stack(
+        tmp_path_factory.mktemp("families") / "var",
+        {"GENQ_RAY_NUM_CPUS": "2"},
+        check_leftovers=False,
+    ) as proc:
         yield proc
-        code, _ = proc.stop()
-        assert code == 0, proc.log_text()[-3000:]
-    finally:
-        proc.kill()
 
 
 def sse_events(stack: StackProcess, job_id: str) -> list[tuple[str, dict]]:

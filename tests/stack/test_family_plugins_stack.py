@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.stackproc import StackProcess
+from tests.support.stackproc import StackProcess, running_stack
 
 pytestmark = pytest.mark.stack
 
@@ -34,14 +34,10 @@ def stack(
         "GENQ_BATCH_MAX_WAIT_MS": "3000",
         "PYTHONPATH": str(site),
     }
-    proc = StackProcess(tmp_path_factory.mktemp("plugins") / "var", env)
-    try:
-        proc.start()
+    with running_stack(
+        tmp_path_factory.mktemp("plugins") / "var", env, check_leftovers=False
+    ) as proc:
         yield proc
-        code, _ = proc.stop()
-        assert code == 0, proc.log_text()[-3000:]
-    finally:
-        proc.kill()
 
 
 def test_families_lists_the_plugin_and_the_broken_ones(stack: StackProcess) -> None:

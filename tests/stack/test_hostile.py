@@ -33,7 +33,7 @@ import requests
 
 from stack.children import RAY_NODE_SETTINGS
 from tests.support.broker import HOSTILE, envelope, task_headers
-from tests.support.stackproc import ROOT, StackProcess, descendants
+from tests.support.stackproc import ROOT, StackProcess, descendants, running_stack
 
 pytestmark = pytest.mark.stack
 
@@ -55,15 +55,8 @@ STACK_ENV = {
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackProcess]:
-    proc = StackProcess(tmp_path_factory.mktemp("hostile") / "var", STACK_ENV)
-    try:
-        proc.start()
+    with running_stack(tmp_path_factory.mktemp("hostile") / "var", STACK_ENV) as proc:
         yield proc
-        code, alive = proc.stop()
-        assert code == 0, proc.log_text()[-3000:]
-        assert not alive, f"processes left after Ctrl-C: {alive}"
-    finally:
-        proc.kill()
 
 
 def new_key(stack: StackProcess, tenant: str, scope: str = "submit") -> str:

@@ -18,7 +18,7 @@ import requests
 
 from core.settings import Settings
 from scheduler.broker import make_celery
-from tests.support.stackproc import StackProcess, free_port
+from tests.support.stackproc import StackProcess, free_port, running_stack
 
 pytestmark = pytest.mark.stack
 
@@ -38,15 +38,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackProcess]:
         # not up to the default 5 s cache later (the cache is tests/api/test_metrics.py's).
         "GENQ_METRICS_CACHE_S": "0",
     }
-    proc = StackProcess(base / "var", env)
-    try:
-        proc.start()
+    with running_stack(base / "var", env) as proc:
         yield proc
-        code, alive = proc.stop()
-        assert code == 0, proc.log_text()[-3000:]
-        assert not alive, f"processes left after Ctrl-C: {alive}"
-    finally:
-        proc.kill()
 
 
 @pytest.fixture(scope="module")

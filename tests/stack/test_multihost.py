@@ -38,9 +38,9 @@ from tests.support.multihost import (
     NamespacesUnavailableError,
     check_namespaces,
     command_name,
-    wait_until,
 )
 from tests.support.multihost_genq import BIN, TERMINAL, Cluster
+from tests.support.recovery import wait_until
 
 # Six hosts start in the first test; on a busy two-core machine that alone can take minutes.
 pytestmark = [pytest.mark.multihost, pytest.mark.stack, pytest.mark.timeout(1500)]

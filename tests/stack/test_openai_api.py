@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from stack.supervisor import ADMIN_TENANT
-from tests.support.stackproc import ROOT, StackProcess
+from tests.support.stackproc import ROOT, StackProcess, running_stack
 from tests.support.training import tiny_ddpm_params
 
 pytestmark = pytest.mark.stack
@@ -40,9 +40,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackProcess]:
         "GENQ_REPUBLISH_AFTER_S": "2",
         "GENQ_RECONCILE_INTERVAL_S": "1",
     }
-    proc = StackProcess(tmp_path_factory.mktemp("openai") / "var", env)
-    try:
-        proc.start()
+    with running_stack(
+        tmp_path_factory.mktemp("openai") / "var", env, check_leftovers=False
+    ) as proc:
         # The LM learns from a short upload, not the built-in `pydocs` (parsing the stdlib's
         # docstrings costs a fresh trainer ~3 CPU-s); four steps learn little from either.
         text = ("def add(a, b):\n    return a + b\n\nThe quick brown fox. " * 100).encode()
@@ -59,10 +59,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackProcess]:
             done = proc.wait(job_id)
             assert done["state"] == "succeeded", done
         yield proc
-        code, _ = proc.stop()
-        assert code == 0, proc.log_text()[-3000:]
-    finally:
-        proc.kill()
 
 
 def _oa(stack: StackProcess, key: str | None = None) -> openai.OpenAI:

@@ -17,7 +17,7 @@ from PIL import Image
 
 from genq_client import Client
 from tests.support.pretrained_models import build_tiny_lm, build_tiny_sd
-from tests.support.stackproc import StackProcess
+from tests.support.stackproc import StackProcess, running_stack
 
 pytestmark = pytest.mark.stack
 
@@ -40,17 +40,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackProcess]:
     root = tmp_path_factory.mktemp("openai-pretrained")
     # Ray counts CPUs as slots: each warm model server holds one (the tiny models hardly
     # use them).
-    proc = StackProcess(root / "var", {"GENQ_RAY_NUM_CPUS": "8"})
-    try:
-        proc.start()
+    with running_stack(root / "var", {"GENQ_RAY_NUM_CPUS": "8"}, check_leftovers=False) as proc:
         _ready(proc, "chat", "transformers", build_tiny_lm(root / "lm"))
         _ready(proc, "plain", "transformers", build_tiny_lm(root / "plain", chat_template=False))
         _ready(proc, "sd", "diffusers", build_tiny_sd(root / "sd"))
         yield proc
-        code, _ = proc.stop()
-        assert code == 0, proc.log_text()[-3000:]
-    finally:
-        proc.kill()
 
 
 def _oa(stack: StackProcess) -> openai.OpenAI:

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.stackproc import StackProcess, descendants
+from tests.support.stackproc import StackProcess, descendants, running_stack
 from tests.support.training import tiny_ddpm_params
 
 pytestmark = pytest.mark.stack
@@ -32,15 +32,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackProcess]:
         "GENQ_LOG_FORMAT": "json",
         "GENQ_HEALTH_HEARTBEAT_INTERVAL_S": "1",
     }
-    proc = StackProcess(base / "var", env)
-    try:
-        proc.start()
+    with running_stack(base / "var", env) as proc:
         yield proc
-        code, alive = proc.stop()
-        assert code == 0, proc.log_text()[-3000:]
-        assert not alive, f"processes left after Ctrl-C: {alive}"
-    finally:
-        proc.kill()
 
 
 def _ready(stack: StackProcess) -> tuple[int, dict[str, Any]]:

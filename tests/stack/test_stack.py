@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.support.stackproc import ROOT, StackProcess
+from tests.support.stackproc import ROOT, StackProcess, running_stack
 from tests.support.training import tiny_ddpm_params
 
 pytestmark = pytest.mark.stack
@@ -46,16 +46,9 @@ def stack(
             env["GENQ_DATABASE_URL"] = databases.url(name)
             redis_databases = request.getfixturevalue("redis_databases")
             env["GENQ_REDIS_URL"] = held.enter_context(redis_databases.lease())
-        proc = StackProcess(base / "var", env)
-        try:
-            proc.start()
+        with running_stack(base / "var", env) as proc:
             yield proc
-            code, alive = proc.stop()
-            assert code == 0, proc.log_text()[-3000:]
-            assert not alive, f"processes left after Ctrl-C: {alive}"
-            assert "genq: stopped" in proc.log_text()
-        finally:
-            proc.kill()
+        assert "genq: stopped" in proc.log_text()
 
 
 def _cli(stack: StackProcess, *args: str) -> str:

@@ -15,7 +15,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,8 @@ import redis
 import requests
 
 from stack.children import restart_delay_s
-from tests.support.stackproc import StackProcess, descendants, is_alive
+from tests.support.recovery import wait_until
+from tests.support.stackproc import StackProcess, descendants, is_alive, running_stack
 from tests.support.training import tiny_ddpm_job, tiny_ddpm_params
 
 pytestmark = [pytest.mark.faults, pytest.mark.stack]
@@ -48,26 +49,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackProcess]:
         "GENQ_RETRY_BACKOFF_BASE_S": "0.5",
         "GENQ_MAX_ATTEMPTS": "5",
     }
-    proc = StackProcess(tmp_path_factory.mktemp("supervise") / "var", env)
-    try:
-        proc.start()
+    with running_stack(tmp_path_factory.mktemp("supervise") / "var", env) as proc:
         yield proc
-        code, alive = proc.stop()
-        assert code == 0, proc.log_text()[-3000:]
-        assert not alive, f"processes left after Ctrl-C: {alive}"
-    finally:
-        proc.kill()
-
-
-def wait_until(check: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} within {timeout_s:.0f} s")
-        time.sleep(0.2)
 
 
 def pids_of(stack: StackProcess, marker: bytes) -> list[int]:

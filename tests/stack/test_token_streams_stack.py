@@ -16,16 +16,16 @@ import pytest
 import requests
 
 from core.events import without_nul
-from tests.support.stackproc import StackProcess
+from tests.support.stackproc import StackProcess, running_stack
 
 pytestmark = pytest.mark.stack
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackProcess]:
-    proc = StackProcess(tmp_path_factory.mktemp("tokens") / "var", {"GENQ_RAY_NUM_CPUS": "2"})
-    try:
-        proc.start()
+    with running_stack(
+        tmp_path_factory.mktemp("tokens") / "var", {"GENQ_RAY_NUM_CPUS": "2"}, check_leftovers=False
+    ) as proc:
         text = ("The quick brown fox jumps over the lazy dog. " * 30).encode()
         files = {"file": ("fox.txt", text, "text/plain")}
         uploaded = proc.call("POST", "/v1/datasets", data={"name": "fox", "kind": "text"},
@@ -42,10 +42,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackProcess]:
         trained = proc.wait(proc.submit(body)["id"])
         assert trained["state"] == "succeeded", trained
         yield proc
-        code, _ = proc.stop()
-        assert code == 0, proc.log_text()[-3000:]
-    finally:
-        proc.kill()
 
 
 def parse(lines: Iterator[str], events: list[tuple[str, dict[str, Any]]]) -> None:

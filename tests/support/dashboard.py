@@ -1,5 +1,6 @@
-"""Helpers of the dashboard tests (tests/api/dashboard/): log in through the form with its CSRF
-token, read the audit rows an action left, and read a job's row."""
+"""Helpers of the dashboard tests (tests/api/dashboard/, and tests/api's keys and serving
+tests): log in through the form with its CSRF token, read the audit rows an action left, and
+read a job's row."""
 
 from __future__ import annotations
 

@@ -7,10 +7,8 @@ from __future__ import annotations
 import io
 import stat
 import zipfile
-from pathlib import Path
 from typing import Any
 
-import pytest
 from flask.testing import FlaskClient
 from PIL import Image
 from sqlalchemy import select
@@ -18,24 +16,20 @@ from sqlalchemy import select
 from core.db import Database
 from core.settings import Settings
 from core.tables import SYSTEM_TENANT_ID, Dataset
-from tests.support.api import bearer, make_settings
+from tests.support.api import bearer
 
 MAX_BYTES = 200_000
 
 
-def upload_settings(request: pytest.FixtureRequest, tmp_path: Path, redis_url: str) -> Settings:
-    """An API test's settings with upload limits small enough that the refusals are cheap to
-    provoke, and rate limits on, as a deployment runs."""
-    return make_settings(
-        request,
-        tmp_path,
-        redis_url,
-        rate_limits=True,
-        dataset_max_bytes=MAX_BYTES,
-        dataset_max_entries=20,
-        dataset_max_unpacked_bytes=1_000_000,
-        dataset_max_pixels=1_000_000,
-    )
+# An upload test's settings (tests/api/conftest.py's `settings_overrides`): upload limits small
+# enough that the refusals are cheap to provoke, and rate limits on, as a deployment runs.
+UPLOAD_SETTINGS = {
+    "rate_limits": True,
+    "dataset_max_bytes": MAX_BYTES,
+    "dataset_max_entries": 20,
+    "dataset_max_unpacked_bytes": 1_000_000,
+    "dataset_max_pixels": 1_000_000,
+}
 
 
 def png(size: tuple[int, int] = (12, 10), color: int = 128) -> bytes:

@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,21 +32,14 @@ from core.tables import Artifact, Job, JobEvent
 from scheduler.enqueue import Publisher
 from scheduler.heartbeats import SEEN_KEY
 from stack.supervisor import Stack, bootstrap
+from tests.support.recovery import FAST_RECOVERY, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 TERMINAL = {"succeeded", "failed", "canceled"}
 
 # Short enough that a crash is recovered in seconds, consistent for check_settings.
 FAST = {
-    "GENQ_LEASE_TTL_S": "3",
-    "GENQ_HEARTBEAT_INTERVAL_S": "1",
-    "GENQ_REAP_INTERVAL_S": "0.5",
-    "GENQ_RECONCILE_INTERVAL_S": "1",
-    "GENQ_REPUBLISH_AFTER_S": "2",
-    "GENQ_VISIBILITY_TIMEOUT_S": "60",
-    "GENQ_RETRY_BACKOFF_BASE_S": "0.5",
-    "GENQ_RETRY_BACKOFF_MAX_S": "2",
-    "GENQ_PROGRESS_INTERVAL_S": "0",
+    **FAST_RECOVERY,
     "GENQ_CANCEL_GRACE_S": "3",
     "GENQ_WORKER_CONCURRENCY": "2",
     "GENQ_WEBHOOK_ALLOW_PRIVATE": "true",
@@ -55,7 +48,6 @@ FAST = {
     "GENQ_WEBHOOK_POLL_S": "0.3",
     "GENQ_SECRET_KEY": "fault-tests",
     "GENQ_MAX_ATTEMPTS": "3",
-    "GENQ_LOG_LEVEL": "INFO",
 }
 
 
@@ -128,17 +120,6 @@ def freeze(pgid: int, database_url: str, engine: Engine | None = None) -> None:
     raise AssertionError(f"process group {pgid} never stopped outside a database transaction")
 
 
-def wait_until(check: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
 @dataclass
 class RayHead:
     stack: Stack
@@ -183,15 +164,7 @@ class RayHead:
             " 'gpu_total': ray.cluster_resources().get('GPU', 0),"
             " 'gpu_free': ray.available_resources().get('GPU', 0)}))\n"
         )
-        out = subprocess.run(
-            [sys.executable, "-c", code, self.env["GENQ_RAY_ADDRESS"], f"trainer-{job_id}"],
-            env={**os.environ, **self.env},
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert out.returncode == 0, out.stderr[-3000:]
-        return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+        return dict(json.loads(self.driver(code, f"trainer-{job_id}").splitlines()[-1]))
 
     def server_jobs(self) -> set[str]:
         """The jobs this head's model servers have in hand now (running or waiting there), asked
@@ -203,15 +176,20 @@ class RayHead:
             "infos = ray.get([ray.get_actor(n).info.remote() for n in names], timeout=30)\n"
             "print(json.dumps(sorted({j for info in infos for j in info['active_jobs']})))\n"
         )
+        return set(json.loads(self.driver(code).splitlines()[-1]))
+
+    def driver(self, code: str, *args: str) -> str:
+        """Run `code` as a separate Ray driver of this head (python -c; sys.argv[1] is the
+        head's address, then `args`) and return what it printed; it must exit 0."""
         out = subprocess.run(
-            [sys.executable, "-c", code, self.env["GENQ_RAY_ADDRESS"]],
+            [sys.executable, "-c", code, self.env["GENQ_RAY_ADDRESS"], *args],
             env={**os.environ, **self.env},
             capture_output=True,
             text=True,
             timeout=60,
         )
         assert out.returncode == 0, out.stderr[-3000:]
-        return set(json.loads(out.stdout.strip().splitlines()[-1]))
+        return out.stdout.strip()
 
     @contextlib.contextmanager
     def holding_every_gpu(self, log: Path) -> Iterator[None]:
@@ -245,6 +223,27 @@ class RayHead:
         finally:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait(30)
+
+
+@contextlib.contextmanager
+def running_ray_head(var_dir: Path, node_env: dict[str, str] | None = None) -> Iterator[RayHead]:
+    """A Ray head for the block (a module fixture's): four CPUs and one GPU, declared only (it
+    proves that a GPU share is given back), its state in `var_dir`; its node's environment is
+    this process's without GENQ_* settings, plus `node_env`."""
+    settings = Settings(
+        _env_file=None,  # type: ignore[call-arg]
+        var_dir=var_dir,
+        ray_num_cpus=4,
+        ray_num_gpus=1,
+    )
+    stack = Stack(settings)
+    stack.env = {k: v for k, v in os.environ.items() if not k.startswith("GENQ_")}
+    stack.env.update(node_env or {})
+    stack.start_ray()
+    try:
+        yield RayHead(stack, var_dir)
+    finally:
+        stack.stop()
 
 
 @dataclass

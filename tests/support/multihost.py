@@ -21,11 +21,10 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
+from tests.support.recovery import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 HOSTINIT = Path(__file__).resolve().parent / "hostinit.py"
@@ -33,17 +32,6 @@ HOSTINIT = Path(__file__).resolve().parent / "hostinit.py"
 
 class NamespacesUnavailableError(RuntimeError):
     """This machine cannot make the namespaces (not root, no `ip netns`, no unshare)."""
-
-
-def wait_until(check: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 def _sh(*argv: str) -> str:

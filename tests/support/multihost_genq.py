@@ -18,7 +18,8 @@ import requests
 from core.db import Database
 from core.settings import Settings
 from core.tables import Artifact, JobEvent, Model
-from tests.support.multihost import Host, Lab, Proc, port_open, postgres_bin, wait_until
+from tests.support.multihost import Host, Lab, Proc, port_open, postgres_bin
+from tests.support.recovery import FAST_RECOVERY, wait_until
 
 BIN = Path(sys.executable).parent
 GENQ = [sys.executable, "-m", "stack.cli"]
@@ -28,18 +29,9 @@ BUCKET = "genq-artifacts"
 # Leases of a few seconds (as tests/support/faults.py), so that a dead host's job is
 # requeued at once; Ray declares a silent node dead after about three seconds.
 FAST = {
-    "GENQ_LEASE_TTL_S": "3",
-    "GENQ_HEARTBEAT_INTERVAL_S": "1",
-    "GENQ_REAP_INTERVAL_S": "0.5",
-    "GENQ_RECONCILE_INTERVAL_S": "1",
-    "GENQ_REPUBLISH_AFTER_S": "2",
-    "GENQ_VISIBILITY_TIMEOUT_S": "60",
-    "GENQ_RETRY_BACKOFF_BASE_S": "0.5",
-    "GENQ_RETRY_BACKOFF_MAX_S": "2",
-    "GENQ_PROGRESS_INTERVAL_S": "0",
+    **FAST_RECOVERY,
     "GENQ_WORKER_CONCURRENCY": "4",
     "GENQ_MAX_ATTEMPTS": "4",
-    "GENQ_LOG_LEVEL": "INFO",
     "GENQ_CLUSTER_SNAPSHOT_INTERVAL_S": "1",
     "RAY_health_check_initial_delay_ms": "1000",
     "RAY_health_check_period_ms": "1000",

@@ -1,5 +1,6 @@
 """A real `genq up` in a subprocess, for end-to-end tests: its URL, an admin key, a small HTTP
-client, and a check that Ctrl-C leaves no process behind."""
+client, and a check that Ctrl-C leaves no process behind (`running_stack`, the start -> stop ->
+kill sequence every stack fixture shares)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -166,3 +168,23 @@ class StackProcess:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still {job['state']}: {job}")
             time.sleep(0.2)
+
+
+@contextlib.contextmanager
+def running_stack(
+    var_dir: Path, env: dict[str, str], *, check_leftovers: bool = True
+) -> Iterator[StackProcess]:
+    """A started `genq up` for the `with` block (a module fixture's, usually). When the block ends
+    without an error, Ctrl-C must stop the stack with exit code 0 and, with `check_leftovers`,
+    leave none of its processes alive; however it ends, whatever is left is killed, so a failed
+    test or assertion leaves no stack behind for the next module."""
+    proc = StackProcess(var_dir, env)
+    try:
+        proc.start()
+        yield proc
+        code, alive = proc.stop()
+        assert code == 0, proc.log_text()[-3000:]
+        if check_leftovers:
+            assert not alive, f"processes left after Ctrl-C: {alive}"
+    finally:
+        proc.kill()

@@ -29,20 +29,24 @@ The interface version changes when any of the above changes incompatibly (a fiel
 its meaning changed, a new required function); a family declares the version it was written
 for in `Family.api_version`, and one declaring another version is reported, not loaded.
 workers/familytest.py holds the checks and contract tests every family passes.
+
+This module also holds what several families share without torch (their specs import it):
+seeds, and the parameter fields their specs have in common.
 """
 
 from __future__ import annotations
 
 import importlib
+import secrets
 import time
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel
+from pydantic import AfterValidator, BaseModel, Field
 
 # DatasetRef is defined in core so that workers.datasets, which the families import, needs
 # nothing of this package; families and plug-ins keep importing it from here.
@@ -56,6 +60,9 @@ GENQ_FAMILY_API = 1
 # The Ray custom resource, in GB, through which nodes declare their GPU memory and training
 # jobs reserve it (`ray start --resources='{"gpu_memory_gb": 141}'`).
 GPU_MEMORY_RESOURCE = "gpu_memory_gb"
+
+# The largest seed a job may name, in every built-in family's spec.
+SEED_MAX = 2**32 - 1
 
 
 @dataclass(frozen=True)
@@ -224,3 +231,57 @@ def run_alone(
         if isinstance(item, BaseException):
             raise item
         yield item
+
+
+def job_seed(seed: int | None) -> int:
+    """The seed a job named, or a random one when it named none (its outputs record it)."""
+    return seed if seed is not None else secrets.randbelow(SEED_MAX + 1)
+
+
+def image_seeds(seed: int, count: int) -> list[int]:
+    """Image i of a job uses seed + i (past SEED_MAX it wraps), so generating it alone with
+    that seed gives the same image."""
+    return [(seed + i) % (SEED_MAX + 1) for i in range(count)]
+
+
+# -- parameter fields that several specs share ------------------------------------------------
+# Same name, bounds and text in each family that has them; each spec sets its own default
+# (`checkpoint_every: CheckpointEvery = 200`), and its schema is what it was with the field
+# written out.
+
+TrainSeed = Annotated[int, Field(ge=0, le=SEED_MAX)]
+CheckpointEvery = Annotated[
+    int, Field(ge=1, le=1_000_000, description="Steps between checkpoints (resume points).")
+]
+Preset = Annotated[
+    Literal["tiny", "default"],
+    Field(description="Network size: `tiny` trains in seconds (for tests)."),
+]
+ImageSeed = Annotated[
+    int | None,
+    Field(ge=0, le=SEED_MAX, description="Same seed, same images. Unset: a random seed."),
+]
+TextSeed = Annotated[
+    int | None,
+    Field(ge=0, le=SEED_MAX, description="Same seed, same text. Unset: a random seed."),
+]
+TopP = Annotated[
+    float,
+    Field(gt=0, le=1, description="Sample among the likeliest whose probability sums to p."),
+]
+
+
+def _stop_strings(stop: list[str]) -> list[str]:
+    if any(not s or len(s) > 256 for s in stop):
+        raise ValueError("each stop string has 1-256 characters")
+    return stop
+
+
+StopStrings = Annotated[
+    list[str],
+    Field(
+        max_length=16,
+        description="Generation ends before the first of these strings (not included).",
+    ),
+    AfterValidator(_stop_strings),
+]

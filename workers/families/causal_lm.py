@@ -27,7 +27,6 @@ are equal.
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,11 +36,11 @@ import torch
 
 from core.errors import InvalidInputError, ModelError
 from core.events import Event, Metric, Output, TextDelta
-from workers.families.base import TokenProgress
+from workers.families.base import TokenProgress, job_seed
 from workers.families.causal_lm_batch import RowBatch, is_batchable
 from workers.families.causal_lm_loading import context_length, dtype_for, load_model
 from workers.families.causal_lm_lora import train  # noqa: F401 - the family's `train`
-from workers.families.causal_lm_spec import FAMILY, SEED_MAX, CausalLmGenerateParams
+from workers.families.causal_lm_spec import FAMILY, CausalLmGenerateParams
 from workers.families.decoding import Decoder
 
 
@@ -84,7 +83,7 @@ class Row:
 
     def __init__(self, p: CausalLmGenerateParams, ids: list[int], tokenizer: Any) -> None:
         self.p, self.ids, self.tokenizer = p, ids, tokenizer
-        self.seed = p.seed if p.seed is not None else secrets.randbelow(SEED_MAX + 1)
+        self.seed = job_seed(p.seed)
         self.gen = torch.Generator().manual_seed(self.seed)
         self.eos = tokenizer.eos_token_id
         self.hold = max((len(s) for s in p.stop), default=1) - 1  # a stop string may be arriving

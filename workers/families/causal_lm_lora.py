@@ -20,8 +20,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,9 +27,9 @@ from typing import Any
 import torch
 
 from core.errors import InvalidInputError, ModelError
-from core.events import Event, Log, Metric, ModelSaved, Progress
+from core.events import Event, Log, Metric, Progress
 from workers.datasets import load_text
-from workers.families.base import CanceledError, TrainContext
+from workers.families.base import TrainContext
 from workers.families.causal_lm_loading import (
     PARENTS_DIR,
     adapter_chain,
@@ -42,13 +40,8 @@ from workers.families.causal_lm_loading import (
     peft_quiet,
 )
 from workers.families.causal_lm_spec import CausalLmFinetuneParams
-from workers.families.checkpoints import (
-    CHECKPOINT_NAME,
-    CONFIG_NAME,
-    AdapterWeights,
-    load_checkpoint,
-    save_checkpoint,
-)
+from workers.families.checkpoints import CONFIG_NAME, AdapterWeights, new_folder
+from workers.families.training import LossWindow, TrainingRun, check_loss, step_seed
 
 CHECKPOINT_FORMAT = "genq-lora-checkpoint/1"
 METRIC_EVERY = 10
@@ -109,11 +102,9 @@ def mean_loss(model: Any, data: torch.Tensor, B: int, T: int, seed: int, device:
 def save_version(
     model: Any, tokenizer: Any, parent_dir: Path, config: dict[str, Any], model_dir: Path
 ) -> None:
-    """Adapter, tokenizer, ancestors' adapters and genq.json into a temporary sibling folder,
-    then swapped into place."""
-    model_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=model_dir.parent, prefix=f".{model_dir.name}."))
-    try:
+    """Adapter, tokenizer, ancestors' adapters and genq.json into a new folder (swapped into
+    place: checkpoints.new_folder)."""
+    with new_folder(model_dir) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         if is_lora_version(parent_dir):
@@ -123,12 +114,6 @@ def save_version(
                 for name in ("adapter_config.json", "adapter_model.safetensors"):
                     shutil.copyfile(folder / name, target / name)
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
-        if model_dir.exists():
-            shutil.rmtree(model_dir)
-        tmp.rename(model_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def train(params: dict[str, Any], ctx: TrainContext) -> Iterator[Event]:
@@ -178,58 +163,38 @@ def train(params: dict[str, Any], ctx: TrainContext) -> Iterator[Event]:
         f" {len(train_data)} training tokens, {len(val_data)} held out, on {ctx.device}"
     )
 
-    checkpoint = ctx.checkpoint_dir / CHECKPOINT_NAME
     modules: dict[str, Any] = {"adapter": AdapterWeights(model)}
-    optimizers = {"adapter": optimizer}
-    start, final_loss, val_loss = 0, float("nan"), float("nan")
-    if checkpoint.exists():
-        start, final_loss = load_checkpoint(
-            checkpoint, CHECKPOINT_FORMAT, modules, optimizers, config
-        )
-        start = min(start, p.steps)
-        yield Log(f"resumed from step {start}")
+    run = TrainingRun(ctx, CHECKPOINT_FORMAT, modules, {"adapter": optimizer}, config, p)
+    yield from run.resume()
+    val_loss = float("nan")
     B, T = p.batch_size, p.seq_len
-    window: list[float] = []
-    window_start = time.perf_counter()
-    for step in range(start + 1, p.steps + 1):
-        if ctx.is_canceled():
-            raise CanceledError(f"job {ctx.job_id} was canceled")
+    window = LossWindow()
+    for step in run.steps():
         lr = p.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / p.steps)))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        step_seed = p.seed * 2**20 + step
-        x = windows(train_data, B, T, torch.Generator().manual_seed(step_seed)).to(ctx.device)
-        torch.manual_seed(step_seed)  # the adapters' dropout: a resumed run draws the same masks
+        seed = step_seed(p.seed, step)
+        x = windows(train_data, B, T, torch.Generator().manual_seed(seed)).to(ctx.device)
+        torch.manual_seed(seed)  # the adapters' dropout: a resumed run draws the same masks
         loss = model(input_ids=x, labels=x).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
-        if not torch.isfinite(loss):
-            raise ModelError(f"the loss diverged at step {step}; try a lower learning_rate")
-        window.append(loss.item())
+        check_loss(step, loss)
+        window.add(loss.item())
         yield Progress(step, p.steps, "fine-tuning")
-        if step % METRIC_EVERY == 0 or step == p.steps:
-            elapsed = time.perf_counter() - window_start
-            final_loss = sum(window) / len(window)
-            values = {"loss": final_loss, "tokens_per_s": len(window) * B * T / max(elapsed, 1e-9)}
-            yield Metric(step, values)
-            window, window_start = [], time.perf_counter()
-        if step % p.checkpoint_every == 0 or step == p.steps:
+        if run.is_due(step, METRIC_EVERY):
+            (run.loss,) = window.means()
+            yield Metric(step, {"loss": run.loss, "tokens_per_s": window.rate(B * T)})
+            window = LossWindow()
+        if run.is_due(step, p.checkpoint_every):
             model.eval()
             val_loss = mean_loss(model, val_data, min(B, 8), T, p.seed, ctx.device)
             model.train()
             yield Metric(step, {"val_loss": val_loss})
-            save_checkpoint(
-                checkpoint, CHECKPOINT_FORMAT, modules, optimizers, step, config, final_loss
-            )
-            yield Log(f"checkpoint at step {step}", level="debug")
+            yield run.checkpoint(step)
 
     model.eval()
     save_version(model, tokenizer, parent_dir, config, ctx.model_dir)
-    yield Log(f"saved the adapter to {ctx.model_dir_rel}")
-    yield ModelSaved(
-        path=ctx.model_dir_rel,
-        config={**config, "seed": p.seed, "steps": p.steps},
-        metrics={"final_loss": final_loss, "val_loss": val_loss},
-    )
+    yield from run.saved({"final_loss": run.loss, "val_loss": val_loss}, "the adapter")

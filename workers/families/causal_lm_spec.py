@@ -17,9 +17,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from core.errors import InvalidInputError
 from core.states import JobKind
-from workers.families.base import Family, OpenAIShape, Resources
+from workers.families.base import (
+    CheckpointEvery,
+    Family,
+    OpenAIShape,
+    Resources,
+    StopStrings,
+    TextSeed,
+    TopP,
+    TrainSeed,
+)
 
-SEED_MAX = 2**32 - 1
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl", ".pickle")
 
@@ -48,17 +56,9 @@ class CausalLmGenerateParams(BaseModel):
         1.0, ge=0, le=10, description="Softmax temperature; 0 always takes the likeliest token."
     )
     top_k: int = Field(0, ge=0, le=100_000, description="Sample among the k likeliest; 0: all.")
-    top_p: float = Field(
-        1.0, gt=0, le=1, description="Sample among the likeliest whose probability sums to p."
-    )
-    stop: list[str] = Field(
-        default_factory=list,
-        max_length=16,
-        description="Generation ends before the first of these strings (not included).",
-    )
-    seed: int | None = Field(
-        None, ge=0, le=SEED_MAX, description="Same seed, same text. Unset: a random seed."
-    )
+    top_p: TopP = 1.0
+    stop: StopStrings = Field(default_factory=list)
+    seed: TextSeed = None
 
     @field_validator("messages")
     @classmethod
@@ -68,13 +68,6 @@ class CausalLmGenerateParams(BaseModel):
         if messages is not None and info.data.get("prompt") is not None:
             raise ValueError("give either `prompt` or `messages`, not both")
         return messages
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_strings(cls, stop: list[str]) -> list[str]:
-        if any(not s or len(s) > 256 for s in stop):
-            raise ValueError("each stop string has 1-256 characters")
-        return stop
 
 
 class CausalLmFinetuneParams(BaseModel):
@@ -96,10 +89,8 @@ class CausalLmFinetuneParams(BaseModel):
     batch_size: int = Field(8, ge=1, le=1024)
     learning_rate: float = Field(2e-4, gt=0, le=1.0)
     seq_len: int = Field(256, ge=8, le=131_072, description="Tokens per training window.")
-    seed: int = Field(0, ge=0, le=SEED_MAX)
-    checkpoint_every: int = Field(
-        50, ge=1, le=1_000_000, description="Steps between checkpoints (resume points)."
-    )
+    seed: TrainSeed = 0
+    checkpoint_every: CheckpointEvery = 50
 
 
 def check_layout(path: Path, field: str = "path") -> dict[str, Any]:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import codecs
 import math
-import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,28 +31,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.errors import ModelError
-from core.events import Event, Log, Metric, ModelSaved, Output, Progress, TextDelta
+from core.events import Event, Log, Metric, Output, Progress, TextDelta
 from workers.datasets import load_text
-from workers.families.base import (
-    CanceledError,
-    TokenProgress,
-    TrainContext,
-)
+from workers.families.base import TokenProgress, TrainContext, job_seed
 from workers.families.charlm_spec import (
     FAMILY,
-    SEED_MAX,
     CharlmFinetuneParams,
     CharlmGenerateParams,
     CharlmTrainParams,
 )
-from workers.families.checkpoints import (
-    CHECKPOINT_NAME,
-    load_checkpoint,
-    load_model_files,
-    save_checkpoint,
-    save_model,
-)
+from workers.families.checkpoints import load_model_files, save_model
 from workers.families.decoding import Decoder
+from workers.families.training import LossWindow, TrainingRun, check_loss
 
 CHECKPOINT_FORMAT = "genq-charlm-checkpoint/1"
 V = 256
@@ -174,57 +163,40 @@ def train(params: dict[str, Any], ctx: TrainContext) -> Iterator[Event]:
         f" {n_params} parameters, on {device}"
     )
 
-    checkpoint = ctx.checkpoint_dir / CHECKPOINT_NAME
-    start, final_loss = 0, float("nan")
-    modules, optimizers = {"lm": model}, {"lm": optimizer}
-    if checkpoint.exists():
-        start, final_loss = load_checkpoint(
-            checkpoint, CHECKPOINT_FORMAT, modules, optimizers, config
-        )
-        start = min(start, p.steps)
-        yield Log(f"resumed from step {start}")
-
-    window: list[float] = []
-    window_start = time.perf_counter()
+    run = TrainingRun(ctx, CHECKPOINT_FORMAT, {"lm": model}, {"lm": optimizer}, config, p)
+    yield from run.resume()
+    window = LossWindow()
     val_bpb = float("nan")
-    for step in range(start + 1, p.steps + 1):
-        if ctx.is_canceled():
-            raise CanceledError(f"job {ctx.job_id} was canceled")
+    for step in run.steps():
         # Cosine decay to a tenth of the rate: small models gain most from a cooled-down end.
         lr = p.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / p.steps)))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x, y = batch(train_data, B, T, torch.Generator().manual_seed(p.seed * 2**20 + step))
+        x, y = batch(train_data, B, T, run.generator(step))
         logits = model(x.to(device))  # (B, T, V)
         loss = F.cross_entropy(logits.reshape(-1, V), y.to(device).reshape(-1))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        if not torch.isfinite(loss):
-            raise ModelError(f"the loss diverged at step {step}; try a lower learning_rate")
-        window.append(loss.item())
+        check_loss(step, loss)
+        window.add(loss.item())
         yield Progress(step, p.steps, "training")
-        if step % METRIC_EVERY == 0 or step == p.steps:
-            elapsed = time.perf_counter() - window_start
-            final_loss = sum(window) / len(window)
-            rate = len(window) * B * T / max(elapsed, 1e-9)
+        if run.is_due(step, METRIC_EVERY):
+            (run.loss,) = window.means()
             values = {
-                "loss": final_loss,
-                "bits_per_char": final_loss / math.log(2),
-                "tokens_per_s": rate,
+                "loss": run.loss,
+                "bits_per_char": run.loss / math.log(2),
+                "tokens_per_s": window.rate(B * T),
             }
             yield Metric(step, values)
-            window, window_start = [], time.perf_counter()
-        if step % p.checkpoint_every == 0 or step == p.steps:
+            window = LossWindow()
+        if run.is_due(step, p.checkpoint_every):
             model.eval()
             val_bpb = bits_per_byte(model, val_data, p.seed, device)
             model.train()
             yield Metric(step, {"val_bits_per_char": val_bpb})
-            save_checkpoint(
-                checkpoint, CHECKPOINT_FORMAT, modules, optimizers, step, config, final_loss
-            )
-            yield Log(f"checkpoint at step {step}", level="debug")
+            yield run.checkpoint(step)
 
     model.eval()
     lm = CharLm(model, config)
@@ -237,12 +209,7 @@ def train(params: dict[str, Any], ctx: TrainContext) -> Iterator[Event]:
         "sample.txt", "text", "text/plain; charset=utf-8", sample.encode(), {"seed": p.seed}
     )
     save_model(model.cpu(), config, ctx.model_dir)
-    yield Log(f"saved the model to {ctx.model_dir_rel}")
-    yield ModelSaved(
-        path=ctx.model_dir_rel,
-        config={**config, "seed": p.seed, "steps": p.steps},
-        metrics={"final_loss": final_loss, "val_bits_per_char": val_bpb},
-    )
+    yield from run.saved({"final_loss": run.loss, "val_bits_per_char": val_bpb})
 
 
 def pick(logits: torch.Tensor, rows: list[Row]) -> list[int]:
@@ -291,7 +258,7 @@ class Row:
 
     def __init__(self, p: CharlmGenerateParams) -> None:
         self.p = p
-        self.seed = p.seed if p.seed is not None else secrets.randbelow(SEED_MAX + 1)
+        self.seed = job_seed(p.seed)
         self.gen = torch.Generator().manual_seed(self.seed)
         self.prompt = list(p.prompt.encode("utf-8"))
         self.tokens = list(self.prompt) or [ord("\n")]  # an empty prompt starts after a newline

@@ -3,13 +3,20 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from pydantic import BaseModel, ConfigDict, Field
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-from workers.families.base import Family, OpenAIShape, Resources, Scaling
-
-SEED_MAX = 2**32 - 1
+from workers.families.base import (
+    CheckpointEvery,
+    Family,
+    OpenAIShape,
+    Preset,
+    Resources,
+    Scaling,
+    StopStrings,
+    TextSeed,
+    TopP,
+    TrainSeed,
+)
 
 
 class CharlmFinetuneParams(BaseModel):
@@ -20,16 +27,12 @@ class CharlmFinetuneParams(BaseModel):
     steps: int = Field(2000, ge=1, le=1_000_000, description="Optimizer steps.")
     batch_size: int = Field(32, ge=1, le=1024)
     learning_rate: float = Field(2e-3, gt=0, le=1.0)
-    seed: int = Field(0, ge=0, le=SEED_MAX)
-    checkpoint_every: int = Field(
-        200, ge=1, le=1_000_000, description="Steps between checkpoints (resume points)."
-    )
+    seed: TrainSeed = 0
+    checkpoint_every: CheckpointEvery = 200
 
 
 class CharlmTrainParams(CharlmFinetuneParams):
-    preset: Literal["tiny", "default"] = Field(
-        "default", description="Network size: `tiny` trains in seconds (for tests)."
-    )
+    preset: Preset = "default"
 
 
 class CharlmGenerateParams(BaseModel):
@@ -41,24 +44,9 @@ class CharlmGenerateParams(BaseModel):
         1.0, ge=0, le=10, description="Softmax temperature; 0 always takes the likeliest byte."
     )
     top_k: int = Field(0, ge=0, le=256, description="Sample among the k likeliest; 0: all.")
-    top_p: float = Field(
-        1.0, gt=0, le=1, description="Sample among the likeliest whose probability sums to p."
-    )
-    stop: list[str] = Field(
-        default_factory=list,
-        max_length=16,
-        description="Generation ends before the first of these strings (not included).",
-    )
-    seed: int | None = Field(
-        None, ge=0, le=SEED_MAX, description="Same seed, same text. Unset: a random seed."
-    )
-
-    @field_validator("stop")
-    @classmethod
-    def _stop_strings(cls, stop: list[str]) -> list[str]:
-        if any(not s or len(s) > 256 for s in stop):
-            raise ValueError("each stop string has 1-256 characters")
-        return stop
+    top_p: TopP = 1.0
+    stop: StopStrings = Field(default_factory=list)
+    seed: TextSeed = None
 
 
 def batch_key(p: CharlmGenerateParams) -> str:

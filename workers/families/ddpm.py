@@ -25,8 +25,6 @@ Shapes: B batch, C image channels, H = W = image_size, K classes, N data set ima
 from __future__ import annotations
 
 import json
-import secrets
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,16 +36,10 @@ from diffusers import UNet2DModel
 from pydantic import ValidationError
 
 from core.errors import InvalidInputError, ModelError
-from core.events import Event, Log, Metric, ModelSaved, Output, Progress
+from core.events import Event, Log, Metric, Output, Progress
 from workers.datasets import ImageDataset, load_dataset
-from workers.families.base import CanceledError, RunContext, TrainContext, run_alone
-from workers.families.checkpoints import (
-    CHECKPOINT_NAME,
-    CONFIG_NAME,
-    load_checkpoint,
-    new_folder,
-    save_checkpoint,
-)
+from workers.families.base import RunContext, TrainContext, image_seeds, job_seed, run_alone
+from workers.families.checkpoints import CONFIG_NAME, new_folder
 from workers.families.ddpm_denoising import (
     PRESETS,
     DenoiseJob,
@@ -56,24 +48,14 @@ from workers.families.ddpm_denoising import (
     denoise_jobs,
     model_config,
 )
-from workers.families.ddpm_spec import (
-    SEED_MAX,
-    DdpmFinetuneParams,
-    DdpmGenerateParams,
-    DdpmTrainParams,
-)
-from workers.families.pictures import grid_png, png_bytes, to_pil, to_uint8
+from workers.families.ddpm_spec import DdpmFinetuneParams, DdpmGenerateParams, DdpmTrainParams
+from workers.families.pictures import check_label, class_name, grid_output, image_outputs
+from workers.families.training import LossWindow, TrainingRun, check_loss, load_parent_images
 
 # /2: the layout of checkpoints.py (optimizer state under `optim-optim.`, its param groups by
 # optimizer name); a /1 checkpoint left by an older genq is refused with a ModelError.
 CHECKPOINT_FORMAT = "genq-ddpm-checkpoint/2"
 METRIC_EVERY = 20  # steps between Metric events
-
-
-def step_generator(seed: int, step: int) -> torch.Generator:
-    """The randomness of one training step, from (seed, step) alone, so a resumed run draws
-    what the uninterrupted one would have. step < 2**20 (the spec's bound), seed < 2**32."""
-    return torch.Generator().manual_seed(seed * 2**20 + step)
 
 
 # -- training ---------------------------------------------------------------------------------
@@ -85,12 +67,7 @@ def _build_for_training(
     """A fresh seeded network for `train`, or the parent's weights for a fine-tune."""
     if ctx.parent_model_dir is not None:
         config = dict(ctx.parent_config)
-        dataset = load_dataset(ctx.dataset, config["image_size"], config["channels"])
-        if dataset.num_classes != config["num_classes"]:
-            raise InvalidInputError.one(
-                "dataset",
-                f"has {dataset.num_classes} classes, the model has {config['num_classes']}",
-            )
+        dataset = load_parent_images(ctx.dataset, config)
         config["class_names"] = list(dataset.class_names)
         unet = UNet2DModel.from_pretrained(
             ctx.parent_model_dir, use_safetensors=True, low_cpu_mem_usage=False
@@ -129,21 +106,11 @@ def train(params: dict[str, Any], ctx: TrainContext) -> Iterator[Event]:
         f"{config['image_size']}px, {n_params} parameters, on {device}"
     )
 
-    checkpoint = ctx.checkpoint_dir / CHECKPOINT_NAME
-    start, final_loss = 0, float("nan")
-    if checkpoint.exists():
-        start, final_loss = load_checkpoint(
-            checkpoint, CHECKPOINT_FORMAT, {"model": unet}, {"optim": optimizer}, config
-        )
-        start = min(start, p.steps)
-        yield Log(f"resumed from step {start}")
-
-    window_losses: list[float] = []
-    window_start = time.perf_counter()
-    for step in range(start + 1, p.steps + 1):
-        if ctx.is_canceled():
-            raise CanceledError(f"job {ctx.job_id} was canceled")
-        g = step_generator(p.seed, step)
+    run = TrainingRun(ctx, CHECKPOINT_FORMAT, {"model": unet}, {"optim": optimizer}, config, p)
+    yield from run.resume()
+    window = LossWindow()
+    for step in run.steps():
+        g = run.generator(step)
         idx = torch.randint(0, N, (p.batch_size,), generator=g).to(device)  # (B,)
         t = torch.randint(0, T, (p.batch_size,), generator=g).to(device)  # (B,)
         x0, y = x_all[idx], y_all[idx]  # (B, C, H, W), (B,)
@@ -156,39 +123,23 @@ def train(params: dict[str, Any], ctx: TrainContext) -> Iterator[Event]:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        window_losses.append(loss.item())
-        if not torch.isfinite(loss):
-            raise ModelError(f"the loss diverged at step {step}; try a lower learning_rate")
+        window.add(loss.item())
+        check_loss(step, loss)
         yield Progress(step, p.steps, "training")
 
-        if step % METRIC_EVERY == 0 or step == p.steps:
-            elapsed = time.perf_counter() - window_start
-            final_loss = sum(window_losses) / len(window_losses)
-            rate = len(window_losses) * p.batch_size / max(elapsed, 1e-9)
-            yield Metric(step, {"loss": final_loss, "samples_per_s": rate})
-            window_losses, window_start = [], time.perf_counter()
-        if step % p.checkpoint_every == 0 or step == p.steps:
-            save_checkpoint(
-                checkpoint,
-                CHECKPOINT_FORMAT,
-                {"model": unet},
-                {"optim": optimizer},
-                step,
-                config,
-                final_loss,
-            )
-            yield Log(f"checkpoint at step {step}", level="debug")
+        if run.is_due(step, METRIC_EVERY):
+            (run.loss,) = window.means()
+            rate = window.rate(p.batch_size)
+            yield Metric(step, {"loss": run.loss, "samples_per_s": rate})
+            window = LossWindow()
+        if run.is_due(step, p.checkpoint_every):
+            yield run.checkpoint(step)
 
     unet.eval()
     if p.sample_steps:
         yield from _sample_grid(unet, config, dataset.num_classes, p, ctx)
     _save_model(unet.cpu(), config, ctx.model_dir)
-    yield Log(f"saved the model to {ctx.model_dir_rel}")
-    yield ModelSaved(
-        path=ctx.model_dir_rel,
-        config={**config, "seed": p.seed, "steps": p.steps},
-        metrics={"final_loss": final_loss},
-    )
+    yield from run.saved({"final_loss": run.loss})
 
 
 def _sample_grid(
@@ -207,13 +158,8 @@ def _sample_grid(
         if isinstance(item, torch.Tensor):
             images = item
     assert images is not None
-    yield Output(
-        name="samples.png",
-        kind="grid",
-        content_type="image/png",
-        data=grid_png(images, columns=min(num_classes, 10)),
-        meta={"labels": labels.tolist(), "steps": steps, "seed": p.seed},
-    )
+    meta = {"labels": labels.tolist(), "steps": steps, "seed": p.seed}
+    yield grid_output(images, min(num_classes, 10), meta)
 
 
 # -- generation -------------------------------------------------------------------------------
@@ -240,43 +186,24 @@ class Ddpm:
 
     def _request(self, params: dict[str, Any]) -> _Request:
         p = DdpmGenerateParams.model_validate(params)
-        K, T = self.config["num_classes"], self.config["num_train_timesteps"]
-        if p.label >= K:
-            raise InvalidInputError.one("params.label", f"this model knows labels 0 to {K - 1}")
+        check_label(p.label, self.config)
+        T = self.config["num_train_timesteps"]
         if p.steps > T:
             raise InvalidInputError.one("params.steps", f"this model allows at most {T} steps")
         if p.guidance_scale != 1.0 and self.config.get("null_label") is None:
             raise InvalidInputError.one(
                 "params.guidance_scale", "this model was trained without a null label: use 1"
             )
-        seed = p.seed if p.seed is not None else secrets.randbelow(SEED_MAX + 1)
-        # Image i uses seed + i: generating it alone with that seed gives the same image.
-        seeds = [(seed + i) % (SEED_MAX + 1) for i in range(p.num_images)]
+        seed = job_seed(p.seed)
+        seeds = image_seeds(seed, p.num_images)
         labels = torch.full((p.num_images,), p.label, dtype=torch.int64)
         return _Request(p, seed, seeds, labels)
 
     def _outputs(self, request: _Request, images: torch.Tensor) -> Iterator[Output]:
-        p, seeds = request.params, request.seeds
-        recorded = json.dumps({**p.model_dump(), "seed": request.seed}, sort_keys=True)
-        size = self.config["image_size"]
-        names = self.config.get("class_names") or []
-        class_name = names[p.label] if p.label < len(names) else str(p.label)
-        for i, pixels in enumerate(to_uint8(images)):
-            text = {"genq:params": recorded, "genq:seed": str(seeds[i])}
-            yield Output(
-                name=f"image-{i}.png",
-                kind="image",
-                content_type="image/png",
-                data=png_bytes(to_pil(pixels), text),
-                meta={
-                    "seed": seeds[i],
-                    "label": p.label,
-                    "class_name": class_name,
-                    "index": i,
-                    "width": size,
-                    "height": size,
-                },
-            )
+        p = request.params
+        meta = {"label": p.label, "class_name": class_name(p.label, self.config)}
+        recorded = {**p.model_dump(), "seed": request.seed}
+        yield from image_outputs(images, recorded, request.seeds, meta)
 
     def generate(self, params: dict[str, Any], ctx: RunContext) -> Iterator[Event]:
         yield from run_alone(self.generate_batch, params, ctx)

@@ -7,9 +7,16 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from workers.families.base import Family, OpenAIShape, Resources, Scaling
-
-SEED_MAX = 2**32 - 1
+from workers.families.base import (
+    CheckpointEvery,
+    Family,
+    ImageSeed,
+    OpenAIShape,
+    Preset,
+    Resources,
+    Scaling,
+    TrainSeed,
+)
 
 
 class DdpmFinetuneParams(BaseModel):
@@ -20,7 +27,7 @@ class DdpmFinetuneParams(BaseModel):
     steps: int = Field(3000, ge=1, le=1_000_000, description="Optimizer steps.")
     batch_size: int = Field(64, ge=1, le=1024)
     learning_rate: float = Field(1e-3, gt=0, le=1.0)
-    seed: int = Field(0, ge=0, le=SEED_MAX)
+    seed: TrainSeed = 0
     label_dropout: float = Field(
         0.1,
         ge=0,
@@ -28,9 +35,7 @@ class DdpmFinetuneParams(BaseModel):
         description="Share of training examples shown without their label (the null class):"
         " what classifier-free guidance needs at generation.",
     )
-    checkpoint_every: int = Field(
-        200, ge=1, le=1_000_000, description="Steps between checkpoints (resume points)."
-    )
+    checkpoint_every: CheckpointEvery = 200
     sample_steps: int = Field(
         50,
         ge=0,
@@ -41,9 +46,7 @@ class DdpmFinetuneParams(BaseModel):
 
 
 class DdpmTrainParams(DdpmFinetuneParams):
-    preset: Literal["tiny", "default"] = Field(
-        "default", description="Network size: `tiny` trains in seconds (for tests)."
-    )
+    preset: Preset = "default"
 
 
 class DdpmGenerateParams(BaseModel):
@@ -62,9 +65,7 @@ class DdpmGenerateParams(BaseModel):
         description="Classifier-free guidance: 1 follows the label as trained, above 1 more"
         " strongly, 0 ignores it. Needs a model trained with label_dropout > 0.",
     )
-    seed: int | None = Field(
-        None, ge=0, le=SEED_MAX, description="Same seed, same images. Unset: a random seed."
-    )
+    seed: ImageSeed = None
 
 
 def batch_key(p: DdpmGenerateParams) -> tuple[int, str, float]:

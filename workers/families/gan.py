@@ -17,37 +17,35 @@ uninterrupted one would have. Shapes: B batch, C channels, S = image side, K cla
 from __future__ import annotations
 
 import copy
-import json
-import secrets
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import ValidationError
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from core.errors import InvalidInputError, ModelError
-from core.events import Event, Log, Metric, ModelSaved, Output, Progress
+from core.events import Event, Log, Metric, Output, Progress
 from workers.datasets import ImageDataset, load_dataset
-from workers.families.base import CanceledError, RunContext, TrainContext, run_alone
-from workers.families.checkpoints import (
-    CHECKPOINT_NAME,
-    load_checkpoint,
-    load_model_files,
-    save_checkpoint,
-    save_model,
+from workers.families.base import RunContext, TrainContext, image_seeds, job_seed, run_alone
+from workers.families.checkpoints import load_model_files, save_model
+from workers.families.gan_spec import GanFinetuneParams, GanGenerateParams, GanTrainParams
+from workers.families.pictures import (
+    check_label,
+    class_name,
+    draw_batch,
+    grid_output,
+    image_outputs,
+    seeded_latents,
 )
-from workers.families.gan_spec import (
-    SEED_MAX,
-    GanFinetuneParams,
-    GanGenerateParams,
-    GanTrainParams,
+from workers.families.training import (
+    LossWindow,
+    TrainingRun,
+    check_loss,
+    image_model_config,
+    load_parent_images,
 )
-from workers.families.pictures import grid_png, png_bytes, to_pil, to_uint8
 
 CHECKPOINT_FORMAT = "genq-gan-checkpoint/1"
 METRIC_EVERY = 20
@@ -102,17 +100,7 @@ class Discriminator(nn.Module):
 
 
 def model_config(preset: str, dataset: ImageDataset) -> dict[str, Any]:
-    spec = PRESETS[preset]
-    return {
-        "family": "gan",
-        "preset": preset,
-        "image_size": spec["image_size"],
-        "z_dim": spec["z_dim"],
-        "width": spec["width"],
-        "channels": dataset.channels,
-        "num_classes": dataset.num_classes,
-        "class_names": list(dataset.class_names),
-    }
+    return image_model_config("gan", preset, PRESETS[preset], dataset)
 
 
 def build(config: dict[str, Any]) -> tuple[Generator, Discriminator]:
@@ -121,24 +109,14 @@ def build(config: dict[str, Any]) -> tuple[Generator, Discriminator]:
     return g, d
 
 
-def step_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 2**20 + step)
-
-
 def sample(g: Generator, labels: torch.Tensor, seeds: list[int], min_rows: int = 1) -> torch.Tensor:
     """One image per (label, seed), each depending on its own seed only: (B, C, S, S). The
     call is padded to `min_rows` rows, where the kernels give every row the same bits whatever
     the batch (workers/batching.py)."""
     device = next(g.parameters()).device
-    z = torch.cat(
-        [torch.randn(1, g.z_dim, generator=torch.Generator().manual_seed(s)) for s in seeds]
-    )  # (B, Z)
-    rows = len(seeds)
-    if rows < min_rows:
-        z = torch.cat([z, z.new_zeros((min_rows - rows, g.z_dim))])
-        labels = torch.cat([labels, labels.new_zeros(min_rows - rows)])
+    z, labels = seeded_latents(seeds, g.z_dim, labels, min_rows)  # (B', Z), (B',)
     with torch.no_grad():
-        return g(z.to(device), labels.to(device))[:rows].float().cpu()
+        return g(z.to(device), labels.to(device))[: len(seeds)].float().cpu()
 
 
 def _ema_update(ema: nn.Module, model: nn.Module, step: int) -> None:
@@ -158,12 +136,7 @@ def train(params: dict[str, Any], ctx: TrainContext) -> Iterator[Event]:
     device = torch.device(ctx.device)
     if ctx.parent_model_dir is not None:
         weights, config = load_model_files(ctx.parent_model_dir, ctx.parent_config, "gan")
-        dataset = load_dataset(ctx.dataset, config["image_size"], config["channels"])
-        if dataset.num_classes != config["num_classes"]:
-            raise InvalidInputError.one(
-                "dataset",
-                f"has {dataset.num_classes} classes, the model has {config['num_classes']}",
-            )
+        dataset = load_parent_images(ctx.dataset, config)
         config = {k: config[k] for k in model_config("tiny", dataset) if k in config}
         config["class_names"] = list(dataset.class_names)
     else:
@@ -190,22 +163,11 @@ def train(params: dict[str, Any], ctx: TrainContext) -> Iterator[Event]:
         f"gan {config['preset']}: {N} images, {K} classes, G {n_params} parameters, on {device}"
     )
 
-    checkpoint = ctx.checkpoint_dir / CHECKPOINT_NAME
-    start, final_loss = 0, float("nan")
-    if checkpoint.exists():
-        start, final_loss = load_checkpoint(
-            checkpoint, CHECKPOINT_FORMAT, modules, optimizers, config
-        )
-        start = min(start, p.steps)
-        yield Log(f"resumed from step {start}")
-
-    d_losses: list[float] = []
-    g_losses: list[float] = []
-    window_start = time.perf_counter()
-    for step in range(start + 1, p.steps + 1):
-        if ctx.is_canceled():
-            raise CanceledError(f"job {ctx.job_id} was canceled")
-        gen = step_generator(p.seed, step)
+    run = TrainingRun(ctx, CHECKPOINT_FORMAT, modules, optimizers, config, p)
+    yield from run.resume()
+    window = LossWindow()
+    for step in run.steps():
+        gen = run.generator(step)
         idx = torch.randint(0, N, (B,), generator=gen).to(device)  # (B,)
         x_real, y_real = x_all[idx], y_all[idx]  # (B,C,S,S), (B,)
         z = torch.randn(B, g.z_dim, generator=gen).to(device)  # (B, Z)
@@ -225,42 +187,25 @@ def train(params: dict[str, Any], ctx: TrainContext) -> Iterator[Event]:
         opt_g.step()
         _ema_update(ema, g, step)
 
-        d_losses.append(d_loss.item())
-        g_losses.append(g_loss.item())
-        if not (torch.isfinite(d_loss) and torch.isfinite(g_loss)):
-            raise ModelError(f"the loss diverged at step {step}; try a lower learning_rate")
+        window.add(d_loss.item(), g_loss.item())
+        check_loss(step, d_loss, g_loss)
         yield Progress(step, p.steps, "training")
-        if step % METRIC_EVERY == 0 or step == p.steps:
-            elapsed = time.perf_counter() - window_start
-            d_mean, g_mean = sum(d_losses) / len(d_losses), sum(g_losses) / len(g_losses)
-            final_loss = d_mean
-            rate = len(d_losses) * B / max(elapsed, 1e-9)
-            yield Metric(step, {"d_loss": d_mean, "g_loss": g_mean, "samples_per_s": rate})
-            d_losses, g_losses, window_start = [], [], time.perf_counter()
-        if step % p.checkpoint_every == 0 or step == p.steps:
-            save_checkpoint(
-                checkpoint, CHECKPOINT_FORMAT, modules, optimizers, step, config, final_loss
-            )
-            yield Log(f"checkpoint at step {step}", level="debug")
+        if run.is_due(step, METRIC_EVERY):
+            run.loss, g_mean = window.means()
+            rate = window.rate(B)
+            yield Metric(step, {"d_loss": run.loss, "g_loss": g_mean, "samples_per_s": rate})
+            window = LossWindow()
+        if run.is_due(step, p.checkpoint_every):
+            yield run.checkpoint(step)
 
     ema.eval()
     columns = min(K, 10)
     labels = torch.arange(K).repeat_interleave(2)  # two samples per class
     images = sample(ema, labels, [p.seed + i for i in range(len(labels))])
-    yield Output(
-        name="samples.png",
-        kind="grid",
-        content_type="image/png",
-        data=grid_png(images, columns=columns * 2 if K <= 5 else columns),
-        meta={"labels": labels.tolist(), "seed": p.seed},
-    )
+    meta = {"labels": labels.tolist(), "seed": p.seed}
+    yield grid_output(images, columns * 2 if K <= 5 else columns, meta)
     save_model(ema.cpu(), config, ctx.model_dir)
-    yield Log(f"saved the model to {ctx.model_dir_rel}")
-    yield ModelSaved(
-        path=ctx.model_dir_rel,
-        config={**config, "seed": p.seed, "steps": p.steps},
-        metrics={"final_d_loss": final_loss},
-    )
+    yield from run.saved({"final_d_loss": run.loss})
 
 
 class Gan:
@@ -272,35 +217,18 @@ class Gan:
 
     def _request(self, params: dict[str, Any]) -> tuple[GanGenerateParams, int, list[int]]:
         p = GanGenerateParams.model_validate(params)
-        K = self.config["num_classes"]
-        if p.label >= K:
-            raise InvalidInputError.one("params.label", f"this model knows labels 0 to {K - 1}")
-        seed = p.seed if p.seed is not None else secrets.randbelow(SEED_MAX + 1)
-        return p, seed, [(seed + i) % (SEED_MAX + 1) for i in range(p.num_images)]
+        check_label(p.label, self.config)
+        seed = job_seed(p.seed)
+        return p, seed, image_seeds(seed, p.num_images)
 
     def _outputs(
         self, p: GanGenerateParams, seed: int, seeds: list[int], images: torch.Tensor
     ) -> Iterator[Output]:
-        recorded = json.dumps({**p.model_dump(), "seed": seed}, sort_keys=True)
-        names = self.config.get("class_names") or []
-        size = self.config["image_size"]
-        for i, pixels in enumerate(to_uint8(images)):
-            yield Output(
-                name=f"image-{i}.png",
-                kind="image",
-                content_type="image/png",
-                data=png_bytes(
-                    to_pil(pixels), {"genq:params": recorded, "genq:seed": str(seeds[i])}
-                ),
-                meta={
-                    "seed": seeds[i],
-                    "label": p.label,
-                    "class_name": names[p.label] if p.label < len(names) else str(p.label),
-                    "index": i,
-                    "width": size,
-                    "height": size,
-                },
-            )
+        meta = {"label": p.label, "class_name": class_name(p.label, self.config)}
+        yield from image_outputs(images, {**p.model_dump(), "seed": seed}, seeds, meta)
+
+    def _sample(self, labels: torch.Tensor, seeds: list[int], min_rows: int) -> torch.Tensor:
+        return sample(self.g, labels, seeds, min_rows)
 
     def generate(self, params: dict[str, Any], ctx: RunContext) -> Iterator[Event]:
         yield from run_alone(self.generate_batch, params, ctx)
@@ -310,31 +238,7 @@ class Gan:
     ) -> Iterator[tuple[int | None, Event | BaseException]]:
         """Every job's images from one call of the generator; a job this model refuses, or
         one canceled before the call, leaves the batch alone."""
-        requests = {}
-        for index, (params, ctx) in enumerate(jobs):
-            if ctx.is_canceled():
-                yield index, CanceledError(f"job {ctx.job_id} was canceled")
-                continue
-            try:
-                requests[index] = self._request(params)
-            except (InvalidInputError, ValidationError) as exc:
-                yield index, exc
-        if not requests:
-            return
-        order = sorted(requests)
-        labels = torch.cat(
-            [torch.full((requests[i][0].num_images,), requests[i][0].label) for i in order]
-        )
-        seeds = [s for i in order for s in requests[i][2]]
-        images = sample(self.g, labels, seeds, jobs[order[0]][1].min_rows)  # (B, C, S, S)
-        yield None, Progress(1, 1, "generated")
-        start = 0
-        for i in order:
-            p, seed, job_seeds = requests[i]
-            mine = images[start : start + len(job_seeds)]
-            start += len(job_seeds)
-            for output in self._outputs(p, seed, job_seeds, mine):
-                yield i, output
+        yield from draw_batch(jobs, self._request, self._sample, self._outputs)
 
 
 def load(model_dir: Path | None, config: dict[str, Any], device: str) -> Gan:

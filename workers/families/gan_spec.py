@@ -3,13 +3,18 @@ trained adversarially on labelled images such as the built-in `digits`."""
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import BaseModel, ConfigDict, Field
 
-from workers.families.base import Family, OpenAIShape, Resources, Scaling
-
-SEED_MAX = 2**32 - 1
+from workers.families.base import (
+    CheckpointEvery,
+    Family,
+    ImageSeed,
+    OpenAIShape,
+    Preset,
+    Resources,
+    Scaling,
+    TrainSeed,
+)
 
 
 class GanFinetuneParams(BaseModel):
@@ -20,16 +25,12 @@ class GanFinetuneParams(BaseModel):
     steps: int = Field(2000, ge=1, le=1_000_000, description="Steps (one D and one G update).")
     batch_size: int = Field(64, ge=2, le=1024)
     learning_rate: float = Field(2e-4, gt=0, le=1.0)
-    seed: int = Field(0, ge=0, le=SEED_MAX)
-    checkpoint_every: int = Field(
-        200, ge=1, le=1_000_000, description="Steps between checkpoints (resume points)."
-    )
+    seed: TrainSeed = 0
+    checkpoint_every: CheckpointEvery = 200
 
 
 class GanTrainParams(GanFinetuneParams):
-    preset: Literal["tiny", "default"] = Field(
-        "default", description="Network size: `tiny` trains in seconds (for tests)."
-    )
+    preset: Preset = "default"
 
 
 class GanGenerateParams(BaseModel):
@@ -37,9 +38,7 @@ class GanGenerateParams(BaseModel):
 
     label: int = Field(0, ge=0, le=999, description="Class to generate (a digit for `digits`).")
     num_images: int = Field(4, ge=1, le=256)
-    seed: int | None = Field(
-        None, ge=0, le=SEED_MAX, description="Same seed, same images. Unset: a random seed."
-    )
+    seed: ImageSeed = None
 
 
 def batch_key(p: GanGenerateParams) -> str:

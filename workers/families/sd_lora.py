@@ -19,9 +19,6 @@ the base folder: it is served by its base model's servers (sd_pipeline.py), whic
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,19 +27,14 @@ import torch
 import torch.nn.functional as F
 
 from core.errors import InvalidInputError, ModelError
-from core.events import Event, Log, Metric, ModelSaved, Progress
+from core.events import Event, Log, Metric, Progress
 from workers.datasets import load_captioned
-from workers.families.base import CanceledError, TrainContext
-from workers.families.checkpoints import (
-    CHECKPOINT_NAME,
-    CONFIG_NAME,
-    AdapterWeights,
-    load_checkpoint,
-    save_checkpoint,
-)
+from workers.families.base import TrainContext
+from workers.families.checkpoints import CONFIG_NAME, AdapterWeights, new_folder
 from workers.families.sd_adapters import ADAPTER_FILE, is_adapter_folder
 from workers.families.sd_loading import load_pipeline
 from workers.families.sd_spec import LORA_KIND, SdFinetuneParams, check_layout
+from workers.families.training import LossWindow, TrainingRun, check_loss
 
 CHECKPOINT_FORMAT = "genq-sd-lora-checkpoint/1"
 METRIC_EVERY = 10
@@ -79,14 +71,12 @@ def encode_images(pipe: Any, images: torch.Tensor, device: str) -> torch.Tensor:
 
 
 def save_version(pipe: Any, unet: Any, config: dict[str, Any], model_dir: Path) -> int:
-    """The adapter (diffusers' LoRA format) and genq.json into a temporary sibling folder,
-    swapped into place; returns the adapter's size in bytes."""
+    """The adapter (diffusers' LoRA format) and genq.json into a new folder (swapped into
+    place: checkpoints.new_folder); returns the adapter's size in bytes."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import get_peft_model_state_dict
 
-    model_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=model_dir.parent, prefix=f".{model_dir.name}."))
-    try:
+    with new_folder(model_dir) as tmp:
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
         type(pipe).save_lora_weights(
             str(tmp), unet_lora_layers=layers, weight_name=ADAPTER_FILE, safe_serialization=True
@@ -94,12 +84,6 @@ def save_version(pipe: Any, unet: Any, config: dict[str, Any], model_dir: Path) 
         size_bytes = (tmp / ADAPTER_FILE).stat().st_size
         config = {**config, "adapter_bytes": size_bytes}
         (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
-        if model_dir.exists():
-            shutil.rmtree(model_dir)
-        tmp.rename(model_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return size_bytes
 
 
@@ -173,24 +157,14 @@ def train(params: dict[str, Any], ctx: TrainContext) -> Iterator[Event]:
     latent_params = encode_images(pipe, images, ctx.device)
     scaling = float(vae.config.scaling_factor)
 
-    checkpoint = ctx.checkpoint_dir / CHECKPOINT_NAME
     modules: dict[str, Any] = {"adapter": AdapterWeights(unet)}
-    optimizers = {"adapter": optimizer}
-    start, final_loss = 0, float("nan")
-    if checkpoint.exists():
-        start, final_loss = load_checkpoint(
-            checkpoint, CHECKPOINT_FORMAT, modules, optimizers, config
-        )
-        start = min(start, p.steps)
-        yield Log(f"resumed from step {start}")
+    run = TrainingRun(ctx, CHECKPOINT_FORMAT, modules, {"adapter": optimizer}, config, p)
+    yield from run.resume()
     unet.train()
     B, N = p.batch_size, len(texts)
-    window: list[float] = []
-    window_start = time.perf_counter()
-    for step in range(start + 1, p.steps + 1):
-        if ctx.is_canceled():
-            raise CanceledError(f"job {ctx.job_id} was canceled")
-        gen = torch.Generator().manual_seed(p.seed * 2**20 + step)
+    window = LossWindow()
+    for step in run.steps():
+        gen = run.generator(step)
         rows = torch.randint(0, N, (B,), generator=gen)
         mean, logvar = latent_params[rows].chunk(2, dim=1)
         std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
@@ -209,27 +183,20 @@ def train(params: dict[str, Any], ctx: TrainContext) -> Iterator[Event]:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
         optimizer.step()
-        if not torch.isfinite(loss):
-            raise ModelError(f"the loss diverged at step {step}; try a lower learning_rate")
-        window.append(loss.item())
+        check_loss(step, loss)
+        window.add(loss.item())
         yield Progress(step, p.steps, "fine-tuning")
-        if step % METRIC_EVERY == 0 or step == p.steps:
-            elapsed = time.perf_counter() - window_start
-            final_loss = sum(window) / len(window)
-            images_per_s = len(window) * B / max(elapsed, 1e-9)
-            yield Metric(step, {"loss": final_loss, "images_per_s": images_per_s})
-            window, window_start = [], time.perf_counter()
-        if step % p.checkpoint_every == 0 or step == p.steps:
-            save_checkpoint(
-                checkpoint, CHECKPOINT_FORMAT, modules, optimizers, step, config, final_loss
-            )
-            yield Log(f"checkpoint at step {step}", level="debug")
+        if run.is_due(step, METRIC_EVERY):
+            (run.loss,) = window.means()
+            yield Metric(step, {"loss": run.loss, "images_per_s": window.rate(B)})
+            window = LossWindow()
+        if run.is_due(step, p.checkpoint_every):
+            yield run.checkpoint(step)
 
     unet.eval()
     size_bytes = save_version(pipe, unet, config, ctx.model_dir)
-    yield Log(f"saved the adapter ({size_bytes} bytes) to {ctx.model_dir_rel}")
-    yield ModelSaved(
-        path=ctx.model_dir_rel,
-        config={**config, "adapter_bytes": size_bytes, "seed": p.seed, "steps": p.steps},
-        metrics={"final_loss": final_loss, "adapter_bytes": size_bytes},
+    yield from run.saved(
+        {"final_loss": run.loss, "adapter_bytes": size_bytes},
+        f"the adapter ({size_bytes} bytes)",
+        {**config, "adapter_bytes": size_bytes},
     )

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import queue
-import secrets
 import threading
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
@@ -44,13 +43,13 @@ from pydantic import ValidationError
 
 from core.errors import InvalidInputError, ModelError
 from core.events import Event, Log, Output, Progress
-from workers.families.base import CanceledError, RunContext, run_alone
+from workers.families.base import CanceledError, RunContext, image_seeds, job_seed, run_alone
 from workers.families.checkpoints import CONFIG_NAME
-from workers.families.pictures import png_bytes
+from workers.families.pictures import image_output, png_bytes
 from workers.families.sd_adapters import ADAPTER_FILE, AdapterCache
 from workers.families.sd_loading import load_pipeline
 from workers.families.sd_lora import train  # noqa: F401 - the family's `train`
-from workers.families.sd_spec import PIPELINES, SCHEDULERS, SEED_MAX, SdGenerateParams
+from workers.families.sd_spec import PIPELINES, SCHEDULERS, SdGenerateParams
 from workers.staging import local_model_folder
 
 _DONE = object()
@@ -151,9 +150,8 @@ class SdModel:
             except (ValidationError, InvalidInputError) as exc:
                 yield index, exc
                 continue
-            seed = p.seed if p.seed is not None else secrets.randbelow(SEED_MAX + 1)
-            seeds = [(seed + i) % (SEED_MAX + 1) for i in range(p.num_images)]
-            requests[index] = Request(p, ctx, seed, seeds, inputs)
+            seed = job_seed(p.seed)
+            requests[index] = Request(p, ctx, seed, image_seeds(seed, p.num_images), inputs)
         text_jobs = sorted(i for i, r in requests.items() if r.p.mode == "text2img")
         groups = [text_jobs] if text_jobs else []
         groups += [[i] for i in sorted(requests) if requests[i].p.mode != "text2img"]
@@ -231,17 +229,7 @@ class SdModel:
                 sort_keys=True,
             )
             for i, image in enumerate(images[start : start + len(r.seeds)]):
-                text = {"genq:params": recorded, "genq:seed": str(r.seeds[i])}
-                yield (
-                    index,
-                    Output(
-                        name=f"image-{i}.png",
-                        kind="image",
-                        content_type="image/png",
-                        data=png_bytes(image, text),
-                        meta={"seed": r.seeds[i], "index": i, "width": width, "height": height},
-                    ),
-                )
+                yield index, image_output(i, image, recorded, r.seeds[i], {})
             start += len(r.seeds)
 
     def _embeddings(self, batch: list[Request], min_rows: int) -> dict[str, torch.Tensor]:

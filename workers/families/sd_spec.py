@@ -20,9 +20,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from core.errors import InvalidInputError
 from core.states import JobKind
-from workers.families.base import Family, OpenAIShape, Resources
+from workers.families.base import (
+    SEED_MAX,
+    CheckpointEvery,
+    Family,
+    OpenAIShape,
+    Resources,
+    TrainSeed,
+)
 
-SEED_MAX = 2**32 - 1
 # model_index.json `_class_name` -> the layout it has. SD 2.x uses the 1.x class.
 PIPELINES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
 # Named samplers -> (diffusers scheduler class, extra config). `default` keeps the one the
@@ -183,10 +189,8 @@ class SdFinetuneParams(BaseModel):
         description="Training images are centre-cropped and resized to this square."
         " Unset: the model's native size.",
     )
-    seed: int = Field(0, ge=0, le=SEED_MAX)
-    checkpoint_every: int = Field(
-        100, ge=1, le=1_000_000, description="Steps between checkpoints (resume points)."
-    )
+    seed: TrainSeed = 0
+    checkpoint_every: CheckpointEvery = 100
 
 
 def _weight_files(folder: Path) -> tuple[list[Path], list[Path]]:

@@ -14,36 +14,42 @@ Shapes: B batch, C channels, S = image side (16), K classes, Z z_dim, W width.
 
 from __future__ import annotations
 
-import json
-import secrets
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import ValidationError
 from torch import nn
 
-from core.errors import InvalidInputError, ModelError
-from core.events import Event, Log, Metric, ModelSaved, Output, Progress
+from core.errors import InvalidInputError
+from core.events import Event, Log, Metric, Output, Progress
 from workers.datasets import ImageDataset, load_dataset
-from workers.families.base import CanceledError, RunContext, TrainContext, run_alone
-from workers.families.checkpoints import (
-    CHECKPOINT_NAME,
-    load_checkpoint,
-    load_model_files,
-    save_checkpoint,
-    save_model,
+from workers.families.base import (
+    CanceledError,
+    RunContext,
+    TrainContext,
+    image_seeds,
+    job_seed,
+    run_alone,
 )
-from workers.families.pictures import decode_image, grid_png, png_bytes, to_pil, to_uint8
-from workers.families.vae_spec import (
-    SEED_MAX,
-    VaeFinetuneParams,
-    VaeGenerateParams,
-    VaeTrainParams,
+from workers.families.checkpoints import load_model_files, save_model
+from workers.families.pictures import (
+    check_label,
+    decode_image,
+    draw_batch,
+    grid_output,
+    image_outputs,
+    seeded_latents,
 )
+from workers.families.training import (
+    LossWindow,
+    TrainingRun,
+    check_loss,
+    image_model_config,
+    load_parent_images,
+)
+from workers.families.vae_spec import VaeFinetuneParams, VaeGenerateParams, VaeTrainParams
 
 CHECKPOINT_FORMAT = "genq-vae-checkpoint/1"
 METRIC_EVERY = 20
@@ -88,17 +94,7 @@ class Vae(nn.Module):
 
 
 def model_config(preset: str, dataset: ImageDataset) -> dict[str, Any]:
-    spec = PRESETS[preset]
-    return {
-        "family": "vae",
-        "preset": preset,
-        "image_size": spec["image_size"],
-        "z_dim": spec["z_dim"],
-        "width": spec["width"],
-        "channels": dataset.channels,
-        "num_classes": dataset.num_classes,
-        "class_names": list(dataset.class_names),
-    }
+    return image_model_config("vae", preset, PRESETS[preset], dataset)
 
 
 def build(config: dict[str, Any]) -> Vae:
@@ -129,12 +125,7 @@ def train(params: dict[str, Any], ctx: TrainContext) -> Iterator[Event]:
     weights = None
     if finetune:
         weights, parent = load_model_files(ctx.parent_model_dir, ctx.parent_config, "vae")
-        dataset = load_dataset(ctx.dataset, parent["image_size"], parent["channels"])
-        if dataset.num_classes != parent["num_classes"]:
-            raise InvalidInputError.one(
-                "dataset",
-                f"has {dataset.num_classes} classes, the model has {parent['num_classes']}",
-            )
+        dataset = load_parent_images(ctx.dataset, parent)
         config = {
             **model_config(parent["preset"], dataset),
             **{k: parent[k] for k in ("z_dim", "width")},
@@ -157,21 +148,11 @@ def train(params: dict[str, Any], ctx: TrainContext) -> Iterator[Event]:
         f"vae {config['preset']}: {N} images, {K} classes, {n_params} parameters, on {device}"
     )
 
-    checkpoint = ctx.checkpoint_dir / CHECKPOINT_NAME
-    start, final_loss = 0, float("nan")
-    if checkpoint.exists():
-        start, final_loss = load_checkpoint(
-            checkpoint, CHECKPOINT_FORMAT, {"vae": vae}, {"vae": optimizer}, config
-        )
-        start = min(start, p.steps)
-        yield Log(f"resumed from step {start}")
-
-    window: list[tuple[float, float]] = []
-    window_start = time.perf_counter()
-    for step in range(start + 1, p.steps + 1):
-        if ctx.is_canceled():
-            raise CanceledError(f"job {ctx.job_id} was canceled")
-        gen = torch.Generator().manual_seed(p.seed * 2**20 + step)
+    run = TrainingRun(ctx, CHECKPOINT_FORMAT, {"vae": vae}, {"vae": optimizer}, config, p)
+    yield from run.resume()
+    window = LossWindow()
+    for step in run.steps():
+        gen = run.generator(step)
         idx = torch.randint(0, N, (B,), generator=gen).to(device)  # (B,)
         eps = torch.randn(B, Z, generator=gen).to(device)  # (B, Z)
         recon, kl = losses(vae, x_all[idx], y_all[idx], eps)
@@ -179,48 +160,25 @@ def train(params: dict[str, Any], ctx: TrainContext) -> Iterator[Event]:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if not torch.isfinite(loss):
-            raise ModelError(f"the loss diverged at step {step}; try a lower learning_rate")
-        window.append((recon.item(), kl.item()))
+        check_loss(step, loss)
+        window.add(recon.item(), kl.item())
         yield Progress(step, p.steps, "training")
-        if step % METRIC_EVERY == 0 or step == p.steps:
-            elapsed = time.perf_counter() - window_start
-            r = sum(a for a, _ in window) / len(window)
-            k = sum(b for _, b in window) / len(window)
-            final_loss = r + p.kl_weight * k
-            rate = len(window) * B / max(elapsed, 1e-9)
-            yield Metric(step, {"loss": final_loss, "recon": r, "kl": k, "samples_per_s": rate})
-            window, window_start = [], time.perf_counter()
-        if step % p.checkpoint_every == 0 or step == p.steps:
-            save_checkpoint(
-                checkpoint,
-                CHECKPOINT_FORMAT,
-                {"vae": vae},
-                {"vae": optimizer},
-                step,
-                config,
-                final_loss,
-            )
-            yield Log(f"checkpoint at step {step}", level="debug")
+        if run.is_due(step, METRIC_EVERY):
+            r, k = window.means()
+            run.loss = r + p.kl_weight * k
+            rate = window.rate(B)
+            yield Metric(step, {"loss": run.loss, "recon": r, "kl": k, "samples_per_s": rate})
+            window = LossWindow()
+        if run.is_due(step, p.checkpoint_every):
+            yield run.checkpoint(step)
 
     vae.eval()
     model = VaeModel(vae, config)
     labels = torch.arange(K).repeat_interleave(2)
     images = model.sample(labels, [p.seed + i for i in range(len(labels))])
-    yield Output(
-        name="samples.png",
-        kind="grid",
-        content_type="image/png",
-        data=grid_png(images, columns=min(2 * K, 10)),
-        meta={"labels": labels.tolist(), "seed": p.seed},
-    )
+    yield grid_output(images, min(2 * K, 10), {"labels": labels.tolist(), "seed": p.seed})
     save_model(vae.cpu(), config, ctx.model_dir)
-    yield Log(f"saved the model to {ctx.model_dir_rel}")
-    yield ModelSaved(
-        path=ctx.model_dir_rel,
-        config={**config, "seed": p.seed, "steps": p.steps},
-        metrics={"final_loss": final_loss},
-    )
+    yield from run.saved({"final_loss": run.loss})
 
 
 class VaeModel:
@@ -233,17 +191,10 @@ class VaeModel:
     def sample(self, labels: torch.Tensor, seeds: list[int], min_rows: int = 1) -> torch.Tensor:
         """One image per (label, seed), each from its own seed's latent; the decoder call is
         padded to `min_rows` rows so a row's bits do not depend on the batch."""
-        Z = self.vae.z_dim
-        z = torch.cat(
-            [torch.randn(1, Z, generator=torch.Generator().manual_seed(s)) for s in seeds]
-        )  # (B, Z)
-        rows = len(seeds)
-        labels = labels.to(self.device)
-        if rows < min_rows:
-            z = torch.cat([z, z.new_zeros((min_rows - rows, Z))])
-            labels = torch.cat([labels, labels.new_zeros(min_rows - rows)])
+        z, labels = seeded_latents(seeds, self.vae.z_dim, labels, min_rows)  # (B', Z), (B',)
         with torch.no_grad():
-            return to_images(self.vae.decode(z.to(self.device), labels)[:rows])
+            decoded = self.vae.decode(z.to(self.device), labels.to(self.device))
+        return to_images(decoded[: len(seeds)])
 
     def _means(self, images: list[str], label: int) -> torch.Tensor:
         size, C = self.config["image_size"], self.config["channels"]
@@ -257,40 +208,27 @@ class VaeModel:
 
     def _check(self, params: dict[str, Any]) -> tuple[VaeGenerateParams, int, list[int]]:
         p = VaeGenerateParams.model_validate(params)
-        K = self.config["num_classes"]
-        if p.label >= K:
-            raise InvalidInputError.one("params.label", f"this model knows labels 0 to {K - 1}")
+        check_label(p.label, self.config)
         wanted = {"sample": 0, "reconstruct": 1, "interpolate": 2}[p.mode]
         if len(p.images) != wanted:
             raise InvalidInputError.one(
                 "params.images", f"mode {p.mode} takes {wanted} images, got {len(p.images)}"
             )
-        seed = p.seed if p.seed is not None else secrets.randbelow(SEED_MAX + 1)
-        return p, seed, [(seed + i) % (SEED_MAX + 1) for i in range(p.num_images)]
+        seed = job_seed(p.seed)
+        return p, seed, image_seeds(seed, p.num_images)
+
+    def _sample_request(self, params: dict[str, Any]) -> tuple[VaeGenerateParams, int, list[int]]:
+        """A job of the batch path: only `sample` jobs (the family's batch key) batch."""
+        request = self._check(params)
+        if request[0].mode != "sample":
+            raise InvalidInputError.one("params.mode", "only `sample` jobs batch")
+        return request
 
     def _outputs(
         self, p: VaeGenerateParams, seed: int, seeds: list[int], images: torch.Tensor
     ) -> Iterator[Output]:
         recorded = {**p.model_dump(exclude={"images"}), "seed": seed, "num_inputs": len(p.images)}
-        text_params = json.dumps(recorded, sort_keys=True)
-        size = self.config["image_size"]
-        for i, pixels in enumerate(to_uint8(images)):
-            yield Output(
-                name=f"image-{i}.png",
-                kind="image",
-                content_type="image/png",
-                data=png_bytes(
-                    to_pil(pixels), {"genq:params": text_params, "genq:seed": str(seeds[i])}
-                ),
-                meta={
-                    "seed": seeds[i],
-                    "label": p.label,
-                    "mode": p.mode,
-                    "index": i,
-                    "width": size,
-                    "height": size,
-                },
-            )
+        yield from image_outputs(images, recorded, seeds, {"label": p.label, "mode": p.mode})
 
     def generate(self, params: dict[str, Any], ctx: RunContext) -> Iterator[Event]:
         if params.get("mode", "sample") == "sample":
@@ -316,34 +254,7 @@ class VaeModel:
     ) -> Iterator[tuple[int | None, Event | BaseException]]:
         """Several `sample` jobs from one call of the decoder (the family's batch key admits
         only those); a job this model refuses, or one already canceled, leaves alone."""
-        requests = {}
-        for index, (params, ctx) in enumerate(jobs):
-            if ctx.is_canceled():
-                yield index, CanceledError(f"job {ctx.job_id} was canceled")
-                continue
-            try:
-                requests[index] = self._check(params)
-            except (InvalidInputError, ValidationError) as exc:
-                yield index, exc
-                continue
-            if requests[index][0].mode != "sample":
-                del requests[index]
-                yield index, InvalidInputError.one("params.mode", "only `sample` jobs batch")
-        if not requests:
-            return
-        order = sorted(requests)
-        labels = torch.cat(
-            [torch.full((requests[i][0].num_images,), requests[i][0].label) for i in order]
-        )
-        seeds = [s for i in order for s in requests[i][2]]
-        images = self.sample(labels, seeds, jobs[order[0]][1].min_rows)  # (B, C, S, S)
-        yield None, Progress(1, 1, "generated")
-        start = 0
-        for i in order:
-            p, seed, job_seeds = requests[i]
-            for output in self._outputs(p, seed, job_seeds, images[start : start + len(job_seeds)]):
-                yield i, output
-            start += len(job_seeds)
+        yield from draw_batch(jobs, self._sample_request, self.sample, self._outputs)
 
 
 def load(model_dir: Path | None, config: dict[str, Any], device: str) -> VaeModel:

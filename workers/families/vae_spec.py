@@ -7,9 +7,17 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from workers.families.base import Family, OpenAIShape, Resources, Scaling
+from workers.families.base import (
+    CheckpointEvery,
+    Family,
+    ImageSeed,
+    OpenAIShape,
+    Preset,
+    Resources,
+    Scaling,
+    TrainSeed,
+)
 
-SEED_MAX = 2**32 - 1
 # A base64 image in params: generous for a small picture, far below the request body limit.
 IMAGE_MAX_CHARS = 2_000_000
 
@@ -23,16 +31,12 @@ class VaeFinetuneParams(BaseModel):
     batch_size: int = Field(64, ge=1, le=1024)
     learning_rate: float = Field(2e-3, gt=0, le=1.0)
     kl_weight: float = Field(1.0, ge=0, le=100, description="Weight of the KL term (beta).")
-    seed: int = Field(0, ge=0, le=SEED_MAX)
-    checkpoint_every: int = Field(
-        200, ge=1, le=1_000_000, description="Steps between checkpoints (resume points)."
-    )
+    seed: TrainSeed = 0
+    checkpoint_every: CheckpointEvery = 200
 
 
 class VaeTrainParams(VaeFinetuneParams):
-    preset: Literal["tiny", "default"] = Field(
-        "default", description="Network size: `tiny` trains in seconds (for tests)."
-    )
+    preset: Preset = "default"
 
 
 class VaeGenerateParams(BaseModel):
@@ -50,9 +54,7 @@ class VaeGenerateParams(BaseModel):
         max_length=2,
         description="Base64 PNG/JPEG images for `reconstruct` (one) and `interpolate` (two).",
     )
-    seed: int | None = Field(
-        None, ge=0, le=SEED_MAX, description="Same seed, same images. Unset: a random seed."
-    )
+    seed: ImageSeed = None
 
 
 def batch_key(p: VaeGenerateParams) -> str | None:

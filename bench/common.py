@@ -1,0 +1,51 @@
+"""What several benchmarks share: a scratch PostgreSQL database made for one run and dropped
+after it, and the JSON file a run leaves in bench/results/ (named as bench/report.py reads it:
+`<kind>-<UTC time>.json`, `<kind>-before-<UTC time>.json` for a baseline run)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _admin(server_url: str) -> sa.Engine:
+    # CREATE/DROP DATABASE cannot run inside a transaction.
+    url = sa.engine.make_url(server_url).set(drivername="postgresql+psycopg")
+    return sa.create_engine(url, isolation_level="AUTOCOMMIT")
+
+
+@contextmanager
+def scratch_postgres(server_url: str, prefix: str = "genq_bench") -> Iterator[str]:
+    """A new, empty database on the PostgreSQL server of `server_url` (any database URL of that
+    server, with credentials that may create databases): yields its URL and drops it afterwards,
+    even with connections still open (a run that failed half-way)."""
+    name = f"{prefix}_{uuid.uuid4().hex[:8]}"
+    admin = _admin(server_url)
+    try:
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+        try:
+            yield sa.engine.make_url(server_url).set(database=name).render_as_string(False)
+        finally:
+            with admin.connect() as conn:
+                conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        admin.dispose()
+
+
+def write_result(kind: str, result: dict[str, Any], *, before: bool = False) -> Path:
+    """Save one run's figures as bench/results/<kind>[-before]-<UTC time>.json and say where."""
+    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H%M%S")
+    path = RESULTS / f"{kind}{'-before' if before else ''}-{stamp}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"written to bench/results/{path.name}")
+    return path
