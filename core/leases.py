@@ -10,7 +10,6 @@ longer the job's gets LeaseLostError and changes nothing.
 
 from __future__ import annotations
 
-import logging
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,8 +28,6 @@ from core.jobs import add_event, set_state
 from core.states import ACTIVE, JobState
 from core.tables import Artifact, Job, UTCDateTime, utcnow
 from core.usage import charge_attempt, start_attempt
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
