@@ -19,8 +19,8 @@ from sqlalchemy.orm import Session
 
 from api import schemas
 from core.eta import estimate_eta_s, mean_run_s, running_in
-from core.fairness import queue_order, queue_positions
 from core.jobs import priority_class
+from core.positions import queue_order, queue_positions
 from core.scaling import model_policy
 from core.states import JobState
 from core.tables import Artifact, Dataset, Job, JobEvent, Model

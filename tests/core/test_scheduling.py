@@ -15,9 +15,10 @@ import pytest
 from sqlalchemy import func, select, update
 
 from core.errors import QuotaExceededError
-from core.fairness import claim_next, queue_positions
+from core.fairness import claim_next
 from core.jobs import create_job, parse_priority
 from core.leases import Lease, finish_job
+from core.positions import queue_positions
 from core.quotas import check_submission
 from core.settings import Settings
 from core.states import JobState
