@@ -114,7 +114,7 @@ def server_level(family: str, folder: Path, n: int, max_tokens: int, rounds: int
     from core.events import Output
     from workers.registry import get_family
     from workers.routing import get_model_server
-    from workers.server import ServingOptions
+    from workers.server import ServingOptions, attempt_key
 
     ray.init(
         address="local",
@@ -133,10 +133,15 @@ def server_level(family: str, folder: Path, n: int, max_tokens: int, rounds: int
         server = get_model_server("bench-lm", get_family(family), str(folder), config, options)
 
         def one(i: int) -> int:
-            for ref in server.generate.remote(
-                f"job-{i}-{time.monotonic_ns()}", params(i, max_tokens)
-            ):
-                event = ray.get(ref)
+            # As the runner reads a server (scheduler/runner.py): the answer to `start`, then
+            # a `follow` stream of the rest while the job runs on.
+            job_id, token = f"job-{i}-{time.monotonic_ns()}", "bench"
+            answer = server.start.remote(job_id, params(i, max_tokens), token, wait_s=0.5)
+            events, ended = ray.get(answer)
+            if not ended:
+                stream = server.follow.remote(attempt_key(job_id, token))
+                events += [ray.get(ref) for ref in stream]
+            for event in events:
                 if isinstance(event, Output):
                     return int(event.meta["completion_tokens"])
             raise AssertionError("a job ended without its output")

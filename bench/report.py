@@ -55,6 +55,7 @@ INDEX: dict[str, Kind] = {
     "api-load": Kind("API requests/s under wrk (bench/api_load.py)"),
     "cpu-per-job": Kind("CPU per echo job, every process (bench/cpu_per_job.py)", runs=6),
     "job-path": Kind("echo through the stack vs the bare pipeline (bench/job_path.py)", runs=12),
+    "server-calls": Kind("a model server streamed vs polled (bench/server_calls.py)"),
     "job-path-replicas-1": Kind(
         "the same, the echo model capped at one replica (bench/job_path.py --echo-max-replicas 1)"
     ),

@@ -4,10 +4,18 @@ within about a second, a cancel request, a lost lease or an attempt that ran pas
 `timeout_s`; each of those asks the actor to stop (the request names the attempt, so it can
 only stop this attempt's work). It also notices a preemption request
 (core/preemption.py) and asks the trainer to stop at its next checkpoint (`on_preempt`).
+
+The keeper's thread starts at its first tick, one poll interval after the attempt began
+(`begin`), from one thread per process that starts them when due: most generate jobs have
+ended by then, and a thread started and stopped for each of them cost the worker more than
+some of the job's SQL statements. A keeper whose attempt has ended before its tick never
+starts; the ticks of one that does are those it would have had from the start.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import threading
 import time
@@ -39,6 +47,9 @@ class LeaseKeeper(threading.Thread):
         super().__init__(name=f"lease-{lease.job_id}", daemon=True)
         self.database, self.settings, self.lease = database, settings, lease
         self.timeout_s = timeout_s
+        self.poll_s = min(1.0, settings.heartbeat_interval_s)
+        # When the attempt began (monotonic), set by `begin`.
+        self.began_at: float | None = None
         self.stopped = threading.Event()
         self.cancel_requested = threading.Event()
         self.lost = threading.Event()
@@ -53,10 +64,18 @@ class LeaseKeeper(threading.Thread):
         # cannot.
         self.is_stalled: Callable[[], bool] | None = None
 
+    def begin(self) -> None:
+        """Watch the attempt from now on: the thread starts at its first tick, unless the
+        attempt has ended (`stop`) by then."""
+        self.began_at = time.monotonic()
+        _STARTS.add(self, self.began_at + self.poll_s)
+
     def run(self) -> None:
-        poll_s = min(1.0, self.settings.heartbeat_interval_s)
-        started = last_renewal = time.monotonic()
-        while not self.stopped.wait(poll_s):
+        poll_s = self.poll_s
+        started = last_renewal = self.began_at if self.began_at is not None else time.monotonic()
+        wait_s = max(0.0, started + poll_s - time.monotonic())
+        while not self.stopped.wait(wait_s):
+            wait_s = poll_s
             overdue = self.timeout_s is not None and time.monotonic() - started > self.timeout_s
             if overdue and not self.timed_out.is_set():
                 log.warning("attempt timed out; stopping it", extra={"job_id": self.lease.job_id})
@@ -148,3 +167,46 @@ class LeaseKeeper(threading.Thread):
         calls this before its finishing transaction, so a look at the row that finds the
         token gone after that is the runner's own finish, not a lost lease."""
         self.stopped.set()
+
+
+class _DelayedStarts:
+    """Starts lease keepers when their first tick is due, from one thread (started with the
+    first keeper); a keeper stopped by then is dropped."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._due: list[tuple[float, int, LeaseKeeper]] = []
+        self._order = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def add(self, keeper: LeaseKeeper, at: float) -> None:
+        with self._cond:
+            heapq.heappush(self._due, (at, next(self._order), keeper))
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="lease-keeper-starts", daemon=True
+                )
+                self._thread.start()
+            if self._due[0][2] is keeper:  # the earliest now: the thread waits less
+                self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._due:
+                    self._cond.wait()
+                at, _, keeper = self._due[0]
+                left_s = at - time.monotonic()
+                if left_s > 0:
+                    self._cond.wait(left_s)
+                    continue
+                heapq.heappop(self._due)
+            if not keeper.stopped.is_set():
+                try:
+                    keeper.start()
+                except Exception:  # (a thread the system would not start) the next goes on
+                    log.exception("could not start a lease keeper",
+                                  extra={"job_id": keeper.lease.job_id})  # fmt: skip
+
+
+_STARTS = _DelayedStarts()

@@ -44,13 +44,17 @@ from scheduler.tokens import claim_failed, unused_token, wake_held
 from workers.families.base import Family
 from workers.registry import get_family
 from workers.room import free_by_node, is_unplaced, resource_of, waiting_for
-from workers.server import ServingOptions
+from workers.server import ServingOptions, attempt_key
 
 log = logging.getLogger(__name__)
 
 # While a job's actor has sent nothing yet, the runner looks this often at why (its progress
 # message says "waiting for a GPU" while Ray cannot place the actor).
 START_LOOK_S = 1.0
+# A model server's answer to `start` comes at the latest after this long: a job that runs
+# longer is then read on as a stream, and is seen placed (no longer "loading the model")
+# well within START_LOOK_S.
+START_WAIT_S = 0.5
 
 
 class Runner:
@@ -68,6 +72,8 @@ class Runner:
         self.stopping = threading.Event()
 
     def connect_ray(self) -> None:
+        if ray.is_initialized():
+            return
         with self._ray_lock:
             if not ray.is_initialized():
                 # With GENQ_NODE_IP set, the driver uses this machine's node at that address
@@ -116,7 +122,7 @@ class Runner:
                 log.info("claimed %s with the token of %s", lease.job_id, job_id)
             log.info("claimed, attempt %d", lease.attempt, extra={"job_id": lease.job_id})
             keeper = LeaseKeeper(self.database, self.settings, lease, timeout_s=snapshot.timeout_s)
-            keeper.start()
+            keeper.begin()
             try:
                 return self._drive(snapshot, lease, keeper)
             finally:
@@ -200,13 +206,16 @@ class Runner:
         recorder: EventRecorder,
         loading: str,
         liveness: Liveness,
+        *,
+        placed: bool = False,
     ) -> Iterator[Event]:
         """The events of `refs`; until the first comes, the job's progress message says what
-        it waits for: the resource Ray lacks to place the actor, else `loading`. Between
-        events it checks that the actor lives (a stalled one is killed: StalledError) and that
-        the worker is not stopping (WorkerStoppingError)."""
+        it waits for: the resource Ray lacks to place the actor, else `loading` (`placed`:
+        the actor has sent events already). Between events it checks that the actor lives (a
+        stalled one is killed: StalledError) and that the worker is not stopping
+        (WorkerStoppingError)."""
         actor_id = actor._actor_id.hex()
-        while not ray.wait([refs], timeout=START_LOOK_S)[0]:
+        while not placed and not ray.wait([refs], timeout=START_LOOK_S)[0]:
             self._check_stopping()
             if is_unplaced(actor_id):
                 said = waiting_for(need, free_by_node())
@@ -229,6 +238,36 @@ class Runner:
             event = ray.get(ref)
             liveness.saw_event()
             yield event
+
+    def _served(
+        self,
+        first: Any,
+        key: str,
+        server: Any,
+        need: dict[str, float],
+        recorder: EventRecorder,
+        loading: str,
+        liveness: Liveness,
+    ) -> Iterator[Event]:
+        """The events of an attempt on a model server: those of the answer `first` to its
+        `start` (the whole job when it was quick), then, if it has not ended, those of a
+        `follow` stream (workers/server.py). Until the answer, the job's progress message says
+        what it waits for, as in `_started`."""
+        actor_id = server._actor_id.hex()
+        while not ray.wait([first], timeout=START_LOOK_S)[0]:
+            self._check_stopping()
+            if is_unplaced(actor_id):
+                said = waiting_for(need, free_by_node())
+                recorder.waiting(said, resource_of(said))
+            else:
+                recorder.waiting(loading)
+        events, ended = ray.get(first)
+        liveness.saw_event()
+        yield from events
+        if not ended:
+            self._check_stopping()
+            refs = server.follow.remote(key)
+            yield from self._started(refs, server, need, recorder, loading, liveness, placed=True)
 
     def _check_stopping(self) -> None:
         if self.stopping.is_set():
@@ -269,7 +308,7 @@ class Runner:
                 keeper.on_cancel()
             started = False
             try:
-                refs: Any = actor.generate.remote(
+                first: Any = actor.start.remote(
                     job.id,
                     job.params,
                     token,
@@ -277,9 +316,11 @@ class Runner:
                     adapter=job.adapter,
                     inputs=inputs,
                     number=keeper.lease.attempt,
+                    wait_s=START_WAIT_S,
                 )
                 loading = "loading the model"
-                for event in self._started(refs, actor, need, recorder, loading, liveness):
+                key = attempt_key(job.id, token)
+                for event in self._served(first, key, actor, need, recorder, loading, liveness):
                     # Where the job landed comes first and is no work done: a server that dies
                     # after it has still not started the job, which then runs on a live one.
                     started = started or not isinstance(event, Placement)

@@ -11,7 +11,12 @@ its own ObjectRef, so the caller reads events while the model runs:
     for ref in server.generate.remote(job_id, params, attempt=lease_token):
         event = ray.get(ref)   # Progress, Log, Metric, Output, ModelSaved
 
-An error raised while the model runs comes out of the `ray.get` of the next ref as a
+The runner begins a job on a model server with a plain call instead, which costs both sides
+less than a stream: `start` answers with the job's first events (all of them, for a quick job)
+and whether it has ended; a job still running is then read with `follow`, a stream of the rest
+(workers/server.py).
+
+An error raised while the model runs comes out of the `ray.get` of the next ref (or answer) as a
 `ray.exceptions.RayTaskError` that is also an instance of the original class, so the caller
 can `except CanceledError` / `except InvalidInputError` / `except ModelError` (the original
 object, with its fields, is `exc.cause`). Anything that is neither a genq error nor a

@@ -98,6 +98,8 @@ class Request:
     last_progress_at: float = 0.0
     held_text: TextDelta | None = None
     last_text_at: float = 0.0
+    # An error the job raised after events its reader has not taken yet (Batcher.take).
+    error: BaseException | None = None
     text_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def put(self, item: Any) -> None:
@@ -210,24 +212,69 @@ class Batcher:
                 key = None  # runs alone, where the implementation reports the bad field
         return Request(job_id, params, ctx, key, rows, progress_interval_s=self.progress_interval_s)
 
-    def run(self, request: Request) -> Iterator[Event]:
-        """Queue the job, then yield its events as the dispatcher produces them."""
+    def submit(self, request: Request) -> None:
+        """Queue the job for the dispatcher; its events come from `take`."""
         with self._cond:
             self._waiting.append(request)
             self._cond.notify_all()
+
+    def run(self, request: Request) -> Iterator[Event]:
+        """Queue the job, then yield its events as the dispatcher produces them."""
+        self.submit(request)
         while True:
+            events, ended = self.take(request, wait_s=WAIT_POLL_S, coalesce_s=0.0)
+            yield from events
+            if ended:
+                return
+
+    def take(
+        self,
+        request: Request,
+        wait_s: float,
+        coalesce_s: float,
+        lead: tuple[Event, ...] = (),
+    ) -> tuple[list[Event], bool]:
+        """The job's events that came, and whether it has ended: `lead` (events the caller
+        puts first), then those the dispatcher produced. Returns once the job ends, once
+        `coalesce_s` has passed since the first of them came (so that one answer carries
+        what a model makes in a burst), or after `wait_s` (with what there is, perhaps
+        nothing). An error the job raised comes out of this call, or of the next one when
+        events came before it. A job canceled while it waits for a batch leaves the queue."""
+        if request.error is not None:
+            error, request.error = request.error, None
+            raise error
+        out = list(lead)
+        now = time.monotonic()
+        deadline = now + wait_s
+        first_at: float | None = None
+        while True:
+            until = deadline if first_at is None else min(deadline, first_at + coalesce_s)
+            left = until - now
             try:
-                item = request.events.get(timeout=WAIT_POLL_S)
+                if left <= 0:
+                    item = request.events.get_nowait()
+                else:
+                    item = request.events.get(timeout=min(left, WAIT_POLL_S))
             except queue.Empty:
+                if left <= 0:
+                    return out, False
                 request.flush_text_if_due()
                 if request.ctx.is_canceled() and self._withdraw(request):
-                    raise CanceledError(f"job {request.job_id} was canceled") from None
-                continue
+                    item = CanceledError(f"job {request.job_id} was canceled")
+                else:
+                    now = time.monotonic()
+                    continue
             if item is _END:
-                return
+                return out, True
             if isinstance(item, BaseException):
+                if out:
+                    request.error = item
+                    return out, False
                 raise item
-            yield item
+            out.append(item)
+            now = time.monotonic()
+            if first_at is None:
+                first_at = now
 
     def _withdraw(self, request: Request) -> bool:
         """Take a job that has not started out of the queue; False once it runs."""

@@ -5,6 +5,15 @@ batcher (workers/batching.py), unloading itself after a spell without jobs.
 model, named, detached), and bench/gpu_batching.py drives it directly where Ray is not
 installed, so nothing here imports Ray at module level. Its `generate` is a generator of
 core.events; errors reach the caller as genq errors or CanceledError (see workers/actors.py).
+
+The runner calls `start` instead, a plain call that begins the attempt and answers with its
+first events, a list: at once when the attempt ends, COALESCE_S after its first event (a burst
+travels as one answer), or after the caller's `wait_s`. A Ray streaming call costs its caller
+and this actor about twice what a plain call does, however few its items
+(bench/server_calls.py), so a quick job, most of them, costs one plain call; an attempt still
+running after its answer is read to its end with `follow`, a stream, whose further events cost
+little each. An attempt is the server's from its start to its end; one that nobody follows
+within ABANDON_S of its start (its worker died in between) is canceled and dropped.
 """
 
 from __future__ import annotations
@@ -20,9 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from core.artifacts import ArtifactStore
+from core.errors import TransientError
 from core.events import Event, Placement
 from core.settings import Settings
-from workers.batching import Batcher
+from workers.batching import Batcher, Request
 from workers.families.base import CanceledError, RunContext
 from workers.registry import get_family
 from workers.staging import Staging, store_errors
@@ -31,6 +41,25 @@ log = logging.getLogger(__name__)
 
 # A cancel for a job this server has not seen (yet) is remembered this long.
 CANCEL_TTL_S = 600.0
+# The answer to `start` waits this long after the job's first event for more (a model's burst
+# of events travels as one answer).
+COALESCE_S = 0.02
+# An attempt nobody has read for this long was given up by its worker (it died between its
+# `start` and its `follow`): the server drops it, looking this often.
+ABANDON_S = 120.0
+REAP_EVERY_S = 5.0
+# `generate` (the streaming call) looks at its job's events this often.
+WAIT_POLL_S = 0.05
+
+
+@dataclass(eq=False)
+class _Run:
+    """An attempt started here: its batcher request and when it was last read (monotonic)."""
+
+    key: str
+    request: Request
+    about: dict[str, Any]
+    read_at: float
 
 
 @dataclass(frozen=True)
@@ -180,6 +209,10 @@ class ModelServer:
         self._active: dict[str, float] = {}
         # job id -> {attempt key: attempt number} of the numbered attempts here (see generate).
         self._numbers: dict[str, dict[str, int]] = {}
+        # attempt key -> the attempt, from its start to its end or its reader giving it up.
+        self._runs: dict[str, _Run] = {}
+        self._reaper: threading.Thread | None = None
+        self.abandon_s = ABANDON_S
         # Seconds of jobs in hand, summed over the jobs that have left: with the running ones,
         # the pool's measure of this replica's load (its mean jobs in hand between two looks).
         self._in_hand_done_s = 0.0
@@ -213,17 +246,82 @@ class ModelServer:
         inputs: dict[str, bytes] | None = None,
         number: int = 0,
     ) -> Iterator[Event]:
-        """Run one attempt of a job. `attempt` (the attempt's lease token) names it: a cancel
-        must name the same attempt to stop it, so a stale attempt of a job (its worker was
-        paused past its lease) cannot stop the attempt that took over. `number` (the attempt's
-        number, 0 for none) lets a newer attempt end an older one still here: a job's attempt
-        n+1 is claimed only once attempt n has lost its lease, so whatever n still does is
-        fenced off and would only hold a place in the batch (its worker was killed, say, and
-        nothing reads its stream). The older attempt ends as canceled; one arriving after a
-        newer one is canceled at once. `log_context`: what this
-        server's lines about the job carry (job_id, tenant, attempt, request_id; core/logs.py).
-        `adapter`: {"id", "path"} of an adapter version this base serves (its path as
-        registered, fetched to this machine); `inputs`: the bytes of the files the params name."""
+        """Run one attempt of a job, yielding its events (a Ray streaming call; the runner
+        uses `start` and `follow` instead, which cost less per job). `attempt` (the attempt's
+        lease token) names it: a cancel must name the same attempt to stop it, so a stale
+        attempt of a job (its worker was paused past its lease) cannot stop the attempt that
+        took over. `number` (the attempt's number, 0 for none) lets a newer attempt end an
+        older one still here: a job's attempt n+1 is claimed only once attempt n has lost its
+        lease, so whatever n still does is fenced off and would only hold a place in the batch
+        (its worker was killed, say, and nothing reads its events). The older attempt ends as
+        canceled; one arriving after a newer one is canceled at once. `log_context`: what
+        this server's lines about the job carry (job_id, tenant, attempt, request_id;
+        core/logs.py). `adapter`: {"id", "path"} of an adapter version this base serves (its
+        path as registered, fetched to this machine); `inputs`: the bytes of the files the
+        params name."""
+        run = self._begin(job_id, params, attempt, log_context, adapter, inputs, number)
+        lead = (self._placement,) if self._placement is not None else ()
+        yield from self._follow(run, lead)
+
+    def start(
+        self,
+        job_id: str,
+        params: dict[str, Any],
+        attempt: str = "",
+        log_context: dict[str, Any] | None = None,
+        adapter: dict[str, str] | None = None,
+        inputs: dict[str, bytes] | None = None,
+        number: int = 0,
+        wait_s: float = 1.0,
+    ) -> tuple[list[Event], bool]:
+        """Begin one attempt of a job (the arguments as for `generate`) and answer with its
+        first events (this server's placement first) and whether it has ended: once it ends,
+        COALESCE_S after its first event, or after `wait_s`. The job's error comes out of this
+        call, or of `follow` when events came before it. An attempt that has not ended is
+        read on with `follow(attempt_key(job_id, attempt))`."""
+        run = self._begin(job_id, params, attempt, log_context, adapter, inputs, number)
+        self._start_reaper()
+        lead = (self._placement,) if self._placement is not None else ()
+        return self._take(run, wait_s, COALESCE_S, lead)
+
+    def follow(self, key: str) -> Iterator[Event]:
+        """The events of an attempt begun by `start` that its answer did not carry, as they
+        come (a Ray streaming call: each further event costs little once it is open), until
+        the attempt ends; its error, if it failed, at the end. An attempt nobody followed
+        within `abandon_s` of its start (ABANDON_S) was dropped: TransientError."""
+        with self._state_lock:
+            run = self._runs.get(key)
+        if run is None:
+            raise TransientError(
+                f"the model server holds no attempt {key}: it has ended, or it was dropped "
+                f"when nobody followed it for {self.abandon_s:g} s"
+            )
+        yield from self._follow(run)
+
+    def _follow(self, run: _Run, lead: tuple[Event, ...] = ()) -> Iterator[Event]:
+        ended = False
+        try:
+            while not ended:
+                events, ended = self._take(run, WAIT_POLL_S, 0.0, lead)
+                lead = ()
+                for event in events:  # noqa: UP028 - Ray sends to the generator: no `yield from`
+                    yield event
+        finally:
+            if not ended:  # the reader stopped early, or the job raised (already ended)
+                self._drop(run.key)
+
+    def _begin(
+        self,
+        job_id: str,
+        params: dict[str, Any],
+        attempt: str,
+        log_context: dict[str, Any] | None,
+        adapter: dict[str, str] | None,
+        inputs: dict[str, bytes] | None,
+        number: int,
+    ) -> _Run:
+        """Register an attempt and hand it to the batcher (unless it was canceled already:
+        its first answer then says so)."""
         key = attempt_key(job_id, attempt)
         about = {**(log_context or {}), "job_id": job_id}
         log.info("job received (%s)", self.family.name, extra=about)
@@ -235,34 +333,75 @@ class ModelServer:
             adapter=self._adapter_folder(adapter) if adapter else None,
             inputs=dict(inputs or {}),
         )
+        request = self.batcher.request(job_id, params, ctx)
+        run = _Run(key, request, about, read_at=time.monotonic())
         with self._state_lock:
             self._active[key] = time.monotonic()
+            self._runs[key] = run
             if number:
                 self._supersede(job_id, key, number, about)
             self._touch()
+        if ctx.is_canceled():
+            request.end(CanceledError(f"job {job_id} was canceled"))
+        else:
+            self.batcher.submit(request)
+        return run
+
+    def _take(
+        self, run: _Run, wait_s: float, coalesce_s: float, lead: tuple[Event, ...] = ()
+    ) -> tuple[list[Event], bool]:
+        run.read_at = time.monotonic()
         try:
-            if self._placement is not None:
-                yield self._placement
-            if ctx.is_canceled():
-                raise CanceledError(f"job {job_id} was canceled")
-            yield from self.batcher.run(self.batcher.request(job_id, params, ctx))
-            self.jobs_served += 1
-            log.info("job done", extra=about)
+            events, ended = self.batcher.take(run.request, wait_s, coalesce_s, lead)
         except BaseException as exc:
-            log.info("job ended: %s", type(exc).__name__, extra=about)
+            log.info("job ended: %s", type(exc).__name__, extra=run.about)
+            self._drop(run.key)
             raise
-        finally:
-            with self._state_lock:
-                arrived = self._active.pop(key, None)
-                if arrived is not None:
-                    self._in_hand_done_s += time.monotonic() - arrived
+        if ended:
+            self.jobs_served += 1
+            log.info("job done", extra=run.about)
+            self._drop(run.key)
+        return events, ended
+
+    def _drop(self, key: str) -> None:
+        """The attempt has left this server: it ended, or its reader gave it up (then it is
+        canceled, so that it stops at its next cancel check instead of running for no one)."""
+        now = time.monotonic()
+        with self._state_lock:
+            run = self._runs.pop(key, None)
+            arrived = self._active.pop(key, None)
+            if arrived is not None:
+                self._in_hand_done_s += now - arrived
+            if run is not None and not run.request.finished:
+                self._canceled[key] = now
+            else:
                 self._canceled.pop(key, None)
-                numbered = self._numbers.get(job_id)
-                if numbered is not None:
-                    numbered.pop(key, None)
-                    if not numbered:
-                        del self._numbers[job_id]
-                self._touch()
+            job_id = key.partition("#")[0]
+            numbered = self._numbers.get(job_id)
+            if numbered is not None:
+                numbered.pop(key, None)
+                if not numbered:
+                    del self._numbers[job_id]
+            self._touch()
+
+    def _start_reaper(self) -> None:
+        with self._state_lock:
+            if self._reaper is not None:
+                return
+            self._reaper = threading.Thread(target=self._reap, name="reaper", daemon=True)
+        self._reaper.start()
+
+    def _reap(self) -> None:
+        """Drop the attempts started here that nobody has read for ABANDON_S: their worker
+        died or gave them up (a newer attempt would end them too, but one may never come)."""
+        while True:
+            time.sleep(min(REAP_EVERY_S, self.abandon_s / 4))
+            now = time.monotonic()
+            with self._state_lock:
+                gone = [k for k, run in self._runs.items() if now - run.read_at > self.abandon_s]
+            for key in gone:
+                log.warning("attempt %s not read for %.0f s: dropped", key, self.abandon_s)
+                self._drop(key)
 
     def _supersede(self, job_id: str, key: str, number: int, about: dict[str, Any]) -> None:
         """Cancel the attempts of `job_id` here older than `number`, or this one (`key`) if a
