@@ -214,14 +214,8 @@ class Runner:
         the actor has sent events already). Between events it checks that the actor lives (a
         stalled one is killed: StalledError) and that the worker is not stopping
         (WorkerStoppingError)."""
-        actor_id = actor._actor_id.hex()
-        while not placed and not ray.wait([refs], timeout=START_LOOK_S)[0]:
-            self._check_stopping()
-            if is_unplaced(actor_id):
-                said = waiting_for(need, free_by_node())
-                recorder.waiting(said, resource_of(said))
-            else:
-                recorder.waiting(loading)
+        if not placed:
+            self._await_first(refs, actor, need, recorder, loading)
         while True:
             self._check_stopping()
             if not ray.wait([refs], timeout=START_LOOK_S)[0]:
@@ -253,14 +247,7 @@ class Runner:
         `start` (the whole job when it was quick), then, if it has not ended, those of a
         `follow` stream (workers/server.py). Until the answer, the job's progress message says
         what it waits for, as in `_started`."""
-        actor_id = server._actor_id.hex()
-        while not ray.wait([first], timeout=START_LOOK_S)[0]:
-            self._check_stopping()
-            if is_unplaced(actor_id):
-                said = waiting_for(need, free_by_node())
-                recorder.waiting(said, resource_of(said))
-            else:
-                recorder.waiting(loading)
+        self._await_first(first, server, need, recorder, loading)
         events, ended = ray.get(first)
         liveness.saw_event()
         yield from events
@@ -268,6 +255,21 @@ class Runner:
             self._check_stopping()
             refs = server.follow.remote(key)
             yield from self._started(refs, server, need, recorder, loading, liveness, placed=True)
+
+    def _await_first(
+        self, ref: Any, actor: Any, need: dict[str, float], recorder: EventRecorder, loading: str
+    ) -> None:
+        """Until `ref` (the actor's first answer or stream) is ready, say on the job what it
+        waits for, once a START_LOOK_S: the resource Ray lacks to place the actor, else
+        `loading`; checking meanwhile that the worker is not stopping."""
+        actor_id = actor._actor_id.hex()
+        while not ray.wait([ref], timeout=START_LOOK_S)[0]:
+            self._check_stopping()
+            if is_unplaced(actor_id):
+                said = waiting_for(need, free_by_node())
+                recorder.waiting(said, resource_of(said))
+            else:
+                recorder.waiting(loading)
 
     def _check_stopping(self) -> None:
         if self.stopping.is_set():
