@@ -32,7 +32,7 @@ from core.artifacts import ArtifactStore
 from core.errors import TransientError
 from core.events import Event, Placement
 from core.settings import Settings
-from workers.batching import Batcher, Request
+from workers.batching import WAIT_POLL_S, Batcher, Request
 from workers.families.base import CanceledError, RunContext
 from workers.registry import get_family
 from workers.staging import Staging, store_errors
@@ -48,8 +48,6 @@ COALESCE_S = 0.02
 # `start` and its `follow`): the server drops it, looking this often.
 ABANDON_S = 120.0
 REAP_EVERY_S = 5.0
-# `generate` (the streaming call) looks at its job's events this often.
-WAIT_POLL_S = 0.05
 
 
 @dataclass(eq=False)
@@ -211,7 +209,6 @@ class ModelServer:
         self._numbers: dict[str, dict[str, int]] = {}
         # attempt key -> the attempt, from its start to its end or its reader giving it up.
         self._runs: dict[str, _Run] = {}
-        self._reaper: threading.Thread | None = None
         self.abandon_s = ABANDON_S
         # Seconds of jobs in hand, summed over the jobs that have left: with the running ones,
         # the pool's measure of this replica's load (its mean jobs in hand between two looks).
@@ -224,6 +221,7 @@ class ModelServer:
             progress_interval_s=self.options.progress_interval_s,
             max_rows=self.options.batch_max_rows,
         )
+        threading.Thread(target=self._reap, name="reaper", daemon=True).start()
         if on_idle is not None and self.options.idle_unload_s:
             watcher = threading.Thread(
                 target=self._watch_idle, args=(on_idle,), name="idle-unload", daemon=True
@@ -280,7 +278,6 @@ class ModelServer:
         call, or of `follow` when events came before it. An attempt that has not ended is
         read on with `follow(attempt_key(job_id, attempt))`."""
         run = self._begin(job_id, params, attempt, log_context, adapter, inputs, number)
-        self._start_reaper()
         lead = (self._placement,) if self._placement is not None else ()
         return self._take(run, wait_s, COALESCE_S, lead)
 
@@ -383,13 +380,6 @@ class ModelServer:
                 if not numbered:
                     del self._numbers[job_id]
             self._touch()
-
-    def _start_reaper(self) -> None:
-        with self._state_lock:
-            if self._reaper is not None:
-                return
-            self._reaper = threading.Thread(target=self._reap, name="reaper", daemon=True)
-        self._reaper.start()
 
     def _reap(self) -> None:
         """Drop the attempts started here that nobody has read for ABANDON_S: their worker
