@@ -9,6 +9,10 @@ own code costs.
     BARE_DATABASE_URL=... BARE_BROKER_URL=... \\
         celery -A bench.bare_pipeline:worker_app worker --pool=threads --concurrency=8 -Q bare
 
+Several worker processes share one Ray head, as genq's do: start it with `ray start --head`
+and give each worker its address as BARE_RAY_ADDRESS (bench/job_path.py does so); each
+worker makes its own actor.
+
 `POST /jobs` with a JSON body answers 202 and `{"id", "state"}`; `GET /jobs/<id>` answers the
 row. The table, `bare_job`, is created on first use in the same database genq would use (a
 SQLite file or PostgreSQL). bench/job_path.py drives it beside genq in one run.
@@ -170,12 +174,11 @@ def _start_worker() -> dict[str, Any]:
     with _worker_lock:
         if not _worker:
             if not ray.is_initialized():
-                ray.init(
-                    # "local": a Ray of its own, never a cluster found on the machine.
-                    address=os.environ.get("BARE_RAY_ADDRESS") or "local",
-                    include_dashboard=False,
-                    log_to_driver=False,
-                )
+                address = os.environ.get("BARE_RAY_ADDRESS")
+                if address:  # a head that several worker processes share, as genq's do
+                    ray.init(address=address, log_to_driver=False)
+                else:  # "local": a Ray of its own, never a cluster found on the machine
+                    ray.init(address="local", include_dashboard=False, log_to_driver=False)
 
             @ray.remote(num_cpus=0)
             class Echo:

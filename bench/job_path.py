@@ -4,15 +4,25 @@ the same Redis and the same kind of database.
 
     .venv/bin/python bench/job_path.py [--jobs 400] [--clients 8] [--database-url URL]
                                        [--label before] [--echo-max-replicas N]
+                                       [--worker-processes N] [--rounds N]
 
-Both sides run genq's defaults: 2 gunicorn processes of 16 threads and a Celery worker of 8
-threads. Each side gets a warm-up of 20 jobs, then `--jobs` jobs from `--clients` client
-threads; the time runs until the last one is finished, counted in SQL (not through the API
-being measured).
+Both sides run genq's defaults: 2 gunicorn processes of 16 threads, and Celery workers of 8
+threads, as many processes as `genq up` starts on this machine (GENQ_WORKER_PROCESSES: one
+per 4 cores, from 1 to 4; `--worker-processes` to choose; a run with another number than the
+default is written as `job-path-processes-<N>-<UTC time>.json`). Several bare workers share
+one Ray head started as genq's is, each with its own actor; one runs a Ray of its own. Each
+side gets a warm-up of 20 jobs, then `--jobs` jobs from `--clients` client threads; the time
+runs until the last one is finished, counted in SQL (not through the API being measured).
+
+The two sides' rates move by a quarter from one run to the next on this 2-core machine (each
+run starts its processes anew). `--rounds N` measures both N times, alternating which goes
+first, and reports the median round (by the ratio of jobs/s) as the run's figures, with every
+round's ratios beside it.
 Besides jobs/s it reads the CPU time of every process of each side from /proc before and after
 the burst (gunicorn, the Celery worker, Ray's processes, the Redis server on the benchmark's
 port), so the ratio can be told apart from how busy the machine was. SQLite: each side gets
-a fresh file; PostgreSQL: both use the URL given (genq's tables and `bare_job`). Figures are
+a fresh file; PostgreSQL: both use a new database of the server `--database-url` names
+(genq's tables and `bare_job`), one per round, dropped after it. Figures are
 printed and written to bench/results/job-path-<UTC time>.json (`job-path-before-…` with
 `--label before`).
 
@@ -26,9 +36,11 @@ bare pipeline's one actor; such a run is written as `job-path-replicas-<N>-<UTC 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import resource
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,7 +57,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import write_result  # noqa: E402
+from bench.common import scratch_postgres, write_result  # noqa: E402
 from bench.cpu_per_job import process_cpu  # noqa: E402
 from tests.support.stackproc import StackProcess, descendants, free_port  # noqa: E402
 
@@ -181,7 +193,49 @@ def wait_in_sql(url: str, table: str, done_states: tuple[str, ...]) -> Callable[
     return wait
 
 
-def bench_bare(database_url: str, jobs: int, clients: int, workers: int, threads: int) -> dict:
+def start_ray_head(var_dir: Path, log_path: Path) -> tuple[subprocess.Popen[bytes], dict]:
+    """A Ray head started as `genq up` starts its own (stack/services.py), for the bare
+    pipeline's worker processes to share: the process, and what its drivers need in their
+    environment (BARE_RAY_ADDRESS and the head's token)."""
+    from core.settings import Settings
+    from stack.services import ray_head_argv, ray_head_env, ray_head_started
+
+    var_dir.mkdir(parents=True, exist_ok=True)
+    env = ray_head_env(var_dir)
+    port = free_port()
+    argv = ray_head_argv(
+        Settings(_env_file=None, var_dir=var_dir), Path(sys.executable).parent, port
+    )
+    with open(log_path, "wb") as log:
+        head = subprocess.Popen(
+            argv,
+            env={**os.environ, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + 120
+    while not ray_head_started(log_path, 0, lambda: head.poll() is not None):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the bare pipeline's Ray head did not start; see {log_path}")
+        time.sleep(0.2)
+    return head, {**env, "BARE_RAY_ADDRESS": f"127.0.0.1:{port}"}
+
+
+def stop_ray_head(head: subprocess.Popen[bytes]) -> None:
+    """As `genq up` stops its head: SIGTERM to `ray start` alone, then its group."""
+    head.send_signal(signal.SIGTERM)
+    try:
+        head.wait(40)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)
+        head.wait()
+
+
+def bench_bare(
+    database_url: str, jobs: int, clients: int, workers: int, threads: int, processes: int
+) -> dict:
     broker = f"{REDIS}/13"
     redis.Redis.from_url(broker).flushdb()
     env = {
@@ -197,26 +251,35 @@ def bench_bare(database_url: str, jobs: int, clients: int, workers: int, threads
     engine.dispose()
     port = free_port()
     bin_dir = Path(sys.executable).parent
-    log = open(Path(tempfile.gettempdir()) / f"bare-pipeline-{port}.log", "wb")  # noqa: SIM115
-    worker = subprocess.Popen(
-        [
-            str(bin_dir / "celery"),
-            "-A",
-            "bench.bare_pipeline:worker_app",
-            "worker",
-            "--queues=bare",
-            "--pool=threads",
-            f"--concurrency={GENQ_WORKER_THREADS}",
-            "--loglevel=WARNING",
-            "--without-gossip",
-            "--without-mingle",
-        ],
-        env=env,
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    tmp = Path(tempfile.gettempdir())
+    head = None
+    if processes > 1:
+        head, head_env = start_ray_head(tmp / f"bare-ray-{port}", tmp / f"bare-ray-{port}.log")
+        env.update(head_env)
+    log = open(tmp / f"bare-pipeline-{port}.log", "wb")  # noqa: SIM115
+    celery_workers = [
+        subprocess.Popen(
+            [
+                str(bin_dir / "celery"),
+                "-A",
+                "bench.bare_pipeline:worker_app",
+                "worker",
+                "--queues=bare",
+                "--pool=threads",
+                f"--concurrency={GENQ_WORKER_THREADS}",
+                "--loglevel=WARNING",
+                "--without-gossip",
+                "--without-mingle",
+                f"--hostname=bare-{n}@%h",
+            ],
+            env=env,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        for n in range(1, processes + 1)
+    ]
     # The same gunicorn configuration `genq api` runs (api/cli.py): gthread workers.
     server = subprocess.Popen(
         [
@@ -258,18 +321,29 @@ def bench_bare(database_url: str, jobs: int, clients: int, workers: int, threads
             return str(reply.json()["id"])
 
         wait = wait_in_sql(database_url, "bare_job", ("done",))
-        # The first job waits for the worker to start Ray and its actor.
-        wait([submit()])
-        return measure([worker.pid, server.pid], submit, wait, jobs, clients)
+        # Every worker consumes once its Ray and its actor are up (worker_init).
+        from bench.bare_pipeline import worker_app
+
+        deadline = time.monotonic() + 180
+        while len(worker_app.control.ping(timeout=1.0)) < processes:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{processes} bare workers did not all start")
+        roots = [server.pid, *(w.pid for w in celery_workers)]
+        if head is not None:
+            roots.append(head.pid)
+        return measure(roots, submit, wait, jobs, clients)
     finally:
-        for child in (server, worker):
+        children = [server, *celery_workers]
+        for child in children:
             os.killpg(child.pid, signal.SIGTERM)
-        for child in (server, worker):
+        for child in children:
             try:
                 child.wait(60)
             except subprocess.TimeoutExpired:
                 os.killpg(child.pid, signal.SIGKILL)
                 child.wait()
+        if head is not None:
+            stop_ray_head(head)
         log.close()
 
 
@@ -278,17 +352,20 @@ def bench_genq(
     database_url: str | None,
     jobs: int,
     clients: int,
+    processes: int,
     echo_max_replicas: int | None = None,
 ) -> dict:
     broker = f"{REDIS}/12"
     redis.Redis.from_url(broker).flushdb()
-    # genq's defaults where the test harness (StackProcess) sets less: 2 API processes and 8
-    # worker threads, as the bare pipeline runs (2 gunicorn workers, Celery --concurrency=8).
+    # genq's defaults where the test harness (StackProcess) sets less: 2 API processes and
+    # worker processes of 8 threads, as the bare pipeline runs (2 gunicorn workers, Celery
+    # workers of --concurrency=8).
     env = {
         "GENQ_REDIS_URL": broker,
         "GENQ_LOG_LEVEL": "WARNING",
         "GENQ_API_WORKERS": "2",
         "GENQ_WORKER_CONCURRENCY": str(GENQ_WORKER_THREADS),
+        "GENQ_WORKER_PROCESSES": str(processes),
     }
     if database_url:
         env["GENQ_DATABASE_URL"] = database_url
@@ -299,6 +376,16 @@ def bench_genq(
     try:
         stack.start()
         assert stack.process is not None
+        deadline = time.monotonic() + 180
+        while True:  # every worker consumes (readiness counts their heartbeats)
+            parts = stack.call("GET", "/v1/health/ready").json().get("parts", {})
+            if parts.get("workers", {}).get("queues", {}).get("generate", {}).get("workers") == (
+                processes
+            ):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{processes} genq workers did not all start: {parts}")
+            time.sleep(0.2)
         if echo_max_replicas is not None:  # the echo model's policy, as an admin sets it
             reply = stack.call("PATCH", "/v1/models/echo", json={"max_replicas": echo_max_replicas})
             assert reply.status_code == 200, reply.text
@@ -310,6 +397,53 @@ def bench_genq(
         return result
     finally:
         stack.kill()
+
+
+def default_worker_processes() -> int:
+    """What `genq up` starts on this machine when GENQ_WORKER_PROCESSES is unset."""
+    from core.settings import Settings
+
+    return Settings(_env_file=None, worker_processes=None).worker_process_count
+
+
+def one_round(args: argparse.Namespace, tmp: Path, genq_first: bool) -> dict[str, Any]:
+    """Both sides once (in the order asked), each on a fresh SQLite file, or both on a new
+    database of the PostgreSQL server of `--database-url` (dropped after the round)."""
+    if args.database_url:
+        with scratch_postgres(args.database_url, "genq_job_path") as url:
+            return _round(args, tmp, genq_first, url)
+    return _round(args, tmp, genq_first, None)
+
+
+def _round(
+    args: argparse.Namespace, tmp: Path, genq_first: bool, database_url: str | None
+) -> dict[str, Any]:
+    bare_url = database_url or f"sqlite:///{tmp / 'bare.db'}"
+    sides: dict[str, Any] = {}
+    order = ("genq", "bare") if genq_first else ("bare", "genq")
+    for side in order:
+        if side == "bare":
+            # genq's defaults for `genq api`: GENQ_API_WORKERS=2 (as bench_genq sets),
+            # GENQ_API_THREADS=16.
+            sides[side] = bench_bare(
+                bare_url, args.jobs, args.clients, 2, 16, args.worker_processes
+            )
+        else:
+            sides[side] = bench_genq(
+                tmp / "var",
+                database_url,
+                args.jobs,
+                args.clients,
+                args.worker_processes,
+                args.echo_max_replicas,
+            )
+    bare, genq = sides["bare"], sides["genq"]
+    return {
+        "bare_pipeline": bare,
+        "genq_echo": genq,
+        "ratio_jobs_per_s": round(genq["jobs_per_s"] / bare["jobs_per_s"], 2),
+        "ratio_cpu_per_job": round(bare["cpu_ms_per_job_total"] / genq["cpu_ms_per_job_total"], 2),
+    }
 
 
 def main() -> None:
@@ -325,15 +459,28 @@ def main() -> None:
         help="cap the echo model's replicas (default: the echo family's policy, up to 4 while "
         "jobs queue; the bare pipeline has one actor)",
     )
+    parser.add_argument(
+        "--worker-processes",
+        type=int,
+        default=default_worker_processes(),
+        help="Celery worker processes on each side (default: what `genq up` starts here)",
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="measure both sides this often")
     args = parser.parse_args()
 
-    tmp = Path(tempfile.mkdtemp(prefix="genq-job-path-"))
-    bare_url = args.database_url or f"sqlite:///{tmp / 'bare.db'}"
-    # genq's defaults for `genq api`: GENQ_API_WORKERS=2 (as set above), GENQ_API_THREADS=16.
-    bare = bench_bare(bare_url, args.jobs, args.clients, workers=2, threads=16)
-    genq = bench_genq(
-        tmp / "var", args.database_url, args.jobs, args.clients, args.echo_max_replicas
-    )
+    rounds = []
+    for n in range(args.rounds):
+        tmp = Path(tempfile.mkdtemp(prefix="genq-job-path-"))
+        made = one_round(args, tmp, genq_first=n % 2 == 1)
+        print(
+            f"round {n + 1}: genq / bare {made['ratio_jobs_per_s']:.2f} in jobs/s, "
+            f"{made['ratio_cpu_per_job']:.2f} in CPU per job",
+            flush=True,
+        )
+        rounds.append(made)
+    # The median round by its ratio of jobs/s (the upper one of an even count).
+    median = sorted(rounds, key=lambda r: r["ratio_jobs_per_s"])[len(rounds) // 2]
+    bare, genq = median["bare_pipeline"], median["genq_echo"]
     database = "postgresql" if args.database_url else "sqlite"
     result = {
         "at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -343,11 +490,21 @@ def main() -> None:
         "echo_max_replicas": args.echo_max_replicas or "family policy",
         # Celery worker threads, on both sides (runs before 2026-12-05 14:45 gave genq 4).
         "worker_threads": GENQ_WORKER_THREADS,
-        "bare_pipeline": bare,
-        "genq_echo": genq,
-        "ratio_jobs_per_s": round(genq["jobs_per_s"] / bare["jobs_per_s"], 2),
-        "ratio_cpu_per_job": round(bare["cpu_ms_per_job_total"] / genq["cpu_ms_per_job_total"], 2),
+        # Celery worker processes on both sides (runs before 2026-12-06 07:00 had one).
+        "worker_processes": args.worker_processes,
+        "rounds": len(rounds),
+        **median,
     }
+    if len(rounds) > 1:
+        result["rounds_ratio_jobs_per_s"] = ", ".join(
+            f"{r['ratio_jobs_per_s']:.2f}" for r in rounds
+        )
+        result["rounds_ratio_cpu_per_job"] = ", ".join(
+            f"{r['ratio_cpu_per_job']:.2f}" for r in rounds
+        )
+        result["ratio_jobs_per_s_mean"] = round(
+            statistics.fmean(r["ratio_jobs_per_s"] for r in rounds), 2
+        )
     for name, side in (("bare pipeline", bare), ("genq echo", genq)):
         print(
             f"{name:14s} {side['jobs_per_s']:7.1f} jobs/s (submits {side['submit_per_s']:.1f}/s), "
@@ -357,12 +514,16 @@ def main() -> None:
             print(f"    {ms:8.2f} ms  {process}")
         for process, n in side["processes_started"].items():
             print(f"    started during the burst: {n} x {process}")
+    which = f"median of {len(rounds)} rounds, " if len(rounds) > 1 else ""
     print(
-        f"genq / bare ({database}): {result['ratio_jobs_per_s']:.2f} in jobs/s, "
+        f"genq / bare ({database}, {which}{args.worker_processes} worker process(es) a side): "
+        f"{result['ratio_jobs_per_s']:.2f} in jobs/s, "
         f"{result['ratio_cpu_per_job']:.2f} in CPU per job (target 0.5)"
     )
     # A capped run is its own kind: the target reads the family's policy (bench/report.py).
     capped = f"-replicas-{args.echo_max_replicas}" if args.echo_max_replicas else ""
+    if args.worker_processes != default_worker_processes():  # so is another process count
+        capped += f"-processes-{args.worker_processes}"
     # The database is in the JSON; `--label before` marks a baseline run.
     write_result(f"job-path{capped}", result, before=args.label == "before")
 

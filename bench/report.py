@@ -56,6 +56,9 @@ INDEX: dict[str, Kind] = {
     "cpu-per-job": Kind("CPU per echo job, every process (bench/cpu_per_job.py)", runs=6),
     "job-path": Kind("echo through the stack vs the bare pipeline (bench/job_path.py)", runs=12),
     "server-calls": Kind("a model server streamed vs polled (bench/server_calls.py)"),
+    "job-path-processes-2": Kind(
+        "the same, two Celery worker processes a side (bench/job_path.py --worker-processes 2)"
+    ),
     "job-path-replicas-1": Kind(
         "the same, the echo model capped at one replica (bench/job_path.py --echo-max-replicas 1)"
     ),

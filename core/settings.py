@@ -145,6 +145,14 @@ class Settings(BaseSettings):
 
     # Celery worker: thread-pool size (tasks only wait on Ray).
     worker_concurrency: int = Field(8, ge=1, le=512)
+    # Celery worker processes `genq up` runs, each with `worker_concurrency` threads (unset:
+    # one per 4 CPU cores of this machine, at least 1 and at most 4). A worker spends about
+    # 7 ms of Python per short job (the claim, the Ray call, the finish) under its one
+    # interpreter lock, so one process caps such jobs near 140 a second however many cores
+    # the machine has; each process more is another Ray driver, and takes cores the API,
+    # the model servers and a local database also need (bench/README.md). `genq worker` is
+    # one process: a cluster runs more of them.
+    worker_processes: int | None = Field(None, ge=1, le=64)
     # How often each worker writes its cluster snapshot (workers, Ray nodes, warm models) to
     # Redis for the dashboard; the snapshot expires after three of these.
     cluster_snapshot_interval_s: float = Field(5.0, gt=0, le=300)
@@ -309,6 +317,14 @@ class Settings(BaseSettings):
     @property
     def pretrained_root_paths(self) -> list[Path]:
         return [Path(p).resolve() for p in self.pretrained_roots.split(os.pathsep) if p]
+
+    @property
+    def worker_process_count(self) -> int:
+        """The Celery worker processes `genq up` runs: the setting, else one per 4 CPUs this
+        process may run on, from 1 to 4."""
+        if self.worker_processes is not None:
+            return self.worker_processes
+        return max(1, min(4, len(os.sched_getaffinity(0)) // 4))
 
     @property
     def embedded_redis_socket(self) -> Path:

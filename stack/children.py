@@ -58,12 +58,18 @@ def restart_delay_s(streak: int, base_s: float, cap_s: float) -> float:
     return float(min(cap_s, base_s * 2 ** max(0, streak - 1)))
 
 
+def role_of(name: str) -> str:
+    """What a child is, by its name: a second Celery worker `worker-2` is a `worker`."""
+    return name.split("-", 1)[0]
+
+
 def child_env(env: dict[str, str], name: str) -> dict[str, str]:
-    """The environment of the child `name`, out of the stack's `env`: only the secrets it
-    needs."""
-    if name == "ray":
+    """The environment of the child `name`, out of the stack's `env`: only the secrets its
+    role needs."""
+    role = role_of(name)
+    if role == "ray":
         return {k: v for k, v in env.items() if not k.startswith("GENQ_") or k in RAY_NODE_SETTINGS}
-    return {k: v for k, v in env.items() if k not in SECRET_USERS or name in SECRET_USERS[k]}
+    return {k: v for k, v in env.items() if k not in SECRET_USERS or role in SECRET_USERS[k]}
 
 
 def start_process(

@@ -2,17 +2,18 @@
 
 It starts a local Ray head (when GENQ_RAY_ADDRESS is unset) and the embedded Redis (when
 GENQ_REDIS_URL is unset), migrates the database and creates the first admin key meanwhile, then
-starts one Celery worker, the periodic scheduler and the API behind gunicorn while Ray comes up,
-each as a child process in its own process group. Ctrl-C (or SIGTERM) stops the worker, the
-scheduler and the API at once, then Ray once its drivers are gone, then Redis; whatever a child
-leaves in its process group goes with it.
+starts the Celery workers (GENQ_WORKER_PROCESSES; unset, one per 4 CPU cores, from 1 to 4), the
+periodic scheduler and the API behind gunicorn while Ray comes up, each as a child process in
+its own process group. Ctrl-C (or SIGTERM) stops the workers, the scheduler and the API at once,
+then Ray once its drivers are gone, then Redis; whatever a child leaves in its process group
+goes with it.
 
 It supervises them: a child that exits on its own (crashed, killed, or a worker that lost its
 Ray cluster) is started again after an exponential backoff (GENQ_RESTART_BACKOFF_S doubling up
 to GENQ_RESTART_BACKOFF_MAX_S; the streak resets once the child has run for a minute). Each
 restart is logged and counted, and the children's state is kept in Redis under
 `genq:stack:children` (one JSON value per child) for health and metrics to read. A restarted Ray
-head is a new cluster: the worker (a Ray driver of the old one) is restarted with it, and finds
+head is a new cluster: the workers (Ray drivers of the old one) are restarted with it, and find
 the model pool anew. The API does not depend on Ray, so it keeps answering meanwhile.
 """
 
@@ -24,6 +25,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
 import urllib.request
@@ -40,6 +42,7 @@ from stack.children import (
     ChildExitedError,
     kill_group,
     restart_delay_s,
+    role_of,
     send_stop,
     start_process,
 )
@@ -83,7 +86,8 @@ def bootstrap(settings: Settings) -> str | None:
 
 # Where `genq up` keeps its children's state (a hash: child name -> JSON).
 CHILDREN_KEY = "genq:stack:children"
-# Children that are Ray drivers: restarted with the Ray head (a new cluster).
+# The roles (stack/children.py) of the children that are Ray drivers: restarted with the Ray
+# head (a new cluster).
 RAY_DRIVERS = frozenset({"worker"})
 
 
@@ -130,6 +134,19 @@ class Stack:
         )
         return socket_path.exists
 
+    def spawn_workers(self) -> None:
+        """Start the Celery workers: `worker`, then `worker-2`, `worker-3`... Several take
+        node names of their own (`worker-<n>@<host>`), under which each writes its health
+        and its cluster snapshot."""
+        count = self.settings.worker_process_count
+        if count == 1:
+            self.spawn("worker", self._genq("worker"))
+            return
+        host = socket.gethostname()
+        for n in range(1, count + 1):
+            name = "worker" if n == 1 else f"worker-{n}"
+            self.spawn(name, self._genq("worker", f"--hostname=worker-{n}@{host}"))
+
     def start_ray(self) -> None:
         """Start the local Ray head and wait until it runs."""
         self.wait_for(self.spawn_ray(), "the Ray head")
@@ -174,7 +191,7 @@ class Stack:
             redis_started = self.spawn_redis()
         new_key = bootstrap(self.settings)
         self.wait_for(redis_started, "the embedded Redis", 10)
-        self.spawn("worker", self._genq("worker"))
+        self.spawn_workers()
         self.spawn("scheduler", self._genq("scheduler"))
         self.spawn("api", self._genq("api"))
         self.wait_for(ray_started, "the Ray head")
@@ -276,7 +293,7 @@ class Stack:
             # The worker is a driver of the cluster that died: it starts again, and joins the
             # new one (it waits until the head answers).
             for driver in self.children:
-                if driver.name in RAY_DRIVERS and driver.process.poll() is None:
+                if role_of(driver.name) in RAY_DRIVERS and driver.process.poll() is None:
                     self.request_restart(driver)
 
     def request_restart(self, child: Child) -> None:
@@ -366,7 +383,7 @@ class Stack:
     def _users(self, child: Child) -> set[str]:
         """The children that must stop before `child` does."""
         if child.name == "ray":
-            return set(RAY_DRIVERS)
+            return {c.name for c in self.children if role_of(c.name) in RAY_DRIVERS}
         if child.name == "redis":  # the broker of every genq process
             return {c.name for c in self.children if c.name not in ("redis", "ray")}
         return set()

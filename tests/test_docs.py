@@ -256,4 +256,4 @@ def test_a_target_reads_the_latest_run_of_each_database(report: ModuleType) -> N
     assert len(latest) == 2, latest  # SQLite and PostgreSQL
     for database, run in latest.items():
         ratio = run.data["ratio_jobs_per_s"]
-        assert f"{ratio:.2f} ({database}, {run.label})" in table
+        assert f"{report.number(ratio)} ({database}, {run.label})" in table

@@ -1,10 +1,10 @@
 """The order in which `genq up` stops its children (Stack.stop), with stand-ins for them: small
 processes named as the real ones that write down each stop signal they get.
 
-The API, the scheduler and the worker are signalled together (each waits to see the other two
+The API, the scheduler and the two workers are signalled together (each waits to see the others
 signalled before it exits: stopped one after another, the first would wait alone); the Ray
-head only once its driver, the worker, has exited, and by its leader alone (`ray start` stops
-its own processes); Redis last; and what a leader leaves in its process group is killed.
+head only once its drivers, both workers, have exited, and by its leader alone (`ray start`
+stops its own processes); Redis last; and what a leader leaves in its process group is killed.
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ def test_children_stop_together_and_each_after_those_that_use_it(tmp_path: Path)
     log = tmp_path / "signals.log"
     log.touch()
     stack = Stack(Settings(_env_file=None, var_dir=tmp_path / "var"))  # type: ignore[call-arg]
-    front = ("worker", "scheduler", "api")
+    # Two workers, as GENQ_WORKER_PROCESSES=2 starts them: Ray waits for both.
+    front = ("worker", "worker-2", "scheduler", "api")
 
     def spawn(name: str, peers: tuple[str, ...] = (), **kw: object) -> None:
         grandchild = "1" if name == "ray" else "0"
@@ -81,7 +82,7 @@ def test_children_stop_together_and_each_after_those_that_use_it(tmp_path: Path)
         deadline = time.monotonic() + 60
         while True:
             lines = log.read_text().splitlines()
-            if sum(line.startswith(("ready ", "child ")) for line in lines) == 6:
+            if sum(line.startswith(("ready ", "child ")) for line in lines) == len(front) + 3:
                 break
             assert time.monotonic() < deadline, lines
             time.sleep(0.05)
@@ -92,7 +93,7 @@ def test_children_stop_together_and_each_after_those_that_use_it(tmp_path: Path)
 
     lines = log.read_text().splitlines()
     assert not [line for line in lines if line.startswith("alone ")], lines
-    assert lines.index("term ray") > lines.index("exit worker"), lines
+    assert lines.index("term ray") > max(lines.index(f"exit {n}") for n in front[:2]), lines
     assert lines.index("term redis") > max(lines.index(f"exit {n}") for n in front), lines
     # `ray start` alone got SIGTERM; what it left in its group was killed with it.
     assert "term ray-child" not in lines, lines

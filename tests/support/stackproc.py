@@ -70,6 +70,8 @@ class StackProcess:
             "GENQ_PORT": str(self.port),
             "GENQ_API_WORKERS": "1",
             "GENQ_WORKER_CONCURRENCY": "4",
+            # One Celery worker, whatever the machine's cores (tests that want more say so).
+            "GENQ_WORKER_PROCESSES": "1",
             **env,
         }
         self.process: subprocess.Popen[bytes] | None = None
