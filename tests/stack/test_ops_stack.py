@@ -7,7 +7,6 @@ Ray model server that ran it.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import time
@@ -18,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.stackproc import StackProcess, descendants, running_stack
+from tests.support.stackproc import StackProcess, json_lines, running_stack
 from tests.support.training import tiny_ddpm_params
 
 pytestmark = pytest.mark.stack
@@ -52,27 +51,9 @@ def _wait_ready(stack: StackProcess, want: int, timeout_s: float = 120) -> dict[
 
 
 def _worker_pid(stack: StackProcess) -> int:
-    assert stack.process is not None
-    for pid in descendants(stack.process.pid):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"stack.cli" in cmdline and b"worker" in cmdline:
-            return pid
-    raise AssertionError("no Celery worker process under genq up")
-
-
-def _json_lines(text: str) -> list[dict[str, Any]]:
-    found = []
-    for line in text.splitlines():
-        line = line.strip()
-        if line.startswith("{"):
-            try:
-                found.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return found
+    pids = stack.worker_pids()
+    assert len(pids) == 1, f"one Celery worker process under genq up, not {pids}"
+    return pids.pop()
 
 
 def test_ready_follows_the_worker(stack: StackProcess) -> None:
@@ -122,7 +103,7 @@ def test_a_request_id_joins_the_logs_of_api_worker_and_model_server(stack: Stack
     def lines_of(process: str) -> list[dict[str, Any]]:
         return [
             line
-            for line in _json_lines(stack.log_text())
+            for line in stack.log_records()
             if line.get("process") == process and line.get("request_id") == request_id
         ]
 
@@ -158,9 +139,7 @@ def _ray_lines(request_id: str, since: float, last_message: str) -> list[dict[st
                 continue
             text = path.read_text(errors="replace")
             if request_id in text:
-                found += [
-                    line for line in _json_lines(text) if line.get("request_id") == request_id
-                ]
+                found += [line for line in json_lines(text) if line.get("request_id") == request_id]
         messages = [line["message"] for line in found]
         if last_message in messages:
             return found

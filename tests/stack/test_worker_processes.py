@@ -6,15 +6,13 @@ nothing running.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
-from tests.support.stackproc import StackProcess, descendants, running_stack
+from tests.support.stackproc import StackProcess, running_stack
 
 pytestmark = pytest.mark.stack
 
@@ -34,36 +32,17 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackProcess]:
         yield proc
 
 
-def worker_pids(stack: StackProcess) -> set[int]:
-    assert stack.process is not None
-    found = set()
-    for pid in descendants(stack.process.pid):
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if b"stack.cli" in argv and b"worker" in argv:
-            found.add(pid)
-    return found
-
-
 def claims(stack: StackProcess) -> list[dict[str, object]]:
     """The runner's "claimed" lines of the stack's log (JSON lines: job, attempt, pid)."""
-    found = []
-    for line in stack.log_text().splitlines():
-        if not line.startswith("{"):
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if str(record.get("message", "")).startswith("claimed, attempt"):
-            found.append(record)
-    return found
+    return [
+        record
+        for record in stack.log_records()
+        if str(record.get("message", "")).startswith("claimed, attempt")
+    ]
 
 
 def test_both_workers_are_ready_under_names_of_their_own(stack: StackProcess) -> None:
-    assert len(worker_pids(stack)) == 2
+    assert len(stack.worker_pids()) == 2
     deadline = time.monotonic() + 60
     while True:
         reply = stack.call("GET", "/v1/health/ready")
@@ -91,4 +70,4 @@ def test_jobs_spread_over_both_workers_and_each_runs_once(stack: StackProcess) -
     # holds SLOTS at a time, and the jobs came faster than one could finish them.
     assert sorted(str(c["job_id"]) for c in lines) == sorted(ids)
     by_worker = {int(str(c["pid"])) for c in lines}
-    assert by_worker == worker_pids(stack), lines
+    assert by_worker == stack.worker_pids(), lines

@@ -50,6 +50,19 @@ def descendants(pid: int) -> set[int]:
     return found
 
 
+def json_lines(text: str) -> list[dict[str, Any]]:
+    """The lines of `text` that are JSON objects (log records), in order."""
+    found = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("{"):
+            try:
+                found.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return found
+
+
 def is_alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -106,6 +119,23 @@ class StackProcess:
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def log_records(self) -> list[dict[str, Any]]:
+        """The JSON lines of the stack's log (GENQ_LOG_FORMAT=json), in order."""
+        return json_lines(self.log_text())
+
+    def worker_pids(self) -> set[int]:
+        """The Celery workers `genq up` runs now (its `stack.cli worker` processes)."""
+        assert self.process is not None
+        found = set()
+        for pid in descendants(self.process.pid):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"stack.cli" in cmdline and b"worker" in cmdline:
+                found.add(pid)
+        return found
 
     def stop(self) -> tuple[int, set[int]]:
         """Ctrl-C; returns the exit code and the processes still alive afterwards."""
