@@ -321,13 +321,18 @@ def bench_bare(
             return str(reply.json()["id"])
 
         wait = wait_in_sql(database_url, "bare_job", ("done",))
-        # Every worker consumes once its Ray and its actor are up (worker_init).
-        from bench.bare_pipeline import worker_app
+        # Every worker consumes once its Ray and its actor are up (worker_init); asked on
+        # this run's broker (the module's own app reads BARE_BROKER_URL, unset here).
+        from bench.bare_pipeline import make_celery
 
+        control = make_celery(broker)
         deadline = time.monotonic() + 180
-        while len(worker_app.control.ping(timeout=1.0)) < processes:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{processes} bare workers did not all start")
+        try:
+            while len(control.control.ping(timeout=1.0)) < processes:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{processes} bare workers did not all start")
+        finally:
+            control.close()
         roots = [server.pid, *(w.pid for w in celery_workers)]
         if head is not None:
             roots.append(head.pid)
