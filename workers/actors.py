@@ -34,12 +34,14 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import ray
 from ray.actor import ActorHandle
+from ray.exceptions import ActorAlreadyExistsError
 
 from core.errors import InvalidInputError
 from core.events import Event, Log, ModelSaved
@@ -58,6 +60,8 @@ log = logging.getLogger(__name__)
 
 NAMESPACE = "genq"
 SERVER_MAX_CONCURRENCY = 32
+# How long start_trainer waits for a dead trainer's name to be released before giving up.
+TRAINER_NAME_RELEASE_S = 30.0
 
 
 def _guarded(events: Iterator[Event], job_id: str) -> Iterator[Event]:
@@ -330,11 +334,23 @@ def start_trainer(
     node where the job's GPUs and GPU memory fit (see trainer_resources)."""
     name = f"trainer-{job_id}"
     placement = trainer_resources(family, num_gpus, gpu_memory_gb)
-    with contextlib.suppress(ValueError):  # ValueError: no such actor
-        ray.kill(ray.get_actor(name, namespace=NAMESPACE))
-    return _TrainerActor.options(
-        name=name,
-        namespace=NAMESPACE,
-        max_concurrency=4,  # train, cancel or preempt, and a liveness ping
-        **placement,
-    ).remote(family.name, attempt)
+    # The name of a trainer that just died (killed, or its process gone) can stay taken for a
+    # moment after the caller has seen the death, while Ray's control store finishes recording
+    # it; meanwhile `get_actor` may already say there is no such actor. So the creation is
+    # retried until the name is released, each try killing whatever still holds it.
+    deadline = time.monotonic() + TRAINER_NAME_RELEASE_S
+    while True:
+        with contextlib.suppress(ValueError):  # ValueError: no such actor
+            ray.kill(ray.get_actor(name, namespace=NAMESPACE))
+        try:
+            return _TrainerActor.options(
+                name=name,
+                namespace=NAMESPACE,
+                max_concurrency=4,  # train, cancel or preempt, and a liveness ping
+                **placement,
+            ).remote(family.name, attempt)
+        except ActorAlreadyExistsError:
+            if time.monotonic() >= deadline:
+                raise
+            log.info("trainer name %s is still held by a dying actor; trying again", name)
+            time.sleep(0.05)
