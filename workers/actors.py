@@ -35,7 +35,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +60,8 @@ log = logging.getLogger(__name__)
 
 NAMESPACE = "genq"
 SERVER_MAX_CONCURRENCY = 32
-# How long start_trainer waits for a dead trainer's name to be released before giving up.
-TRAINER_NAME_RELEASE_S = 30.0
+# How long starting a named actor waits for a dead one's name to be released (_named_actor).
+ACTOR_NAME_RELEASE_S = 30.0
 
 
 def _guarded(events: Iterator[Event], job_id: str) -> Iterator[Event]:
@@ -283,16 +283,25 @@ def start_model_server(
 ) -> ActorHandle:
     """Start (or find, by name) a server (replica) of a model; it loads in the background.
     Detached: it outlives its caller, so the next job on the model pays no load time."""
-    return _ServerActor.options(
-        name=name,
-        namespace=NAMESPACE,
-        get_if_exists=True,
-        lifetime="detached",
-        max_concurrency=SERVER_MAX_CONCURRENCY,
-        num_cpus=family.resources.num_cpus,
-        num_gpus=num_gpus_for(family),
-        scheduling_strategy=scheduling_strategy,
-    ).remote(family.name, model_dir, config, options)
+
+    def existing() -> ActorHandle | None:
+        try:
+            return ray.get_actor(name, namespace=NAMESPACE)
+        except ValueError:  # no such actor
+            return None
+
+    def create() -> ActorHandle:
+        return _ServerActor.options(
+            name=name,
+            namespace=NAMESPACE,
+            lifetime="detached",
+            max_concurrency=SERVER_MAX_CONCURRENCY,
+            num_cpus=family.resources.num_cpus,
+            num_gpus=num_gpus_for(family),
+            scheduling_strategy=scheduling_strategy,
+        ).remote(family.name, model_dir, config, options)
+
+    return _named_actor(name, existing, create)
 
 
 def trainer_resources(
@@ -334,23 +343,42 @@ def start_trainer(
     node where the job's GPUs and GPU memory fit (see trainer_resources)."""
     name = f"trainer-{job_id}"
     placement = trainer_resources(family, num_gpus, gpu_memory_gb)
-    # The name of a trainer that just died (killed, or its process gone) can stay taken for a
-    # moment after the caller has seen the death, while Ray's control store finishes recording
-    # it; meanwhile `get_actor` may already say there is no such actor. So the creation is
-    # retried until the name is released, each try killing whatever still holds it.
-    deadline = time.monotonic() + TRAINER_NAME_RELEASE_S
-    while True:
+
+    def kill_existing() -> None:
         with contextlib.suppress(ValueError):  # ValueError: no such actor
             ray.kill(ray.get_actor(name, namespace=NAMESPACE))
+
+    def create() -> ActorHandle:
+        return _TrainerActor.options(
+            name=name,
+            namespace=NAMESPACE,
+            max_concurrency=4,  # train, cancel or preempt, and a liveness ping
+            **placement,
+        ).remote(family.name, attempt)
+
+    return _named_actor(name, kill_existing, create)
+
+
+def _named_actor(
+    name: str, existing: Callable[[], ActorHandle | None], create: Callable[[], ActorHandle]
+) -> ActorHandle:
+    """`create` an actor called `name`, unless `existing` returns one (a model server still
+    alive) or clears the name (a trainer left over from an earlier attempt, killed).
+
+    The name of an actor that just died (killed, or its process gone) can stay taken for a
+    moment after its death has been seen, while Ray's control store finishes recording it, and
+    `get_actor` may already say there is no such actor meanwhile: creating it then raises
+    ActorAlreadyExistsError. So the two steps are tried again until the name is released
+    (at most ACTOR_NAME_RELEASE_S)."""
+    deadline = time.monotonic() + ACTOR_NAME_RELEASE_S
+    while True:
+        found = existing()
+        if found is not None:
+            return found
         try:
-            return _TrainerActor.options(
-                name=name,
-                namespace=NAMESPACE,
-                max_concurrency=4,  # train, cancel or preempt, and a liveness ping
-                **placement,
-            ).remote(family.name, attempt)
+            return create()
         except ActorAlreadyExistsError:
             if time.monotonic() >= deadline:
                 raise
-            log.info("trainer name %s is still held by a dying actor; trying again", name)
+            log.info("the actor name %s is still held by a dead actor; trying again", name)
             time.sleep(0.05)
