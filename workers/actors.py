@@ -60,7 +60,7 @@ log = logging.getLogger(__name__)
 
 NAMESPACE = "genq"
 SERVER_MAX_CONCURRENCY = 32
-# How long starting a named actor waits for a dead one's name to be released (_named_actor).
+# How long starting a named actor waits for a dead one's name to be released (named_actor).
 ACTOR_NAME_RELEASE_S = 30.0
 
 
@@ -284,12 +284,6 @@ def start_model_server(
     """Start (or find, by name) a server (replica) of a model; it loads in the background.
     Detached: it outlives its caller, so the next job on the model pays no load time."""
 
-    def existing() -> ActorHandle | None:
-        try:
-            return ray.get_actor(name, namespace=NAMESPACE)
-        except ValueError:  # no such actor
-            return None
-
     def create() -> ActorHandle:
         return _ServerActor.options(
             name=name,
@@ -301,7 +295,7 @@ def start_model_server(
             scheduling_strategy=scheduling_strategy,
         ).remote(family.name, model_dir, config, options)
 
-    return _named_actor(name, existing, create)
+    return named_actor(name, create)
 
 
 def trainer_resources(
@@ -344,10 +338,6 @@ def start_trainer(
     name = f"trainer-{job_id}"
     placement = trainer_resources(family, num_gpus, gpu_memory_gb)
 
-    def kill_existing() -> None:
-        with contextlib.suppress(ValueError):  # ValueError: no such actor
-            ray.kill(ray.get_actor(name, namespace=NAMESPACE))
-
     def create() -> ActorHandle:
         return _TrainerActor.options(
             name=name,
@@ -356,25 +346,29 @@ def start_trainer(
             **placement,
         ).remote(family.name, attempt)
 
-    return _named_actor(name, kill_existing, create)
+    return named_actor(name, create, replace=True)
 
 
-def _named_actor(
-    name: str, existing: Callable[[], ActorHandle | None], create: Callable[[], ActorHandle]
+def named_actor(
+    name: str, create: Callable[[], ActorHandle], *, replace: bool = False
 ) -> ActorHandle:
-    """`create` an actor called `name`, unless `existing` returns one (a model server still
-    alive) or clears the name (a trainer left over from an earlier attempt, killed).
+    """The live actor of this namespace called `name`, else a new one made by `create` (which
+    names it so). `replace`: an actor already called so is killed (a trainer left over from an
+    earlier attempt) and a new one made in any case.
 
     The name of an actor that just died (killed, or its process gone) can stay taken for a
     moment after its death has been seen, while Ray's control store finishes recording it, and
     `get_actor` may already say there is no such actor meanwhile: creating it then raises
-    ActorAlreadyExistsError. So the two steps are tried again until the name is released
-    (at most ACTOR_NAME_RELEASE_S)."""
+    ActorAlreadyExistsError (Ray's own `get_if_exists` then gives up with a ValueError). So
+    the look and the creation are tried again until the name is released (at most
+    ACTOR_NAME_RELEASE_S)."""
     deadline = time.monotonic() + ACTOR_NAME_RELEASE_S
     while True:
-        found = existing()
-        if found is not None:
-            return found
+        with contextlib.suppress(ValueError):  # ValueError: no such actor
+            found = ray.get_actor(name, namespace=NAMESPACE)
+            if not replace:
+                return found
+            ray.kill(found)
         try:
             return create()
         except ActorAlreadyExistsError:

@@ -37,7 +37,7 @@ from ray.exceptions import RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from core.scaling import Policy, resolve_policy
-from workers.actors import NAMESPACE, num_gpus_for, start_model_server
+from workers.actors import NAMESPACE, named_actor, num_gpus_for, start_model_server
 from workers.registry import get_family
 from workers.replicas import (
     ALIVE_TRUST_S,
@@ -456,11 +456,15 @@ _PoolActor = ray.remote(ModelPool)
 
 
 def get_pool() -> ActorHandle:
-    return _PoolActor.options(
-        name=POOL_NAME,
-        namespace=NAMESPACE,
-        get_if_exists=True,
-        lifetime="detached",
-        num_cpus=0,
-        max_concurrency=8,  # decisions are serialised by its lock; info may run beside them
-    ).remote()
+    """The cluster's one pool, started by the first caller that finds none."""
+
+    def create() -> ActorHandle:
+        return _PoolActor.options(
+            name=POOL_NAME,
+            namespace=NAMESPACE,
+            lifetime="detached",
+            num_cpus=0,
+            max_concurrency=8,  # decisions are serialised by its lock; info may run beside them
+        ).remote()
+
+    return named_actor(POOL_NAME, create)
