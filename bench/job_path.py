@@ -325,14 +325,14 @@ def bench_bare(
         # this run's broker (the module's own app reads BARE_BROKER_URL, unset here).
         from bench.bare_pipeline import make_celery
 
-        control = make_celery(broker)
+        app = make_celery(broker)
         deadline = time.monotonic() + 180
         try:
-            while len(control.control.ping(timeout=1.0)) < processes:
+            while len(app.control.ping(timeout=1.0)) < processes:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"{processes} bare workers did not all start")
         finally:
-            control.close()
+            app.close()
         roots = [server.pid, *(w.pid for w in celery_workers)]
         if head is not None:
             roots.append(head.pid)
