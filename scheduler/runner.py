@@ -290,6 +290,10 @@ class Runner:
         model_dir = job.serve_model_path or None
         need = server_need(family, family.resources.num_gpus)
         inputs = self._read_inputs(job)
+        # The replica found dead on the first try: the pool forgets it (and the rest are
+        # checked) before the second. What this process saw is proof enough: Ray's control
+        # store may still call a just-killed actor alive for a moment.
+        dead: str | None = None
         for verify in (False, True):
             choice = choose_server(
                 job.serve_model_id,
@@ -299,6 +303,7 @@ class Runner:
                 self.serving,
                 verify=verify,
                 priority=job.priority,
+                dead=dead,
             )
             actor = choice.handle
             liveness = Liveness(actor, self.settings.stall_timeout_s, "model server", job.id)
@@ -331,6 +336,8 @@ class Runner:
             except (ActorDiedError, ActorUnavailableError) as exc:
                 if started or verify:
                     raise
+                if isinstance(exc, ActorDiedError):
+                    dead = actor._actor_id.hex()
                 log.warning("model server gone, trying a live one: %s", exc)
                 yield Log(
                     "the model server stopped before this job's first event; "

@@ -25,6 +25,7 @@ the same room; it holds no model and needs no CPU of its own.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -37,7 +38,13 @@ from ray.exceptions import RayActorError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from core.scaling import Policy, resolve_policy
-from workers.actors import NAMESPACE, named_actor, num_gpus_for, start_model_server
+from workers.actors import (
+    ACTOR_NAME_RELEASE_S,
+    NAMESPACE,
+    named_actor,
+    num_gpus_for,
+    start_model_server,
+)
 from workers.registry import get_family
 from workers.replicas import (
     ALIVE_TRUST_S,
@@ -79,6 +86,11 @@ class ModelPool:
         self._lock = threading.RLock()
         self._models: dict[str, ModelSpec] = {}
         self._replicas: dict[str, Replica] = {}
+        # Names of replicas forgotten (killed or found dead) lately -> when (monotonic). A new
+        # replica does not take one for ACTOR_NAME_RELEASE_S: Ray's control store can still
+        # list a dead or dying actor under its name for a moment, and a lookup by that name
+        # would hand the new replica's caller the old actor.
+        self._resting: dict[str, float] = {}
         self._waiters: dict[str, Waiter] = {}
         self._claims: list[Claim] = []
         self._log = ScaleLog()
@@ -96,16 +108,23 @@ class ModelPool:
         options: ServingOptions,
         verify: bool = False,
         priority: int = 0,
+        dead: str | None = None,
     ) -> list[tuple[ActorHandle, str, int]]:
         """The model's replicas to send a job to: (handle, name, jobs in hand) of each ready
         one, else of those loading; a model with none gets one now. `verify`: ask Ray whether
-        they live (the caller found a handle dead)."""
+        they live (the caller found a handle dead or unreachable). `dead`: the actor id of a
+        replica the caller's own call found dead; it goes even while Ray's control store still
+        lists it (that lags the death a caller sees by a moment)."""
         with self._lock:
             spec = self._spec(model_id, family_name, model_dir, config, options)
             mine = self._of(model_id)
-            if verify:
+            if verify or dead:
                 for replica in mine:
-                    if not is_alive(replica):
+                    if replica.actor_id == dead:
+                        self._forget(replica, "found dead by a job")
+                        with contextlib.suppress(Exception):  # dead already, as a rule
+                            ray.kill(replica.handle, no_restart=True)
+                    elif verify and not is_alive(replica):
                         self._forget(replica, "found dead")
                 mine = self._of(model_id)
             if not mine:
@@ -185,7 +204,7 @@ class ModelPool:
         memory_gb = family.resources.gpu_memory_gb if num_gpus else 0.0
         mine = self._of(spec.model_id)
         nodes_used = [r.node_id for r in mine]
-        key = free_replica_name(spec.model_id, set(self._replicas))
+        key = free_replica_name(spec.model_id, set(self._replicas) | self._resting_names())
         room = self._make_room(
             need,
             memory_gb,
@@ -300,6 +319,14 @@ class ModelPool:
 
     def _forget(self, replica: Replica, reason: str) -> None:
         self._replicas.pop(replica.key, None)
+        self._resting[replica.key] = time.monotonic()
+
+    def _resting_names(self) -> set[str]:
+        now = time.monotonic()
+        self._resting = {
+            k: at for k, at in self._resting.items() if now - at < ACTOR_NAME_RELEASE_S
+        }
+        return set(self._resting)
 
     def _is_idle(self, replica: Replica) -> bool:
         """Idle, and handed out no job within two trust windows (workers/replicas.is_idle)."""

@@ -81,17 +81,26 @@ def choose_server(
     *,
     verify: bool = False,
     priority: int = 0,
+    dead: str | None = None,
 ) -> ServerChoice:
     """The replica for one job: of the model's ready replicas, the one with the fewest jobs in
     hand (this process's own count first, then the pool's last look). `verify`: the last
-    handle was found dead; have the pool check them all."""
+    handle was found dead or unreachable; have the pool check them all. `dead`: the actor id
+    of a replica a call found dead (ActorDiedError); the pool drops it whatever Ray's
+    control store says yet."""
     context = ray.get_runtime_context()
     connection = (context.get_session_name(), context.get_job_id())
     now = time.monotonic()
     with _pool_lock:
         recent = _recent.get(model_id)
-    if verify or recent is None or recent[2] != connection or now - recent[1] >= trust_s(options):
-        args = (model_id, family_name, model_dir, config, options, verify, priority)
+    if (
+        verify
+        or dead
+        or recent is None
+        or recent[2] != connection
+        or now - recent[1] >= trust_s(options)
+    ):
+        args = (model_id, family_name, model_dir, config, options, verify, priority, dead)
         replicas = call_pool("acquire", *args)
         recent = (replicas, now, connection)
         with _pool_lock:

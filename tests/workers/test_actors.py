@@ -22,7 +22,8 @@ from tests.support.ray_cluster import local_ray  # noqa: E402
 from workers.actors import start_trainer  # noqa: E402
 from workers.families.base import CanceledError  # noqa: E402
 from workers.registry import get_family  # noqa: E402
-from workers.routing import get_model_server  # noqa: E402
+from workers.routing import choose_server, get_model_server  # noqa: E402
+from workers.server import ServingOptions  # noqa: E402
 
 # The module starts a real Ray of its own: real processes, marker `stack`.
 pytestmark = pytest.mark.stack
@@ -174,6 +175,27 @@ def test_a_model_that_cannot_load_kills_its_server(tmp_path):
     server = get_model_server("gan-missing", GAN, str(tmp_path / "nothing"), {})
     with pytest.raises(ActorDiedError):
         ray.get(server.info.remote())
+
+
+def test_a_server_a_job_found_dead_is_dropped_whatever_ray_still_says():
+    # Ray's control store can list a just-killed server as alive for a moment after its caller
+    # saw ActorDiedError; the caller's word (`dead`) is taken over Ray's. Told so of a server
+    # that is in fact still alive (Ray's lag at its longest), the pool kills it and hands out a
+    # new one under another name, so that no lookup by name can find the old actor again.
+    options = ServingOptions()
+    first = choose_server("echo-found-dead", "echo", None, {}, options)
+    first.done()
+    assert ray.get(first.handle.info.remote())["family"] == "echo"
+    second = choose_server(
+        "echo-found-dead", "echo", None, {}, options, dead=first.handle._actor_id.hex()
+    )
+    second.done()
+    assert second.handle._actor_id != first.handle._actor_id and second.name != first.name
+    collected = collect(second.handle.generate.remote("job-1", {"message": "on the new one"}))
+    assert collected[-1].data == b"on the new one"
+    with pytest.raises(ActorDiedError):
+        ray.get(first.handle.info.remote())
+    ray.kill(second.handle)
 
 
 def test_importing_actors_starts_no_ray_and_loads_no_torch():
