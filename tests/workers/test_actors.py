@@ -22,7 +22,7 @@ from tests.support.ray_cluster import local_ray  # noqa: E402
 from workers.actors import start_trainer  # noqa: E402
 from workers.families.base import CanceledError  # noqa: E402
 from workers.registry import get_family  # noqa: E402
-from workers.routing import choose_server, get_model_server  # noqa: E402
+from workers.routing import call_pool, choose_server, get_model_server, pool_handle  # noqa: E402
 from workers.server import ServingOptions  # noqa: E402
 
 # The module starts a real Ray of its own: real processes, marker `stack`.
@@ -230,3 +230,16 @@ def test_placement_comes_first_and_says_where_the_job_runs(tmp_path):
     assert isinstance(where, Placement) and where.replica == "trainer-job-pl"
     assert where.gpu_ids == ["0"] and where.load_s is None  # the declared GPU's id
     ray.kill(trainer)
+
+
+def test_a_call_to_a_pool_killed_just_before_reaches_a_new_pool():
+    # The last test of the module: it kills the module's pool. The worker's cached handle is
+    # then dead, and a lookup by name may still find the dead pool for a moment: the call
+    # goes on until it reaches a live one.
+    first = pool_handle()
+    assert "servers" in ray.get(first.info.remote())
+    ray.kill(first, no_restart=True)
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(first.info.remote(), timeout=30)
+    assert "servers" in call_pool("info")
+    assert pool_handle()._actor_id != first._actor_id
