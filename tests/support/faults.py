@@ -324,10 +324,20 @@ class Cluster:
         return proc
 
     def wait_ready(self, proc: Proc) -> None:
-        """Wait until a worker started with `worker(wait=False)` takes messages."""
-        wait_until(lambda: "ready." in proc.text() or proc.process.poll() is not None, 90,
-                   "the worker")  # fmt: skip
-        assert proc.process.poll() is None, proc.text()[-3000:]
+        """Wait until a worker started with `worker(wait=False)` takes messages. A worker that
+        exits or does not get ready fails the test with the ends of its log and of its Ray
+        node's."""
+        try:
+            wait_until(lambda: "ready." in proc.text() or proc.process.poll() is not None, 90,
+                       "the worker")  # fmt: skip
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.worker_logs(proc)}") from None
+        assert proc.process.poll() is None, self.worker_logs(proc)
+
+    def worker_logs(self, proc: Proc) -> str:
+        node_log = self.tmp / "var" / "logs" / "ray-node.log"
+        node = node_log.read_text(errors="replace")[-3000:] if node_log.exists() else "(none)"
+        return f"worker log:\n{proc.text()[-3000:]}\nits Ray node's log ({node_log}):\n{node}"
 
     def scheduler(self) -> Proc:
         return self._spawn("scheduler", ["scheduler"])
