@@ -1,6 +1,8 @@
 """The Ray actors on a real local Ray (2 CPUs and one declared, fake GPU): events stream back
 as they are yielded, a model server stays warm, cancels and errors reach the caller as
-their own types, a trainer trains, and GPU shares are requested where the cluster has GPUs.
+their own types, a trainer trains, GPU shares are requested where the cluster has GPUs, a
+server a job found dead is replaced on the job's word, and a call to a pool killed just before
+reaches a new pool.
 The trainers and model servers are tiny gan ones: what is tested here is the actors, and a gan
 actor's process starts without diffusers."""
 
