@@ -37,7 +37,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import ray
 from ray.actor import ActorHandle
@@ -62,6 +62,8 @@ NAMESPACE = "genq"
 SERVER_MAX_CONCURRENCY = 32
 # How long starting a named actor waits for a dead one's name to be released (named_actor).
 ACTOR_NAME_RELEASE_S = 30.0
+
+_T = TypeVar("_T")
 
 
 def _guarded(events: Iterator[Event], job_id: str) -> Iterator[Event]:
@@ -362,17 +364,33 @@ def named_actor(
     ActorAlreadyExistsError (Ray's own `get_if_exists` then gives up with a ValueError). So
     the look and the creation are tried again until the name is released (at most
     ACTOR_NAME_RELEASE_S)."""
-    deadline = time.monotonic() + ACTOR_NAME_RELEASE_S
-    while True:
+
+    def look_or_create() -> ActorHandle:
         with contextlib.suppress(ValueError):  # ValueError: no such actor
             found = ray.get_actor(name, namespace=NAMESPACE)
             if not replace:
                 return found
             ray.kill(found)
+        return create()
+
+    return until_released(
+        look_or_create,
+        ActorAlreadyExistsError,
+        f"the actor name {name} is still held by a dead actor; trying again",
+    )
+
+
+def until_released(attempt: Callable[[], _T], errors: type[Exception], retrying: str) -> _T:
+    """`attempt()`, tried again every 50 ms while it raises `errors`, for at most
+    ACTOR_NAME_RELEASE_S (then the error goes up): Ray's control store lags an actor's death
+    by a moment, during which its name stays taken or a lookup still finds the dead actor.
+    `retrying`: the line logged for each new try."""
+    deadline = time.monotonic() + ACTOR_NAME_RELEASE_S
+    while True:
         try:
-            return create()
-        except ActorAlreadyExistsError:
+            return attempt()
+        except errors:
             if time.monotonic() >= deadline:
                 raise
-            log.info("the actor name %s is still held by a dead actor; trying again", name)
+            log.info(retrying)
             time.sleep(0.05)

@@ -16,7 +16,7 @@ import ray
 from ray.actor import ActorHandle
 from ray.exceptions import RayActorError
 
-from workers.actors import ACTOR_NAME_RELEASE_S
+from workers.actors import until_released
 from workers.families.base import Family
 from workers.pool import get_pool
 from workers.replicas import trust_s
@@ -43,19 +43,15 @@ def pool_handle(fresh: bool = False) -> ActorHandle:
 def call_pool(method: str, *args: Any) -> Any:
     """Call the pool, finding it again (or starting it) if it was killed or restarted. Ray's
     control store can list a pool that just died for a moment more, so a lookup may hand back
-    the dead one: the call is tried again, with a fresh lookup each time, for up to
-    ACTOR_NAME_RELEASE_S."""
+    the dead one: the call is tried again, with a fresh lookup each time (until_released)."""
     try:
         return ray.get(getattr(pool_handle(), method).remote(*args))
     except RayActorError:
-        deadline = time.monotonic() + ACTOR_NAME_RELEASE_S
-    while True:
-        try:
-            return ray.get(getattr(pool_handle(fresh=True), method).remote(*args))
-        except RayActorError:
-            if time.monotonic() >= deadline:
-                raise
-            time.sleep(0.05)
+        return until_released(
+            lambda: ray.get(getattr(pool_handle(fresh=True), method).remote(*args)),
+            RayActorError,
+            "the model pool is gone; looking it up again",
+        )
 
 
 # Replicas this process got from the pool: model id -> (replicas, when, Ray connection). Within
