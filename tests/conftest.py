@@ -47,14 +47,16 @@ REDIS_URL = os.environ.get("GENQ_TEST_REDIS_URL", "redis://127.0.0.1:6379").rstr
 
 
 @pytest.fixture(autouse=True)
-def _one_fault_test_at_a_time(
+def _one_test_per_serial_lane(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[None]:
-    """Under xdist, the fault-injection and multi-host tests (leases of seconds, whole process
-    trees killed) never run beside each other: each holds a lock shared by the session's
-    workers (a file in the session's temporary folder, locked with flock). Other tests run
-    beside them. (xdist's `xdist_group` cannot be used: with pytest 9 its loadgroup mode no
-    longer changes the test ids it groups by.)"""
+    """Under xdist, two fault-injection or multi-host tests of one lane (SERIAL_LANES below:
+    leases of seconds, several processes started and killed per test) never run beside each
+    other: each holds its lane's lock, shared by the session's workers (a file in the
+    session's temporary folder, locked with flock). Other tests, and the other lane's, run
+    beside them: every test's processes, database, Redis database and Ray head are its own,
+    and it signals only process groups it started. (xdist's `xdist_group` cannot be used: with
+    pytest 9 its loadgroup mode no longer changes the test ids it groups by.)"""
     node = request.node
     if "PYTEST_XDIST_WORKER" not in os.environ or not (
         node.get_closest_marker("faults") or node.get_closest_marker("multihost")
@@ -64,7 +66,7 @@ def _one_fault_test_at_a_time(
     import fcntl
 
     # Each worker's base folder is popen-gwN inside the session's: the parent is shared.
-    lock = tmp_path_factory.getbasetemp().parent / "faults.lock"
+    lock = tmp_path_factory.getbasetemp().parent / f"{serial_lane(node.nodeid)}.lock"
     with open(lock, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
@@ -73,11 +75,25 @@ def _one_fault_test_at_a_time(
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-# The fault-injection and multi-host files, and every other file marked `faults`: one unit of
-# work for xdist, run in turn by one test process (see pytest_xdist_make_scheduler), while the
-# others run everything else. (A `faults` file outside the unit would hold its process idle on
-# the lock below while the unit's test of the moment runs: test_supervise did, ~80 s a run.)
-SERIAL_FILES = ("tests/faults/", "tests/stack/test_multihost.py", "tests/stack/test_supervise.py")
+# The fault-injection and multi-host files, and every other file marked `faults`, in two
+# lanes: each lane is one unit of work for xdist, run in turn by one test process (see
+# pytest_xdist_make_scheduler), while the others run everything else. (A `faults` file outside
+# a lane would hold its process idle on the lane's lock while the lane's test of the moment
+# runs: test_supervise did, ~80 s a run.)
+SERIAL_LANES = {
+    "faults": ("tests/faults/",),
+    "hosts": ("tests/stack/test_multihost.py", "tests/stack/test_supervise.py"),
+}
+SERIAL_FILES = tuple(path for paths in SERIAL_LANES.values() for path in paths)
+
+
+def serial_lane(nodeid: str) -> str:
+    """The lane of a fault or multi-host test (by its file); "faults" for one marked so
+    elsewhere."""
+    return next((lane for lane, paths in SERIAL_LANES.items() if nodeid.startswith(paths)),
+                "faults")  # fmt: skip
+
+
 # Where the time goes, most first: files under these folders start before the rest, so that
 # the last file to end on a test process is a short one, not a whole stack's.
 HEAVY_FIRST = (*SERIAL_FILES, "tests/stack/", "tests/browser/", "tests/workers/")
@@ -94,10 +110,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
-    """`--dist loadfile`, but the fault files are a single unit. Under the file lock above
-    they could not run beside each other anyway: handed to two test processes, one of them
-    would sit waiting on the lock with its file. Units go out in collection order (heavy first),
-    not reordered by their number of tests."""
+    """`--dist loadfile`, but the files of each serial lane are a single unit. Under the
+    lane's lock above they could not run beside each other anyway: handed to two test
+    processes, one of them would sit waiting on the lock with its file. Units go out in
+    collection order (heavy first), not reordered by their number of tests."""
     if config.getoption("dist") != "loadfile":
         return None
     from xdist.scheduler import LoadFileScheduling
@@ -105,7 +121,7 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     class SerialFaultsFirst(LoadFileScheduling):
         def _split_scope(self, nodeid: str) -> str:
             if nodeid.startswith(SERIAL_FILES):
-                return "serial-faults"
+                return f"serial-{serial_lane(nodeid)}"
             return super()._split_scope(nodeid)
 
     config.option.loadscopereorder = False
