@@ -6,10 +6,11 @@ BIN := $(VENV)/bin
 # (set TORCH_SPEC to another release, e.g. a CUDA one, on a GPU machine).
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
-# Test processes for `make test` (pytest-xdist): one more than the CPUs (a third of a test's
-# time is spent waiting on leases, timers and processes starting: docs/tests.md), at most 8;
-# `auto` is one per CPU, 0 runs in this process.
-TEST_WORKERS ?= $(shell n=$$(nproc); echo $$(( n + 1 < 8 ? n + 1 : 8 )))
+# Test processes for `make test` (pytest-xdist): one more than the CPUs this process may use,
+# at most 8 (with one per CPU the CPUs sat idle a third of the time, as tests wait on leases,
+# timers and processes starting: docs/tests.md); `auto` is one per CPU, 0 runs in this process.
+TEST_WORKERS ?= $(shell $(PYTHON) -c 'import os; cpus = len(os.sched_getaffinity(0)) \
+	if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1; print(min(cpus + 1, 8))')
 
 .PHONY: run test lint fmt install bench docs clean
 
