@@ -90,8 +90,10 @@ SERIAL_FILES = tuple(path for paths in SERIAL_LANES.values() for path in paths)
 def serial_lane(nodeid: str) -> str:
     """The lane of a fault or multi-host test (by its file); "faults" for one marked so
     elsewhere."""
-    return next((lane for lane, paths in SERIAL_LANES.items() if nodeid.startswith(paths)),
-                "faults")  # fmt: skip
+    for lane, paths in SERIAL_LANES.items():
+        if nodeid.startswith(paths):
+            return lane
+    return "faults"
 
 
 # Where the time goes, most first: files under these folders start before the rest, so that
