@@ -209,13 +209,18 @@ def test_a_dataset_in_the_bucket_trains_resumes_from_the_store_and_serves_from_i
         )
     )
     checkpoints = f"checkpoints/{job_id}"
-    wait_until(lambda: cluster.get(job_id)["progress"]["step"] >= 12, 180, "training progress")
-    stored = wait_until(lambda: store.read_manifest(checkpoints), 30, "a stored checkpoint")
-    assert stored.version >= 1
+    # The trainer's process is found once it trains, so that the kill follows step 12 and a
+    # stored checkpoint at once (a search of /proc in between could let a fast machine finish).
+    wait_until(lambda: cluster.get(job_id)["progress"]["step"] >= 1, 180, "training progress")
     (pid,) = wait_until(lambda: trainer_pids(cluster), 10, "the trainer's process")
+    stored = wait_until(
+        lambda: cluster.get(job_id)["progress"]["step"] >= 12 and store.read_manifest(checkpoints),
+        60,
+        "step 12 and a stored checkpoint",
+    )
     os.kill(pid, signal.SIGKILL)
+    assert stored.version >= 1
     wait_until(lambda: not is_alive(pid), 10, "the trainer to die")
-    killed_at = cluster.get(job_id)["progress"]["step"]
     # The node's own copy of the checkpoint goes: the next attempt can only resume from the
     # store.
     work = node_cache(cluster) / "work" / job_id
@@ -226,12 +231,12 @@ def test_a_dataset_in_the_bucket_trains_resumes_from_the_store_and_serves_from_i
     assert job["state"] == "succeeded" and job["attempt"] == 2, job
     logs = [e.data["message"] for e in cluster.events(job_id, "log")]
     assert any("downloaded from the artifact store" in m for m in logs), logs
-    second = [
-        e.data["step"]
-        for e in cluster.events(job_id, "progress")
-        # (a progress of total 0 only says what the attempt waits for: not work)
-        if e.data.get("total") and e.id > first_event_of_attempt(cluster, job_id, 2)
-    ]
+    # (a progress of total 0 only says what an attempt waits for: not work)
+    progress = [e for e in cluster.events(job_id, "progress") if e.data.get("total")]
+    second_began = first_event_of_attempt(cluster, job_id, 2)
+    # The last step the killed attempt recorded (read once it was over: none is on its way).
+    killed_at = max(e.data["step"] for e in progress if e.id < second_began)
+    second = [e.data["step"] for e in progress if e.id > second_began]
     assert second and 5 < min(second) <= killed_at + 5, (killed_at, second)
     with cluster.database.transaction() as session:
         versions = session.query(Model).filter(Model.name == "swatch").all()

@@ -73,13 +73,16 @@ def trainer_pids(ray_head: RayHead) -> set[int]:
 @contextlib.contextmanager
 def paused_trainer(cluster: Cluster, ray_head: RayHead, train_id: str) -> Iterator[int]:
     """Once the training is past its first checkpoint, its trainer's process (the PID yielded)
-    SIGSTOPped for the block and let go however the block ends."""
+    SIGSTOPped for the block and let go however the block ends. The process is found once
+    the training runs, so that the stop follows the checkpoint within a poll (a search of
+    /proc in between could let a fast machine finish the training)."""
+    wait_until(lambda: cluster.get(train_id)["progress"]["step"] >= 1, 180, "training progress")
+    (pid,) = wait_until(lambda: trainer_pids(ray_head), 30, "the trainer's process")
     wait_until(
         lambda: cluster.get(train_id)["progress"]["step"] > CHECKPOINT_EVERY,
         180,
         "training past its first checkpoint",
     )
-    (pid,) = wait_until(lambda: trainer_pids(ray_head), 30, "the trainer's process")
     os.kill(pid, signal.SIGSTOP)
     try:
         yield pid

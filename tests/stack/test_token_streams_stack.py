@@ -94,8 +94,9 @@ def test_a_thousand_tokens_are_coalesced_and_arrive_whole(stack: StackProcess) -
     # cannot hold, as U+FFFD: the tiny model is barely trained and makes any byte).
     assert text == without_nul(stored)
     assert [d for kind, d in events if kind == "progress"][-1]["step"] == 1000
-    # Each text write began at least 100 ms after the one before, within the attempt's run.
-    assert len(deltas) <= seconds(job) / 0.1 + 1, (len(deltas), seconds(job))
+    # Each text write began at least 100 ms after the one before, within the attempt's run,
+    # besides the first token's (it goes out at once) and the finishing one.
+    assert len(deltas) <= seconds(job) / 0.1 + 2, (len(deltas), seconds(job))
     assert len(deltas) < 500  # a write per token would be 1,000
     assert {d["attempt"] for d in deltas} == {1}
     assert [kind for kind, _ in events][-1] == "state"

@@ -21,6 +21,9 @@ FAST_RECOVERY = {
     "GENQ_RETRY_BACKOFF_BASE_S": "0.5",
     "GENQ_RETRY_BACKOFF_MAX_S": "2",
     "GENQ_PROGRESS_INTERVAL_S": "0",
+    # Every poll reads SQL: a test that times a kill by a job's progress sees the step it is
+    # at, not one up to a second old (the poll's cache: api/polling.py, tests/api/test_polling.py).
+    "GENQ_STATUS_STALENESS_S": "0",
     "GENQ_LOG_LEVEL": "INFO",
 }
 
