@@ -183,9 +183,7 @@ def test_a_paused_trainer_is_detected_as_stalled_and_resumes_from_its_checkpoint
     # a poll (a search of /proc in between could let a fast machine finish the training).
     wait_until(lambda: progress_steps(stack, job_id), 180, "training")
     (pid,) = wait_until(lambda: pids_of(stack, b"ray::Trainer"), 10, "the trainer's process")
-    wait_until(
-        lambda: any(step >= 12 for _, step in progress_steps(stack, job_id)), 180, "step 12"
-    )
+    wait_until(lambda: any(step >= 12 for _, step in progress_steps(stack, job_id)), 180, "step 12")
     os.kill(pid, signal.SIGSTOP)
     try:
         wait_until(lambda: is_stopped(pid), 10, "the trainer paused")
