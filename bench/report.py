@@ -110,6 +110,10 @@ INDEX: dict[str, Kind] = {
         "genq up: start, first job and stop (bench/stack_lifecycle.py)",
         hide=(r"by_process\..*", r".*\.stop_up_exit_s\..*"),
     ),
+    "suite-cpu": Kind(
+        "The test suite's CPU, one test at a time (bench/suite_cpu.py)",
+        hide=(r"heaviest_modules\..*\.(wall_s|cases)",),
+    ),
 }
 
 
