@@ -5,6 +5,7 @@ after it, and the JSON file a run leaves in bench/results/ (named as bench/repor
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -49,3 +50,12 @@ def write_result(kind: str, result: dict[str, Any], *, before: bool = False) -> 
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"written to bench/results/{path.name}")
     return path
+
+
+def machine_busy_s() -> float:
+    """The CPU-seconds all CPUs have spent busy since boot: /proc/stat's user, nice, system,
+    irq, softirq and steal (idle and iowait left out; guest time is already in user and nice)."""
+    with open("/proc/stat") as stat:
+        ticks = [int(v) for v in stat.readline().split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = ticks
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")

@@ -29,7 +29,7 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import write_result  # noqa: E402
+from bench.common import machine_busy_s, write_result  # noqa: E402
 from tests.support.stackproc import StackProcess, descendants  # noqa: E402
 
 REDIS = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379")
@@ -86,11 +86,6 @@ def snapshot(root_pid: int) -> dict[int, tuple[str, float]]:
         if cpu is not None:
             found[pid] = cpu
     return found
-
-
-def machine_busy_s() -> float:
-    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    return (sum(values) - values[3] - values[4]) * TICK_S  # all but idle and iowait
 
 
 def wait_in_sql(stack: StackProcess, ids: list[str]) -> None:

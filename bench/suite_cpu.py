@@ -33,30 +33,21 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import write_result  # noqa: E402
+from bench.common import machine_busy_s, write_result  # noqa: E402
 
 # Where the plug-in (this module, loaded by pytest with -p) appends one line per test.
 OUT_ENV = "GENQ_SUITE_CPU_OUT"
 TOP_MODULES = 12
 
 
-def busy_cpu_s() -> float:
-    """The CPU-seconds all CPUs have spent busy since boot (user, nice, system, irq, softirq,
-    steal: /proc/stat's first line less idle and iowait)."""
-    with open("/proc/stat") as stat:
-        ticks = [int(v) for v in stat.readline().split()[1:9]]
-    user, nice, system, _idle, _iowait, irq, softirq, steal = ticks
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Iterator[None]:
     """The plug-in: a test's setup, call and teardown, measured together."""
-    cpu, wall = busy_cpu_s(), time.monotonic()
+    cpu, wall = machine_busy_s(), time.monotonic()
     yield
     line = {
         "id": item.nodeid,
-        "cpu_s": busy_cpu_s() - cpu,
+        "cpu_s": machine_busy_s() - cpu,
         "wall_s": time.monotonic() - wall,
     }
     with open(os.environ[OUT_ENV], "a") as out:
