@@ -55,6 +55,11 @@ START_LOOK_S = 1.0
 # longer is then read on as a stream, and is seen placed (no longer "loading the model")
 # well within START_LOOK_S.
 START_WAIT_S = 0.5
+# What a job's log says when its server died before the job's first event and the job goes on,
+# in the same attempt, on a live server.
+MOVED_NOTICE = (
+    "the model server stopped before this job's first event; running the job on a live server"
+)
 
 
 class Runner:
@@ -339,11 +344,7 @@ class Runner:
                 if isinstance(exc, ActorDiedError):
                     dead = actor._actor_id.hex()
                 log.warning("model server gone, trying a live one: %s", exc)
-                yield Log(
-                    "the model server stopped before this job's first event; "
-                    "running the job on a live server",
-                    level="warning",
-                )
+                yield Log(MOVED_NOTICE, level="warning")
             finally:
                 choice.done()
 
