@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from core.events import Event, Output, Progress
+from tests.support.recovery import wait_until
 from workers.families.base import CanceledError
 from workers.server import ModelServer
 
@@ -35,8 +36,7 @@ def test_a_cancel_stops_only_the_attempt_it_names() -> None:
     for thread in threads:
         thread.start()
     # Both attempts are in hand before the cancel (the stale one's, which finds it running).
-    while len(server.info()["active_jobs"]) < 2:
-        threading.Event().wait(0.01)
+    wait_until(lambda: len(server.info()["active_jobs"]) >= 2, 30, "both attempts in hand")
     assert server.cancel("job", "attempt-1") is True
     for thread in threads:
         thread.join(30)
@@ -65,8 +65,7 @@ def test_a_newer_attempt_ends_the_older_one_still_here() -> None:
         target=run, args=(server.generate("job", slow, "token-1", number=1), older)
     )
     thread.start()
-    while not any(isinstance(e, Progress) for e in older):  # attempt 1 is at work
-        threading.Event().wait(0.01)
+    wait_until(lambda: any(isinstance(e, Progress) for e in older), 30, "attempt 1 at work")
     events = list(server.generate("job", {"message": "new"}, "token-2", number=2))
     thread.join(30)
     assert not thread.is_alive() and isinstance(older[-1], CanceledError)
@@ -84,8 +83,7 @@ def test_an_attempt_arriving_after_a_newer_one_is_canceled_at_once() -> None:
         target=run, args=(server.generate("job", slow, "token-3", number=3), newer)
     )
     thread.start()
-    while "job" not in server.info()["active_jobs"]:
-        threading.Event().wait(0.01)
+    wait_until(lambda: "job" in server.info()["active_jobs"], 30, "attempt 3 in hand")
     with pytest.raises(CanceledError):
         list(server.generate("job", {"message": "old"}, "token-2", number=2))
     thread.join(30)
