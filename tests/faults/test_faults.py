@@ -74,8 +74,10 @@ def test_sigkill_worker_mid_training_resumes_from_checkpoint(cluster: Cluster) -
     assert job["attempt"] == 2 and job["result_model"] == "faults:1"
     steps = progress_steps(cluster, job_id)
     resumed = min(step for attempt, step in steps if attempt == 2)
-    # The step counter never goes back more than one checkpoint interval.
-    assert killed_at - 5 <= resumed <= killed_at + 5, (killed_at, steps)
+    # The step counter never goes back more than one checkpoint interval, and attempt 2 did
+    # work of its own. (No bound above killed_at: the killed worker's trainer lives on until Ray
+    # sees its driver gone, and may train and checkpoint past the last step the worker recorded.)
+    assert killed_at - 5 <= resumed < 60, (killed_at, steps)
     cluster.check_invariants(job_id)
     with cluster.database.transaction() as session:
         assert session.query(Model).filter(Model.job_id == job_id).count() == 1
