@@ -53,9 +53,9 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, aliased
 
-from core.leases import Lease, claim_job
+from core.leases import Lease, claim_first, claim_job
 from core.quotas import TenantLimits, blocked_tenants, load_limits
 from core.states import JobState
 from core.tables import FairShare, Job, UTCDateTime, utcnow
@@ -90,16 +90,20 @@ _SET_PASS = (
     .values(pass_value=bindparam("new_pass"))
     .execution_options(synchronize_session=False)
 )
+# A tenant's first queued job in its own order that may start now. On an alias of the job
+# table, and with parameter names that are not its columns': the claim runs it as a subquery
+# of its UPDATE of the job table (core.leases.claim_first).
+_DUE = aliased(Job, name="due")
 _FIRST_DUE = (
-    select(Job.id)
+    select(_DUE.id)
     .where(
-        Job.state == JobState.QUEUED,
-        Job.queue == bindparam("queue"),
-        Job.tenant_id == bindparam("tenant_id"),
-        or_(Job.not_before.is_(None), Job.not_before <= bindparam("now", type_=UTCDateTime())),
-        Job.attempt < Job.max_attempts,
+        _DUE.state == JobState.QUEUED,
+        _DUE.queue == bindparam("in_queue"),
+        _DUE.tenant_id == bindparam("of_tenant"),
+        or_(_DUE.not_before.is_(None), _DUE.not_before <= bindparam("due_at", type_=UTCDateTime())),
+        _DUE.attempt < _DUE.max_attempts,
     )
-    .order_by(Job.priority.desc(), Job.created_at, Job.id)
+    .order_by(_DUE.priority.desc(), _DUE.created_at, _DUE.id)
     .limit(1)
 )
 
@@ -277,7 +281,7 @@ def _heads(
 def _first_due(session: Session, queue: str, tenant_id: str, now: datetime) -> str | None:
     """The tenant's first queued job in its own order that may start now."""
     session.flush()  # what the Session's read would flush first; then a plain read
-    params = {"queue": queue, "tenant_id": tenant_id, "now": now}
+    params = {"in_queue": queue, "of_tenant": tenant_id, "due_at": now}
     return session.connection().execute(_FIRST_DUE, params).scalar()
 
 
@@ -298,7 +302,14 @@ def claim_next(
     (the runner tells from them whether the claimed job's tenant has quotas, without reading
     its row again)."""
     now = now or utcnow()
-    clock = _clock(session, queue)
+    # Under the usage policy the clock's value goes unused, but its row lock still makes the
+    # claims on a queue take turns (a quota's check and the claim it allows must not meet
+    # another claim's). On SQLite a writing transaction holds the database's one write lock
+    # from its start, which does that already: the clock is not read there.
+    if policy_of(session) == "usage" and session.get_bind().dialect.name == "sqlite":
+        clock = 0
+    else:
+        clock = _clock(session, queue)
     heads, limits = _heads(session, queue, clock, now)
     if limits_seen is not None:
         limits_seen.update(limits)
@@ -309,10 +320,15 @@ def claim_next(
             continue
         while tries < MAX_CLAIM_TRIES:
             tries += 1
-            job_id = _first_due(session, queue, head.tenant_id, now)
-            if job_id is None:
-                break
-            lease = claim_job(session, job_id, lease_ttl_s=lease_ttl_s, now=now)
+            # The tenant's first due job, found and claimed in one statement; when that
+            # claims nothing, the two steps tell why (no job due, or a deadline passed).
+            due = {"in_queue": queue, "of_tenant": head.tenant_id, "due_at": now}
+            lease = claim_first(session, _FIRST_DUE, due, lease_ttl_s=lease_ttl_s, now=now)
+            if lease is None:
+                job_id = _first_due(session, queue, head.tenant_id, now)
+                if job_id is None:
+                    break
+                lease = claim_job(session, job_id, lease_ttl_s=lease_ttl_s, now=now)
             if lease is None:  # its deadline passed, or another caller won it: next one
                 continue
             if head.oldest_at is None:  # the starts policy: the tenant's pass moves on

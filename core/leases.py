@@ -14,9 +14,9 @@ import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, TypeVar, cast
+from typing import Any, NamedTuple, TypeVar, cast
 
-from sqlalchemy import Table, bindparam, inspect, or_, select, update
+from sqlalchemy import Row, Select, Table, bindparam, inspect, or_, select, update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session, make_transient, make_transient_to_detached
 from sqlalchemy.orm.util import identity_key
@@ -26,7 +26,7 @@ from core.events import without_nul
 from core.ids import new_id
 from core.jobs import add_event, set_state
 from core.states import ACTIVE, JobState
-from core.tables import Artifact, Job, UTCDateTime, utcnow
+from core.tables import Artifact, Job, Model, UTCDateTime, utcnow
 from core.usage import charge_attempt, start_attempt
 
 
@@ -96,32 +96,67 @@ _CLAIMED_COLUMNS = (
     "error_detail",
     "waiting_for",
 )
-_CLAIM = (
-    update(_JOB_TABLE)
-    .where(
-        _JOB_TABLE.c.id == bindparam("job_id"),
-        _JOB_TABLE.c.state == JobState.QUEUED,
-        _JOB_TABLE.c.attempt < _JOB_TABLE.c.max_attempts,
-        or_(
-            _JOB_TABLE.c.deadline.is_(None),
-            _JOB_TABLE.c.deadline > bindparam("now", type_=UTCDateTime()),
-        ),
+
+
+class ClaimedModel(NamedTuple):
+    """The claimed job's model as the claim read it: what the runner's snapshot of the job
+    needs of it (scheduler/attempt.py)."""
+
+    id: str
+    path: str | None
+    config: dict[str, Any] | None
+    parent_id: str | None
+
+
+# The model's columns come back with the claimed row, by subqueries on the model's key: the
+# runner would otherwise read the model row in a statement of its own, for every job.
+_MODEL_TABLE = cast(Table, Model.__table__)
+_CLAIMED_MODEL = {
+    f"model_{name}": select(_MODEL_TABLE.c[name])
+    .where(_MODEL_TABLE.c.id == _JOB_TABLE.c.model_id)
+    .scalar_subquery()
+    .label(f"model_{name}")
+    for name in ("path", "config", "parent_id")
+}
+
+
+def _claim_update(job_id: Any) -> Any:
+    """The claim's conditional UPDATE of the job whose id `job_id` (a bound parameter or a
+    scalar subquery) gives: it moves the job to running only while it is queued, has attempts
+    left and its deadline has not passed."""
+    return (
+        update(_JOB_TABLE)
+        .where(
+            _JOB_TABLE.c.id == job_id,
+            _JOB_TABLE.c.state == JobState.QUEUED,
+            _JOB_TABLE.c.attempt < _JOB_TABLE.c.max_attempts,
+            or_(
+                _JOB_TABLE.c.deadline.is_(None),
+                _JOB_TABLE.c.deadline > bindparam("now", type_=UTCDateTime()),
+            ),
+        )
+        .values(
+            state=JobState.RUNNING,
+            attempt=_JOB_TABLE.c.attempt + 1,
+            lease_token=bindparam("token"),
+            lease_expires_at=bindparam("expires_at", type_=UTCDateTime()),
+            started_at=bindparam("now", type_=UTCDateTime()),
+            updated_at=bindparam("now", type_=UTCDateTime()),
+            error_type=None,
+            error_detail=None,
+            waiting_for=None,
+            waiting_since=bindparam("now", type_=UTCDateTime()),  # not placed yet
+        )
+        # The claimed row comes back from the UPDATE itself: no second read.
+        .returning(*(_JOB_TABLE.c[name] for name in _CLAIMED_COLUMNS), *_CLAIMED_MODEL.values())
     )
-    .values(
-        state=JobState.RUNNING,
-        attempt=_JOB_TABLE.c.attempt + 1,
-        lease_token=bindparam("token"),
-        lease_expires_at=bindparam("expires_at", type_=UTCDateTime()),
-        started_at=bindparam("now", type_=UTCDateTime()),
-        updated_at=bindparam("now", type_=UTCDateTime()),
-        error_type=None,
-        error_detail=None,
-        waiting_for=None,
-        waiting_since=bindparam("now", type_=UTCDateTime()),  # not placed yet
-    )
-    # The claimed row comes back from the UPDATE itself: no second read.
-    .returning(*(_JOB_TABLE.c[name] for name in _CLAIMED_COLUMNS))
-)
+
+
+_CLAIM = _claim_update(bindparam("job_id"))
+# The claims of the first job a SELECT of one job id names (core/fairness.py's next due job of
+# a tenant), keyed by that SELECT: built once each.
+_CLAIM_FIRST: dict[Any, Any] = {}
+
 _FENCE = (
     select(*(_JOB_TABLE.c[name] for name in _FENCE_COLUMNS))
     .where(_JOB_TABLE.c.id == bindparam("job_id"))
@@ -137,29 +172,59 @@ def claim_job(
     earlier delivery) already has it, it is no longer queued, or its deadline has passed (it
     fails then). `now`: the time of the claim (a simulation's clock; the real one otherwise)."""
     now = now or utcnow()
-    token = new_id()
-    held = session.identity_map.get(identity_key(Job, job_id))
-    if held is not None:
+    if session.identity_map.get(identity_key(Job, job_id)) is not None:
         session.flush()  # the copy's changes go first, as the ORM's autoflush would send them
-    params = {
-        "job_id": job_id,
-        "now": now,
-        "token": token,
-        "expires_at": now + timedelta(seconds=lease_ttl_s),
-    }
-    row = session.connection().execute(_CLAIM, params).first()
+    params = _claim_params(now, lease_ttl_s)
+    row = session.connection().execute(_CLAIM, {"job_id": job_id, **params}).first()
     if row is None:
         _fail_past_deadline(session, job_id, now)
         return None
-    if held is None:
-        job = adopt_row(session, Job, row._mapping)
-    else:  # a copy the session held is read again when next used
-        session.expire(held)
-        job = held
+    return _started(session, row, params["token"])
+
+
+def claim_first(
+    session: Session,
+    first: Select[Any],
+    first_params: Mapping[str, Any],
+    *,
+    lease_ttl_s: float,
+    now: datetime,
+) -> Lease | None:
+    """`claim_job` for the job that `first` (a SELECT of at most one job id, run with
+    `first_params`) names, in one statement where a read and a claim were. None when it names
+    none, or one that cannot start now (its deadline passed, another caller won it): the
+    caller then looks again with `claim_job`, which says which and fails an expired job."""
+    statement = _CLAIM_FIRST.get(first)
+    if statement is None:
+        statement = _CLAIM_FIRST[first] = _claim_update(first.scalar_subquery())
+    session.flush()  # what the claim's read would see: the transaction's pending changes
+    params = _claim_params(now, lease_ttl_s)
+    row = session.connection().execute(statement, {**first_params, **params}).first()
+    return None if row is None else _started(session, row, params["token"])
+
+
+def _claim_params(now: datetime, lease_ttl_s: float) -> dict[str, Any]:
+    """The bound values of a claim at `now`: its time, a new lease token and the lease's end."""
+    return {"now": now, "token": new_id(), "expires_at": now + timedelta(seconds=lease_ttl_s)}
+
+
+def _started(session: Session, row: Row[Any], token: str) -> Lease:
+    """The claim that returned `row` won: the job row joins the session (a copy it held is read
+    again when next used), its tenant's running attempts count it, and its history says it
+    started."""
+    values = row._mapping
+    job = session.identity_map.get(identity_key(Job, row.id))
+    if job is None:
+        job = adopt_row(session, Job, {name: values[name] for name in _CLAIMED_COLUMNS})
+    else:
+        session.expire(job)
     _held_leases(session)[token] = job
+    if row.model_id is not None:
+        model = ClaimedModel(row.model_id, *(values[name] for name in _CLAIMED_MODEL))
+        _in_transaction(session, "claimed_models")[token] = model
     start_attempt(session, job)
     add_event(session, job, "state", {"from": "queued", "to": "running", "attempt": job.attempt})
-    return Lease(job_id, token, job.attempt)
+    return Lease(row.id, token, job.attempt)
 
 
 _T = TypeVar("_T", Job, Artifact)
@@ -243,11 +308,23 @@ def _held_leases(session: Session) -> dict[str, Job]:
     """Lease token -> job row, for the leases this transaction has claimed or checked (and so
     holds locked to its end). The session keeps strong references to these rows, so a later
     `session.get` in the transaction finds them without a query."""
+    return cast(dict[str, Job], _in_transaction(session, "held_leases"))
+
+
+def claimed_model(session: Session, lease: Lease) -> ClaimedModel | None:
+    """The model of the job `lease` claimed, as the claim read it, in the claim's transaction
+    (None after it, or for a job without a model)."""
+    return cast(ClaimedModel | None, _in_transaction(session, "claimed_models").get(lease.token))
+
+
+def _in_transaction(session: Session, key: str) -> dict[str, Any]:
+    """A dict kept in `session.info` under `key` for the session's current transaction: a new
+    transaction starts with an empty one."""
     transaction = session.get_transaction()
-    seen = session.info.get("held_leases")
+    seen = session.info.get(key)
     if seen is None or seen[0] is not transaction:
-        seen = session.info["held_leases"] = (transaction, {})
-    return cast(dict[str, Job], seen[1])
+        seen = session.info[key] = (transaction, {})
+    return cast(dict[str, Any], seen[1])
 
 
 def fence(session: Session, lease: Lease, *, whole: bool = False) -> Job:

@@ -19,7 +19,7 @@ from core.db import Database
 from core.errors import GenqError
 from core.fairness import claim_next
 from core.inputfiles import resolve_input
-from core.leases import Lease
+from core.leases import ClaimedModel, Lease, claimed_model
 from core.quotas import TenantLimits
 from core.settings import Settings
 from core.states import JobKind
@@ -137,16 +137,21 @@ def _claim(database: Database, job_id: str, hint: str | None, lease_ttl_s: float
             raise _HintMissedError(job_id)
         if lease is None:
             return Claim(queue)
-        return Claim(queue, lease, read_snapshot(session, lease.job_id, limits))
+        model = claimed_model(session, lease)
+        return Claim(queue, lease, read_snapshot(session, lease.job_id, limits, model))
 
 
 def read_snapshot(
-    session: Session, job_id: str, limits: Mapping[str, TenantLimits] | None = None
+    session: Session,
+    job_id: str,
+    limits: Mapping[str, TenantLimits] | None = None,
+    model: ClaimedModel | None = None,
 ) -> JobSnapshot:
     """The claimed job, its model (or the base that serves an adapter), its data set, whether
     its tenant has quotas, and the store keys of its input files, in the claim's transaction.
     `limits`: the tenants' limits as the claim read them (core.fairness.claim_next's
-    `limits_seen`); without them the tenant's row is read."""
+    `limits_seen`); without them the tenant's row is read. `model`: the job's model as the
+    claim read it (core.leases.claimed_model); without it the model's row is read."""
     job = session.get(Job, job_id)  # the claim loaded it
     assert job is not None
     snap = JobSnapshot(
@@ -177,7 +182,8 @@ def read_snapshot(
         # Plain reads on the connection: the ORM's handling of a Session read cost more than
         # the statement (nothing pending in the claim's transaction changes a model row).
         conn = session.connection()
-        model = conn.execute(_MODEL_ROW, {"model_id": job.model_id}).one()
+        if model is None:
+            model = ClaimedModel(*conn.execute(_MODEL_ROW, {"model_id": job.model_id}).one())
         snap.model_path = model.path
         snap.model_config = dict(model.config or {})
         snap.serve_model_id, snap.serve_model_path = model.id, model.path
