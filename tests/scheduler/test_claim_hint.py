@@ -6,17 +6,19 @@ the job's own queue decides, as without a hint."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import delete, func, select, update
 
+from core.catalog import register_model
 from core.db import Database
 from core.jobs import create_job
 from core.settings import Settings
 from core.states import JobKind, JobState
-from core.tables import FairShare, Job, JobEvent, TenantUsage
-from scheduler.attempt import claim_for_token
+from core.tables import FairShare, Job, JobEvent, TenantUsage, utcnow
+from scheduler.attempt import claim_for_token, read_snapshot
 from tests.support.jobs import echo_job, tenants_database
 
 
@@ -87,3 +89,56 @@ def test_a_message_for_a_missing_job_starts_nothing(db) -> None:  # type: ignore
     claim = claim_for_token(db, "no-such-job", "generate", lease_ttl_s=60)
     assert claim.queue is None and claim.lease is None
     assert _state(db, db.generate_id) == (JobState.QUEUED, 0, 1)
+
+
+def test_the_snapshot_takes_the_model_the_claim_returned(db) -> None:  # type: ignore[no-untyped-def]
+    """The claim returns the job's model with the claimed row (core.leases.claimed_model): the
+    snapshot built from it is the one a read of the model rows gives, for an adapter version
+    served by its base too."""
+    tenant_id = db.tenants["acme"]
+    with db.transaction() as session:
+        base = register_model(
+            session, tenant_id=tenant_id, name="base", family="echo", path="models/base",
+            config={"width": 8},
+        )  # fmt: skip
+        adapter = register_model(
+            session, tenant_id=tenant_id, name="tuned", family="echo", path="models/tuned",
+            config={"served_by_base": True, "rank": 4}, parent_id=base.id,
+        )  # fmt: skip
+        job_id = create_job(session, echo_job(tenant_id, adapter.id))[0].id
+        session.execute(delete(Job).where(Job.id == db.generate_id))
+    claim = claim_for_token(db, job_id, "generate", lease_ttl_s=60)
+    assert claim.lease is not None and claim.snapshot is not None
+    assert claim.lease.job_id == job_id
+    with db.read() as session:
+        read = read_snapshot(session, job_id)
+    snap = claim.snapshot
+    assert (snap.model_path, snap.model_config) == (
+        "models/tuned",
+        {"served_by_base": True, "rank": 4},
+    )
+    assert (snap.serve_model_id, snap.serve_model_path, snap.serve_model_config) == (
+        base.id, "models/base", {"width": 8},
+    )  # fmt: skip
+    assert snap.adapter == {"id": adapter.id, "path": "models/tuned"}
+    assert vars(snap) == vars(read)
+
+
+def test_a_claim_fails_an_expired_first_job_and_starts_the_next(db) -> None:  # type: ignore[no-untyped-def]
+    """The tenant's first due job is found and claimed in one statement; when that one's
+    deadline has passed, the claim fails it and starts the next job in line."""
+    tenant_id = db.tenants["acme"]
+    with db.transaction() as session:
+        later = create_job(session, echo_job(tenant_id, db.echo_id))[0].id
+        session.execute(
+            update(Job)
+            .where(Job.id == db.generate_id)
+            .values(deadline=utcnow() - timedelta(seconds=1))
+        )
+    claim = claim_for_token(db, db.generate_id, "generate", lease_ttl_s=60)
+    assert claim.lease is not None and claim.lease.job_id == later
+    assert _state(db, later)[:2] == (JobState.RUNNING, 1)
+    with db.read() as session:
+        expired = session.get(Job, db.generate_id)
+        assert expired is not None
+        assert (expired.state, expired.error_type, expired.attempt) == ("failed", "deadline", 0)
