@@ -90,9 +90,9 @@ _SET_PASS = (
     .values(pass_value=bindparam("new_pass"))
     .execution_options(synchronize_session=False)
 )
-# A tenant's first queued job in its own order that may start now. On an alias of the job
-# table, and with parameter names that are not its columns': the claim runs it as a subquery
-# of its UPDATE of the job table (core.leases.claim_first).
+# A tenant's first queued job in its own order that may start now. The claim runs it as a
+# subquery of its UPDATE of the job table (core.leases.claim_first), hence the alias of that
+# table and parameter names that are not column names (an UPDATE reserves those).
 _DUE = aliased(Job, name="due")
 _FIRST_DUE = (
     select(_DUE.id)
@@ -303,9 +303,9 @@ def claim_next(
     its row again)."""
     now = now or utcnow()
     # Under the usage policy the clock's value goes unused, but its row lock still makes the
-    # claims on a queue take turns (a quota's check and the claim it allows must not meet
-    # another claim's). On SQLite a writing transaction holds the database's one write lock
-    # from its start, which does that already: the clock is not read there.
+    # claims on a queue take turns, each reading the queue and the usage as the one before it
+    # left them. On SQLite a writing transaction holds the database's one write lock from its
+    # start, which does that already: the clock is not read there.
     if policy_of(session) == "usage" and session.get_bind().dialect.name == "sqlite":
         clock = 0
     else:
