@@ -113,14 +113,21 @@ def _ray(beats: list[dict[str, Any]], seen: dict[str, float], now: float) -> dic
     }
 
 
-def _scheduler(beats: list[dict[str, Any]], seen: dict[str, float], now: float) -> dict[str, Any]:
+def scheduler_part(
+    beats: list[dict[str, Any]], seen: dict[str, float], now: float
+) -> dict[str, Any]:
+    """Readiness's `scheduler` part from the schedulers' live heartbeats and the parts' seen
+    times (scheduler/heartbeats.py), at `now`."""
     if any(b.get("ok") for b in beats):
         status = "ok"
     elif beats:
         status = "failing"
     else:
         status = "down"
-    return {"status": status, "age_s": _age(now, seen.get("scheduler")), "running": len(beats)}
+    # A healthy round's own beat says when it was seen healthy, as a worker's does: the seen
+    # record, read before the beats, may not yet hold the round that wrote them.
+    seen_at = max((b["at"] for b in beats if b.get("ok")), default=seen.get("scheduler"))
+    return {"status": status, "age_s": _age(now, seen_at), "running": len(beats)}
 
 
 def worker_heartbeats() -> list[dict[str, Any]]:
@@ -146,7 +153,7 @@ def readiness() -> tuple[bool, dict[str, Any]]:
             schedulers = read_heartbeats(client, SCHEDULER_INDEX)
             parts["workers"] = _workers(workers, seen, now)
             parts["ray"] = _ray(workers, seen, now)
-            parts["scheduler"] = _scheduler(schedulers, seen, now)
+            parts["scheduler"] = scheduler_part(schedulers, seen, now)
         except Exception:  # the broker went away between the ping and the reads
             log.exception("health: could not read the heartbeats")
     for name in ("workers", "ray", "scheduler"):

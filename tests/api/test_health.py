@@ -19,6 +19,7 @@ import redis
 from flask import Flask
 
 from api.app import create_app
+from api.health import scheduler_part
 from core.db import Database
 from core.settings import Settings
 from scheduler.broker import QUEUES
@@ -202,3 +203,13 @@ def test_a_scheduler_whose_rounds_fail_is_failing(
     assert body["parts"]["scheduler"]["running"] == 1
     assert body["parts"]["scheduler"]["age_s"] is None  # never seen succeeding
     assert "scheduler (failing)" in body["detail"]
+
+
+def test_a_healthy_scheduler_beat_gives_its_age_before_the_seen_record_has_it() -> None:
+    """Readiness reads the seen record before the beats: a round that wrote both in between
+    shows in the beats only, and its own time is when the scheduler was seen healthy."""
+    now = time.time()
+    part = scheduler_part([{"ok": True, "at": now - 2.0}], {}, now)
+    assert part == {"status": "ok", "age_s": 2.0, "running": 1}
+    failing = scheduler_part([{"ok": False, "at": now}], {"scheduler": now - 5.0}, now)
+    assert failing == {"status": "failing", "age_s": 5.0, "running": 1}
