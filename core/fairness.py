@@ -55,7 +55,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, aliased
 
-from core.leases import Lease, claim_first, claim_job
+from core.leases import Lease, claim_first, claim_first_statement, claim_job
 from core.quotas import TenantLimits, blocked_tenants, load_limits
 from core.states import JobState
 from core.tables import FairShare, Job, UTCDateTime, utcnow
@@ -106,6 +106,7 @@ _FIRST_DUE = (
     .order_by(_DUE.priority.desc(), _DUE.created_at, _DUE.id)
     .limit(1)
 )
+_CLAIM_FIRST_DUE = claim_first_statement(_FIRST_DUE)
 
 
 def _clock(session: Session, queue: str) -> int:
@@ -323,7 +324,7 @@ def claim_next(
             # The tenant's first due job, found and claimed in one statement; when that
             # claims nothing, the two steps tell why (no job due, or a deadline passed).
             due = {"in_queue": queue, "of_tenant": head.tenant_id, "due_at": now}
-            lease = claim_first(session, _FIRST_DUE, due, lease_ttl_s=lease_ttl_s, now=now)
+            lease = claim_first(session, _CLAIM_FIRST_DUE, due, lease_ttl_s=lease_ttl_s, now=now)
             if lease is None:
                 job_id = _first_due(session, queue, head.tenant_id, now)
                 if job_id is None:

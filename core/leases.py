@@ -153,9 +153,13 @@ def _claim_update(job_id: Any) -> Any:
 
 
 _CLAIM = _claim_update(bindparam("job_id"))
-# The claims of the first job a SELECT of one job id names (core/fairness.py's next due job of
-# a tenant), keyed by that SELECT: built once each.
-_CLAIM_FIRST: dict[Any, Any] = {}
+
+
+def claim_first_statement(first: Select[Any]) -> Any:
+    """The claim of the job that `first` (a SELECT of at most one job id) names, for
+    `claim_first`; build it once."""
+    return _claim_update(first.scalar_subquery())
+
 
 _FENCE = (
     select(*(_JOB_TABLE.c[name] for name in _FENCE_COLUMNS))
@@ -184,19 +188,16 @@ def claim_job(
 
 def claim_first(
     session: Session,
-    first: Select[Any],
+    statement: Any,
     first_params: Mapping[str, Any],
     *,
     lease_ttl_s: float,
     now: datetime,
 ) -> Lease | None:
-    """`claim_job` for the job that `first` (a SELECT of at most one job id, run with
-    `first_params`) names, in one statement where a read and a claim were. None when it names
-    none, or one that cannot start now (its deadline passed, another caller won it): the
-    caller then looks again with `claim_job`, which says which and fails an expired job."""
-    statement = _CLAIM_FIRST.get(first)
-    if statement is None:
-        statement = _CLAIM_FIRST[first] = _claim_update(first.scalar_subquery())
+    """`claim_job` for the job that a `claim_first_statement` names (its SELECT run with
+    `first_params`), in one statement where a read and a claim were. None when it names none,
+    or one that cannot start now (its deadline passed, another caller won it): the caller then
+    looks again with `claim_job`, which says which and fails an expired job."""
     session.flush()  # what the claim's read would see: the transaction's pending changes
     params = _claim_params(now, lease_ttl_s)
     row = session.connection().execute(statement, {**first_params, **params}).first()
