@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import secrets
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 from core.settings import Settings
@@ -20,6 +20,25 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def free_ports(count: int, *, taken: Collection[int] = ()) -> list[int]:
+    """`count` different free ports, none of them in `taken`: the sockets that find them stay
+    bound until all are found, so the kernel cannot hand out one twice."""
+    sockets: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        while len(ports) < count:
+            s = socket.socket()
+            sockets.append(s)
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+            if port not in taken:
+                ports.append(port)
+        return ports
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def redis_argv(executable: str, socket_path: Path, var_dir: Path) -> list[str]:
@@ -67,6 +86,7 @@ def ray_head_env(var_dir: Path) -> dict[str, str]:
 
 def ray_head_argv(settings: Settings, bin_dir: Path, port: int) -> list[str]:
     """`ray start --head` on `port`, with the resources the settings declare."""
+    client_port, agent_port = free_ports(2, taken={port})
     argv = [
         str(bin_dir / "ray"),
         "start",
@@ -83,7 +103,12 @@ def ray_head_argv(settings: Settings, bin_dir: Path, port: int) -> list[str]:
         # out (`ray start` starts it whenever grpc imports); it gets a port of its own
         # instead of 10001, which every head on this machine would share (gRPC binds it
         # with SO_REUSEPORT, so a connection could reach another stack's).
-        f"--ray-client-server-port={free_port()}",
+        f"--ray-client-server-port={client_port}",
+        # The dashboard agent's HTTP port, whose default (52365) lies among the ports the
+        # kernel hands out: `ray start` refuses to run when the head's port, chosen free, is
+        # that very one ("trying to use a port number 52365 that is used by other
+        # components"), as it once was in the test suite.
+        f"--dashboard-agent-listen-port={agent_port}",
     ]
     if not settings.ray_dashboard:
         # Nor the autoscaler's monitor (one machine: no node to add), whose report only

@@ -96,6 +96,11 @@ def _cluster(
     """A cluster on the database at `url` (else a SQLite file of the test's), with the text the
     trainings learn from uploaded."""
     url = url or f"sqlite:///{tmp_path / 'genq.db'}"
+    # No process dies in these tests, so no lease has to lapse: a lease of the harness's
+    # 3 seconds only lapsed when the loaded machine held up a renewal (a first training's, by
+    # 7 seconds, in a fresh-clone run), and the job then ran a second attempt the test did not
+    # cause. (The visibility timeout stays above twice the lease.)
+    env = {"GENQ_LEASE_TTL_S": "20", **env}
     cluster = Cluster(tmp_path, url, ray_head, redis_url, extra_env=env)
     cluster.upload_text("fox", TEXT)
     return cluster
