@@ -23,7 +23,7 @@ def fixed_ports(argv: list[str]) -> dict[str, int]:
     return {name: int(port) for name, port in ports.items()}
 
 
-def test_the_head_starts_on_any_free_port_even_the_dashboard_agents_default(
+def test_the_heads_ports_differ_even_when_it_is_given_the_dashboard_agents_default(
     tmp_path: Path,
 ) -> None:
     settings = Settings(_env_file=None, var_dir=tmp_path)  # type: ignore[call-arg]
