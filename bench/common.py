@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -59,3 +60,16 @@ def machine_busy_s() -> float:
         ticks = [int(v) for v in stat.readline().split()[1:9]]
     user, nice, system, _idle, _iowait, irq, softirq, steal = ticks
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_for_workers(stack: Any, count: int, timeout_s: float = 180) -> None:
+    """Until `count` genq worker processes of `stack` (a tests.support.stackproc.StackProcess)
+    consume the generate queue: readiness counts their heartbeats."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        parts = stack.call("GET", "/v1/health/ready").json().get("parts", {})
+        if parts.get("workers", {}).get("queues", {}).get("generate", {}).get("workers") == count:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{count} genq workers did not all start: {parts}")
+        time.sleep(0.2)

@@ -57,7 +57,7 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import scratch_postgres, write_result  # noqa: E402
+from bench.common import scratch_postgres, wait_for_workers, write_result  # noqa: E402
 from bench.cpu_per_job import process_cpu  # noqa: E402
 from tests.support.stackproc import StackProcess, descendants, free_port  # noqa: E402
 
@@ -381,16 +381,7 @@ def bench_genq(
     try:
         stack.start()
         assert stack.process is not None
-        deadline = time.monotonic() + 180
-        while True:  # every worker consumes (readiness counts their heartbeats)
-            parts = stack.call("GET", "/v1/health/ready").json().get("parts", {})
-            if parts.get("workers", {}).get("queues", {}).get("generate", {}).get("workers") == (
-                processes
-            ):
-                break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{processes} genq workers did not all start: {parts}")
-            time.sleep(0.2)
+        wait_for_workers(stack, processes)
         if echo_max_replicas is not None:  # the echo model's policy, as an admin sets it
             reply = stack.call("PATCH", "/v1/models/echo", json={"max_replicas": echo_max_replicas})
             assert reply.status_code == 200, reply.text

@@ -40,7 +40,12 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import machine_busy_s, scratch_postgres, write_result  # noqa: E402
+from bench.common import (  # noqa: E402
+    machine_busy_s,
+    scratch_postgres,
+    wait_for_workers,
+    write_result,
+)
 from tests.support.stackproc import StackProcess, descendants  # noqa: E402
 
 REDIS = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379")
@@ -135,14 +140,7 @@ def measure(args: argparse.Namespace, threads: int, database_url: str | None) ->
     try:
         stack.start()
         assert stack.process is not None
-        deadline = time.monotonic() + 180
-        while True:  # the worker consumes (readiness counts its heartbeat)
-            parts = stack.call("GET", "/v1/health/ready").json().get("parts", {})
-            if parts.get("workers", {}).get("queues", {}).get("generate", {}).get("workers"):
-                break
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the genq worker did not start: {parts}")
-            time.sleep(0.2)
+        wait_for_workers(stack, 1)
         reply = stack.call("PATCH", "/v1/models/echo", json={"max_replicas": 1})
         assert reply.status_code == 200, reply.text
         done = done_counter(url)
