@@ -17,9 +17,7 @@ from workers.families.base import GPU_MEMORY_RESOURCE
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
 
 
 def free_ports(count: int, *, taken: Collection[int] = ()) -> list[int]:
