@@ -3,8 +3,6 @@ job made, and the built-in entries every tenant sees (owned by the system tenant
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import bindparam, func, or_, select
@@ -22,15 +20,6 @@ CHECKING, READY, FAILED = "checking", "ready", "failed"
 # name -> (family, kind) of what `ensure_builtins` creates.
 BUILTIN_MODELS = {"echo": "echo"}
 BUILTIN_DATASETS = {"digits": "images", "pydocs": "text"}
-
-
-@dataclass
-class DatasetRef:
-    """The data set a training job reads, as its worker sees it."""
-
-    name: str
-    kind: str  # images | text
-    path: Path | None  # None for a built-in data set
 
 
 def _visible(tenant_id: str | None, column: Any) -> Any:

@@ -1,5 +1,6 @@
-"""The API process stays small: importing it loads neither torch nor ray (DESIGN.md); and the
-import contracts of docs/architecture.md hold (import-linter, as `make lint` runs it)."""
+"""The API process stays small: importing it loads neither torch nor ray (DESIGN.md); a Ray
+worker process loads no SQL for its actor; and the import contracts of docs/architecture.md hold
+(import-linter, as `make lint` runs it)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,39 @@ def test_torch_is_really_detected() -> None:
     code = "import sys, workers.families.ddpm\nprint('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"
+
+
+def loaded_of(module: str, names: tuple[str, ...]) -> str:
+    """Which of `names` a fresh interpreter has loaded after `import module`."""
+    code = (
+        f"import sys, {module}\nprint(','.join(sorted(m for m in {names!r} if m in sys.modules)))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return done.stdout.strip()
+
+
+# What a Ray worker process has no use for: every model server, pool and trainer is a fresh
+# Python that imports the module of its actor class (bench/actor_imports.py).
+SQL = ("sqlalchemy", "core.tables", "core.db")
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        "workers.server",
+        "workers.pool",
+        "workers.actors",
+        "workers.replicas",
+        "workers.families.echo",
+    ],
+)
+def test_an_actor_module_loads_no_sql(module: str) -> None:
+    assert loaded_of(module, SQL) == "", f"import {module} loaded SQL"
+
+
+def test_sql_is_really_detected() -> None:
+    """The check above could pass by accident if sys.modules never showed SQLAlchemy."""
+    assert loaded_of("core.catalog", SQL) == "core.tables,sqlalchemy"
 
 
 def test_the_client_imports_nothing_of_the_server() -> None:

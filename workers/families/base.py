@@ -50,7 +50,7 @@ from pydantic import AfterValidator, BaseModel, Field
 
 # DatasetRef is defined in core so that workers.datasets, which the families import, needs
 # nothing of this package; families and plug-ins keep importing it from here.
-from core.catalog import DatasetRef
+from core.datasetref import DatasetRef
 from core.events import Event, Progress
 from core.states import JobKind
 

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
-from core.catalog import DatasetRef
+from core.datasetref import DatasetRef
 from core.errors import InvalidInputError, ModelError
 from core.events import Event, Log, ModelSaved
 from workers.datasets import ImageDataset, load_dataset
