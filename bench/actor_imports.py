@@ -27,7 +27,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.common import write_result  # noqa: E402
+from bench.common import checkouts_of, write_result  # noqa: E402
 
 # What a Ray worker imports for each kind of actor genq starts (the module of its class), and
 # the lightest family's implementation, which a model server of `echo` imports on load.
@@ -61,9 +61,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--checkout", action="append", help="NAME=PATH (default: this one)")
     args = parser.parse_args()
-    checkouts = {"current": ROOT}
-    if args.checkout:
-        checkouts = {n: Path(p).resolve() for n, p in (c.split("=", 1) for c in args.checkout)}
+    checkouts = checkouts_of(args.checkout, ROOT)
     cpu: dict[str, dict[str, list[float]]] = {n: {m: [] for m in MODULES} for n in checkouts}
     loads: dict[str, dict[str, str]] = {n: {} for n in checkouts}
     for _ in range(args.rounds):
@@ -76,11 +74,15 @@ def main() -> None:
     result: dict[str, Any] = {"machine": f"{os.cpu_count()} cores", "rounds": args.rounds}
     first = next(iter(checkouts))
     for name in checkouts:
-        result[name] = {f"{what}.cpu_ms": round(1000 * med(cpu[name][what])) for what in MODULES}
+        result[name] = {
+            f"{what}.cpu_ms": round(1000 * statistics.median(cpu[name][what])) for what in MODULES
+        }
         result[name].update({f"{what}.loads": loads[name][what] or "none" for what in MODULES})
         if name != first:
             result[f"ratio_{name}_to_{first}"] = {
-                f"{what}.cpu_ms": round(med(cpu[name][what]) / med(cpu[first][what]), 2)
+                f"{what}.cpu_ms": round(
+                    result[name][f"{what}.cpu_ms"] / result[first][f"{what}.cpu_ms"], 2
+                )
                 for what in MODULES
             }
     for name in checkouts:
@@ -89,10 +91,6 @@ def main() -> None:
             cpu_ms, loaded = result[name][f"{what}.cpu_ms"], result[name][f"{what}.loads"]
             print(f"  {what:<14} {cpu_ms:>5} ms CPU  loads of {', '.join(UNUSED)}: {loaded}")
     write_result("actor-imports", result)
-
-
-def med(values: list[float]) -> float:
-    return statistics.median(values)
 
 
 if __name__ == "__main__":

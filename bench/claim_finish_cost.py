@@ -128,9 +128,11 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.jobs, args.database_url)))
         return
-    checkouts = {"current": ROOT}
-    if args.checkout:
-        checkouts = {n: Path(p).resolve() for n, p in (c.split("=", 1) for c in args.checkout)}
+    # Here, not at the top: a child runs this file with another checkout's packages first.
+    sys.path.insert(0, str(ROOT))
+    from bench.common import checkouts_of
+
+    checkouts = checkouts_of(args.checkout, ROOT)
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in checkouts}
     for _ in range(args.rounds):
         for name, checkout in checkouts.items():

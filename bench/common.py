@@ -62,6 +62,14 @@ def machine_busy_s() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
+def checkouts_of(items: list[str] | None, current: Path) -> dict[str, Path]:
+    """The trees of code a side-by-side benchmark runs, by name, from its `--checkout NAME=PATH`
+    options (e.g. `before=/tmp/main-tree current=.`); none given: `current`, this one."""
+    if not items:
+        return {"current": current}
+    return {name: Path(path).resolve() for name, _, path in (i.partition("=") for i in items)}
+
+
 def wait_for_workers(stack: Any, count: int, timeout_s: float = 180) -> None:
     """Until `count` genq worker processes of `stack` (a tests.support.stackproc.StackProcess)
     consume the generate queue: readiness counts their heartbeats."""

@@ -39,6 +39,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.common import checkouts_of  # noqa: E402
+
 TICK_S = 1 / os.sysconf("SC_CLK_TCK")
 PR_SET_CHILD_SUBREAPER = 36
 READY = "Press Ctrl-C to stop."
@@ -294,12 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--kind", default="stack-lifecycle", help="the result file's prefix")
     args = parser.parse_args(argv)
-    checkouts = {"current": ROOT}
-    if args.checkout:
-        checkouts = {}
-        for item in args.checkout:
-            name, _, path = item.partition("=")
-            checkouts[name] = Path(path).resolve()
+    checkouts = checkouts_of(args.checkout, ROOT)
     become_subreaper()
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in checkouts}
     for i in range(args.runs):

@@ -11,6 +11,15 @@ from pathlib import Path
 import pytest
 
 
+def loaded_of(module: str, names: tuple[str, ...]) -> str:
+    """Which of `names` a fresh interpreter has loaded after `import module`."""
+    code = (
+        f"import sys, {module}\nprint(','.join(sorted(m for m in {names!r} if m in sys.modules)))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return done.stdout.strip()
+
+
 @pytest.mark.parametrize(
     "module",
     [
@@ -26,31 +35,13 @@ import pytest
     ],
 )
 def test_module_loads_neither_torch_nor_ray(module: str) -> None:
-    code = (
-        f"import sys, {module}\n"
-        "heavy = sorted(m for m in ('torch', 'ray', 'diffusers') if m in sys.modules)\n"
-        "print(','.join(heavy))\n"
-    )
-    out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    ).stdout.strip()
+    out = loaded_of(module, ("torch", "ray", "diffusers"))
     assert out == "", f"import {module} loaded {out}"
 
 
 def test_torch_is_really_detected() -> None:
     """The check above could pass by accident if sys.modules never showed torch."""
-    code = "import sys, workers.families.ddpm\nprint('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "True"
-
-
-def loaded_of(module: str, names: tuple[str, ...]) -> str:
-    """Which of `names` a fresh interpreter has loaded after `import module`."""
-    code = (
-        f"import sys, {module}\nprint(','.join(sorted(m for m in {names!r} if m in sys.modules)))\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return done.stdout.strip()
+    assert loaded_of("workers.families.ddpm", ("torch",)) == "torch"
 
 
 # What a Ray worker process has no use for: every model server, pool and trainer is a fresh
@@ -78,13 +69,8 @@ def test_sql_is_really_detected() -> None:
 
 
 def test_the_client_imports_nothing_of_the_server() -> None:
-    code = (
-        "import sys, genq_client\n"
-        "server = ('core', 'api', 'scheduler', 'workers', 'torch', 'ray', 'flask')\n"
-        "print(','.join(sorted(m for m in server if m in sys.modules)))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "", f"import genq_client loaded {out.stdout.strip()}"
+    out = loaded_of("genq_client", ("core", "api", "scheduler", "workers", "torch", "ray", "flask"))
+    assert out == "", f"import genq_client loaded {out}"
 
 
 def test_the_import_contracts_hold() -> None:
