@@ -30,7 +30,7 @@ from tests.support.faults import Cluster, RayHead, is_alive, running_ray_head, w
 from tests.support.pretrained_models import build_tiny_lm
 from tests.support.s3 import S3Server
 from tests.support.stackproc import descendants
-from tests.support.training import tiny_ddpm_job, tiny_ddpm_params
+from tests.support.training import tiny_gan_job, tiny_gan_params
 
 pytestmark = [pytest.mark.faults, pytest.mark.stack]
 
@@ -202,10 +202,8 @@ def test_a_dataset_in_the_bucket_trains_resumes_from_the_store_and_serves_from_i
     cluster.worker()
     cluster.scheduler()
     job_id = cluster.submit(
-        tiny_ddpm_job(
-            "swatch",
-            tiny_ddpm_params(steps=60, batch_size=4, checkpoint_every=5, seed=None),
-            dataset="swatches",
+        tiny_gan_job(
+            "swatch", tiny_gan_params(60, checkpoint_every=5, seed=None), dataset="swatches"
         )
     )
     checkpoints = f"checkpoints/{job_id}"
@@ -250,7 +248,7 @@ def test_a_dataset_in_the_bucket_trains_resumes_from_the_store_and_serves_from_i
     # A model server loads the trained model with its machine's cache empty: from the store.
     shutil.rmtree(node_cache(cluster), ignore_errors=True)
     generate = cluster.submit(
-        {"kind": "generate", "model": "swatch:1", "params": {"num_images": 1, "steps": 2}}
+        {"kind": "generate", "model": "swatch:1", "params": {"num_images": 1}}
     )
     done = cluster.wait(generate, 180)
     assert done["state"] == "succeeded", done

@@ -18,15 +18,12 @@ from core.settings import Settings
 from core.tables import Artifact, JobEvent, Model
 from tests.support.faults import FAST
 from tests.support.stackproc import StackProcess, descendants, is_alive
-from tests.support.training import tiny_ddpm_job, tiny_ddpm_params
+from tests.support.training import tiny_gan_job, tiny_gan_params
 
 pytestmark = [pytest.mark.faults, pytest.mark.stack]
 
 CHECKPOINT_EVERY = 5
-TRAIN = tiny_ddpm_job(
-    "machine",
-    tiny_ddpm_params(steps=80, batch_size=8, checkpoint_every=CHECKPOINT_EVERY, seed=3),
-)
+TRAIN = tiny_gan_job("machine", tiny_gan_params(80, checkpoint_every=CHECKPOINT_EVERY, seed=3))
 
 
 def _power_off(stack: StackProcess) -> set[int]:

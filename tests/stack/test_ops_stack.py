@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from tests.support.stackproc import StackProcess, json_lines, running_stack
-from tests.support.training import tiny_ddpm_params
+from tests.support.training import tiny_gan_job, tiny_gan_params
 
 pytestmark = pytest.mark.stack
 
@@ -151,13 +151,7 @@ def test_a_training_jobs_trainer_lines_carry_its_request_id(stack: StackProcess)
     started = time.time()
     request_id = f"ops-train-{uuid.uuid4().hex}"
     job = stack.submit(
-        {
-            "kind": "train",
-            "family": "ddpm",
-            "dataset": "digits",
-            "name": "ops-logs",
-            "params": tiny_ddpm_params(steps=4, batch_size=8),
-        },
+        tiny_gan_job("ops-logs", tiny_gan_params(steps=4)),
         headers={"X-Request-ID": request_id},
     )
     done = stack.wait(job["id"])

@@ -26,12 +26,12 @@ import requests
 from stack.children import restart_delay_s
 from tests.support.recovery import wait_until
 from tests.support.stackproc import StackProcess, descendants, is_alive, running_stack
-from tests.support.training import tiny_ddpm_job, tiny_ddpm_params
+from tests.support.training import tiny_gan_job, tiny_gan_params
 
 pytestmark = [pytest.mark.faults, pytest.mark.stack]
 
 STALL_TIMEOUT_S = 5.0
-TRAIN = tiny_ddpm_job("supervised", tiny_ddpm_params(steps=60, batch_size=8, checkpoint_every=5))
+TRAIN = tiny_gan_job("supervised", tiny_gan_params(steps=60, checkpoint_every=5))
 
 
 @pytest.fixture(scope="module")
