@@ -114,6 +114,10 @@ INDEX: dict[str, Kind] = {
         "The test suite's CPU, one test at a time (bench/suite_cpu.py)",
         hide=(r"heaviest_modules\..*\.(wall_s|cases)",),
     ),
+    "suite-processes": Kind(
+        "The test suite's CPU by process kind, as `make test` runs it (bench/suite_processes.py)",
+        hide=(r"by_kind\..*\.processes", r"pytest_args"),
+    ),
 }
 
 
