@@ -311,18 +311,30 @@ def test_canceled_running_job_stays_canceled_through_restarts(cluster: Cluster) 
     assert not probe["trainer_alive"] and probe["gpu_free"] == probe["gpu_total"] == 1
 
 
+def submit_due_soon(cluster: Cluster, body: dict[str, object]) -> str:
+    """Submit `body` with a deadline 2 s ahead. A deadline that has passed by the time the API
+    reads it is refused ("must be in the future"), as a machine busy enough can make one: then
+    again, with twice the time ahead, until the API takes it."""
+    ahead_s = 2.0
+    while True:
+        deadline = (datetime.now(UTC) + timedelta(seconds=ahead_s)).isoformat()
+        response = cluster.client.post(
+            "/v1/jobs", json={**body, "deadline": deadline}, headers=cluster.auth()
+        )
+        if response.status_code == 202:
+            return str(response.get_json()["id"])
+        problem = response.get_json()
+        assert response.status_code == 422 and ahead_s < 60, problem
+        assert problem["errors"] == [{"field": "deadline", "message": "must be in the future"}]
+        ahead_s *= 2
+
+
 @SQLITE
 def test_timeout_and_deadline_end_as_failed_with_their_types(cluster: Cluster) -> None:
     cluster.scheduler()
-    late = cluster.submit(
-        {
-            "kind": "generate",
-            "model": "echo",
-            "deadline": (datetime.now(UTC) + timedelta(seconds=2)).isoformat(),
-        }
-    )
+    late = submit_due_soon(cluster, {"kind": "generate", "model": "echo"})
     # No worker yet: the deadline passes while it waits, and it is never started.
-    job = cluster.wait(late, 30)
+    job = cluster.wait(late, 90)
     assert job["state"] == "failed" and job["error"]["type"] == "deadline"
     assert job["attempt"] == 0 and job["started_at"] is None
     cluster.worker()
