@@ -9,11 +9,12 @@ own daemons, a `genq up`'s children, PostgreSQL, Chromium...).
 
 `bench/suite_cpu.py` says which tests cost the most (one at a time); this says what kind of
 process the cost lands in, which is where a cut can be made (a Ray head per module, a family
-whose imports are heavy). A process's CPU is its own and its reaped threads' (utime + stime),
-read last while it was alive, so a process that lives under half a second may be missed, and a
-process's last half second is not counted: the sum is a little under the machine's busy
-CPU-seconds, which are printed beside it. Run it on an otherwise idle machine: every process
-counts, the tests' or not. Writes bench/results/suite-processes-<UTC time>.json.
+whose imports are heavy). A process's CPU is the user and system time of all its threads (not
+its children's: each child is counted as a process of its own), read last while it was alive,
+so a process that lives under half a second may be missed, and its last half second is not:
+the sum is a little under the machine's busy CPU-seconds, which are printed beside it. Run it
+on an otherwise idle machine: every process counts, the tests' or not. Writes
+bench/results/suite-processes-<UTC time>.json.
 """
 
 from __future__ import annotations
