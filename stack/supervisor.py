@@ -89,6 +89,12 @@ CHILDREN_KEY = "genq:stack:children"
 # The roles (stack/children.py) of the children that are Ray drivers: restarted with the Ray
 # head (a new cluster).
 RAY_DRIVERS = frozenset({"worker"})
+# How often `genq up` starts its Ray head before it gives up starting. `ray start` gives its
+# raylet a fixed 30 s to register with the GCS (Ray 2.60, ray/_private/node.py; no setting
+# changes it) and exits 1 past that, which a machine busy with other work can make happen.
+RAY_START_TRIES = 3
+# How long the start waits for one try of the Ray head.
+RAY_START_WAIT_S = 60.0
 
 
 class Stack:
@@ -98,6 +104,8 @@ class Stack:
         self.log_dir = self.var_dir / "logs"
         self.children: list[Child] = []
         self.env = dict(os.environ)
+        # Where in logs/ray.log the running Ray head's output begins.
+        self.ray_log_offset = 0
         self.bin_dir = Path(sys.executable).parent
         self._recorded = True
 
@@ -159,7 +167,7 @@ class Stack:
         argv = ray_head_argv(self.settings, self.bin_dir, port)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         ray_log = self.log_dir / "ray.log"
-        offset = ray_log.stat().st_size if ray_log.exists() else 0
+        self.ray_log_offset = ray_log.stat().st_size if ray_log.exists() else 0
         # SIGTERM to `ray start` alone: it stops its raylet first, while the GCS still
         # answers the raylet's goodbye, then the GCS, then the rest. The whole group at once
         # leaves the raylet and the GCS each waiting on the other, until `ray start` kills
@@ -169,7 +177,9 @@ class Stack:
         # The worker drives Ray through the head's own node (a single-node cluster admits no
         # other); it waits for that node to be up (at the start, and after a restart).
         self.env["GENQ_WORKER_RAY_NODE"] = "local"
-        return lambda: ray_head_started(ray_log, offset, lambda: child.process.poll() is not None)
+        return lambda: ray_head_started(
+            ray_log, self.ray_log_offset, lambda: child.process.poll() is not None
+        )
 
     def start(self) -> str | None:
         """Start the stack; returns a newly created admin key to show, or None. What does not
@@ -194,7 +204,7 @@ class Stack:
         self.spawn_workers()
         self.spawn("scheduler", self._genq("scheduler"))
         self.spawn("api", self._genq("api"))
-        self.wait_for(ray_started, "the Ray head")
+        self.wait_for(ray_started, "the Ray head", RAY_START_WAIT_S * RAY_START_TRIES)
         self.wait_for(self._api_healthy, "the API")
         return new_key
 
@@ -220,11 +230,33 @@ class Stack:
         return f"http://{host}:{self.settings.port}"
 
     def check_children(self) -> None:
-        """While starting: a child that exits is an error (nothing is supervised yet)."""
+        """While starting: a child that exits is an error (nothing is supervised yet), but for
+        the Ray head, which is started again up to RAY_START_TRIES times in all (its drivers
+        with it, as supervision does), and the drivers so asked to stop."""
+        now = time.monotonic()
         for child in self.children:
             code = child.process.poll()
-            if code is not None:
-                see = f"; see {self.log_dir / child.name}.log" if child.log_file else ""
+            asked_at = child.stop_sent_at
+            if code is None:
+                if asked_at is not None and now - asked_at > child.grace_s:
+                    kill_group(child)
+                continue
+            kill_group(child)  # what it left in its process group (a Ray head's GCS, raylet)
+            see = f"; see {self.log_dir / child.name}.log" if child.log_file else ""
+            if asked_at is not None:
+                self._restart(child)
+            elif child.name == "ray" and child.restarts < RAY_START_TRIES - 1:
+                child.last_exit_code, child.last_exit_at = code, time.time()
+                print(
+                    f"genq: ray exited with code {code} while starting{see}; "
+                    f"starting it again (try {child.restarts + 2} of {RAY_START_TRIES})",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                # The new head's "started" line is looked for in what it writes.
+                self.ray_log_offset = (self.log_dir / "ray.log").stat().st_size
+                self._restart(child)
+            else:
                 raise ChildExitedError(f"{child.name} exited with code {code}{see}")
 
     # -- supervision ----------------------------------------------------------------------------

@@ -2,7 +2,8 @@
 local Ray head): a killed Celery worker is restarted with backoff and counted; SIGTERM stops a
 worker mid-job within seconds without losing the job; a paused (SIGSTOP) model server or
 trainer is detected as stalled, killed and replaced, and its job finishes on the next attempt;
-a killed Ray head is restarted while the API keeps answering, and the worker joins the new one.
+a killed Ray head is restarted while the API keeps answering, and the worker joins the new one;
+a Ray head that dies while the stack starts is started again, with its worker.
 
 Every process these tests signal is a descendant of the `genq up` they started.
 """
@@ -243,3 +244,46 @@ def test_a_killed_ray_head_is_restarted_while_the_api_answers(stack: StackProces
     assert answers and all(a == 200 for a in answers), answers
     assert f"ray (pid {head}) exited with code -9" in stack.log_text()
     assert children_record(stack)["ray"]["restarts"] == 1
+
+
+def test_a_ray_head_that_dies_while_the_stack_starts_is_started_again(tmp_path: Path) -> None:
+    """`ray start` can exit before its head is up (it gives its raylet a fixed 30 s to
+    register, which a loaded machine can exceed): `genq up` starts it again, and its worker
+    (a driver of the dead head) with it, rather than stopping. Here the first head is killed
+    once the worker runs, before the head says it is up (its start takes seconds)."""
+    proc = StackProcess(tmp_path / "var", {"GENQ_RAY_NUM_CPUS": "2"})
+    killed: list[int] = []
+    missed: list[str] = []
+    ray_log = proc.var_dir / "logs" / "ray.log"
+
+    def kill_the_first_head() -> None:
+        deadline = time.monotonic() + 120
+        while not killed and time.monotonic() < deadline:
+            if proc.process and worker_pid(proc):
+                if b"Ray runtime started" in ray_log.read_bytes():
+                    missed.append("the first head was up before the worker ran")
+                    return
+                (head,) = pids_of(proc, b"ray\x00start\x00--head")
+                os.killpg(head, signal.SIGKILL)
+                killed.append(head)
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_the_first_head, daemon=True)
+    killer.start()
+    try:
+        proc.start(timeout_s=300)
+        killer.join()
+        assert killed, missed or "no worker was seen within 120 s"
+        log = proc.log_text()
+        assert "genq: ray exited with code -9 while starting" in log, log[-3000:]
+        assert "starting it again (try 2 of 3)" in log
+        assert "genq: restarted worker" in log  # it was a driver of the killed head
+        (head,) = pids_of(proc, b"ray\x00start\x00--head")
+        assert head != killed[0]
+        job = proc.wait(proc.submit(echo(0.1))["id"], timeout_s=180)
+        assert job["state"] == "succeeded", job
+        assert children_record(proc)["ray"]["restarts"] == 1
+        code, left = proc.stop()
+        assert code == 0 and not left, (code, left)
+    finally:
+        proc.kill()
