@@ -116,8 +116,9 @@ INDEX: dict[str, Kind] = {
     ),
     "suite-processes": Kind(
         "The test suite's CPU by process kind, as `make test` runs it (bench/suite_processes.py)",
-        hide=(r"by_kind\..*\.processes", r"pytest_args"),
+        hide=(r"by_kind\..*\.processes",),
     ),
+    "idle-stack": Kind("An idle genq up against Ray's own floor (bench/idle_stack.py)"),
 }
 
 
