@@ -157,7 +157,7 @@ class Stack:
 
     def start_ray(self) -> None:
         """Start the local Ray head and wait until it runs."""
-        self.wait_for(self.spawn_ray(), "the Ray head")
+        self.wait_for(self.spawn_ray(), "the Ray head", RAY_START_WAIT_S * RAY_START_TRIES)
 
     def spawn_ray(self) -> Callable[[], bool]:
         """Start the local Ray head; returns a check that is true once it runs (it raises
