@@ -43,12 +43,54 @@ def up() -> None:
     sys.exit(run_stack(_settings("up")))
 
 
+def _require_schema(settings: Settings, process: str) -> None:
+    """Refuse to start `process` on a database whose schema is older than this genq (it would
+    fail on its first query of a new column); start, with a warning, on one a newer genq has
+    migrated (genq's migrations only add tables and nullable or defaulted columns). A
+    database that cannot be reached now is left to the process's own retries."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    import migrations
+
+    log = logging.getLogger("stack.cli")
+    try:
+        state = migrations.schema_state(settings)
+    except SQLAlchemyError as exc:
+        log.warning("genq %s: could not read the database's schema revision: %s", process, exc)
+        return
+    if state.up_to_date:
+        return
+    if state.ahead:
+        log.warning(
+            "genq %s: %s. genq's migrations only add tables and columns, so this genq runs on"
+            " it; upgrade it to use what they added",
+            process,
+            state.describe(),
+        )
+        return
+    raise click.ClickException(f"genq {process} did not start: {state.describe()}")
+
+
 @main.command()
-def migrate() -> None:
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Change nothing: say where the schema stands; exit 0 if it is up to date, else 1.",
+)
+def migrate(check: bool) -> None:
     """Bring the database schema up to date and create the built-in models and data sets."""
+    import migrations
     from stack.supervisor import bootstrap
 
-    new_key = bootstrap(_settings())
+    settings = _settings()
+    if check:
+        state = migrations.schema_state(settings)
+        click.echo(state.describe())
+        sys.exit(0 if state.up_to_date else 1)
+    try:
+        new_key = bootstrap(settings)
+    except migrations.SchemaError as exc:
+        raise click.ClickException(str(exc)) from None
     click.echo("database is up to date")
     if new_key:
         click.echo(f"admin key (shown once): {new_key}")
@@ -59,9 +101,11 @@ def migrate() -> None:
 @click.option("--hostname", default="", help="Celery node name (default: genq@<host>).")
 def worker(queues: str, hostname: str) -> None:
     """Run a Celery worker that runs jobs on Ray."""
+    settings = _settings("worker")
+    _require_schema(settings, "worker")
     from scheduler.worker import main as worker_main
 
-    worker_main(_settings("worker"), tuple(q for q in queues.split(",") if q), hostname)
+    worker_main(settings, tuple(q for q in queues.split(",") if q), hostname)
 
 
 @main.command()
@@ -85,6 +129,7 @@ def node(head: bool) -> None:
 def api() -> None:
     """Serve the HTTP API with gunicorn (GENQ_HOST, GENQ_PORT, GENQ_API_WORKERS/THREADS)."""
     settings = _settings("api")
+    _require_schema(settings, "api")
     gunicorn = os.path.join(os.path.dirname(sys.executable), "gunicorn")
     # The workers' metrics (api/instruments.py) live in files here, summed by any worker that
     # answers GET /metrics; a new start begins from an empty folder.
@@ -124,9 +169,11 @@ def api() -> None:
 @main.command()
 def scheduler() -> None:
     """Run the periodic scheduler (reaper, reconciler, delayed jobs)."""
+    settings = _settings("scheduler")
+    _require_schema(settings, "scheduler")
     from scheduler.periodic import main as periodic_main
 
-    periodic_main(_settings("scheduler"))
+    periodic_main(settings)
 
 
 @main.group()
