@@ -84,7 +84,12 @@ def migrate(check: bool) -> None:
 
     settings = _settings()
     if check:
-        state = migrations.schema_state(settings)
+        from sqlalchemy.exc import SQLAlchemyError
+
+        try:
+            state = migrations.schema_state(settings)
+        except SQLAlchemyError as exc:
+            raise click.ClickException(f"could not read the database's schema: {exc}") from None
         click.echo(state.describe())
         sys.exit(0 if state.up_to_date else 1)
     try:

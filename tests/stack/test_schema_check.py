@@ -19,7 +19,7 @@ import migrations
 from core.db import make_engine
 from core.settings import Settings
 from tests.support.recovery import wait_until
-from tests.support.stackproc import ROOT
+from tests.support.stackproc import ROOT, free_port
 
 pytestmark = pytest.mark.stack
 
@@ -169,3 +169,11 @@ def test_a_process_starts_on_a_newer_genqs_schema_with_a_warning(
     finally:
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0, log.read_text()
+
+
+def test_migrate_check_on_a_database_it_cannot_reach_says_so(tmp_path: Path) -> None:
+    url = f"postgresql://postgres@127.0.0.1:{free_port()}/genq"  # nothing listens there
+    check = _genq(_env(url, tmp_path), "migrate", "--check")
+    assert check.returncode == 1
+    assert "Error: could not read the database's schema" in check.stderr
+    assert "Traceback" not in check.stderr
