@@ -106,6 +106,7 @@ class Stack:
         self.env = dict(os.environ)
         # Where in logs/ray.log the running Ray head's output begins.
         self.ray_log_offset = 0
+        self.ray_port = 0  # the local head's port, once spawn_ray has chosen it
         self.bin_dir = Path(sys.executable).parent
         self._recorded = True
 
@@ -162,7 +163,7 @@ class Stack:
     def spawn_ray(self) -> Callable[[], bool]:
         """Start the local Ray head; returns a check that is true once it runs (it raises
         if the head exited). GENQ_RAY_ADDRESS is known at once: the port is chosen here."""
-        port = free_port()
+        port = self.ray_port = free_port()
         self.env.update(ray_head_env(self.var_dir))
         argv = ray_head_argv(self.settings, self.bin_dir, port)
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -307,6 +308,12 @@ class Stack:
         try:
             if child.name == "redis":
                 self.settings.embedded_redis_socket.unlink(missing_ok=True)
+            if child.name == "ray":
+                # The same head port (GENQ_RAY_ADDRESS), but new ports for its client server
+                # and agent: another process may have taken the old ones, and a head that
+                # cannot bind one exits at each start (seen in CI: ray_client_server, "Failed
+                # to bind").
+                child.argv = ray_head_argv(self.settings, self.bin_dir, self.ray_port)
             child.process = start_process(
                 child.name, child.argv, self.env, self.log_dir, child.log_file
             )

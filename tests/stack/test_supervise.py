@@ -209,8 +209,16 @@ def test_a_paused_trainer_is_detected_as_stalled_and_resumes_from_its_checkpoint
             os.kill(pid, signal.SIGKILL)
 
 
+def _ports_of(pid: int) -> tuple[str, ...]:
+    """A `ray start --head` process's ports: its own, its client server's, its agent's."""
+    args = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+    flags = ("--port=", "--ray-client-server-port=", "--dashboard-agent-listen-port=")
+    return tuple(next(a for a in args if a.startswith(f))[len(f) :] for f in flags)
+
+
 def test_a_killed_ray_head_is_restarted_while_the_api_answers(stack: StackProcess) -> None:
     (head,) = pids_of(stack, b"ray\x00start\x00--head")
+    old_ports = _ports_of(head)
     group = [p for p in pids_of(stack, b"") if os.getpgid(p) == head]
     old_worker = wait_until(lambda: worker_pid(stack), 10, "the worker")
     answers: list[int | str] = []
@@ -235,6 +243,12 @@ def test_a_killed_ray_head_is_restarted_while_the_api_answers(stack: StackProces
             "a restarted Ray head",
         )
         assert new_head
+        # Its own port stays (GENQ_RAY_ADDRESS), but its client server and agent get new
+        # ones: the old ones may have been taken meanwhile (CI saw a head fail to bind one
+        # at each restart).
+        new_ports = _ports_of(new_head[0])
+        assert new_ports[0] == old_ports[0]
+        assert set(new_ports[1:]).isdisjoint(old_ports[1:])
         wait_until(lambda: worker_pid(stack, old_worker), 60, "a worker on the new head")
         job = stack.wait(stack.submit(echo(0.1))["id"], timeout_s=180)
         assert job["state"] == "succeeded", job
