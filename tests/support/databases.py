@@ -1,17 +1,22 @@
 """The test databases the root conftest.py hands out: PostgreSQL databases made and dropped for
 this test process (`PgDatabases`: a template migrated once, copied per test, dropped on a thread
 of its own), and the Redis database numbers lent to one test at a time, none shared between
-xdist workers (`RedisDatabases`).
+test processes, of this session or another (`RedisDatabases`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import queue
+import re
+import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -93,12 +98,17 @@ class PgDatabases:
 
 class RedisDatabases:
     """Redis database numbers for tests that run at the same time. Database 0 is left to
-    whatever else uses the server; of the others, xdist worker i of n owns the numbers n*k + i
-    + 1, so no two workers share one, and inside a worker a number is lent to one test at a
-    time. A test that needs more numbers than its worker owns fails saying so (start Redis with
-    more `--databases`, or run fewer workers)."""
+    whatever else uses the server; each of the others is lent to one test at a time, across
+    every test process on this machine: a lease holds an exclusive `flock` on a file named
+    after the server and the number (in the temporary folder), so neither the xdist workers of
+    one session nor two sessions at once (two checkouts, or a single module run beside
+    `make test`) are ever lent the same number, and none empties a database another is using.
+    The lock goes with the process that holds it, so a killed test process frees its numbers.
+    Worker i of n tries the numbers n*k + i + 1 first, so the workers of one session seldom
+    reach for the same one. When every number is taken, a lease waits for one to be freed;
+    after `wait_s` it fails naming the processes that hold them."""
 
-    def __init__(self, server_url: str) -> None:
+    def __init__(self, server_url: str, wait_s: float = 900.0) -> None:
         import redis
 
         client = redis.Redis.from_url(server_url)
@@ -109,20 +119,61 @@ class RedisDatabases:
         finally:
             client.close()
         worker, workers = xdist_worker()
+        numbers = range(1, total)
+        mine = [n for n in numbers if (n - 1) % workers == worker]
+        self.order = mine + [n for n in numbers if n not in mine]
         self.server_url = server_url
-        self.free = [n for n in range(1, total) if (n - 1) % workers == worker]
-        self.owned = len(self.free)
+        self.wait_s = wait_s
 
-    def acquire(self) -> int:
-        if not self.free:
-            pytest.fail(
-                f"this test process owns {self.owned} Redis databases and all are in use: "
-                "start Redis with more --databases or run fewer xdist workers"
-            )
-        return self.free.pop(0)
+    @staticmethod
+    def lock_file(server_url: str, number: int) -> Path:
+        """The file whose lock lends `number` of this server, for every process here."""
+        url = make_url(server_url)
+        slug = re.sub(r"[^A-Za-z0-9]+", "-", f"{url.host or 'localhost'}-{url.port or 6379}")
+        return Path(tempfile.gettempdir()) / f"genq-test-redis-{slug}-db{number}.lock"
 
-    def release(self, number: int) -> None:
-        self.free.insert(0, number)
+    def lock_path(self, number: int) -> Path:
+        return self.lock_file(self.server_url, number)
+
+    def _try(self, number: int) -> int | None:
+        """An open descriptor holding the number's lock, or None when another holds it."""
+        fd = os.open(self.lock_path(number), os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return fd
+
+    def _holders(self) -> list[str]:
+        holders = []
+        for number in self.order:
+            with contextlib.suppress(OSError):
+                pid = self.lock_path(number).read_text().strip()
+                holders.append(f"{number}: pid {pid or '?'}")
+        return holders
+
+    def acquire(self) -> tuple[int, int]:
+        """(a database number, the descriptor whose lock holds it)."""
+        deadline = time.monotonic() + self.wait_s
+        while True:
+            for number in self.order:
+                fd = self._try(number)
+                if fd is not None:
+                    return number, fd
+            if time.monotonic() > deadline:
+                pytest.fail(
+                    f"all {len(self.order)} Redis databases of {self.server_url} stayed in use "
+                    f"for {self.wait_s:.0f} s ({', '.join(self._holders())}): start Redis with "
+                    "more --databases, run fewer xdist workers, or give the other session a "
+                    "Redis of its own"
+                )
+            time.sleep(0.2)  # a lock to be freed: flock cannot wait on any one of several
+
+    def release(self, fd: int) -> None:
+        os.close(fd)
 
     def url(self, number: int) -> str:
         return f"{self.server_url}/{number}"
@@ -132,13 +183,15 @@ class RedisDatabases:
         """A database number for the block (its URL), empty at the start, flushed at the end."""
         import redis
 
-        number = self.acquire()
-        url = self.url(number)
-        client = redis.Redis.from_url(url)
-        client.flushdb()
+        number, fd = self.acquire()
         try:
-            yield url
-        finally:
+            url = self.url(number)
+            client = redis.Redis.from_url(url)
             client.flushdb()
-            client.close()
-            self.release(number)
+            try:
+                yield url
+            finally:
+                client.flushdb()
+                client.close()
+        finally:
+            self.release(fd)
