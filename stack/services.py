@@ -7,6 +7,7 @@ supervisor (stack/supervisor.py) starts and stops them as children like any othe
 from __future__ import annotations
 
 import json
+import random
 import secrets
 import socket
 from collections.abc import Callable, Collection
@@ -15,28 +16,55 @@ from pathlib import Path
 from core.settings import Settings
 from workers.families.base import GPU_MEMORY_RESOURCE
 
+# Where the Ray head's ports are chosen: above Ray's own range for its workers (10002-19999)
+# and below the range the kernel hands out to outgoing connections and to bind(port 0), read
+# from /proc. A port chosen there cannot be taken by some process's next connection while the
+# head is down between a crash and its restart, which would leave the head failing at every
+# restart (seen in CI with the client server's port, 51355).
+SERVICE_PORTS_FROM = 20000
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+
+
+def service_port_band() -> range:
+    """The ports `free_ports` chooses from: from 20000 up to the kernel's ephemeral range."""
+    try:
+        low = int(EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768  # Linux's default range starts there
+    return range(SERVICE_PORTS_FROM, max(low, SERVICE_PORTS_FROM + 1000))
+
 
 def free_port() -> int:
     return free_ports(1)[0]
 
 
-def free_ports(count: int, *, taken: Collection[int] = ()) -> list[int]:
-    """`count` different free ports, none of them in `taken`: the sockets that find them stay
-    bound until all are found, so the kernel cannot hand out one twice."""
+def free_ports(count: int, *, taken: Collection[int] = (), band: range | None = None) -> list[int]:
+    """`count` different free ports of `band` (`service_port_band()`), none of them in
+    `taken`, tried in a random order (two stacks starting at once seldom try the same one):
+    the sockets that find them stay bound until all are found, so none is handed out twice."""
+    band = band if band is not None else service_port_band()
+    candidates = [port for port in band if port not in taken]
+    random.shuffle(candidates)
     sockets: list[socket.socket] = []
     ports: list[int] = []
     try:
-        while len(ports) < count:
+        for port in candidates:
+            if len(ports) == count:
+                break
             s = socket.socket()
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # in use
+                s.close()
+                continue
             sockets.append(s)
-            s.bind(("127.0.0.1", 0))
-            port = int(s.getsockname()[1])
-            if port not in taken:
-                ports.append(port)
-        return ports
+            ports.append(port)
     finally:
         for s in sockets:
             s.close()
+    if len(ports) < count:
+        raise OSError(f"only {len(ports)} of {count} ports free in {band.start}-{band.stop - 1}")
+    return ports
 
 
 def redis_argv(executable: str, socket_path: Path, var_dir: Path) -> list[str]:

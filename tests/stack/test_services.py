@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 from pathlib import Path
 
+import pytest
 from ray.scripts.scripts import start as ray_start
 
 from core.settings import Settings
@@ -44,3 +46,43 @@ def test_free_ports_are_different_and_leave_out_those_taken() -> None:
     ports = free_ports(20, taken={first})
     assert len(set(ports)) == 20
     assert first not in ports
+
+
+def test_free_ports_lie_outside_the_kernels_range_for_outgoing_connections() -> None:
+    # A port the kernel may hand to any process's next connection could be taken while the
+    # Ray head is down between a crash and its restart; Ray's workers use 10002-19999.
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    ports = free_ports(50)
+    assert len(set(ports)) == 50
+    assert all(20000 <= port < low or (low <= 21000 and port < 21000) for port in ports), ports
+    for port in ports:  # each free when found: it binds now unless taken since
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+
+
+def bound_band(width: int) -> tuple[range, list[socket.socket]]:
+    """`width` consecutive ports of the service band, each bound here by one of the sockets."""
+    for start in range(20000, 32000 - width, width):
+        sockets: list[socket.socket] = []
+        try:
+            for port in range(start, start + width):
+                sockets.append(socket.socket())
+                sockets[-1].bind(("127.0.0.1", port))
+            return range(start, start + width), sockets
+        except OSError:
+            for s in sockets:
+                s.close()
+    raise AssertionError("no free ports at all between 20000 and 32000")
+
+
+def test_free_ports_skip_a_port_in_use_and_say_when_too_few_are_left() -> None:
+    band, sockets = bound_band(3)
+    busy = sockets.pop(0)  # the band's first port stays in use; the others are freed
+    for s in sockets:
+        s.close()
+    with busy:
+        for _ in range(20):  # whatever the random order, never the busy port
+            assert sorted(free_ports(2, band=band)) == [band[1], band[2]]
+        with pytest.raises(OSError, match="only 2 of 3 ports free"):
+            free_ports(3, band=band)
+        assert free_ports(1, band=band, taken={band[1]}) == [band[2]]
