@@ -137,14 +137,19 @@ class RedisDatabases:
 
     def _try(self, number: int) -> int | None:
         """An open descriptor holding the number's lock, or None when another holds it."""
-        fd = os.open(self.lock_path(number), os.O_RDWR | os.O_CREAT, 0o666)
+        path = self.lock_path(number)
+        try:
+            fd, writable = os.open(path, os.O_RDWR | os.O_CREAT, 0o666), True
+        except PermissionError:  # another user's file: a lock needs no write access
+            fd, writable = os.open(path, os.O_RDONLY), False
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             return None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        if writable:  # who holds it, for the message of a lease that waited too long
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
         return fd
 
     def _holders(self) -> list[str]:
