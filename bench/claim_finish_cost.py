@@ -18,12 +18,12 @@ first) are printed and written to bench/results/claim-finish-cost-<UTC time>.jso
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,43 +38,27 @@ def child(jobs: int, database_url: str | None) -> dict[str, float]:
     sys.path.insert(0, os.getcwd())
     from sqlalchemy import bindparam, select
 
-    import migrations
-    from core.artifacts import ArtifactStore
-    from core.catalog import ensure_builtins, resolve_model
-    from core.db import Database
-    from core.events import Output
     from core.fairness import claim_next
-    from core.jobs import NewJob, create_job
-    from core.keys import get_or_create_tenant
+    from core.jobs import create_job
 
     try:
         from core.leases import finish_job
         from core.recording import record_output, record_placement
     except ImportError:  # a checkout from before core/jobs.py was split
         from core.jobs import finish_job, record_output, record_placement
-    from core.settings import Settings
-    from core.states import JobKind, JobState
+    from core.states import JobState
     from core.tables import Job
     from scheduler import attempt
 
-    tmp = Path(tempfile.mkdtemp(prefix="genq-claim-finish-"))
-    settings = Settings(var_dir=tmp / "var", database_url=database_url)
-    migrations.upgrade(settings)
-    database = Database(settings)
-    store = ArtifactStore(tmp / "artifacts")
-    with database.transaction() as session:
-        ensure_builtins(session)
-        tenant_id = get_or_create_tenant(session, "bench").id
-        model_id = resolve_model(session, tenant_id, "echo").id
-    output = Output("output.txt", "text", "text/plain; charset=utf-8", b"x")
-    new = NewJob(
-        tenant_id=tenant_id,
-        kind=JobKind.GENERATE,
-        family="echo",
-        queue="generate",
-        params={"message": "x"},
-        model_id=model_id,
-    )
+    # This checkout's bench/common.py, by its path (the checkout under test may predate it);
+    # what it builds comes from the checkout under test, first on sys.path.
+    spec = importlib.util.spec_from_file_location("bench_common", ROOT / "bench" / "common.py")
+    assert spec is not None and spec.loader is not None
+    common = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    bench = common.EchoJobs.make(database_url, "genq-claim-finish-")
+    database, store, tenant_id, new = bench.database, bench.store, bench.tenant_id, bench.new
+    output = bench.output
 
     queue_of = select(Job.queue).where(Job.id == bindparam("job_id"))
 

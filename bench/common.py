@@ -1,5 +1,6 @@
 """What several benchmarks share: a scratch PostgreSQL database made for one run and dropped
-after it, and the JSON file a run leaves in bench/results/ (named as bench/report.py reads it:
+after it, the in-process setup of the benchmarks that time the job path's transactions
+(`EchoJobs`), and the JSON file a run leaves in bench/results/ (named as bench/report.py reads it:
 `<kind>-<UTC time>.json`, `<kind>-before-<UTC time>.json` for a baseline run)."""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,52 @@ def scratch_postgres(server_url: str, prefix: str = "genq_bench") -> Iterator[st
                 conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
     finally:
         admin.dispose()
+
+
+@dataclass
+class EchoJobs:
+    """A migrated database (a temporary SQLite file, or `database_url`), an artifact store
+    beside it, the tenant `bench` and the `echo` job to create again and again, with the
+    one-byte output its finish records."""
+
+    database: Any
+    store: Any
+    tenant_id: str
+    new: Any  # core.jobs.NewJob
+    output: Any  # core.events.Output
+
+    @classmethod
+    def make(cls, database_url: str | None, prefix: str) -> EchoJobs:
+        import tempfile
+
+        import migrations
+        from core.artifacts import ArtifactStore
+        from core.catalog import ensure_builtins, resolve_model
+        from core.db import Database
+        from core.events import Output
+        from core.jobs import NewJob
+        from core.keys import get_or_create_tenant
+        from core.settings import Settings
+        from core.states import JobKind
+
+        tmp = Path(tempfile.mkdtemp(prefix=prefix))
+        settings = Settings(var_dir=tmp / "var", database_url=database_url)
+        migrations.upgrade(settings)
+        database = Database(settings)
+        with database.transaction() as session:
+            ensure_builtins(session)
+            tenant_id = get_or_create_tenant(session, "bench").id
+            model_id = resolve_model(session, tenant_id, "echo").id
+        new = NewJob(
+            tenant_id=tenant_id,
+            kind=JobKind.GENERATE,
+            family="echo",
+            queue="generate",
+            params={"message": "x"},
+            model_id=model_id,
+        )
+        output = Output("output.txt", "text", "text/plain; charset=utf-8", b"x")
+        return cls(database, ArtifactStore(tmp / "artifacts"), tenant_id, new, output)
 
 
 def write_result(kind: str, result: dict[str, Any], *, before: bool = False) -> Path:

@@ -15,7 +15,6 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,18 +22,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import migrations  # noqa: E402
-from bench.common import write_result  # noqa: E402
-from core.artifacts import ArtifactStore  # noqa: E402
-from core.catalog import ensure_builtins, resolve_model  # noqa: E402
-from core.db import Database  # noqa: E402
-from core.events import Output  # noqa: E402
-from core.jobs import NewJob, create_job  # noqa: E402
-from core.keys import get_or_create_tenant  # noqa: E402
+from bench.common import EchoJobs, write_result  # noqa: E402
+from core.jobs import create_job  # noqa: E402
 from core.leases import claim_job, finish_job  # noqa: E402
 from core.recording import record_output, record_placement  # noqa: E402
-from core.settings import Settings  # noqa: E402
-from core.states import JobKind, JobState  # noqa: E402
+from core.states import JobState  # noqa: E402
 
 
 def main() -> None:
@@ -42,30 +34,12 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, default=300)
     parser.add_argument("--database-url", default=None, help="default: SQLite in a temp dir")
     args = parser.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="genq-finish-"))
-    settings = Settings(var_dir=tmp / "var", database_url=args.database_url)
-    migrations.upgrade(settings)
-    database = Database(settings)
-    store = ArtifactStore(tmp / "artifacts")
-    with database.transaction() as session:
-        ensure_builtins(session)
-        tenant_id = get_or_create_tenant(session, "bench").id
-        model_id = resolve_model(session, tenant_id, "echo").id
-    output = Output("output.txt", "text", "text/plain; charset=utf-8", b"x")
+    bench = EchoJobs.make(args.database_url, "genq-finish-")
+    database, store, tenant_id, output = bench.database, bench.store, bench.tenant_id, bench.output
 
     def one(flush_first: bool) -> float:
         with database.transaction() as session:
-            job, _ = create_job(
-                session,
-                NewJob(
-                    tenant_id=tenant_id,
-                    kind=JobKind.GENERATE,
-                    family="echo",
-                    queue="generate",
-                    params={"message": "x"},
-                    model_id=model_id,
-                ),
-            )
+            job, _ = create_job(session, bench.new)
         with database.transaction() as session:
             lease = claim_job(session, job.id, lease_ttl_s=60)
         assert lease is not None

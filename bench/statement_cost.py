@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -28,42 +27,19 @@ sys.path.insert(0, str(ROOT))
 
 from sqlalchemy import event  # noqa: E402
 
-import migrations  # noqa: E402
-from bench.common import scratch_postgres, write_result  # noqa: E402
-from core.artifacts import ArtifactStore  # noqa: E402
-from core.catalog import ensure_builtins, resolve_model  # noqa: E402
-from core.db import Database  # noqa: E402
-from core.events import Output  # noqa: E402
-from core.jobs import NewJob, create_job  # noqa: E402
-from core.keys import get_or_create_tenant  # noqa: E402
+from bench.common import EchoJobs, scratch_postgres, write_result  # noqa: E402
+from core.jobs import create_job  # noqa: E402
 from core.leases import finish_job  # noqa: E402
 from core.recording import record_output, record_placement  # noqa: E402
-from core.settings import Settings  # noqa: E402
-from core.states import JobKind, JobState  # noqa: E402
+from core.states import JobState  # noqa: E402
 from scheduler.attempt import claim_for_token  # noqa: E402
 
 WARM_JOBS = 30
 
 
 def measure(jobs: int, database_url: str | None) -> dict[str, float]:
-    tmp = Path(tempfile.mkdtemp(prefix="genq-statement-cost-"))
-    settings = Settings(var_dir=tmp / "var", database_url=database_url)
-    migrations.upgrade(settings)
-    database = Database(settings)
-    store = ArtifactStore(tmp / "artifacts")
-    with database.transaction() as session:
-        ensure_builtins(session)
-        tenant_id = get_or_create_tenant(session, "bench").id
-        model_id = resolve_model(session, tenant_id, "echo").id
-    output = Output("output.txt", "text", "text/plain; charset=utf-8", b"x")
-    new = NewJob(
-        tenant_id=tenant_id,
-        kind=JobKind.GENERATE,
-        family="echo",
-        queue="generate",
-        params={"message": "x"},
-        model_id=model_id,
-    )
+    bench = EchoJobs.make(database_url, "genq-statement-cost-")
+    database, store, tenant_id, output = bench.database, bench.store, bench.tenant_id, bench.output
     counting = {"on": False, "statements": 0, "driver_s": 0.0, "started": 0.0}
 
     def _before(*_: Any) -> None:
@@ -76,7 +52,7 @@ def measure(jobs: int, database_url: str | None) -> dict[str, float]:
 
     def one() -> float:
         with database.transaction() as session:
-            job, _ = create_job(session, new)
+            job, _ = create_job(session, bench.new)
         counting["on"] = True
         started = time.process_time()
         lease = claim_for_token(database, job.id, "generate", lease_ttl_s=60).lease
