@@ -39,14 +39,6 @@ def child(jobs: int, database_url: str | None) -> dict[str, float]:
     from sqlalchemy import bindparam, select
 
     from core.fairness import claim_next
-    from core.jobs import create_job
-
-    try:
-        from core.leases import finish_job
-        from core.recording import record_output, record_placement
-    except ImportError:  # a checkout from before core/jobs.py was split
-        from core.jobs import finish_job, record_output, record_placement
-    from core.states import JobState
     from core.tables import Job
     from scheduler import attempt
 
@@ -57,8 +49,7 @@ def child(jobs: int, database_url: str | None) -> dict[str, float]:
     common = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(common)
     bench = common.EchoJobs.make(database_url, "genq-claim-finish-")
-    database, store, tenant_id, new = bench.database, bench.store, bench.tenant_id, bench.new
-    output = bench.output
+    database = bench.database
 
     queue_of = select(Job.queue).where(Job.id == bindparam("job_id"))
 
@@ -77,17 +68,13 @@ def child(jobs: int, database_url: str | None) -> dict[str, float]:
         return lease
 
     def one() -> tuple[float, float]:
-        with database.transaction() as session:
-            job, _ = create_job(session, new)
+        job_id = bench.create()
         started = time.process_time()
-        lease = claim(job.id)
+        lease = claim(job_id)
         claimed = time.process_time()
-        stored = store.write_output(tenant_id, lease.job_id, output.name, output.data, lease.token)
+        stored = bench.store_output(lease)
         finishing = time.process_time()
-        with database.transaction() as session:
-            record_placement(session, lease, {"node": "bench"})
-            record_output(session, lease, output, stored)
-            finish_job(session, lease, JobState.SUCCEEDED, metrics={"load_s": 0.0})
+        bench.finish(lease, stored)
         finished = time.process_time()
         return 1000 * (claimed - started), 1000 * (finished - finishing)
 

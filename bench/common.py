@@ -91,6 +91,35 @@ class EchoJobs:
         output = Output("output.txt", "text", "text/plain; charset=utf-8", b"x")
         return cls(database, ArtifactStore(tmp / "artifacts"), tenant_id, new, output)
 
+    def create(self) -> str:
+        """A new queued `echo` job; its id."""
+        from core.jobs import create_job
+
+        with self.database.transaction() as session:
+            job, _ = create_job(session, self.new)
+        return str(job.id)
+
+    def store_output(self, lease: Any) -> Any:
+        """The job's output file, written as the runner writes it before the finish."""
+        return self.store.write_output(
+            self.tenant_id, lease.job_id, self.output.name, self.output.data, lease.token
+        )
+
+    def finish(self, lease: Any, stored: Any) -> None:
+        """The transaction that ends a generate job as the runner writes it: its placement,
+        its output and the finish (with the tenant's usage)."""
+        try:
+            from core.leases import finish_job
+            from core.recording import record_output, record_placement
+        except ImportError:  # a checkout from before core/jobs.py was split
+            from core.jobs import finish_job, record_output, record_placement  # type: ignore
+        from core.states import JobState
+
+        with self.database.transaction() as session:
+            record_placement(session, lease, {"node": "bench"})
+            record_output(session, lease, self.output, stored)
+            finish_job(session, lease, JobState.SUCCEEDED, metrics={"load_s": 0.0})
+
 
 def write_result(kind: str, result: dict[str, Any], *, before: bool = False) -> Path:
     """Save one run's figures as bench/results/<kind>[-before]-<UTC time>.json and say where."""

@@ -23,7 +23,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.common import EchoJobs, write_result  # noqa: E402
-from core.jobs import create_job  # noqa: E402
 from core.leases import claim_job, finish_job  # noqa: E402
 from core.recording import record_output, record_placement  # noqa: E402
 from core.states import JobState  # noqa: E402
@@ -35,15 +34,14 @@ def main() -> None:
     parser.add_argument("--database-url", default=None, help="default: SQLite in a temp dir")
     args = parser.parse_args()
     bench = EchoJobs.make(args.database_url, "genq-finish-")
-    database, store, tenant_id, output = bench.database, bench.store, bench.tenant_id, bench.output
+    database, output = bench.database, bench.output
 
     def one(flush_first: bool) -> float:
+        job_id = bench.create()
         with database.transaction() as session:
-            job, _ = create_job(session, bench.new)
-        with database.transaction() as session:
-            lease = claim_job(session, job.id, lease_ttl_s=60)
+            lease = claim_job(session, job_id, lease_ttl_s=60)
         assert lease is not None
-        stored = store.write_output(tenant_id, job.id, output.name, output.data, lease.token)
+        stored = bench.store_output(lease)
         started = time.process_time()
         with database.transaction() as session:
             record_placement(session, lease, {"node": "bench"})

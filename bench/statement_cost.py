@@ -28,10 +28,6 @@ sys.path.insert(0, str(ROOT))
 from sqlalchemy import event  # noqa: E402
 
 from bench.common import EchoJobs, scratch_postgres, write_result  # noqa: E402
-from core.jobs import create_job  # noqa: E402
-from core.leases import finish_job  # noqa: E402
-from core.recording import record_output, record_placement  # noqa: E402
-from core.states import JobState  # noqa: E402
 from scheduler.attempt import claim_for_token  # noqa: E402
 
 WARM_JOBS = 30
@@ -39,7 +35,7 @@ WARM_JOBS = 30
 
 def measure(jobs: int, database_url: str | None) -> dict[str, float]:
     bench = EchoJobs.make(database_url, "genq-statement-cost-")
-    database, store, tenant_id, output = bench.database, bench.store, bench.tenant_id, bench.output
+    database = bench.database
     counting = {"on": False, "statements": 0, "driver_s": 0.0, "started": 0.0}
 
     def _before(*_: Any) -> None:
@@ -51,21 +47,17 @@ def measure(jobs: int, database_url: str | None) -> dict[str, float]:
             counting["statements"] += 1
 
     def one() -> float:
-        with database.transaction() as session:
-            job, _ = create_job(session, bench.new)
+        job_id = bench.create()
         counting["on"] = True
         started = time.process_time()
-        lease = claim_for_token(database, job.id, "generate", lease_ttl_s=60).lease
+        lease = claim_for_token(database, job_id, "generate", lease_ttl_s=60).lease
         assert lease is not None
         claimed = time.process_time()
         counting["on"] = False
-        stored = store.write_output(tenant_id, lease.job_id, output.name, output.data, lease.token)
+        stored = bench.store_output(lease)
         counting["on"] = True
         finishing = time.process_time()
-        with database.transaction() as session:
-            record_placement(session, lease, {"node": "bench"})
-            record_output(session, lease, output, stored)
-            finish_job(session, lease, JobState.SUCCEEDED, metrics={"load_s": 0.0})
+        bench.finish(lease, stored)
         finished = time.process_time()
         counting["on"] = False
         return (claimed - started) + (finished - finishing)
