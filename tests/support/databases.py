@@ -132,12 +132,9 @@ class RedisDatabases:
         slug = re.sub(r"[^A-Za-z0-9]+", "-", f"{url.host or 'localhost'}-{url.port or 6379}")
         return Path(tempfile.gettempdir()) / f"genq-test-redis-{slug}-db{number}.lock"
 
-    def lock_path(self, number: int) -> Path:
-        return self.lock_file(self.server_url, number)
-
     def _try(self, number: int) -> int | None:
         """An open descriptor holding the number's lock, or None when another holds it."""
-        path = self.lock_path(number)
+        path = self.lock_file(self.server_url, number)
         try:
             fd, writable = os.open(path, os.O_RDWR | os.O_CREAT, 0o666), True
         except PermissionError:  # another user's file: a lock needs no write access
@@ -156,7 +153,7 @@ class RedisDatabases:
         holders = []
         for number in self.order:
             with contextlib.suppress(OSError):
-                pid = self.lock_path(number).read_text().strip()
+                pid = self.lock_file(self.server_url, number).read_text().strip()
                 holders.append(f"{number}: pid {pid or '?'}")
         return holders
 
