@@ -110,9 +110,21 @@ def ray_head_env(var_dir: Path) -> dict[str, str]:
     }
 
 
-def ray_head_argv(settings: Settings, bin_dir: Path, port: int) -> list[str]:
-    """`ray start --head` on `port`, with the resources the settings declare."""
-    client_port, agent_port = free_ports(2, taken={port})
+def ports_in(argv: list[str]) -> set[int]:
+    """The ports a command line names (`--...-port=N`, `--port=N`)."""
+    return {
+        int(value)
+        for flag, _, value in (arg.partition("=") for arg in argv)
+        if flag.startswith("--") and flag.endswith("port") and value.isdigit()
+    }
+
+
+def ray_head_argv(
+    settings: Settings, bin_dir: Path, port: int, *, avoid: Collection[int] = ()
+) -> list[str]:
+    """`ray start --head` on `port`, with the resources the settings declare; its client
+    server and agent get free ports other than `port` and those in `avoid`."""
+    client_port, agent_port = free_ports(2, taken={port, *avoid})
     argv = [
         str(bin_dir / "ray"),
         "start",

@@ -48,6 +48,7 @@ from stack.children import (
 )
 from stack.services import (
     free_port,
+    ports_in,
     ray_head_argv,
     ray_head_env,
     ray_head_started,
@@ -309,11 +310,13 @@ class Stack:
             if child.name == "redis":
                 self.settings.embedded_redis_socket.unlink(missing_ok=True)
             if child.name == "ray":
-                # The same head port (GENQ_RAY_ADDRESS), but new ports for its client server
+                # The same head port (GENQ_RAY_ADDRESS), but other ports for its client server
                 # and agent: another process may have taken the old ones, and a head that
                 # cannot bind one exits at each start (seen in CI: ray_client_server, "Failed
                 # to bind").
-                child.argv = ray_head_argv(self.settings, self.bin_dir, self.ray_port)
+                child.argv = ray_head_argv(
+                    self.settings, self.bin_dir, self.ray_port, avoid=ports_in(child.argv)
+                )
             child.process = start_process(
                 child.name, child.argv, self.env, self.log_dir, child.log_file
             )

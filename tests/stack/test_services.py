@@ -10,7 +10,7 @@ import pytest
 from ray.scripts.scripts import start as ray_start
 
 from core.settings import Settings
-from stack.services import free_ports, ray_head_argv
+from stack.services import free_ports, ports_in, ray_head_argv
 
 # The components `ray start` gives a fixed port when none is named: a head whose own port is
 # one of those does not start.
@@ -86,3 +86,18 @@ def test_free_ports_skip_a_port_in_use_and_say_when_too_few_are_left() -> None:
         with pytest.raises(OSError, match="only 2 of 3 ports free"):
             free_ports(3, band=band)
         assert free_ports(1, band=band, taken={band[1]}) == [band[2]]
+
+
+def test_a_restarted_heads_ports_avoid_the_ones_it_had(tmp_path: Path) -> None:
+    # What the supervisor does at a restart: the same head port, and for the client server
+    # and agent ports other than the old ones, which another process may hold by now.
+    settings = Settings(_env_file=None, var_dir=tmp_path)  # type: ignore[call-arg]
+    bin_dir = Path(sys.executable).parent
+    first = ray_head_argv(settings, bin_dir, 25000)
+    old = ports_in(first)
+    named = ("port", "ray_client_server_port", "dashboard_agent_listen_port")
+    assert old == {fixed_ports(first)[name] for name in named} and len(old) == 3
+    for _ in range(20):
+        again = ray_head_argv(settings, bin_dir, 25000, avoid=old)
+        assert fixed_ports(again)["port"] == 25000
+        assert ports_in(again) & old == {25000}
