@@ -57,6 +57,7 @@ from sqlalchemy.orm import Session, aliased
 
 from core.leases import Lease, claim_first, claim_first_statement, claim_job
 from core.quotas import TenantLimits, blocked_tenants, load_limits
+from core.statements import Prepared
 from core.states import JobState
 from core.tables import FairShare, Job, UTCDateTime, utcnow
 from core.usage import half_life_of, policy_of, usage_from
@@ -75,7 +76,7 @@ def stride(weight: int) -> int:
 # The statements a claim and a queue position run, built once with bound parameters: building
 # a statement costs SQLAlchemy several times what running it costs, and these run per job.
 # The clock's value, locked (a plain row: the claim reads it for every job).
-_CLOCK_ROW = (
+_CLOCK_ROW = Prepared(
     select(FairShare.pass_value)
     .where(FairShare.queue == bindparam("queue"), FairShare.tenant_id == CLOCK)
     .with_for_update()
@@ -94,7 +95,7 @@ _SET_PASS = (
 # subquery of its UPDATE of the job table (core.leases.claim_first), hence the alias of that
 # table and parameter names that are not column names (an UPDATE reserves those).
 _DUE = aliased(Job, name="due")
-_FIRST_DUE = (
+_FIRST_DUE = Prepared(
     select(_DUE.id)
     .where(
         _DUE.state == JobState.QUEUED,
@@ -106,7 +107,7 @@ _FIRST_DUE = (
     .order_by(_DUE.priority.desc(), _DUE.created_at, _DUE.id)
     .limit(1)
 )
-_CLAIM_FIRST_DUE = claim_first_statement(_FIRST_DUE)
+_CLAIM_FIRST_DUE = claim_first_statement(_FIRST_DUE.statement)
 
 
 def _clock(session: Session, queue: str) -> int:
@@ -114,7 +115,7 @@ def _clock(session: Session, queue: str) -> int:
     Read on the connection, after the flush a Session read would make (the claim's later
     plain reads count on it)."""
     session.flush()
-    value = session.connection().execute(_CLOCK_ROW, {"queue": queue}).scalar()
+    value = _CLOCK_ROW.run(session.connection(), {"queue": queue}).scalar()
     if value is not None:
         return int(value)
     try:
@@ -122,7 +123,7 @@ def _clock(session: Session, queue: str) -> int:
             session.add(FairShare(queue=queue, tenant_id=CLOCK, pass_value=0))
     except IntegrityError:  # another claim created it first
         pass
-    value = session.connection().execute(_CLOCK_ROW, {"queue": queue}).scalar()
+    value = _CLOCK_ROW.run(session.connection(), {"queue": queue}).scalar()
     assert value is not None
     return int(value)
 
@@ -221,6 +222,8 @@ HEADS_AGED_SQL = text(
     column("running_rate", Float),
     column("running_rate_start", Float),
 )
+HEADS = Prepared(HEADS_SQL)
+HEADS_AGED = Prepared(HEADS_AGED_SQL)
 
 
 def _usage_heads(
@@ -262,7 +265,7 @@ def _heads(
     params = {"state": str(JobState.QUEUED), "queue": queue}
     # On the connection: a plain read, without the ORM's statement handling (the claim's
     # lookup of the clock row before it flushed whatever the transaction had pending).
-    rows = session.connection().execute(HEADS_AGED_SQL if is_usage else HEADS_SQL, params).all()
+    rows = (HEADS_AGED if is_usage else HEADS).run(session.connection(), params).all()
     if not rows:
         return [], {}
     if is_usage:
@@ -283,7 +286,7 @@ def _first_due(session: Session, queue: str, tenant_id: str, now: datetime) -> s
     """The tenant's first queued job in its own order that may start now."""
     session.flush()  # what the Session's read would flush first; then a plain read
     params = {"in_queue": queue, "of_tenant": tenant_id, "due_at": now}
-    return session.connection().execute(_FIRST_DUE, params).scalar()
+    return _FIRST_DUE.run(session.connection(), params).scalar()
 
 
 def claim_next(

@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 from core.errors import IllegalTransitionError, InvalidInputError, NotFoundError
 from core.events import without_nul
 from core.ids import new_id
+from core.statements import Prepared
 from core.states import JobKind, JobState, check_transition
 from core.tables import Job, JobEvent, utcnow
 from core.webhooks import enqueue_delivery
@@ -66,8 +67,9 @@ def _add_event(session: Session, job: Job, type_: str, data: dict[str, Any]) -> 
         # which the job path paid for each of its events. Ids keep the order of the calls: an
         # event still pending in the session, or a job row not yet written (its INSERT must
         # come first), takes the ORM's way, flushed in order with the rest.
-        session.connection().execute(
-            _INSERT_EVENT, {"job_id": job.id, "type": type_, "data": data, "created_at": utcnow()}
+        _INSERT_EVENT.run(
+            session.connection(),
+            {"job_id": job.id, "type": type_, "data": data, "created_at": utcnow()},
         )
     else:
         session.add(JobEvent(job_id=job.id, type=type_, data=data, created_at=utcnow()))
@@ -152,7 +154,9 @@ def create_job(session: Session, new: NewJob) -> tuple[Job, bool]:
 # Built once: every job's reads and events use them.
 _JOB = select(Job).where(Job.id == bindparam("job_id"))
 _LOCKED_JOB = _JOB.with_for_update()
-_INSERT_EVENT = insert(cast(Table, JobEvent.__table__))
+_INSERT_EVENT = Prepared(
+    insert(cast(Table, JobEvent.__table__)), keys=("job_id", "type", "data", "created_at")
+)
 
 
 def get_job(session: Session, job_id: str, *, lock: bool = False) -> Job:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, NamedTuple, TypeVar, cast
 
-from sqlalchemy import Row, Select, Table, bindparam, inspect, or_, select, update
+from sqlalchemy import Select, Table, bindparam, inspect, or_, select, update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session, make_transient, make_transient_to_detached
 from sqlalchemy.orm.util import identity_key
@@ -25,6 +25,7 @@ from core.errors import LeaseLostError
 from core.events import without_nul
 from core.ids import new_id
 from core.jobs import add_event, set_state
+from core.statements import Prepared
 from core.states import ACTIVE, JobState
 from core.tables import Artifact, Job, Model, UTCDateTime, utcnow
 from core.usage import charge_attempt, start_attempt
@@ -152,16 +153,16 @@ def _claim_update(job_id: Any) -> Any:
     )
 
 
-_CLAIM = _claim_update(bindparam("job_id"))
+_CLAIM = Prepared(_claim_update(bindparam("job_id")))
 
 
-def claim_first_statement(first: Select[Any]) -> Any:
+def claim_first_statement(first: Select[Any]) -> Prepared:
     """The claim of the job that `first` (a SELECT of at most one job id) names, for
     `claim_first`; build it once."""
-    return _claim_update(first.scalar_subquery())
+    return Prepared(_claim_update(first.scalar_subquery()))
 
 
-_FENCE = (
+_FENCE = Prepared(
     select(*(_JOB_TABLE.c[name] for name in _FENCE_COLUMNS))
     .where(_JOB_TABLE.c.id == bindparam("job_id"))
     .with_for_update()
@@ -179,7 +180,7 @@ def claim_job(
     if session.identity_map.get(identity_key(Job, job_id)) is not None:
         session.flush()  # the copy's changes go first, as the ORM's autoflush would send them
     params = _claim_params(now, lease_ttl_s)
-    row = session.connection().execute(_CLAIM, {"job_id": job_id, **params}).first()
+    row = _CLAIM.run(session.connection(), {"job_id": job_id, **params}).first()
     if row is None:
         _fail_past_deadline(session, job_id, now)
         return None
@@ -188,7 +189,7 @@ def claim_job(
 
 def claim_first(
     session: Session,
-    statement: Any,
+    statement: Prepared,
     first_params: Mapping[str, Any],
     *,
     lease_ttl_s: float,
@@ -200,7 +201,7 @@ def claim_first(
     looks again with `claim_job`, which says which and fails an expired job."""
     session.flush()  # what the claim's read would see: the transaction's pending changes
     params = _claim_params(now, lease_ttl_s)
-    row = session.connection().execute(statement, {**first_params, **params}).first()
+    row = statement.run(session.connection(), {**first_params, **params}).first()
     return None if row is None else _started(session, row, params["token"])
 
 
@@ -209,7 +210,7 @@ def _claim_params(now: datetime, lease_ttl_s: float) -> dict[str, Any]:
     return {"now": now, "token": new_id(), "expires_at": now + timedelta(seconds=lease_ttl_s)}
 
 
-def _started(session: Session, row: Row[Any], token: str) -> Lease:
+def _started(session: Session, row: Any, token: str) -> Lease:
     """The claim that returned `row` won: the job row joins the session (a copy it held is read
     again when next used), its tenant's running attempts count it, and its history says it
     started."""
@@ -247,14 +248,14 @@ def adopt_row(session: Session, entity: type[_T], values: Mapping[Any, Any]) -> 
 # sends the changes of a running attempt's last transaction (its own, the placement's, the
 # progress') through one of these. The sets are few (one per path that ends an attempt);
 # past the cap an unusual set is left to the ORM's flush.
-_WRITES: dict[frozenset[str], Any] = {}
+_WRITES: dict[frozenset[str], Prepared] = {}
 _WRITES_CAP = 64
 
 
-def _write_statement(keys: frozenset[str]) -> Any:
+def _write_statement(keys: frozenset[str]) -> Prepared | None:
     statement = _WRITES.get(keys)
     if statement is None and len(_WRITES) < _WRITES_CAP:
-        statement = (
+        statement = Prepared(
             update(_JOB_TABLE)
             .where(_JOB_TABLE.c.id == bindparam("job_id"))
             .values(
@@ -277,7 +278,7 @@ def _write_job(session: Session, job: Job) -> None:
     if statement is None:
         return
     values = {f"new_{key}": state.dict[key] for key in keys}
-    session.connection().execute(statement, {"job_id": job.id, **values})
+    statement.run(session.connection(), {"job_id": job.id, **values})
     # Taken out of the session and put back as loaded: its changes are written.
     make_transient(job)
     make_transient_to_detached(job)
@@ -340,7 +341,7 @@ def fence(session: Session, lease: Lease, *, whole: bool = False) -> Job:
             # (a copy the session holds keeps its unflushed changes; its other columns load)
             job = session.scalar(_LOCKED_JOB, {"job_id": lease.job_id})
         else:
-            row = session.connection().execute(_FENCE, {"job_id": lease.job_id}).first()
+            row = _FENCE.run(session.connection(), {"job_id": lease.job_id}).first()
             job = None if row is None else adopt_row(session, Job, row._mapping)
     if job is None or job.lease_token != lease.token or job.state not in ACTIVE:
         raise LeaseLostError(f"job {lease.job_id}: lease {lease.token} is no longer held")

@@ -19,20 +19,39 @@ from core.events import Event, Output, Progress, event_data, event_type, without
 from core.ids import new_id
 from core.jobs import add_event
 from core.leases import Lease, adopt_row, fence
+from core.statements import Prepared
 from core.tables import Artifact, JobEvent, utcnow
 
 _ARTIFACT_TABLE = cast(Table, Artifact.__table__)
 # An output's row, unless the job has one of that name already (by dialect: the clause is
 # each one's own). Its id comes back when it went in (an INSERT's rowcount is not reliable:
 # psycopg's reads -1).
+_OUTPUT_COLUMNS = (
+    "id",
+    "job_id",
+    "tenant_id",
+    "name",
+    "kind",
+    "path",
+    "content_type",
+    "size_bytes",
+    "sha256",
+    "meta",
+    "created_at",
+)
 _INSERT_OUTPUT = {
-    name: insert_of(_ARTIFACT_TABLE)
-    .on_conflict_do_nothing(index_elements=["job_id", "name"])
-    .returning(_ARTIFACT_TABLE.c.id)
+    name: Prepared(
+        insert_of(_ARTIFACT_TABLE)
+        .on_conflict_do_nothing(index_elements=["job_id", "name"])
+        .returning(_ARTIFACT_TABLE.c.id),
+        keys=_OUTPUT_COLUMNS,
+    )
     for name, insert_of in (("postgresql", pg_insert), ("sqlite", sqlite_insert))
 }
-_OUTPUT_ID_NAMED = select(Artifact.id).where(
-    Artifact.job_id == bindparam("job_id"), Artifact.name == bindparam("name")
+_OUTPUT_ID_NAMED = Prepared(
+    select(Artifact.id).where(
+        Artifact.job_id == bindparam("job_id"), Artifact.name == bindparam("name")
+    )
 )
 
 
@@ -115,9 +134,9 @@ def record_output(session: Session, lease: Lease, output: Output, stored: Stored
     # decides whether the name is new, in the INSERT itself: usually it is, and no lookup
     # goes first. (No other transaction can insert one meanwhile: the job row is locked.)
     conn = session.connection()
-    if conn.execute(_INSERT_OUTPUT[conn.dialect.name], values).first() is None:
+    if _INSERT_OUTPUT[conn.dialect.name].run(conn, values).first() is None:
         # An earlier attempt recorded the name (or this one did): that row is the output.
-        found = conn.execute(_OUTPUT_ID_NAMED, {"job_id": job.id, "name": output.name})
+        found = _OUTPUT_ID_NAMED.run(conn, {"job_id": job.id, "name": output.name})
         with session.no_autoflush:
             existing = session.get(Artifact, found.scalar_one())
         assert existing is not None

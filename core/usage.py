@@ -34,6 +34,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from sqlalchemy.orm.util import identity_key
 
+from core.statements import Prepared
 from core.states import ACTIVE
 from core.tables import Job, TenantUsage, UTCDateTime, utcnow
 
@@ -82,7 +83,7 @@ _TABLE = cast(Table, TenantUsage.__table__)
 # for every tenant with queued work, and the finish locks and rewrites one, for every job.
 _STORED = select(_TABLE).where(_TABLE.c.tenant_id.in_(bindparam("tenant_ids", expanding=True)))
 _STORED_ONE = select(TenantUsage).where(TenantUsage.tenant_id == bindparam("tenant_id"))
-_LOCK_STORED_ONE = (
+_LOCK_STORED_ONE = Prepared(
     select(
         _TABLE.c.gpu_seconds,
         _TABLE.c.attempts,
@@ -94,7 +95,7 @@ _LOCK_STORED_ONE = (
     .where(_TABLE.c.tenant_id == bindparam("tenant_id"))
     .with_for_update()
 )
-_SET_STORED = (
+_SET_STORED = Prepared(
     update(_TABLE)
     .where(_TABLE.c.tenant_id == bindparam("of_tenant"))
     # (Bound parameter names differ from column names, as UPDATE requires.)
@@ -165,7 +166,7 @@ def running_cost(row: TenantUsage | Row[Any], now: datetime) -> float:
 # (the claim read it for the fair share) has those totals expired by start_attempt, so a later
 # read in the transaction loads the new ones: cheaper than `fetch`, which has the UPDATE
 # return the row's key for every claim to look for a copy.
-_START_RUNNING = (
+_START_RUNNING = Prepared(
     update(TenantUsage)
     .where(TenantUsage.tenant_id == bindparam("of_tenant"))
     .values(
@@ -188,9 +189,9 @@ def start_attempt(session: Session, job: Job) -> None:
     if held is None:
         # No copy of the row to keep in step: the statement goes on the connection, without
         # the ORM's handling of an UPDATE (the claim reads usage as plain rows: usage_of).
-        if session.connection().execute(_START_RUNNING, params).rowcount:
+        if _START_RUNNING.run(session.connection(), params).rowcount:
             return
-    elif getattr(session.execute(_START_RUNNING, params), "rowcount", 0):
+    elif getattr(session.execute(_START_RUNNING.statement, params), "rowcount", 0):
         # (the UPDATE flushed the session's changes first: none is lost)
         session.expire(held, _RUNNING_TOTALS)
         return
@@ -247,12 +248,12 @@ def charge_attempt(session: Session, job: Job, ended_at: datetime) -> float:
         # The usual case (every finish): a locking read of the row's values and one UPDATE,
         # both Core statements on the connection, not an ORM object and its flush.
         conn = session.connection()
-        found = conn.execute(_LOCK_STORED_ONE, {"tenant_id": job.tenant_id}).first()
+        found = _LOCK_STORED_ONE.run(conn, {"tenant_id": job.tenant_id}).first()
         if found is not None:
             totals = _Totals(*found)
             cost = _charge(totals, job, ended_at, half_life_s)
             new = {f"new_{name}": value for name, value in vars(totals).items()}
-            conn.execute(_SET_STORED, {"of_tenant": job.tenant_id, **new})
+            _SET_STORED.run(conn, {"of_tenant": job.tenant_id, **new})
             return cost
     # A copy the session holds (its values may be unflushed), or no row yet (it is created).
     return _charge(_locked_row(session, job.tenant_id, ended_at), job, ended_at, half_life_s)
