@@ -22,6 +22,7 @@ from core.inputfiles import resolve_input
 from core.leases import ClaimedModel, Lease, claimed_model
 from core.quotas import TenantLimits
 from core.settings import Settings
+from core.statements import Prepared
 from core.states import JobKind
 from core.tables import Dataset, Job, Model, Tenant
 from scheduler.enqueue import RAY_QUEUES, Publisher
@@ -79,13 +80,15 @@ class JobSnapshot:
 
 # What the snapshot takes of a model: its columns, not the ORM object (the claim's
 # transaction reads it once per job, and an entity's load costs several times the row's).
-_MODEL_ROW = select(Model.id, Model.path, Model.config, Model.parent_id).where(
-    Model.id == bindparam("model_id")
+_MODEL_ROW = Prepared(
+    select(Model.id, Model.path, Model.config, Model.parent_id).where(
+        Model.id == bindparam("model_id")
+    )
 )
 
 
 # The queue of the job a broker message names (the runner's claim; bench/claim_finish_cost.py).
-QUEUE_OF = select(Job.queue).where(Job.id == bindparam("job_id"))
+QUEUE_OF = Prepared(select(Job.queue).where(Job.id == bindparam("job_id")))
 
 
 class _HintMissedError(Exception):
@@ -122,7 +125,7 @@ def claim_for_token(
 def _claim(database: Database, job_id: str, hint: str | None, lease_ttl_s: float) -> Claim:
     with database.transaction() as session:
         conn = session.connection()  # plain reads: nothing is pending in a new transaction
-        queue = hint or conn.execute(QUEUE_OF, {"job_id": job_id}).scalar()
+        queue = hint or QUEUE_OF.run(conn, {"job_id": job_id}).scalar()
         if queue is None:
             return Claim(None)
         limits: dict[str, TenantLimits] = {}
@@ -132,7 +135,7 @@ def _claim(database: Database, job_id: str, hint: str | None, lease_ttl_s: float
         if (
             hint is not None
             and not is_own
-            and hint != conn.execute(QUEUE_OF, {"job_id": job_id}).scalar()
+            and hint != QUEUE_OF.run(conn, {"job_id": job_id}).scalar()
         ):
             raise _HintMissedError(job_id)
         if lease is None:
@@ -183,15 +186,13 @@ def read_snapshot(
         # the statement (nothing pending in the claim's transaction changes a model row).
         conn = session.connection()
         if model is None:
-            model = ClaimedModel(*conn.execute(_MODEL_ROW, {"model_id": job.model_id}).one())
+            model = ClaimedModel(*_MODEL_ROW.run(conn, {"model_id": job.model_id}).one())
         snap.model_path = model.path
         snap.model_config = dict(model.config or {})
         snap.serve_model_id, snap.serve_model_path = model.id, model.path
         snap.serve_model_config = snap.model_config
         base = (
-            conn.execute(_MODEL_ROW, {"model_id": model.parent_id}).first()
-            if model.parent_id
-            else None
+            _MODEL_ROW.run(conn, {"model_id": model.parent_id}).first() if model.parent_id else None
         )
         if snap.model_config.get("served_by_base") and base is not None:
             snap.serve_model_id, snap.serve_model_path = base.id, base.path
