@@ -150,8 +150,9 @@ class Head:
 
 # Each tenant with queued jobs in a queue and its best priority, by a skip scan of the claim
 # index (one probe per tenant, however deep the backlog): a GROUP BY would read every row.
-HEADS_SQL = text(
-    """
+HEADS_SQL = Prepared(
+    text(
+        """
     WITH RECURSIVE tenants(tenant_id) AS (
         SELECT min(tenant_id) FROM job WHERE state = :state AND queue = :queue
         UNION ALL
@@ -167,6 +168,7 @@ HEADS_SQL = text(
     )
     FROM tenants WHERE tenant_id IS NOT NULL
     """
+    )
 )
 
 
@@ -174,8 +176,9 @@ HEADS_SQL = text(
 # then oldest) was created, its tie-break (one more probe of the claim index per tenant), and
 # each tenant's limits and usage row: one statement where three were (`load_limits`,
 # `usage_of`), for every claim.
-HEADS_AGED_SQL = text(
-    """
+HEADS_AGED_SQL = Prepared(
+    text(
+        """
     WITH RECURSIVE tenants(tenant_id) AS (
         SELECT min(tenant_id) FROM job WHERE state = :state AND queue = :queue
         UNION ALL
@@ -205,25 +208,24 @@ HEADS_AGED_SQL = text(
     LEFT JOIN tenant ON tenant.id = heads.tenant_id
     LEFT JOIN tenant_usage ON tenant_usage.tenant_id = heads.tenant_id
     """
-).columns(
-    column("tenant_id", String),
-    column("priority", Integer),
-    column("oldest_at", UTCDateTime()),
-    column("weight", Integer),
-    column("max_running", Integer),
-    column("max_queued", Integer),
-    column("gpu_seconds_budget", Float),
-    column("budget_period_s", Integer),
-    column("over_quota", String),
-    column("gpu_seconds", Float),
-    column("attempts", Float),
-    column("as_of", UTCDateTime()),
-    column("running_attempts", Integer),
-    column("running_rate", Float),
-    column("running_rate_start", Float),
+    ).columns(
+        column("tenant_id", String),
+        column("priority", Integer),
+        column("oldest_at", UTCDateTime()),
+        column("weight", Integer),
+        column("max_running", Integer),
+        column("max_queued", Integer),
+        column("gpu_seconds_budget", Float),
+        column("budget_period_s", Integer),
+        column("over_quota", String),
+        column("gpu_seconds", Float),
+        column("attempts", Float),
+        column("as_of", UTCDateTime()),
+        column("running_attempts", Integer),
+        column("running_rate", Float),
+        column("running_rate_start", Float),
+    )
 )
-HEADS = Prepared(HEADS_SQL)
-HEADS_AGED = Prepared(HEADS_AGED_SQL)
 
 
 def _usage_heads(
@@ -265,7 +267,7 @@ def _heads(
     params = {"state": str(JobState.QUEUED), "queue": queue}
     # On the connection: a plain read, without the ORM's statement handling (the claim's
     # lookup of the clock row before it flushed whatever the transaction had pending).
-    rows = (HEADS_AGED if is_usage else HEADS).run(session.connection(), params).all()
+    rows = (HEADS_AGED_SQL if is_usage else HEADS_SQL).run(session.connection(), params).all()
     if not rows:
         return [], {}
     if is_usage:

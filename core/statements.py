@@ -39,6 +39,8 @@ from sqlalchemy.exc import DBAPIError, MultipleResultsFound, NoResultFound, Stat
 from sqlalchemy.sql.elements import TextClause
 
 _Processor = Callable[[Any], Any] | None
+# A parameter's value when the caller must give one.
+_MISSING = object()
 
 
 class Ran:
@@ -106,18 +108,18 @@ class _Form:
         # (name in the SQL, caller's key, value when the caller gives none, the function
         # that makes it per run, type processor)
         self.params: list[tuple[str, str, Any, Callable[[], Any] | None, _Processor]] = []
-        missing = object()
+        seen: set[str] = set()  # (a parameter used twice, as the claim's `now`, binds once)
         for bind, name in compiled.bind_names.items():
             if bind.expanding or bind.callable is not None:
                 raise ValueError(f"{what}: parameter {bind.key!r} is computed per call")
-            if any(name == known for known, *_ in self.params):
+            if name in seen:
                 continue
-            value = missing if bind.required else bind.value
+            seen.add(name)
+            value = _MISSING if bind.required else bind.value
             processor = bind.type.dialect_impl(dialect).bind_processor(dialect)
             self.params.append((name, bind.key, value, made.pop(bind.key, None), processor))
         if made:
             raise ValueError(f"{what}: no parameter for the default of {sorted(made)}")
-        self.missing = missing
         self.positions: list[str] | None = (
             list(compiled.positiontup) if compiled.positional else None
         )
@@ -139,7 +141,7 @@ class _Form:
         values = {}
         for name, key, default, make, processor in self.params:
             value = params.get(key, default) if make is None or key in params else make()
-            if value is self.missing:
+            if value is _MISSING:
                 raise KeyError(f"{self.sql[:60]!r} needs a value for parameter {key!r}")
             values[name] = processor(value) if processor is not None else value
         if self.positions is None:
